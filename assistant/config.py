@@ -1,0 +1,136 @@
+"""One typed settings object for the whole product.
+
+Built in one place (`Settings.load`) from, lowest priority first: defaults, an optional TOML file
+(`--config`, `ASSISTANT_CONFIG`, or `<home>/config.toml`), environment variables prefixed
+`ASSISTANT_`, and explicit overrides (CLI flags). It is then passed down explicitly; nothing else
+reads the environment. Every path of state lives under `home`, so a test redirects everything by
+setting one directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "ASSISTANT_"
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+
+
+def default_home() -> Path:
+    return Path.home() / ".assistant"
+
+
+class Settings(BaseModel):
+    """Everything configurable. Defaults run on a 2-core CPU with no network."""
+
+    model_config = {"extra": "forbid", "protected_namespaces": ()}
+
+    # --- state ---
+    home: Path = Field(default_factory=default_home, description="Directory holding all state.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home.")
+
+    # --- serving ---
+    host: str = Field("127.0.0.1", description="Bind address; 127.0.0.1 unless told otherwise.")
+    port: int = 8000
+    model: str = Field(EMBEDDED_MODEL, description="Base model: embedded id, HF hub id or folder.")
+    model_name: str | None = Field(None, description="Public name of the base model in /v1/models.")
+    backend: Literal["transformers", "openai"] = "transformers"
+    openai_base_url: str | None = Field(None, description="Inference server for backend=openai.")
+    openai_api_key: str = "not-needed"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(None, description="torch threads for the server; None = torch default.")
+    max_message_chars: int = Field(8000, description="Longest accepted user message.")
+    max_new_tokens: int = 256
+    max_tokens_limit: int = Field(1024, description="Largest max_tokens a request may ask for.")
+    temperature: float = 0.7
+    top_p: float = 0.9
+    system_prompt: str = "You are a helpful assistant. Answer clearly and briefly."
+    generation_timeout_s: float = Field(120.0, description="Seconds without a token before a stream fails.")
+    queue_max: int = Field(32, description="Generations waiting for the model before 503.")
+    queue_timeout_s: float = Field(60.0, description="Longest wait for the model before 503.")
+
+    # --- knowledge and memory ---
+    embedder: str = Field(EMBEDDED_EMBEDDER, description="sentence-transformers model: embedded, hub id or folder.")
+    chroma_url: str | None = Field(None, description="http://host:port of a `chroma run` server; None = embedded.")
+    upload_max_bytes: int = 10 * 1024 * 1024
+    chunk_tokens: int = 200
+    chunk_overlap: int = 40
+    retrieval_k: int = 4
+    memory_k: int = 4
+
+    # --- training ---
+    train_threads: int = Field(1, description="torch threads for a CPU training process.")
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'assistant.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def chroma_dir(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.home / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        name = self.model.removeprefix("embedded:")
+        return Path(name).name or name
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.models_dir, self.adapters_dir, self.datasets_dir, self.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Settings:
+        """Defaults < TOML file < ASSISTANT_* environment < explicit overrides (None = unset)."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        from_env = {
+            k[len(ENV_PREFIX):].lower(): v
+            for k, v in env.items()
+            if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"
+        }
+        unknown = set(from_env) - set(cls.model_fields)
+        if unknown:
+            raise ValueError(f"unknown settings in environment: {sorted(ENV_PREFIX + u.upper() for u in unknown)}")
+        home = overrides.get("home") or from_env.get("home")
+        path = config_file or env.get(ENV_PREFIX + "CONFIG")
+        if path is None:
+            candidate = Path(home) if home else default_home()
+            if (candidate / "config.toml").is_file():
+                path = candidate / "config.toml"
+        if path is not None:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        values.update(from_env)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
