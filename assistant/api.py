@@ -1,0 +1,293 @@
+"""HTTP API: OpenAI-compatible chat completions plus the product's own feedback endpoints.
+
+Served by FastAPI in the same process as the Gradio UI (see `assistant.server`). Authentication is a
+per-user API key in `Authorization: Bearer ...`; a bad key is refused before anything is read or
+logged. Errors use the OpenAI error shape `{"error": {"message", "type", "param", "code"}}` so the
+official `openai` client raises its usual exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from assistant.chat import SERVING_ALIAS, ChatError, ChatService, InvalidRequest, TurnRequest
+from assistant.runtime import GenerationError
+from memory.store import Store
+from memory.types import REASON_TAGS, User
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def error_body(message: str, code: str, param: str | None = None, type_: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_ or code, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------- schemas
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest("only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options (n, logprobs...) are ignored
+    model: str = SERVING_ALIAS
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = None
+    # product extensions (send with the openai client's extra_body=)
+    conversation_id: int | None = None
+
+
+class ThumbIn(BaseModel):
+    message_id: int
+    rating: Literal[1, -1]
+    reason: str | None = None
+    comment: str | None = Field(None, max_length=4000)
+
+
+class EditIn(BaseModel):
+    message_id: int
+    corrected: str = Field(min_length=1, max_length=100_000)
+
+
+class PairIn(BaseModel):
+    message_id: int
+    other_message_id: int
+    chosen_message_id: int
+
+
+class RenameIn(BaseModel):
+    title: str = Field(min_length=1, max_length=200)
+
+
+# ---------------------------------------------------------------------------------------- app
+def user_from_key(request: Request) -> User:
+    store: Store = request.app.state.store
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    user = store.user_for_api_key(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    if user is None:
+        raise ApiError(401, "invalid or missing API key", "invalid_api_key")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(user_from_key)]
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+Chat = Annotated[ChatService, Depends(chat_service)]
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None, **extra) -> str:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def build_router() -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/health")
+    def health(request: Request) -> dict:
+        chat: ChatService = request.app.state.chat
+        return {"status": "ok", "model": chat.backend.model_name, "serving_adapter": chat.serving_adapter,
+                "queue_depth": getattr(chat.backend, "queue_depth", 0)}
+
+    @r.get("/v1/models")
+    def models(user: CurrentUser, chat: Chat) -> dict:
+        now = int(time.time())
+        data = [{"id": name, "object": "model", "created": now, "owned_by": "assistant",
+                 "adapter": chat.resolve_model(name)} for name in chat.model_names()]
+        return {"object": "list", "data": data}
+
+    @r.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionIn, user: CurrentUser, chat: Chat):
+        *history, last = body.messages
+        if last.role != "user":
+            raise InvalidRequest("the last message must come from the user", param="messages")
+        req = TurnRequest(
+            user=user, text=last.text(), model=body.model, conversation_id=body.conversation_id,
+            history=[{"role": m.role, "content": m.text()} for m in history],
+            temperature=body.temperature, top_p=body.top_p,
+            max_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed, source="api",
+        )
+        reply = chat.reply(req)  # raises ChatError before any model work
+        created = int(time.time())
+        if not body.stream:
+            try:
+                reply.drain()
+            except GenerationError as e:
+                raise ApiError(500, f"generation failed: {e}", "generation_error") from e
+            msg = reply.assistant_message
+            return {
+                "id": f"chatcmpl-{msg.id if msg else 'x'}", "object": "chat.completion", "created": created,
+                "model": reply.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                             "finish_reason": reply.finish_reason or "stop"}],
+                "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                          "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+                "conversation_id": reply.conversation.id if reply.conversation else None,
+                "message_id": msg.id if msg else None,
+                "adapter": reply.adapter, "sources": reply.sources, "memories": reply.memories,
+            }
+
+        def events() -> Iterator[str]:
+            cid = f"chatcmpl-{created}-{id(reply)}"
+            yield _chunk(cid, created, reply.model, {"role": "assistant", "content": ""})
+            try:
+                for piece in reply:
+                    yield _chunk(cid, created, reply.model, {"content": piece})
+            except GenerationError as e:
+                yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'generation_error'))}\n\n"
+                return
+            except ChatError as e:
+                yield f"data: {json.dumps(error_body(e.message, e.code, e.param))}\n\n"
+                return
+            msg = reply.assistant_message
+            yield _chunk(cid, created, reply.model, {}, reply.finish_reason or "stop",
+                         usage={"prompt_tokens": reply.prompt_tokens,
+                                "completion_tokens": reply.completion_tokens,
+                                "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+                         conversation_id=reply.conversation.id if reply.conversation else None,
+                         message_id=msg.id if msg else None, adapter=reply.adapter)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -------------------------------------------------------------- conversations and feedback
+    @r.get("/v1/conversations")
+    def list_conversations(user: CurrentUser, request: Request) -> dict:
+        store: Store = request.app.state.store
+        return {"data": [_conv(c) for c in store.list_conversations(user.id)]}
+
+    @r.get("/v1/conversations/{conversation_id}")
+    def get_conversation(conversation_id: int, user: CurrentUser, request: Request) -> dict:
+        store: Store = request.app.state.store
+        conv = store.get_conversation(conversation_id, user.id)
+        if conv is None:
+            raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
+        return {**_conv(conv), "messages": [_msg(m) for m in store.messages(conv.id)]}
+
+    @r.patch("/v1/conversations/{conversation_id}")
+    def rename_conversation(conversation_id: int, body: RenameIn, user: CurrentUser, request: Request) -> dict:
+        if not request.app.state.store.rename_conversation(conversation_id, user.id, body.title.strip()):
+            raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
+        return {"id": conversation_id, "title": body.title.strip()}
+
+    @r.delete("/v1/conversations/{conversation_id}")
+    def delete_conversation(conversation_id: int, user: CurrentUser, request: Request) -> dict:
+        if not request.app.state.store.delete_conversation(conversation_id, user.id):
+            raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
+        return {"id": conversation_id, "deleted": True}
+
+    @r.post("/v1/feedback/thumb")
+    def thumb(body: ThumbIn, user: CurrentUser, request: Request) -> dict:
+        if body.reason is not None and body.reason not in REASON_TAGS:
+            raise ApiError(400, f"reason must be one of {', '.join(REASON_TAGS)}", "invalid_request_error",
+                           "reason")
+        fb = _feedback(lambda s: s.add_thumb(user.id, body.message_id, body.rating, body.reason, body.comment),
+                       request)
+        return {"id": fb.id, "kind": fb.kind}
+
+    @r.post("/v1/feedback/edit")
+    def edit(body: EditIn, user: CurrentUser, request: Request) -> dict:
+        fb = _feedback(lambda s: s.add_edit(user.id, body.message_id, body.corrected), request)
+        return {"id": fb.id, "kind": fb.kind}
+
+    @r.post("/v1/feedback/pair")
+    def pair(body: PairIn, user: CurrentUser, request: Request) -> dict:
+        fb = _feedback(lambda s: s.add_pair(user.id, body.message_id, body.other_message_id,
+                                            body.chosen_message_id), request)
+        return {"id": fb.id, "kind": fb.kind}
+
+    return r
+
+
+def _feedback(action, request: Request):
+    store: Store = request.app.state.store
+    try:
+        return action(store)
+    except (PermissionError, LookupError) as e:
+        # Another user's message looks exactly like a missing one: no existence leak.
+        raise ApiError(404, "message not found", "not_found", "message_id") from e
+    except ValueError as e:
+        raise ApiError(400, str(e), "invalid_request_error") from e
+
+
+def _conv(c) -> dict:
+    return {"id": c.id, "title": c.title, "source": c.source,
+            "created_at": c.created_at.isoformat(), "updated_at": c.updated_at.isoformat()}
+
+
+def _msg(m) -> dict:
+    return {"id": m.id, "role": m.role, "content": m.content, "adapter": m.adapter,
+            "generation": m.generation, "sources": m.sources, "memories": m.memories, "steps": m.steps,
+            "status": m.status, "created_at": m.created_at.isoformat()}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_body(exc.message, exc.code, exc.param), exc.status, headers=headers)
+
+    @app.exception_handler(ChatError)
+    async def _chat_error(request: Request, exc: ChatError):
+        headers = {"Retry-After": "5"} if exc.status == 503 else None
+        return JSONResponse(error_body(exc.message, exc.code, exc.param), exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(error_body("request body is not valid JSON", "invalid_json"), 400)
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(
+            error_body(f"invalid request: {where or 'body'}: {first.get('msg', 'invalid')}",
+                       "invalid_request_error", where or None), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), f"http_{exc.status_code}"), exc.status_code)
+
+
+def create_api(app: FastAPI, store: Store, chat: ChatService) -> FastAPI:
+    """Attach the API routes and their state to `app` (which may also host the UI)."""
+    app.state.store = store
+    app.state.chat = chat
+    install_error_handlers(app)
+    app.include_router(build_router())
+    return app

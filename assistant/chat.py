@@ -1,0 +1,280 @@
+"""The chat turn: validate, route through memory and retrieval, generate, log.
+
+In: a user, the new message, the conversation it belongs to (or the history an API client sent),
+the model/adapter name and generation settings. Out: a `Reply` that streams text pieces and, once
+drained, holds the stored user and assistant `Message` rows. Every entry point (HTTP API, browser,
+terminal chat) goes through `ChatService.reply`, so every turn is validated and logged the same way.
+
+Nothing is written until the answer is complete (or stopped by the user): a turn is committed whole,
+and a rejected request leaves no trace.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from assistant.config import Settings
+from assistant.runtime import Backend, BackendBusy, GenerationError, GenerationSettings
+from memory.store import Store
+from memory.types import Conversation, Message, User
+
+if TYPE_CHECKING:
+    from assistant.agent import Agent
+
+SERVING_ALIAS = "assistant"  # model name that always means "the adapter currently serving"
+
+
+class ChatError(Exception):
+    """A request the service refuses; carries the HTTP status and an OpenAI-style error code."""
+
+    status = 400
+    code = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ChatError):
+    status = 400
+    code = "invalid_request_error"
+
+
+class MessageTooLong(ChatError):
+    status = 413
+    code = "message_too_long"
+
+
+class NotFound(ChatError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(ChatError):
+    status = 404
+    code = "model_not_found"
+
+
+class Busy(ChatError):
+    status = 503
+    code = "server_busy"
+
+
+@dataclass
+class TurnRequest:
+    """One user turn, from any entry point."""
+
+    user: User
+    text: str
+    model: str = SERVING_ALIAS
+    conversation_id: int | None = None
+    history: list[dict[str, str]] | None = None  # API clients send the history themselves
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    source: str = "api"
+
+
+@dataclass
+class Reply:
+    """A streaming answer. Iterate for text pieces; afterwards the stored rows are set."""
+
+    pieces: Iterator[str]
+    adapter: str | None
+    model: str
+    generation: dict[str, Any]
+    cancel: threading.Event
+    conversation: Conversation | None = None
+    user_message: Message | None = None
+    assistant_message: Message | None = None
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_wait_s: float = 0.0
+    first_token_s: float | None = None
+    sources: list[dict] = field(default_factory=list)
+    memories: list[dict] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def stop(self) -> None:
+        self.cancel.set()
+
+    def drain(self) -> Reply:
+        for _ in self.pieces:
+            pass
+        return self
+
+
+class ChatService:
+    """Routes a turn through the agent (memory, documents) and the model, then logs it."""
+
+    def __init__(self, settings: Settings, store: Store, backend: Backend, agent: Agent | None = None):
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.agent = agent
+        self._serving: str | None = None
+        self._serving_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def serving_adapter(self) -> str | None:
+        return self._serving
+
+    def set_serving(self, adapter: str | None) -> None:
+        """Point the serving alias at another adapter. Requests already running keep theirs."""
+        if adapter is not None and not self.backend.has_adapter(adapter):
+            raise ModelNotFound(f"adapter {adapter!r} is not loaded")
+        with self._serving_lock:
+            self._serving = adapter
+
+    def model_names(self) -> list[str]:
+        return [SERVING_ALIAS, self.backend.model_name, *self.backend.adapters()]
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """Model name -> adapter name (None = base model). Unknown names are a 404."""
+        if model in (None, "", SERVING_ALIAS):
+            with self._serving_lock:
+                return self._serving
+        if model == self.backend.model_name:
+            return None
+        if self.backend.has_adapter(model):
+            return model
+        raise ModelNotFound(
+            f"model {model!r} does not exist; available: {', '.join(self.model_names())}", param="model"
+        )
+
+    # ------------------------------------------------------------------ validation
+    def clean_text(self, text: Any) -> str:
+        if not isinstance(text, str):
+            raise InvalidRequest("message content must be a string", param="messages")
+        if not text.strip():
+            raise InvalidRequest("message is empty", param="messages")
+        if len(text) > self.settings.max_message_chars:
+            raise MessageTooLong(
+                f"message is {len(text)} characters; the limit is {self.settings.max_message_chars}",
+                param="messages",
+            )
+        if "\x00" in text:
+            raise InvalidRequest("message contains a NUL byte", param="messages")
+        return text
+
+    def generation_settings(self, req: TurnRequest) -> GenerationSettings:
+        s = self.settings
+        max_tokens = s.max_new_tokens if req.max_tokens is None else req.max_tokens
+        if not 1 <= max_tokens <= s.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens must be between 1 and {s.max_tokens_limit}", param="max_tokens")
+        temperature = s.temperature if req.temperature is None else req.temperature
+        if not 0 <= temperature <= 2:
+            raise InvalidRequest("temperature must be between 0 and 2", param="temperature")
+        top_p = s.top_p if req.top_p is None else req.top_p
+        if not 0 < top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed)
+
+    # ------------------------------------------------------------------ the turn
+    def reply(self, req: TurnRequest) -> Reply:
+        """Validate everything, then start generating. Raises ChatError before any model call."""
+        text = self.clean_text(req.text)
+        adapter = self.resolve_model(req.model)
+        gen = self.generation_settings(req)
+        conversation: Conversation | None = None
+        if req.conversation_id is not None:
+            conversation = self.store.get_conversation(req.conversation_id, req.user.id)
+            if conversation is None:
+                raise NotFound(f"conversation {req.conversation_id} not found", param="conversation_id")
+            history = [
+                {"role": m.role, "content": m.content}
+                for m in self.store.messages(conversation.id)
+                if m.role in ("user", "assistant") and m.status != "error"
+            ]
+        else:
+            history = []
+            for m in req.history or []:
+                if m.get("role") not in ("system", "user", "assistant"):
+                    raise InvalidRequest(f"unsupported message role {m.get('role')!r}", param="messages")
+                history.append({"role": m["role"], "content": self.clean_text(m.get("content"))})
+
+        client_system = "\n\n".join(m["content"] for m in history if m["role"] == "system")
+        history = [m for m in history if m["role"] != "system"]
+        sources: list[dict] = []
+        memories: list[dict] = []
+        steps: list[dict] = []
+        if self.agent is not None:
+            prepared = self.agent.prepare(req.user, history, text)
+            prompt = list(prepared.messages)
+            sources, memories, steps = prepared.sources, prepared.memories, prepared.steps
+        else:
+            prompt = [{"role": "system", "content": self.settings.system_prompt}, *history,
+                      {"role": "user", "content": text}]
+        if client_system:
+            if prompt and prompt[0]["role"] == "system":
+                prompt[0] = {"role": "system", "content": client_system + "\n\n" + prompt[0]["content"]}
+            else:
+                prompt.insert(0, {"role": "system", "content": client_system})
+
+        generation = {**gen.as_dict(), "model": req.model or SERVING_ALIAS, "base_model": self.backend.model_name}
+        cancel = threading.Event()
+        reply = Reply(pieces=iter(()), adapter=adapter, model=req.model or SERVING_ALIAS,
+                      generation=generation, cancel=cancel, sources=sources, memories=memories, steps=steps)
+        try:
+            stream = self.backend.stream(prompt, adapter, gen, cancel=cancel)
+        except BackendBusy as e:
+            raise Busy(str(e)) from e
+        reply.pieces = self._run(reply, req, text, conversation, history, stream)
+        return reply
+
+    def _run(self, reply: Reply, req: TurnRequest, text: str, conversation: Conversation | None,
+             history: list[dict], stream) -> Iterator[str]:
+        started = time.perf_counter()
+        parts: list[str] = []
+        completed = False
+        try:
+            for piece in stream:
+                if reply.first_token_s is None:
+                    reply.first_token_s = time.perf_counter() - started
+                parts.append(piece)
+                yield piece
+            completed = True
+        except BackendBusy as e:
+            raise Busy(str(e)) from e
+        except GenerationError:
+            raise
+        finally:
+            stream.close()
+            reply.text = "".join(parts)
+            reply.finish_reason = stream.finish_reason or ("stop" if completed else "cancelled")
+            usage = stream.usage or {}
+            reply.prompt_tokens = usage.get("prompt_tokens", 0)
+            reply.completion_tokens = usage.get("completion_tokens", 0)
+            reply.queue_wait_s = getattr(stream, "queue_wait_s", 0.0)
+            # A finished answer is logged; a stopped one is logged only if it says something.
+            if completed or reply.text.strip():
+                self._log(reply, req, text, conversation, history, completed)
+        if completed and self.agent is not None and reply.assistant_message is not None:
+            reply.steps = reply.steps + self.agent.after_turn(req.user, text, reply.text)
+
+    def _log(self, reply: Reply, req: TurnRequest, text: str, conversation: Conversation | None,
+             history: list[dict], completed: bool) -> None:
+        status = "complete" if completed and reply.finish_reason != "cancelled" else "stopped"
+        meta = dict(adapter=reply.adapter, generation=reply.generation, sources=reply.sources,
+                    memories=reply.memories, steps=reply.steps, status=status)
+        if conversation is None:
+            title = " ".join(text.split())[:60]
+            conversation = self.store.create_conversation(req.user.id, title=title, source=req.source)
+            if history:
+                self.store.add_messages(conversation.id, history)
+        reply.conversation = conversation
+        reply.user_message, reply.assistant_message = self.store.add_turn(
+            conversation.id, text, reply.text, **meta
+        )

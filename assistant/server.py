@@ -1,0 +1,105 @@
+"""Start-up: build every service from one `Settings`, then serve API and UI from one process.
+
+`build_services(settings)` is the only place that opens the database, loads the model and the
+knowledge base; nothing does that at import time. `create_app(services)` returns the FastAPI app
+with the API routes and (when the `ui` package is importable) the Gradio UI mounted at `/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from assistant.api import create_api
+from assistant.chat import ChatService
+from assistant.config import Settings
+from assistant.runtime import Backend, make_backend
+from memory.store import Store
+
+log = logging.getLogger("assistant")
+
+OFFLINE_ENV = {
+    # No telemetry, no version checks, no hub lookups: nothing leaves the machine unless configured.
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    "ANONYMIZED_TELEMETRY": "False",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def quiet_network(settings: Settings) -> None:
+    """Called by entry points before heavy imports; the hub stays reachable only for hub models."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    if settings.model.startswith("embedded:") or os.path.isdir(settings.model):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    backend: Backend
+    chat: ChatService
+    extras: dict[str, Any] = field(default_factory=dict)  # knowledge base, memories, registry...
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_services(settings: Settings, backend: Backend | None = None, with_agent: bool = True) -> Services:
+    """Open the store (migrating it), load the model and wire the chat service."""
+    quiet_network(settings)
+    settings.ensure_dirs()
+    store = Store.open(settings.db_url)
+    backend = backend or make_backend(settings)
+    services = Services(settings=settings, store=store, backend=backend,
+                        chat=ChatService(settings, store, backend))
+    if with_agent:
+        attach_agent(services)
+    return services
+
+
+def attach_agent(services: Services) -> None:
+    """Memory + documents + tools, when those parts are installed (they load lazily)."""
+    try:
+        from assistant.agent import Agent
+        from memory.knowledge import KnowledgeBase
+        from memory.longterm import LongTermMemory
+    except ImportError as e:  # the agent is optional while the product is assembled
+        log.info("agent not available: %s", e)
+        return
+    s = services
+    knowledge = KnowledgeBase(s.settings)
+    memories = LongTermMemory(s.settings, s.store)
+    s.extras.update(knowledge=knowledge, memories=memories)
+    s.chat.agent = Agent(s.settings, s.store, knowledge, memories, backend=s.backend)
+
+
+def create_app(services: Services, with_ui: bool = True) -> FastAPI:
+    app = FastAPI(title="Self-improving assistant", version="0.1.0")
+    app.state.services = services
+    create_api(app, services.store, services.chat)
+    if with_ui:
+        try:
+            from ui.app import mount_ui
+        except ImportError as e:
+            log.info("UI not available: %s", e)
+        else:
+            app = mount_ui(app, services)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    services = build_services(settings)
+    app = create_app(services)
+    log.warning("serving on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,98 @@
+"""Shared fixtures: every test gets its own home directory; tiny random models are built once.
+
+Fast tests use a 2-layer Llama built from a config with the real SmolLM2 tokenizer. Tests marked
+`slow` use the real embedded models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach the network (the product sets these itself at start-up too).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from assistant.config import Settings  # noqa: E402
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def settings(home: Path) -> Settings:
+    s = Settings.load(env={}, home=home)
+    s.ensure_dirs()
+    return s
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2 tokenizer, extracted once per session from the embedded GGUF."""
+    from assistant.models import embedded_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    embedded_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer, saved as a normal model folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_random_adapter(model_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so it really changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pm = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": make_random_adapter(tiny_model_dir, root / "alpha", seed=1),
+        "beta": make_random_adapter(tiny_model_dir, root / "beta", seed=2),
+    }
