@@ -196,7 +196,7 @@ class ChatService:
             history = [
                 {"role": m.role, "content": m.content}
                 for m in self.store.messages(conversation.id)
-                if m.role in ("user", "assistant") and m.status != "error"
+                if m.role in ("user", "assistant") and m.status not in ("error", "alternative")
             ]
         else:
             history = []
@@ -205,13 +205,80 @@ class ChatService:
                     raise InvalidRequest(f"unsupported message role {m.get('role')!r}", param="messages")
                 history.append({"role": m["role"], "content": self.clean_text(m.get("content"))})
 
+        prompt, sources, memories, steps = self._prompt(req.user, history, text)
+        generation = {**gen.as_dict(), "model": req.model or SERVING_ALIAS, "base_model": self.backend.model_name}
+        cancel = threading.Event()
+        reply = Reply(pieces=iter(()), adapter=adapter, model=req.model or SERVING_ALIAS,
+                      generation=generation, cancel=cancel, sources=sources, memories=memories, steps=steps)
+        stream = self._start(prompt, adapter, gen, cancel)
+        reply.pieces = self._run(reply, stream, log=lambda completed: self._log(
+            reply, req, text, conversation, history, completed))
+        return reply
+
+    def regenerate(self, user: User, message_id: int, model: str | None = None,
+                   temperature: float | None = None, seed: int | None = None) -> Reply:
+        """A second answer to the same question, stored beside the first as status "alternative".
+
+        Used by regenerate-and-choose: the user then picks one with `choose`.
+        """
+        original = self.store.get_message(message_id, user.id)
+        if original is None or original.role != "assistant":
+            raise NotFound(f"assistant message {message_id} not found", param="message_id")
+        earlier = [m for m in self.store.messages(original.conversation_id) if m.id < original.id]
+        question = next((m for m in reversed(earlier) if m.role == "user"), None)
+        if question is None:
+            raise InvalidRequest("that answer has no question to regenerate from")
+        history = [{"role": m.role, "content": m.content} for m in earlier
+                   if m.id < question.id and m.role in ("user", "assistant")
+                   and m.status not in ("error", "alternative")]
+        adapter = self.resolve_model(model) if model is not None else original.adapter
+        temp = self.settings.temperature if temperature is None else temperature
+        gen = self.generation_settings(TurnRequest(user=user, text=question.content, temperature=max(temp, 0.3),
+                                                   seed=seed, max_tokens=original.generation.get("max_new_tokens")))
+        prompt, sources, memories, steps = self._prompt(user, history, question.content)
+        cancel = threading.Event()
+        reply = Reply(pieces=iter(()), adapter=adapter, model=model or (adapter or self.backend.model_name),
+                      generation={**gen.as_dict(), "model": model or "regenerate",
+                                  "base_model": self.backend.model_name, "regenerated_from": original.id},
+                      cancel=cancel, sources=sources, memories=memories, steps=steps)
+        stream = self._start(prompt, adapter, gen, cancel)
+
+        def log(completed: bool) -> None:
+            if not completed:
+                return  # a stopped alternative is not worth a pair
+            reply.conversation = self.store.get_conversation(original.conversation_id, user.id)
+            reply.user_message = question
+            reply.assistant_message = self.store.add_message(
+                original.conversation_id, "assistant", reply.text, adapter=reply.adapter,
+                generation=reply.generation, sources=reply.sources, memories=reply.memories,
+                steps=reply.steps, parent_id=question.id, status="alternative")
+
+        reply.pieces = self._run(reply, stream, log=log)
+        return reply
+
+    def choose(self, user: User, message_id: int, other_message_id: int, chosen_message_id: int):
+        """Store a pairwise choice; the chosen answer becomes the one the conversation continues from."""
+        try:
+            fb = self.store.add_pair(user.id, message_id, other_message_id, chosen_message_id)
+        except (PermissionError, LookupError) as e:
+            raise NotFound("message not found", param="message_id") from e
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        rejected = other_message_id if chosen_message_id == message_id else message_id
+        self.store.set_message_status(chosen_message_id, "complete")
+        self.store.set_message_status(rejected, "alternative")
+        return fb
+
+    # ------------------------------------------------------------------ internals
+    def _prompt(self, user: User, history: list[dict], text: str):
+        """The prompt for the model: the agent's (memory + documents) or a plain system prompt."""
         client_system = "\n\n".join(m["content"] for m in history if m["role"] == "system")
         history = [m for m in history if m["role"] != "system"]
         sources: list[dict] = []
         memories: list[dict] = []
         steps: list[dict] = []
         if self.agent is not None:
-            prepared = self.agent.prepare(req.user, history, text)
+            prepared = self.agent.prepare(user, history, text)
             prompt = list(prepared.messages)
             sources, memories, steps = prepared.sources, prepared.memories, prepared.steps
         else:
@@ -222,20 +289,15 @@ class ChatService:
                 prompt[0] = {"role": "system", "content": client_system + "\n\n" + prompt[0]["content"]}
             else:
                 prompt.insert(0, {"role": "system", "content": client_system})
+        return prompt, sources, memories, steps
 
-        generation = {**gen.as_dict(), "model": req.model or SERVING_ALIAS, "base_model": self.backend.model_name}
-        cancel = threading.Event()
-        reply = Reply(pieces=iter(()), adapter=adapter, model=req.model or SERVING_ALIAS,
-                      generation=generation, cancel=cancel, sources=sources, memories=memories, steps=steps)
+    def _start(self, prompt: list[dict], adapter: str | None, gen: GenerationSettings, cancel):
         try:
-            stream = self.backend.stream(prompt, adapter, gen, cancel=cancel)
+            return self.backend.stream(prompt, adapter, gen, cancel=cancel)
         except BackendBusy as e:
             raise Busy(str(e)) from e
-        reply.pieces = self._run(reply, req, text, conversation, history, stream)
-        return reply
 
-    def _run(self, reply: Reply, req: TurnRequest, text: str, conversation: Conversation | None,
-             history: list[dict], stream) -> Iterator[str]:
+    def _run(self, reply: Reply, stream, log) -> Iterator[str]:
         started = time.perf_counter()
         parts: list[str] = []
         completed = False
@@ -260,15 +322,14 @@ class ChatService:
             reply.queue_wait_s = getattr(stream, "queue_wait_s", 0.0)
             # A finished answer is logged; a stopped one is logged only if it says something.
             if completed or reply.text.strip():
-                self._log(reply, req, text, conversation, history, completed)
-        if completed and self.agent is not None and reply.assistant_message is not None:
-            reply.steps = reply.steps + self.agent.after_turn(req.user, text, reply.text)
+                log(completed)
+
 
     def _log(self, reply: Reply, req: TurnRequest, text: str, conversation: Conversation | None,
              history: list[dict], completed: bool) -> None:
         status = "complete" if completed and reply.finish_reason != "cancelled" else "stopped"
-        meta = dict(adapter=reply.adapter, generation=reply.generation, sources=reply.sources,
-                    memories=reply.memories, steps=reply.steps, status=status)
+        meta = {"adapter": reply.adapter, "generation": reply.generation, "sources": reply.sources,
+                    "memories": reply.memories, "steps": reply.steps, "status": status}
         if conversation is None:
             title = " ".join(text.split())[:60]
             conversation = self.store.create_conversation(req.user.id, title=title, source=req.source)
@@ -278,3 +339,5 @@ class ChatService:
         reply.user_message, reply.assistant_message = self.store.add_turn(
             conversation.id, text, reply.text, **meta
         )
+        if completed and self.agent is not None:
+            reply.steps = reply.steps + self.agent.after_turn(req.user, text, reply.text)

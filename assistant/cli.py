@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,9 +22,9 @@ model_app = typer.Typer(help="Manage the base model.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(model_app, name="model")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML settings file.")]
-HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="State directory (default ~/.assistant).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: embedded id, hub id or folder.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="State directory (default ~/.assistant).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Base model: embedded id, hub id or folder.")]
 
 
 def load_settings(config: Path | None, home: Path | None, **overrides) -> Settings:
@@ -47,8 +47,8 @@ def serve(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     model: ModelOpt = None,
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
 ) -> None:
     """Serve the browser UI and the OpenAI-compatible API from one process."""
     from assistant.server import serve as run
@@ -60,7 +60,7 @@ def serve(
 def user_add(
     username: str,
     admin: Annotated[bool, typer.Option("--admin", help="Give the user the admin role.")] = False,
-    password: Annotated[Optional[str], typer.Option(help="Password (prompted when omitted).")] = None,
+    password: Annotated[str | None, typer.Option(help="Password (prompted when omitted).")] = None,
     config: ConfigOpt = None,
     home: HomeOpt = None,
 ) -> None:
