@@ -1,0 +1,16 @@
+# Sourced by `make test`: make the services the tests use available when we can.
+#  - PostgreSQL for the store tests (exports ASSISTANT_TEST_PG_URL)
+#  - Debian chromium + chromedriver for the browser tests
+# As root on Debian it installs what is missing; otherwise it uses what is there and the
+# tests that need a missing service skip with a reason.
+_apt_install() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+  fi
+}
+command -v chromium >/dev/null && command -v chromedriver >/dev/null || _apt_install chromium chromium-driver
+if [ -z "${ASSISTANT_TEST_PG_URL:-}" ] && [ -f .ci/postgres.sh ]; then
+  . .ci/postgres.sh
+fi
+true
