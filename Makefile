@@ -1,4 +1,5 @@
 # Developer loop. `make run` and `make test` are the two quick-start commands in README.md.
+SHELL := /bin/bash
 .PHONY: setup run test test-fast lint bench services
 
 setup:
