@@ -1,0 +1,162 @@
+"""Time to first token and decode speed: the whole API path versus raw `model.generate`.
+
+Same prompts, same greedy settings, same thread count. First the raw model in this process (a
+streamer that only records token times), then `assistant serve` as a separate process measured with
+the official `openai` client streaming over HTTP. Prints a table; paste it into docs/benchmarks.md.
+
+    .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for writing clear emails.",
+    "Explain what a LoRA adapter is in two sentences.",
+    "Write a short poem about the sea.",
+    "How do I boil an egg?",
+]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def raw_run(settings, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int]]:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from assistant.models import load_model, prepare_model
+
+    torch.set_num_threads(threads)
+    model, tok, device, dtype = load_model(settings, prepare_model(settings, progress=False))
+
+    class Clock(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.first = True
+
+        def put(self, value) -> None:
+            if self.first:  # generate() first "puts" the prompt
+                self.first = False
+                return
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    out = []
+    for _ in range(repeats):
+        for p in PROMPTS:
+            msgs = [{"role": "system", "content": settings.system_prompt}, {"role": "user", "content": p}]
+            enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True).to(device)
+            clock = Clock()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(**enc, streamer=clock, max_new_tokens=max_tokens, do_sample=False,
+                               pad_token_id=tok.pad_token_id)
+            n = len(clock.times)
+            ttft = clock.times[0] - t0
+            decode = (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0
+            out.append((ttft, decode, n))
+    return out
+
+
+def api_run(home: Path, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int]]:
+    import httpx
+    import openai
+
+    env = {**os.environ, "ASSISTANT_HOME": str(home), "ASSISTANT_TORCH_THREADS": str(threads),
+           "ASSISTANT_PORT": "8765"}
+    exe = Path(sys.executable).parent / "assistant"
+    subprocess.run([str(exe), "user", "add", "bench", "--password", "bench-password"], env=env, check=True,
+                   capture_output=True)
+    key = subprocess.run([str(exe), "user", "key", "bench"], env=env, check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    t_start = time.perf_counter()
+    proc = subprocess.Popen([str(exe), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if httpx.get("http://127.0.0.1:8765/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError("server exited")
+            time.sleep(0.1)
+        print(f"server ready in {time.perf_counter() - t_start:.1f} s")
+        client = openai.OpenAI(base_url="http://127.0.0.1:8765/v1", api_key=key, max_retries=0)
+        out = []
+        for _ in range(repeats):
+            for p in PROMPTS:
+                t0 = time.perf_counter()
+                times, n = [], 0
+                for chunk in client.chat.completions.create(
+                        model="assistant", stream=True, temperature=0, max_tokens=max_tokens,
+                        messages=[{"role": "user", "content": p}]):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        times.append(time.perf_counter())
+                    if chunk.usage:
+                        n = chunk.usage.completion_tokens
+                ttft = times[0] - t0
+                # text pieces arrive at word boundaries, so rate = tokens after the first / time span
+                decode = (n - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+                out.append((ttft, decode, n))
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--home", type=Path, default=None, help="state dir (default: temp, sharing ~/.assistant/models)")
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from assistant.config import Settings
+
+    home = args.home or Path(tempfile.mkdtemp(prefix="bench-chat-"))
+    shared_models = Settings.load().models_dir
+    if args.home is None and shared_models.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "models").symlink_to(shared_models)  # reuse the converted model, don't convert again
+    settings = Settings.load(home=home)
+    settings.ensure_dirs()
+
+    raw = raw_run(settings, args.threads, args.max_tokens, args.repeats)
+    api = api_run(home, args.threads, args.max_tokens, args.repeats)
+
+    def row(name: str, xs: list[tuple[float, float, int]]) -> str:
+        ttft = [x[0] * 1000 for x in xs]
+        dec = [x[1] for x in xs]
+        return (f"| {name} | {statistics.median(ttft):.0f} | {pct(ttft, 0.95):.0f} | "
+                f"{statistics.median(dec):.1f} | {statistics.mean(x[2] for x in xs):.0f} |")
+
+    print(f"\nthreads={args.threads} max_tokens={args.max_tokens} prompts={len(PROMPTS)} x {args.repeats}, greedy")
+    print("| path | TTFT p50 (ms) | TTFT p95 (ms) | decode tok/s p50 | tokens/answer |")
+    print("|---|---|---|---|---|")
+    print(row("raw model.generate", raw))
+    print(row("API (openai client, streaming)", api))
+    ttft_over = statistics.median(a[0] for a in api) * 1000 - statistics.median(r[0] for r in raw) * 1000
+    ratio = statistics.median(a[1] for a in api) / statistics.median(r[1] for r in raw)
+    print(f"\nTTFT overhead p50: {ttft_over:.0f} ms (target <= 50); decode API/raw: {ratio:.1%} (target >= 95%)")
+
+
+if __name__ == "__main__":
+    main()
