@@ -96,3 +96,53 @@ def tiny_adapters(tmp_path_factory, tiny_model_dir: Path) -> dict[str, Path]:
         "alpha": make_random_adapter(tiny_model_dir, root / "alpha", seed=1),
         "beta": make_random_adapter(tiny_model_dir, root / "beta", seed=2),
     }
+
+
+# --------------------------------------------------------------------------- conversation store
+
+
+def fast_password_hasher():
+    """Real argon2id with tiny cost parameters: the default costs ~0.5 s per hash on 2 busy cores,
+    and tests create many users. Production keeps argon2-cffi's defaults."""
+    from argon2 import PasswordHasher
+
+    return PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+
+
+@pytest.fixture
+def store(settings: Settings):
+    """The conversation store on SQLite in this test's home, migrated to the latest schema."""
+    from memory.store import Store
+
+    s = Store.open(settings.db_url, password_hasher=fast_password_hasher())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def pg_url():
+    """URL of a fresh, empty schema on the test PostgreSQL server, dropped afterwards.
+
+    Skips when ASSISTANT_TEST_PG_URL is unset (`source .ci/postgres.sh` sets it); fails loudly when it
+    is set but the server cannot be reached.
+    """
+    import uuid
+
+    import sqlalchemy as sa
+
+    from memory.db import normalize_url
+
+    base = os.environ.get("ASSISTANT_TEST_PG_URL")
+    if not base:
+        pytest.skip("ASSISTANT_TEST_PG_URL is not set (source .ci/postgres.sh to start PostgreSQL)")
+    url = sa.make_url(normalize_url(base))
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        admin.dispose()

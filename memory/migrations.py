@@ -1,0 +1,233 @@
+"""Numbered schema migrations for the conversation store, recorded in `schema_migrations`.
+
+In: an `Engine` (SQLite or PostgreSQL). Out: `migrate(engine, target=None) -> list[int]`, the
+versions it applied, in order. Each migration runs in its own transaction together with the row that
+records it, so a failing migration leaves neither its half-done DDL nor its version behind
+(SQLite and PostgreSQL both have transactional DDL; `memory.db` makes SQLite's driver use it), and
+`migrate` raises `MigrationError`. Start-up must stop on that error, never continue on an old schema.
+
+Adding a migration: write `def _m00N_what_it_does(conn)` below the last one and append
+`Migration(N, "what it does", _m00N_what_it_does)` to `MIGRATIONS`. Never edit or reorder a migration
+that has shipped; databases out there already recorded it. Each migration describes tables as they
+were at that version (its own `MetaData`), not by importing the store's current table definitions,
+so that replaying old migrations keeps producing old schemas. Keep them portable: Core constructs,
+or plain `ALTER TABLE ... ADD COLUMN` that both SQLite and PostgreSQL accept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from memory.db import UTCDateTime, is_sqlite, utcnow, write_transaction
+
+MIGRATIONS_TABLE = "schema_migrations"
+# Serialises concurrent `migrate` calls on PostgreSQL (two processes starting at once); SQLite's
+# BEGIN IMMEDIATE already does that. Any fixed number works; this one is "asst" in ASCII.
+_PG_LOCK_KEY = 0x61737374
+
+
+class MigrationError(RuntimeError):
+    """A migration failed or the requested target makes no sense; the schema was left as it was."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+_meta = sa.MetaData()
+schema_migrations = sa.Table(
+    MIGRATIONS_TABLE,
+    _meta,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Migrations. Append only.
+
+
+def _m001_initial(conn: Connection) -> None:
+    """Users, API keys, conversations, messages (content, adapter, generation) and feedback."""
+    m = sa.MetaData()
+    sa.Table(
+        "users", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("username", sa.String(64), nullable=False, unique=True),
+        sa.Column("password_hash", sa.String(255), nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("role IN ('user', 'admin')", name="ck_users_role"),
+    )
+    sa.Table(
+        "api_keys", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False,
+                  index=True),
+        sa.Column("name", sa.String(100), nullable=False),
+        sa.Column("prefix", sa.String(16), nullable=False),
+        sa.Column("key_hash", sa.String(64), nullable=False, unique=True),  # sha256 hex of the key
+        sa.Column("created_at", UTCDateTime, nullable=False),
+    )
+    sa.Table(
+        "conversations", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("title", sa.String(200), nullable=False),
+        sa.Column("source", sa.String(32), nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Index("ix_conversations_user_updated", "user_id", "updated_at"),
+    )
+    sa.Table(
+        "messages", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("conversation_id", sa.Integer, sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+                  nullable=False, index=True),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("content", sa.Text, nullable=False),
+        sa.Column("adapter", sa.String(200), nullable=True),
+        sa.Column("generation", sa.JSON, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("role IN ('system', 'user', 'assistant', 'tool')", name="ck_messages_role"),
+    )
+    sa.Table(
+        "feedback", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+                  nullable=False, index=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("rating", sa.Integer, nullable=True),
+        sa.Column("reason", sa.String(32), nullable=True),
+        sa.Column("comment", sa.Text, nullable=True),
+        sa.Column("corrected", sa.Text, nullable=True),
+        sa.Column("other_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+                  nullable=True, index=True),
+        sa.Column("chosen_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+                  nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("kind IN ('thumb', 'edit', 'pair')", name="ck_feedback_kind"),
+        sa.CheckConstraint("rating IS NULL OR rating IN (-1, 1)", name="ck_feedback_rating"),
+    )
+    m.create_all(conn)
+
+
+def _m002_message_context(conn: Connection) -> None:
+    """What produced an answer: cited sources, memories used, agent steps; its status and parent."""
+    # ADD COLUMN with a constant default and inline constraints is the subset both backends accept.
+    add_column(conn, "messages", "sources", sa.JSON, "NOT NULL DEFAULT '[]'")
+    add_column(conn, "messages", "memories", sa.JSON, "NOT NULL DEFAULT '[]'")
+    add_column(conn, "messages", "steps", sa.JSON, "NOT NULL DEFAULT '[]'")
+    add_column(conn, "messages", "status", sa.String(16),
+               "NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'stopped', 'error'))")
+    add_column(conn, "messages", "parent_id", sa.Integer, "REFERENCES messages (id) ON DELETE SET NULL")
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "initial schema", _m001_initial),
+    Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
+    # Append new migrations here.
+]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers for migrations.
+
+
+def add_column(conn: Connection, table: str, column: str, type_: sa.types.TypeEngine | type,
+               constraints: str = "") -> None:
+    """`ALTER TABLE table ADD COLUMN column <type compiled for this backend> constraints`."""
+    prep = conn.dialect.identifier_preparer
+    type_sql = sa.types.to_instance(type_).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(
+        f"ALTER TABLE {prep.quote(table)} ADD COLUMN {prep.quote(column)} {type_sql} {constraints}".rstrip()
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running them.
+
+
+def _check_sequence(migrations: Sequence[Migration]) -> None:
+    versions = [mig.version for mig in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise MigrationError(f"migration versions must be 1..N in order without gaps, got {versions}")
+
+
+def latest_version(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return migrations[-1].version if migrations else 0
+
+
+def _applied(conn: Connection) -> set[int]:
+    if not sa.inspect(conn).has_table(MIGRATIONS_TABLE):
+        return set()
+    return set(conn.execute(sa.select(schema_migrations.c.version)).scalars())
+
+
+def applied_versions(engine: Engine) -> list[int]:
+    """Versions recorded in `schema_migrations`, ascending (empty for a fresh database)."""
+    with engine.connect() as conn:
+        return sorted(_applied(conn))
+
+
+def current_version(engine: Engine) -> int:
+    """Highest recorded version; 0 for a database that was never migrated."""
+    return max(applied_versions(engine), default=0)
+
+
+def _lock(conn: Connection) -> None:
+    if not is_sqlite(conn):
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+
+
+def migrate(engine: Engine, target: int | None = None,
+            migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
+    """Apply every migration up to `target` (default: the latest) that is not recorded yet.
+
+    Returns the versions applied now (empty when already there). Raises `MigrationError` when a
+    migration fails (that migration is rolled back; earlier ones in this call stay committed) or
+    when `target` is unknown or below the current version (there are no down-migrations).
+    """
+    _check_sequence(migrations)
+    latest = latest_version(migrations)
+    if target is None:
+        target = latest
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target <= latest:
+        raise MigrationError(f"unknown target schema version {target!r}; known versions are 0..{latest}")
+
+    with write_transaction(engine) as conn:
+        _lock(conn)
+        schema_migrations.create(conn, checkfirst=True)
+        done = _applied(conn)
+    unknown = sorted(v for v in done if v > latest)
+    if unknown:
+        raise MigrationError(f"database has schema versions {unknown} that this code does not know; "
+                             "it was migrated by a newer version of the product")
+    if done and max(done) > target:
+        raise MigrationError(f"database is at schema version {max(done)}, above target {target}; "
+                             "down-migrations are not supported")
+
+    applied: list[int] = []
+    for mig in migrations[:target]:
+        try:
+            with write_transaction(engine) as conn:
+                _lock(conn)
+                # Re-read inside the lock: another process may have applied it meanwhile.
+                if mig.version in _applied(conn):
+                    continue
+                mig.apply(conn)
+                conn.execute(schema_migrations.insert().values(
+                    version=mig.version, name=mig.name, applied_at=utcnow()))
+        except Exception as exc:
+            raise MigrationError(f"schema migration {mig.version} ({mig.name}) failed: {exc}") from exc
+        applied.append(mig.version)
+    return applied

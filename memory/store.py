@@ -1,0 +1,650 @@
+"""The conversation store: users, API keys, conversations, messages and feedback in SQL.
+
+In: a SQLAlchemy URL (SQLite file by default, PostgreSQL for scale; see `memory.db`).
+Out: `Store`, whose methods take and return the records of `memory.types` (User, Conversation,
+Message, Feedback) and plain values. Everything above (assistant, API, UI, training) goes through it.
+
+Rules it enforces so callers don't have to:
+- Ownership: every method that takes a `user_id` acts only on that user's rows. Another user's
+  conversation reads as absent (None / False); rating another user's message is a PermissionError.
+- Atomicity: a chat turn (user message + answer) and a bulk insert commit whole or not at all.
+- Secrets: passwords are stored as argon2 hashes, API keys as sha256 hashes plus a short prefix
+  for listing; the plaintext key exists only in the return value of `create_api_key`.
+- Bad input raises ValueError (LookupError for unknown ids) before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from typing import Any, get_args
+
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.engine import Connection, Engine
+
+from memory import migrations
+from memory.db import UTCDateTime, create_engine, is_sqlite, utcnow, write_transaction
+from memory.types import REASON_TAGS, Conversation, Feedback, Message, MessageRole, Role, User
+
+USER_ROLES: tuple[str, ...] = get_args(Role)
+MESSAGE_ROLES: tuple[str, ...] = get_args(MessageRole)
+MESSAGE_STATUSES = ("complete", "stopped", "error")
+MESSAGE_META_KEYS = ("adapter", "generation", "sources", "memories", "steps", "parent_id", "status")
+API_KEY_PREFIX_LEN = 10  # "sk-" + 7 characters: enough to tell keys apart in a list, useless to guess
+MAX_USERNAME = 64
+MAX_TITLE = 200
+MAX_SOURCE = 32
+MAX_KEY_NAME = 100
+MAX_ADAPTER = 200
+_USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
+
+# ---------------------------------------------------------------------------------------------------
+# The current schema (what `memory.migrations` produces at the latest version). Queries use these;
+# tests/test_migrations.py checks they match the migrated database column for column.
+
+metadata = sa.MetaData()
+
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(MAX_USERNAME), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(MAX_KEY_NAME), nullable=False),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+conversations = sa.Table(
+    "conversations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("title", sa.String(MAX_TITLE), nullable=False),
+    sa.Column("source", sa.String(MAX_SOURCE), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+messages = sa.Table(
+    "messages", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("conversation_id", sa.Integer, sa.ForeignKey("conversations.id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("content", sa.Text, nullable=False),
+    sa.Column("adapter", sa.String(MAX_ADAPTER), nullable=True),
+    sa.Column("generation", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    # added by migration 2
+    sa.Column("sources", sa.JSON, nullable=False),
+    sa.Column("memories", sa.JSON, nullable=False),
+    sa.Column("steps", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="SET NULL"), nullable=True),
+)
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("rating", sa.Integer, nullable=True),
+    sa.Column("reason", sa.String(32), nullable=True),
+    sa.Column("comment", sa.Text, nullable=True),
+    sa.Column("corrected", sa.Text, nullable=True),
+    sa.Column("other_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+              nullable=True),
+    sa.Column("chosen_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+              nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows to records.
+
+
+def _user(row: Any) -> User:
+    return User(id=row.id, username=row.username, role=row.role, created_at=row.created_at)
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(id=row.id, user_id=row.user_id, title=row.title, created_at=row.created_at,
+                        updated_at=row.updated_at, source=row.source)
+
+
+def _message(row: Any) -> Message:
+    return Message(
+        id=row.id, conversation_id=row.conversation_id, role=row.role, content=row.content,
+        created_at=row.created_at, adapter=row.adapter, generation=row.generation or {},
+        sources=row.sources or [], memories=row.memories or [], steps=row.steps or [],
+        parent_id=row.parent_id, status=row.status,
+    )
+
+
+def _feedback(row: Any) -> Feedback:
+    return Feedback(
+        id=row.id, user_id=row.user_id, message_id=row.message_id, kind=row.kind,
+        created_at=row.created_at, rating=row.rating, reason=row.reason, comment=row.comment,
+        corrected=row.corrected, other_message_id=row.other_message_id,
+        chosen_message_id=row.chosen_message_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation (raises ValueError with a message a user or API client can act on).
+
+
+def _text(value: Any, what: str, max_len: int | None = None, *, strip: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if strip:
+        value = value.strip()
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if max_len is not None and len(value) > max_len:
+        raise ValueError(f"{what} is longer than {max_len} characters")
+    return value
+
+
+def _int_id(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer id, got {value!r}")
+    return value
+
+
+def _json(value: Any, what: str, kind: type) -> Any:
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} must be a {kind.__name__}, got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return value
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Store:
+    """All reads and writes of users, conversations, messages and feedback."""
+
+    def __init__(self, url: str, *, password_hasher: PasswordHasher | None = None) -> None:
+        """Engine only; no schema work (use `Store.open` or `migrate`)."""
+        self.url = url
+        self.engine: Engine = create_engine(url)
+        self._hasher = password_hasher or PasswordHasher()
+        self._dummy_hash: str | None = None
+
+    @classmethod
+    def open(cls, url: str, *, password_hasher: PasswordHasher | None = None) -> Store:
+        """Engine + migrate to the latest schema; raises `MigrationError` if that fails."""
+        store = cls(url, password_hasher=password_hasher)
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def migrate(self, target: int | None = None) -> list[int]:
+        return migrations.migrate(self.engine, target)
+
+    def schema_version(self) -> int:
+        return migrations.current_version(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # ----------------------------------------------------------------------------------- users
+
+    def create_user(self, username: str, password: str, role: str = "user") -> User:
+        """A new user; ValueError on an empty/invalid/taken username, empty password or unknown role."""
+        username = _text(username, "username", MAX_USERNAME)
+        if not _USERNAME_RE.match(username):
+            raise ValueError("username may contain only letters, digits and _ . @ + -")
+        if not isinstance(password, str) or not password:
+            raise ValueError("password must not be empty")
+        if role not in USER_ROLES:
+            raise ValueError(f"role must be one of {USER_ROLES}, got {role!r}")
+        password_hash = self._hasher.hash(password)
+        try:
+            with write_transaction(self.engine) as conn:
+                if conn.execute(sa.select(users.c.id).where(users.c.username == username)).first():
+                    raise ValueError(f"username {username!r} is already taken")
+                row = conn.execute(
+                    users.insert().values(username=username, password_hash=password_hash, role=role,
+                                          created_at=utcnow()).returning(*users.c)
+                ).one()
+        except sa.exc.IntegrityError as exc:
+            # Two registrations of the same name raced past the check; the unique index decided.
+            raise ValueError(f"username {username!r} is already taken") from exc
+        return _user(row)
+
+    def authenticate(self, username: str, password: str) -> User | None:
+        """The user if the password matches, else None. Upgrades the hash if parameters changed."""
+        if not isinstance(username, str) or not isinstance(password, str) or not password:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.username == username.strip())).first()
+        if row is None:
+            # Spend the same time as a real check so response time doesn't reveal which names exist.
+            self._verify(self._dummy(), password)
+            return None
+        if not self._verify(row.password_hash, password):
+            return None
+        if self._hasher.check_needs_rehash(row.password_hash):
+            self._store_hash(row.id, self._hasher.hash(password))
+        return _user(row)
+
+    def _verify(self, password_hash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash, password)
+        except VerificationError:
+            return False
+        except InvalidHashError as exc:
+            raise RuntimeError("stored password hash is corrupt") from exc
+
+    def _dummy(self) -> str:
+        if self._dummy_hash is None:
+            self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
+        return self._dummy_hash
+
+    def _store_hash(self, user_id: int, password_hash: str) -> None:
+        with write_transaction(self.engine) as conn:
+            conn.execute(users.update().where(users.c.id == user_id).values(password_hash=password_hash))
+
+    def get_user(self, user_id: int) -> User | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+        return _user(row) if row else None
+
+    def get_user_by_name(self, username: str) -> User | None:
+        if not isinstance(username, str):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.username == username.strip())).first()
+        return _user(row) if row else None
+
+    def list_users(self) -> list[User]:
+        with self.engine.connect() as conn:
+            return [_user(r) for r in conn.execute(sa.select(users).order_by(users.c.id))]
+
+    def set_password(self, user_id: int, password: str) -> None:
+        """Replace a password; LookupError for an unknown user, ValueError for an empty password."""
+        if not isinstance(password, str) or not password:
+            raise ValueError("password must not be empty")
+        password_hash = self._hasher.hash(password)
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(
+                users.update().where(users.c.id == user_id).values(password_hash=password_hash))
+            if result.rowcount != 1:
+                raise LookupError(f"no user with id {user_id}")
+
+    def set_role(self, user_id: int, role: str) -> None:
+        """Make a user an admin or back; LookupError / ValueError as for the other setters."""
+        if role not in USER_ROLES:
+            raise ValueError(f"role must be one of {USER_ROLES}, got {role!r}")
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(users.update().where(users.c.id == user_id).values(role=role))
+            if result.rowcount != 1:
+                raise LookupError(f"no user with id {user_id}")
+
+    # ----------------------------------------------------------------------------------- API keys
+
+    def create_api_key(self, user_id: int, name: str = "default") -> str:
+        """A new `sk-...` key for the user. The plaintext is returned once and never stored."""
+        name = _text(name, "key name", MAX_KEY_NAME)
+        key = "sk-" + secrets.token_urlsafe(32)
+        with write_transaction(self.engine) as conn:
+            if not conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first():
+                raise LookupError(f"no user with id {user_id}")
+            conn.execute(api_keys.insert().values(
+                user_id=user_id, name=name, prefix=key[:API_KEY_PREFIX_LEN], key_hash=_hash_key(key),
+                created_at=utcnow()))
+        return key
+
+    def user_for_api_key(self, key: str) -> User | None:
+        if not isinstance(key, str) or not key.startswith("sk-"):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(users).join(api_keys, api_keys.c.user_id == users.c.id)
+                .where(api_keys.c.key_hash == _hash_key(key))
+            ).first()
+        return _user(row) if row else None
+
+    def list_api_keys(self, user_id: int) -> list[dict]:
+        """The user's keys as {id, name, prefix, created_at}; never the key or its hash."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(api_keys.c.id, api_keys.c.name, api_keys.c.prefix, api_keys.c.created_at)
+                .where(api_keys.c.user_id == user_id).order_by(api_keys.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def revoke_api_key(self, user_id: int, key_id: int) -> bool:
+        """Delete one of the user's keys; False if it does not exist or is someone else's."""
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(
+                api_keys.delete().where(api_keys.c.id == key_id, api_keys.c.user_id == user_id))
+            return result.rowcount == 1
+
+    # ----------------------------------------------------------------------------------- conversations
+
+    def create_conversation(self, user_id: int, title: str = "New chat", source: str = "ui") -> Conversation:
+        title = _text(title, "title", MAX_TITLE)
+        source = _text(source, "source", MAX_SOURCE)
+        now = utcnow()
+        with write_transaction(self.engine) as conn:
+            if not conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first():
+                raise LookupError(f"no user with id {user_id}")
+            row = conn.execute(
+                conversations.insert().values(user_id=user_id, title=title, source=source,
+                                              created_at=now, updated_at=now)
+                .returning(*conversations.c)
+            ).one()
+        return _conversation(row)
+
+    def list_conversations(self, user_id: int) -> list[Conversation]:
+        """The user's conversations, most recently updated first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(conversations).where(conversations.c.user_id == user_id)
+                .order_by(conversations.c.updated_at.desc(), conversations.c.id.desc())
+            )
+            return [_conversation(r) for r in rows]
+
+    def get_conversation(self, conversation_id: int, user_id: int) -> Conversation | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(conversations).where(
+                conversations.c.id == conversation_id, conversations.c.user_id == user_id)).first()
+        return _conversation(row) if row else None
+
+    def rename_conversation(self, conversation_id: int, user_id: int, title: str) -> bool:
+        title = _text(title, "title", MAX_TITLE)
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(
+                conversations.update()
+                .where(conversations.c.id == conversation_id, conversations.c.user_id == user_id)
+                .values(title=title, updated_at=utcnow()))
+            return result.rowcount == 1
+
+    def delete_conversation(self, conversation_id: int, user_id: int) -> bool:
+        """Hard-delete a conversation, its messages and their feedback (ON DELETE CASCADE)."""
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(conversations.delete().where(
+                conversations.c.id == conversation_id, conversations.c.user_id == user_id))
+            return result.rowcount == 1
+
+    # ----------------------------------------------------------------------------------- messages
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        adapter: str | None = None,
+        generation: dict | None = None,
+        sources: list | None = None,
+        memories: list | None = None,
+        steps: list | None = None,
+        parent_id: int | None = None,
+        status: str = "complete",
+    ) -> Message:
+        """Append one message; bumps the conversation's updated_at. LookupError for an unknown
+        conversation; ValueError for bad values (parent_id must be a message of the same conversation)."""
+        meta = dict(adapter=adapter, generation=generation, sources=sources, memories=memories,
+                    steps=steps, parent_id=parent_id, status=status)
+        with write_transaction(self.engine) as conn:
+            return self._insert_messages(conn, conversation_id, [dict(role=role, content=content, **meta)])[0]
+
+    def add_turn(self, conversation_id: int, user_content: str, assistant_content: str,
+                 **assistant_meta: Any) -> tuple[Message, Message]:
+        """A user message and the assistant's answer (parent = that user message), in ONE transaction:
+        both are committed or neither. `assistant_meta` takes add_message's keywords except parent_id."""
+        if "parent_id" in assistant_meta:
+            raise ValueError("add_turn sets parent_id itself (the answer's parent is the user message)")
+        with write_transaction(self.engine) as conn:
+            (user_msg,) = self._insert_messages(conn, conversation_id, [dict(role="user", content=user_content)])
+            (answer,) = self._insert_messages(conn, conversation_id, [dict(
+                role="assistant", content=assistant_content, parent_id=user_msg.id, **assistant_meta)])
+        return user_msg, answer
+
+    def add_messages(self, conversation_id: int, items: list[dict]) -> list[Message]:
+        """Bulk append (import, API history) in one transaction. Each dict has role and content and
+        optionally add_message's keywords; a `parent_id` may refer to a message inserted earlier."""
+        if not isinstance(items, list):
+            raise ValueError("messages must be a list of dicts")
+        with write_transaction(self.engine) as conn:
+            return self._insert_messages(conn, conversation_id, items)
+
+    def _check_conversation(self, conn: Connection, conversation_id: int) -> None:
+        if not conn.execute(sa.select(conversations.c.id)
+                            .where(conversations.c.id == conversation_id)).first():
+            raise LookupError(f"no conversation with id {conversation_id}")
+
+    def _insert_messages(self, conn: Connection, conversation_id: int, items: list[dict]) -> list[Message]:
+        """Validate and insert inside the caller's transaction (any error rolls all of it back)."""
+        self._check_conversation(conn, conversation_id)
+        out: list[Message] = []
+        for i, item in enumerate(items):
+            where = f"message {i}" if len(items) > 1 else "message"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where} must be a dict, got {type(item).__name__}")
+            unknown = set(item) - {"role", "content", *MESSAGE_META_KEYS}
+            if unknown:
+                raise ValueError(f"{where} has unknown keys {sorted(unknown)}")
+            values = self._message_values(conn, conversation_id, item, where)
+            row = conn.execute(messages.insert().values(**values).returning(*messages.c)).one()
+            out.append(_message(row))
+        if out:
+            conn.execute(conversations.update().where(conversations.c.id == conversation_id)
+                         .values(updated_at=out[-1].created_at))
+        return out
+
+    def _message_values(self, conn: Connection, conversation_id: int, item: dict, where: str) -> dict:
+        role = item.get("role")
+        if role not in MESSAGE_ROLES:
+            raise ValueError(f"{where}: role must be one of {MESSAGE_ROLES}, got {role!r}")
+        content = item.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"{where}: content must be a string")
+        status = item.get("status", "complete")
+        if status not in MESSAGE_STATUSES:
+            raise ValueError(f"{where}: status must be one of {MESSAGE_STATUSES}, got {status!r}")
+        # An answer that was stopped or failed may be empty; a complete user/assistant turn may not.
+        if status == "complete" and role in ("user", "assistant") and not content.strip():
+            raise ValueError(f"{where}: content must not be empty")
+        adapter = item.get("adapter")
+        if adapter is not None:
+            adapter = _text(adapter, f"{where}: adapter", MAX_ADAPTER)
+        parent_id = item.get("parent_id")
+        if parent_id is not None:
+            parent_id = _int_id(parent_id, f"{where}: parent_id")
+            parent = conn.execute(sa.select(messages.c.conversation_id)
+                                  .where(messages.c.id == parent_id)).first()
+            if parent is None or parent.conversation_id != conversation_id:
+                raise ValueError(f"{where}: parent_id {parent_id} is not a message of conversation "
+                                 f"{conversation_id}")
+        return dict(
+            conversation_id=conversation_id, role=role, content=content, adapter=adapter,
+            generation=_json(item.get("generation"), f"{where}: generation", dict),
+            sources=_json(item.get("sources"), f"{where}: sources", list),
+            memories=_json(item.get("memories"), f"{where}: memories", list),
+            steps=_json(item.get("steps"), f"{where}: steps", list),
+            parent_id=parent_id, status=status, created_at=utcnow(),
+        )
+
+    def messages(self, conversation_id: int, user_id: int | None = None) -> list[Message]:
+        """The conversation's messages in order. With `user_id`: LookupError if the conversation
+        does not exist, PermissionError if it belongs to someone else."""
+        with self.engine.connect() as conn:
+            if user_id is not None:
+                owner = conn.execute(sa.select(conversations.c.user_id)
+                                     .where(conversations.c.id == conversation_id)).scalar()
+                if owner is None:
+                    raise LookupError(f"no conversation with id {conversation_id}")
+                if owner != user_id:
+                    raise PermissionError(f"conversation {conversation_id} belongs to another user")
+            rows = conn.execute(sa.select(messages).where(messages.c.conversation_id == conversation_id)
+                                .order_by(messages.c.id))
+            return [_message(r) for r in rows]
+
+    def get_message(self, message_id: int, user_id: int | None = None) -> Message | None:
+        """The message, or None if unknown or (with `user_id`) not in one of that user's conversations."""
+        query = sa.select(messages).where(messages.c.id == message_id)
+        if user_id is not None:
+            query = query.join(conversations, conversations.c.id == messages.c.conversation_id).where(
+                conversations.c.user_id == user_id)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return _message(row) if row else None
+
+    # ----------------------------------------------------------------------------------- feedback
+
+    def _rateable(self, conn: Connection, user_id: int, message_id: int) -> Any:
+        """The message row with its owner, after the checks every kind of feedback shares."""
+        _int_id(message_id, "message_id")
+        row = conn.execute(
+            sa.select(messages.c.id, messages.c.role, messages.c.content, messages.c.conversation_id,
+                      conversations.c.user_id.label("owner_id"))
+            .join(conversations, conversations.c.id == messages.c.conversation_id)
+            .where(messages.c.id == message_id)
+        ).first()
+        if row is None:
+            raise LookupError(f"no message with id {message_id}")
+        if row.owner_id != user_id:
+            raise PermissionError(f"message {message_id} is in another user's conversation")
+        if row.role != "assistant":
+            raise ValueError(f"only assistant messages can be rated; message {message_id} is {row.role!r}")
+        return row
+
+    def _insert_feedback(self, conn: Connection, **values: Any) -> Feedback:
+        row = conn.execute(feedback.insert().values(created_at=utcnow(), **values)
+                           .returning(*feedback.c)).one()
+        return _feedback(row)
+
+    def add_thumb(self, user_id: int, message_id: int, rating: int, reason: str | None = None,
+                  comment: str | None = None) -> Feedback:
+        """Thumbs up (+1) or down (-1). A user has at most one thumb per message: a new one replaces
+        the previous (the UI toggles), so counts and datasets see the current opinion only."""
+        if not isinstance(rating, int) or isinstance(rating, bool) or rating not in (1, -1):
+            raise ValueError(f"rating must be +1 or -1, got {rating!r}")
+        if reason is not None and reason not in REASON_TAGS:
+            raise ValueError(f"reason must be one of {REASON_TAGS}, got {reason!r}")
+        if comment is not None:
+            if not isinstance(comment, str):
+                raise ValueError("comment must be a string")
+            comment = comment.strip() or None
+        with write_transaction(self.engine) as conn:
+            self._rateable(conn, user_id, message_id)
+            conn.execute(feedback.delete().where(feedback.c.user_id == user_id,
+                                                 feedback.c.message_id == message_id,
+                                                 feedback.c.kind == "thumb"))
+            return self._insert_feedback(conn, user_id=user_id, message_id=message_id, kind="thumb",
+                                         rating=rating, reason=reason, comment=comment)
+
+    def add_edit(self, user_id: int, message_id: int, corrected: str) -> Feedback:
+        """The user's corrected version of an answer (chosen) against the original (rejected)."""
+        corrected = _text(corrected, "corrected text")
+        with write_transaction(self.engine) as conn:
+            row = self._rateable(conn, user_id, message_id)
+            if corrected == row.content.strip():
+                raise ValueError("corrected text is the same as the original answer")
+            return self._insert_feedback(conn, user_id=user_id, message_id=message_id, kind="edit",
+                                         corrected=corrected)
+
+    def add_pair(self, user_id: int, message_id: int, other_message_id: int,
+                 chosen_message_id: int) -> Feedback:
+        """The user's pick between two answers of the same conversation (e.g. after regenerate)."""
+        if message_id == other_message_id:
+            raise ValueError("a pair needs two different messages")
+        if chosen_message_id not in (message_id, other_message_id):
+            raise ValueError(f"chosen message {chosen_message_id!r} is not one of the pair")
+        with write_transaction(self.engine) as conn:
+            first = self._rateable(conn, user_id, message_id)
+            second = self._rateable(conn, user_id, other_message_id)
+            if first.conversation_id != second.conversation_id:
+                raise ValueError("both messages of a pair must be in the same conversation")
+            return self._insert_feedback(conn, user_id=user_id, message_id=message_id, kind="pair",
+                                         other_message_id=other_message_id,
+                                         chosen_message_id=chosen_message_id)
+
+    def delete_feedback(self, user_id: int, feedback_id: int) -> bool:
+        """Withdraw one's own feedback (e.g. un-toggle a thumb); False if absent or someone else's."""
+        with write_transaction(self.engine) as conn:
+            result = conn.execute(feedback.delete().where(feedback.c.id == feedback_id,
+                                                          feedback.c.user_id == user_id))
+            return result.rowcount == 1
+
+    def feedback_for_message(self, message_id: int) -> list[Feedback]:
+        """Feedback on the message, including pairs that name it as the other answer; oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(feedback).where(sa.or_(
+                feedback.c.message_id == message_id, feedback.c.other_message_id == message_id,
+            )).order_by(feedback.c.id))
+            return [_feedback(r) for r in rows]
+
+    def list_feedback(self, since_id: int = 0, limit: int | None = None) -> list[Feedback]:
+        """All feedback with id > since_id, oldest first (for admin views and dataset builds)."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
+        query = sa.select(feedback).where(feedback.c.id > since_id).order_by(feedback.c.id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_feedback(r) for r in conn.execute(query)]
+
+    # ----------------------------------------------------------------------------------- admin
+
+    def counts(self) -> dict[str, int]:
+        """users, conversations, messages, thumbs_up, thumbs_down, edits, pairs."""
+        def count(table: sa.Table, *where: Any) -> Any:
+            return sa.select(sa.func.count()).select_from(table).where(*where).scalar_subquery()
+
+        query = sa.select(
+            count(users).label("users"),
+            count(conversations).label("conversations"),
+            count(messages).label("messages"),
+            count(feedback, feedback.c.kind == "thumb", feedback.c.rating == 1).label("thumbs_up"),
+            count(feedback, feedback.c.kind == "thumb", feedback.c.rating == -1).label("thumbs_down"),
+            count(feedback, feedback.c.kind == "edit").label("edits"),
+            count(feedback, feedback.c.kind == "pair").label("pairs"),
+        )
+        with self.engine.connect() as conn:
+            return {k: int(v) for k, v in conn.execute(query).one()._mapping.items()}
+
+    def integrity_check(self) -> bool:
+        """SQLite: PRAGMA integrity_check and foreign_key_check both clean. PostgreSQL: reachable."""
+        with self.engine.connect() as conn:
+            if is_sqlite(conn):
+                result = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check")]
+                dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                return result == ["ok"] and not dangling
+            return conn.execute(sa.text("SELECT 1")).scalar() == 1
