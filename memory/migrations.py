@@ -132,9 +132,41 @@ def _m002_message_context(conn: Connection) -> None:
     add_column(conn, "messages", "parent_id", sa.Integer, "REFERENCES messages (id) ON DELETE SET NULL")
 
 
+def _m003_synthetic_pairs(conn: Connection) -> None:
+    """Teacher-generated question/answer pairs (training/synth.py), accepted or not, with their chunk."""
+    m = sa.MetaData()
+    sa.Table(
+        "messages", m, sa.Column("id", sa.Integer, primary_key=True),
+    )
+    sa.Table(
+        "synthetic_pairs", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("kind", sa.String(16), nullable=False),  # "doc": from a chunk; "repair": for a rated-down answer
+        sa.Column("teacher", sa.String(200), nullable=False),
+        sa.Column("doc_id", sa.String(200), nullable=True, index=True),
+        sa.Column("chunk_id", sa.String(200), nullable=True),
+        sa.Column("chunk_sha256", sa.String(64), nullable=True),
+        sa.Column("question", sa.Text, nullable=False),
+        sa.Column("question_source", sa.String(16), nullable=False),
+        sa.Column("answer", sa.Text, nullable=False),
+        sa.Column("rejected", sa.Text, nullable=True),
+        sa.Column("accepted", sa.Boolean, nullable=False),
+        sa.Column("score", sa.Float, nullable=False),
+        sa.Column("rejected_score", sa.Float, nullable=True),
+        sa.Column("judge", sa.JSON, nullable=False),
+        # A repair pair dies with the answer it repairs (and so with its conversation).
+        sa.Column("target_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
+                  nullable=True, index=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("kind IN ('doc', 'repair')", name="ck_synthetic_pairs_kind"),
+    )
+    m.tables["synthetic_pairs"].create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
+    Migration(3, "synthetic pairs from the teacher", _m003_synthetic_pairs),
     # Append new migrations here.
 ]
 
