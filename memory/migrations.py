@@ -163,10 +163,84 @@ def _m003_synthetic_pairs(conn: Connection) -> None:
     m.tables["synthetic_pairs"].create(conn)
 
 
+def _m004_training_loop(conn: Connection) -> None:
+    """The retraining loop: jobs and their events, adapter versions, serving history, loop settings."""
+    m = sa.MetaData()
+    jobs = sa.Table(
+        "training_jobs", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("trigger", sa.String(32), nullable=False),
+        sa.Column("requested_by", sa.String(64), nullable=True),
+        sa.Column("params", sa.JSON, nullable=False),
+        sa.Column("progress", sa.JSON, nullable=False),
+        sa.Column("result", sa.JSON, nullable=False),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("pid", sa.Integer, nullable=True),
+        sa.Column("cancel_requested", sa.Boolean, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("started_at", UTCDateTime, nullable=True),
+        sa.Column("finished_at", UTCDateTime, nullable=True),
+        sa.Column("heartbeat_at", UTCDateTime, nullable=True),
+        sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')",
+                           name="ck_training_jobs_status"),
+    )
+    # One active job per kind, enforced by the database itself (two servers, or a CLI run beside a server).
+    active = "status IN ('queued', 'running')"
+    sa.Index("ux_training_jobs_one_active", jobs.c.kind, unique=True,
+             sqlite_where=sa.text(active), postgresql_where=sa.text(active))
+    sa.Index("ix_training_jobs_created", jobs.c.created_at)
+    sa.Table(
+        "job_events", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("job_id", sa.Integer, sa.ForeignKey("training_jobs.id", ondelete="CASCADE"), nullable=False,
+                  index=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("data", sa.JSON, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+    )
+    sa.Table(
+        "adapter_versions", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(64), nullable=False, unique=True),
+        sa.Column("parent", sa.String(64), nullable=True),
+        sa.Column("files", sa.JSON, nullable=False),  # path inside the adapter folder -> sha256
+        sa.Column("gate", sa.String(16), nullable=False),
+        sa.Column("metrics", sa.JSON, nullable=False),
+        sa.Column("job_id", sa.Integer, sa.ForeignKey("training_jobs.id", ondelete="SET NULL"), nullable=True),
+        sa.Column("dataset", sa.String(200), nullable=True),
+        sa.Column("note", sa.Text, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("deleted_at", UTCDateTime, nullable=True),
+        sa.CheckConstraint("gate IN ('passed', 'failed', 'skipped')", name="ck_adapter_versions_gate"),
+    )
+    sa.Table(
+        "adapter_serving", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("action", sa.String(16), nullable=False),
+        sa.Column("version", sa.String(64), nullable=True),  # NULL = the base model
+        sa.Column("previous", sa.String(64), nullable=True),
+        sa.Column("actor", sa.String(64), nullable=True),
+        sa.Column("reason", sa.Text, nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("action IN ('promote', 'rollback')", name="ck_adapter_serving_action"),
+    )
+    sa.Table(
+        "loop_settings", m,
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("value", sa.JSON, nullable=False),
+        sa.Column("updated_by", sa.String(64), nullable=True),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+    )
+    m.create_all(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
     Migration(3, "synthetic pairs from the teacher", _m003_synthetic_pairs),
+    Migration(4, "training jobs, adapter versions, serving history, loop settings", _m004_training_loop),
     # Append new migrations here.
 ]
 
