@@ -7,7 +7,8 @@
 # On a fresh Debian 12 machine as root it installs `postgresql` from apt if missing. It never touches
 # the distribution's own cluster: it runs initdb in a new temporary folder (as the `postgres` user when
 # run as root, because initdb refuses root) and listens on 127.0.0.1 only, on $ASSISTANT_PG_PORT
-# (default 55432). A non-superuser role owns the test database, as in a real deployment.
+# (default 55432, or the next free port). A non-superuser role owns the test database, as in a real
+# deployment. fsync is off: the data is thrown away, and it makes the tests faster.
 # Stop it with: pg_ctl -D "$ASSISTANT_TEST_PG_DATA" stop   (as the postgres user when run as root)
 #
 # Everything runs in a subshell with `set -euo pipefail`, so sourcing this file does not change the
@@ -32,6 +33,13 @@ _assistant_pg_url="$(
   else
     as_pg() { "$@"; }
   fi
+
+  # A server from an earlier run (or anything else) may hold the port: take the next free one.
+  for _ in $(seq 20); do
+    (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null || break
+    log "port $port is taken, trying $((port + 1))"
+    port=$((port + 1))
+  done
 
   data="$(mktemp -d /tmp/assistant-pg.XXXXXX)"
   [ "$(id -u)" = 0 ] && chown postgres: "$data"

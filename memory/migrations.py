@@ -127,8 +127,9 @@ def _m002_message_context(conn: Connection) -> None:
     add_column(conn, "messages", "sources", sa.JSON, "NOT NULL DEFAULT '[]'")
     add_column(conn, "messages", "memories", sa.JSON, "NOT NULL DEFAULT '[]'")
     add_column(conn, "messages", "steps", sa.JSON, "NOT NULL DEFAULT '[]'")
-    add_column(conn, "messages", "status", sa.String(16),
-               "NOT NULL DEFAULT 'complete' CHECK (status IN ('complete', 'stopped', 'error'))")
+    # No CHECK on status: the set of statuses grows (memory.store.MESSAGE_STATUSES validates), and
+    # changing a CHECK means rebuilding the table on SQLite.
+    add_column(conn, "messages", "status", sa.String(16), "NOT NULL DEFAULT 'complete'")
     add_column(conn, "messages", "parent_id", sa.Integer, "REFERENCES messages (id) ON DELETE SET NULL")
 
 

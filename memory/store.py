@@ -32,7 +32,9 @@ from memory.types import REASON_TAGS, Conversation, Feedback, Message, MessageRo
 
 USER_ROLES: tuple[str, ...] = get_args(Role)
 MESSAGE_ROLES: tuple[str, ...] = get_args(MessageRole)
-MESSAGE_STATUSES = ("complete", "stopped", "error")
+# complete: a finished answer; stopped: cut off by the user; error: generation failed;
+# alternative: a regenerated answer that was not (or not yet) chosen over the one in the thread.
+MESSAGE_STATUSES = ("complete", "stopped", "error", "alternative")
 MESSAGE_META_KEYS = ("adapter", "generation", "sources", "memories", "steps", "parent_id", "status")
 API_KEY_PREFIX_LEN = 10  # "sk-" + 7 characters: enough to tell keys apart in a list, useless to guess
 MAX_USERNAME = 64
@@ -436,13 +438,13 @@ class Store:
                 role="assistant", content=assistant_content, parent_id=user_msg.id, **assistant_meta)])
         return user_msg, answer
 
-    def add_messages(self, conversation_id: int, items: list[dict]) -> list[Message]:
+    def add_messages(self, conversation_id: int, messages: list[dict]) -> list[Message]:
         """Bulk append (import, API history) in one transaction. Each dict has role and content and
         optionally add_message's keywords; a `parent_id` may refer to a message inserted earlier."""
-        if not isinstance(items, list):
+        if not isinstance(messages, list):
             raise ValueError("messages must be a list of dicts")
         with write_transaction(self.engine) as conn:
-            return self._insert_messages(conn, conversation_id, items)
+            return self._insert_messages(conn, conversation_id, messages)
 
     def _check_conversation(self, conn: Connection, conversation_id: int) -> None:
         if not conn.execute(sa.select(conversations.c.id)
@@ -478,8 +480,9 @@ class Store:
         status = item.get("status", "complete")
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"{where}: status must be one of {MESSAGE_STATUSES}, got {status!r}")
-        # An answer that was stopped or failed may be empty; a complete user/assistant turn may not.
-        if status == "complete" and role in ("user", "assistant") and not content.strip():
+        # A user must have said something; an answer may be empty (the model can stop at once, and
+        # that answer must still be logged so that it can be rated).
+        if role == "user" and not content.strip():
             raise ValueError(f"{where}: content must not be empty")
         adapter = item.get("adapter")
         if adapter is not None:
@@ -500,6 +503,19 @@ class Store:
             steps=_json(item.get("steps"), f"{where}: steps", list),
             parent_id=parent_id, status=status, created_at=utcnow(),
         )
+
+    def set_message_status(self, message_id: int, status: str, user_id: int | None = None) -> None:
+        """Change a message's status (e.g. the chosen one of two regenerated answers becomes
+        "complete", the other "alternative"). LookupError if unknown or, with `user_id`, not theirs."""
+        if status not in MESSAGE_STATUSES:
+            raise ValueError(f"status must be one of {MESSAGE_STATUSES}, got {status!r}")
+        where = [messages.c.id == message_id]
+        if user_id is not None:
+            where.append(messages.c.conversation_id.in_(
+                sa.select(conversations.c.id).where(conversations.c.user_id == user_id)))
+        with write_transaction(self.engine) as conn:
+            if conn.execute(messages.update().where(*where).values(status=status)).rowcount != 1:
+                raise LookupError(f"no message with id {message_id}")
 
     def messages(self, conversation_id: int, user_id: int | None = None) -> list[Message]:
         """The conversation's messages in order. With `user_id`: LookupError if the conversation

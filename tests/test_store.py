@@ -237,6 +237,28 @@ def test_add_turn_stores_both_messages_with_metadata(store, alice):
 
     stopped = store.add_message(conv.id, "assistant", "", status="stopped", parent_id=user_msg.id)
     assert stopped.status == "stopped" and store.messages(conv.id)[-1] == stopped
+    # The model may stop at once: an empty answer is still logged, so it can be rated.
+    _, empty = store.add_turn(conv.id, "Say nothing.", "")
+    assert (empty.content, empty.status) == ("", "complete")
+
+
+def test_set_message_status_after_choosing(store, alice, bob):
+    conv, (first,) = chat(store, alice)
+    second = store.add_message(conv.id, "assistant", "another answer", parent_id=first.parent_id,
+                               status="alternative")
+    store.add_pair(alice.id, first.id, second.id, chosen_message_id=second.id)
+    store.set_message_status(second.id, "complete", user_id=alice.id)
+    store.set_message_status(first.id, "alternative")
+    assert [m.status for m in store.messages(conv.id)] == ["complete", "alternative", "complete"]
+
+    before = snapshot(store)
+    with pytest.raises(LookupError):
+        store.set_message_status(first.id, "complete", user_id=bob.id)  # not his
+    with pytest.raises(LookupError):
+        store.set_message_status(10_000, "complete")
+    with pytest.raises(ValueError):
+        store.set_message_status(first.id, "deleted")
+    assert snapshot(store) == before
 
 
 @pytest.mark.parametrize("bad_meta", [
