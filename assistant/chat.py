@@ -207,6 +207,9 @@ class ChatService:
 
         prompt, sources, memories, steps = self._prompt(req.user, history, text)
         generation = {**gen.as_dict(), "model": req.model or SERVING_ALIAS, "base_model": self.backend.model_name}
+        client_system = [m["content"] for m in history if m["role"] == "system"]
+        if client_system:
+            generation["client_system"] = "\n\n".join(client_system)
         cancel = threading.Event()
         reply = Reply(pieces=iter(()), adapter=adapter, model=req.model or SERVING_ALIAS,
                       generation=generation, cancel=cancel, sources=sources, memories=memories, steps=steps)
@@ -333,8 +336,9 @@ class ChatService:
         if conversation is None:
             title = " ".join(text.split())[:60]
             conversation = self.store.create_conversation(req.user.id, title=title, source=req.source)
-            if history:
-                self.store.add_messages(conversation.id, history)
+            earlier = [m for m in history if m["role"] != "system"]  # the system prompt is in `generation`
+            if earlier:
+                self.store.add_messages(conversation.id, earlier)
         reply.conversation = conversation
         reply.user_message, reply.assistant_message = self.store.add_turn(
             conversation.id, text, reply.text, **meta

@@ -48,7 +48,7 @@ class Message:
     memories: list[dict[str, Any]] = field(default_factory=list)  # long-term memories used
     steps: list[dict[str, Any]] = field(default_factory=list)  # agent steps: tool, args, result, ms
     parent_id: int | None = None  # the user message this answers
-    status: str = "complete"  # "complete", "stopped", "error"
+    status: str = "complete"  # "complete", "stopped", "error", "alternative" (an unchosen regeneration)
 
 
 @dataclass(frozen=True)
