@@ -1,0 +1,364 @@
+"""The browser page's handlers, called directly against real services (tiny random model, real store).
+
+Also: the page's login wall over real HTTP (a uvicorn server with the UI mounted), and the text
+escaping that keeps user/model/document text from being run as HTML.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import httpx
+import pytest
+
+from assistant.config import Settings
+from assistant.server import Services, build_services
+from tests.helpers import start_server
+from ui import handlers as h
+from ui.auth import LoginThrottle, make_login
+from ui.render import details_markdown, safe_markdown
+
+PAYLOAD = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> **bold** & ![i](http://e.invalid/p.png)'
+
+
+def open_services(home, model_dir, adapters=None, **overrides) -> Services:
+    values = {"max_message_chars": 500, "max_new_tokens": 8, **overrides}
+    settings = Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, **values)
+    services = build_services(settings, with_agent=False)
+    for name, path in (adapters or {}).items():
+        services.backend.load_adapter(name, path)
+    return services
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model_dir, tiny_adapters):
+    home = tmp_path_factory.mktemp("ui-home")
+    services = open_services(home, tiny_model_dir, tiny_adapters)
+    calls = {"n": 0}
+    real = services.backend.stream
+
+    def counted(*args, **kwargs):  # a spy on the real backend: how many generations started
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    services.backend.stream = counted  # type: ignore[method-assign]
+    alice = services.store.create_user("alice", "alice-pass-1")
+    bob = services.store.create_user("bob", "bob-pass-1")
+    admin = services.store.create_user("root", "root-pass-1", role="admin")
+    yield {"services": services, "alice": alice, "bob": bob, "admin": admin, "calls": calls, "home": home}
+    services.close()
+
+
+def stored_answer(services, view):
+    return services.store.get_message(view.last_answer_id)
+
+
+# ------------------------------------------------------------------------------------------- chat
+def test_turn_streams_then_shows_stored_rows(env):
+    s, alice = env["services"], env["alice"]
+    reply = h.start_turn(s, alice, None, "Hello there", model="alpha")
+    views = list(h.stream_turn(s, alice, None, "Hello there", reply))
+    partial, final = views[:-1], views[-1]
+    assert partial, "the answer should arrive in pieces"
+    assert all(v.rows[-1]["content"].endswith("▌") and v.row_ids[-1] is None for v in partial)
+    assert final.conversation_id is not None
+    msgs = s.store.messages(final.conversation_id, alice.id)
+    assert [m.role for m in msgs] == ["user", "assistant"]
+    assert msgs[1].content == reply.text and msgs[1].adapter == "alpha"
+    assert s.store.get_conversation(final.conversation_id, alice.id).source == "ui"
+    # user row, answer row, collapsed "how this was answered" row, both mapped to the answer id
+    assert final.row_ids == [None, msgs[1].id, msgs[1].id]
+    details = final.rows[2]
+    assert details["metadata"]["title"] == "How this was answered"
+    assert "alpha" in details["content"] and "temperature" in details["content"]
+    assert final.answers[msgs[1].id] == reply.text
+
+    # a second turn continues the same conversation
+    view2 = h.send(s, alice, final.conversation_id, "And then?")
+    assert view2.conversation_id == final.conversation_id
+    assert len(s.store.messages(final.conversation_id, alice.id)) == 4
+    assert [c for _, c in h.conversation_choices(s, alice)][0] == final.conversation_id
+
+
+def test_empty_message_sends_nothing(env):
+    s, alice, calls = env["services"], env["alice"], env["calls"]
+    before, n = s.store.counts(), calls["n"]
+    for text in ("", "   \n\t "):
+        with pytest.raises(h.EmptyMessage):
+            h.start_turn(s, alice, None, text)
+    assert s.store.counts() == before and calls["n"] == n
+
+
+def test_too_long_message_gets_a_clear_notice_and_nothing_is_sent(env):
+    s, alice, calls = env["services"], env["alice"], env["calls"]
+    before, n = s.store.counts(), calls["n"]
+    with pytest.raises(h.UiError, match=r"601 characters; the limit is 500"):
+        h.start_turn(s, alice, None, "x" * 601)
+    with pytest.raises(h.UiError, match="does not exist"):
+        h.start_turn(s, alice, None, "hi", model="no-such-adapter")
+    assert s.store.counts() == before and calls["n"] == n
+
+
+def test_html_in_messages_is_shown_as_text(env):
+    s, alice = env["services"], env["alice"]
+    view = h.send(s, alice, None, PAYLOAD)
+    user_row = view.rows[0]["content"]
+    assert "<script" not in user_row and "<img" not in user_row
+    assert "&lt;script>" in user_row and "!\\[i]" in user_row and "&amp;" in user_row
+    # stored exactly as typed: escaping is for display only
+    assert s.store.messages(view.conversation_id, alice.id)[0].content == PAYLOAD
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("a < b && c", "a &lt; b &amp;&amp; c"),
+    ("`<b>` stays code", "`<b>` stays code"),
+    ("``a ` <b>`` x <i>", "``a ` <b>`` x &lt;i>"),
+    ("```html\n<script>x</script>\n```\n<b>", "```html\n<script>x</script>\n```\n&lt;b>"),
+    ("~~~\n<x>\n", "~~~\n<x>\n"),  # an unclosed fence is code to the end, as Markdown renders it
+    ("![pixel](http://e.invalid/t.png)", "!\\[pixel](http://e.invalid/t.png)"),
+    ("unmatched ` <b>", "unmatched ` &lt;b>"),
+    ("**bold** and [link](http://x)", "**bold** and [link](http://x)"),
+])
+def test_safe_markdown(raw, shown):
+    assert safe_markdown(raw) == shown
+
+
+def test_details_show_adapter_settings_sources_memories_steps_escaped(env):
+    s, alice = env["services"], env["alice"]
+    conv = s.store.create_conversation(alice.id, "details")
+    _, answer = s.store.add_turn(
+        conv.id, "q", "a", adapter="alpha", generation={"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 8},
+        sources=[{"title": "<b>guide.md</b>", "chunk": 3, "score": 0.91, "text": "<script>x()</script>"}],
+        memories=[{"text": "likes <i>tea</i>"}],
+        steps=[{"tool": "search_documents", "args": {"q": "<x>"}, "result": "2 hits", "ms": 12.4}],
+        status="stopped")
+    md = details_markdown(answer)
+    assert "**alpha**" in md and "temperature 0.2" in md and "top-p 0.9" in md and "max new tokens 8" in md
+    assert "&lt;b>guide.md&lt;/b>" in md and "score 0.910" in md and "&lt;script>" in md
+    assert "likes &lt;i>tea&lt;/i>" in md and "`search_documents`" in md and "(12 ms)" in md
+    assert "Stopped before the end." in md
+    assert "<script" not in md and "<b>" not in md and "<i>" not in md
+    base = details_markdown(s.store.add_message(conv.id, "assistant", "b", adapter=None))
+    assert "none (base model)" in base
+
+
+def test_stop_ends_the_answer_early_and_keeps_what_was_said(env, tmp_path, tiny_model_dir):
+    s2 = open_services(tmp_path / "stop-home", tiny_model_dir, max_new_tokens=400, max_tokens_limit=400)
+    try:
+        user = s2.store.create_user("carol", "carol-pass-1")
+        active = h.ActiveReplies()
+        reply = h.start_turn(s2, user, None, "Talk for a long time")
+        views = h.stream_turn(s2, user, None, "Talk for a long time", reply, active, "session-1")
+        next(views)
+        assert not active.stop(user, "other-session")  # another page's Stop does nothing here
+        assert active.stop(user, "session-1")
+        final = list(views)[-1]
+        msg = stored_answer(s2, final)
+        assert msg.status == "stopped" and reply.finish_reason == "cancelled"
+        assert 0 < reply.completion_tokens < 400
+        assert not active.stop(user, "session-1")  # finished streams are forgotten
+    finally:
+        s2.close()
+
+
+def test_rename_and_delete_conversation(env):
+    s, alice = env["services"], env["alice"]
+    view = h.send(s, alice, None, "to be renamed")
+    cid = view.conversation_id
+    assert h.rename_conversation(s, alice, cid, "  My   trip  ") == "My trip"
+    assert s.store.get_conversation(cid, alice.id).title == "My trip"
+    with pytest.raises(h.UiError, match="empty"):
+        h.rename_conversation(s, alice, cid, "   ")
+    assert s.store.get_conversation(cid, alice.id).title == "My trip"
+    h.delete_conversation(s, alice, cid)
+    assert s.store.get_conversation(cid, alice.id) is None
+    assert cid not in [c for _, c in h.conversation_choices(s, alice)]
+    with pytest.raises(h.UiError, match="not found"):
+        h.conversation_view(s, alice, cid)
+
+
+def test_history_is_restored_after_a_restart(env, tmp_path, tiny_model_dir):
+    home = tmp_path / "restart-home"
+    s1 = open_services(home, tiny_model_dir)
+    user = s1.store.create_user("dave", "dave-pass-1")
+    view = h.send(s1, user, None, "Remember this conversation")
+    s1.close()
+    s2 = open_services(home, tiny_model_dir)
+    try:
+        user2 = h.resolve_user(s2, "dave")
+        choices = h.conversation_choices(s2, user2)
+        assert [c for _, c in choices] == [view.conversation_id]
+        assert choices[0][0].startswith("Remember this conversation")
+        again = h.conversation_view(s2, user2, view.conversation_id)
+        assert again.rows == view.rows and again.row_ids == view.row_ids
+    finally:
+        s2.close()
+
+
+# ------------------------------------------------------------------------------------------- feedback
+def test_thumbs_with_reason_and_comment_replace_and_withdraw(env):
+    s, alice = env["services"], env["alice"]
+    view = h.send(s, alice, None, "Rate me")
+    mid = view.last_answer_id
+    h.rate(s, alice, mid, -1)
+    fb = h.rate(s, alice, mid, -1, "wrong", "  The capital is Paris.  ")
+    rows = [f for f in s.store.feedback_for_message(mid) if f.kind == "thumb"]
+    assert len(rows) == 1 and rows[0].id == fb.id  # one current opinion per user and answer
+    assert (rows[0].rating, rows[0].reason, rows[0].comment, rows[0].user_id) == (
+        -1, "wrong", "The capital is Paris.", alice.id)
+    assert stored_answer(s, view).adapter is None  # the row it rates records what produced it
+    with pytest.raises(h.UiError, match="reason must be one of"):
+        h.rate(s, alice, mid, 1, "meh")
+    with pytest.raises(h.UiError, match="limit is 4000"):
+        h.rate(s, alice, mid, 1, None, "x" * 4001)
+    assert h.current_rating(s, alice, mid).rating == -1  # the refused ratings changed nothing
+    assert h.clear_rating(s, alice, mid)
+    assert h.current_rating(s, alice, mid) is None
+    assert not h.clear_rating(s, alice, mid)
+    with pytest.raises(h.UiError, match="choose an answer"):
+        h.rate(s, alice, None, 1)
+    user_msg = s.store.messages(view.conversation_id, alice.id)[0]
+    with pytest.raises(h.UiError, match="answer not found"):
+        h.rate(s, alice, user_msg.id, 1)
+
+
+def test_edit_answer_is_stored_and_shown(env):
+    s, alice = env["services"], env["alice"]
+    view = h.send(s, alice, None, "What is the capital of France?")
+    mid = view.last_answer_id
+    fb = h.edit_answer(s, alice, mid, "The capital of France is Paris.")
+    assert (fb.kind, fb.message_id, fb.corrected) == ("edit", mid, "The capital of France is Paris.")
+    again = h.conversation_view(s, alice, view.conversation_id)
+    assert "Your correction" in again.rows[-1]["content"]
+    assert "The capital of France is Paris." in again.rows[-1]["content"]
+    before = s.store.counts()
+    with pytest.raises(h.UiError, match="empty"):
+        h.edit_answer(s, alice, mid, "  ")
+    with pytest.raises(h.UiError, match="same as the original"):
+        h.edit_answer(s, alice, mid, view.answers[mid])
+    assert s.store.counts() == before
+
+
+def test_regenerate_and_choose_stores_a_pair_and_continues_from_the_choice(env):
+    s, alice = env["services"], env["alice"]
+    view = h.send(s, alice, None, "Tell me a joke", model="alpha")
+    original = view.last_answer_id
+    reply = h.start_regenerate(s, alice, original, model="beta")
+    steps = list(h.stream_regenerate(s, alice, original, reply))
+    cmp = steps[-1]
+    assert cmp.done and cmp.original_id == original and cmp.alternative_id is not None
+    assert len(steps) > 1 and not steps[0].done
+    alt = s.store.get_message(cmp.alternative_id)
+    assert alt.status == "alternative" and alt.adapter == "beta" and alt.content == cmp.alternative_text
+    # before choosing, the conversation still shows the original
+    assert h.conversation_view(s, alice, view.conversation_id).last_answer_id == original
+    fb = h.choose(s, alice, original, cmp.alternative_id, cmp.alternative_id)
+    assert (fb.kind, fb.message_id, fb.other_message_id, fb.chosen_message_id) == (
+        "pair", original, cmp.alternative_id, cmp.alternative_id)
+    after = h.conversation_view(s, alice, view.conversation_id)
+    assert after.last_answer_id == cmp.alternative_id and original not in after.answers
+    assert s.store.get_message(original).status == "alternative"
+    with pytest.raises(h.UiError, match="already replaced"):
+        h.start_regenerate(s, alice, original)
+    with pytest.raises(h.UiError, match="choose one of"):
+        h.choose(s, alice, original, cmp.alternative_id, 12345)
+
+
+# ------------------------------------------------------------------------------------------- users
+def test_second_user_cannot_see_rate_or_edit_the_first_users_conversation(env):
+    s, alice, bob, calls = env["services"], env["alice"], env["bob"], env["calls"]
+    view = h.send(s, alice, None, "Alice's secret plan")
+    cid, mid = view.conversation_id, view.last_answer_id
+    assert cid not in [c for _, c in h.conversation_choices(s, bob)]
+    before, n = s.store.counts(), calls["n"]
+    attempts = [
+        lambda: h.conversation_view(s, bob, cid),
+        lambda: h.start_turn(s, bob, cid, "let me in"),
+        lambda: h.rename_conversation(s, bob, cid, "mine now"),
+        lambda: h.delete_conversation(s, bob, cid),
+        lambda: h.rate(s, bob, mid, -1, "wrong"),
+        lambda: h.clear_rating(s, bob, mid),
+        lambda: h.edit_answer(s, bob, mid, "overwritten"),
+        lambda: h.start_regenerate(s, bob, mid),
+        lambda: h.choose(s, bob, mid, mid + 1, mid),
+    ]
+    for attempt in attempts:
+        with pytest.raises(h.UiError, match="not found"):
+            attempt()
+    assert s.store.counts() == before and calls["n"] == n
+    assert s.store.get_conversation(cid, alice.id).title.startswith("Alice's secret plan")
+
+
+def test_users_roles_and_login(env):
+    s, alice, admin = env["services"], env["alice"], env["admin"]
+    assert h.resolve_user(s, "alice") == alice
+    with pytest.raises(h.NotLoggedIn):
+        h.resolve_user(s, None)
+    with pytest.raises(h.NotLoggedIn):
+        h.resolve_user(s, "ghost")
+    assert h.require_admin(s, "root") == admin
+    with pytest.raises(h.UiError, match="admin"):
+        h.require_admin(s, "alice")
+    assert h.whoami(admin) == "Signed in as **root** (admin)"
+
+
+def test_login_checks_the_store_and_throttles_guessing(env):
+    clock = [0.0]
+    login = make_login(env["services"].store, LoginThrottle(limit=3, window_s=60, clock=lambda: clock[0]))
+
+    def ok(username: str, password: str) -> bool:
+        return asyncio.run(login(username, password))
+
+    assert ok("alice", "alice-pass-1")
+    assert not ok("alice", "wrong")
+    assert not ok("", "x") and not ok("ghost", "alice-pass-1")
+    for _ in range(2):
+        assert not ok("alice", "wrong")
+    assert not ok("alice", "alice-pass-1")  # 3 failures: the right password waits too
+    assert ok("bob", "bob-pass-1")  # only that name is slowed down
+    clock[0] = 61
+    assert ok("alice", "alice-pass-1")
+
+
+# ------------------------------------------------------------------------------------------- HTTP
+def test_no_ui_page_or_endpoint_answers_without_login(tmp_path, tiny_model_dir):
+    srv = start_server(tmp_path / "http-home", tiny_model_dir, with_ui=True)
+    try:
+        store = srv.services.store
+        store.create_user("erin", "erin-pass-1")
+        key = store.create_api_key(store.get_user_by_name("erin").id)
+        with httpx.Client(base_url=srv.url, timeout=30) as anon:
+            for path in ("/config", "/gradio_api/info", "/gradio_api/openapi.json", "/gradio_api/startup-events",
+                         "/gradio_api/heartbeat/abc", "/gradio_api/queue/data?session_hash=abc",
+                         "/gradio_api/file=/etc/passwd", "/monitoring", "/gradio_api/runs", "/anything"):
+                r = anon.get(path)
+                assert r.status_code == 401, (path, r.status_code)
+            for path in ("/gradio_api/queue/join", "/gradio_api/cancel", "/gradio_api/reset",
+                         "/gradio_api/upload", "/gradio_api/run/predict"):
+                r = anon.post(path, json={})
+                assert r.status_code == 401, (path, r.status_code)
+            page = anon.get("/", headers={"accept": "text/html"})
+            assert page.status_code == 200 and '"auth_required":true' in page.text.replace(" ", "")
+            assert '"components":[]' in page.text.replace(" ", "")  # the login form, not the app
+            assert anon.get("/gradio_api/info", headers={"accept": "text/html"}).status_code == 302
+            assert anon.post("/login", data={"username": "erin", "password": "nope"}).status_code == 400
+            # the API keeps its own key auth and is not behind the page login
+            assert anon.get("/health").status_code == 200
+            assert anon.get("/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+            assert anon.get("/v1/models").status_code == 401
+
+        with httpx.Client(base_url=srv.url, timeout=30) as browser:
+            assert browser.post("/login", data={"username": "erin", "password": "erin-pass-1"}).status_code == 200
+            config = browser.get("/config")
+            assert config.status_code == 200 and config.json()["components"]
+            assert browser.get("/gradio_api/info").status_code == 200
+            page = browser.get("/", headers={"accept": "text/html"}).text
+            # offline page: nothing loaded from another host
+            external = [u for u in re.findall(r'(?:src|href)="(https?://[^"]+)"', page)
+                        if not u.startswith(srv.url)]
+            assert external == []
+            assert browser.get("/logout", follow_redirects=False).status_code == 302
+            assert browser.get("/config").status_code == 401
+    finally:
+        srv.stop()

@@ -1,0 +1,371 @@
+"""What the browser page does, as plain functions the tests call directly.
+
+In: the `Services` of the running server, the logged-in `User` (the wiring resolves it from the
+login session on the server; nothing the page sends can choose it) and the page's input values.
+Out: small dataclasses (`ChatView`, `Comparison`) that `ui.app` turns into component updates, or a
+`UiError` whose message the page shows. Every action goes through the store's ownership checks, so a
+user can neither read nor rate nor edit another user's conversation: to them it does not exist.
+
+Chat turns go through `ChatService` exactly like API turns (validation, logging, adapters). A message
+the service refuses (too long, unknown model) raises before anything is generated or stored; an empty
+message is not sent at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from assistant.chat import ChatError, Reply, TurnRequest
+from assistant.runtime import GenerationError
+from memory.types import REASON_TAGS, Feedback, Message, User
+from ui.render import DETAILS_TITLE, details_markdown, excerpt, safe_markdown
+
+if TYPE_CHECKING:
+    from assistant.server import Services
+
+MAX_COMMENT = 4000
+HIDDEN_STATUSES = ("alternative", "error")  # answers the conversation does not continue from
+
+
+class UiError(Exception):
+    """Something the page tells the user; nothing was changed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EmptyMessage(UiError):
+    """The input was empty: nothing is sent and nothing needs saying."""
+
+
+class NotLoggedIn(UiError):
+    pass
+
+
+def _not_found(what: str) -> UiError:
+    # Another user's item reads exactly like a missing one, so ids can't be probed.
+    return UiError(f"{what} not found")
+
+
+# ------------------------------------------------------------------------------------------ users
+def resolve_user(services: Services, username: str | None) -> User:
+    """The `User` behind a login session's username; NotLoggedIn if there is none (or it was deleted)."""
+    user = services.store.get_user_by_name(username) if username else None
+    if user is None:
+        raise NotLoggedIn("please log in again")
+    return user
+
+
+def require_admin(services: Services, username: str | None) -> User:
+    """For admin pages: every admin action must call this, because hidden tabs are still callable."""
+    user = resolve_user(services, username)
+    if not user.is_admin:
+        raise UiError("this needs an admin account")
+    return user
+
+
+def whoami(user: User) -> str:
+    role = "admin" if user.is_admin else "user"
+    return f"Signed in as **{safe_markdown(user.username)}** ({role})"
+
+
+# ------------------------------------------------------------------------------------------ views
+@dataclass
+class ChatView:
+    """What the chat area shows: Chatbot rows, and which stored answer each row belongs to."""
+
+    conversation_id: int | None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    row_ids: list[int | None] = field(default_factory=list)  # answer id per row (None: user rows)
+    answers: dict[int, str] = field(default_factory=dict)  # answer id -> its raw text (for editing)
+
+    @property
+    def last_answer_id(self) -> int | None:
+        ids = [i for i in self.row_ids if i is not None]
+        return ids[-1] if ids else None
+
+    def add_user(self, text: str) -> None:
+        self.rows.append({"role": "user", "content": safe_markdown(text)})
+        self.row_ids.append(None)
+
+    def add_answer(self, message_id: int | None, text: str, details: str | None = None) -> None:
+        self.rows.append({"role": "assistant", "content": safe_markdown(text)})
+        self.row_ids.append(message_id)
+        if message_id is not None:
+            self.answers[message_id] = text
+        if details is not None:
+            # A metadata row renders as a collapsed box right under the answer (same bubble group).
+            self.rows.append({"role": "assistant", "content": details,
+                              "metadata": {"title": DETAILS_TITLE, "status": "done"}})
+            self.row_ids.append(message_id)
+
+
+def conversation_choices(services: Services, user: User) -> list[tuple[str, int]]:
+    """(label, id) for the sidebar, most recent first."""
+    out = []
+    for c in services.store.list_conversations(user.id):
+        when = c.updated_at.strftime("%Y-%m-%d %H:%M")
+        out.append((f"{c.title}  ·  {when}", c.id))
+    return out
+
+
+def _corrections(services: Services, user: User, answer: Message) -> list[Feedback]:
+    return [f for f in services.store.feedback_for_message(answer.id)
+            if f.user_id == user.id and f.kind == "edit" and f.message_id == answer.id]
+
+
+def conversation_view(services: Services, user: User, conversation_id: int | None) -> ChatView:
+    """The stored conversation as the page shows it (the answers it continues from)."""
+    view = ChatView(conversation_id=conversation_id)
+    if conversation_id is None:
+        return view
+    try:
+        messages = services.store.messages(int(conversation_id), user.id)
+    except (PermissionError, LookupError, ValueError, TypeError) as e:
+        raise _not_found("conversation") from e
+    for m in messages:
+        if m.role == "user":
+            view.add_user(m.content)
+        elif m.role == "assistant" and m.status not in HIDDEN_STATUSES:
+            edits = _corrections(services, user, m)
+            details = details_markdown(m)
+            if edits:
+                details += "\n\nYour correction (kept as the preferred answer):\n\n" + safe_markdown(
+                    edits[-1].corrected or "")
+            view.add_answer(m.id, m.content, details)
+    return view
+
+
+def rename_conversation(services: Services, user: User, conversation_id: int | None, title: str) -> str:
+    if conversation_id is None:
+        raise UiError("choose a conversation first")
+    title = " ".join((title or "").split())
+    if not title:
+        raise UiError("the new title is empty")
+    if len(title) > 200:
+        raise UiError(f"the title is {len(title)} characters; the limit is 200")
+    if not services.store.rename_conversation(int(conversation_id), user.id, title):
+        raise _not_found("conversation")
+    return title
+
+
+def delete_conversation(services: Services, user: User, conversation_id: int | None) -> None:
+    if conversation_id is None:
+        raise UiError("choose a conversation first")
+    if not services.store.delete_conversation(int(conversation_id), user.id):
+        raise _not_found("conversation")
+
+
+def model_choices(services: Services) -> list[str]:
+    return services.chat.model_names()
+
+
+# ------------------------------------------------------------------------------------------ turns
+class ActiveReplies:
+    """The answer each browser session is streaming, so its Stop button can stop exactly that one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._replies: dict[tuple[int, str], Reply] = {}
+
+    def start(self, user: User, session: str, reply: Reply) -> None:
+        with self._lock:
+            old = self._replies.get((user.id, session))
+            self._replies[(user.id, session)] = reply
+        if old is not None:  # one stream per page: a new one supersedes a forgotten one
+            old.stop()
+
+    def finish(self, user: User, session: str, reply: Reply) -> None:
+        with self._lock:
+            if self._replies.get((user.id, session)) is reply:
+                del self._replies[(user.id, session)]
+
+    def stop(self, user: User, session: str) -> bool:
+        """Stop this user's stream in this session; False if nothing was running."""
+        with self._lock:
+            reply = self._replies.get((user.id, session))
+        if reply is None:
+            return False
+        reply.stop()
+        return True
+
+
+def start_turn(services: Services, user: User, conversation_id: int | None, text: str,
+               model: str | None = None) -> Reply:
+    """Validate and start one turn. Raises EmptyMessage, or UiError with the service's reason
+    (too long, unknown model, conversation not found) before anything is generated or stored."""
+    if not isinstance(text, str) or not text.strip():
+        raise EmptyMessage("")
+    if conversation_id is not None and services.store.get_conversation(int(conversation_id), user.id) is None:
+        raise _not_found("conversation")
+    try:
+        return services.chat.reply(TurnRequest(user=user, text=text, model=model or "assistant",
+                                               conversation_id=conversation_id, source="ui"))
+    except ChatError as e:
+        raise UiError(e.message) from e
+
+
+def stream_turn(services: Services, user: User, conversation_id: int | None, text: str, reply: Reply,
+                active: ActiveReplies | None = None, session: str = "") -> Iterator[ChatView]:
+    """Views while the answer streams in; the last one is re-read from the store (with ids)."""
+    base = conversation_view(services, user, conversation_id)
+    if active is not None:
+        active.start(user, session, reply)
+    try:
+        partial = ""
+        for piece in reply:
+            partial += piece
+            view = ChatView(base.conversation_id, list(base.rows), list(base.row_ids), dict(base.answers))
+            view.add_user(text)
+            view.add_answer(None, partial + " ▌")
+            yield view
+    except ChatError as e:
+        raise UiError(e.message) from e
+    except GenerationError as e:
+        raise UiError(f"the model failed while answering: {e}") from e
+    finally:
+        if active is not None:
+            active.finish(user, session, reply)
+    conv = reply.conversation.id if reply.conversation is not None else conversation_id
+    yield conversation_view(services, user, conv)
+
+
+def send(services: Services, user: User, conversation_id: int | None, text: str,
+         model: str | None = None) -> ChatView:
+    """One whole turn without streaming (tests, scripts): start, drain, return the stored view."""
+    reply = start_turn(services, user, conversation_id, text, model)
+    views = list(stream_turn(services, user, conversation_id, text, reply))
+    return views[-1]
+
+
+# ------------------------------------------------------------------------------------------ feedback
+def _answer(services: Services, user: User, message_id: int | None) -> Message:
+    if message_id is None:
+        raise UiError("choose an answer first")
+    msg = services.store.get_message(int(message_id), user.id)
+    if msg is None or msg.role != "assistant":
+        raise _not_found("answer")
+    return msg
+
+
+def _store_call(action):
+    try:
+        return action()
+    except (PermissionError, LookupError) as e:
+        raise _not_found("answer") from e
+    except ValueError as e:
+        raise UiError(str(e)) from e
+
+
+def rate(services: Services, user: User, message_id: int | None, rating: int, reason: str | None = None,
+         comment: str | None = None) -> Feedback:
+    """Thumbs up (+1) / down (-1) with an optional reason tag and comment; replaces an earlier thumb."""
+    msg = _answer(services, user, message_id)
+    if rating not in (1, -1):
+        raise UiError("rating must be thumbs up or thumbs down")
+    reason = reason or None
+    if reason is not None and reason not in REASON_TAGS:
+        raise UiError(f"reason must be one of {', '.join(REASON_TAGS)}")
+    comment = (comment or "").strip() or None
+    if comment is not None and len(comment) > MAX_COMMENT:
+        raise UiError(f"the comment is {len(comment)} characters; the limit is {MAX_COMMENT}")
+    return _store_call(lambda: services.store.add_thumb(user.id, msg.id, rating, reason, comment))
+
+
+def clear_rating(services: Services, user: User, message_id: int | None) -> bool:
+    """Withdraw this user's thumb on the answer (the page's toggle); False if there was none."""
+    msg = _answer(services, user, message_id)
+    thumbs = [f for f in services.store.feedback_for_message(msg.id)
+              if f.user_id == user.id and f.kind == "thumb" and f.message_id == msg.id]
+    deleted = False
+    for f in thumbs:  # all of them, not just the first: any() would stop early
+        deleted = services.store.delete_feedback(user.id, f.id) or deleted
+    return deleted
+
+
+def current_rating(services: Services, user: User, message_id: int) -> Feedback | None:
+    thumbs = [f for f in services.store.feedback_for_message(message_id)
+              if f.user_id == user.id and f.kind == "thumb" and f.message_id == message_id]
+    return thumbs[-1] if thumbs else None
+
+
+def edit_answer(services: Services, user: User, message_id: int | None, corrected: str) -> Feedback:
+    """Store the user's corrected version of an answer (chosen) against the original (rejected)."""
+    msg = _answer(services, user, message_id)
+    if not isinstance(corrected, str) or not corrected.strip():
+        raise UiError("the corrected answer is empty")
+    limit = services.settings.max_message_chars * 4  # answers may be longer than questions
+    if len(corrected) > limit:
+        raise UiError(f"the corrected answer is {len(corrected)} characters; the limit is {limit}")
+    return _store_call(lambda: services.store.add_edit(user.id, msg.id, corrected))
+
+
+@dataclass
+class Comparison:
+    """Two answers to the same question, side by side."""
+
+    original_id: int
+    original_text: str
+    alternative_text: str = ""
+    alternative_id: int | None = None  # set once the alternative is complete and stored
+    done: bool = False
+
+
+def start_regenerate(services: Services, user: User, message_id: int | None, model: str | None = None) -> Reply:
+    """Start a second answer to the question `message_id` answered (validated before generating)."""
+    msg = _answer(services, user, message_id)
+    if msg.status in HIDDEN_STATUSES:
+        raise UiError("that answer was already replaced; compare from the current one")
+    try:
+        return services.chat.regenerate(user, msg.id, model=model or None)
+    except ChatError as e:
+        raise UiError(e.message) from e
+
+
+def stream_regenerate(services: Services, user: User, message_id: int, reply: Reply,
+                      active: ActiveReplies | None = None, session: str = "") -> Iterator[Comparison]:
+    original = _answer(services, user, message_id)
+    if active is not None:
+        active.start(user, session, reply)
+    cmp = Comparison(original.id, original.content)
+    try:
+        for piece in reply:
+            cmp.alternative_text += piece
+            yield replace(cmp)
+    except ChatError as e:
+        raise UiError(e.message) from e
+    except GenerationError as e:
+        raise UiError(f"the model failed while answering: {e}") from e
+    finally:
+        if active is not None:
+            active.finish(user, session, reply)
+    cmp.alternative_text = reply.text
+    cmp.alternative_id = reply.assistant_message.id if reply.assistant_message is not None else None
+    cmp.done = True
+    yield replace(cmp)
+
+
+def choose(services: Services, user: User, original_id: int | None, alternative_id: int | None,
+           chosen_id: int | None) -> Feedback:
+    """Store the pick between two answers as a pair; the chosen one is what the chat continues from."""
+    if original_id is None or alternative_id is None:
+        raise UiError("there is nothing to choose between yet")
+    if chosen_id not in (original_id, alternative_id):
+        raise UiError("choose one of the two answers")
+    _answer(services, user, original_id)
+    _answer(services, user, alternative_id)
+    try:
+        return services.chat.choose(user, int(original_id), int(alternative_id), int(chosen_id))
+    except ChatError as e:
+        raise UiError(e.message) from e
+
+
+def answer_summary(view: ChatView, message_id: int | None) -> str:
+    """One line naming the answer the feedback controls act on."""
+    if message_id is None or message_id not in view.answers:
+        return "No answer selected yet: send a message, then rate, correct or regenerate its answer."
+    return f"Answer {message_id}: “{safe_markdown(excerpt(view.answers[message_id], 120))}”"
