@@ -117,7 +117,8 @@ class Settings(BaseModel):
         from_env = {
             k[len(ENV_PREFIX):].lower(): v
             for k, v in env.items()
-            if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG"
+            # ASSISTANT_CONFIG names the file; ASSISTANT_TEST_* belong to the test suite.
+            if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG" and not k.startswith(ENV_PREFIX + "TEST_")
         }
         unknown = set(from_env) - set(cls.model_fields)
         if unknown:
