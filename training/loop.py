@@ -1,0 +1,498 @@
+"""One turn of the self-improvement loop: data -> (synthetic pairs) -> train -> evaluate -> register -> promote.
+
+In: the services (``settings``, ``store``; ``backend`` and ``chat`` when a server is running, for
+synthetic generation and the hot-swap; ``extras["knowledge"]`` for the document passages of the
+grounded check), `CycleOptions`, and optional `CycleHooks` (progress events, cancellation, the pid of
+each child process). Out: a `CycleResult`; the candidate is registered (with its evaluation report)
+whether it passed or not, and promoted when it passed and auto-promotion is on.
+
+Training and evaluation each run as a SEPARATE PROCESS (``python -m training.train`` /
+``python -m training.evaluate``) in its own process group, limited to ``settings.train_threads`` torch
+threads, so a crash, an out-of-memory kill or a ``kill -9`` never takes the server down, and the
+server keeps a core to answer with. Their JSON progress lines come back through the hooks.
+
+Used by `training.jobs` (jobs started from the API, the UI, the scheduler) and by
+``bench/cycle.py``; ``assistant admin train`` goes through the job runner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.evaluate import GateConfig
+from training.registry import Registry
+from training.train_config import TrainConfig
+
+log = logging.getLogger("assistant.loop")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Share of the overall progress bar each phase takes (synth only when it runs).
+PHASES = {"synth": 0.10, "dataset": 0.05, "train": 0.60, "evaluate": 0.22, "register": 0.03}
+
+
+class CycleCancelled(Exception):
+    """The cycle was cancelled; nothing was registered or promoted."""
+
+
+class CycleFailed(RuntimeError):
+    """A step failed; the message says which and why. Serving is untouched."""
+
+
+@dataclass
+class CycleOptions:
+    """What one cycle does. Every field has a CPU-friendly default."""
+
+    dataset: str | None = None  # an existing snapshot name (vNNNN); None = build a new one
+    build: dict[str, Any] = field(default_factory=dict)  # BuildOptions overrides
+    synth: bool = False  # ask the teacher for document pairs first
+    synth_docs: str | None = None  # folder of .md/.txt documents; None = the knowledge base
+    synth_max_chunks: int = 8
+    synth_questions_per_chunk: int = 2
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    gate: dict[str, Any] = field(default_factory=dict)  # GateConfig overrides
+    continue_from_serving: bool = False  # start from the serving adapter instead of a fresh one
+    auto_promote: bool = True
+    keep_last: int = 5  # adapter versions kept on disk (never the serving one or its parent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CycleOptions:
+        data = dict(data or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown retrain options: {unknown}; known: {sorted(known)}")
+        opts = cls(**data)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        for name in ("build", "train", "gate"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name} must be an object of overrides")
+        bad = sorted(set(self.train) & {"base_model", "init_adapter"})
+        if bad:
+            raise ValueError(f"train overrides may not set {bad}: the loop chooses them")
+        TrainConfig.from_dict({**self.train, "base_model": "x"})  # field names and types
+        GateConfig.from_dict(self.gate)
+        if self.keep_last < 1 or self.synth_max_chunks < 1 or self.synth_questions_per_chunk < 1:
+            raise ValueError("keep_last, synth_max_chunks and synth_questions_per_chunk must be >= 1")
+        if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
+            raise ValueError(f"dataset must be a snapshot name like v0003, got {self.dataset!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CycleResult:
+    status: str  # "promoted" | "rejected" | "registered" (passed, auto-promotion off)
+    dataset: str
+    candidate: str
+    parent: str | None
+    passed: bool
+    reason: str
+    promoted: bool
+    headline: dict[str, Any]
+    timings: dict[str, float]
+    train: dict[str, Any]
+    synth: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CycleHooks:
+    """How a caller watches and steers a cycle. All optional."""
+
+    event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None  # kind: phase/progress/eval/log
+    should_stop: Callable[[], bool] = lambda: False
+    on_process: Callable[[int | None], None] = lambda pid: None  # pid of the running child, None when done
+    log_line: Callable[[str], None] = lambda line: None  # raw stderr of the children
+
+
+# ------------------------------------------------------------------------------------------ processes
+def child_env(threads: int) -> dict[str, str]:
+    """Environment of a training / evaluation process: few threads, no network, project importable."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Callable[[dict[str, Any]], None],
+              cancel_file: Path | None = None, kill_after_s: float = 30.0) -> tuple[int, list[str]]:
+    """Run `cmd` in its own process group; JSON stdout lines go to `on_json`, stderr to `hooks.log_line`.
+
+    Cancellation (``hooks.should_stop()``): create `cancel_file`, SIGTERM the group, SIGKILL it after
+    `kill_after_s`. Returns (exit code, last stderr lines). A negative code is the killing signal.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                            env=child_env(threads), cwd=str(PROJECT_ROOT), start_new_session=True)
+    hooks.on_process(proc.pid)
+    tail: deque[str] = deque(maxlen=40)
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            tail.append(line)
+            hooks.log_line(line)
+
+    err_thread = threading.Thread(target=read_stderr, daemon=True, name="child-stderr")
+    err_thread.start()
+    stopping_since: float | None = None
+    stop_watch = threading.Event()
+
+    def watch_cancel() -> None:
+        nonlocal stopping_since
+        while not stop_watch.wait(0.5):
+            if proc.poll() is not None:
+                return
+            if stopping_since is None and hooks.should_stop():
+                stopping_since = time.monotonic()
+                if cancel_file is not None:
+                    cancel_file.touch()
+                _signal_group(proc.pid, signal.SIGTERM)
+            elif stopping_since is not None and time.monotonic() - stopping_since > kill_after_s:
+                _signal_group(proc.pid, signal.SIGKILL)
+                return
+
+    watcher = threading.Thread(target=watch_cancel, daemon=True, name="child-cancel")
+    watcher.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                hooks.log_line(line)
+                continue
+            if isinstance(event, dict):
+                on_json(event)
+        code = proc.wait()
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        stop_watch.set()
+        err_thread.join(timeout=5)
+        hooks.on_process(None)
+    return code, list(tail)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own group (start_new_session)
+    except ProcessLookupError:
+        pass  # already gone
+
+
+# ------------------------------------------------------------------------------------------ the cycle
+def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: CycleHooks | None = None,
+              job_id: int | None = None, actor: str | None = None, work_dir: Path | None = None,
+              passage_for: Callable[[dict[str, Any]], str | None] | None = None) -> CycleResult:
+    """Build -> synth (optional) -> train -> evaluate -> register -> promote/reject. See module docstring.
+
+    Raises `CycleCancelled` or `CycleFailed` (serving untouched in both cases) and ValueError for bad
+    options. `passage_for(row)` finds the source passage of a held-out teacher row (default: the
+    knowledge base in ``services.extras``); rows without one are left out of the grounded check.
+    """
+    options = options or CycleOptions()
+    options.validate()
+    hooks = hooks or CycleHooks()
+    settings, store = services.settings, services.store
+    registry: Registry = services.extras.get("registry") or Registry(settings, store)
+    work = Path(work_dir or settings.jobs_dir / (f"job-{job_id}" if job_id else f"cycle-{int(time.time())}"))
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    phases = [p for p in PHASES if p != "synth" or options.synth]
+    total_w = sum(PHASES[p] for p in phases)
+    starts = {p: sum(PHASES[q] for q in phases[:i]) / total_w for i, p in enumerate(phases)}
+
+    def phase(name: str, frac: float = 0.0, **data: Any) -> None:
+        hooks.event("phase", {"phase": name, "fraction": round(starts[name] + frac * PHASES[name] / total_w, 4),
+                              **data})
+
+    def check_stop() -> None:
+        if hooks.should_stop():
+            raise CycleCancelled("cancelled")
+
+    # 1. synthetic pairs (they go into the store, so the build below picks them up)
+    synth_info = None
+    if options.synth:
+        phase("synth")
+        t0 = time.perf_counter()
+        synth_info = _synth(services, options, lambda d, n: phase("synth", d / max(n, 1), done=d, total=n))
+        timings["synth"] = round(time.perf_counter() - t0, 2)
+        check_stop()
+
+    # 2. dataset snapshot
+    phase("dataset")
+    t0 = time.perf_counter()
+    snapshot = _dataset(settings, store, options)
+    timings["dataset"] = round(time.perf_counter() - t0, 2)
+    hooks.event("log", {"message": f"dataset {snapshot.name}"})
+    check_stop()
+
+    # 3. train (child process)
+    from assistant.models import prepare_model
+
+    base_model = prepare_model(settings, progress=False)
+    parent = registry.serving()
+    parent_dir = registry.verify(parent).adapter_dir if parent else None
+    train_cfg = TrainConfig.from_dict({
+        "threads": settings.train_threads, **options.train, "base_model": str(base_model),
+        "init_adapter": str(parent_dir) if (options.continue_from_serving and parent_dir) else None})
+    cfg_path = train_cfg.save(work / "train_config.json")
+    train_out = work / "train"
+    phase("train", max_steps=None)
+    t0 = time.perf_counter()
+    train_result: dict[str, Any] = {}
+    last_error: list[str] = []
+
+    def on_train(ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "progress" or kind == "eval":
+            step, max_steps = ev.get("step") or 0, ev.get("max_steps") or 0
+            frac = step / max_steps if max_steps else 0.0
+            hooks.event("progress", {**ev, "phase": "train"})
+            phase("train", min(frac, 1.0), step=step, max_steps=max_steps, stage=ev.get("stage"))
+        elif kind == "done":
+            train_result.update(ev.get("result") or {})
+        elif kind == "error":
+            last_error.append(str(ev.get("error")))
+            hooks.event("log", {"message": f"training error: {ev.get('error')}"})
+        else:
+            hooks.event("train", ev)
+
+    code, tail = run_child([sys.executable, "-m", "training.train", "--config", str(cfg_path), "--data",
+                            str(snapshot), "--out", str(train_out), "--cancel-file", str(work / "CANCEL")],
+                           threads=settings.train_threads, hooks=hooks, on_json=on_train,
+                           cancel_file=work / "CANCEL")
+    timings["train"] = round(time.perf_counter() - t0, 2)
+    if code == 3 or (code != 0 and hooks.should_stop()):
+        raise CycleCancelled("training was cancelled")
+    if code != 0:
+        raise CycleFailed(f"training failed ({_describe_exit(code)}): "
+                          f"{last_error[-1] if last_error else _last_lines(tail)}")
+    adapter_dir = train_out / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise CycleFailed(f"training exited 0 but wrote no adapter in {adapter_dir}")
+    check_stop()
+
+    # 4. evaluate (child process)
+    phase("evaluate")
+    t0 = time.perf_counter()
+    doc_qa = _doc_qa_file(services, snapshot, work, passage_for)
+    gate_path = work / "gate.json"
+    gate_path.write_text(json.dumps(GateConfig.from_dict(options.gate).to_dict(), indent=2), encoding="utf-8")
+    eval_out = work / "eval"
+    verdict: dict[str, Any] = {}
+    eval_error: list[str] = []
+    eval_steps = {"n": 0}
+
+    def on_eval(ev: dict[str, Any]) -> None:
+        if ev.get("event") == "eval_progress":
+            eval_steps["n"] += 1
+            phase("evaluate", min(eval_steps["n"] / 12, 0.95), model=ev.get("model"), check=ev.get("check"))
+            hooks.event("eval", ev)
+        elif ev.get("event") == "eval_done":
+            verdict.update(ev)
+        elif ev.get("event") == "error":
+            eval_error.append(str(ev.get("error")))
+
+    cmd = [sys.executable, "-m", "training.evaluate", "--base-model", str(base_model), "--candidate",
+           str(adapter_dir), "--candidate-name", "candidate", "--data", str(snapshot), "--out", str(eval_out),
+           "--gate", str(gate_path), "--threads", str(settings.train_threads),
+           "--system-prompt", settings.system_prompt]
+    if parent_dir is not None:
+        cmd += ["--baseline", str(parent_dir), "--baseline-name", str(parent)]
+    if doc_qa is not None:
+        cmd += ["--doc-qa", str(doc_qa)]
+    code, tail = run_child(cmd, threads=settings.train_threads, hooks=hooks, on_json=on_eval)
+    timings["evaluate"] = round(time.perf_counter() - t0, 2)
+    if code != 0 and hooks.should_stop():
+        raise CycleCancelled("evaluation was cancelled")
+    if code != 0 or not verdict:
+        raise CycleFailed(f"evaluation failed ({_describe_exit(code)}): "
+                          f"{eval_error[-1] if eval_error else _last_lines(tail)}")
+    check_stop()
+
+    # 5. register (with the report, pass or fail), then 6. promote or reject
+    phase("register")
+    passed = bool(verdict["passed"])
+    version = registry.register(adapter_dir, parent=parent, gate="passed" if passed else "failed",
+                                metrics=verdict.get("headline") or {}, report_dir=eval_out, job_id=job_id,
+                                dataset=snapshot.name, note=verdict.get("reason"), move=True)
+    _retitle_report(version)
+    promoted = False
+    if passed and options.auto_promote:
+        t0 = time.perf_counter()
+        registry.promote(version.name, services, actor=actor or "auto-promotion",
+                         reason=f"gate passed: {verdict.get('reason')}")
+        timings["promote"] = round(time.perf_counter() - t0, 3)
+        promoted = True
+    pruned = registry.prune(options.keep_last)
+    if pruned:
+        hooks.event("log", {"message": f"pruned old adapter versions {pruned}"})
+    status = "promoted" if promoted else ("registered" if passed else "rejected")
+    hooks.event("phase", {"phase": "done", "fraction": 1.0, "status": status, "candidate": version.name})
+    return CycleResult(status=status, dataset=snapshot.name, candidate=version.name, parent=parent, passed=passed,
+                       reason=str(verdict.get("reason")), promoted=promoted, headline=verdict.get("headline") or {},
+                       timings=timings, train=_train_summary(train_result), synth=synth_info)
+
+
+# ------------------------------------------------------------------------------------------ steps
+def _dataset(settings: Any, store: Any, options: CycleOptions) -> Path:
+    from training.dataset_build import BuildOptions, build_datasets
+
+    if options.dataset:
+        path = settings.datasets_dir / options.dataset
+        if not (path / "manifest.json").is_file():
+            raise CycleFailed(f"dataset snapshot {options.dataset} does not exist in {settings.datasets_dir}")
+        return path
+    build = dict(options.build)
+    if "split_ratios" in build:
+        build["split_ratios"] = tuple(build["split_ratios"])
+    try:
+        result = build_datasets(store, settings, BuildOptions(**build))
+    except (TypeError, ValueError) as e:
+        raise CycleFailed(f"dataset build refused its options: {e}") from e
+    return result.path
+
+
+def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
+    from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
+    from training.teacher import self_teacher
+
+    backend = getattr(services, "backend", None)
+    if backend is None:
+        raise CycleFailed("synthetic generation needs the model backend (run it in the server or the bench)")
+    if options.synth_docs:
+        chunks = chunks_from_folder(Path(options.synth_docs))
+    else:
+        kb = services.extras.get("knowledge")
+        admin = _first_admin(services.store)
+        if kb is None or admin is None:
+            raise CycleFailed("synthetic generation from the knowledge base needs a knowledge base and an admin user")
+        chunks = chunks_from_knowledge(kb, admin)
+    chunks = chunks[:options.synth_max_chunks]
+    if not chunks:
+        raise CycleFailed("no document chunks to generate synthetic pairs from")
+    report = run_synth(services.store, self_teacher(backend), chunks,
+                       questions_per_chunk=options.synth_questions_per_chunk,
+                       progress=lambda done, total, _pairs: progress(done, total))
+    return {"chunks": report.chunks, "pairs": report.pairs, "accepted": report.accepted,
+            "dpo_pairs": report.dpo_pairs, "seconds": round(report.seconds, 2)}
+
+
+def _first_admin(store: Any) -> Any:
+    return next((u for u in store.list_users() if u.is_admin), None)
+
+
+def _doc_qa_file(services: Any, snapshot: Path, work: Path,
+                 passage_for: Callable[[dict[str, Any]], str | None] | None) -> Path | None:
+    """Held-out teacher rows (document questions) with their source passage, for the grounded check."""
+    rows_path = snapshot / "heldout" / "sft.jsonl"
+    if not rows_path.is_file():
+        return None
+    finder = passage_for or _kb_passages(services)
+    if finder is None:
+        return None
+    out = []
+    for line in rows_path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("source") != "teacher" or not row.get("messages"):
+            continue
+        passage = finder(row)
+        msgs = row["messages"]
+        question = next((m["content"] for m in msgs if m["role"] == "user"), None)
+        answer = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), None)
+        if passage and question and answer:
+            out.append({"question": question, "passage": passage, "answer": answer,
+                        "source": f"{row.get('doc_id')}#{row.get('chunk_id')}"})
+    if not out:
+        return None
+    path = work / "doc_qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in out), encoding="utf-8")
+    return path
+
+
+def _kb_passages(services: Any) -> Callable[[dict[str, Any]], str | None] | None:
+    kb = services.extras.get("knowledge")
+    if kb is None:
+        return None
+
+    def find(row: dict[str, Any]) -> str | None:
+        chunk_id = row.get("chunk_id")
+        if not chunk_id:
+            return None
+        got = kb.collection.get(ids=[str(chunk_id)], include=["documents"])
+        docs = got.get("documents") or []
+        return docs[0] if docs else None
+
+    return find
+
+
+def folder_passages(folder: Path | str) -> Callable[[dict[str, Any]], str | None]:
+    """Passage finder for teacher rows made from a documents folder (`training.synth.chunks_from_folder`)."""
+    from training.synth import chunks_from_folder
+
+    by_id = {(c.doc_id, str(c.chunk_id)): c.text for c in chunks_from_folder(Path(folder))}
+    return lambda row: by_id.get((str(row.get("doc_id")), str(row.get("chunk_id"))))
+
+
+def _retitle_report(version: Any) -> None:
+    """The report was written before the candidate had a version name; put the name in."""
+    p = version.eval_dir / "report.json"
+    if not p.is_file():
+        return
+    from training.evaluate import plot_report, render_markdown
+
+    data = json.loads(p.read_text(encoding="utf-8"))
+    data["candidate"] = version.name
+    p.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    (version.eval_dir / "report.md").write_text(render_markdown(data), encoding="utf-8")
+    plot_report(data, version.eval_dir / "report.png")
+
+
+def _train_summary(result: dict[str, Any]) -> dict[str, Any]:
+    stages = result.get("stages") or []
+    return {"seconds": result.get("seconds"), "runtime": result.get("runtime"),
+            "stages": [{k: s.get(k) for k in ("stage", "status", "train_rows", "steps", "first_loss", "last_loss",
+                                               "best_eval_loss", "seconds", "tokens_per_s")} for s in stages]}
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _last_lines(lines: list[str], n: int = 5) -> str:
+    useful = [ln for ln in lines if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
+    return " | ".join(useful[-n:]) or "no output"
