@@ -1,0 +1,442 @@
+"""Dataset builds from a real SQLite store (training/dataset_build.py): formats and provenance, PII never
+written, near-duplicates removed, stable grouped splits, frozen held-out set, deletions honoured, and one
+real TRL step each for SFT, DPO and KTO on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from memory.store import Store
+from training.dataset_build import (
+    KINDS,
+    SPLITS,
+    BuildError,
+    BuildOptions,
+    build_datasets,
+    latest_snapshot,
+    list_snapshots,
+    load_split,
+    prune_snapshots,
+    read_manifest,
+)
+from training.synth import SyntheticPairs
+from training.teacher import TeacherPair
+
+CATALOGUE = json.loads((Path(__file__).parent / "data" / "pii_catalogue.json").read_text(encoding="utf-8"))
+ALL_IN_TRAIN = dict(split_ratios=(1.0, 0.0, 0.0), replay_ratio=0.0)
+
+
+def _user(store: Store, name: str = "alice"):
+    return store.create_user(name, "pw-" + name)
+
+
+def _teacher_pair(doc_id: str, question: str, answer: str, rejected: str | None = None) -> TeacherPair:
+    return TeacherPair(doc_id=doc_id, chunk_id="0", chunk_sha256="0" * 64, question=question,
+                       question_source="template", answer=answer, accepted=True, score=0.9, teacher="test-teacher",
+                       rejected=rejected, rejected_score=0.1 if rejected else None)
+
+
+def _rows(snapshot: Path, kind: str, split: str) -> list[dict]:
+    path = snapshot / "jsonl" / f"{kind}.{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _all_rows(snapshot: Path) -> list[dict]:
+    return [r for k in KINDS for s in SPLITS for r in _rows(snapshot, k, s)]
+
+
+def _all_bytes(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------- formats
+
+
+def seed_every_feedback_kind(store: Store) -> dict[str, int]:
+    """One conversation per kind of feedback; returns the ids the tests look for."""
+    u = _user(store)
+    ids: dict[str, int] = {}
+    # thumbs up in a two-turn conversation: the first exchange is the context
+    c = store.create_conversation(u.id, "geo")
+    store.add_turn(c.id, "What is the capital of France?", "Paris is the capital of France.")
+    _, a = store.add_turn(c.id, "And of Italy?", "Rome is the capital of Italy.", adapter="v3")
+    ids["up"] = a.id
+    store.add_thumb(u.id, a.id, 1)
+    # an edit: corrected text is the SFT target and the DPO chosen answer
+    c = store.create_conversation(u.id, "math")
+    _, a = store.add_turn(c.id, "What is 7 times 8?", "7 times 8 is 54.")
+    ids["edited"] = a.id
+    store.add_edit(u.id, a.id, "7 times 8 is 56.")
+    # thumbs down, then regenerate-and-choose: the chosen regeneration beats the rated-down answer
+    c = store.create_conversation(u.id, "sky")
+    q, a = store.add_turn(c.id, "Why is the sky blue?", "Because the ocean reflects onto it.")
+    ids["down"] = a.id
+    store.add_thumb(u.id, a.id, -1, reason="wrong")
+    alt = store.add_message(c.id, "assistant", "Air molecules scatter blue sunlight more than red light.",
+                            parent_id=q.id, status="alternative")
+    ids["regen"] = alt.id
+    store.add_pair(u.id, a.id, alt.id, chosen_message_id=alt.id)
+    store.set_message_status(alt.id, "complete")
+    store.set_message_status(a.id, "alternative")
+    # thumbs down, then a regeneration rated up (no explicit choice): still a better answer to the same question
+    c = store.create_conversation(u.id, "tea")
+    q, a = store.add_turn(c.id, "How long should green tea steep?", "Boil it for ten minutes.")
+    ids["down2"] = a.id
+    store.add_thumb(u.id, a.id, -1, reason="wrong")
+    alt = store.add_message(c.id, "assistant", "Steep green tea for two to three minutes at about 80 degrees.",
+                            parent_id=q.id, status="alternative")
+    ids["regen2"] = alt.id
+    store.add_thumb(u.id, alt.id, 1)
+    # a teacher pair from a document, with a rejected candidate
+    ids["syn"] = SyntheticPairs(store).add(_teacher_pair(
+        "pricing", "How much does the Team plan cost?", "The Team plan costs 8 dollars per member per month.",
+        rejected="It is free for everyone."))
+    return ids
+
+
+def test_formats_sources_and_provenance(store, settings):
+    ids = seed_every_feedback_kind(store)
+    result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+    snap = result.path
+    assert snap == latest_snapshot(settings) and snap.name == "v0001"
+
+    sft_rows = _rows(snap, "sft", "train")
+    sft = {r["origin"]: r for r in sft_rows}
+    assert set(sft) == {"thumb_up", "edit", "teacher"}
+    up = {r["message_id"]: r for r in sft_rows if r["origin"] == "thumb_up"}
+    assert set(up) == {ids["up"], ids["regen2"]}
+    assert up[ids["up"]]["messages"] == [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital of France."},
+        {"role": "user", "content": "And of Italy?"},
+        {"role": "assistant", "content": "Rome is the capital of Italy."},
+    ]
+    assert up[ids["up"]]["adapter"] == "v3" and up[ids["up"]]["feedback_id"] is not None
+    assert sft["edit"]["messages"][-1]["content"] == "7 times 8 is 56."
+    assert sft["teacher"]["source"] == "teacher" and sft["teacher"]["doc_id"] == "pricing"
+    assert sft["teacher"]["synthetic_id"] == ids["syn"] and sft["teacher"]["group"] == "doc:pricing"
+    assert sft["teacher"]["messages"][0] == {"role": "user", "content": "How much does the Team plan cost?"}
+
+    dpo = {r["origin"]: r for r in _rows(snap, "dpo", "train")}
+    assert set(dpo) == {"edit", "pair", "regen_vs_down", "teacher"}
+    assert dpo["edit"]["chosen"][0]["content"] == "7 times 8 is 56."
+    assert dpo["edit"]["rejected"][0]["content"] == "7 times 8 is 54."
+    assert dpo["pair"]["chosen"][0]["content"].startswith("Air molecules")
+    assert dpo["pair"]["rejected"][0]["content"].startswith("Because the ocean")
+    assert dpo["pair"]["prompt"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert dpo["regen_vs_down"]["message_id"] == ids["regen2"]
+    assert dpo["regen_vs_down"]["other_message_id"] == ids["down2"]
+    assert dpo["teacher"]["rejected"][0]["content"] == "It is free for everyone."
+
+    kto = {(r["origin"], r["label"]) for r in _rows(snap, "kto", "train")}
+    assert kto == {("thumb_up", True), ("thumb_down", False)}
+
+    m = read_manifest(snap)
+    assert m["counts"]["sft"] == {"train": 4, "validation": 0, "test": 0}
+    # the sky answer's thumb-down-vs-chosen-regeneration pair is the same pair as the user's choice
+    assert {f["name"]: f["removed"] for f in m["filters"]["dpo"]}["dedup:exact"] == 1
+    assert m["by_source"]["dpo"]["train"] == {"human:edit": 1, "human:pair": 1, "human:regen_vs_down": 1,
+                                              "teacher:teacher": 1}
+    for name, digest in m["hashes"].items():
+        import hashlib
+        assert hashlib.sha256((snap / name).read_bytes()).hexdigest() == digest
+    # the HF datasets copy has the same rows as the JSONL
+    ds = load_split(snap, "dpo", "train", trl_only=False)
+    assert sorted(ds["origin"]) == sorted(dpo)
+    assert load_split(snap, "dpo", "train").column_names == ["prompt", "chosen", "rejected"]
+
+
+# --------------------------------------------------------------------------------------- PII
+
+
+def test_planted_pii_never_reaches_any_dataset_file(store, settings):
+    u = _user(store)
+    syn = SyntheticPairs(store)
+    for case in CATALOGUE["pii"]:
+        c = store.create_conversation(u.id, case["id"])
+        _, a = store.add_turn(c.id, f"Case {case['id']}: please keep this: {case['text']}",
+                              f"Noted for case {case['id']}. You wrote: {case['text']}")
+        store.add_thumb(u.id, a.id, 1)
+        store.add_edit(u.id, a.id, f"Corrected for case {case['id']}: {case['text']}")
+    for case in CATALOGUE["keep"]:
+        c = store.create_conversation(u.id, case["id"])
+        _, a = store.add_turn(c.id, f"Keep case {case['id']}: {case['text']}",
+                              f"Sure, case {case['id']}: {case['text']}")
+        store.add_thumb(u.id, a.id, 1)
+    for case in CATALOGUE["pii"][:10]:  # the teacher path is scrubbed too
+        syn.add(_teacher_pair(f"doc-{case['id']}", f"What does doc {case['id']} contain?",
+                              f"Doc {case['id']} says: {case['text']}", rejected=f"Nothing about {case['text']}"))
+
+    result = build_datasets(store, settings, BuildOptions(heldout_min_rows=1, near_dup_threshold=0.95))
+    files = _all_bytes(settings.datasets_dir)
+    assert any(p.suffix == ".arrow" for p in files) and any(p.suffix == ".jsonl" for p in files)
+    for case in CATALOGUE["pii"]:
+        for value in case["forbidden"]:
+            needle = value.encode("utf-8")
+            leaks = [str(p.relative_to(settings.datasets_dir)) for p, data in files.items() if needle in data]
+            assert not leaks, f"{case['id']}: {value!r} found in {leaks}"
+
+    # Every planted row is still there (scrubbed, not dropped), so the check above saw them all.
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in _all_rows(result.path))
+    heldout = "\n".join((result.path / "heldout" / f"{k}.jsonl").read_text(encoding="utf-8") for k in KINDS)
+    for case in CATALOGUE["pii"]:
+        assert f"Corrected for case {case['id']}" in text + heldout, case["id"]
+    for case in CATALOGUE["keep"]:
+        for value in case["keep"]:
+            assert value in text + heldout, f"{case['id']}: {value!r} did not survive"
+    pii = next(f for f in result.manifest["filters"]["sft"] if f["name"] == "pii_scrub")
+    assert pii["rows_changed"] >= len(CATALOGUE["pii"])
+    assert set(pii["by_kind"]) == {"email", "phone", "card", "rrn", "ip", "secret", "url_credentials"}
+
+
+def test_memories_sources_and_system_prompts_never_leak(store, settings):
+    u = _user(store)
+    c = store.create_conversation(u.id, "memories")
+    store.add_message(c.id, "system", "Known about the user: MEMORY-MARKER-7f3 likes sailing.")
+    q = store.add_message(c.id, "user", "Plan my weekend, please.")
+    store.add_message(c.id, "tool", "TOOL-MARKER-91 search results")
+    a = store.add_message(c.id, "assistant", "How about a quiet walk by the river on Saturday?", parent_id=q.id,
+                          memories=[{"id": 4, "text": "MEMORY-MARKER-7f3 likes sailing"}],
+                          sources=[{"doc_id": "d1", "snippet": "SOURCE-MARKER-22"}],
+                          generation={"client_system": "CLIENT-SYSTEM-MARKER-5"})
+    store.add_thumb(u.id, a.id, 1)
+    result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+    assert result.manifest["counts"]["sft"]["train"] == 1
+    assert _rows(result.path, "sft", "train")[0]["messages"] == [
+        {"role": "user", "content": "Plan my weekend, please."},
+        {"role": "assistant", "content": "How about a quiet walk by the river on Saturday?"},
+    ]
+    for data in _all_bytes(settings.datasets_dir).values():
+        for marker in (b"MEMORY-MARKER", b"TOOL-MARKER", b"SOURCE-MARKER", b"CLIENT-SYSTEM-MARKER"):
+            assert marker not in data
+
+
+# --------------------------------------------------------------------------------------- hygiene
+
+
+def test_near_duplicates_and_junk_are_removed(store, settings):
+    u = _user(store)
+    base = ("To reset sync, open Settings, choose Sync and press Rebuild local copy; it takes under five "
+            "minutes and downloads the whole workspace again.")
+    answers = [
+        base,
+        base.upper().replace(";", " ;"),  # exact after normalisation
+        base.replace("under five minutes", "under 5 minutes"),  # near
+        base.replace("whole workspace", "entire workspace"),  # near
+        "Open the Sync panel and press Rebuild; support can also help by chat on weekdays.",
+        "Deleted pages stay in the trash for thirty days before they are removed for good.",
+        ".",  # too short
+        "@@@@ #### $$$$ %%%% ^^^^ &&&& **** ~~~~ |||| ++++ ==== <<<< >>>>",  # not text
+    ]
+    for i, text in enumerate(answers):
+        c = store.create_conversation(u.id, f"dup{i}")
+        _, a = store.add_turn(c.id, "How do I reset sync?", text)
+        store.add_thumb(u.id, a.id, 1)
+    result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+    kept = [r["messages"][-1]["content"] for r in _rows(result.path, "sft", "train")]
+    assert len(kept) == 3 and base in kept
+    removed = {f["name"]: f["removed"] for f in result.manifest["filters"]["sft"]}
+    assert removed["dedup:exact"] == 1 and removed["dedup:near"] == 2
+    assert removed["quality:too_short"] == 1 and removed["quality:non_text"] == 1
+
+
+# --------------------------------------------------------------------------------------- splits
+
+
+def _seed_conversations(store: Store, user, start: int, n: int) -> None:
+    topics = ["printer", "invoice", "garden", "laptop", "train", "recipe", "budget", "holiday", "piano", "bike"]
+    for i in range(start, start + n):
+        t = topics[i % len(topics)]
+        c = store.create_conversation(user.id, f"conv {i}")
+        _, a1 = store.add_turn(c.id, f"Question {i} about my {t}: what should I check first (case {i})?",
+                               f"For case {i}, check the {t} settings first, then restart it ({i * 7} s).")
+        store.add_thumb(user.id, a1.id, 1 if i % 3 else -1)
+        _, a2 = store.add_turn(c.id, f"Follow-up {i}: and if the {t} still fails?",
+                               f"Then for case {i} reinstall the {t} driver version {i}.0.")
+        store.add_edit(user.id, a2.id, f"Then, for case {i}, contact support about the {t} (ticket {i * 13}).")
+
+
+def _split_of_groups(snapshot: Path) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for k in KINDS:
+        for s in SPLITS:
+            for r in _rows(snapshot, k, s):
+                out.setdefault(r["group"], set()).add(s)
+    return out
+
+
+def _heldout_groups(snapshot: Path) -> set[str]:
+    return {json.loads(line)["group"] for k in KINDS
+            for line in (snapshot / "heldout" / f"{k}.jsonl").read_text(encoding="utf-8").splitlines()}
+
+
+def test_splits_are_grouped_stable_and_heldout_is_frozen(store, settings):
+    u = _user(store)
+    _seed_conversations(store, u, 0, 80)
+    syn = SyntheticPairs(store)
+    for d in range(12):
+        for q in range(3):
+            syn.add(_teacher_pair(f"doc{d}", f"What does document {d} say about point {q}?",
+                                  f"Document {d} says point {q} is number {d * 10 + q}."))
+    options = BuildOptions(heldout_min_rows=5)
+    first = build_datasets(store, settings, options)
+    groups = _split_of_groups(first.path)
+    assert all(len(s) == 1 for s in groups.values()), "a conversation or document spans two splits"
+    by_split = {s: {g for g, ss in groups.items() if s in ss} for s in SPLITS}
+    assert all(by_split[s] for s in SPLITS), by_split
+    assert any(g.startswith("doc:") for g in by_split["train"] | by_split["test"])
+    heldout = _heldout_groups(first.path)
+    assert heldout and heldout <= by_split["test"]
+    assert first.manifest["heldout"]["frozen"] and first.manifest["heldout"]["frozen_by_build"] == "v0001"
+
+    again = build_datasets(store, settings, options)
+    assert again.version == "v0002"
+    assert again.manifest["content_sha256"] == first.manifest["content_sha256"]  # deterministic rebuild
+    assert again.manifest["heldout"]["hashes"] == first.manifest["heldout"]["hashes"]
+
+    _seed_conversations(store, u, 80, 40)
+    grown = build_datasets(store, settings, options)
+    grown_groups = _split_of_groups(grown.path)
+    assert len(grown_groups) > len(groups)
+    for g, s in groups.items():
+        assert grown_groups[g] == s, f"{g} moved from {s} to {grown_groups[g]}"
+    assert _heldout_groups(grown.path) == heldout  # frozen: new test rows do not join it
+    assert grown.manifest["heldout"]["frozen_by_build"] == "v0001"
+
+    # Even with other ratios, no held-out group may reach train or validation.
+    reshaped = build_datasets(store, settings, BuildOptions(heldout_min_rows=5, split_ratios=(0.95, 0.03, 0.02)))
+    reshaped_groups = _split_of_groups(reshaped.path)
+    trainable = {g for g, s in reshaped_groups.items() if s & {"train", "validation"}}
+    assert not trainable & heldout
+    excluded = {f["name"]: f["removed"] for k in KINDS for f in reshaped.manifest["filters"][k]}
+    assert excluded.get("heldout_group_excluded", 0) > 0
+
+
+def test_deleted_conversation_is_gone_from_later_builds_and_heldout(store, settings):
+    u = _user(store)
+    convs = []
+    for i in range(40):
+        c = store.create_conversation(u.id, f"c{i}")
+        _, a = store.add_turn(c.id, f"Tell me fact number {i} about owls, please.",
+                              f"Owl fact {i}: marker-ZQX{i:03d}-owl, they hunt at night number {i}.")
+        store.add_thumb(u.id, a.id, 1)
+        convs.append(c)
+    first = build_datasets(store, settings, BuildOptions(heldout_min_rows=1))
+    heldout = _heldout_groups(first.path)
+    train = {r["group"] for r in _rows(first.path, "sft", "train")}
+    gone = [sorted(heldout)[0], sorted(train)[0]]
+    for g in gone:
+        assert store.delete_conversation(int(g.split(":")[1]), u.id)
+    markers = [f"marker-ZQX{int(g.split(':')[1]) - 1:03d}-owl".encode() for g in gone]
+    assert all(m in b"".join(_all_bytes(first.path).values()) for m in markers)  # they were there before
+
+    second = build_datasets(store, settings, BuildOptions(heldout_min_rows=1))
+    for folder in (second.path, settings.datasets_dir / "heldout"):
+        for p, data in _all_bytes(folder).items():
+            for m in markers:
+                assert m not in data, f"{m!r} still in {p}"
+    assert second.manifest["heldout"]["removed_deleted_now"] >= 1
+    assert not ({r["group"] for r in _all_rows(second.path)} & set(gone))
+
+    # Pruning old snapshots is how the data deleted since leaves the disk.
+    assert prune_snapshots(settings, keep=1) == ["v0001"]
+    assert [p.name for p in list_snapshots(settings)] == ["v0002"]
+    for data in _all_bytes(settings.datasets_dir).values():
+        assert not any(m in data for m in markers)
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_options_and_failed_builds_publish_nothing(store, settings, tmp_path):
+    seed_every_feedback_kind(store)
+    with pytest.raises(ValueError, match="split_ratios"):
+        build_datasets(store, settings, BuildOptions(split_ratios=(0.5, 0.2, 0.2)))
+    with pytest.raises(ValueError, match="replay file"):
+        build_datasets(store, settings, BuildOptions(replay_path=tmp_path / "missing.jsonl"))
+    good = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+    bad_replay = tmp_path / "replay.jsonl"
+    bad_replay.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
+    with pytest.raises(BuildError, match="replay.jsonl:1"):
+        build_datasets(store, settings, BuildOptions(split_ratios=(1.0, 0.0, 0.0), replay_path=bad_replay,
+                                                     replay_ratio=1.0))
+    assert [p.name for p in list_snapshots(settings)] == [good.version]
+    assert latest_snapshot(settings) == good.path
+    assert sorted(p.name for p in settings.datasets_dir.iterdir()) == ["LATEST", good.version]
+
+
+def test_replay_mix_and_synthetic_cap(store, settings):
+    u = _user(store)
+    _seed_conversations(store, u, 0, 10)
+    syn = SyntheticPairs(store)
+    words = ("boilers radiators thermostats valves pumps fuses breakers sockets cables switches lamps dimmers "
+             "fans heaters filters vents ducts pipes taps drains gutters tiles shingles windows doors locks hinges "
+             "alarms sensors cameras").split()
+    for q, word in enumerate(words):
+        syn.add(_teacher_pair("manual", f"What does the manual say about {word}?",
+                              f"Chapter {q} explains how to inspect and maintain {word} safely at home."))
+    options = BuildOptions(split_ratios=(1.0, 0.0, 0.0), max_synthetic_share=0.5, synthetic_floor=0,
+                           replay_ratio=0.5)
+    result = build_datasets(store, settings, options)
+    src = result.manifest["by_source"]["sft"]["train"]
+    human = src["human:edit"] + src["human:thumb_up"]
+    assert src["teacher:teacher"] == human  # share 0.5: as many teacher rows as human ones
+    cap = result.manifest["synthetic_cap"]["sft"]
+    assert cap["teacher_rows"] == len(words) and cap["removed"] == len(words) - human
+    assert src["replay:replay"] == result.manifest["replay"]["used"] == round(0.5 * 2 * human)
+    assert all(r["source"] != "replay" for s in ("validation", "test") for r in _rows(result.path, "sft", s))
+
+
+@pytest.mark.postgres
+def test_build_on_postgresql(pg_url, settings):
+    store = Store.open(pg_url)
+    try:
+        seed_every_feedback_kind(store)
+        result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+        assert result.manifest["counts"]["dpo"]["train"] == 4
+        assert result.manifest["counts"]["kto"]["train"] == 4
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------------------- TRL
+
+
+def test_built_datasets_train_one_step_in_trl(store, settings, tiny_model_dir):
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    from training.chat_template import training_template_for
+
+    torch.set_num_threads(1)
+    seed_every_feedback_kind(store)
+    u = _user(store, "bob")
+    _seed_conversations(store, u, 0, 4)
+    snap = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN)).path
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = training_template_for(tok)  # {% generation %} markers for assistant-only loss (P3)
+    common = dict(use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1, learning_rate=1e-3,
+                  per_device_train_batch_size=2, max_length=128, report_to="none", save_strategy="no",
+                  logging_steps=1)
+    runs = [("sft", SFTTrainer, SFTConfig(output_dir=str(settings.home / "sft"), assistant_only_loss=True, **common)),
+            ("dpo", DPOTrainer, DPOConfig(output_dir=str(settings.home / "dpo"), **common)),
+            ("kto", KTOTrainer, KTOConfig(output_dir=str(settings.home / "kto"), **common))]
+    for kind, trainer_cls, args in runs:
+        train = load_split(snap, kind, "train")
+        assert len(train) >= 2
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                     task_type="CAUSAL_LM"))
+        out = trainer.train()
+        assert trainer.state.global_step == 1, kind
+        assert math.isfinite(out.training_loss), kind
+        lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
+        assert lora_b and any(p.detach().abs().sum() > 0 for p in lora_b), f"{kind}: the step changed nothing"

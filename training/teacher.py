@@ -1,0 +1,560 @@
+"""Teachers: turn document chunks into judged question/answer pairs (and DPO pairs) for training.
+
+In: plain chunk records `Chunk(doc_id, chunk_id, text)` (no dependency on the knowledge base; see
+`training.synth.chunks_from_knowledge`) and a model to ask.
+Out: `TeacherPair` records: the question, the best grounded answer, the judge's verdict, the worst
+candidate as a rejected answer when it is clearly worse, and the chunk it came from.
+
+Seams:
+- `TeacherModel` (Protocol): something that completes chat messages, n samples at a time. Three
+  implementations: `HFTeacherModel` (any local model by Hugging Face id or folder),
+  `OpenAITeacherModel` (any OpenAI-compatible endpoint through the `openai` client) and
+  `BackendTeacherModel` (the serving runtime backend: the embedded default).
+- `Teacher` (Protocol): `pairs_for_chunk(chunk)` and `answer(question, chunk)`. `GroundedTeacher`
+  implements it over any TeacherModel: it writes questions from the chunk (validated, with a
+  template fallback when the model's questions are unusable), samples several answers with the
+  passage in the prompt, and keeps only answers the `judge` finds grounded in the passage
+  (rejection sampling as in STaR / ReST). `self_teacher(backend)` is the embedded default: the
+  serving model with the passage in context, 4 samples, judged.
+
+The judge is lexical on purpose: a 135M model cannot judge itself, and a check that an answer's
+content words, numbers and names occur in the passage is cheap, deterministic and explainable.
+Training pairs keep the question *without* the passage: the student learns to answer what the
+teacher could only answer with the passage in front of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from training.hygiene import quality_problem
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a document: the unit a teacher writes questions about."""
+
+    doc_id: str
+    chunk_id: str
+    text: str
+    title: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    score: float  # 0..1, higher is better
+    support: float  # share of the answer's content words found in the passage
+    relevance: float  # how much of the passage sentence that answers the question the answer carries
+    reasons: tuple[str, ...] = ()  # why it was rejected (empty when accepted)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class TeacherPair:
+    doc_id: str
+    chunk_id: str
+    chunk_sha256: str
+    question: str
+    question_source: str  # "model" or "template"
+    answer: str  # the best candidate
+    accepted: bool  # the judge's verdict on the best candidate
+    score: float
+    teacher: str
+    rejected: str | None = None  # the worst candidate, when clearly worse than the best
+    rejected_score: float | None = None
+    candidates: tuple[Candidate, ...] = field(default_factory=tuple)
+
+    def judge_record(self) -> dict[str, Any]:
+        """What the judge saw, for the stored pair (audits and docs/teacher.md)."""
+        return {
+            "candidates": [
+                {"text": c.text, "accepted": c.verdict.accepted, "score": round(c.verdict.score, 4),
+                 "support": round(c.verdict.support, 4), "relevance": round(c.verdict.relevance, 4),
+                 "reasons": list(c.verdict.reasons)}
+                for c in self.candidates
+            ]
+        }
+
+
+# ---------------------------------------------------------------------------------------------- judge
+
+_STOPWORDS = frozenset(
+    """a about above after again against all also am an and any are as at be because been before being
+    below between both but by can could did do does doing down during each few for from further had has
+    have having he her here hers herself him himself his how i if in into is it its itself just let me
+    more most my myself no nor not now of off on once only or other our ours ourselves out over own same
+    she should so some such than that the their theirs them themselves then there these they this those
+    through to too under until up very was we were what when where which while who whom why will with
+    would you your yours yourself yourselves yes one two may might must shall us via per within without
+    use used using get gets got make makes made""".split()
+)
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)?", re.UNICODE)
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.,:]\d+)*")
+_REFUSAL = re.compile(
+    r"(?i)\b(i\s+(?:do\s*n[o']?t|cannot|can't)\s+(?:know|have|find|answer)|i'?m\s+not\s+sure|"
+    r"as\s+an\s+ai|no\s+information|not\s+(?:mentioned|specified|stated|provided)|"
+    r"does\s+not\s+(?:say|mention|contain|specify|provide)|cannot\s+be\s+determined|unable\s+to)"
+)
+_MENTIONS_SOURCE = re.compile(
+    r"(?i)\b(?:the|this|that|above|given)\s+(?:passage|text|article|excerpt|document|context)\b"
+)
+_LEADING_SOURCE_PHRASE = re.compile(
+    r"(?i)^\s*(?:according\s+to|based\s+on|as\s+(?:stated|mentioned|described)\s+in|from|per)\s+the\s+"
+    r"(?:passage|text|article|excerpt|document|context|information(?:\s+given)?)\s*[,:]?\s*"
+)
+
+
+def _stem(word: str) -> str:
+    # Plural/verb "s" only: enough to match "supports"/"support", "plans"/"plan" without a stemmer.
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased content words (stopwords dropped, a trailing plural "s" folded)."""
+    return [_stem(w) for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in _STOPWORDS]
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+def _sentences(text: str) -> list[str]:
+    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return [p.strip() for p in parts if len(p.strip()) > 3]
+
+
+def clean_answer(text: str) -> str:
+    """Strip chat debris and "According to the passage," openers the student will not have."""
+    out = text.strip().strip('"').strip()
+    out = re.sub(r"(?i)^(?:answer|a)\s*:\s*", "", out)
+    out = _LEADING_SOURCE_PHRASE.sub("", out)
+    if out and out[0].islower():
+        out = out[0].upper() + out[1:]
+    return out.strip()
+
+
+@dataclass(frozen=True)
+class JudgeLimits:
+    min_support: float = 0.75
+    min_relevance: float = 0.34
+    min_words: int = 3
+    max_chars: int = 700
+
+
+def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeLimits()) -> Verdict:
+    """Is `answer` a grounded answer to `question` given `passage`? Deterministic and explainable."""
+    reasons: list[str] = []
+    words = answer.split()
+    a_words = content_words(answer)
+    p_words = set(content_words(passage))
+    q_words = set(content_words(question))
+    if len(words) < limits.min_words or not a_words:
+        reasons.append("too_short")
+    if len(answer) > limits.max_chars:
+        reasons.append("too_long")
+    problem = quality_problem(answer)
+    if problem in ("repetitive", "non_text"):
+        reasons.append(problem)
+    if _REFUSAL.search(answer):
+        reasons.append("refusal")
+    if _MENTIONS_SOURCE.search(answer):
+        reasons.append("mentions_passage")  # the student will not see the passage
+    unsupported_numbers = _numbers(answer) - _numbers(passage)
+    if unsupported_numbers:
+        reasons.append("unsupported_number")
+    support = sum(1 for w in a_words if w in p_words) / len(a_words) if a_words else 0.0
+    if support < limits.min_support:
+        reasons.append("ungrounded")
+    if a_words and set(a_words) <= q_words:
+        reasons.append("echoes_question")
+
+    # Relevance: the passage sentence that best matches the question holds the answer; a relevant
+    # answer carries some of that sentence's words beyond the ones the question already has.
+    best: set[str] = set()
+    best_overlap = 0
+    for sentence in _sentences(passage):
+        s_words = set(content_words(sentence))
+        overlap = len(s_words & q_words)
+        if overlap > best_overlap:
+            best, best_overlap = s_words, overlap
+    new_info = best - q_words
+    relevance = min(1.0, len(new_info & set(a_words)) / min(3, len(new_info))) if new_info else 0.0
+    if relevance < limits.min_relevance:
+        reasons.append("off_question")
+
+    score = max(0.0, 0.6 * support + 0.4 * relevance - 0.2 * len(reasons))
+    return Verdict(accepted=not reasons, score=round(score, 4), support=round(support, 4),
+                   relevance=round(relevance, 4), reasons=tuple(reasons))
+
+
+# ---------------------------------------------------------------------------------------------- questions
+
+_QUESTION_LINE = re.compile(r"(?i)^\s*(?:\d+[.)]\s*|[-*]\s*|q(?:uestion)?\s*\d*\s*[:.)-]\s*)")
+
+
+def clean_question(raw: str) -> str:
+    """The first question in a model reply, without numbering, quotes or a "Question:" label."""
+    for line in raw.strip().splitlines():
+        line = _QUESTION_LINE.sub("", line).strip().strip('"').strip()
+        if "?" in line:
+            return line[: line.index("?") + 1].strip()
+        if line:
+            return line
+    return ""
+
+
+def question_problem(question: str, passage: str) -> str | None:
+    """Why a generated question is unusable for training, or None."""
+    if not question.endswith("?"):
+        return "not_a_question"
+    n = len(question.split())
+    if n < 4 or n > 30:
+        return "bad_length"
+    if _MENTIONS_SOURCE.search(question) or re.search(r"(?i)\bauthor\b", question):
+        return "mentions_passage"  # unanswerable without the passage the student will not have
+    overlap = set(content_words(question)) & set(content_words(passage))
+    if len(overlap) < 2:
+        return "not_about_passage"
+    return None
+
+
+_SUBJECT = r"(?P<subj>(?:The |A |An |Each |Every )?[A-Z][\w'’\-]*(?: [A-Za-z0-9][\w.'’\-]*){0,4}?)"
+_YEAR_EVENT = re.compile(_SUBJECT + r" (?P<verb>was|were) (?P<part>[a-z]+ed) in (?:[A-Z][a-z]+ )?(?P<year>\d{4})\b")
+_COPULA = re.compile(_SUBJECT + r" (?P<verb>is|are|was|were) (?P<rest>.+)$")
+# Verbs the fallback may turn into "What does X <verb>?". A closed list, because telling the verb in
+# "The mobile apps for Android can read" from a noun needs a tagger, and a wrong guess makes a bad question.
+_VERBS = frozenset(
+    """accepts adds allows answers builds charges checks contains costs covers creates deletes downloads
+    encrypts exports gives grants helps holds includes indexes keeps lets lists loads makes means merges
+    needs offers opens protects provides receives records removes requires returns runs saves sends shows
+    sells stores supports takes uses works writes""".split()
+)
+_THIRD_PERSON = re.compile(_SUBJECT + r" (?P<verb>has|have|[a-z]{3,}s) (?P<rest>.+)$")
+_PREPOSITIONS = frozenset("on in at for to with from by about into".split())
+_PARTICIPLES = frozenset("built made kept held given taken run written sent shown known done seen".split())
+
+
+def _subject(subject: str, passage: str) -> str:
+    """Lower-case a sentence-initial common word ("Data in transit" -> "data in transit"), keep names."""
+    first, _, rest = subject.partition(" ")
+    if first in ("The", "A", "An", "Each", "Every"):
+        return f"{first.lower()} {rest}"
+    if re.search(rf"(?<![.!?]\s)(?<!^)\b{re.escape(first.lower())}\b", passage):
+        return f"{first.lower()} {rest}".strip()
+    return subject
+
+
+def _base_verb(verb: str) -> str:
+    """supports -> support, carries -> carry, reaches -> reach, has -> have."""
+    if verb == "has":
+        return "have"
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if verb.endswith(("ches", "shes", "sses", "xes", "zes", "oes")):
+        return verb[:-2]
+    return verb[:-1]
+
+
+_NOT_SUBJECT_START = frozenset(
+    "After Before When If In On At For To With From By During Since Until While Because It They This These".split()
+)
+
+
+def _template_for(sentence: str, passage: str) -> str | None:
+    s = sentence.rstrip(".!")
+    if s.split(" ", 1)[0] in _NOT_SUBJECT_START:  # "After 30 days they ..." has no usable subject
+        return None
+    if m := _YEAR_EVENT.match(s):
+        return f"When {m.group('verb')} {_subject(m.group('subj'), passage)} {m.group('part')}?"
+    if m := _COPULA.match(s):
+        subject = _subject(m.group("subj"), passage)
+        following = m.group("rest").split()[0].lower()
+        if following.endswith("ed") or following in _PARTICIPLES:  # passive: "changes are merged ..."
+            return f"What happens to {subject}?"
+        return f"What {m.group('verb')} {subject}?"
+    if (m := _THIRD_PERSON.match(s)) and m.group("verb") in _VERBS | {"has", "have"}:
+        subject = _subject(m.group("subj"), passage)
+        verb = "have" if m.group("verb") in ("has", "have") else _base_verb(m.group("verb"))
+        if m.group("verb") == "have":
+            return f"What do {subject} have?"
+        prep = m.group("rest").split()[0].lower()
+        tail = f" {prep}" if prep in _PREPOSITIONS else ""
+        return f"What does {subject} {verb}{tail}?"
+    return None
+
+
+def template_questions(chunk: Chunk, limit: int = 2) -> list[str]:
+    """Questions built from the chunk's own sentences when the model's questions are unusable."""
+    out: list[str] = []
+    for sentence in _sentences(chunk.text):
+        q = _template_for(sentence, chunk.text)
+        if q and question_problem(q, chunk.text) is None and q not in out:
+            out.append(q)
+        if len(out) >= limit:
+            return out
+    topic = chunk.title.strip() or " ".join(content_words(chunk.text)[:3])
+    generic = f"What should I know about {topic}?"
+    if generic not in out:
+        out.append(generic)
+    return out[:limit]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@runtime_checkable
+class TeacherModel(Protocol):
+    """Completes chat messages; returns `n` sampled completions."""
+
+    name: str
+
+    def complete(self, messages: list[dict[str, str]], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[str]: ...
+
+
+class BackendTeacherModel:
+    """The serving runtime backend (`assistant.runtime`), optionally with one of its adapters."""
+
+    def __init__(self, backend: Any, adapter: str | None = None, name: str | None = None) -> None:
+        self.backend = backend
+        self.adapter = adapter
+        base = getattr(backend, "model_name", "serving-model")
+        self.name = name or (f"self:{base}" + (f"+{adapter}" if adapter else ""))
+
+    def complete(self, messages: list[dict[str, str]], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[str]:
+        from assistant.runtime import GenerationSettings
+
+        out = []
+        for i in range(n):
+            gen = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed + i)
+            out.append(self.backend.generate(messages, self.adapter, gen).text)
+        return out
+
+
+class HFTeacherModel:
+    """Any local causal LM by Hugging Face id or folder, sampled n-at-a-time in one generate call."""
+
+    def __init__(self, model: str | Path, *, device: str = "cpu", dtype: str = "auto", threads: int | None = 1,
+                 name: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)  # a teacher runs beside the server on small machines
+        self.name = name or f"hf:{Path(str(model)).name if Path(str(model)).exists() else model}"
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        torch_dtype = {"auto": torch.float32 if device == "cpu" else torch.bfloat16, "float32": torch.float32,
+                       "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype).to(device).eval()
+        self.device = device
+
+    def complete(self, messages: list[dict[str, str]], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[str]:
+        import torch
+
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True).to(self.device)
+        torch.manual_seed(seed)
+        sample = temperature > 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, do_sample=sample, num_return_sequences=n, max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                **({"temperature": temperature, "top_p": top_p} if sample else {}),
+            )
+        start = enc["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[start:], skip_special_tokens=True).strip() for row in out]
+
+
+class OpenAITeacherModel:
+    """Any OpenAI-compatible chat endpoint (a hosted model, vLLM, or this product's own API)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str = "not-needed", *, timeout_s: float = 120.0,
+                 name: str | None = None) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=1)
+        self.model = model
+        self.name = name or f"openai:{model}"
+
+    def complete(self, messages: list[dict[str, str]], *, n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[str]:
+        out = []
+        # One request per sample: many compatible servers ignore or reject n > 1.
+        for i in range(n):
+            resp = self.client.chat.completions.create(
+                model=self.model, messages=messages, temperature=temperature, top_p=top_p,
+                max_tokens=max_new_tokens, seed=seed + i, stream=False,
+            )
+            out.append(resp.choices[0].message.content or "")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+QUESTION_SYSTEM = "You write short quiz questions about a text. Reply with one question only."
+QUESTION_USER = "Text:\n{passage}\n\nWrite one short question that this text answers."
+ANSWER_SYSTEM = ("Answer the question using only the passage. Answer in one or two sentences and do not "
+                 "mention the passage.")
+ANSWER_USER = "Passage:\n{passage}\n\nQuestion: {question}"
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    name: str
+
+    def pairs_for_chunk(self, chunk: Chunk, questions: int = 2) -> list[TeacherPair]: ...
+
+    def answer(self, question: str, chunk: Chunk, question_source: str = "user") -> TeacherPair: ...
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    candidates: int = 4  # answers sampled per question; the judge keeps the best grounded one
+    question_samples: int = 3  # model questions tried per chunk before the template fallback
+    temperature: float = 0.8
+    top_p: float = 0.95
+    question_max_tokens: int = 48
+    answer_max_tokens: int = 96
+    dpo_margin: float = 0.15  # best and worst must differ this much in score to form a DPO pair
+    seed: int = 1234
+    limits: JudgeLimits = JudgeLimits()
+
+
+def _seed(base: int, *parts: str) -> int:
+    h = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return (base + int.from_bytes(h[:4], "big")) % (2**31 - 1)
+
+
+class GroundedTeacher:
+    """Questions from a chunk, several sampled answers with the passage in context, a grounding judge."""
+
+    def __init__(self, model: TeacherModel, options: TeacherOptions = TeacherOptions(),
+                 name: str | None = None) -> None:
+        if options.candidates < 1:
+            raise ValueError("a teacher needs at least one candidate per question")
+        self.model = model
+        self.options = options
+        self.name = name or model.name
+        self.stats = {"model_questions": 0, "template_questions": 0, "questions_rejected": 0}
+        self.rejected_questions: list[tuple[str, str]] = []  # (question, reason), for the docs
+
+    def questions(self, chunk: Chunk, k: int = 2) -> list[tuple[str, str]]:
+        """Up to k (question, source) pairs: the model's valid questions first, then templates."""
+        o = self.options
+        messages = [{"role": "system", "content": QUESTION_SYSTEM},
+                    {"role": "user", "content": QUESTION_USER.format(passage=chunk.text)}]
+        raw = self.model.complete(messages, n=o.question_samples, temperature=o.temperature, top_p=o.top_p,
+                                  max_new_tokens=o.question_max_tokens, seed=_seed(o.seed, chunk.sha256, "q"))
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for text in raw:
+            q = clean_question(text)
+            problem = question_problem(q, chunk.text)
+            key = " ".join(content_words(q))
+            if problem is None and key in seen:
+                problem = "duplicate"
+            if problem:
+                self.stats["questions_rejected"] += 1
+                self.rejected_questions.append((q, problem))
+                continue
+            seen.add(key)
+            out.append((q, "model"))
+            self.stats["model_questions"] += 1
+            if len(out) >= k:
+                return out
+        for q in template_questions(chunk, limit=k):
+            key = " ".join(content_words(q))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((q, "template"))
+            self.stats["template_questions"] += 1
+            if len(out) >= k:
+                break
+        return out
+
+    def answer(self, question: str, chunk: Chunk, question_source: str = "user") -> TeacherPair:
+        """Sample answers with the passage in context, judge them, keep the best (and the worst)."""
+        o = self.options
+        messages = [{"role": "system", "content": ANSWER_SYSTEM},
+                    {"role": "user", "content": ANSWER_USER.format(passage=chunk.text, question=question)}]
+        raw = self.model.complete(messages, n=o.candidates, temperature=o.temperature, top_p=o.top_p,
+                                  max_new_tokens=o.answer_max_tokens,
+                                  seed=_seed(o.seed, chunk.sha256, question))
+        candidates = []
+        for text in raw:
+            cleaned = clean_answer(text)
+            candidates.append(Candidate(cleaned, judge(question, cleaned, chunk.text, o.limits)))
+        # Best: accepted first, then by score; worst: the lowest score. Ties keep sampling order.
+        ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score), reverse=True)
+        best, worst = ranked[0], ranked[-1]
+        rejected = None
+        if (best.verdict.accepted and worst is not best and worst.text.strip() and worst.text != best.text
+                and (not worst.verdict.accepted or best.verdict.score - worst.verdict.score >= o.dpo_margin)):
+            rejected = worst
+        return TeacherPair(
+            doc_id=chunk.doc_id, chunk_id=chunk.chunk_id, chunk_sha256=chunk.sha256, question=question,
+            question_source=question_source, answer=best.text, accepted=best.verdict.accepted,
+            score=best.verdict.score, teacher=self.name,
+            rejected=rejected.text if rejected else None,
+            rejected_score=rejected.verdict.score if rejected else None,
+            candidates=tuple(candidates),
+        )
+
+    def pairs_for_chunk(self, chunk: Chunk, questions: int = 2) -> list[TeacherPair]:
+        if not chunk.text.strip():
+            raise ValueError(f"chunk {chunk.doc_id}/{chunk.chunk_id} is empty")
+        return [self.answer(q, chunk, source) for q, source in self.questions(chunk, questions)]
+
+
+def self_teacher(backend: Any, adapter: str | None = None,
+                 options: TeacherOptions = TeacherOptions()) -> GroundedTeacher:
+    """The embedded default: the serving model, the passage in context, several samples, judged."""
+    return GroundedTeacher(BackendTeacherModel(backend, adapter), options)
+
+
+def local_teacher(model: str | Path, options: TeacherOptions = TeacherOptions(), **kwargs: Any) -> GroundedTeacher:
+    """A stronger local model (hub id or folder) as teacher."""
+    return GroundedTeacher(HFTeacherModel(model, **kwargs), options)
+
+
+def openai_teacher(base_url: str, model: str, api_key: str = "not-needed",
+                   options: TeacherOptions = TeacherOptions(candidates=2)) -> GroundedTeacher:
+    """A model behind an OpenAI-compatible endpoint as teacher (fewer samples: each one is a request)."""
+    return GroundedTeacher(OpenAITeacherModel(base_url, model, api_key), options)
+
+
+def summarize(pairs: Sequence[TeacherPair]) -> dict[str, Any]:
+    """Counts for reports: pairs, accepted, DPO pairs, candidate-level acceptance rate."""
+    cands = [c for p in pairs for c in p.candidates]
+    accepted = sum(p.accepted for p in pairs)
+    return {
+        "pairs": len(pairs),
+        "accepted": accepted,
+        "acceptance_rate": round(accepted / len(pairs), 4) if pairs else 0.0,
+        "dpo_pairs": sum(p.rejected is not None for p in pairs),
+        "candidates": len(cands),
+        "candidate_acceptance_rate": round(sum(c.verdict.accepted for c in cands) / len(cands), 4) if cands else 0.0,
+    }
