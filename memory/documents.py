@@ -1,0 +1,229 @@
+"""Uploaded files -> checked plain text -> token-aware chunks.
+
+In: a file name and its bytes (from the browser, the API or a path), the size limit, and a
+token-offset function (the embedder's own tokenizer). Out: an `Extracted` (title, kind, text, sha256)
+and a list of `Chunk` spans, each at most `chunk_tokens` model tokens, overlapping by about
+`overlap` tokens, cut at paragraph or sentence ends where one is near.
+
+Everything that can be wrong with an upload is refused here with an `IngestError` that says what
+and why, before anything is stored: unsupported type, empty file, over the size limit, corrupt or
+encrypted PDF, binary data under a text name, a file name with path tricks, no extractable text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+SUPPORTED = {".txt": "text", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf", ".html": "html",
+             ".htm": "html"}
+MAX_NAME_CHARS = 200
+# Magic numbers of common binary formats, to say what a mislabelled file really is.
+_MAGIC = {b"%PDF-": "a PDF", b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+          b"PK\x03\x04": "a ZIP archive (or an Office document)", b"\x7fELF": "an executable",
+          b"\x1f\x8b": "a gzip archive", b"MZ": "a Windows executable", b"\xd0\xcf\x11\xe0": "an old Office file"}
+
+
+class IngestError(ValueError):
+    """An upload that cannot be ingested; the message is meant for the person who uploaded it."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    filename: str
+    kind: str  # "text", "markdown", "pdf", "html"
+    title: str
+    text: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    start: int  # character span in Extracted.text
+    end: int
+    text: str
+    tokens: int
+
+
+# ---------------------------------------------------------------------------------------- checks
+def check_filename(filename: str) -> tuple[str, str]:
+    """(stem, lower-case suffix) of a plain file name; refuses paths and odd characters."""
+    if not isinstance(filename, str) or not filename.strip():
+        raise IngestError("the file has no name")
+    name = unicodedata.normalize("NFC", filename)
+    if len(name) > MAX_NAME_CHARS:
+        raise IngestError(f"the file name is {len(name)} characters long; the limit is {MAX_NAME_CHARS}")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        raise IngestError(f"the file name {name!r} contains control characters")
+    if "/" in name or "\\" in name or ":" in name:
+        raise IngestError(f"the file name {name!r} contains a path; upload a plain file name like 'notes.md'")
+    if name.strip() != name or name.startswith(".") or name in (".", ".."):
+        raise IngestError(f"the file name {name!r} is not allowed (hidden, dot or padded with spaces)")
+    p = PurePosixPath(name)
+    suffix = p.suffix.lower()
+    if suffix not in SUPPORTED:
+        kinds = ", ".join(sorted(SUPPORTED))
+        raise IngestError(f"'{name}': unsupported file type {suffix or '(none)'}; supported: {kinds}")
+    if not p.stem.strip():
+        raise IngestError(f"the file name {name!r} has no name before the extension")
+    return p.stem, suffix
+
+
+def check_size(size: int, limit: int, filename: str) -> None:
+    if size == 0:
+        raise IngestError(f"'{filename}' is empty")
+    if size > limit:
+        raise IngestError(f"'{filename}' is {size / 1e6:.1f} MB; the upload limit is {limit / 1e6:.1f} MB")
+
+
+def _binary_kind(data: bytes) -> str | None:
+    for magic, what in _MAGIC.items():
+        if data.startswith(magic):
+            return what
+    return None
+
+
+def decode_text(data: bytes, filename: str) -> str:
+    """UTF-8 (or UTF-16 with a byte-order mark) text; anything else is refused as binary."""
+    what = _binary_kind(data)
+    if what:
+        raise IngestError(f"'{filename}' is {what}, not text; rename it or upload the right file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise IngestError(f"'{filename}' is not valid UTF-16 text: {exc}") from exc
+    else:
+        if b"\x00" in data:
+            raise IngestError(f"'{filename}' contains binary data (NUL bytes), not text")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise IngestError(
+                f"'{filename}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 or upload it as PDF"
+            ) from exc
+    control = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f")
+    if control > max(8, len(text) // 100):
+        raise IngestError(f"'{filename}' looks like binary data: {control} control characters")
+    return text
+
+
+# ---------------------------------------------------------------------------------------- extraction
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    text = re.sub(r"[ \t\f\v]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def _pdf_text(data: bytes, filename: str) -> tuple[str, str | None]:
+    from pypdf import PdfReader
+
+    if not data.startswith(b"%PDF-"):
+        raise IngestError(f"'{filename}' is not a PDF (no %PDF header); the file is corrupt or misnamed")
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise IngestError(f"'{filename}' is password-protected; upload an unprotected copy")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        meta_title = reader.metadata.title if reader.metadata else None
+    except IngestError:
+        raise
+    except Exception as exc:  # pypdf raises many types on damaged files; each means "corrupt PDF"
+        raise IngestError(f"'{filename}' is a corrupt PDF: {type(exc).__name__}: {exc}") from exc
+    return "\n\n".join(pages), (str(meta_title).strip() or None) if meta_title else None
+
+
+def _html_text(data: bytes, filename: str) -> tuple[str, str | None]:
+    from bs4 import BeautifulSoup
+
+    text = decode_text(data, filename)
+    soup = BeautifulSoup(text, "html.parser")
+    title = soup.title.get_text(" ", strip=True) if soup.title else None
+    for tag in soup(["script", "style", "noscript", "template", "head"]):
+        tag.decompose()
+    return soup.get_text("\n"), title or None
+
+
+def _markdown_title(text: str) -> str | None:
+    m = re.search(r"^#{1,2}\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def extract(filename: str, data: bytes, max_bytes: int, title: str | None = None) -> Extracted:
+    """Check and read one upload; raises `IngestError` for anything that is not a usable document."""
+    stem, suffix = check_filename(filename)
+    if not isinstance(data, (bytes, bytearray)):
+        raise IngestError(f"'{filename}': expected the file's bytes, got {type(data).__name__}")
+    check_size(len(data), max_bytes, filename)
+    kind = SUPPORTED[suffix]
+    found_title: str | None
+    if kind == "pdf":
+        raw, found_title = _pdf_text(bytes(data), filename)
+    elif kind == "html":
+        raw, found_title = _html_text(bytes(data), filename)
+    else:
+        raw = decode_text(bytes(data), filename)
+        found_title = _markdown_title(raw) if kind == "markdown" else None
+    text = _clean(raw)
+    if not text:
+        hint = " (a scanned PDF has no text layer; OCR it first)" if kind == "pdf" else ""
+        raise IngestError(f"'{filename}' contains no text{hint}")
+    final_title = " ".join((title or found_title or stem).split())[:200]
+    return Extracted(filename=filename, kind=kind, title=final_title, text=text,
+                     sha256=hashlib.sha256(bytes(data)).hexdigest(), size=len(data))
+
+
+# ---------------------------------------------------------------------------------------- chunking
+def _is_paragraph_gap(text: str, a: int, b: int) -> bool:
+    return "\n\n" in text[a:b]
+
+
+def _is_sentence_end(text: str, end: int, next_start: int) -> bool:
+    return end > 0 and text[end - 1] in ".!?。！？:;" and (next_start > end or "\n" in text[end:next_start])
+
+
+def chunk_spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap: int) -> list[Chunk]:
+    """Split `text` into windows of at most `chunk_tokens` tokens that overlap by ~`overlap` tokens.
+
+    `offsets` are the model tokens' character spans. A window ends at the last paragraph break in
+    its second half, else the last sentence end there, else mid-text at a word boundary.
+    """
+    if chunk_tokens < 8 or not 0 <= overlap < chunk_tokens // 2:
+        raise ValueError(f"need chunk_tokens >= 8 and 0 <= overlap < chunk_tokens/2, got {chunk_tokens}, {overlap}")
+    n = len(offsets)
+    chunks: list[Chunk] = []
+    start = 0
+    while start < n:
+        end = min(start + chunk_tokens, n)
+        if end < n:
+            lo = start + chunk_tokens // 2
+            gaps = range(end, lo, -1)
+            para = next((j for j in gaps if _is_paragraph_gap(text, offsets[j - 1][1], offsets[j][0])), None)
+            sent = next((j for j in gaps if _is_sentence_end(text, offsets[j - 1][1], offsets[j][0])), None)
+            # Don't cut inside a word: at least back off to a token that starts after a gap.
+            word = next((j for j in gaps if offsets[j][0] > offsets[j - 1][1]), None)
+            end = next((j for j in (para, sent, word) if j is not None), end)
+        a, b = offsets[start][0], offsets[end - 1][1]
+        chunks.append(Chunk(index=len(chunks), start=a, end=b, text=text[a:b], tokens=end - start))
+        if end >= n:
+            break
+        nxt = max(end - overlap, start + 1)
+        # Start the overlap on a word boundary too (word pieces and jamo share or abut offsets).
+        snapped = nxt
+        while snapped < end and offsets[snapped][0] <= offsets[snapped - 1][1]:
+            snapped += 1
+        start = snapped if snapped < end else nxt
+    return chunks
+
+
+def chunk_document(text: str, token_offsets: Callable[[str], list[tuple[int, int]]], chunk_tokens: int,
+                   overlap: int) -> list[Chunk]:
+    return chunk_spans(text, token_offsets(text), chunk_tokens, overlap)

@@ -1,0 +1,398 @@
+"""The document knowledge base: ingest, list, delete, and hybrid (dense + BM25) retrieval.
+
+In: a `Settings` (embedder, chunk sizes, upload limit, `chroma_dir` or `chroma_url`), users'
+uploads (file name + bytes), and questions. Out: `DocumentInfo` rows for listings and `Hit`s for
+prompts: the best chunks the asking user may read, ranked by reciprocal rank fusion of the dense
+(sentence-transformers, cosine in chromadb) and lexical (BM25, `memory.lexical`) rankings. Lexical
+ranking is there because the embedded embedder is English-only: names, codes and other languages
+need exact matching.
+
+Scopes: a document is either private to its uploader (`visibility = "user:<id>"`) or shared with the
+team (`visibility = "shared"`). Every read filters on the visibilities the user may see, inside
+chromadb and inside the lexical index, so another user's private chunks are never even candidates.
+
+One writer: chromadb's embedded client loses vectors when two processes write one folder (notes P13).
+The server process owns the `KnowledgeBase`; other processes go through its API, or everyone uses a
+`chroma run` server (`settings.chroma_url`). Writes in this process are serialised by a lock.
+
+Atomicity: a document's chunks are written with chunk 0 last; chunk 0 is the record that the
+document exists (listings read only chunk 0). If any step fails, every chunk written so far is
+deleted before the error is raised, and a crash half-way leaves chunks without a chunk 0, which the
+next index build removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from chromadb import Documents, EmbeddingFunction, Embeddings
+from chromadb.utils.embedding_functions import register_embedding_function
+
+from assistant.config import Settings
+from memory.documents import Chunk, Extracted, IngestError, chunk_document, extract
+from memory.embedder import Embedder, get_embedder
+from memory.lexical import LexicalIndex
+from memory.types import User
+
+__all__ = ["DocumentInfo", "DocumentNotFound", "Hit", "IngestError", "KnowledgeBase", "KnowledgeError"]
+
+log = logging.getLogger(__name__)
+
+COLLECTION = "documents"
+RRF_K = 60  # the constant from Cormack et al. (2009); it damps the weight of the very top ranks
+Scope = Literal["private", "shared"]
+Mode = Literal["hybrid", "dense", "lexical"]
+ProgressFn = Callable[[float, str], None]
+
+
+class KnowledgeError(RuntimeError):
+    """The knowledge base cannot work as configured (wrong embedder for the stored index, bad settings)."""
+
+
+class DocumentNotFound(LookupError):
+    """No such document among those the user may see."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk. `score` is the fused RRF score (or the single ranking's score)."""
+
+    doc_id: str
+    title: str
+    chunk_id: str
+    text: str
+    score: float
+    scope: Scope
+    dense_score: float | None = None  # cosine similarity, when the dense ranking found it
+    lexical_score: float | None = None  # BM25, when the lexical ranking found it
+
+    def as_source(self, snippet_chars: int = 300) -> dict[str, Any]:
+        snippet = " ".join(self.text.split())
+        if len(snippet) > snippet_chars:
+            snippet = snippet[: snippet_chars - 1].rstrip() + "…"
+        return {"doc_id": self.doc_id, "title": self.title, "chunk_id": self.chunk_id, "scope": self.scope,
+                "score": round(self.score, 6), "snippet": snippet}
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    doc_id: str
+    title: str
+    filename: str
+    kind: str
+    scope: Scope
+    owner_id: int
+    chunks: int
+    size: int
+    sha256: str
+    created_at: float  # unix seconds
+
+
+@register_embedding_function
+class AssistantEmbeddingFunction(EmbeddingFunction[Documents]):
+    """chromadb's handle on our embedder; registered so a collection re-opened later finds it (P12)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def __call__(self, input: Documents) -> Embeddings:
+        return list(get_embedder(self.model).encode(list(input)))
+
+    @staticmethod
+    def name() -> str:
+        return "assistant-sentence-transformers"
+
+    def default_space(self) -> str:  # type: ignore[override]
+        return "cosine"
+
+    def supported_spaces(self) -> list[str]:  # type: ignore[override]
+        return ["cosine"]
+
+    def get_config(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> AssistantEmbeddingFunction:
+        return AssistantEmbeddingFunction(config["model"])
+
+
+def visibility(scope: Scope, owner_id: int) -> str:
+    return "shared" if scope == "shared" else f"user:{owner_id}"
+
+
+def readable_by(user: User) -> list[str]:
+    return ["shared", f"user:{user.id}"]
+
+
+def _open_client(settings: Settings) -> Any:
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+
+    chroma_settings = ChromaSettings(anonymized_telemetry=False)
+    if settings.chroma_url:
+        url = urlparse(settings.chroma_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise KnowledgeError(f"chroma_url must look like http://host:port, got {settings.chroma_url!r}")
+        return chromadb.HttpClient(host=url.hostname, port=url.port or (443 if url.scheme == "https" else 8000),
+                                   ssl=url.scheme == "https", settings=chroma_settings)
+    Path(settings.chroma_dir).mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(settings.chroma_dir), settings=chroma_settings)
+
+
+class KnowledgeBase:
+    """Documents of all users in one chromadb collection plus an in-process BM25 index over them."""
+
+    def __init__(self, settings: Settings, *, batch_size: int = 256) -> None:
+        self.settings = settings
+        self.batch_size = batch_size
+        self._write_lock = threading.Lock()
+        self._index_lock = threading.Lock()
+        self._client: Any = None
+        self._col: Any = None
+        self._lexical: LexicalIndex | None = None
+
+    # ------------------------------------------------------------------ lazy parts
+    @property
+    def embedder(self) -> Embedder:
+        return get_embedder(self.settings.embedder)
+
+    @property
+    def collection(self) -> Any:
+        if self._col is None:
+            emb = self.embedder
+            if self.settings.chunk_tokens > emb.max_tokens:
+                raise KnowledgeError(f"chunk_tokens={self.settings.chunk_tokens} exceeds the {emb.max_tokens} "
+                                     f"tokens that {self.settings.embedder} reads; the rest would be ignored")
+            self._client = _open_client(self.settings)
+            col = self._client.get_or_create_collection(
+                COLLECTION, embedding_function=AssistantEmbeddingFunction(self.settings.embedder),
+                configuration={"hnsw": {"space": "cosine"}},
+            )
+            stored = col.configuration.get("embedding_function")
+            stored_model = stored.get_config().get("model") if stored is not None else None
+            if stored_model != self.settings.embedder:
+                raise KnowledgeError(
+                    f"the document index was built with embedder {stored_model!r} but settings.embedder is "
+                    f"{self.settings.embedder!r}; vectors from different models can't be compared. Use the "
+                    "original embedder, or a new chroma_dir / chroma server and re-upload the documents"
+                )
+            self._col = col
+        return self._col
+
+    @property
+    def lexical(self) -> LexicalIndex:
+        """The BM25 index, built from the collection on first use (and cleaned of half-written documents)."""
+        with self._index_lock:
+            if self._lexical is None:
+                self._lexical = self._build_lexical()
+            return self._lexical
+
+    def _build_lexical(self) -> LexicalIndex:
+        col = self.collection
+        started = time.perf_counter()
+        rows: list[tuple[str, str, str, str]] = []
+        heads: set[str] = set()
+        page = 5000
+        offset = 0
+        while True:
+            got = col.get(include=["documents", "metadatas"], limit=page, offset=offset)
+            ids = got["ids"]
+            for cid, text, meta in zip(ids, got["documents"], got["metadatas"], strict=True):
+                rows.append((cid, meta["doc_id"], meta["visibility"], text))
+                if meta["chunk_index"] == 0:
+                    heads.add(meta["doc_id"])
+            if len(ids) < page:
+                break
+            offset += page
+        orphans = {doc for _, doc, _, _ in rows if doc not in heads}
+        for doc in orphans:
+            # Chunks without chunk 0: a write that crashed half-way (see module docstring).
+            log.warning("removing half-written document %s from the knowledge base", doc)
+            col.delete(where={"doc_id": doc})
+        index = LexicalIndex()
+        index.add([r for r in rows if r[1] not in orphans])
+        log.info("lexical index: %d chunks in %.1f s", len(index), time.perf_counter() - started)
+        return index
+
+    def warm(self) -> None:
+        """Load the embedder, open the collection and build the lexical index now, not on the first request."""
+        _ = self.lexical
+
+    def close(self) -> None:
+        self._col = None
+        self._client = None
+        self._lexical = None
+
+    # ------------------------------------------------------------------ writes
+    def ingest(self, user: User, filename: str, data: bytes, scope: Scope = "private", title: str | None = None,
+               progress: ProgressFn | None = None) -> DocumentInfo:
+        """Check, chunk, embed and store one upload. Raises `IngestError`; on any failure nothing stays stored."""
+        if scope not in ("private", "shared"):
+            raise IngestError(f"scope must be 'private' or 'shared', got {scope!r}")
+        doc = extract(filename, data, self.settings.upload_max_bytes, title)
+        return self._store(user, doc, scope, progress)
+
+    def ingest_path(self, user: User, path: str | Path, scope: Scope = "private",
+                    progress: ProgressFn | None = None) -> DocumentInfo:
+        """Same as `ingest` for a file on disk (the size is checked before reading it)."""
+        p = Path(path)
+        if not p.is_file():
+            raise IngestError(f"{p} is not a file")
+        size = p.stat().st_size
+        if size > self.settings.upload_max_bytes:
+            raise IngestError(f"'{p.name}' is {size / 1e6:.1f} MB; the upload limit is "
+                              f"{self.settings.upload_max_bytes / 1e6:.1f} MB")
+        return self.ingest(user, p.name, p.read_bytes(), scope=scope, progress=progress)
+
+    def _store(self, user: User, doc: Extracted, scope: Scope, progress: ProgressFn | None) -> DocumentInfo:
+        report = progress or (lambda _f, _m: None)
+        vis = visibility(scope, user.id)
+        col, index = self.collection, self.lexical
+        with self._write_lock:
+            same = col.get(where={"$and": [{"doc_sha256": doc.sha256}, {"visibility": vis}, {"chunk_index": 0}]},
+                           include=["metadatas"])
+            if same["ids"]:
+                title = same["metadatas"][0]["title"]
+                raise IngestError(f"'{doc.filename}' is already in the {scope} documents as '{title}'")
+            report(0.0, "chunking")
+            chunks = chunk_document(doc.text, self.embedder.token_offsets, self.settings.chunk_tokens,
+                                    self.settings.chunk_overlap)
+            doc_id = "d" + uuid.uuid4().hex[:15]
+            now = time.time()
+            base = {"doc_id": doc_id, "title": doc.title, "filename": doc.filename, "kind": doc.kind,
+                    "scope": scope, "owner_id": user.id, "visibility": vis, "n_chunks": len(chunks),
+                    "doc_bytes": doc.size, "doc_sha256": doc.sha256, "created_at": now}
+            ids = [f"{doc_id}:{c.index:05d}" for c in chunks]
+            # Chunk 0 goes last: until it is stored the document does not exist for listings or rebuilds.
+            order = list(range(1, len(chunks))) + [0]
+            try:
+                for b in range(0, len(order), self.batch_size):
+                    batch = order[b:b + self.batch_size]
+                    vecs = self.embedder.encode([chunks[i].text for i in batch])
+                    col.add(ids=[ids[i] for i in batch], embeddings=vecs,
+                            documents=[chunks[i].text for i in batch],
+                            metadatas=[self._chunk_meta(base, chunks[i]) for i in batch])
+                    report(min(b + len(batch), len(order)) / len(order), f"embedded {b + len(batch)}/{len(order)}")
+                index.add([(ids[i], doc_id, vis, chunks[i].text) for i in range(len(chunks))])
+            except BaseException:
+                # Roll back whatever got written (also on KeyboardInterrupt), then let the error surface.
+                col.delete(where={"doc_id": doc_id})
+                index.remove_doc(doc_id)
+                raise
+        return self._info(base)
+
+    @staticmethod
+    def _chunk_meta(base: dict[str, Any], chunk: Chunk) -> dict[str, Any]:
+        return {**base, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end}
+
+    @staticmethod
+    def _info(meta: dict[str, Any]) -> DocumentInfo:
+        return DocumentInfo(doc_id=meta["doc_id"], title=meta["title"], filename=meta["filename"],
+                            kind=meta["kind"], scope=meta["scope"], owner_id=int(meta["owner_id"]),
+                            chunks=int(meta["n_chunks"]), size=int(meta["doc_bytes"]), sha256=meta["doc_sha256"],
+                            created_at=float(meta["created_at"]))
+
+    def delete_document(self, user: User, doc_id: str) -> int:
+        """Delete a document and every chunk of it; returns the number of chunks removed.
+
+        The uploader may delete their documents; an admin may also delete shared ones. Another user's
+        private document is reported as not found (its existence is not revealed).
+        """
+        info = self.get_document(user, doc_id)
+        if info.owner_id != user.id and not (info.scope == "shared" and user.is_admin):
+            raise PermissionError(f"only the uploader or an admin may delete '{info.title}'")
+        col, index = self.collection, self.lexical
+        with self._write_lock:
+            before = len(col.get(where={"doc_id": doc_id}, include=[])["ids"])
+            col.delete(where={"doc_id": doc_id})
+            index.remove_doc(doc_id)
+            left = col.get(where={"doc_id": doc_id}, include=[])["ids"]
+            if left:
+                raise KnowledgeError(f"{len(left)} chunks of {doc_id} are still stored after delete")
+        return before
+
+    # ------------------------------------------------------------------ reads
+    def get_document(self, user: User, doc_id: str) -> DocumentInfo:
+        got = self.collection.get(
+            where={"$and": [{"doc_id": doc_id}, {"chunk_index": 0}, {"visibility": {"$in": readable_by(user)}}]},
+            include=["metadatas"],
+        )
+        if not got["ids"]:
+            raise DocumentNotFound(f"document {doc_id!r} not found")
+        return self._info(got["metadatas"][0])
+
+    def list_documents(self, user: User, scope: Scope | None = None) -> list[DocumentInfo]:
+        """Documents `user` may read (their private ones and the shared ones), newest first."""
+        vis = readable_by(user)
+        if scope is not None:
+            vis = [visibility(scope, user.id)]
+        got = self.collection.get(where={"$and": [{"chunk_index": 0}, {"visibility": {"$in": vis}}]},
+                                  include=["metadatas"])
+        docs = [self._info(m) for m in got["metadatas"]]
+        return sorted(docs, key=lambda d: d.created_at, reverse=True)
+
+    def count_chunks(self) -> int:
+        return int(self.collection.count())
+
+    def has_documents(self, user: User) -> bool:
+        """Whether `user` can read any chunk at all (cheap: answered by the in-memory index)."""
+        return self.lexical.count_visible(readable_by(user)) > 0
+
+    def search(self, user: User, query: str, k: int | None = None, mode: Mode = "hybrid",
+               candidates: int = 30) -> list[Hit]:
+        """The `k` best chunks for `query` among those `user` may read."""
+        k = k or self.settings.retrieval_k
+        if not isinstance(query, str) or not query.strip():
+            return []
+        vis = readable_by(user)
+        index = self.lexical
+        dense: list[tuple[str, float]] = []
+        texts: dict[str, str] = {}
+        metas: dict[str, dict[str, Any]] = {}
+        if mode in ("hybrid", "dense") and len(index):
+            qvec = self.embedder.encode([query])
+            res = self.collection.query(query_embeddings=qvec, n_results=candidates,
+                                        where={"visibility": {"$in": vis}},
+                                        include=["documents", "metadatas", "distances"])
+            for cid, text, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
+                                             res["distances"][0], strict=True):
+                if not index.has_doc(meta["doc_id"]):
+                    continue  # a document still being written, or half-written by a crash
+                dense.append((cid, 1.0 - float(dist)))
+                texts[cid], metas[cid] = text, meta
+        lexical = index.search(query, vis, candidates) if mode in ("hybrid", "lexical") else []
+        fused = self._fuse(dense, lexical, mode)[:k]
+        missing = [cid for cid, _ in fused if cid not in texts]
+        if missing:
+            got = self.collection.get(ids=missing, include=["documents", "metadatas"])
+            for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
+                texts[cid], metas[cid] = text, meta
+        dense_of, lex_of = dict(dense), dict(lexical)
+        hits = []
+        for cid, score in fused:
+            meta = metas[cid]
+            if meta["visibility"] not in vis:  # belt and braces: both rankings were already filtered
+                raise KnowledgeError(f"retrieval returned chunk {cid} outside the user's scope")
+            hits.append(Hit(doc_id=meta["doc_id"], title=meta["title"], chunk_id=cid, text=texts[cid], score=score,
+                            scope=meta["scope"], dense_score=dense_of.get(cid), lexical_score=lex_of.get(cid)))
+        return hits
+
+    @staticmethod
+    def _fuse(dense: list[tuple[str, float]], lexical: list[tuple[str, float]], mode: Mode) -> list[tuple[str, float]]:
+        if mode == "dense":
+            return dense
+        if mode == "lexical":
+            return lexical
+        scores: dict[str, float] = {}
+        for ranking in (dense, lexical):
+            for rank, (cid, _) in enumerate(ranking):
+                scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
+        return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
