@@ -237,11 +237,47 @@ def _m004_training_loop(conn: Connection) -> None:
     m.create_all(conn)
 
 
+def _m005_long_term_memory(conn: Connection) -> None:
+    """Per-user long-term memories with supersede lineage, and tombstones of forgotten ones (memory/longterm.py)."""
+    m = sa.MetaData()
+    sa.Table("users", m, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "memories", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("slot", sa.String(120), nullable=True),
+        sa.Column("source", sa.String(16), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("superseded_by", sa.Integer, sa.ForeignKey("memories.id", ondelete="SET NULL"), nullable=True),
+        sa.Column("embedding", sa.LargeBinary, nullable=True),
+        sa.Column("embedder", sa.String(200), nullable=True),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.CheckConstraint("kind IN ('fact', 'preference', 'note')", name="ck_memories_kind"),
+        sa.CheckConstraint("status IN ('active', 'superseded')", name="ck_memories_status"),
+        sa.Index("ix_memories_user_status", "user_id", "status"),
+    )
+    sa.Table(
+        "memory_tombstones", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False,
+                  index=True),
+        sa.Column("digest", sa.String(64), nullable=False),  # sha256 of a normalised phrase, never the text
+        sa.Column("forgotten_at", UTCDateTime, nullable=False),
+        sa.UniqueConstraint("user_id", "digest", name="uq_memory_tombstones_user_digest"),
+    )
+    m.tables["memories"].create(conn)
+    m.tables["memory_tombstones"].create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
     Migration(3, "synthetic pairs from the teacher", _m003_synthetic_pairs),
     Migration(4, "training jobs, adapter versions, serving history, loop settings", _m004_training_loop),
+    Migration(5, "long-term memories and forgotten-memory tombstones", _m005_long_term_memory),
     # Append new migrations here.
 ]
 
