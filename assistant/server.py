@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from assistant.admin_api import install_admin
 from assistant.api import create_api
 from assistant.chat import ChatService
 from assistant.config import Settings
@@ -86,6 +87,7 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     app = FastAPI(title="Self-improving assistant", version="0.1.0")
     app.state.services = services
     create_api(app, services.store, services.chat)
+    install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
     if with_ui:
         try:
             from ui.app import mount_ui

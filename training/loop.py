@@ -85,6 +85,7 @@ class CycleOptions:
             raise ValueError(f"train overrides may not set {bad}: the loop chooses them")
         TrainConfig.from_dict({**self.train, "base_model": "x"})  # field names and types
         GateConfig.from_dict(self.gate)
+        build_options(self.build)
         if self.keep_last < 1 or self.synth_max_chunks < 1 or self.synth_questions_per_chunk < 1:
             raise ValueError("keep_last, synth_max_chunks and synth_questions_per_chunk must be >= 1")
         if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
@@ -363,21 +364,41 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
 # ------------------------------------------------------------------------------------------ steps
 def _dataset(settings: Any, store: Any, options: CycleOptions) -> Path:
-    from training.dataset_build import BuildOptions, build_datasets
+    from training.dataset_build import build_datasets
 
     if options.dataset:
         path = settings.datasets_dir / options.dataset
         if not (path / "manifest.json").is_file():
             raise CycleFailed(f"dataset snapshot {options.dataset} does not exist in {settings.datasets_dir}")
         return path
-    build = dict(options.build)
-    if "split_ratios" in build:
-        build["split_ratios"] = tuple(build["split_ratios"])
     try:
-        result = build_datasets(store, settings, BuildOptions(**build))
-    except (TypeError, ValueError) as e:
+        result = build_datasets(store, settings, build_options(options.build))
+    except ValueError as e:
         raise CycleFailed(f"dataset build refused its options: {e}") from e
     return result.path
+
+
+# Dataset build options an admin may set from the API / UI / schedule (plain values only).
+BUILD_OPTION_KEYS = ("split_ratios", "context_messages", "near_dup_threshold", "include_teacher",
+                     "max_synthetic_share", "synthetic_floor", "replay_ratio", "heldout_min_rows",
+                     "heldout_max_per_kind", "refreeze_heldout")
+
+
+def build_options(overrides: dict[str, Any] | None) -> Any:
+    """`training.dataset_build.BuildOptions` from plain overrides; ValueError names unknown keys."""
+    from training.dataset_build import BuildOptions
+
+    data = dict(overrides or {})
+    unknown = sorted(set(data) - set(BUILD_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown dataset build options {unknown}; known: {list(BUILD_OPTION_KEYS)}")
+    if "split_ratios" in data:
+        if not isinstance(data["split_ratios"], list | tuple) or len(data["split_ratios"]) != 3:
+            raise ValueError("split_ratios must be three numbers (train, validation, test)")
+        data["split_ratios"] = tuple(float(x) for x in data["split_ratios"])
+    opts = BuildOptions(**data)
+    opts.validate()
+    return opts
 
 
 def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:

@@ -89,6 +89,10 @@ class RegistryError(ValueError):
     """A registry request that cannot be done (unknown version, nothing to roll back to...)."""
 
 
+class UnknownVersion(RegistryError, LookupError):
+    """No adapter version of that name (or it was deleted)."""
+
+
 class CorruptAdapter(RegistryError):
     """An adapter's files no longer match the hashes recorded when it was registered."""
 
@@ -195,7 +199,7 @@ class Registry:
         with self.store.engine.connect() as conn:
             row = conn.execute(sa.select(adapter_versions).where(adapter_versions.c.name == name)).first()
         if row is None or (row.deleted_at is not None and not include_deleted):
-            raise RegistryError(f"adapter version {name!r} does not exist"
+            raise UnknownVersion(f"adapter version {name!r} does not exist"
                                 + (" (it was deleted)" if row is not None else ""))
         return _version(row, self.root)
 

@@ -1,0 +1,375 @@
+"""Admin actions of the self-improvement loop, for the HTTP API, the admin console and the CLI.
+
+In: the server's services and the acting `User`. Out: plain dicts (JSON-ready).
+
+`AdminActions` holds every action as a plain method whose first argument is the acting user: a
+missing user raises `LoginRequired`, a non-admin `AdminRequired` (both PermissionError), before
+anything is read or changed. The browser console (`ui.admin`) calls the same methods, so hidden
+buttons are no back door. `build_admin_router()` exposes them under ``/v1/admin/...`` with the same
+bearer API keys as the rest of the API: anonymous -> 401, non-admin -> 403 on every route.
+
+Routes: counts; datasets (list, build, preview); synth; jobs (start a retrain, list, detail with
+progress, loss curve and log, cancel); adapters (list, evaluation report as JSON/markdown/PNG,
+promote, rollback); schedule (get, set).
+
+`install_admin(app, services)` adds the routes and the actions to an app built by
+`assistant.server.create_app`. Nothing starts here; `training.scheduler.start_loop(services)` is the
+start-up call for recovery, the serving adapter and the scheduler thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from assistant.api import ApiError, user_from_key
+from memory.types import User
+from training.jobs import JobBusy, JobNotFound, runner_for
+from training.registry import CorruptAdapter, Registry, RegistryError, UnknownVersion
+from training.scheduler import LoopSettings, due, load_loop_settings, loop_state, save_loop_settings
+
+_SNAPSHOT_RE = re.compile(r"^v\d{4,}$")
+PREVIEW_KINDS = ("sft", "dpo", "kto")
+PREVIEW_SPLITS = ("train", "validation", "test", "heldout")
+
+
+class LoginRequired(PermissionError):
+    """No logged-in user."""
+
+
+class AdminRequired(PermissionError):
+    """A logged-in user who is not an admin."""
+
+
+def require_admin(user: User | None) -> User:
+    if user is None:
+        raise LoginRequired("log in first")
+    if not user.is_admin:
+        raise AdminRequired("this needs an admin account")
+    return user
+
+
+class AdminActions:
+    """Every admin action of the loop; each checks the user first (see module docstring)."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.store = services.store
+
+    @property
+    def registry(self) -> Registry:
+        reg = self.services.extras.get("registry")
+        if reg is None:
+            reg = self.services.extras["registry"] = Registry(self.settings, self.store)
+        return reg
+
+    @property
+    def jobs(self):  # noqa: ANN201 - JobRunner; imported lazily by runner_for
+        return runner_for(self.services)
+
+    # ------------------------------------------------------------------ data
+    def counts(self, user: User | None) -> dict[str, Any]:
+        require_admin(user)
+        from training.dataset_build import list_snapshots, store_summary
+
+        state = loop_state(self.store)
+        active = self.jobs.active()
+        return {**self.store.counts(), **store_summary(self.store),
+                "datasets": len(list_snapshots(self.settings)),
+                "adapter_versions": len(self.registry.list()), "serving": self.registry.serving(),
+                "new_feedback_since_last_job": state.new_feedback,
+                "active_job": active.to_dict() if active else None}
+
+    def list_datasets(self, user: User | None) -> list[dict[str, Any]]:
+        require_admin(user)
+        from training.dataset_build import list_snapshots, read_manifest
+
+        out = []
+        for path in reversed(list_snapshots(self.settings)):
+            m = read_manifest(path)
+            out.append({"name": path.name, "created_at": m.get("created_at") or m.get("built_at"),
+                        "counts": m.get("counts", {}), "heldout": (m.get("heldout") or {}).get("counts")})
+        return out
+
+    def build_dataset(self, user: User | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        require_admin(user)
+        from training.dataset_build import build_datasets
+        from training.loop import build_options
+
+        result = build_datasets(self.store, self.settings, build_options(options))
+        return {"name": result.version, "counts": result.manifest.get("counts", {})}
+
+    def _snapshot(self, name: str) -> Path:
+        if not isinstance(name, str) or not _SNAPSHOT_RE.match(name):
+            raise ValueError(f"dataset name must look like v0001, got {name!r}")
+        path = self.settings.datasets_dir / name
+        if not (path / "manifest.json").is_file():
+            raise LookupError(f"dataset {name} does not exist")
+        return path
+
+    def preview_dataset(self, user: User | None, name: str, kind: str = "sft", split: str = "train",
+                        limit: int = 20, offset: int = 0) -> dict[str, Any]:
+        require_admin(user)
+        if kind not in PREVIEW_KINDS or split not in PREVIEW_SPLITS:
+            raise ValueError(f"kind must be one of {PREVIEW_KINDS} and split one of {PREVIEW_SPLITS}")
+        if not 1 <= limit <= 200 or offset < 0:
+            raise ValueError("limit must be 1..200 and offset >= 0")
+        path = self._snapshot(name)
+        f = path / "heldout" / f"{kind}.jsonl" if split == "heldout" else path / "jsonl" / f"{kind}.{split}.jsonl"
+        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()] \
+            if f.is_file() else []
+        return {"name": name, "kind": kind, "split": split, "total": len(rows), "offset": offset,
+                "rows": rows[offset:offset + limit]}
+
+    def synth(self, user: User | None, max_chunks: int = 8, questions_per_chunk: int = 2,
+              docs: str | None = None) -> dict[str, Any]:
+        """Teacher pairs from the admin's readable documents (or a server-side folder), stored for builds."""
+        admin = require_admin(user)
+        from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
+        from training.teacher import self_teacher
+
+        if not 1 <= max_chunks <= 500 or not 1 <= questions_per_chunk <= 10:
+            raise ValueError("max_chunks must be 1..500 and questions_per_chunk 1..10")
+        if docs:
+            chunks = chunks_from_folder(Path(docs))
+        else:
+            kb = self.services.extras.get("knowledge")
+            if kb is None:
+                raise ValueError("no knowledge base is attached to this server; pass a documents folder")
+            chunks = chunks_from_knowledge(kb, admin)
+        if not chunks:
+            raise ValueError("there are no documents to generate pairs from")
+        report = run_synth(self.store, self_teacher(self.services.backend), chunks[:max_chunks],
+                           questions_per_chunk=questions_per_chunk)
+        return {"chunks": report.chunks, "pairs": report.pairs, "accepted": report.accepted,
+                "dpo_pairs": report.dpo_pairs, "seconds": round(report.seconds, 2)}
+
+    # ------------------------------------------------------------------ jobs
+    def start_retrain(self, user: User | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        admin = require_admin(user)
+        return self.jobs.start(options or {}, requested_by=admin.username, trigger="manual").to_dict()
+
+    def cancel_job(self, user: User | None, job_id: int) -> dict[str, Any]:
+        admin = require_admin(user)
+        return self.jobs.cancel(job_id, by=admin.username).to_dict()
+
+    def list_jobs(self, user: User | None, limit: int = 20) -> list[dict[str, Any]]:
+        require_admin(user)
+        return [j.to_dict() for j in self.jobs.list(limit=max(1, min(limit, 500)))]
+
+    def job_detail(self, user: User | None, job_id: int, since_event: int = 0,
+                   log_lines: int = 200) -> dict[str, Any]:
+        require_admin(user)
+        job = self.jobs.get(job_id)
+        return {"job": job.to_dict(), "events": [e.to_dict() for e in self.jobs.events(job_id, since_event)],
+                "loss_curve": self.jobs.loss_curve(job_id),
+                "log": self.jobs.log_tail(job_id, max(1, min(log_lines, 5000)))}
+
+    # ------------------------------------------------------------------ adapters
+    def list_adapters(self, user: User | None) -> dict[str, Any]:
+        require_admin(user)
+        reg = self.registry
+        serving = reg.serving()
+        try:
+            target = reg.rollback_target()
+            can_roll_back = True
+        except RegistryError:
+            target, can_roll_back = None, False
+        protected = reg.protected()
+        return {"serving": serving, "rollback_target": target, "can_roll_back": can_roll_back,
+                "versions": [{**v.to_dict(), "serving": v.name == serving, "protected": v.name in protected}
+                             for v in reg.list()],
+                "history": [e.to_dict() for e in reg.history(limit=50)]}
+
+    def report(self, user: User | None, name: str) -> dict[str, Any]:
+        require_admin(user)
+        v = self.registry.get(name)
+        md = v.eval_dir / "report.md"
+        return {"name": name, "gate": v.gate, "report": v.report(),
+                "markdown": md.read_text(encoding="utf-8") if md.is_file() else None,
+                "plot": str(v.eval_dir / "report.png") if (v.eval_dir / "report.png").is_file() else None}
+
+    def report_plot(self, user: User | None, name: str) -> Path:
+        require_admin(user)
+        p = self.registry.get(name).eval_dir / "report.png"
+        if not p.is_file():
+            raise LookupError(f"adapter {name} has no evaluation plot")
+        return p
+
+    def promote(self, user: User | None, name: str, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+        admin = require_admin(user)
+        res = self.registry.promote(name, self.services, actor=admin.username, reason=reason, force=force)
+        return {"serving": res.version, "previous": res.previous, "event_id": res.event_id,
+                "hot_swapped": res.loaded, "seconds": res.seconds}
+
+    def rollback(self, user: User | None, reason: str | None = None) -> dict[str, Any]:
+        admin = require_admin(user)
+        res = self.registry.rollback(self.services, actor=admin.username, reason=reason)
+        return {"serving": res.version, "previous": res.previous, "event_id": res.event_id,
+                "hot_swapped": res.loaded, "seconds": res.seconds}
+
+    # ------------------------------------------------------------------ schedule
+    def get_schedule(self, user: User | None) -> dict[str, Any]:
+        require_admin(user)
+        from memory.db import utcnow
+
+        ls = load_loop_settings(self.store)
+        go, why = due(ls, loop_state(self.store), utcnow())
+        sched = self.services.extras.get("scheduler")
+        return {"settings": ls.to_dict(), "help": LoopSettings.help(), "due": go, "reason": why,
+                "scheduler_running": bool(sched and sched._thread and sched._thread.is_alive()),
+                "last_check": sched.last_check if sched else None}
+
+    def set_schedule(self, user: User | None, changes: dict[str, Any]) -> dict[str, Any]:
+        admin = require_admin(user)
+        return save_loop_settings(self.store, changes, by=admin.username).to_dict()
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BuildIn(StrictBody):
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SynthIn(StrictBody):
+    max_chunks: int = 8
+    questions_per_chunk: int = 2
+    docs: str | None = None
+
+
+class PromoteIn(StrictBody):
+    force: bool = False
+    reason: str | None = Field(None, max_length=2000)
+
+
+class RollbackIn(StrictBody):
+    reason: str | None = Field(None, max_length=2000)
+
+
+def _api_admin(request: Request) -> User:
+    """401 without a valid key, 403 for a non-admin; runs before any body is looked at."""
+    user = user_from_key(request)
+    if not user.is_admin:
+        raise ApiError(403, "this needs an admin account", "forbidden")
+    return user
+
+
+Admin = Annotated[User, Depends(_api_admin)]
+
+
+def _actions(request: Request) -> AdminActions:
+    return request.app.state.admin
+
+
+Actions = Annotated[AdminActions, Depends(_actions)]
+
+
+def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an action and turn its exceptions into API errors (nothing was changed when it raises)."""
+    try:
+        return fn(*args, **kwargs)
+    except LoginRequired as e:
+        raise ApiError(401, str(e), "invalid_api_key") from e
+    except PermissionError as e:
+        raise ApiError(403, str(e), "forbidden") from e
+    except JobBusy as e:
+        raise ApiError(409, str(e), "job_running") from e
+    except CorruptAdapter as e:
+        raise ApiError(409, str(e), "adapter_corrupt") from e
+    except (JobNotFound, UnknownVersion, LookupError) as e:
+        raise ApiError(404, str(e).strip("'\""), "not_found") from e
+    except ValueError as e:
+        raise ApiError(400, str(e), "invalid_request_error") from e
+    except RuntimeError as e:  # a backend that cannot load an adapter, a build that failed
+        raise ApiError(409, f"{type(e).__name__}: {e}", "conflict") from e
+
+
+def build_admin_router() -> APIRouter:
+    r = APIRouter(prefix="/v1/admin", dependencies=[Depends(_api_admin)])
+
+    @r.get("/counts")
+    def counts(user: Admin, a: Actions) -> dict:
+        return _call(a.counts, user)
+
+    @r.get("/datasets")
+    def datasets(user: Admin, a: Actions) -> dict:
+        return {"data": _call(a.list_datasets, user)}
+
+    @r.post("/datasets")
+    def build(body: BuildIn, user: Admin, a: Actions) -> dict:
+        return _call(a.build_dataset, user, body.options)
+
+    @r.get("/datasets/{name}/preview")
+    def preview(name: str, user: Admin, a: Actions, kind: str = "sft", split: str = "train", limit: int = 20,
+                offset: int = 0) -> dict:
+        return _call(a.preview_dataset, user, name, kind, split, limit, offset)
+
+    @r.post("/synth")
+    def synth(body: SynthIn, user: Admin, a: Actions) -> dict:
+        return _call(a.synth, user, body.max_chunks, body.questions_per_chunk, body.docs)
+
+    @r.post("/jobs", status_code=202)
+    def start(body: dict[str, Any], user: Admin, a: Actions) -> dict:
+        return _call(a.start_retrain, user, body)
+
+    @r.get("/jobs")
+    def jobs(user: Admin, a: Actions, limit: int = 20) -> dict:
+        return {"data": _call(a.list_jobs, user, limit)}
+
+    @r.get("/jobs/{job_id}")
+    def job(job_id: int, user: Admin, a: Actions, since_event: int = 0, log_lines: int = 200) -> dict:
+        return _call(a.job_detail, user, job_id, since_event, log_lines)
+
+    @r.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: int, user: Admin, a: Actions) -> dict:
+        return _call(a.cancel_job, user, job_id)
+
+    @r.get("/adapters")
+    def adapters(user: Admin, a: Actions) -> dict:
+        return _call(a.list_adapters, user)
+
+    @r.get("/adapters/{name}/report")
+    def report(name: str, user: Admin, a: Actions) -> dict:
+        return _call(a.report, user, name)
+
+    @r.get("/adapters/{name}/report.png")
+    def report_png(name: str, user: Admin, a: Actions) -> FileResponse:
+        return FileResponse(_call(a.report_plot, user, name), media_type="image/png")
+
+    @r.post("/adapters/{name}/promote")
+    def promote(name: str, body: PromoteIn, user: Admin, a: Actions) -> dict:
+        return _call(a.promote, user, name, body.force, body.reason)
+
+    @r.post("/rollback")
+    def rollback(body: RollbackIn, user: Admin, a: Actions) -> dict:
+        return _call(a.rollback, user, body.reason)
+
+    @r.get("/schedule")
+    def get_schedule(user: Admin, a: Actions) -> dict:
+        return _call(a.get_schedule, user)
+
+    @r.put("/schedule")
+    def set_schedule(body: dict[str, Any], user: Admin, a: Actions) -> dict:
+        return {"settings": _call(a.set_schedule, user, body)}
+
+    return r
+
+
+def install_admin(app: FastAPI, services: Any) -> AdminActions:
+    """Add the admin routes to `app` and keep the actions in ``services.extras["admin"]`` (the UI uses them)."""
+    actions = services.extras.get("admin")
+    if actions is None:
+        actions = services.extras["admin"] = AdminActions(services)
+    app.state.admin = actions
+    app.include_router(build_admin_router())
+    return actions
