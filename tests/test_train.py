@@ -1,0 +1,392 @@
+"""The training job (training/train.py) on the tiny random Llama with the real SmolLM2 tokenizer.
+
+Asserts what training did (adapter changed, base untouched, loss fell, DPO's reference is the SFT
+adapter), that cancel / SIGTERM / kill end the job cleanly and visibly, and that the CLI streams
+JSON progress lines end to end. Each test builds its own small dataset snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from training.train import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_OK,
+    TrainingDataError,
+    read_status,
+    run_training,
+)
+from training.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
+FACTS = [
+    ("capital of France", "Paris"), ("capital of Japan", "Tokyo"), ("capital of Italy", "Rome"),
+    ("capital of Spain", "Madrid"), ("colour of the sky", "blue"), ("colour of grass", "green"),
+]
+
+
+def _conv(q: str, a: str) -> list[dict]:
+    return [SYSTEM, {"role": "user", "content": f"What is the {q}?"},
+            {"role": "assistant", "content": f"The {q} is {a}."}]
+
+
+def make_snapshot(root: Path, sft: bool = True, dpo: bool = True, repeat: int = 4) -> Path:
+    """A dataset folder in dataset_build's layout: <kind>/<split> save_to_disk folders (+ extra columns)."""
+    from datasets import Dataset
+
+    if sft:
+        rows = [{"messages": _conv(q, a), "source": "feedback", "conversation_id": i}
+                for i, (q, a) in enumerate(FACTS * repeat)]
+        Dataset.from_list(rows).save_to_disk(str(root / "sft" / "train"))
+        Dataset.from_list(rows[: len(FACTS)]).save_to_disk(str(root / "sft" / "validation"))
+    if dpo:
+        pairs = [{"prompt": [SYSTEM, {"role": "user", "content": f"What is the {q}?"}],
+                  "chosen": [{"role": "assistant", "content": f"The {q} is {a}."}],
+                  "rejected": [{"role": "assistant", "content": "I would rather not say."}]} for q, a in FACTS]
+        Dataset.from_list(pairs).save_to_disk(str(root / "dpo" / "train"))
+        Dataset.from_list(pairs[:2]).save_to_disk(str(root / "dpo" / "validation"))
+    (root / "manifest.json").write_text(json.dumps({"version": "test", "counts": {"sft": 24}}))
+    return root
+
+
+def cfg(model_dir: Path, **kw) -> TrainConfig:
+    base = dict(base_model=str(model_dir), stages=["sft"], max_steps=4, batch_size=4, sft_learning_rate=3e-3,
+                dpo_learning_rate=1e-3, evals_per_epoch=2, threads=1, device="cpu")
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_roundtrip_and_clear_errors(tmp_path: Path) -> None:
+    c = TrainConfig.from_dict({"base_model": "/m", "lora_r": 16, "stages": ["sft", "kto"]})
+    path = c.save(tmp_path / "c.json")
+    assert TrainConfig.load(path) == c
+    assert all(TrainConfig.help().values()), "every field has help text"
+    with pytest.raises(ValueError, match="unknown training config keys: \\['lora_rank'\\]"):
+        TrainConfig.from_dict({"base_model": "/m", "lora_rank": 4})
+    with pytest.raises(ValueError, match="lora_r='8' is not of type"):
+        TrainConfig.from_dict({"base_model": "/m", "lora_r": "8"})
+    with pytest.raises(ValueError, match="choose DPO or KTO, not both; lora_r must be >= 1"):
+        TrainConfig.from_dict({"base_model": "/m", "lora_r": 0, "stages": ["dpo", "kto"]})
+    with pytest.raises(ValueError, match="base_model is required"):
+        TrainConfig.from_dict({})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainConfig.load(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_sft_then_dpo_trains_adapter_and_leaves_base_untouched(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    weights = tiny_model_dir / "model.safetensors"
+    before = _sha(weights)
+    data = make_snapshot(tmp_path / "data")
+    events: list[dict] = []
+    config = cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=12, evals_per_epoch=3)
+    result = run_training(config, data, tmp_path / "out", progress=events.append)
+
+    assert result.status == "succeeded"
+    sft, dpo = result.stages
+    assert sft.status == dpo.status == "done"
+    assert sft.last_loss < sft.first_loss
+    # The DPO reference is a frozen copy of the SFT adapter, so the first DPO loss is exactly log(2);
+    # against the base model (adapter disabled) it would not be.
+    assert dpo.first_loss == pytest.approx(math.log(2), abs=1e-4)
+    assert dpo.eval_losses[-1] < math.log(2)
+
+    adapter = result.adapter_dir
+    assert adapter == tmp_path / "out" / "adapter"
+    assert json.loads((adapter / "train_config.json").read_text()) == config.to_dict()
+    assert json.loads((adapter / "dataset_manifest.json").read_text())["version"] == "test"
+    assert json.loads((adapter / "training_result.json").read_text())["stages"][1]["stage"] == "dpo"
+    assert not (adapter / "ref").exists(), "DPO's reference copy must not be saved"
+    assert not list((tmp_path / "out").glob(".work-*")), "scratch folder removed"
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors), "only adapter weights are saved"
+    # LoRA starts with B = 0: non-zero B means training changed the adapter.
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+
+    assert _sha(weights) == before, "base model file unchanged"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ref_state = {k: v.clone() for k, v in base.state_dict().items()}
+    ids = torch.tensor([[1, 400, 500, 600, 700, 2]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        pm = PeftModel.from_pretrained(base, adapter)
+        tuned = pm(ids).logits
+        with pm.disable_adapter():
+            off = pm(ids).logits
+    assert torch.equal(off, base_logits), "with the adapter off the model is exactly the base"
+    assert not torch.allclose(tuned, base_logits), "the adapter changes the output"
+    for k, v in pm.get_base_model().state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, ref_state[k.replace(".base_layer", "")]), k
+
+    kinds = {e["event"] for e in events}
+    assert {"stage_start", "progress", "eval", "stage_end"} <= kinds
+    prog = [e for e in events if e["event"] == "progress"]
+    assert all({"step", "loss", "eval_loss", "epoch", "eta_s"} <= set(e) for e in prog)
+    assert prog[-1]["eta_s"] == 0
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    """The tiny Llama with larger initial weights.
+
+    With the default init (std 0.02) and a tied, frozen 64-d embedding, the logits can never exceed
+    about 1.3, so no adapter can push the loss below ~9.5. Std 0.3 leaves room to learn.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    out = tmp_path_factory.mktemp("learnable-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_loss_goes_down_on_a_learnable_dataset(tmp_path: Path, learnable_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data", dpo=False, repeat=8)
+    config = cfg(learnable_model_dir, max_steps=24, sft_learning_rate=1e-2, lora_r=16, lora_alpha=32,
+                 evals_per_epoch=4, early_stopping_patience=0, warmup_ratio=0.0)
+    (sft,) = run_training(config, data, tmp_path / "out").stages
+    assert len(sft.eval_losses) == 4
+    assert sft.first_loss > 12, sft  # random start
+    # Six facts repeated: memorisable. Measured: eval loss 14 -> ~3 in 40 steps.
+    assert sft.eval_losses[-1] < sft.first_loss / 2, sft.eval_losses
+    assert sft.eval_losses == sorted(sft.eval_losses, reverse=True), "validation loss falls at every evaluation"
+    assert sft.best_eval_loss == sft.eval_losses[-1] and not sft.restored_best
+
+
+def test_missing_stage_is_skipped_and_empty_snapshot_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data", dpo=False)
+    result = run_training(cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=2), data, tmp_path / "out")
+    assert [s.status for s in result.stages] == ["done", "skipped"]
+    assert result.adapter_dir.is_dir()
+    with pytest.raises(ValueError, match="already exists"):
+        run_training(cfg(tiny_model_dir, max_steps=2), data, tmp_path / "out")
+    with pytest.raises(TrainingDataError, match="no training rows"):
+        run_training(cfg(tiny_model_dir, stages=["dpo"]), data, tmp_path / "out2")
+    with pytest.raises(TrainingDataError, match="does not exist"):
+        run_training(cfg(tiny_model_dir), tmp_path / "nowhere", tmp_path / "out3")
+
+
+def test_wrong_columns_are_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_list([{"question": "q", "answer": "a"}]).save_to_disk(str(tmp_path / "d" / "sft" / "train"))
+    with pytest.raises(TrainingDataError, match=r"columns \['answer', 'question'\] are not a sft dataset"):
+        run_training(cfg(tiny_model_dir), tmp_path / "d", tmp_path / "out")
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_early_stopping_restores_best_weights(tmp_path: Path, learnable_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data", dpo=False, repeat=8)
+    # A learning rate far too high makes the validation loss climb after the first evaluation.
+    config = cfg(learnable_model_dir, max_steps=40, sft_learning_rate=2.0, warmup_ratio=0.0, evals_per_epoch=20,
+                 early_stopping_patience=2, max_grad_norm=100.0)
+    (sft,) = run_training(config, data, tmp_path / "out").stages
+    assert sft.status == "stopped_early", sft
+    assert sft.steps < 40
+    assert sft.restored_best
+    assert sft.best_eval_loss == min(sft.eval_losses) < sft.eval_losses[-1]
+
+
+def test_cancel_stops_at_the_next_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    asked: list[int] = []
+
+    def should_stop() -> bool:  # asked once per optimizer step (and before each stage)
+        asked.append(1)
+        return len(asked) >= 3
+
+    config = cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=50, evals_per_epoch=0)
+    result = run_training(config, data, tmp_path / "out", should_stop=should_stop)
+    assert result.status == "cancelled"
+    assert [s.status for s in result.stages] == ["cancelled", "cancelled"]
+    assert result.stages[0].steps == 2  # 1st call before the stage, 2nd after step 1, 3rd after step 2
+    assert result.adapter_dir is None and not (tmp_path / "out" / "adapter").exists()
+    assert not list((tmp_path / "out").glob(".work-*"))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_and_prefix_tuning_are_selectable(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+    data = make_snapshot(tmp_path / "data")
+    config = cfg(tiny_model_dir, peft_method=method, stages=["sft", "dpo"], max_steps=2, num_virtual_tokens=4,
+                 evals_per_epoch=0)
+    result = run_training(config, data, tmp_path / "out")
+    assert [s.status for s in result.stages] == ["done", "done"]
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["peft_type"] == method.upper()
+    assert saved["num_virtual_tokens"] == 4
+
+
+def test_continue_from_existing_adapter_and_type_checks(
+    tmp_path: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    from safetensors.torch import load_file
+
+    data = make_snapshot(tmp_path / "data", dpo=False)
+    start = tiny_adapters["alpha"]
+    result = run_training(cfg(tiny_model_dir, init_adapter=str(start), max_steps=2, evals_per_epoch=0),
+                          data, tmp_path / "out")
+    old = load_file(start / "adapter_model.safetensors")
+    new = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert old.keys() == new.keys()
+    assert any(not (old[k] == new[k]).all() for k in old), "training moved the existing adapter"
+    with pytest.raises(ValueError, match="is a LORA adapter but peft_method='prompt_tuning'"):
+        run_training(cfg(tiny_model_dir, init_adapter=str(start), peft_method="prompt_tuning"), data,
+                     tmp_path / "o2")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        run_training(cfg(tiny_model_dir, peft_method="qlora"), data, tmp_path / "o3")
+
+
+def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir: Path) -> None:
+    """Padding-free packing (what GPU runs use) must not let sequences attend to each other."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    seqs = [{"input_ids": torch.randint(3, 40000, (n,)).tolist()} for n in (7, 19, 12)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(seqs)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(seqs)
+    assert packed["input_ids"].shape == (1, 38) and "attention_mask" not in packed
+    with torch.no_grad():
+        lp = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        # use_cache=False as in training (SFTTrainer sets it): with a cache, transformers skips the
+        # packed-sequence detection and the sequences would attend to each other.
+        lk = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    keep = padded["attention_mask"].bool()
+    assert torch.allclose(lp[keep], lk[0], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _start_cli(tmp_path: Path, config: TrainConfig, data: Path, *extra: str) -> subprocess.Popen:
+    cfg_path = config.save(tmp_path / "cfg.json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "training.train", "--config", str(cfg_path), "--data", str(data),
+         "--out", str(tmp_path / "out"), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def _read_until(proc: subprocess.Popen, predicate, timeout: float = 120) -> list[dict]:
+    events, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        events.append(json.loads(line))  # every stdout line is one JSON object
+        if predicate(events[-1]) or time.monotonic() > deadline:
+            break
+    return events
+
+
+def test_cli_runs_end_to_end_and_streams_json(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    proc = _start_cli(tmp_path, cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=3), data)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_OK, err[-3000:]
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    assert events[-1]["status"] == "succeeded"
+    prog = [e for e in events if e["event"] == "progress"]
+    assert {e["stage"] for e in prog} == {"sft", "dpo"}
+    assert all({"step", "loss", "eval_loss", "epoch", "eta_s"} <= set(e) for e in prog)
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert read_status(tmp_path / "out")["state"] == "succeeded"
+
+
+def test_cli_bad_input_exits_2_with_a_clear_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    (tmp_path / "cfg.json").write_text(json.dumps({"base_model": str(tiny_model_dir), "epochz": 3}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.train", "--config", str(tmp_path / "cfg.json"), "--data", str(data),
+         "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT
+    last = json.loads(proc.stdout.splitlines()[-1])
+    assert last["event"] == "error" and "epochz" in last["error"]
+    status = read_status(tmp_path / "out")
+    assert status["state"] == "failed" and "epochz" in status["error"]
+
+
+def test_cli_sigterm_cancels_promptly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    proc = _start_cli(tmp_path, cfg(tiny_model_dir, max_steps=500, evals_per_epoch=0), data)
+    try:
+        _read_until(proc, lambda e: e["event"] == "progress" and e["step"] >= 2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_CANCELLED, err[-3000:]
+    assert took < 15, f"cancel took {took:.1f}s"
+    assert json.loads(out.splitlines()[-1])["status"] == "cancelled"
+    assert read_status(tmp_path / "out")["state"] == "cancelled"
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_cli_cancel_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    stop = tmp_path / "cancel"
+    proc = _start_cli(tmp_path, cfg(tiny_model_dir, max_steps=500, evals_per_epoch=0), data,
+                      "--cancel-file", str(stop))
+    try:
+        _read_until(proc, lambda e: e["event"] == "progress")
+        stop.touch()
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == EXIT_CANCELLED
+    assert read_status(tmp_path / "out")["state"] == "cancelled"
+
+
+def test_killed_process_leaves_a_clear_failure(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data")
+    proc = _start_cli(tmp_path, cfg(tiny_model_dir, max_steps=500, evals_per_epoch=0), data)
+    try:
+        _read_until(proc, lambda e: e["event"] == "progress")
+        assert read_status(tmp_path / "out")["state"] == "running"
+        proc.kill()  # SIGKILL: no handler runs, like the OOM killer
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    status = read_status(tmp_path / "out")
+    assert status["state"] == "failed" and "died" in status["error"]
+    assert not (tmp_path / "out" / "adapter").exists(), "no half-written adapter"
