@@ -28,6 +28,7 @@ from ui.auth import LoginThrottle, UiGuard, make_login
 from ui.render import safe_markdown
 
 CSS = """
+#conversations label { white-space: normal; overflow-wrap: anywhere; }
 #notice:empty { display: none; }
 #notice { color: var(--error-text-color); }
 .compare-answer { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
@@ -76,7 +77,7 @@ def build_blocks(services: Services) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=220):
-                        new_btn = gr.Button("＋ New conversation", elem_id="new-chat")
+                        new_btn = gr.Button("+ New conversation", elem_id="new-chat")
                         conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversations")
                         with gr.Accordion("Rename or delete", open=False):
                             title_box = gr.Textbox(label="New title", elem_id="title-box")
@@ -87,9 +88,14 @@ def build_blocks(services: Services) -> gr.Blocks:
                                 really_btn = gr.Button("Yes, delete it and its feedback", size="sm",
                                                        variant="stop", elem_id="delete-confirm")
                                 cancel_btn = gr.Button("Keep it", size="sm", elem_id="delete-cancel")
+                        with gr.Accordion("Model", open=False):
+                            model_dd = gr.Dropdown(label="Model or adapter", choices=["assistant"],
+                                                   value="assistant", elem_id="model",
+                                                   info="assistant = the adapter serving now")
                     with gr.Column(scale=4):
-                        chatbot = gr.Chatbot(label="Chat", height=460, elem_id="chatbot", sanitize_html=True,
-                                             allow_tags=False, feedback_options=("Like", "Dislike"),
+                        chatbot = gr.Chatbot(label="Chat", show_label=False, height=460, elem_id="chatbot",
+                                             sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
+                                             buttons=["copy", "copy_all"],  # no "share" to a hub
                                              placeholder="Ask anything. Answers stream in; Stop ends one early.")
                         with gr.Row():
                             msg = gr.Textbox(show_label=False, placeholder="Message", lines=2, scale=8,
@@ -97,22 +103,19 @@ def build_blocks(services: Services) -> gr.Blocks:
                             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                             stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
                         notice = gr.Markdown(elem_id="notice")
-                        with gr.Accordion("Model", open=False):
-                            model_dd = gr.Dropdown(label="Model or adapter", choices=["assistant"],
-                                                   value="assistant", elem_id="model")
                         with gr.Group(elem_id="feedback-panel"):
                             target = gr.Markdown(elem_id="feedback-target")
                             with gr.Row():
-                                reason = gr.Dropdown(label="Reason (optional)", choices=["", *REASON_TAGS],
-                                                     value="", elem_id="reason")
+                                reason = gr.Dropdown(label="Reason (optional)", value="", elem_id="reason",
+                                                     choices=[("(none)", ""), *((t, t) for t in REASON_TAGS)])
                                 comment = gr.Textbox(label="Comment (optional)", elem_id="comment", scale=2)
-                                up_btn = gr.Button("👍 Good", elem_id="thumb-up", scale=0)
-                                down_btn = gr.Button("👎 Bad", elem_id="thumb-down", scale=0)
+                                up_btn = gr.Button("Good answer", elem_id="thumb-up", scale=0)
+                                down_btn = gr.Button("Bad answer", elem_id="thumb-down", scale=0)
                             with gr.Accordion("Edit this answer into the right one", open=False,
                                               elem_id="edit-accordion"):
                                 edit_box = gr.Textbox(label="Corrected answer", lines=4, elem_id="edit-box")
                                 save_edit = gr.Button("Save correction", elem_id="save-edit")
-                            regen_btn = gr.Button("🔁 Regenerate and compare", elem_id="regenerate")
+                            regen_btn = gr.Button("Regenerate and compare", elem_id="regenerate")
                         with gr.Row(visible=False, elem_id="compare") as compare_row:
                             with gr.Column():
                                 a_md = gr.Markdown(elem_id="answer-a", elem_classes="compare-answer")
@@ -166,6 +169,8 @@ def build_blocks(services: Services) -> gr.Blocks:
             return (*show(h.ChatView(None), user), "", gr.Row(visible=False))
 
         new_btn.click(on_new, None, [*chat_outputs, notice, compare_row], **PRIVATE)
+        # The Chatbot's own trash icon clears the view only: treat it as "new conversation" (nothing deleted).
+        chatbot.clear(on_new, None, [*chat_outputs, notice, compare_row], **PRIVATE)
 
         @_guarded
         def on_rename(cid, title, request: gr.Request):
@@ -230,10 +235,10 @@ def build_blocks(services: Services) -> gr.Blocks:
             try:
                 if data.liked is True:
                     h.rate(services, user, answer_id, 1)
-                    note = "Thanks! 👍 saved. Add a reason or comment below if you like."
+                    note = "Thumbs up saved. Add a reason or comment below if you like."
                 elif data.liked is False:
                     h.rate(services, user, answer_id, -1)
-                    note = "👎 saved. Pick a reason and press 👎 Bad to add it."
+                    note = "Thumbs down saved. Pick a reason and press Bad answer to add it."
                 else:
                     h.clear_rating(services, user, answer_id)
                     note = "Rating withdrawn."
@@ -256,7 +261,7 @@ def build_blocks(services: Services) -> gr.Blocks:
             def on_rate(answer_id, why, note, request: gr.Request):
                 user = _user(services, request)
                 h.rate(services, user, answer_id, rating, why or None, note)
-                mark = "👍" if rating > 0 else "👎"
+                mark = "Thumbs up" if rating > 0 else "Thumbs down"
                 suffix = f" (reason: {why})" if why else ""
                 return f"{mark} saved for answer {answer_id}{suffix}.", ""
             return on_rate
@@ -338,7 +343,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     app = gr.mount_gradio_app(
         app, demo, path="/",
         auth=make_login(services.store, LoginThrottle()),
-        auth_message="Log in with your account. An admin creates accounts with `assistant user add`.",
+        auth_message="Log in with your account. Accounts are created by an admin (assistant user add).",
         footer_links=[],  # no links out to gradio.app / API docs / settings
         run_history=False,  # its page offers connecting a hub bucket; nothing of ours goes there
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,

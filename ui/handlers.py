@@ -109,7 +109,7 @@ def conversation_choices(services: Services, user: User) -> list[tuple[str, int]
     out = []
     for c in services.store.list_conversations(user.id):
         when = c.updated_at.strftime("%Y-%m-%d %H:%M")
-        out.append((f"{c.title}  ·  {when}", c.id))
+        out.append((f"{excerpt(c.title, 48)}  ·  {when}", c.id))
     return out
 
 

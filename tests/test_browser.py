@@ -1,0 +1,242 @@
+"""The page in a real headless browser (Debian's chromium driven by selenium through the system
+chromedriver; nothing downloads a browser), against a real server on the tiny random model.
+
+One walk through what a user does: log in, send a message (with an HTML/script payload) and watch
+the answer stream in, thumbs-down with a reason, correct an answer, regenerate and choose, reload
+and find the conversation. Then the rows the server stored are checked, and screenshots of the chat
+page and the feedback controls are written to docs/ (docs/chat.png, docs/feedback.png, docs/login.png).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import ServerThread, start_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAYLOAD = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> What is **LoRA**?'
+TIMEOUT = 60
+
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)",
+                allow_module_level=True)
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model_dir, tiny_adapters):
+    srv = start_server(tmp_path_factory.mktemp("browser-home"), tiny_model_dir, tiny_adapters, with_ui=True,
+                       max_new_tokens=48, max_message_chars=2000)
+    srv.services.chat.set_serving("alpha")  # so every stored answer names a real adapter version
+    srv.services.store.create_user("alice", "alice-pass-1")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    os.environ["SE_OFFLINE"] = "true"  # selenium-manager must never try to fetch a driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
+    """Poll the server's store (not the page) until `check` returns something truthy."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def css(driver, selector: str):
+    return wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector), selector)
+
+
+def text_of(driver, selector: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, selector).text
+
+
+def click(driver, selector: str) -> None:
+    el = wait_for(driver, lambda d: (e := d.find_element(By.CSS_SELECTOR, selector)).is_enabled() and e,
+                  f"{selector} clickable")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
+    el.click()
+
+
+def pick(driver, dropdown: str, value: str) -> None:
+    """Choose `value` in a Gradio dropdown (an input with a list of options)."""
+    box = css(driver, f"{dropdown} input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    option = wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, f'{dropdown} li[aria-label="{value}"]'),
+                      f"option {value}")
+    option.click()
+    wait_for(driver, lambda d: box.get_attribute("value") == value, f"{dropdown} = {value}")
+
+
+def bot_texts(driver) -> list[str]:
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")]
+
+
+def login(driver, url: str, username: str, password: str) -> None:
+    driver.get(url)
+    css(driver, "input[type=password]")
+    driver.find_element(By.CSS_SELECTOR, "input[type=text]").send_keys(username)
+    driver.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(password, Keys.ENTER)
+    css(driver, "#message textarea")
+    wait_for(driver, lambda d: username in text_of(d, "#whoami"), "the signed-in header")
+
+
+def test_chat_feedback_regenerate_reload(server: ServerThread, browser):
+    d, store, url = browser, server.services.store, server.url
+    alice = store.get_user_by_name("alice")
+
+    # ---- login page: nothing of the app before logging in
+    d.get(url)
+    css(d, "input[type=password]")
+    assert not d.find_elements(By.CSS_SELECTOR, "#chatbot")
+    DOCS.mkdir(exist_ok=True)
+    d.save_screenshot(str(DOCS / "login.png"))
+    login(d, url, "alice", "alice-pass-1")
+
+    # ---- send a message; watch the answer stream in (partial states carry the ▌ cursor)
+    d.execute_script("""
+        window.__partials = new Set();
+        new MutationObserver(() => {
+          for (const e of document.querySelectorAll('#chatbot [data-testid=bot]'))
+            if (e.textContent.includes('▌')) window.__partials.add(e.textContent.length);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});""")
+    box = css(d, "#message textarea")
+    box.send_keys(PAYLOAD)
+    click(d, "#send")
+    conv = eventually(lambda: store.list_conversations(alice.id), "the conversation to be stored")[0]
+    answer = eventually(lambda: [m for m in store.messages(conv.id) if m.role == "assistant"],
+                        "the answer to be stored")[0]
+    wait_for(d, lambda d: any(answer.content.strip()[:20] in t for t in bot_texts(d)), "the final answer")
+    assert d.execute_script("return window.__partials.size") >= 2, "the answer did not stream"
+    assert not any("▌" in t for t in bot_texts(d))
+    assert box.get_attribute("value") == ""
+    # the HTML was shown as text and nothing in it ran
+    user_bubble = css(d, "#chatbot [data-testid=user]")
+    assert "<script>window.__pwned=1</script>" in user_bubble.text
+    assert "LoRA" in user_bubble.find_element(By.TAG_NAME, "strong").text  # Markdown still renders
+    assert d.execute_script("return window.__pwned") is None
+    assert not d.find_elements(By.CSS_SELECTOR, "#chatbot script, #chatbot img[src=x]")
+    assert store.messages(conv.id)[0].content == PAYLOAD
+    assert answer.adapter == "alpha"
+
+    # "how this was answered" opens under the answer
+    d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
+    wait_for(d, lambda d: "Adapter: alpha" in text_of(d, "#chatbot"), "the details to open")
+    d.save_screenshot(str(DOCS / "chat.png"))
+
+    # ---- thumbs-down on the answer, then add a reason and a comment
+    dislike = d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1]
+    dislike.click()
+    thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"],
+                       "the thumb to be stored")[0]
+    assert (thumb.rating, thumb.reason) == (-1, None)
+    pick(d, "#reason", "wrong")
+    css(d, "#comment textarea").send_keys("LoRA is a fine-tuning method, not a radio protocol.")
+    click(d, "#thumb-down")
+    thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id)
+                                if f.kind == "thumb" and f.reason == "wrong"], "the reason to be stored")[0]
+    wait_for(d, lambda d: "reason: wrong" in text_of(d, "#notice"), "the saved notice")
+
+    # ---- correct the answer
+    click(d, "#edit-accordion button")
+    edit = css(d, "#edit-box textarea")
+    wait_for(d, lambda d: edit.get_attribute("value") == answer.content, "the answer in the edit box")
+    edit.clear()
+    edit.send_keys("LoRA trains small low-rank matrices beside frozen weights.")
+    click(d, "#save-edit")
+    edit_fb = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "edit"],
+                         "the correction to be stored")[0]
+    wait_for(d, lambda d: "Correction saved" in text_of(d, "#notice"), "the correction notice")
+
+    # ---- regenerate and choose
+    click(d, "#regenerate")
+    css(d, "#compare")
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
+    alternative = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"],
+                             "the alternative to be stored")[0]
+    assert alternative.content.strip()[:20] in text_of(d, "#answer-b")
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
+    d.save_screenshot(str(DOCS / "feedback.png"))
+    click(d, "#pick-b")
+    pair = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "pair"],
+                      "the choice to be stored")[0]
+    wait_for(d, lambda d: "you preferred B" in text_of(d, "#notice"), "the choice notice")
+
+    # ---- reload: the conversation is in the sidebar and shows the chosen answer
+    d.refresh()
+    css(d, "#message textarea")
+    wait_for(d, lambda d: conv.title[:20] in text_of(d, "#conversations"), "the conversation in the list")
+    wait_for(d, lambda d: any(alternative.content.strip()[:20] in t for t in bot_texts(d)), "the chosen answer")
+    assert d.execute_script("return window.__pwned") is None
+
+    # ---- the page loaded nothing from any other host
+    resources = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    elsewhere = [r for r in resources if not r.startswith((url, "data:", "blob:"))]
+    assert resources and elsewhere == []
+
+    # ---- the stored rows: each piece of feedback names the exact message and its adapter
+    messages = {m.id: m for m in store.messages(conv.id)}
+    assert (thumb.user_id, thumb.message_id, thumb.rating, thumb.comment) == (
+        alice.id, answer.id, -1, "LoRA is a fine-tuning method, not a radio protocol.")
+    assert (edit_fb.message_id, edit_fb.corrected) == (
+        answer.id, "LoRA trains small low-rank matrices beside frozen weights.")
+    assert (pair.message_id, pair.other_message_id, pair.chosen_message_id) == (
+        answer.id, alternative.id, alternative.id)
+    assert messages[answer.id].adapter == "alpha" and messages[alternative.id].adapter == "alpha"
+    assert messages[alternative.id].status == "complete" and messages[answer.id].status == "alternative"
+    assert messages[alternative.id].parent_id == messages[answer.id].parent_id
+    counts = store.counts()
+    assert (counts["thumbs_down"], counts["edits"], counts["pairs"], counts["conversations"]) == (1, 1, 1, 1)
+
+
+def test_long_and_empty_messages_send_nothing(server: ServerThread, browser):
+    d, store = browser, server.services.store
+    store.create_user("bob", "bob-pass-1")
+    bob = store.get_user_by_name("bob")
+    login(d, server.url, "bob", "bob-pass-1")
+    calls = server.calls
+    click(d, "#send")  # empty
+    box = css(d, "#message textarea")
+    long_text = "word " * 500  # 2500 characters, over the 2000 limit
+    d.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'));",
+                     box, long_text)
+    click(d, "#send")
+    wait_for(d, lambda d: "the limit is 2000" in text_of(d, "#notice"), "the too-long notice")
+    assert box.get_attribute("value") == long_text  # the text is kept, not lost
+    assert server.calls == calls and store.list_conversations(bob.id) == []
