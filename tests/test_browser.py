@@ -4,7 +4,8 @@ chromedriver; nothing downloads a browser), against a real server on the tiny ra
 One walk through what a user does: log in, send a message (with an HTML/script payload) and watch
 the answer stream in, thumbs-down with a reason, correct an answer, regenerate and choose, reload
 and find the conversation. Then the rows the server stored are checked, and screenshots of the chat
-page and the feedback controls are written to docs/ (docs/chat.png, docs/feedback.png, docs/login.png).
+page and the feedback controls are written to docs/ (docs/chat.png, docs/feedback.png, docs/login.png)
+by the same walk on the real embedded model (marked slow), so the pictures show real answers.
 """
 
 from __future__ import annotations
@@ -117,16 +118,16 @@ def login(driver, url: str, username: str, password: str) -> None:
     wait_for(driver, lambda d: username in text_of(d, "#whoami"), "the signed-in header")
 
 
-def test_chat_feedback_regenerate_reload(server: ServerThread, browser):
+def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path):
     d, store, url = browser, server.services.store, server.url
+    shots = tmp_path  # the tiny model writes gibberish; docs/ gets the embedded model's pictures
     alice = store.get_user_by_name("alice")
 
     # ---- login page: nothing of the app before logging in
     d.get(url)
     css(d, "input[type=password]")
     assert not d.find_elements(By.CSS_SELECTOR, "#chatbot")
-    DOCS.mkdir(exist_ok=True)
-    d.save_screenshot(str(DOCS / "login.png"))
+    d.save_screenshot(str(shots / "login.png"))
     login(d, url, "alice", "alice-pass-1")
 
     # ---- send a message; watch the answer stream in (partial states carry the ▌ cursor)
@@ -158,7 +159,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser):
     # "how this was answered" opens under the answer
     d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
     wait_for(d, lambda d: "Adapter: alpha" in text_of(d, "#chatbot"), "the details to open")
-    d.save_screenshot(str(DOCS / "chat.png"))
+    d.save_screenshot(str(shots / "chat.png"))
 
     # ---- thumbs-down on the answer, then add a reason and a comment
     dislike = d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1]
@@ -192,7 +193,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser):
                              "the alternative to be stored")[0]
     assert alternative.content.strip()[:20] in text_of(d, "#answer-b")
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
-    d.save_screenshot(str(DOCS / "feedback.png"))
+    d.save_screenshot(str(shots / "feedback.png"))
     click(d, "#pick-b")
     pair = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "pair"],
                       "the choice to be stored")[0]
@@ -240,3 +241,83 @@ def test_long_and_empty_messages_send_nothing(server: ServerThread, browser):
     wait_for(d, lambda d: "the limit is 2000" in text_of(d, "#notice"), "the too-long notice")
     assert box.get_attribute("value") == long_text  # the text is kept, not lost
     assert server.calls == calls and store.list_conversations(bob.id) == []
+
+
+@pytest.fixture
+def stop_server(tmp_path, tiny_model_dir):
+    srv = start_server(tmp_path / "stop-home", tiny_model_dir, with_ui=True, max_new_tokens=4000,
+                       max_tokens_limit=4000)
+    srv.services.store.create_user("carol", "carol-pass-1")
+    yield srv
+    srv.stop()
+
+
+def test_stop_button_ends_the_answer(stop_server: ServerThread, browser):
+    d, store = browser, stop_server.services.store
+    carol = store.get_user_by_name("carol")
+    login(d, stop_server.url, "carol", "carol-pass-1")
+    css(d, "#message textarea").send_keys("Please talk for a very long time.")
+    click(d, "#send")
+    wait_for(d, lambda d: any("▌" in t for t in bot_texts(d)), "the answer to start streaming")
+    click(d, "#stop")
+    conv = eventually(lambda: store.list_conversations(carol.id), "the stopped answer to be stored")[0]
+    answer = [m for m in store.messages(conv.id) if m.role == "assistant"][0]
+    assert answer.status == "stopped" and answer.content.strip()
+    wait_for(d, lambda d: not any("▌" in t for t in bot_texts(d)), "the page to show the stopped answer")
+    assert any(answer.content.strip()[:20] in t for t in bot_texts(d))
+
+
+# ------------------------------------------------------------------------------ pictures for docs/
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory):
+    """The real SmolLM2 with an adapter version "v1" serving (zero-initialised LoRA: answers unchanged)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from assistant.config import Settings
+    from assistant.models import prepare_model
+
+    root = tmp_path_factory.mktemp("embedded")
+    model_dir = prepare_model(Settings.load(env={}, home=root / "cache"), progress=False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(
+        root / "v1")
+    srv = start_server(root / "home", model_dir, {"v1": root / "v1"}, with_ui=True, max_new_tokens=60)
+    srv.services.chat.set_serving("v1")
+    srv.services.store.create_user("alice", "alice-pass-1")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.slow
+def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerThread, browser):
+    d, store, url = browser, embedded_server.services.store, embedded_server.url
+    alice = store.get_user_by_name("alice")
+    DOCS.mkdir(exist_ok=True)
+    d.get(url)
+    css(d, "input[type=password]")
+    d.save_screenshot(str(DOCS / "login.png"))
+    login(d, url, "alice", "alice-pass-1")
+
+    css(d, "#message textarea").send_keys("Give me one tip for a first visit to Paris.")
+    click(d, "#send")
+    answer = eventually(lambda: [m for c in store.list_conversations(alice.id) for m in store.messages(c.id)
+                                 if m.role == "assistant"], "the answer", timeout=120)[0]
+    assert answer.adapter == "v1" and answer.content.strip()
+    wait_for(d, lambda d: any(answer.content.strip()[:20] in t for t in bot_texts(d)), "the answer on the page")
+    d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
+    wait_for(d, lambda d: "Adapter: v1" in text_of(d, "#chatbot"), "the details to open")
+    d.execute_script("window.scrollTo(0, 0)")
+    d.save_screenshot(str(DOCS / "chat.png"))
+
+    d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1].click()
+    pick(d, "#reason", "unhelpful")
+    css(d, "#comment textarea").send_keys("Too vague: name a place to start.")
+    click(d, "#regenerate")
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer",
+             timeout=120)
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
+    d.save_screenshot(str(DOCS / "feedback.png"))
+    thumb = [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"]
+    assert [(f.rating, f.message_id) for f in thumb] == [(-1, answer.id)]
