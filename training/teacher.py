@@ -50,13 +50,18 @@ class Chunk:
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
+    @property
+    def passage(self) -> str:
+        """What the teacher reads and the judge checks against: the title (its topic) and the text."""
+        return f"{self.title}\n{self.text}" if self.title.strip() else self.text
+
 
 @dataclass(frozen=True)
 class Verdict:
     accepted: bool
     score: float  # 0..1, higher is better
     support: float  # share of the answer's content words found in the passage
-    relevance: float  # how much of the passage sentence that answers the question the answer carries
+    relevance: float  # share of the answer's new words that come from the sentence answering the question
     reasons: tuple[str, ...] = ()  # why it was rejected (empty when accepted)
 
 
@@ -122,19 +127,32 @@ _LEADING_SOURCE_PHRASE = re.compile(
 
 
 def _stem(word: str) -> str:
-    # Plural/verb "s" only: enough to match "supports"/"support", "plans"/"plan" without a stemmer.
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        return word[:-1]
+    """A crude suffix stripper: enough to match holds/hold, edited/edit, released/release, stores/store."""
+    for suffix in ("ing", "ed", "es", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix) and not word.endswith("ss"):
+            word = word[: -len(suffix)]
+            break
+    if len(word) > 3 and word.endswith("e"):
+        word = word[:-1]
     return word
 
 
 def content_words(text: str) -> list[str]:
-    """Lower-cased content words (stopwords dropped, a trailing plural "s" folded)."""
+    """Lower-cased, crudely stemmed content words (stopwords dropped)."""
     return [_stem(w) for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in _STOPWORDS]
 
 
 def _numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
+_NAME = re.compile(r"(?<![.!?:]\s)(?<!^)\b[A-Z][\w'’\-]+")
+
+
+def _unsupported_names(answer: str, passage: str) -> set[str]:
+    """Capitalised words inside sentences (names, products) that the passage never mentions."""
+    known = {w.lower() for w in _WORD.findall(passage)}
+    return {m.group(0) for m in _NAME.finditer(answer.strip()) if m.group(0).lower() not in known}
 
 
 def _sentences(text: str) -> list[str]:
@@ -154,8 +172,8 @@ def clean_answer(text: str) -> str:
 
 @dataclass(frozen=True)
 class JudgeLimits:
-    min_support: float = 0.75
-    min_relevance: float = 0.34
+    min_support: float = 0.8
+    min_relevance: float = 0.5
     min_words: int = 3
     max_chars: int = 700
 
@@ -178,26 +196,28 @@ def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeL
         reasons.append("refusal")
     if _MENTIONS_SOURCE.search(answer):
         reasons.append("mentions_passage")  # the student will not see the passage
-    unsupported_numbers = _numbers(answer) - _numbers(passage)
-    if unsupported_numbers:
+    if _numbers(answer) - _numbers(passage):
         reasons.append("unsupported_number")
+    if _unsupported_names(answer, passage):
+        reasons.append("unsupported_name")  # "Lumin Desk", "Melinda": invented or misspelt names
     support = sum(1 for w in a_words if w in p_words) / len(a_words) if a_words else 0.0
     if support < limits.min_support:
         reasons.append("ungrounded")
     if a_words and set(a_words) <= q_words:
         reasons.append("echoes_question")
 
-    # Relevance: the passage sentence that best matches the question holds the answer; a relevant
-    # answer carries some of that sentence's words beyond the ones the question already has.
-    best: set[str] = set()
-    best_overlap = 0
-    for sentence in _sentences(passage):
-        s_words = set(content_words(sentence))
-        overlap = len(s_words & q_words)
+    # Relevance: the passage sentence that best matches the question (and the one after it, which
+    # often continues it) holds the answer. Of what the answer adds beyond the question's own words,
+    # that much must come from there, or it answers something else in the passage.
+    sentences = _sentences(passage)
+    best_i, best_overlap = -1, 0
+    for i, sentence in enumerate(sentences):
+        overlap = len(set(content_words(sentence)) & q_words)
         if overlap > best_overlap:
-            best, best_overlap = s_words, overlap
-    new_info = best - q_words
-    relevance = min(1.0, len(new_info & set(a_words)) / min(3, len(new_info))) if new_info else 0.0
+            best_i, best_overlap = i, overlap
+    window = set(content_words(" ".join(sentences[best_i:best_i + 2]))) if best_i >= 0 else set()
+    added = set(a_words) - q_words
+    relevance = len(added & window) / len(added) if added else 0.0
     if relevance < limits.min_relevance:
         reasons.append("off_question")
 
@@ -211,8 +231,20 @@ def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeL
 _QUESTION_LINE = re.compile(r"(?i)^\s*(?:\d+[.)]\s*|[-*]\s*|q(?:uestion)?\s*\d*\s*[:.)-]\s*)")
 
 
+_QUESTION_WORDS = ("what", "when", "where", "who", "whom", "which", "why", "how", "does", "do", "is", "are",
+                   "can", "was", "were", "will", "should")
+_EMBEDDED_QUESTION = re.compile(r"[A-Z][^\"“”?\n]{3,200}\?")
+
+
 def clean_question(raw: str) -> str:
-    """The first question in a model reply, without numbering, quotes or a "Question:" label."""
+    """The first question in a model reply, without numbering, quotes or a "Question:" label.
+
+    Small models wrap their question in chatter ('The answer to the question "What is X?" is ...'), so
+    a quoted question that starts with a question word is preferred to the line around it.
+    """
+    for m in _EMBEDDED_QUESTION.finditer(raw):
+        if m.group(0).split()[0].lower().strip("'’") in _QUESTION_WORDS and m.start() > 0:
+            return m.group(0).strip()
     for line in raw.strip().splitlines():
         line = _QUESTION_LINE.sub("", line).strip().strip('"').strip()
         if "?" in line:
@@ -231,9 +263,12 @@ def question_problem(question: str, passage: str) -> str | None:
         return "bad_length"
     if _MENTIONS_SOURCE.search(question) or re.search(r"(?i)\bauthor\b", question):
         return "mentions_passage"  # unanswerable without the passage the student will not have
-    overlap = set(content_words(question)) & set(content_words(passage))
-    if len(overlap) < 2:
+    words = content_words(question)
+    known = set(content_words(passage))
+    if len(set(words) & known) < 2 or sum(w in known for w in words) < 0.6 * len(words):
         return "not_about_passage"
+    if _unsupported_names(question, passage):
+        return "unknown_name"
     return None
 
 
@@ -307,7 +342,7 @@ def template_questions(chunk: Chunk, limit: int = 2) -> list[str]:
     out: list[str] = []
     for sentence in _sentences(chunk.text):
         q = _template_for(sentence, chunk.text)
-        if q and question_problem(q, chunk.text) is None and q not in out:
+        if q and question_problem(q, chunk.passage) is None and q not in out:
             out.append(q)
         if len(out) >= limit:
             return out
@@ -464,14 +499,14 @@ class GroundedTeacher:
         """Up to k (question, source) pairs: the model's valid questions first, then templates."""
         o = self.options
         messages = [{"role": "system", "content": QUESTION_SYSTEM},
-                    {"role": "user", "content": QUESTION_USER.format(passage=chunk.text)}]
+                    {"role": "user", "content": QUESTION_USER.format(passage=chunk.passage)}]
         raw = self.model.complete(messages, n=o.question_samples, temperature=o.temperature, top_p=o.top_p,
                                   max_new_tokens=o.question_max_tokens, seed=_seed(o.seed, chunk.sha256, "q"))
         out: list[tuple[str, str]] = []
         seen: set[str] = set()
         for text in raw:
             q = clean_question(text)
-            problem = question_problem(q, chunk.text)
+            problem = question_problem(q, chunk.passage)
             key = " ".join(content_words(q))
             if problem is None and key in seen:
                 problem = "duplicate"
@@ -484,7 +519,7 @@ class GroundedTeacher:
             self.stats["model_questions"] += 1
             if len(out) >= k:
                 return out
-        for q in template_questions(chunk, limit=k):
+        for q in template_questions(chunk, limit=k + 3):  # spares: some may repeat a model question
             key = " ".join(content_words(q))
             if key in seen:
                 continue
@@ -499,14 +534,14 @@ class GroundedTeacher:
         """Sample answers with the passage in context, judge them, keep the best (and the worst)."""
         o = self.options
         messages = [{"role": "system", "content": ANSWER_SYSTEM},
-                    {"role": "user", "content": ANSWER_USER.format(passage=chunk.text, question=question)}]
+                    {"role": "user", "content": ANSWER_USER.format(passage=chunk.passage, question=question)}]
         raw = self.model.complete(messages, n=o.candidates, temperature=o.temperature, top_p=o.top_p,
                                   max_new_tokens=o.answer_max_tokens,
                                   seed=_seed(o.seed, chunk.sha256, question))
         candidates = []
         for text in raw:
             cleaned = clean_answer(text)
-            candidates.append(Candidate(cleaned, judge(question, cleaned, chunk.text, o.limits)))
+            candidates.append(Candidate(cleaned, judge(question, cleaned, chunk.passage, o.limits)))
         # Best: accepted first, then by score; worst: the lowest score. Ties keep sampling order.
         ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score), reverse=True)
         best, worst = ranked[0], ranked[-1]

@@ -1,0 +1,280 @@
+"""Teachers and synthetic pairs (training/teacher.py, training/synth.py).
+
+The judge and question checks are pure functions tested on hand-written cases. The GroundedTeacher
+is tested with a scripted model whose replies are fixed, so best/worst selection can be checked by
+hand; then each real TeacherModel runs for real: a local HF model (tiny random Llama), the OpenAI
+client against this product's own API server, the runtime backend, and (slow) the embedded SmolLM2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.synth import SyntheticPairs, chunk_text, chunks_from_folder, run_synth
+from training.teacher import (
+    QUESTION_SYSTEM,
+    BackendTeacherModel,
+    Chunk,
+    GroundedTeacher,
+    HFTeacherModel,
+    OpenAITeacherModel,
+    Teacher,
+    TeacherModel,
+    TeacherOptions,
+    clean_answer,
+    clean_question,
+    judge,
+    local_teacher,
+    openai_teacher,
+    question_problem,
+    self_teacher,
+    summarize,
+    template_questions,
+)
+
+DOCS = Path(__file__).parent / "data" / "docs"
+PRICING = (DOCS / "pricing.md").read_text(encoding="utf-8")
+PRICING_CHUNK = Chunk("pricing", "0", PRICING, "Lumen Desk plans and pricing")
+Q = "How much does the Team plan cost?"
+
+
+# --------------------------------------------------------------------------------------- judge
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ("The Team plan costs 8 dollars per member per month.", None),
+        ("It costs 8 dollars per member per month.", None),
+        ("The Team plan costs 12 dollars per member per month.", "unsupported_number"),
+        ("The Lumin Team plan costs 8 dollars per member per month.", "unsupported_name"),
+        ("I don't know, sorry.", "refusal"),
+        ("The passage says the Team plan costs 8 dollars per member per month.", "mentions_passage"),
+        ("Team plan.", "too_short"),
+        ("The Team plan is loved by astronauts, pirates and famous violinists everywhere.", "ungrounded"),
+        ("The Free plan allows up to 3 members.", "off_question"),
+        ("plan plan plan plan plan plan plan plan plan plan plan plan plan plan plan plan", "repetitive"),
+    ],
+)
+def test_judge(answer, reason):
+    verdict = judge(Q, clean_answer(answer), PRICING)
+    if reason is None:
+        assert verdict.accepted and verdict.reasons == () and verdict.score > 0.9
+    else:
+        assert not verdict.accepted and reason in verdict.reasons, verdict
+
+
+def test_clean_answer_and_question():
+    assert clean_answer('  "According to the passage, it costs 8 dollars."') == "It costs 8 dollars."
+    assert clean_answer("Answer: Based on the text: yes, 14 days.") == "Yes, 14 days."
+    assert clean_question("1. What does the Team plan cost?\nIt costs...") == "What does the Team plan cost?"
+    assert clean_question('The answer to the question "How long is the refund window?" is 14 days.') == \
+        "How long is the refund window?"
+    assert clean_question("Question: Who can get the Team plan for free? Schools.") == \
+        "Who can get the Team plan for free?"
+
+
+@pytest.mark.parametrize(
+    ("question", "problem"),
+    [
+        ("How much does the Team plan cost?", None),
+        ("The Team plan costs money.", "not_a_question"),
+        ("Cost?", "bad_length"),
+        ("What is this text about, in short?", "mentions_passage"),
+        ("What is the capital of Mongolia today?", "not_about_passage"),
+        ("How much does the Zephyr Team plan cost?", "unknown_name"),
+    ],
+)
+def test_question_checks(question, problem):
+    assert question_problem(question, PRICING) == problem
+
+
+def test_template_questions_cover_every_document():
+    chunks = chunks_from_folder(DOCS)
+    assert {c.doc_id for c in chunks} == {p.stem for p in DOCS.glob("*.md")}
+    for chunk in chunks:
+        questions = template_questions(chunk, limit=3)
+        assert len(questions) == 3, chunk.doc_id
+        for q in questions:
+            assert question_problem(q, chunk.passage) is None, (chunk.doc_id, q)
+    overview = next(c for c in chunks if c.doc_id == "lumen_desk_overview")
+    assert template_questions(overview, 3) == ["What is Lumen Desk?", "What does a workspace hold?",
+                                               "What does Lumen Desk run on?"]
+
+
+def test_chunking():
+    text = "# Title\n\n" + "\n\n".join(f"Paragraph {i} " + "word " * 30 for i in range(6))
+    chunks = chunk_text("doc", text, title="Title", max_chars=400)
+    assert len(chunks) == 3 and [c.chunk_id for c in chunks] == ["0", "1", "2"]
+    assert all(len(c.text) <= 400 for c in chunks) and "# Title" not in chunks[0].text
+    assert "Paragraph 0" in chunks[0].text and "Paragraph 5" in chunks[-1].text
+    with pytest.raises(FileNotFoundError):
+        chunks_from_folder(DOCS / "missing")
+
+
+# --------------------------------------------------------------------------------------- scripted teacher
+
+
+class ScriptedModel:
+    """Replies from fixed lists in order; records every call. Its output is known by hand."""
+
+    name = "scripted"
+
+    def __init__(self, questions: list[str], answers: list[str]) -> None:
+        self.questions, self.answers = list(questions), list(answers)
+        self.calls: list[tuple[str, int, int]] = []
+
+    def complete(self, messages, *, n, temperature, top_p, max_new_tokens, seed):
+        asking = messages[0]["content"] == QUESTION_SYSTEM
+        self.calls.append(("question" if asking else "answer", n, seed))
+        source = self.questions if asking else self.answers
+        return [source.pop(0) for _ in range(n)]
+
+
+GOOD = "The Team plan costs 8 dollars per member per month."
+SHORT_GOOD = "It costs 8 dollars per member each month."
+WRONG_NUMBER = "The Team plan costs 80 dollars per member per month."
+REFUSAL = "I'm not sure about that."
+
+
+def test_grounded_teacher_keeps_the_best_and_pairs_it_with_the_worst():
+    model = ScriptedModel(
+        questions=["How much does the Team plan cost?", "What is this text about?", "Nice text."],
+        answers=[WRONG_NUMBER, GOOD, REFUSAL, SHORT_GOOD] + [GOOD] * 4,
+    )
+    assert isinstance(model, TeacherModel)
+    teacher = GroundedTeacher(model, TeacherOptions(candidates=4, question_samples=3))
+    assert isinstance(teacher, Teacher)
+    pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=2)
+    assert [(p.question, p.question_source) for p in pairs] == [
+        ("How much does the Team plan cost?", "model"),
+        ("What does Lumen Desk have?", "template"),  # the other model questions were unusable
+    ]
+    first = pairs[0]
+    assert first.answer == GOOD and first.accepted and first.score == 1.0
+    assert first.rejected == REFUSAL and first.rejected_score == 0.0
+    assert (first.doc_id, first.chunk_id, first.chunk_sha256) == ("pricing", "0", PRICING_CHUNK.sha256)
+    assert [c.verdict.accepted for c in first.candidates] == [False, True, False, True]
+    record = first.judge_record()["candidates"]
+    assert record[0]["reasons"] == ["unsupported_number"] and record[1]["accepted"]
+    # four identical good answers: accepted, but no DPO pair (nothing worse to learn against)
+    assert pairs[1].rejected is None
+    assert teacher.stats == {"model_questions": 1, "template_questions": 1, "questions_rejected": 2}
+    assert [kind for kind, _, _ in model.calls] == ["question", "answer", "answer"]
+    assert summarize(pairs)["dpo_pairs"] == 1
+
+
+def test_teacher_is_deterministic_per_chunk_and_question():
+    runs = []
+    for _ in range(2):
+        model = ScriptedModel(questions=["x"] * 3, answers=[GOOD] * 8)
+        GroundedTeacher(model, TeacherOptions(candidates=4)).pairs_for_chunk(PRICING_CHUNK, 2)
+        runs.append([seed for _, _, seed in model.calls])
+    assert runs[0] == runs[1] and len(set(runs[0])) == 3  # seeds depend on chunk and question only
+
+
+def test_run_synth_stores_pairs_with_progress(store):
+    chunks = chunks_from_folder(DOCS)[:2]
+    model = ScriptedModel(questions=["Nothing useful"] * 6, answers=[GOOD, REFUSAL] * 20)
+    seen = []
+    report = run_synth(store, GroundedTeacher(model, TeacherOptions(candidates=2)), chunks,
+                       questions_per_chunk=2, progress=lambda done, total, new: seen.append((done, total, len(new))))
+    assert seen == [(1, 2, 2), (2, 2, 2)]
+    assert report.pairs == 4 and report.template_questions == 4 and report.chunks == 2
+    table = SyntheticPairs(store)
+    stored = table.list()
+    assert [p.id for p in stored] == list(report.pair_ids)
+    assert {p.doc_id for p in stored} == {c.doc_id for c in chunks}
+    assert all(p.judge["candidates"] and p.teacher == "scripted" for p in stored)
+    assert len(table.list(accepted_only=True)) == report.accepted
+    assert table.delete_for_document(chunks[0].doc_id) == 2
+    assert table.counts()["total"] == 2
+
+
+def test_repair_pairs_die_with_their_conversation(store):
+    u = store.create_user("carol", "pw-carol")
+    c = store.create_conversation(u.id, "plans")
+    _, answer = store.add_turn(c.id, Q, "It is free.")
+    teacher = GroundedTeacher(ScriptedModel([], [GOOD, REFUSAL]), TeacherOptions(candidates=2))
+    pair = teacher.answer(Q, PRICING_CHUNK)
+    table = SyntheticPairs(store)
+    with pytest.raises(ValueError, match="repair"):
+        table.add(pair, "repair")
+    table.add(pair, "repair", target_message_id=answer.id)
+    assert table.counts()["total"] == 1
+    store.delete_conversation(c.id, u.id)
+    assert table.counts()["total"] == 0
+
+
+# --------------------------------------------------------------------------------------- real models
+
+
+FAST = TeacherOptions(candidates=2, question_samples=2, question_max_tokens=8, answer_max_tokens=8)
+
+
+def test_local_hf_teacher_on_the_tiny_model(tiny_model_dir):
+    teacher = local_teacher(tiny_model_dir, FAST)
+    assert isinstance(teacher.model, HFTeacherModel)
+    pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=1)
+    assert len(pairs) == 1 and len(pairs[0].candidates) == 2
+    # random weights write no usable question and no grounded answer: templates and rejection
+    assert pairs[0].question_source == "template" and not pairs[0].accepted
+    assert teacher.stats["questions_rejected"] == 2
+
+
+def test_openai_teacher_against_our_own_api(tmp_path, tiny_model_dir):
+    from tests.helpers import start_server
+
+    server = start_server(tmp_path / "api-home", tiny_model_dir, max_new_tokens=16)
+    try:
+        user = server.services.store.create_user("teacher", "teacher-password-1")
+        key = server.services.store.create_api_key(user.id)
+        teacher = openai_teacher(server.url + "/v1", server.services.backend.model_name, api_key=key, options=FAST)
+        assert isinstance(teacher.model, OpenAITeacherModel)
+        before = server.calls
+        pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=1)
+        assert server.calls - before == FAST.question_samples + FAST.candidates  # every sample was a request
+        assert len(pairs) == 1 and len(pairs[0].candidates) == 2 and pairs[0].teacher.startswith("openai:")
+    finally:
+        server.stop()
+
+
+def test_self_teacher_through_the_runtime_backend(settings, tiny_model_dir):
+    from assistant.runtime import make_backend
+
+    backend = make_backend(settings.model_copy(update={"model": str(tiny_model_dir), "torch_threads": 1}),
+                           progress=False)
+    teacher = self_teacher(backend, options=FAST)
+    assert isinstance(teacher.model, BackendTeacherModel) and teacher.name.startswith("self:")
+    pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=2)
+    assert len(pairs) == 2 and all(len(p.candidates) == 2 for p in pairs)
+
+
+@pytest.fixture(scope="module")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    from assistant.config import Settings
+    from assistant.models import prepare_model
+
+    return prepare_model(Settings.load(env={}, home=tmp_path_factory.mktemp("embedded")), progress=False)
+
+
+@pytest.mark.slow
+def test_self_teacher_on_the_embedded_model_makes_grounded_pairs(store, settings, embedded_model_dir):
+    from assistant.runtime import make_backend
+
+    backend = make_backend(settings.model_copy(update={"model": str(embedded_model_dir), "torch_threads": 1}),
+                           progress=False)
+    chunks = [c for c in chunks_from_folder(DOCS) if c.doc_id in ("pricing", "company")]
+    options = TeacherOptions(candidates=3, question_samples=2, answer_max_tokens=64)
+    report = run_synth(store, self_teacher(backend, options=options), chunks, questions_per_chunk=1)
+    stored = SyntheticPairs(store).list()
+    assert report.pairs == len(stored) == 2
+    assert report.accepted >= 1, [p.judge for p in stored]
+    for p in stored:
+        assert p.doc_id in ("pricing", "company")
+        verdicts = p.judge["candidates"]
+        assert len(verdicts) == 3 and all(v["accepted"] == (not v["reasons"]) for v in verdicts)
+        if p.accepted:
+            assert judge(p.question, p.answer, next(c.text for c in chunks if c.doc_id == p.doc_id)).accepted
