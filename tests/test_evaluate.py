@@ -1,0 +1,292 @@
+"""The evaluation gate: pure decision rules on hand-made numbers, held-out loading from a real dataset
+snapshot, and real adapters trained with the real trainer on a tiny model: the gate accepts a genuine
+improvement over the serving adapter and rejects one trained on noise labels. One slow test checks
+the shipped general-ability suite on the embedded SmolLM2 and that it catches a wrecked adapter."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.evaluate import (
+    SUITE_DIR,
+    Completion,
+    EvalDataError,
+    EvalSet,
+    GateConfig,
+    ModelMetrics,
+    PrefPair,
+    decide,
+    evaluate,
+    fact_score,
+    key_facts,
+    keyword_score,
+    load_eval_set,
+    load_general_suite,
+)
+
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
+            ("Egypt", "Cairo"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi"), ("Norway", "Oslo"),
+            ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Turkey", "Ankara"),
+            ("India", "New Delhi"), ("China", "Beijing"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
+            ("Brazil", "Brasilia"), ("Cuba", "Havana"), ("Ireland", "Dublin"), ("Austria", "Vienna"),
+            ("Hungary", "Budapest"), ("Portugal", "Lisbon"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+            ("Belgium", "Brussels"), ("Russia", "Moscow"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
+            ("Iran", "Tehran"), ("Iraq", "Baghdad"), ("Nepal", "Kathmandu")]
+TRAIN, VALID, HELD_OUT = CAPITALS[:24], CAPITALS[24:27], CAPITALS[27:]
+JUNK = "zork blip quax fnord vreem snark plob gribble wux trazz yonk fleem".split()
+
+
+def mm(label: str, adapter: str | None = "x", **values: float) -> ModelMetrics:
+    return ModelMetrics(label=label, adapter=adapter, **values)
+
+
+# ---------------------------------------------------------------------------------------------- rules
+def test_gain_without_regression_passes() -> None:
+    base = mm("base", None, val_loss=2.0, general_ppl=10.0, general_qa=0.9)
+    serving = mm("baseline", val_loss=1.5, pref_accuracy=0.6, general_ppl=10.5, general_qa=0.9)
+    cand = mm("candidate", val_loss=1.4, pref_accuracy=0.62, general_ppl=10.9, general_qa=0.85)
+    d = decide(cand, serving, base, GateConfig())
+    # val loss 1.5 -> 1.4 is 6.7% better (>= 1%); pref +0.02 is no gain but within tolerance;
+    # general ppl +3.8% vs serving and +9% vs base (<= 10%); QA -0.05 (<= 0.10).
+    assert d.passed and d.gains == ["val_loss"] and d.skipped == ["grounded"], d.reason
+    assert {c.name for c in d.checks if c.kind == "forgetting"} == {
+        "general perplexity vs baseline", "general questions vs baseline", "general perplexity vs base",
+        "general questions vs base"}
+
+
+def test_regression_beyond_tolerance_fails_even_with_a_gain() -> None:
+    base = mm("base", None, general_ppl=10.0, general_qa=0.9)
+    serving = mm("baseline", val_loss=1.5, pref_accuracy=0.8, general_ppl=10.0, general_qa=0.9)
+    cand = mm("candidate", val_loss=1.2, pref_accuracy=0.7, general_ppl=10.0, general_qa=0.9)
+    d = decide(cand, serving, base, GateConfig())
+    assert not d.passed and d.gains == ["val_loss"]
+    assert d.reason.startswith("regression: pref_accuracy no regression (worse by 0.100)")
+
+
+def test_catastrophic_forgetting_is_caught_against_the_base_model() -> None:
+    # The serving adapter had already drifted by 8%; the candidate drifts 8% more: within tolerance of
+    # the serving one, but 16.6% above the base model.
+    base = mm("base", None, general_ppl=10.0, general_qa=0.9)
+    serving = mm("baseline", val_loss=1.5, general_ppl=10.8, general_qa=0.9)
+    cand = mm("candidate", val_loss=1.0, general_ppl=11.66, general_qa=0.9)
+    d = decide(cand, serving, base, GateConfig())
+    assert not d.passed and "general perplexity vs base (+16.6%)" in d.reason
+    assert [c.passed for c in d.checks if c.name == "general perplexity vs baseline"] == [True]
+    qa = decide(mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=0.7), serving, base, GateConfig())
+    assert not qa.passed and "general questions" in qa.reason
+
+
+def test_no_gain_and_nothing_measurable_fail() -> None:
+    base = mm("base", None, val_loss=1.0, general_ppl=10.0, general_qa=0.9)
+    same = decide(mm("candidate", val_loss=0.995, general_ppl=10.0, general_qa=0.9), base, base, GateConfig())
+    assert not same.passed and same.reason == "no gain on any target metric (val_loss)"  # 0.5% < 1%
+    none = decide(mm("candidate", general_ppl=10.0, general_qa=0.9), mm("base", None, general_ppl=10.0,
+                                                                       general_qa=0.9), base, GateConfig())
+    assert not none.passed and none.reason == "no target metric could be measured on the held-out set"
+
+
+def test_gate_config_validation_names_the_problem() -> None:
+    assert GateConfig.from_dict({"min_val_loss_gain": 0.05}).min_val_loss_gain == 0.05
+    with pytest.raises(ValueError, match="unknown gate config keys: \\['speed'\\]"):
+        GateConfig.from_dict({"speed": 1})
+    with pytest.raises(ValueError, match="not of type"):
+        GateConfig.from_dict({"max_new_tokens": "48"})
+    with pytest.raises(ValueError, match="general_ppl_tolerance must be a finite number >= 0"):
+        GateConfig.from_dict({"general_ppl_tolerance": -0.1})
+    with pytest.raises(ValueError, match="target_metrics"):
+        GateConfig.from_dict({"target_metrics": ["bleu"]})
+    assert set(GateConfig.help()) == set(GateConfig.defaults()) and all(GateConfig.help().values())
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_shipped_general_suite_is_well_formed() -> None:
+    suite = load_general_suite()
+    assert len(suite.reference) >= 8 and len(suite.qa) >= 16
+    assert len({i for i, _ in suite.reference}) == len(suite.reference)
+    assert all(len(text.split()) >= 50 for _, text in suite.reference)
+    assert keyword_score("The capital of France is Paris.", suite.qa[0].keywords) == 1.0
+
+
+def test_key_facts_and_scores() -> None:
+    passage = "The Northfield library opens at 9:30 on Saturdays and closes at 16:00."
+    facts = key_facts("It opens at 9:30 on Saturdays.", passage)
+    assert facts == ["9:30", "saturdays", "opens"]
+    assert fact_score("Opening time is 9:30 on saturdays!", facts) == pytest.approx(2 / 3)
+    assert fact_score("It is closed.", facts) == 0.0
+    assert keyword_score("seven days", [["7", "seven"]]) == 1.0 and keyword_score("seventy", [["seven"]]) == 0.0
+
+
+def test_held_out_set_from_a_real_dataset_snapshot(store, settings) -> None:
+    from training.dataset_build import BuildOptions, build_datasets
+
+    user = store.create_user("alice", "pw-alice")
+    for country, city in CAPITALS:
+        conv = store.create_conversation(user.id, country)
+        _, a = store.add_turn(conv.id, f"What is the capital of {country}?", "I am not sure about that.")
+        store.add_edit(user.id, a.id, f"The capital of {country} is {city}.")
+    snap = build_datasets(store, settings, BuildOptions(split_ratios=(0.5, 0.1, 0.4), heldout_min_rows=10,
+                                                         replay_ratio=0.0)).path
+    frozen = [json.loads(x) for x in (snap / "heldout" / "sft.jsonl").read_text().splitlines()]
+    es = load_eval_set(snap)
+    assert len(frozen) >= 5 and len(es.sft) == len(frozen) and len(es.pairs) >= 5 and es.doc_qa == []
+    assert es.sft[0].prompt[-1]["role"] == "user" and es.sft[0].completion.startswith("The capital of")
+    assert all(p.rejected == "I am not sure about that." for p in es.pairs)
+
+
+def test_bad_held_out_data_is_refused_clearly(tmp_path: Path) -> None:
+    with pytest.raises(EvalDataError, match="does not exist"):
+        load_eval_set(tmp_path / "nope")
+    (tmp_path / "heldout").mkdir()
+    with pytest.raises(EvalDataError, match="no held-out rows"):
+        load_eval_set(tmp_path)
+    (tmp_path / "heldout" / "dpo.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(EvalDataError, match="needs prompt, chosen, rejected"):
+        load_eval_set(tmp_path)
+    (tmp_path / "heldout" / "dpo.jsonl").write_text("{oops\n")
+    with pytest.raises(EvalDataError, match="dpo.jsonl:1: not JSON"):
+        load_eval_set(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- real adapters
+@pytest.fixture(scope="module")
+def learnable_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    """The tiny Llama with larger initial weights, so a LoRA adapter can move its loss (see test_train)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    out = tmp_path_factory.mktemp("learnable")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _snapshot(root: Path, noisy: bool) -> Path:
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(0)
+
+    def conv(country: str, city: str) -> dict:
+        answer = " ".join(rng.choice(JUNK) for _ in range(8)) if noisy else f"The capital of {country} is {city}."
+        return {"messages": [{"role": "user", "content": f"What is the capital of {country}?"},
+                             {"role": "assistant", "content": answer}]}
+
+    DatasetDict({"train": Dataset.from_list([conv(*p) for p in TRAIN] * 2),
+                 "validation": Dataset.from_list([conv(*p) for p in VALID])}).save_to_disk(str(root / "sft"))
+    return root
+
+
+def _train(model_dir: Path, out: Path, noisy: bool, steps: int) -> Path:
+    from training.train import run_training
+    from training.train_config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"base_model": str(model_dir), "stages": ["sft"], "max_steps": steps,
+                                 "sft_learning_rate": 1e-2, "lora_r": 16, "lora_alpha": 32, "evals_per_epoch": 0,
+                                 "warmup_ratio": 0.0, "batch_size": 4})
+    result = run_training(cfg, _snapshot(out / "data", noisy), out / "run")
+    assert result.status == "succeeded"
+    return result.adapter_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, learnable_dir: Path) -> dict[str, Path]:
+    """serving: a short genuine run; better: a longer genuine run; noise: trained on random-word answers."""
+    root = tmp_path_factory.mktemp("gate-adapters")
+    return {"serving": _train(learnable_dir, root / "serving", noisy=False, steps=8),
+            "better": _train(learnable_dir, root / "better", noisy=False, steps=24),
+            "noise": _train(learnable_dir, root / "noise", noisy=True, steps=16)}
+
+
+def held_out() -> EvalSet:
+    ask = [{"role": "user", "content": "What is the capital of {}?"}]
+    return EvalSet(
+        sft=[Completion([{**ask[0], "content": ask[0]["content"].format(c)}], f"The capital of {c} is {k}.")
+             for c, k in HELD_OUT],
+        pairs=[PrefPair([{**ask[0], "content": ask[0]["content"].format(c)}], f"The capital of {c} is {k}.",
+                        "I do not know.") for c, k in HELD_OUT],
+        source="test")
+
+
+def test_gate_accepts_a_genuine_improvement(learnable_dir: Path, adapters, tmp_path: Path) -> None:
+    report = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
+                      baseline_name="v0001", candidate_name="v0002", gate=GateConfig(max_new_tokens=8))
+    m = report.metrics
+    assert report.passed, report.decision.reason
+    assert "val_loss" in report.decision.gains
+    assert m["candidate"].val_loss < m["baseline"].val_loss * 0.99
+    assert m["base"].val_loss is None and m["base"].general_ppl is not None  # base: general suite only
+    out = report.save(tmp_path / "report")
+    data = json.loads((out / "report.json").read_text())
+    assert data["decision"]["passed"] and data["candidate"] == "v0002" and data["baseline"] == "v0001"
+    md = (out / "report.md").read_text()
+    assert "**Decision: PROMOTE**" in md and "| held-out loss (nats/token) | lower |" in md
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_gate_rejects_an_adapter_trained_on_noise_through_the_cli(learnable_dir: Path, adapters, tmp_path: Path):
+    data = tmp_path / "snap"
+    (data / "heldout").mkdir(parents=True)
+    es = held_out()
+    (data / "heldout" / "sft.jsonl").write_text("".join(
+        json.dumps({"messages": [*c.prompt, {"role": "assistant", "content": c.completion}]}) + "\n" for c in es.sft))
+    (data / "heldout" / "dpo.jsonl").write_text("".join(
+        json.dumps({"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
+                    "rejected": [{"role": "assistant", "content": p.rejected}]}) + "\n" for p in es.pairs))
+    (tmp_path / "gate.json").write_text(json.dumps({"max_new_tokens": 8}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--base-model", str(learnable_dir), "--candidate",
+         str(adapters["noise"]), "--baseline", str(adapters["serving"]), "--baseline-name", "v0001",
+         "--data", str(data), "--out", str(tmp_path / "out"), "--gate", str(tmp_path / "gate.json")],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert {"eval_progress", "eval_done"} == {e["event"] for e in events}
+    done = events[-1]
+    assert done["passed"] is False and done["reason"].startswith("regression: val_loss no regression")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    m = report["metrics"]
+    assert m["candidate"]["val_loss"] > m["baseline"]["val_loss"] * 1.02
+    assert "**Decision: REJECT**" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_bad_input_exits_2_with_a_json_error(learnable_dir: Path, adapters, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "--base-model", str(learnable_dir), "--candidate",
+         str(adapters["serving"]), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    err = json.loads(proc.stdout.splitlines()[-1])
+    assert err["event"] == "error" and "does not exist" in err["error"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Path) -> None:
+    """SmolLM2 answers the shipped questions; an adapter with large random weights fails the
+    forgetting guard against the base model (and the held-out checks)."""
+    from assistant.config import Settings
+    from assistant.models import prepare_model
+    from tests.conftest import make_random_adapter
+
+    model_dir = prepare_model(Settings.load(env={}, home=tmp_path / "home"), progress=False)
+    wrecked = make_random_adapter(model_dir, tmp_path / "wrecked", seed=1)
+    es = EvalSet(sft=held_out().sft[:3], source="test")
+    report = evaluate(model_dir, wrecked, es, gate=GateConfig(max_new_tokens=24, batch_size=8))
+    base, cand = report.metrics["base"], report.metrics["candidate"]
+    assert base.general_qa >= 0.8, base.answers["general_qa"]  # measured: 16/16 with 24 tokens
+    assert base.general_ppl < 30 and base.val_loss < 1.5  # measured: ~11.8 and ~0.3
+    assert cand.general_ppl > 100 * base.general_ppl and cand.general_qa < 0.2
+    assert not report.passed and "general perplexity vs base" in report.decision.reason
+    assert SUITE_DIR.is_dir()
