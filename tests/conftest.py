@@ -146,3 +146,25 @@ def pg_url():
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def learnable_tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
+    """The tiny Llama with larger initial weights (std 0.3), so a LoRA adapter can really move its loss.
+
+    With the default init the frozen 64-d tied embedding caps the logits near 1.3 and no adapter can
+    push the loss below ~9.5 (see tests/test_train.py). Used by the gate and loop tests.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.3,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    out = tmp_path_factory.mktemp("learnable-tiny-model")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
