@@ -155,21 +155,8 @@ def test_bad_held_out_data_is_refused_clearly(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- real adapters
 @pytest.fixture(scope="module")
-def learnable_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
-    """The tiny Llama with larger initial weights, so a LoRA adapter can move its loss (see test_train)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    out = tmp_path_factory.mktemp("learnable")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def learnable_dir(learnable_tiny_model_dir: Path) -> Path:
+    return learnable_tiny_model_dir
 
 
 def _snapshot(root: Path, noisy: bool) -> Path:
