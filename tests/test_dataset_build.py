@@ -440,3 +440,29 @@ def test_built_datasets_train_one_step_in_trl(store, settings, tiny_model_dir):
         assert math.isfinite(out.training_loss), kind
         lora_b = [p for n, p in trainer.model.named_parameters() if "lora_B" in n]
         assert lora_b and any(p.detach().abs().sum() > 0 for p in lora_b), f"{kind}: the step changed nothing"
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_build_and_list(store, settings):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    seed_every_feedback_kind(store)
+    runner = CliRunner()
+    home = ["--home", str(settings.home)]
+    out = runner.invoke(app, ["build", *home, "--split", "1,0,0", "--replay-ratio", "0"])
+    assert out.exit_code == 0, out.output
+    assert "v0001:" in out.output and "dpo: train 4, validation 0, test 0" in out.output
+    out = runner.invoke(app, ["build", *home, "--json", "--no-teacher", "--replay-ratio", "0"])
+    assert out.exit_code == 0, out.output
+    manifest = json.loads(out.output[out.output.index("{"):])
+    assert manifest["version"] == "v0002" and manifest["inputs"]["teacher_pairs_accepted"] == 0
+    assert "teacher:teacher" not in manifest["by_source"]["dpo"]["train"]
+    listing = runner.invoke(app, ["list", *home])
+    assert listing.exit_code == 0 and "v0002 (latest)" in listing.output and "v0001" in listing.output
+    bad = runner.invoke(app, ["build", *home, "--split", "0.5,0.5"])
+    assert bad.exit_code == 2 and "three numbers" in bad.output
+    assert [p.name for p in list_snapshots(settings)] == ["v0001", "v0002"]

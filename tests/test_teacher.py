@@ -278,3 +278,19 @@ def test_self_teacher_on_the_embedded_model_makes_grounded_pairs(store, settings
         assert len(verdicts) == 3 and all(v["accepted"] == (not v["reasons"]) for v in verdicts)
         if p.accepted:
             assert judge(p.question, p.answer, next(c.text for c in chunks if c.doc_id == p.doc_id)).accepted
+
+
+def test_cli_synth_with_a_local_teacher(store, settings, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    runner = CliRunner()
+    args = ["synth", "--home", str(settings.home), "--docs", str(DOCS), "--teacher", "local",
+            "--teacher-model", str(tiny_model_dir), "--questions", "1", "--candidates", "2", "--limit", "2"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "2 pairs from 2 chunks" in out.output
+    assert SyntheticPairs(store).counts()["total"] == 2
+    missing = runner.invoke(app, ["synth", "--home", str(settings.home), "--teacher", "local"])
+    assert missing.exit_code == 2 and "--docs FOLDER or --kb" in missing.output
