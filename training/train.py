@@ -103,6 +103,7 @@ class StageResult:
     tokens_seen: int = 0
     seconds: float = 0.0
     tokens_per_s: float | None = None
+    peak_gpu_mem_gb: float | None = None
 
 
 @dataclass
@@ -480,6 +481,11 @@ def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Runtim
     # Our JobCallback reports; the default printers would write dicts to stdout, which the CLI keeps for JSON.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    import torch
+
+    cuda = rt.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.monotonic()
     trainer.train()
     seconds = time.monotonic() - t0
@@ -501,6 +507,7 @@ def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Runtim
     res.eval_losses, res.best_eval_loss = job.eval_losses, early.best
     res.tokens_seen = int(st.num_input_tokens_seen or 0)
     res.tokens_per_s = round(res.tokens_seen / seconds, 1) if seconds > 0 and res.tokens_seen else None
+    res.peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     # DPO/KTO add a frozen "ref" copy of the adapter as their reference model; it must not be saved.
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
