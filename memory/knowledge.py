@@ -73,6 +73,7 @@ class Hit:
     scope: Scope
     dense_score: float | None = None  # cosine similarity, when the dense ranking found it
     lexical_score: float | None = None  # BM25, when the lexical ranking found it
+    lexical_coverage: float | None = None  # share of the query's idf mass this chunk matches (0..1)
 
     def as_source(self, snippet_chars: int = 300) -> dict[str, Any]:
         snippet = " ".join(self.text.split())
@@ -130,6 +131,18 @@ def visibility(scope: Scope, owner_id: int) -> str:
 
 def readable_by(user: User) -> list[str]:
     return ["shared", f"user:{user.id}"]
+
+
+def document_metadata(doc_id: str, title: str, filename: str, kind: str, scope: Scope, owner_id: int,
+                      n_chunks: int, size: int, sha256: str, created_at: float) -> dict[str, Any]:
+    """Metadata every chunk of a document carries (chunk 0's copy is the document's record)."""
+    return {"doc_id": doc_id, "title": title, "filename": filename, "kind": kind, "scope": scope,
+            "owner_id": owner_id, "visibility": visibility(scope, owner_id), "n_chunks": n_chunks,
+            "doc_bytes": size, "doc_sha256": sha256, "created_at": created_at}
+
+
+def chunk_metadata(doc: dict[str, Any], chunk: Chunk) -> dict[str, Any]:
+    return {**doc, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end}
 
 
 def _open_client(settings: Settings) -> Any:
@@ -267,9 +280,8 @@ class KnowledgeBase:
                                     self.settings.chunk_overlap)
             doc_id = "d" + uuid.uuid4().hex[:15]
             now = time.time()
-            base = {"doc_id": doc_id, "title": doc.title, "filename": doc.filename, "kind": doc.kind,
-                    "scope": scope, "owner_id": user.id, "visibility": vis, "n_chunks": len(chunks),
-                    "doc_bytes": doc.size, "doc_sha256": doc.sha256, "created_at": now}
+            base = document_metadata(doc_id, doc.title, doc.filename, doc.kind, scope, user.id, len(chunks),
+                                     doc.size, doc.sha256, now)
             ids = [f"{doc_id}:{c.index:05d}" for c in chunks]
             # Chunk 0 goes last: until it is stored the document does not exist for listings or rebuilds.
             order = list(range(1, len(chunks))) + [0]
@@ -279,7 +291,7 @@ class KnowledgeBase:
                     vecs = self.embedder.encode([chunks[i].text for i in batch])
                     col.add(ids=[ids[i] for i in batch], embeddings=vecs,
                             documents=[chunks[i].text for i in batch],
-                            metadatas=[self._chunk_meta(base, chunks[i]) for i in batch])
+                            metadatas=[chunk_metadata(base, chunks[i]) for i in batch])
                     report(min(b + len(batch), len(order)) / len(order), f"embedded {b + len(batch)}/{len(order)}")
                 index.add([(ids[i], doc_id, vis, chunks[i].text) for i in range(len(chunks))])
             except BaseException:
@@ -288,10 +300,6 @@ class KnowledgeBase:
                 index.remove_doc(doc_id)
                 raise
         return self._info(base)
-
-    @staticmethod
-    def _chunk_meta(base: dict[str, Any], chunk: Chunk) -> dict[str, Any]:
-        return {**base, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end}
 
     @staticmethod
     def _info(meta: dict[str, Any]) -> DocumentInfo:
@@ -369,20 +377,23 @@ class KnowledgeBase:
                 dense.append((cid, 1.0 - float(dist)))
                 texts[cid], metas[cid] = text, meta
         lexical = index.search(query, vis, candidates) if mode in ("hybrid", "lexical") else []
-        fused = self._fuse(dense, lexical, mode)[:k]
+        fused = self._fuse(dense, [(cid, score) for cid, score, _ in lexical], mode)[:k]
         missing = [cid for cid, _ in fused if cid not in texts]
         if missing:
             got = self.collection.get(ids=missing, include=["documents", "metadatas"])
             for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
                 texts[cid], metas[cid] = text, meta
-        dense_of, lex_of = dict(dense), dict(lexical)
+        dense_of = dict(dense)
+        lex_of = {cid: (score, cov) for cid, score, cov in lexical}
         hits = []
         for cid, score in fused:
             meta = metas[cid]
             if meta["visibility"] not in vis:  # belt and braces: both rankings were already filtered
                 raise KnowledgeError(f"retrieval returned chunk {cid} outside the user's scope")
+            lex = lex_of.get(cid)
             hits.append(Hit(doc_id=meta["doc_id"], title=meta["title"], chunk_id=cid, text=texts[cid], score=score,
-                            scope=meta["scope"], dense_score=dense_of.get(cid), lexical_score=lex_of.get(cid)))
+                            scope=meta["scope"], dense_score=dense_of.get(cid), lexical_score=lex[0] if lex else None,
+                            lexical_coverage=lex[1] if lex else None))
         return hits
 
     @staticmethod

@@ -67,9 +67,8 @@ def terms(text: str) -> list[str]:
 
 
 def query_terms(text: str) -> list[str]:
-    ts = terms(text)
-    kept = [t for t in ts if t not in QUERY_STOPWORDS]
-    return kept or ts
+    """Terms of a query without English function words; "who are you" has none and matches nothing."""
+    return [t for t in terms(text) if t not in QUERY_STOPWORDS]
 
 
 @dataclass
@@ -246,14 +245,19 @@ class LexicalIndex:
             return pos_parts[0], tf_parts[0]
         return np.concatenate(pos_parts), np.concatenate(tf_parts)
 
-    def search(self, query: str, visibilities: list[str], n: int = 20) -> list[tuple[str, float]]:
-        """Top `n` (chunk id, BM25 score) among chunks whose visibility is in `visibilities`."""
+    def search(self, query: str, visibilities: list[str], n: int = 20) -> list[tuple[str, float, float]]:
+        """Top `n` (chunk id, BM25 score, coverage) among chunks whose visibility is in `visibilities`.
+
+        Coverage is the share of the query's idf mass that the chunk matches (0..1): a chunk that
+        contains the rare words of the question scores near 1, one that only shares a common word
+        ("what is 2+2" vs a chunk with "2") stays low. Query words the index has never seen count as
+        rarest, so "tell me a joke" is not covered by a chunk that merely contains "tell".
+        """
         qts = Counter(query_terms(query))
         with self._lock:
             codes = [self._vis_code[v] for v in visibilities if v in self._vis_code]
-            tids = [(self._vocab[t], c) for t, c in qts.items() if t in self._vocab]
             size = len(self.chunk_ids)
-            if not codes or not tids or size == 0:
+            if not codes or not qts or size == 0:
                 return []
             allowed = self._alive[:size] & np.isin(self._vis[:size], codes)
             n_docs = int(allowed.sum())
@@ -262,18 +266,25 @@ class LexicalIndex:
             dl = self._dl[:size]
             avgdl = float(dl[allowed].mean()) or 1.0
             scores = np.zeros(size, dtype=np.float32)
-            for tid, qtf in tids:
-                pos, tf = self._postings(tid)
+            cover = np.zeros(size, dtype=np.float32)
+            total_idf = 0.0
+            for term, qtf in qts.items():
+                tid = self._vocab.get(term)
+                pos, tf = self._postings(tid) if tid is not None else (np.zeros(0, np.int32), None)
                 ok = allowed[pos]
-                pos, tf = pos[ok], tf[ok]
+                pos = pos[ok]
                 df = pos.shape[0]
+                idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+                total_idf += qtf * idf
                 if df == 0:
                     continue
-                idf = math.log(1.0 + (n_docs - df + 0.5) / (df + 0.5))
+                tf = tf[ok]
                 norm = K1 * (1.0 - B + B * dl[pos] / avgdl)
                 scores[pos] += qtf * idf * tf * (K1 + 1.0) / (tf + norm)
+                cover[pos] += qtf * idf
             hit = np.flatnonzero(scores)
             if hit.shape[0] > n:
                 hit = hit[np.argpartition(-scores[hit], n - 1)[:n]]
             hit = hit[np.argsort(-scores[hit], kind="stable")]
-            return [(self.chunk_ids[i], float(scores[i])) for i in hit]
+            total_idf = total_idf or 1.0
+            return [(self.chunk_ids[i], float(scores[i]), float(cover[i]) / total_idf) for i in hit]

@@ -1,0 +1,366 @@
+"""Retrieval benchmark: quality on the labelled set, ingest throughput, query latency at 10k/100k chunks.
+
+    .venv/bin/python bench/retrieval.py quality            # recall@k / MRR: hybrid vs dense vs lexical
+    .venv/bin/python bench/retrieval.py scale [--sizes 10000 100000] [--real 5000] [--queries 200]
+
+`quality` ingests tests/data/retrieval/docs into a fresh knowledge base through the real path and
+asks every question of tests/data/retrieval/queries.jsonl; a question counts as found at k when one
+of the top-k chunks comes from the labelled document and contains the labelled evidence text.
+
+`scale` measures, on this CPU with the embedded embedder (fp32, `--threads` torch threads):
+1. ingest throughput of the real path (`KnowledgeBase.ingest`: extract, chunk, embed, store, index)
+   on real English text (docstrings of the Python standard library and installed packages);
+2. query latency (query embedding + chromadb + BM25 + fusion + fetching texts) at each size.
+Embedding 100k chunks here would take hours, so each index holds `--real` really embedded real chunks,
+and the rest are controlled variants of them: the same text plus a unique reference line (so BM25 posting
+lists grow as with real data), and the same vector plus Gaussian noise, renormalised, at cosine ~0.93 to
+the original (so the HNSW graph does not hold exact duplicates). Prints markdown tables for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data" / "retrieval"
+# `python bench/retrieval.py` puts bench/ first on sys.path, where a sibling script (bench/datasets.py)
+# would shadow the `datasets` library that sentence-transformers imports; use the repository root instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU ({cpu}), load average {load:.1f} at start, Python {platform.python_version()}"
+
+
+def make_settings(home: Path, **overrides):
+    from assistant.config import Settings
+
+    s = Settings.load(env={}, home=home, **overrides)
+    s.ensure_dirs()
+    return s
+
+
+def bench_user(uid: int = 1, role: str = "user"):
+    from memory.types import User
+
+    return User(id=uid, username=f"bench{uid}", role=role, created_at=datetime.now(UTC))
+
+
+# ---------------------------------------------------------------------------------------- quality
+def load_labelled() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "queries.jsonl").read_text(encoding="utf-8").splitlines() if line]
+
+
+def ingest_labelled(kb, user) -> dict[str, str]:
+    """Ingest the labelled documents as shared documents; returns filename -> doc id."""
+    ids = {}
+    for path in sorted((DATA / "docs").iterdir()):
+        ids[path.name] = kb.ingest_path(user, path, scope="shared").doc_id
+    return ids
+
+
+def found_rank(hits, doc_id: str, evidence: str) -> int | None:
+    want = " ".join(evidence.split())
+    for rank, h in enumerate(hits, 1):
+        if h.doc_id == doc_id and want in " ".join(h.text.split()):
+            return rank
+    return None
+
+
+def evaluate(kb, user, queries: list[dict], ids: dict[str, str], mode: str, k: int = 10) -> list[int | None]:
+    return [found_rank(kb.search(user, q["q"], k=k, mode=mode), ids[q["doc"]], q["evidence"]) for q in queries]
+
+
+def recall_at(ranks: list[int | None], k: int) -> float:
+    return sum(1 for r in ranks if r is not None and r <= k) / len(ranks)
+
+
+def mrr(ranks: list[int | None]) -> float:
+    return sum(1.0 / r for r in ranks if r is not None) / len(ranks)
+
+
+def quality(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from memory.knowledge import KnowledgeBase
+
+    queries = load_labelled()
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = KnowledgeBase(make_settings(Path(tmp)))
+        user = bench_user()
+        ids = ingest_labelled(kb, user)
+        print(f"{len(ids)} documents, {kb.count_chunks()} chunks, {len(queries)} questions; {machine()}\n")
+        kinds = sorted({q["kind"] for q in queries})
+        print("| mode | recall@1 | recall@3 | recall@5 | MRR | " + " | ".join(f"R@5 {k}" for k in kinds) + " |")
+        print("|---" * (5 + len(kinds)) + "|")
+        for mode in ("hybrid", "dense", "lexical"):
+            ranks = evaluate(kb, user, queries, ids, mode)
+            by_kind = [recall_at([r for r, q in zip(ranks, queries, strict=True) if q["kind"] == k], 5) for k in kinds]
+            print(f"| {mode} | {recall_at(ranks, 1):.2f} | {recall_at(ranks, 3):.2f} | {recall_at(ranks, 5):.2f} | "
+                  f"{mrr(ranks):.2f} | " + " | ".join(f"{x:.2f}" for x in by_kind) + " |")
+            if args.verbose:
+                for r, q in zip(ranks, queries, strict=True):
+                    if r is None or r > 5:
+                        print(f"    miss ({mode}): {q['q']!r} -> rank {r}")
+        kb.close()
+
+
+# ---------------------------------------------------------------------------------------- real text
+def _docstring_texts(root: Path, limit_files: int) -> list[tuple[str, str]]:
+    out = []
+    for f in sorted(root.rglob("*.py"))[:limit_files]:
+        rel = str(f.relative_to(root))
+        if "/test" in rel or rel.startswith("test") or "idlelib" in rel:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+            continue  # a few files in site-packages are templates or not UTF-8; they aren't needed
+        docs = [ast.get_docstring(n) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [d for d in docs if d and len(d) >= 120]
+        if docs:
+            out.append((rel, "\n\n".join(docs)))
+    return out
+
+
+def real_documents() -> list[tuple[str, str]]:
+    """(name, text) of real English technical prose: docstrings of the stdlib and installed packages."""
+    stdlib = Path(os.__file__).parent
+    docs = _docstring_texts(stdlib, 100_000)
+    site = next((Path(p) for p in sys.path if p.endswith("site-packages")), None)
+    if site:
+        for pkg in ("transformers", "torch", "sqlalchemy", "numpy", "pydantic", "datasets", "gradio", "peft", "trl"):
+            if (site / pkg).is_dir():
+                docs += [(f"{pkg}/{n}", t) for n, t in _docstring_texts(site / pkg, 100_000)]
+    return docs
+
+
+def real_chunks(docs: list[tuple[str, str]], n: int, embedder, chunk_tokens: int, overlap: int) -> list[str]:
+    from memory.documents import chunk_spans
+
+    seen, out = set(), []
+    for _, text in docs:
+        for c in chunk_spans(text, embedder.token_offsets(text), chunk_tokens, overlap):
+            key = hashlib.sha256(c.text.encode()).digest()
+            if key not in seen and len(c.text) > 200:
+                seen.add(key)
+                out.append(c.text)
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def embed_cached(embedder, texts: list[str], cache: Path | None):
+    import numpy as np
+
+    key = hashlib.sha256("\x00".join(texts).encode() + embedder.spec.encode()).hexdigest()[:16]
+    if cache is not None:
+        f = cache / f"emb-{key}.npy"
+        if f.exists():
+            return np.load(f), None
+    started = time.perf_counter()
+    vecs = embedder.encode(texts, batch_size=32)
+    took = time.perf_counter() - started
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cache / f"emb-{key}.npy", vecs)
+    return vecs, took
+
+
+# ---------------------------------------------------------------------------------------- scale
+def measure_ingest(docs: list[tuple[str, str]], target_chunks: int, threads: int) -> tuple[int, int, float]:
+    """Real ingest path on whole documents until ~target_chunks chunks; returns (docs, chunks, seconds)."""
+    from memory.knowledge import KnowledgeBase
+
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = KnowledgeBase(make_settings(Path(tmp)))
+        kb.warm()
+        user = bench_user()
+        n_docs = n_chunks = 0
+        started = time.perf_counter()
+        for name, text in docs:
+            if n_chunks >= target_chunks:
+                break
+            info = kb.ingest(user, f"doc{n_docs:04d}.txt", text.encode(), scope="shared",
+                             title=name)
+            n_docs += 1
+            n_chunks += info.chunks
+        took = time.perf_counter() - started
+        kb.close()
+    return n_docs, n_chunks, took
+
+
+def fill(kb, pool: list[str], vecs, size: int, rng: random.Random, noise: float, users: int) -> float:
+    """Write `size` chunks (real + variants) straight into the collection, as ingest would store them."""
+    import numpy as np
+
+    from memory.documents import Chunk
+    from memory.knowledge import chunk_metadata, document_metadata
+
+    col = kb.collection
+    nrng = np.random.default_rng(rng.randrange(1 << 30))
+    per_doc = 20
+    started = time.perf_counter()
+    batch = 2000
+    for b in range(0, size, batch):
+        ids, texts, metas, embs = [], [], [], []
+        for i in range(b, min(size, b + batch)):
+            base, variant = i % len(pool), i // len(pool)
+            doc_no, idx = divmod(i, per_doc)
+            text = pool[base]
+            vec = vecs[base]
+            if variant:
+                text = f"{text}\n(revision {variant}, reference R{i:06d})"
+                v = vec + nrng.normal(0.0, noise / np.sqrt(vec.shape[0]), vec.shape[0]).astype(np.float32)
+                vec = v / np.linalg.norm(v)
+            # 70 % shared, the rest private to one of `users` users: filters have real work to do.
+            owner = 1 + doc_no % users
+            scope = "shared" if doc_no % 10 < 7 else "private"
+            doc = document_metadata(f"b{doc_no:07d}", f"bench doc {doc_no}", f"doc{doc_no}.txt", "text", scope,
+                                    owner, per_doc, 0, "0" * 64, 0.0)
+            ids.append(f"b{doc_no:07d}:{idx:05d}")
+            texts.append(text)
+            metas.append(chunk_metadata(doc, Chunk(idx, 0, len(text), text, 0)))
+            embs.append(vec)
+        col.add(ids=ids, documents=texts, metadatas=metas, embeddings=np.stack(embs))
+    return time.perf_counter() - started
+
+
+def scale(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from memory.embedder import get_embedder
+    from memory.knowledge import KnowledgeBase, readable_by
+
+    print(f"machine: {machine()}; torch threads {args.threads}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n")
+    rng = random.Random(0)
+    emb = get_embedder()
+    s0 = make_settings(Path(tempfile.gettempdir()))
+    t = time.perf_counter()
+    docs = real_documents()
+    print(f"real text: {len(docs)} documents ({sum(len(x) for _, x in docs) / 1e6:.1f} MB) "
+          f"in {time.perf_counter() - t:.1f} s")
+
+    # 1. ingest throughput through the real path
+    n_docs, n_chunks, took = measure_ingest(docs[::-1], args.ingest_chunks, args.threads)
+    print(f"\ningest (real path): {n_docs} documents, {n_chunks} chunks in {took:.1f} s = "
+          f"{n_chunks / took:.1f} chunks/s")
+
+    # 2. the real pool, embedded for real
+    pool = real_chunks(docs, args.real, emb, s0.chunk_tokens, s0.chunk_overlap)
+    vecs, took = embed_cached(emb, pool, Path(args.cache) if args.cache else None)
+    if took is not None:
+        print(f"embedding the real pool: {len(pool)} chunks in {took:.1f} s = {len(pool) / took:.1f} chunks/s")
+    mean_tokens = statistics.mean(emb.count_tokens(p) for p in pool[:500])
+    print(f"real pool: {len(pool)} chunks, mean {mean_tokens:.0f} tokens")
+
+    # queries: 6-12 consecutive words from random real chunks
+    queries = []
+    for _ in range(args.queries):
+        words = rng.choice(pool).split()
+        n = rng.randint(6, 12)
+        start = rng.randrange(max(1, len(words) - n))
+        queries.append(" ".join(words[start:start + n]))
+
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = make_settings(Path(tmp))
+            kb = KnowledgeBase(settings)
+            load_s = fill(kb, pool, vecs, size, rng, args.noise, args.users)
+            kb.close()
+            kb = KnowledgeBase(settings)
+            t = time.perf_counter()
+            kb.warm()
+            build_s = time.perf_counter() - t
+            user = bench_user(1)
+            vis = readable_by(user)
+            for q in queries[:10]:
+                kb.search(user, q)  # warm-up: caches, HNSW pages
+            total, t_emb, t_dense, t_lex = [], [], [], []
+            for q in queries:
+                t0 = time.perf_counter()
+                kb.search(user, q)
+                total.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                qv = emb.encode([q])
+                t1 = time.perf_counter()
+                kb.collection.query(query_embeddings=qv, n_results=30, where={"visibility": {"$in": vis}},
+                                    include=["documents", "metadatas", "distances"])
+                t2 = time.perf_counter()
+                kb.lexical.search(q, vis, 30)
+                t3 = time.perf_counter()
+                t_emb.append((t1 - t0) * 1000)
+                t_dense.append((t2 - t1) * 1000)
+                t_lex.append((t3 - t2) * 1000)
+            visible = kb.lexical.count_visible(vis)
+            rows.append((size, visible, load_s, build_s, total, t_emb, t_dense, t_lex))
+            print(f"\n{size} chunks ({visible} visible to the querying user): bulk load {load_s:.0f} s, "
+                  f"BM25 index build on open {build_s:.1f} s; query p50 {pct(total, .5):.1f} ms, "
+                  f"p95 {pct(total, .95):.1f} ms")
+            kb.close()
+
+    print("\n| chunks in index | visible to user | query p50 (ms) | query p95 (ms) | embed p50 | chromadb p50 | "
+          "BM25 p50 | BM25 p95 | BM25 index build (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, visible, _load, build, total, te, td, tl in rows:
+        print(f"| {size:,} | {visible:,} | {pct(total, .5):.1f} | {pct(total, .95):.1f} | {pct(te, .5):.1f} | "
+              f"{pct(td, .5):.1f} | {pct(tl, .5):.1f} | {pct(tl, .95):.1f} | {build:.1f} |")
+    print(f"\nvector noise {args.noise} (cosine to the original ~{1 / np.sqrt(1 + args.noise ** 2):.2f}); "
+          f"{args.queries} queries; {args.users} users")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--verbose", action="store_true")
+    sc = sub.add_parser("scale")
+    sc.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    sc.add_argument("--real", type=int, default=5000, help="really embedded real chunks in each index")
+    sc.add_argument("--ingest-chunks", type=int, default=500, help="chunks for the ingest throughput run")
+    sc.add_argument("--queries", type=int, default=200)
+    sc.add_argument("--noise", type=float, default=0.4)
+    sc.add_argument("--users", type=int, default=20)
+    sc.add_argument("--threads", type=int, default=1)
+    sc.add_argument("--cache", default=None, help="folder to cache real-pool embeddings between runs")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quality(args) if args.cmd == "quality" else scale(args)
+
+
+if __name__ == "__main__":
+    main()
