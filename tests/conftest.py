@@ -168,3 +168,30 @@ def learnable_tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(tmp_path_factory) -> Path:
+    """A 1-layer random BERT (32-d) with MiniLM's real tokenizer, saved as a sentence-transformers folder.
+
+    Configured through `settings.embedder` like any folder; fast tests of the knowledge base and memory
+    use it (their behaviour does not depend on vector quality). Tests of retrieval quality use the real
+    embedded all-MiniLM-L6-v2 and are marked slow.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from memory.embedder import embedded_model_dir
+
+    root = tmp_path_factory.mktemp("tiny-embedder")
+    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    word = models.Transformer(str(root / "bert"), max_seq_length=256)
+    st = SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension(), "mean"),
+                                      models.Normalize()], device="cpu")
+    st.save(str(root / "st"))
+    return root / "st"
