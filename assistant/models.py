@@ -39,11 +39,11 @@ EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110d
 EMBEDDED_FOLDER = "smollm2-135m-instruct"
 MARKER_FILE = "source.json"
 
-# Measured on the 2-core dev box (AVX-512, no AVX512-BF16), SmolLM2-135M, greedy decode of 64 tokens:
-# see CPU_DTYPE_NOTE. float32 won at 1 thread and at 2 threads, so it is the CPU default; bf16 stays
-# available through `settings.dtype`.
-CPU_DEFAULT_DTYPE = "float32"
-CPU_DTYPE_NOTE = "fp32 vs bf16 decode speed measured by tests/bench in the runtime report"
+# CPU dtype for dtype="auto". Measured on the 2-core dev box (AMD EPYC, AVX-512 incl. avx512_bf16), SmolLM2-135M,
+# greedy, 64 new tokens, a busy neighbour on the box: 1 thread fp32 21-23 tok/s vs bf16 30-33 tok/s;
+# 2 threads fp32 19-21 vs bf16 38 tok/s (the spike saw bf16 ahead too: ~14 vs ~12.5). bf16 matmuls are
+# only fast where the CPU has AVX-512; without it they are emulated, so other CPUs keep float32.
+CPU_BF16_CAPABILITIES = ("AVX512",)
 
 
 class ModelUnavailable(RuntimeError):
@@ -158,6 +158,7 @@ def _prepare_embedded(models_dir: Path, progress: bool) -> Path:
     # Convert into a temp folder beside the target and rename it at the end, so that a crash or a
     # kill never leaves a half-written folder that a later start would take for a finished one.
     tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_FOLDER}.tmp-", dir=models_dir))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         with tqdm(total=4, desc="convert SmolLM2 GGUF", disable=not progress) as bar:
             _convert_gguf(gguf, tmp, bar)
@@ -245,7 +246,8 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        setting = CPU_DEFAULT_DTYPE
+        capability = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if capability.startswith(CPU_BF16_CAPABILITIES) else torch.float32
     return getattr(torch, setting)
 
 

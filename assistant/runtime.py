@@ -1,0 +1,877 @@
+"""Model runtime: one `Backend` interface over a model in this process or an inference server.
+
+In: chat messages (``[{"role": ..., "content": ...}]``), an adapter name (``None`` or the base model's
+name = no adapter) and `GenerationSettings`. Out: a `Generation`, an iterator of text pieces that,
+once exhausted, holds ``usage``, ``finish_reason``, ``adapter`` and ``queue_wait_s``; or a
+`GenerationResult` from `generate`, which drains one.
+
+Two implementations:
+
+- `TransformersBackend`: the base model plus PEFT LoRA adapters in this process. The active
+  adapter is state of the whole model (notes/stack.md P8), so one gate serializes "select adapter +
+  generate" for a whole generation; requests wait in FIFO order, at most `settings.queue_max` of them
+  and at most `settings.queue_timeout_s` seconds each, else `BackendBusy`. Adapter loads and unloads
+  go through the same gate ahead of waiting requests, so they never change a generation in flight.
+- `OpenAIBackend`: any OpenAI-compatible server (vLLM with LoRA modules, or this product's own API);
+  adapters are the server's model names.
+
+Hot-swap: `load_adapter(name, path)` on a name that is already loaded replaces it only after the new
+weights loaded successfully (in-process). The way to roll out a retrained adapter without a gap is to
+load it under a NEW name and switch callers to that name; the old one stays loaded for rollback
+until `unload_adapter`.
+
+Every request gets a system message: SmolLM2's chat template (and Qwen's) inserts its own default
+system prompt when there is none, so the runtime prepends `settings.system_prompt` where the caller
+sent none, and generation never depends on a template's default.
+
+Nothing is loaded at import; `make_backend(settings)` is the explicit start-up call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, runtime_checkable
+
+from assistant.config import Settings
+
+if TYPE_CHECKING:
+    import torch
+
+FinishReason = Literal["stop", "length", "cancelled"]
+ROLES = ("system", "user", "assistant")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$")
+
+
+# ---------------------------------------------------------------------------------------- errors
+class BackendError(RuntimeError):
+    """Base class of the runtime's own errors."""
+
+
+class BackendBusy(BackendError):
+    """Too many requests are waiting for the model, or one waited too long (HTTP 503)."""
+
+
+class GenerationError(BackendError):
+    """Generation failed after it started (an error in the model thread, a stalled stream)."""
+
+
+class AdapterLoadError(BackendError):
+    """An adapter could not be loaded; the adapters already serving are untouched."""
+
+
+class UnknownAdapter(KeyError):
+    """The request names an adapter that is not loaded. Raised before any model work."""
+
+    def __str__(self) -> str:  # KeyError's str() would show the message in quotes
+        return str(self.args[0]) if self.args else "unknown adapter"
+
+
+class InvalidMessages(ValueError):
+    """Messages that cannot be sent to the model (wrong shape, unknown role, prompt too long)."""
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings of one request. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (0.0 <= self.temperature <= 100.0):  # also rejects NaN
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> GenerationSettings:
+        values = {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
+                  "top_p": settings.top_p, "seed": None}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+class Usage(TypedDict):
+    # A TypedDict, not a dataclass: it is the OpenAI "usage" object and goes to JSON as is.
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def make_usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    adapter: str | None
+    queue_wait_s: float
+    first_token_s: float | None
+    duration_s: float
+
+
+# ---------------------------------------------------------------------------------------- interface
+@runtime_checkable
+class Backend(Protocol):
+    model_name: str  # public name of the base model ("no adapter")
+
+    def adapters(self) -> list[str]: ...
+    def has_adapter(self, name: str) -> bool: ...
+    def load_adapter(self, name: str, path: Path) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
+    def stream(self, messages: list[dict], adapter: str | None, gen: GenerationSettings,
+               cancel: threading.Event | None = None) -> Generation: ...
+    def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult: ...
+    def count_tokens(self, messages: list[dict]) -> int: ...
+
+
+class Generation:
+    """An answer being generated: iterate for text pieces (never ""); close() to abandon it.
+
+    After exhaustion: `usage`, `finish_reason` ("stop" | "length" | "cancelled"), `adapter`,
+    `queue_wait_s`, `first_token_s`, `text`. Closing (or dropping) it before the end cancels the
+    generation and frees the model for the next request. Also a context manager.
+    """
+
+    def __init__(self, adapter: str | None, queue_wait_s: float, prompt_tokens: int) -> None:
+        self.adapter = adapter
+        self.queue_wait_s = queue_wait_s
+        self.prompt_tokens = prompt_tokens
+        self.usage: Usage | None = None
+        self.finish_reason: FinishReason | None = None
+        self.first_token_s: float | None = None
+        self.started = time.perf_counter()
+        self.duration_s: float | None = None
+        self._pieces: list[str] = []
+        self._done = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            piece = self._next_piece()
+        except StopIteration:
+            self._finish()
+            raise
+        except BaseException:
+            self._done = True
+            self._abort()
+            raise
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.started
+        self._pieces.append(piece)
+        return piece
+
+    def close(self) -> None:
+        """Stop generating (if still running) and release the model. Safe to call more than once."""
+        if self._done:
+            return
+        self._done = True
+        self._abort()
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        if self.usage is None:
+            self.usage = make_usage(self.prompt_tokens, self._tokens_so_far())
+        self.duration_s = time.perf_counter() - self.started
+
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A client that disconnects may just drop the iterator: cancel so the model is freed.
+        if getattr(self, "_done", True) is False:
+            self.close()
+
+    def result(self) -> GenerationResult:
+        """Drain the remaining pieces and return the whole answer."""
+        with self:
+            for _ in self:
+                pass
+        assert self.finish_reason is not None and self.usage is not None
+        return GenerationResult(text=self.text, finish_reason=self.finish_reason, usage=self.usage,
+                                adapter=self.adapter, queue_wait_s=self.queue_wait_s,
+                                first_token_s=self.first_token_s, duration_s=self.duration_s or 0.0)
+
+    def _finish(self) -> None:
+        self._done = True
+        self.duration_s = time.perf_counter() - self.started
+
+    # implemented by the backends
+    def _next_piece(self) -> str:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    def _tokens_so_far(self) -> int:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------- messages
+def normalize_messages(messages: list[dict], system_prompt: str) -> list[dict[str, str]]:
+    """Check roles and contents; prepend `system_prompt` when the first message is not a system one."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidMessages("messages must be a non-empty list of {'role', 'content'} dicts")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InvalidMessages(f"messages[{i}] must be a dict with 'role' and 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise InvalidMessages(f"messages[{i}].role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidMessages(f"messages[{i}].content must be a string, got {type(content).__name__}")
+        if role == "system" and i > 0:
+            raise InvalidMessages(f"messages[{i}]: a system message may only come first")
+        out.append({"role": role, "content": content})
+    if out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system_prompt})
+    if len(out) < 2:
+        raise InvalidMessages("messages hold only a system message; nothing to answer")
+    return out
+
+
+def check_adapter_name(name: str, base_name: str) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise ValueError(f"invalid adapter name {name!r}: use 1-128 of A-Z a-z 0-9 . _ : @ + / -")
+    if name == base_name:
+        raise ValueError(f"adapter name {name!r} is the base model's name")
+
+
+# ---------------------------------------------------------------------------------------- the gate
+class _Gate:
+    """A FIFO lock for the model: holders may be released from another thread (the generation
+    thread ends the hold), waiting requests are bounded, and maintenance (adapter load/unload) goes
+    ahead of waiting requests."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._queue: deque[object] = deque()
+        self._priority_waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue) - self._priority_waiting
+
+    def acquire(self, timeout: float | None, max_waiting: int | None = None,
+                abort: threading.Event | None = None, priority: bool = False) -> float | None:
+        """Wait for the model. Returns the seconds waited, or None when `abort` was set meanwhile."""
+        start = time.perf_counter()
+        with self._cond:
+            if not self._busy and not self._queue:
+                self._busy = True
+                return 0.0
+            if max_waiting is not None and self.waiting >= max_waiting:
+                raise BackendBusy(f"{self.waiting} requests are already waiting for the model (limit {max_waiting})")
+            ticket = object()
+            if priority:
+                self._queue.insert(self._priority_waiting, ticket)
+                self._priority_waiting += 1
+            else:
+                self._queue.append(ticket)
+            deadline = None if timeout is None else start + timeout
+            try:
+                while self._busy or self._queue[0] is not ticket:
+                    if abort is not None and abort.is_set():
+                        return None
+                    remaining = None if deadline is None else deadline - time.perf_counter()
+                    if remaining is not None and remaining <= 0:
+                        raise BackendBusy(f"waited {timeout:.1f} s for the model; try again later")
+                    # Wake up now and then to notice `abort` (a client that went away while queued).
+                    self._cond.wait(0.25 if remaining is None else min(remaining, 0.25))
+                self._busy = True
+                return time.perf_counter() - start
+            finally:
+                self._queue.remove(ticket)
+                if priority:
+                    self._priority_waiting -= 1
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._busy:
+                raise RuntimeError("model gate released twice")
+            self._busy = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def held(self, priority: bool = False) -> Iterator[None]:
+        self.acquire(timeout=None, priority=priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+# ---------------------------------------------------------------------------------------- transformers
+@dataclass
+class _Done:
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
+class _PieceStreamer:
+    """A transformers streamer that turns tokens into text pieces as soon as they decode cleanly.
+
+    It decodes the whole completion each time and sends what is new, holding back only an
+    incomplete UTF-8 sequence (U+FFFD at the end), so the first piece leaves right after the
+    first token instead of at the first word boundary.
+    """
+
+    def __init__(self, tokenizer: Any, out: queue.Queue) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.tokens: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        self._emit(final=False)
+
+    def end(self) -> None:
+        self._emit(final=True)
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if not final and text.endswith("\ufffd"):
+            return
+        if len(text) > self.sent:
+            self.out.put(text[self.sent:])
+            self.sent = len(text)
+
+
+class _StopOnEvent:
+    """StoppingCriteria: stop every row once any of the events is set."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+        self.fired = False
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        import torch
+
+        stop = any(e.is_set() for e in self.events)
+        self.fired = self.fired or stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class _TransformersGeneration(Generation):
+    def __init__(self, adapter: str | None, queue_wait_s: float, prompt_tokens: int, timeout_s: float) -> None:
+        super().__init__(adapter, queue_wait_s, prompt_tokens)
+        self.queue: queue.Queue = queue.Queue()
+        self.closed = threading.Event()
+        self.streamer: _PieceStreamer | None = None
+        self._timeout_s = timeout_s
+
+    def _next_piece(self) -> str:
+        try:
+            item = self.queue.get(timeout=self._timeout_s)
+        except queue.Empty:
+            raise GenerationError(f"the model produced nothing for {self._timeout_s:.0f} s") from None
+        if isinstance(item, str):
+            return item
+        if isinstance(item, _Done):
+            self.finish_reason = item.finish_reason
+            self.usage = make_usage(self.prompt_tokens, item.completion_tokens)
+            raise StopIteration
+        assert isinstance(item, _Failed)
+        raise GenerationError(f"generation failed: {type(item.error).__name__}: {item.error}") from item.error
+
+    def _abort(self) -> None:
+        self.closed.set()
+
+    def _tokens_so_far(self) -> int:
+        return len(self.streamer.tokens) if self.streamer is not None else 0
+
+
+@dataclass
+class _Adapter:
+    internal: str  # the PEFT adapter name: changes on every load, so a replacement never clashes
+    path: Path
+
+
+class TransformersBackend:
+    """The base model and its LoRA adapters in this process (see the module docstring)."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: Settings, model_name: str | None = None) -> None:
+        self.model_name = model_name or settings.served_model_name
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self._base = model
+        self._peft: Any = None  # the PeftModel wrapper once an adapter is loaded
+        self._adapters: dict[str, _Adapter] = {}
+        self._active: str | None = None  # internal name last set with set_adapter
+        self._gate = _Gate()
+        self._ids = itertools.count()
+        self._meta_lock = threading.Lock()  # guards _adapters between the gate and readers
+        self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
+        eos = model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)  # a chat template's end-of-turn token ends the answer
+        self._eos_ids = sorted(eos_ids)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, progress: bool = True) -> TransformersBackend:
+        from assistant.models import load_model, prepare_model
+
+        loaded = load_model(settings, prepare_model(settings, progress=progress))
+        return cls(loaded.model, loaded.tokenizer, settings)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def queue_depth(self) -> int:
+        return self._gate.waiting
+
+    def adapters(self) -> list[str]:
+        with self._meta_lock:
+            return sorted(self._adapters)
+
+    def has_adapter(self, name: str) -> bool:
+        with self._meta_lock:
+            return name in self._adapters
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a PEFT LoRA folder as `name`, beside the others. A failure leaves everything as it was."""
+        check_adapter_name(name, self.model_name)
+        path = Path(path)
+        config = self._check_adapter_files(path)
+        internal = f"a{next(self._ids)}"
+        with self._gate.held(priority=True):
+            self._inject(internal, path, config)
+            with self._meta_lock:
+                old = self._adapters.get(name)
+                self._adapters[name] = _Adapter(internal, path)
+            if old is not None:
+                self._delete_internal(old.internal)
+
+    def unload_adapter(self, name: str) -> None:
+        with self._gate.held(priority=True):
+            with self._meta_lock:
+                entry = self._adapters.pop(name, None)
+            if entry is None:
+                raise UnknownAdapter(f"adapter {name!r} is not loaded")
+            self._delete_internal(entry.internal)
+
+    def _check_adapter_files(self, path: Path) -> Any:
+        # Read and check everything before taking the model, so a bad folder fails fast and never
+        # touches the model that is serving.
+        from peft import PeftConfig
+        from peft.utils import load_peft_weights
+
+        if not path.is_dir():
+            raise AdapterLoadError(f"adapter folder {path} does not exist")
+        try:
+            config = PeftConfig.from_pretrained(path)
+            weights = load_peft_weights(str(path), device="cpu")
+        except Exception as e:  # peft/safetensors raise ValueError, OSError, SafetensorError...
+            raise AdapterLoadError(f"cannot read adapter {path}: {type(e).__name__}: {e}") from e
+        if getattr(config, "peft_type", None) is None or config.is_prompt_learning:
+            raise AdapterLoadError(f"adapter {path} is not a LoRA-style adapter ({config.peft_type})")
+        if not weights:
+            raise AdapterLoadError(f"adapter {path} holds no weights")
+        config.inference_mode = True
+        return config
+
+    def _inject(self, internal: str, path: Path, config: Any) -> None:
+        from peft import get_peft_model
+
+        first = self._peft is None
+        try:
+            if first:
+                self._peft = get_peft_model(self._base, config, adapter_name=internal)
+                self._active = internal
+            result = self._peft.load_adapter(str(path), adapter_name=internal, is_trainable=False,
+                                             torch_device=str(self.device))
+            missing = [k for k in result.missing_keys if internal in k]
+            if missing or result.unexpected_keys:
+                raise AdapterLoadError(
+                    f"adapter {path} does not fit this base model: {len(missing)} missing and "
+                    f"{len(result.unexpected_keys)} unexpected weights (e.g. {(missing or result.unexpected_keys)[0]})")
+            self._peft.eval()
+        except Exception as e:
+            self._delete_internal(internal)
+            if isinstance(e, AdapterLoadError):
+                raise
+            raise AdapterLoadError(f"cannot load adapter {path}: {type(e).__name__}: {e}") from e
+
+    def _delete_internal(self, internal: str) -> None:
+        """Remove one PEFT adapter; the last one takes the LoRA layers with it (PEFT cannot run empty)."""
+        if self._peft is None or internal not in self._peft.peft_config:
+            return
+        if len(self._peft.peft_config) == 1:
+            self._base = self._peft.unload()
+            self._peft = None
+            self._active = None
+            return
+        if internal in self._peft.active_adapters:
+            # Switch away first; deleting the active adapter makes PEFT pick one itself, with a warning.
+            other = next(n for n in self._peft.peft_config if n != internal)
+            self._peft.set_adapter(other, inference_mode=True)
+            self._active = other
+        self._peft.delete_adapter(internal)
+
+    # ------------------------------------------------------------------ generation
+    def count_tokens(self, messages: list[dict]) -> int:
+        return len(self._encode(normalize_messages(messages, self.settings.system_prompt))["input_ids"][0])
+
+    def _encode(self, messages: list[dict[str, str]]) -> Any:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
+                                                  return_tensors="pt")
+
+    def _is_base(self, adapter: str | None) -> bool:
+        return adapter is None or adapter == self.model_name
+
+    def stream(self, messages: list[dict], adapter: str | None, gen: GenerationSettings,
+               cancel: threading.Event | None = None) -> Generation:
+        """Wait for the model (BackendBusy when the queue is full or the wait too long), then start.
+
+        Returns once this request holds the model; pieces arrive by iterating the Generation.
+        """
+        if not self._is_base(adapter) and not self.has_adapter(adapter):  # type: ignore[arg-type]
+            raise UnknownAdapter(f"adapter {adapter!r} is not loaded; loaded: {self.adapters()}")
+        enc = self._encode(normalize_messages(messages, self.settings.system_prompt))
+        prompt_tokens = int(enc["input_ids"].shape[1])
+        max_new = gen.max_new_tokens
+        if self.context_length is not None:
+            if prompt_tokens >= self.context_length:
+                raise InvalidMessages(f"the prompt has {prompt_tokens} tokens; the model's context holds "
+                                      f"{self.context_length}")
+            max_new = min(max_new, self.context_length - prompt_tokens)
+        cancel = cancel or threading.Event()
+        wait = self._gate.acquire(self.settings.queue_timeout_s, max_waiting=self.settings.queue_max,
+                                  abort=cancel)
+        name = None if self._is_base(adapter) else adapter
+        generation = _TransformersGeneration(name, wait or 0.0, prompt_tokens, self.settings.generation_timeout_s)
+        if wait is None:  # cancelled while queued: the gate was not taken
+            generation.queue.put(_Done(0, "cancelled"))
+            return generation
+        try:
+            with self._meta_lock:
+                entry = self._adapters.get(name) if name is not None else None
+            if name is not None and entry is None:  # unloaded while this request waited
+                raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
+            model = self._select(entry)
+            streamer = _PieceStreamer(self.tokenizer, generation.queue)
+            generation.streamer = streamer
+            stop = _StopOnEvent(cancel, generation.closed)
+            kwargs = self._generate_kwargs(enc, gen, max_new, streamer, stop)
+            # Not a daemon: interpreter exit waits for it (at most one generation). A daemon thread
+            # killed at exit while it frees tensors aborts the whole process ("terminate called
+            # without an active exception", seen with a failing generation).
+            thread = threading.Thread(target=self._run, name="generate", daemon=False,
+                                      args=(model, entry is None and self._peft is not None, kwargs, gen.seed,
+                                            streamer, stop, max_new, generation.queue))
+            thread.start()
+        except BaseException:
+            self._gate.release()
+            raise
+        return generation
+
+    def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult:
+        return self.stream(messages, adapter, gen).result()
+
+    def _select(self, entry: _Adapter | None) -> Any:
+        """Make `entry` the active adapter (called with the gate held). Returns the model to run."""
+        if self._peft is None:
+            return self._base
+        if entry is not None and self._active != entry.internal:
+            # inference_mode=True: otherwise set_adapter makes the LoRA weights trainable (P10)
+            self._peft.set_adapter(entry.internal, inference_mode=True)
+            self._active = entry.internal
+        return self._peft
+
+    def _generate_kwargs(self, enc: Any, gen: GenerationSettings, max_new: int, streamer: _PieceStreamer,
+                         stop: _StopOnEvent) -> dict[str, Any]:
+        from transformers import StoppingCriteriaList
+
+        kwargs: dict[str, Any] = {
+            "input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device),
+            "max_new_tokens": max_new, "streamer": streamer, "stopping_criteria": StoppingCriteriaList([stop]),
+            "eos_token_id": self._eos_ids, "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if gen.greedy:
+            # Explicit None, so that sampling defaults in a model's generation_config cannot apply.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=None)
+        return kwargs
+
+    def _run(self, model: Any, base_only: bool, kwargs: dict[str, Any], seed: int | None,
+             streamer: _PieceStreamer, stop: _StopOnEvent, max_new: int, out: queue.Queue) -> None:
+        # Runs in the generation thread, which owns the gate until it ends. It must not refer to the
+        # Generation object, so that a consumer dropping it gets it collected (and thereby cancelled).
+        import torch
+
+        outcome: _Done | _Failed
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)  # global RNG, but only one generation runs at a time
+            with model.disable_adapter() if base_only else contextlib.nullcontext():
+                model.generate(**kwargs)
+            n = len(streamer.tokens)
+            reason: FinishReason
+            if stop.fired:
+                reason = "cancelled"
+            elif n and streamer.tokens[-1] in self._eos_ids:
+                reason = "stop"
+            elif n >= max_new:
+                reason = "length"
+            else:
+                reason = "stop"
+            outcome = _Done(n, reason)
+        except BaseException as e:  # forwarded to the consumer, never lost (P11)
+            outcome = _Failed(e)
+        finally:
+            self._gate.release()
+        out.put(outcome)
+
+
+# ---------------------------------------------------------------------------------------- openai
+class _OpenAIGeneration(Generation):
+    def __init__(self, response: Any, adapter: str | None, prompt_tokens: int,
+                 cancel: threading.Event) -> None:
+        super().__init__(adapter, 0.0, prompt_tokens)
+        self._response = response
+        self._chunks = iter(response)
+        self._cancel = cancel
+        self._completion_tokens = 0
+        self._reason: str | None = None
+
+    def _next_piece(self) -> str:
+        import openai
+
+        while True:
+            if self._cancel.is_set():
+                self._response.close()
+                self.finish_reason = "cancelled"
+                self.usage = make_usage(self.prompt_tokens, self._completion_tokens)
+                raise StopIteration
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                self.finish_reason = "length" if self._reason == "length" else "stop"
+                if self.usage is None:
+                    self.usage = make_usage(self.prompt_tokens, self._completion_tokens)
+                raise
+            except (openai.APIError, OSError) as e:
+                raise GenerationError(f"the inference server failed mid-stream: {e}") from e
+            if getattr(chunk, "usage", None):
+                self.prompt_tokens = chunk.usage.prompt_tokens
+                self._completion_tokens = chunk.usage.completion_tokens
+                self.usage = make_usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            if not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            self._reason = choice.finish_reason or self._reason
+            if choice.delta and choice.delta.content:
+                if self.usage is None:
+                    self._completion_tokens += 1  # estimate until the server reports usage
+                return choice.delta.content
+
+    def _abort(self) -> None:
+        self._cancel.set()
+        self._response.close()
+
+    def _tokens_so_far(self) -> int:
+        return self._completion_tokens
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible inference server. Adapters are the server's model names.
+
+    Uses the official `openai` client for chat, and vLLM's extra endpoints where the server has
+    them: `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (vLLM needs
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and `POST /tokenize`. The server does its own queueing,
+    so `queue_depth` is 0 and a 429/503 answer becomes `BackendBusy`.
+    """
+
+    queue_depth = 0
+
+    def __init__(self, settings: Settings, client: Any = None) -> None:
+        import openai
+
+        if not settings.openai_base_url and client is None:
+            raise ValueError("backend 'openai' needs openai_base_url (e.g. http://127.0.0.1:8001/v1)")
+        self.settings = settings
+        self.client = client or openai.OpenAI(base_url=settings.openai_base_url, api_key=settings.openai_api_key,
+                                              timeout=settings.generation_timeout_s, max_retries=0)
+        embedded = settings.model.startswith("embedded:")
+        # vLLM serves a hub model under its full id unless --served-model-name says otherwise.
+        self.model_name = settings.model_name or (settings.served_model_name if embedded else settings.model)
+
+    def check(self) -> None:
+        """Fail early, with the names the server offers, when it does not serve our base model."""
+        ids = [m.id for m in self._models()]
+        if self.model_name not in ids:
+            raise BackendError(f"the server at {self.client.base_url} does not serve {self.model_name!r}; it "
+                               f"serves {ids}. Set model_name to the server's base model name.")
+
+    def _models(self) -> list[Any]:
+        import openai
+
+        try:
+            return list(self.client.models.list())
+        except openai.APIError as e:
+            raise BackendError(f"cannot list models at {self.client.base_url}: {e}") from e
+
+    def adapters(self) -> list[str]:
+        out = []
+        for m in self._models():
+            extra = m.model_extra or {}
+            if m.id == self.model_name:
+                continue
+            # vLLM marks LoRA modules with `parent`; this product's API with `adapter` (its alias
+            # "assistant" points at another adapter's name, so it is not one itself).
+            if "parent" in extra or "adapter" in extra:
+                if extra.get("parent") or extra.get("adapter") == m.id:
+                    out.append(m.id)
+            else:
+                out.append(m.id)
+        return sorted(out)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters()
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        import httpx
+        import openai
+
+        check_adapter_name(name, self.model_name)
+        if self.has_adapter(name):
+            # The server cannot swap weights under a name atomically: load under a new name instead.
+            raise AdapterLoadError(f"the server already serves {name!r}; load the new version under a new name")
+        try:
+            self.client.post("/load_lora_adapter", body={"lora_name": name, "lora_path": str(path)},
+                             cast_to=httpx.Response)
+        except openai.APIError as e:
+            raise AdapterLoadError(f"the server refused adapter {name!r} from {path}: {e}") from e
+
+    def unload_adapter(self, name: str) -> None:
+        import httpx
+        import openai
+
+        if not self.has_adapter(name):
+            raise UnknownAdapter(f"adapter {name!r} is not served")
+        try:
+            self.client.post("/unload_lora_adapter", body={"lora_name": name}, cast_to=httpx.Response)
+        except openai.APIError as e:
+            raise BackendError(f"the server could not unload {name!r}: {e}") from e
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        import httpx
+
+        msgs = normalize_messages(messages, self.settings.system_prompt)
+        root = str(self.client.base_url).rstrip("/").removesuffix("/v1")
+        try:
+            r = httpx.post(root + "/tokenize", json={"model": self.model_name, "messages": msgs,
+                                                     "add_generation_prompt": True},
+                           headers={"Authorization": f"Bearer {self.client.api_key}"}, timeout=30)
+            r.raise_for_status()
+            return int(r.json()["count"])
+        except (httpx.HTTPError, KeyError, ValueError) as e:
+            raise BackendError(f"the server at {root} cannot count tokens (vLLM's POST /tokenize): {e}") from e
+
+    def stream(self, messages: list[dict], adapter: str | None, gen: GenerationSettings,
+               cancel: threading.Event | None = None) -> Generation:
+        import openai
+
+        msgs = normalize_messages(messages, self.settings.system_prompt)
+        base = adapter is None or adapter == self.model_name
+        if not base and not self.has_adapter(adapter):  # type: ignore[arg-type]
+            raise UnknownAdapter(f"adapter {adapter!r} is not served by {self.client.base_url}")
+        kwargs: dict[str, Any] = {}
+        if gen.seed is not None:
+            kwargs["seed"] = gen.seed
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model_name if base else adapter, messages=msgs, stream=True,
+                stream_options={"include_usage": True}, max_tokens=gen.max_new_tokens,
+                temperature=gen.temperature, top_p=gen.top_p, **kwargs)
+        except openai.APIStatusError as e:
+            if e.status_code in (429, 503):
+                raise BackendBusy(f"the inference server is busy: {e}") from e
+            if e.status_code == 404:
+                raise UnknownAdapter(f"the server does not serve {adapter!r}: {e}") from e
+            raise GenerationError(f"the inference server refused the request: {e}") from e
+        except openai.APIError as e:
+            raise GenerationError(f"cannot reach the inference server: {e}") from e
+        return _OpenAIGeneration(response, None if base else adapter, 0, cancel or threading.Event())
+
+    def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult:
+        return self.stream(messages, adapter, gen).result()
+
+
+# ---------------------------------------------------------------------------------------- factory
+def apply_threads(settings: Settings) -> None:
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+def make_backend(settings: Settings, progress: bool = True) -> Backend:
+    """Start-up: prepare and load the model (transformers) or connect to the server (openai)."""
+    if settings.backend == "openai":
+        backend = OpenAIBackend(settings)
+        backend.check()
+        return backend
+    apply_threads(settings)
+    return TransformersBackend.from_settings(settings, progress=progress)
+
+
+__all__ = [
+    "AdapterLoadError", "Backend", "BackendBusy", "BackendError", "Generation", "GenerationError",
+    "GenerationResult", "GenerationSettings", "InvalidMessages", "OpenAIBackend", "TransformersBackend",
+    "UnknownAdapter", "Usage", "make_backend", "make_usage", "normalize_messages",
+]
