@@ -68,6 +68,7 @@ class LoopSettings:
     auto_promote: bool = _f(True, "Promote a candidate that passes the evaluation gate without asking.")
     keep_last: int = _f(5, "Adapter versions kept on disk (the serving one and its parent always stay).")
     synth: bool = _f(False, "Generate synthetic document pairs with the teacher before each retrain.")
+    build: dict[str, Any] = _f({}, "Dataset build overrides (split_ratios, replay_ratio, heldout_min_rows...).")
     train: dict[str, Any] = _f({}, "Training config overrides (see TrainConfig.help()).")
     gate: dict[str, Any] = _f({}, "Evaluation gate overrides (see GateConfig.help()).")
 
@@ -92,7 +93,7 @@ class LoopSettings:
         self.cycle_options()  # train / gate / keep_last are checked where they are used
 
     def cycle_options(self) -> CycleOptions:
-        opts = CycleOptions(synth=self.synth, train=dict(self.train), gate=dict(self.gate),
+        opts = CycleOptions(synth=self.synth, build=dict(self.build), train=dict(self.train), gate=dict(self.gate),
                             auto_promote=self.auto_promote, keep_last=self.keep_last)
         opts.validate()
         return opts

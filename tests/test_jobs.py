@@ -1,0 +1,275 @@
+"""Retraining jobs and the scheduler, for real: logged feedback in SQLite -> dataset -> training and
+evaluation child processes on the tiny model -> registered, promoted and hot-swapped adapter. Also one
+job at a time, cancel from another process, a SIGKILLed trainer (serving untouched, job failed), and
+start-up recovery of a job a crash left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from assistant.config import Settings
+from assistant.server import build_services
+from memory.db import utcnow, write_transaction
+from tests.conftest import make_random_adapter
+from training.jobs import JobBusy, JobRunner, runner_for, training_jobs
+from training.loop import CycleOptions
+from training.registry import Registry
+from training.scheduler import LoopSettings, LoopState, Scheduler, due, load_loop_settings, save_loop_settings
+
+CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
+            ("Egypt", "Cairo"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi"), ("Norway", "Oslo"),
+            ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"), ("Turkey", "Ankara"),
+            ("India", "New Delhi"), ("China", "Beijing"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
+            ("Brazil", "Brasilia"), ("Cuba", "Havana"), ("Ireland", "Dublin"), ("Austria", "Vienna"),
+            ("Hungary", "Budapest"), ("Portugal", "Lisbon"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+            ("Belgium", "Brussels"), ("Russia", "Moscow"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi")]
+BUILD = {"split_ratios": [0.6, 0.1, 0.3], "heldout_min_rows": 10, "replay_ratio": 0.0}
+QUICK = {"max_steps": 10, "sft_learning_rate": 1e-2, "dpo_learning_rate": 1e-3, "evals_per_epoch": 1,
+         "lora_r": 16, "lora_alpha": 32}
+LONG = {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0}  # runs until it is stopped
+
+
+def seed_feedback(store, n: int = len(CAPITALS)) -> None:
+    """Users edited vague answers into the right one: SFT targets and DPO pairs."""
+    user = store.create_user("alice", "pw-alice")
+    for country, city in CAPITALS[:n]:
+        conv = store.create_conversation(user.id, country)
+        _, a = store.add_turn(conv.id, f"What is the capital of {country}?", "I am not sure about that.")
+        store.add_edit(user.id, a.id, f"The capital of {country} is {city}.")
+
+
+@pytest.fixture
+def services(home: Path, learnable_tiny_model_dir: Path):
+    s = Settings.load(env={}, home=home, model=str(learnable_tiny_model_dir), torch_threads=1)
+    svc = build_services(s, with_agent=False)
+    yield svc
+    runner = svc.extras.get("jobs")
+    if runner is not None:  # never leave a job thread (and its child) behind
+        for job in runner.list():
+            if job.active:
+                runner.cancel(job.id)
+                runner.wait(job.id, 60)
+    svc.close()
+
+
+def wait_for(predicate, timeout: float = 180, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def training_child(runner: JobRunner, job_id: int) -> int:
+    """pid of the job's training process, once it has reported a training step."""
+    def ready():
+        job = runner.get(job_id)
+        assert job.status in ("queued", "running"), (job.status, job.error)
+        return job.pid if job.pid and runner.events(job_id, kinds=("progress",)) else None
+    return wait_for(ready, timeout=240)
+
+
+def test_scheduler_starts_a_cycle_that_trains_evaluates_registers_and_promotes(services) -> None:
+    seed_feedback(services.store)
+    save_loop_settings(services.store, {"enabled": True, "mode": "feedback", "min_new_feedback": 20,
+                                        "min_interval_hours": 1, "train": QUICK, "build": BUILD}, by="root")
+    sched = Scheduler(services, poll_s=3600)
+    first = sched.tick()
+    assert first["due"] and first["reason"] == "30 new feedback" and first["started_job"] == 1
+    runner = runner_for(services)
+    assert sched.tick()["reason"] == "job 1 is running"
+    job = runner.wait(1, timeout=600)
+    assert job.status == "succeeded", job.error
+    assert job.params["train"] == QUICK and job.params["build"] == BUILD  # from the stored settings
+    result = job.result
+    assert result["status"] == "promoted" and result["candidate"] == "v0001" and result["passed"]
+    assert job.progress["phase"] == "done" and job.progress["fraction"] == 1.0 and job.pid is None
+    assert job.trigger == "schedule" and job.requested_by == "scheduler"
+    assert {"dataset", "train", "evaluate"} <= set(result["timings"])
+    assert [s["stage"] for s in result["train"]["stages"]] == ["sft", "dpo"]
+
+    # progress lines streamed into the store: phases, steps with losses, evaluation steps
+    phases = [e.data["phase"] for e in runner.events(1, kinds=("phase",))]
+    assert phases == ["dataset", "train", "evaluate", "register", "done"]
+    progress = runner.events(1, kinds=("progress",))
+    assert progress and all("step" in e.data and "eta_s" in e.data for e in progress)
+    curve = runner.loss_curve(1)
+    assert {p["series"] for p in curve} >= {"sft loss", "dpo loss"}
+    assert {e.data["model"] for e in runner.events(1, kinds=("eval",))} == {"base", "candidate"}
+    assert (runner.job_dir(1) / "job.log").stat().st_size > 0
+
+    # registered with its report and provenance, promoted, hot-swapped into the running backend
+    reg: Registry = services.extras["registry"]
+    v = reg.get("v0001")
+    assert v.gate == "passed" and v.job_id == 1 and v.dataset == result["dataset"] and v.parent is None
+    assert (v.adapter_dir / "train_config.json").is_file() and (v.adapter_dir / "dataset_manifest.json").is_file()
+    report = v.report()
+    assert report["candidate"] == "v0001" and report["decision"]["passed"]
+    assert (v.eval_dir / "report.md").read_text().startswith("# Evaluation: v0001 vs the base model")
+    assert reg.serving() == "v0001" and services.chat.serving_adapter == "v0001"
+    assert services.backend.has_adapter("v0001")
+    ev = reg.history()[-1]
+    assert (ev.action, ev.version, ev.actor) == ("promote", "v0001", "scheduler")
+
+    # not due again: no new feedback since the job started, and the interval has not passed
+    again = sched.tick()
+    assert not again["due"] and again["reason"] == "0/20 new feedback"
+
+
+def test_one_job_at_a_time_even_across_processes(services) -> None:
+    seed_feedback(services.store, 12)
+    runner = runner_for(services)
+    job = runner.start({"train": LONG, "build": {"replay_ratio": 0.0}}, requested_by="root")
+    other_process = JobRunner(services)  # a CLI beside the server: same database, different runner
+    with pytest.raises(JobBusy, match=f"job {job.id} is (queued|running)"):
+        other_process.start({}, requested_by="bob")
+    with pytest.raises(JobBusy):
+        runner.start({})
+    # the database itself refuses a second active job, whatever the code above checked
+    with pytest.raises(sa.exc.IntegrityError), write_transaction(services.store.engine) as conn:
+        conn.execute(training_jobs.insert().values(kind="retrain", status="queued", trigger="manual", params={},
+                                                   progress={}, result={}, cancel_requested=False,
+                                                   created_at=utcnow()))
+    pid = training_child(runner, job.id)
+    other_process.cancel(job.id, by="bob")  # recorded in the store; the owning runner picks it up
+    done = runner.wait(job.id, timeout=120)
+    assert done.status == "cancelled" and done.cancel_requested and done.error == "training was cancelled"
+    assert wait_for(lambda: not _alive(pid), timeout=60)
+    assert Registry(services.settings, services.store).list() == []
+    assert runner.start({"train": LONG}).status in ("queued", "running")  # free again
+
+
+def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services, learnable_tiny_model_dir,
+                                                                      tmp_path) -> None:
+    seed_feedback(services.store, 12)
+    reg = Registry(services.settings, services.store)
+    services.extras["registry"] = reg
+    serving = reg.register(make_random_adapter(learnable_tiny_model_dir, tmp_path / "serving", seed=5),
+                           gate="passed").name
+    reg.promote(serving, services)
+    runner = runner_for(services)
+    job = runner.start({"train": LONG, "build": {"replay_ratio": 0.0}}, requested_by="root")
+    pid = training_child(runner, job.id)
+    os.kill(pid, signal.SIGKILL)
+    done = runner.wait(job.id, timeout=120)
+    assert done.status == "failed" and "killed by signal SIGKILL" in done.error, done.error
+    assert done.progress["phase"] == "failed" and done.pid is None and done.finished_at is not None
+    assert reg.serving() == serving and services.chat.serving_adapter == serving
+    assert [v.name for v in reg.list()] == [serving]
+    # the server still answers with the serving adapter
+    from assistant.chat import TurnRequest
+
+    user = services.store.get_user_by_name("alice")
+    reply = services.chat.reply(TurnRequest(user=user, text="Hello?", max_tokens=4, temperature=0)).drain()
+    assert reply.adapter == serving and reply.assistant_message is not None
+
+
+def test_start_up_recovery_marks_orphaned_jobs_failed_and_stops_their_child(services) -> None:
+    runner = JobRunner(services)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # an orphaned "training process": its command line names training.train, in its own group
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "training.train"],
+                              start_new_session=True)
+    host = __import__("socket").gethostname()
+    with write_transaction(services.store.engine) as conn:
+        conn.execute(training_jobs.insert().values(
+            kind="retrain", status="running", trigger="manual", params={}, result={}, cancel_requested=False,
+            progress={"phase": "train", "runner": {"host": host, "pid": dead.pid}}, pid=orphan.pid,
+            created_at=utcnow(), started_at=utcnow(), heartbeat_at=utcnow()))
+    assert runner.recover() == [1]
+    job = runner.get(1)
+    assert job.status == "failed" and job.error.startswith("interrupted: the process running this job stopped")
+    assert job.progress["phase"] == "failed" and job.pid is None
+    assert orphan.wait(timeout=10) == -signal.SIGKILL
+    assert runner.recover() == []  # idempotent
+
+
+def test_recovery_leaves_a_live_runner_alone_until_its_heartbeat_stops(services) -> None:
+    runner = JobRunner(services)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = __import__("socket").gethostname()
+        with write_transaction(services.store.engine) as conn:
+            conn.execute(training_jobs.insert().values(
+                kind="retrain", status="running", trigger="cli", params={}, result={}, cancel_requested=False,
+                progress={"runner": {"host": host, "pid": live.pid}}, created_at=utcnow(), heartbeat_at=utcnow()))
+        assert runner.recover() == [] and runner.get(1).status == "running"
+        with write_transaction(services.store.engine) as conn:
+            conn.execute(training_jobs.update().values(heartbeat_at=utcnow() - timedelta(minutes=5)))
+        assert runner.recover() == [1]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_bad_options_are_refused_before_anything_is_recorded(services) -> None:
+    runner = runner_for(services)
+    for options, msg in (({"epochs": 3}, "unknown retrain options"), ({"train": {"lora_r": "8"}}, "lora_r"),
+                         ({"train": {"base_model": "/etc"}}, "may not set"), ({"gate": {"x": 1}}, "unknown gate"),
+                         ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last")):
+        with pytest.raises(ValueError, match=msg):
+            runner.start(options)
+    assert runner.list() == []
+    assert CycleOptions.from_dict({"train": {"max_steps": 3}}).train == {"max_steps": 3}
+
+
+# ---------------------------------------------------------------------------------------------- schedule rules
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def test_due_rules() -> None:
+    on = LoopSettings(enabled=True, min_new_feedback=10, min_interval_hours=6)
+    assert due(LoopSettings(), LoopState(None, 999, None), NOW) == (False, "automatic retraining is off")
+    assert due(on, LoopState(None, 9, None), NOW) == (False, "9/10 new feedback")
+    assert due(on, LoopState(None, 10, None), NOW) == (True, "10 new feedback")
+    assert due(on, LoopState(NOW - timedelta(hours=2), 50, None), NOW) == (
+        False, "enough feedback, next retrain allowed in 4.0 h")
+    assert due(on, LoopState(NOW - timedelta(hours=7), 50, None), NOW)[0]
+    assert due(on, LoopState(NOW, 50, 4), NOW) == (False, "job 4 is running")
+    every = LoopSettings(enabled=True, mode="interval", every_hours=12)
+    assert due(every, LoopState(NOW - timedelta(hours=11), 0, None), NOW) == (False, "next retrain in 1.0 h")
+    assert due(every, LoopState(NOW - timedelta(hours=12), 0, None), NOW)[0]
+    daily = LoopSettings(enabled=True, mode="daily", daily_at="03:30")
+    assert due(daily, LoopState(NOW - timedelta(hours=2), 0, None), NOW) == (
+        False, "next retrain at 2026-11-23 03:30 UTC")  # ran at 10:00, after today's slot
+    assert due(daily, LoopState(NOW - timedelta(days=1), 0, None), NOW) == (True, "daily at 03:30 UTC")
+    early = NOW.replace(hour=2)  # before today's slot: yesterday's slot counts
+    assert due(daily, LoopState(early - timedelta(hours=24), 0, None), early)[0]  # last ran before 03:30
+    assert not due(daily, LoopState(early - timedelta(hours=1), 0, None), early)[0]
+
+
+def test_schedule_settings_are_validated_and_stored(store) -> None:
+    assert load_loop_settings(store) == LoopSettings()
+    saved = save_loop_settings(store, {"enabled": True, "mode": "daily", "daily_at": "04:15"}, by="root")
+    assert load_loop_settings(store) == saved and saved.daily_at == "04:15" and saved.mode == "daily"
+    for changes, msg in (({"daily_at": "25:00"}, "daily_at"), ({"mode": "hourly"}, "mode"),
+                         ({"min_new_feedback": 0}, "min_new_feedback"), ({"every_hours": 0}, "every_hours"),
+                         ({"train": {"nope": 1}}, "unknown training config keys"), ({"colour": "red"}, "unknown"),
+                         ({"enabled": "yes"}, "enabled")):
+        with pytest.raises(ValueError, match=msg):
+            save_loop_settings(store, changes)
+    assert load_loop_settings(store) == saved  # nothing half-saved
+    assert set(LoopSettings.help()) == set(saved.to_dict())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
