@@ -168,6 +168,9 @@ def _mount_optional() -> None:
     except ImportError:
         return
     app.add_typer(data_app, name="data")
+    from training.admin_cli import app as admin_app
+
+    app.add_typer(admin_app, name="admin")
 
 
 _mount_optional()
