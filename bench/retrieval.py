@@ -35,10 +35,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "retrieval"
-# `python bench/retrieval.py` puts bench/ first on sys.path, where a sibling script (bench/datasets.py)
-# would shadow the `datasets` library that sentence-transformers imports; use the repository root instead.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
-sys.path.insert(0, str(ROOT))
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -357,6 +353,10 @@ def main() -> None:
     sc.add_argument("--threads", type=int, default=1)
     sc.add_argument("--cache", default=None, help="folder to cache real-pool embeddings between runs")
     args = p.parse_args()
+    # `python bench/retrieval.py` puts bench/ first on sys.path, where a sibling script (bench/datasets.py)
+    # would shadow the `datasets` library that sentence-transformers imports; use the repository root instead.
+    sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != ROOT / "bench"]
+    sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quality(args) if args.cmd == "quality" else scale(args)

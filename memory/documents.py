@@ -76,11 +76,18 @@ def check_filename(filename: str) -> tuple[str, str]:
     return p.stem, suffix
 
 
+def human_size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def check_size(size: int, limit: int, filename: str) -> None:
     if size == 0:
         raise IngestError(f"'{filename}' is empty")
     if size > limit:
-        raise IngestError(f"'{filename}' is {size / 1e6:.1f} MB; the upload limit is {limit / 1e6:.1f} MB")
+        raise IngestError(f"'{filename}' is {human_size(size)}; the upload limit is {human_size(limit)}")
 
 
 def _binary_kind(data: bytes) -> str | None:
@@ -109,6 +116,7 @@ def decode_text(data: bytes, filename: str) -> str:
             raise IngestError(
                 f"'{filename}' is not UTF-8 text (byte {exc.start}); save it as UTF-8 or upload it as PDF"
             ) from exc
+    text = text.removeprefix("\ufeff")  # a byte-order mark is an encoding detail, not content
     control = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f")
     if control > max(8, len(text) // 100):
         raise IngestError(f"'{filename}' looks like binary data: {control} control characters")
@@ -132,6 +140,8 @@ def _pdf_text(data: bytes, filename: str) -> tuple[str, str | None]:
         reader = PdfReader(io.BytesIO(data), strict=False)
         if reader.is_encrypted and not reader.decrypt(""):
             raise IngestError(f"'{filename}' is password-protected; upload an unprotected copy")
+        if len(reader.pages) == 0:
+            raise IngestError(f"'{filename}' is a corrupt PDF: no readable pages")
         pages = [page.extract_text() or "" for page in reader.pages]
         meta_title = reader.metadata.title if reader.metadata else None
     except IngestError:
@@ -187,7 +197,11 @@ def _is_paragraph_gap(text: str, a: int, b: int) -> bool:
 
 
 def _is_sentence_end(text: str, end: int, next_start: int) -> bool:
-    return end > 0 and text[end - 1] in ".!?。！？:;" and (next_start > end or "\n" in text[end:next_start])
+    if end <= 0:
+        return False
+    if text[end - 1] in "。！？":  # full-width stops end a sentence without a following space
+        return True
+    return text[end - 1] in ".!?:;" and (next_start > end or "\n" in text[end:next_start])
 
 
 def chunk_spans(text: str, offsets: list[tuple[int, int]], chunk_tokens: int, overlap: int) -> list[Chunk]:

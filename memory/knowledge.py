@@ -37,7 +37,7 @@ from chromadb import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from assistant.config import Settings
-from memory.documents import Chunk, Extracted, IngestError, chunk_document, extract
+from memory.documents import Chunk, Extracted, IngestError, check_size, chunk_document, extract
 from memory.embedder import Embedder, get_embedder
 from memory.lexical import LexicalIndex
 from memory.types import User
@@ -259,10 +259,7 @@ class KnowledgeBase:
         p = Path(path)
         if not p.is_file():
             raise IngestError(f"{p} is not a file")
-        size = p.stat().st_size
-        if size > self.settings.upload_max_bytes:
-            raise IngestError(f"'{p.name}' is {size / 1e6:.1f} MB; the upload limit is "
-                              f"{self.settings.upload_max_bytes / 1e6:.1f} MB")
+        check_size(p.stat().st_size, self.settings.upload_max_bytes, p.name)  # before reading it into memory
         return self.ingest(user, p.name, p.read_bytes(), scope=scope, progress=progress)
 
     def _store(self, user: User, doc: Extracted, scope: Scope, progress: ProgressFn | None) -> DocumentInfo:

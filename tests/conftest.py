@@ -179,7 +179,8 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
     embedded all-MiniLM-L6-v2 and are marked slow.
     """
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from memory.embedder import embedded_model_dir
