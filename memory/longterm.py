@@ -124,6 +124,9 @@ _HYPOTHETICAL = re.compile(r"^(if|when|suppose|imagine|pretend|let's say|what if
 _NEGATION = re.compile(r"\b(not|never|no longer|isn't|aren't|wasn't)\b", re.I)
 _REMEMBER = re.compile(r"^(?:please\s+)?(?:can you\s+|could you\s+)?remember(?:\s+that|\s*:)?\s+(?P<x>.+)$", re.I)
 _FORGET = re.compile(r"^(?:please\s+)?forget(?:\s+that|\s+about|\s*:)?\s+(?P<x>.+)$", re.I)
+_LEAD_IN = re.compile(r"^(?:actually|btw|by the way|also|oh|well|so|and|fyi|just so you know|for the record)"
+                      r"[,:]?\s+", re.I)
+_TRAILING_TIME = re.compile(r"\s+(?:now|nowadays|these days|at the moment|currently)$", re.I)
 _VALUE_END = re.compile(r"\s*(?:,|;|\s+(?:and|but|so|because|which)\s+|\s+-\s+).*$", re.I)
 _SLOTS: list[tuple[re.Pattern[str], str | None, str]] = [
     # (pattern, slot or None for "use group 'slot'", canonical text template)
@@ -153,7 +156,7 @@ def _tidy(text: str) -> str:
 
 
 def _value(text: str) -> str:
-    return _VALUE_END.sub("", _tidy(text)).strip()
+    return _TRAILING_TIME.sub("", _VALUE_END.sub("", _tidy(text))).strip()
 
 
 def _core(value: str) -> str:
@@ -162,7 +165,7 @@ def _core(value: str) -> str:
 
 
 def _classify(sentence: str, explicit: bool) -> Candidate | None:
-    s = _tidy(sentence)
+    s = _LEAD_IN.sub("", _tidy(sentence))
     if not s or s.endswith("?") or _QUESTION_START.match(s) or _HYPOTHETICAL.match(s):
         return None
     for pattern, slot, template in _SLOTS:
