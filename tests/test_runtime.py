@@ -411,7 +411,7 @@ def test_adapter_changes_never_disturb_a_generation_in_flight(tiny_model_dir, ti
     """Loads wait for the generation in flight: the first load (which wraps the model in PEFT), a
     load beside, and a replacement of the very adapter being used."""
     b = make_backend(tiny_settings(tmp_path, tiny_model_dir), progress=False)
-    long = GenerationSettings(max_new_tokens=300, temperature=0.0, top_p=1.0)
+    long = GenerationSettings(max_new_tokens=120, temperature=0.0, top_p=1.0)
 
     def in_flight(adapter, change) -> None:
         expected = b.generate(QUESTION, adapter, long).text
@@ -449,3 +449,65 @@ def test_request_for_an_adapter_unloaded_while_it_waited(tiny_model_dir, tiny_ad
             waiting.result(timeout=10)
     assert b.queue_depth == 0
     assert b.generate(QUESTION, None, GREEDY).finish_reason in ("stop", "length")
+
+
+# ------------------------------------------------------------------------------------ OpenAI-compatible server
+@pytest.fixture(scope="module")
+def api_server(tmp_path_factory, tiny_model_dir, tiny_adapters):
+    """This product's own API server (a real uvicorn in a thread) in front of the tiny model."""
+    from tests.helpers import start_server
+
+    srv = start_server(tmp_path_factory.mktemp("oa-server"), tiny_model_dir, tiny_adapters)
+    yield srv
+    srv.stop()
+
+
+def remote_settings(api_server, home: Path, **overrides) -> Settings:
+    user = api_server.services.store.create_user(f"rt{time.monotonic_ns()}", "runtime-password-1")
+    key = api_server.services.store.create_api_key(user.id)
+    values = dict(backend="openai", openai_base_url=api_server.url + "/v1", openai_api_key=key,
+                  model_name=api_server.services.backend.model_name)
+    values.update(overrides)
+    return Settings.load(env={}, home=home, **values)
+
+
+def test_openai_backend_against_a_real_server(api_server, tmp_path):
+    from assistant.runtime import OpenAIBackend
+
+    remote = make_backend(remote_settings(api_server, tmp_path))
+    assert isinstance(remote, OpenAIBackend)
+    assert remote.adapters() == ["alpha", "beta"]  # the "assistant" alias is not an adapter
+    assert remote.has_adapter("beta") and not remote.has_adapter("assistant")
+
+    gen = GenerationSettings(max_new_tokens=10, temperature=0.0, top_p=1.0)
+    whole = remote.generate(QUESTION, "alpha", gen)
+    assert whole.text and whole.adapter == "alpha" and whole.finish_reason in ("stop", "length")
+    assert whole.usage["prompt_tokens"] > 0 and 0 < whole.usage["completion_tokens"] <= 10
+    with remote.stream(QUESTION, "alpha", gen) as streamed:
+        pieces = list(streamed)
+    assert "".join(pieces) == whole.text and "" not in pieces
+    assert streamed.usage == whole.usage
+    assert remote.generate(QUESTION, "beta", gen).text != whole.text
+    assert remote.generate(QUESTION, None, gen).adapter is None
+
+    calls = api_server.calls
+    with pytest.raises(UnknownAdapter):
+        remote.stream(QUESTION, "gamma", gen)
+    assert api_server.calls == calls  # refused before the server generated anything
+
+
+def test_openai_backend_cancel(api_server, tmp_path):
+    remote = make_backend(remote_settings(api_server, tmp_path))
+    cancel = threading.Event()
+    gen = remote.stream(QUESTION, "beta", GenerationSettings(max_new_tokens=400, temperature=0.0, top_p=1.0),
+                        cancel=cancel)
+    next(gen)
+    cancel.set()
+    assert list(gen) == [] and gen.finish_reason == "cancelled"
+
+
+def test_openai_backend_with_a_wrong_base_name_fails_at_start(api_server, tmp_path):
+    from assistant.runtime import BackendError
+
+    with pytest.raises(BackendError, match="does not serve 'no-such-model'"):
+        make_backend(remote_settings(api_server, tmp_path, model_name="no-such-model"))
