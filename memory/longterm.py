@@ -124,7 +124,8 @@ _HYPOTHETICAL = re.compile(r"^(if|when|suppose|imagine|pretend|let's say|what if
 _NEGATION = re.compile(r"\b(not|never|no longer|isn't|aren't|wasn't)\b", re.I)
 _REMEMBER = re.compile(r"^(?:please\s+)?(?:can you\s+|could you\s+)?remember(?:\s+that|\s*:)?\s+(?P<x>.+)$", re.I)
 _FORGET = re.compile(r"^(?:please\s+)?forget(?:\s+that|\s+about|\s*:)?\s+(?P<x>.+)$", re.I)
-_LEAD_IN = re.compile(r"^(?:actually|btw|by the way|also|oh|well|so|and|fyi|just so you know|for the record)"
+_LEAD_IN = re.compile(r"^(?:actually|btw|by the way|also|oh|well|so|and|fyi|just so you know|for the record|hi|hello|"
+                      r"hey|hi there|ok|okay)"
                       r"[,:]?\s+", re.I)
 _TRAILING_TIME = re.compile(r"\s+(?:now|nowadays|these days|at the moment|currently)$", re.I)
 _VALUE_END = re.compile(r"\s*(?:,|;|\s+(?:and|but|so|because|which)\s+|\s+-\s+).*$", re.I)
