@@ -147,6 +147,7 @@ class Measured:
     last_loss: float | None = None
     steps_timed: int = 0
     wall_s: float = 0.0
+    to_first_step_s: float | None = None  # process start -> first optimizer step done (imports, load, compile)
     mfu: float | None = None
     mfu_6n: float | None = None
 
@@ -210,11 +211,15 @@ def measure(v: Variant, events: list[dict], warmup: int) -> Measured:
     m.s_per_step = round(dt / dsteps, 4)
     m.tokens_per_step = round((b["tokens_seen"] - a["tokens_seen"]) / dsteps, 1)
     m.steps_timed, m.ok = dsteps, True
+    start = next((e for e in events if e.get("event") == "start"), None)
+    if start and "time" in start and "time" in prog[0]:
+        m.to_first_step_s = round(prog[0]["time"] - start["time"], 1)
     return m
 
 
 def stock_main(ns: argparse.Namespace) -> int:
     """One stock run: SFTTrainer + SFTConfig defaults, LoRA r=16 all-linear; prints progress JSON lines."""
+    t_start = time.time()
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig
@@ -225,8 +230,10 @@ def stock_main(ns: argparse.Namespace) -> int:
     sys.stdout = sys.stderr
 
     def emit(e: dict) -> None:
-        out.write(json.dumps(e) + "\n")
+        out.write(json.dumps({"time": round(time.time(), 3), **e}) + "\n")
         out.flush()
+
+    emit({"event": "start", "time": round(t_start, 3)})
 
     class Timing(TrainerCallback):
         def __init__(self) -> None:
@@ -319,7 +326,7 @@ def packed_attention_check(model_dir: Path) -> dict[str, float]:
 def table(rows: list[Measured], header: str) -> str:
     base = next((r.tokens_per_s for r in rows if r.name == "stock" and r.ok), None)
     lines = [header, f"{'variant':<22} {'tok/s':>9} {'x stock':>7} {'s/step':>7} {'tok/step':>9} {'peakGB':>7} "
-                     f"{'MFU':>6} {'MFU6N':>6} {'loss first->last':>17}  what"]
+                     f"{'MFU':>6} {'MFU6N':>6} {'1st step':>8} {'loss first->last':>17}  what"]
     for r in rows:
         if not r.ok:
             lines.append(f"{r.name:<22} FAILED: {r.error[:150]}")
@@ -329,14 +336,14 @@ def table(rows: list[Measured], header: str) -> str:
         mfu6 = f"{100 * r.mfu_6n:.1f}%" if r.mfu_6n is not None else "-"
         loss = f"{r.first_loss:.2f}->{r.last_loss:.2f}" if r.first_loss is not None else "-"
         pk = f"{r.peak_gb:.1f}" if r.peak_gb is not None else "-"
+        first = f"{r.to_first_step_s:.0f}s" if r.to_first_step_s is not None else "-"
         lines.append(f"{r.name:<22} {r.tokens_per_s:>9.0f} {sp:>7} {r.s_per_step:>7.3f} {r.tokens_per_step:>9.0f} "
-                     f"{pk:>7} {mfu:>6} {mfu6:>6} {loss:>17}  {r.what}")
+                     f"{pk:>7} {mfu:>6} {mfu6:>6} {first:>8} {loss:>17}  {r.what}")
     return "\n".join(lines)
 
 
 def gpu_variants(model: Path, steps: int, only: list[str] | None) -> list[Variant]:
-    opt = dict(device="cuda", packing=True, attn_implementation="flex_attention", max_length=4096,
-               dataloader_workers=2)
+    opt = dict(device="cuda", packing=True, max_length=4096, dataloader_workers=2)  # attention: auto (flex)
     vs = [  # most important first: a run that hits its time budget skips the tail
         Variant("stock", "stock", "SFTTrainer defaults: bs 8, pad to longest, act. ckpt, sdpa", steps=steps),
         Variant("opt-32k", "job", "job: packed padding-free 8x4096, flex, liger, no ckpt",
@@ -412,8 +419,8 @@ def scaling_main(ns: argparse.Namespace) -> int:
     info = {"device": torch.cuda.get_device_name(0), "gpus": n, "peak_tflops": round(matmul_peak_tflops(), 1),
             "data": stats, "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print(json.dumps(info), flush=True)
-    opt = job_config(model, ns.steps, device="cuda", packing=True, attn_implementation="flex_attention",
-                     max_length=4096, batch_size=8, liger=ns.liger, dataloader_workers=2)
+    opt = job_config(model, ns.steps, device="cuda", packing=True, max_length=4096, batch_size=8, liger=ns.liger,
+                     dataloader_workers=2)
     variants = [Variant("opt-32k-1gpu", "job", "optimised job, 1 GPU", opt, gpus=1, steps=ns.steps)]
     variants += [Variant(f"opt-32k-{g}gpu", "job", f"optimised job, {g} GPUs DDP (accelerate launch)", opt,
                          gpus=g, steps=ns.steps) for g in range(2, n + 1)]
@@ -463,9 +470,9 @@ def verify_main(ns: argparse.Namespace) -> int:
     Dataset.from_list(sft[56:]).save_to_disk(str(data / "sft" / "validation"))
     Dataset.from_list(dpo[:56]).save_to_disk(str(data / "dpo" / "train"))
     Dataset.from_list(dpo[56:]).save_to_disk(str(data / "dpo" / "validation"))
-    cfg = dict(base_model=str(model_dir), stages=["sft", "dpo"], max_steps=12, batch_size=4, evals_per_epoch=2,
+    cfg = dict(base_model=str(model_dir), stages=["sft", "dpo"], max_steps=8, batch_size=4, evals_per_epoch=2,
                sft_learning_rate=1e-3, dpo_learning_rate=1e-4, device=ns.device, logging_steps=2)
-    v = Variant(f"verify-{ns.gpus}gpu", "job", "SFT->DPO conversational via CLI", cfg, gpus=ns.gpus, steps=12)
+    v = Variant(f"verify-{ns.gpus}gpu", "job", "SFT->DPO conversational via CLI", cfg, gpus=ns.gpus, steps=8)
     m = run_variant(v, model_dir, data, Path(ns.out) / v.name, warmup=1, timeout=ns.variant_timeout)
     events = [json.loads(x) for x in (Path(ns.out) / v.name / "stdout.jsonl").read_text().splitlines() if x]
     done = events[-1] if events else {}
@@ -556,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--steps", type=int, required=True)
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(REPO))  # `training` for the job variants' imports of TrainConfig-free helpers
+    # Run as a script, bench/ is sys.path[0], and bench/datasets.py would shadow the `datasets` package.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != here]
     return {"gpu": gpu_main, "scaling": scaling_main, "cpu": cpu_main, "verify": verify_main,
             "_stock": stock_main}[ns.mode](ns)
 

@@ -78,8 +78,10 @@ class RuntimeChoice:
 
     device: str
     dtype: str
-    attn_implementation: str
+    attn_implementation: str  # padded batches (DPO, KTO, unpacked SFT)
+    attn_packed: str  # packed padding-free SFT rows
     packing: bool
+    pad_to_multiple_of: int | None
     liger: bool
     world_size: int
     threads: int | None
@@ -146,17 +148,22 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
         if not _importable("bitsandbytes"):
             raise ValueError("peft_method='qlora' needs the bitsandbytes package: pip install bitsandbytes")
     packing = config.packing if config.packing is not None else device == "cuda"
-    attn = config.attn_implementation
+    attn = attn_packed = config.attn_implementation
     if attn == "auto":
-        # Padding-free packed rows need attention that respects sequence boundaries without a dense
-        # (tokens x tokens) mask: flex attention's block-sparse mask does that on CUDA.
-        attn = "flex_attention" if packing and device == "cuda" else "sdpa"
+        # Padding-free packed rows need attention that keeps the sequences apart without a dense
+        # (tokens x tokens) mask: flex attention's block-sparse mask does that on CUDA. Padded batches
+        # take sdpa (flash / memory-efficient kernels, no compilation).
+        attn, attn_packed = "sdpa", "flex_attention" if device == "cuda" else "sdpa"
+    pad_multiple = config.pad_to_multiple_of
+    if pad_multiple is None and packing and device == "cuda":
+        pad_multiple = config.max_length  # one batch shape: compiled kernels never see a new length
     liger = config.liger if config.liger is not None else (device == "cuda" and _importable("liger_kernel"))
     if liger and not _importable("liger_kernel"):
         raise ValueError("liger=true but the liger-kernel package is not installed")
     state = PartialState()
     return RuntimeChoice(
-        device=device, dtype=dtype, attn_implementation=attn, packing=packing, liger=bool(liger),
+        device=device, dtype=dtype, attn_implementation=attn, attn_packed=attn_packed, packing=packing,
+        pad_to_multiple_of=pad_multiple, liger=bool(liger),
         world_size=state.num_processes, threads=config.threads if device == "cpu" else None,
         torch_compile=config.torch_compile,
     )
@@ -455,8 +462,8 @@ def _build_trainer(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Ru
         from trl import SFTConfig, SFTTrainer
 
         conversational = "messages" in data.train.column_names
-        args = SFTConfig(**common, packing=rt.packing, assistant_only_loss=config.assistant_only_loss and
-                         conversational)
+        args = SFTConfig(**common, packing=rt.packing, pad_to_multiple_of=rt.pad_to_multiple_of if rt.packing
+                         else None, assistant_only_loss=config.assistant_only_loss and conversational)
         return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
                           processing_class=tok, callbacks=callbacks)
     if stage == "dpo":
@@ -474,6 +481,10 @@ def _build_trainer(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Ru
 
 def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: RuntimeChoice, work: Path,
                data: StageData, progress: Progress | None, should_stop: ShouldStop | None) -> StageResult:
+    attn = rt.attn_packed if stage == "sft" and rt.packing else rt.attn_implementation
+    base = model.get_base_model()
+    if base.config._attn_implementation != attn:
+        base.set_attn_implementation(attn)
     job, early = _make_callbacks(stage, config, progress, should_stop, model)
     trainer = _build_trainer(stage, model, tok, config, rt, work, data, [job, early])
     from transformers import PrinterCallback, ProgressCallback
@@ -697,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def emit(event: dict[str, Any]) -> None:
         if rank == 0:
-            out.write(json.dumps(event, default=str) + "\n")
+            out.write(json.dumps({**event, "time": round(time.time(), 3)}, default=str) + "\n")
             out.flush()
 
     stop = _StopFlag(ns.cancel_file)

@@ -104,11 +104,17 @@ class TrainConfig:
     threads: int = _f(1, "torch threads on CPU (1 while the server serves on the same box).")
     attn_implementation: str = _f(
         "auto",
-        "'auto', 'sdpa', 'eager', 'flex_attention' or 'flash_attention_2'. 'auto' = sdpa, or flex_attention "
-        "on CUDA when packing (padding-free packed rows need a varlen-capable attention).",
+        "'auto', 'sdpa', 'eager', 'flex_attention' or 'flash_attention_2'. 'auto' = flex_attention for packed "
+        "SFT on CUDA (padding-free rows need attention that keeps the packed sequences apart without a dense "
+        "mask) and sdpa for everything else (padded DPO/KTO batches, CPU).",
     )
     packing: bool | None = _f(
         None, "Pack SFT examples padding-free into rows of max_length. None = on for CUDA, off for CPU."
+    )
+    pad_to_multiple_of: int | None = _f(
+        None,
+        "Pad each batch's token count to a multiple of this, so compiled kernels (flex attention, torch.compile) "
+        "see few distinct shapes. None = max_length for packed SFT on CUDA (one shape), no padding elsewhere.",
     )
     liger: bool | None = _f(
         None, "Use Liger Triton kernels (RMSNorm, SwiGLU, RoPE). None = on when CUDA and liger-kernel exist."
@@ -203,6 +209,8 @@ class TrainConfig:
             errors.append("warmup_ratio must be in [0, 1)")
         if self.max_steps == 0 or self.max_steps < -1:
             errors.append("max_steps must be -1 (use epochs) or >= 1")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            errors.append("pad_to_multiple_of must be >= 1 or null")
         for name in ("evals_per_epoch", "early_stopping_patience", "dataloader_workers"):
             if getattr(self, name) < 0:
                 errors.append(f"{name} must be >= 0")
