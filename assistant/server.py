@@ -101,7 +101,11 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
 def serve(settings: Settings) -> None:
     import uvicorn
 
+    from training.scheduler import start_loop
+
     services = build_services(settings)
     app = create_app(services)
+    # Recover jobs a crash left running, load the recorded serving adapter, start the (opt-in) scheduler.
+    start_loop(services)
     log.warning("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
