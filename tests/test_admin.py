@@ -228,6 +228,58 @@ def test_every_console_event_handler_refuses_non_admins(server, people) -> None:
                 fn(*args)
 
 
+def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) -> None:
+    """The console's own Gradio event functions, called as Gradio calls them, with an admin's session."""
+    with gr.Blocks() as demo, gr.Tab("Admin"):
+        ui_admin.build_admin_tab(server.services)
+    fns = {f.fn.__name__: f for f in demo.fns.values()}
+    root = gr.Request(username="root")
+
+    def run(name: str, *inputs):
+        bf = fns[name]
+        out = bf.fn(root, *inputs)
+        assert len(out if isinstance(out, tuple) else (out,)) == len(bf.outputs), name  # one value per output
+        return out
+
+    loaded = run("admin_load_all", None)
+    assert "| edits | 12 |" in loaded[0]
+    serving = server.services.chat.serving_adapter
+    other = versions[1] if serving != versions[1] else versions[0]
+    msg, frame, summary = run("admin_promote", other, False, "from the console")
+    assert msg.startswith(f"Now serving **{other}**") and server.services.chat.serving_adapter == other
+    assert frame.loc[frame["name"] == other, "serving"].item() == "serving"
+    msg, _, _ = run("admin_rollback", "undo")
+    assert server.services.chat.serving_adapter == serving and msg.startswith("Now serving")
+    assert run("admin_save", True, "interval", 10, 1.0, "03:00", 6.0, True, 5, False).startswith(
+        "Saved: on, mode interval.")
+    assert load_loop_settings(server.services.store).every_hours == 6.0
+    plot, md = run("admin_show_report", versions[0])
+    assert plot.endswith("report.png") and md.startswith("# Evaluation")
+
+    extra = json.dumps(LONG)
+    started = run("admin_start", None, True, False, extra)
+    job_id = started[0]
+    assert started[5].active is True  # the timer starts polling
+
+    def watched():
+        out = run("admin_watch", job_id)
+        return out if len(out[2]) else None  # the loss curve has points
+
+    deadline = time.monotonic() + 240
+    view = None
+    while view is None and time.monotonic() < deadline:
+        view = watched()
+        time.sleep(0.5)
+    assert view is not None, "no training progress reached the console"
+    bar, status, curve, _log, timer, _jobs = view
+    assert f"job #{job_id} running: train" in bar and set(curve["series"]) == {"sft loss"}
+    assert timer.active is True  # keeps polling while the job runs
+    run("admin_cancel", job_id)
+    assert runner_for(server.services).wait(job_id, 120).status == "cancelled"
+    after = run("admin_watch", job_id)
+    assert after[4].active is False and "cancelled" in after[1]
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_admin_cli_promote_rollback_adapters_schedule(tmp_path: Path, tiny_adapters) -> None:
     from assistant.cli import app
