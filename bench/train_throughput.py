@@ -162,6 +162,8 @@ def job_config(model: Path, steps: int, **kw: Any) -> dict[str, Any]:
 def run_variant(v: Variant, model: Path, data: Path, work: Path, warmup: int, timeout: float) -> Measured:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if v.gpus == 1:  # one process seeing several GPUs would make Trainer use nn.DataParallel (TRL refuses)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if v.kind == "stock":
         cmd = [sys.executable, str(Path(__file__).resolve()), "_stock", "--model", str(model), "--data", str(data),
                "--steps", str(v.steps), "--work", str(work)]
