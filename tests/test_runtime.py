@@ -221,28 +221,36 @@ def test_unknown_adapter_raises_before_any_model_work(backend):
 
 
 # ------------------------------------------------------------------------------------ failures
-def nan_adapter(src: Path, out: Path) -> Path:
-    """An adapter whose weights are NaN, as a diverged training run would leave it."""
+def scaled_adapter(src: Path, out: Path, factor: float) -> Path:
+    """A copy of an adapter with its B matrices multiplied, as a diverged training run would leave it."""
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, out)
     f = out / "adapter_model.safetensors"
-    save_file({k: v * float("nan") if "lora_B" in k else v for k, v in load_file(f).items()}, f)
+    save_file({k: v * factor if "lora_B" in k else v for k, v in load_file(f).items()}, f)
     return out
 
 
+def test_adapter_with_nan_weights_is_refused(backend, tiny_adapters, tmp_path):
+    with pytest.raises(AdapterLoadError, match="NaN/Inf"):
+        backend.load_adapter("nan", scaled_adapter(tiny_adapters["alpha"], tmp_path / "nan", float("nan")))
+    assert backend.adapters() == ["alpha", "beta"]
+
+
 def test_error_inside_generation_surfaces_without_hanging(backend, alone, tiny_adapters, tmp_path):
-    backend.load_adapter("broken", nan_adapter(tiny_adapters["alpha"], tmp_path / "nan"))
+    # Finite but huge weights: the activations overflow, the logits turn NaN and sampling raises
+    # inside the generation thread.
+    backend.load_adapter("exploded", scaled_adapter(tiny_adapters["alpha"], tmp_path / "huge", 1e30))
     try:
         sampling = GenerationSettings(max_new_tokens=8, temperature=0.7, top_p=0.9)
-        gen = backend.stream(QUESTION, "broken", sampling)
+        gen = backend.stream(QUESTION, "exploded", sampling)
         t = time.perf_counter()
         with pytest.raises(GenerationError, match="probability tensor"):
             list(gen)
         assert time.perf_counter() - t < 10
         assert gen.done
     finally:
-        backend.unload_adapter("broken")
+        backend.unload_adapter("exploded")
     # the model was released and still answers correctly
     assert backend.generate(QUESTION, "alpha", GREEDY).text == alone["alpha"]
 
