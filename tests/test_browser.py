@@ -11,6 +11,7 @@ by the same walk on the real embedded model (marked slow), so the pictures show 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
                 allow_module_level=True)
 
 webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -65,7 +67,11 @@ def browser(tmp_path):
 
 
 def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    except TimeoutException:
+        page = driver.find_element(By.TAG_NAME, "body").text
+        raise AssertionError(f"timed out waiting for {what}; the page ends with:\n{page[-1500:]}") from None
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
@@ -109,6 +115,21 @@ def bot_texts(driver) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")]
 
 
+def _words(text: str) -> list[str]:
+    return [w for w in re.sub(r"[^\w]+", " ", text).lower().split() if len(w) >= 3]
+
+
+def shows(page_text: str, stored: str) -> bool:
+    """Whether the page shows the stored text. Markdown rendering drops list numbers, asterisks and
+    the like, and a random model writes anything, so compare the words, not the characters."""
+    want, have = _words(stored), set(_words(page_text))
+    return bool(want) and sum(w in have for w in want) >= 0.8 * len(want)
+
+
+def answer_shown(driver, stored: str) -> bool:
+    return any(shows(t, stored) for t in bot_texts(driver))
+
+
 def login(driver, url: str, username: str, password: str) -> None:
     driver.get(url)
     css(driver, "input[type=password]")
@@ -143,7 +164,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     conv = eventually(lambda: store.list_conversations(alice.id), "the conversation to be stored")[0]
     answer = eventually(lambda: [m for m in store.messages(conv.id) if m.role == "assistant"],
                         "the answer to be stored")[0]
-    wait_for(d, lambda d: any(answer.content.strip()[:20] in t for t in bot_texts(d)), "the final answer")
+    wait_for(d, lambda d: answer_shown(d, answer.content), "the final answer")
     assert d.execute_script("return window.__partials.size") >= 2, "the answer did not stream"
     assert not any("▌" in t for t in bot_texts(d))
     assert box.get_attribute("value") == ""
@@ -177,7 +198,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     # ---- correct the answer
     click(d, "#edit-accordion button")
     edit = css(d, "#edit-box textarea")
-    wait_for(d, lambda d: edit.get_attribute("value") == answer.content, "the answer in the edit box")
+    wait_for(d, lambda d: shows(edit.get_attribute("value"), answer.content), "the answer in the edit box")
     edit.clear()
     edit.send_keys("LoRA trains small low-rank matrices beside frozen weights.")
     click(d, "#save-edit")
@@ -191,7 +212,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
     alternative = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"],
                              "the alternative to be stored")[0]
-    assert alternative.content.strip()[:20] in text_of(d, "#answer-b")
+    assert shows(text_of(d, "#answer-b"), alternative.content)
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
     d.save_screenshot(str(shots / "feedback.png"))
     click(d, "#pick-b")
@@ -203,7 +224,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     d.refresh()
     css(d, "#message textarea")
     wait_for(d, lambda d: conv.title[:20] in text_of(d, "#conversations"), "the conversation in the list")
-    wait_for(d, lambda d: any(alternative.content.strip()[:20] in t for t in bot_texts(d)), "the chosen answer")
+    wait_for(d, lambda d: answer_shown(d, alternative.content), "the chosen answer")
     assert d.execute_script("return window.__pwned") is None
 
     # ---- the page loaded nothing from any other host
@@ -260,11 +281,11 @@ def test_stop_button_ends_the_answer(stop_server: ServerThread, browser):
     click(d, "#send")
     wait_for(d, lambda d: any("▌" in t for t in bot_texts(d)), "the answer to start streaming")
     click(d, "#stop")
-    conv = eventually(lambda: store.list_conversations(carol.id), "the stopped answer to be stored")[0]
-    answer = [m for m in store.messages(conv.id) if m.role == "assistant"][0]
+    answer = eventually(lambda: [m for c in store.list_conversations(carol.id) for m in store.messages(c.id)
+                                 if m.role == "assistant"], "the stopped answer to be stored")[0]
     assert answer.status == "stopped" and answer.content.strip()
     wait_for(d, lambda d: not any("▌" in t for t in bot_texts(d)), "the page to show the stopped answer")
-    assert any(answer.content.strip()[:20] in t for t in bot_texts(d))
+    assert answer_shown(d, answer.content)
 
 
 # ------------------------------------------------------------------------------ pictures for docs/
@@ -305,7 +326,7 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     answer = eventually(lambda: [m for c in store.list_conversations(alice.id) for m in store.messages(c.id)
                                  if m.role == "assistant"], "the answer", timeout=120)[0]
     assert answer.adapter == "v1" and answer.content.strip()
-    wait_for(d, lambda d: any(answer.content.strip()[:20] in t for t in bot_texts(d)), "the answer on the page")
+    wait_for(d, lambda d: answer_shown(d, answer.content), "the answer on the page")
     d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
     wait_for(d, lambda d: "Adapter: v1" in text_of(d, "#chatbot"), "the details to open")
     d.execute_script("window.scrollTo(0, 0)")
@@ -321,3 +342,79 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     d.save_screenshot(str(DOCS / "feedback.png"))
     thumb = [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"]
     assert [(f.rating, f.message_id) for f in thumb] == [(-1, answer.id)]
+
+
+# ------------------------------------------------------------------------------ documents and memory
+@pytest.fixture
+def agent_server(tmp_path, tiny_model_dir):
+    srv = start_server(tmp_path / "agent-home", tiny_model_dir, with_ui=True, with_agent=True, max_new_tokens=16)
+    # Open chromadb and load the embedder before any page does: KnowledgeBase's lazy start-up is not
+    # safe against two first requests at once (two PersistentClients race inside chromadb).
+    srv.services.extras["knowledge"].warm()
+    srv.services.store.create_user("dana", "dana-pass-1")
+    yield srv
+    srv.stop()
+
+
+def open_tab(driver, name: str) -> None:
+    tab = wait_for(driver, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                      if b.text.strip() == name], f"the {name} tab")[0]
+    tab.click()
+
+
+@pytest.mark.slow  # the real MiniLM embedder
+def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_path):
+    d, services = browser, agent_server.services
+    store, kb, lt = services.store, services.extras["knowledge"], services.extras["memories"]
+    dana = store.get_user_by_name("dana")
+    login(d, agent_server.url, "dana", "dana-pass-1")
+    assert not [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "Admin"]
+
+    # ---- upload a document (its heading carries HTML, which must show as text)
+    doc = tmp_path / "pump.md"
+    doc.write_text("# <b>Pump</b> manual\n\nThe Zephyr-7 pump restarts after pressing the blue reset key twice.\n")
+    open_tab(d, "Documents")
+    css(d, "#doc-files input[type=file]").send_keys(str(doc))
+    wait_for(d, lambda d: "pump" in text_of(d, "#doc-files"), "the file to reach the server")
+    click(d, "#doc-upload")
+    wait_for(d, lambda d: "added as" in text_of(d, "#doc-status"), "the upload report")
+    wait_for(d, lambda d: "<b>Pump</b> manual" in text_of(d, "#doc-table"), "the document in the list")
+    assert not d.find_elements(By.CSS_SELECTOR, "#doc-table b")
+    [info] = kb.list_documents(dana)
+    assert (info.filename, info.scope, info.owner_id) == ("pump.md", "private", dana.id)
+    d.save_screenshot(str(tmp_path / "documents.png"))
+
+    # ---- an answer that used it says so under "how this was answered"
+    open_tab(d, "Chat")
+    css(d, "#message textarea").send_keys("How do I restart the Zephyr-7 pump?")
+    click(d, "#send")
+    eventually(lambda: [m for c in store.list_conversations(dana.id) for m in store.messages(c.id)
+                        if m.role == "assistant"], "the answer")
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#chatbot .thought-group .title"), "the details")
+    d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
+    wait_for(d, lambda d: "Sources:" in text_of(d, "#chatbot") and "Pump" in text_of(d, "#chatbot"),
+             "the cited source")
+
+    # ---- memory: add, pick from the table, delete
+    open_tab(d, "Memory")
+    css(d, "#memory-new textarea").send_keys("I keep bees on my roof.", Keys.ENTER)
+    wait_for(d, lambda d: "I keep bees on my roof." in text_of(d, "#memory-table"), "the memory in the list")
+    [mem] = lt.list_memories(dana.id)
+    cell = wait_for(d, lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#memory-table [role=gridcell]")
+                                  if "bees" in c.text], "the memory cell")[0]
+    cell.click()
+    wait_for(d, lambda d: css(d, "#memory-text textarea").get_attribute("value") == mem.text, "the memory picked")
+    click(d, "#memory-delete")
+    wait_for(d, lambda d: "Deleted" in text_of(d, "#memory-status"), "the delete notice")
+    assert lt.list_memories(dana.id, include_history=True) == []
+
+    # ---- delete the document: every chunk goes
+    open_tab(d, "Documents")
+    cell = wait_for(d, lambda d: [c for c in d.find_elements(By.CSS_SELECTOR, "#doc-table [role=gridcell]")
+                                  if "pump.md" in c.text], "the document cell")[0]
+    cell.click()
+    wait_for(d, lambda d: css(d, "#doc-pick input").get_attribute("value").startswith("<b>Pump"),
+             "the document picked")
+    click(d, "#doc-delete")
+    wait_for(d, lambda d: "Deleted the document" in text_of(d, "#doc-status"), "the delete notice")
+    assert kb.list_documents(dana) == [] and kb.count_chunks() == 0

@@ -362,3 +362,99 @@ def test_no_ui_page_or_endpoint_answers_without_login(tmp_path, tiny_model_dir):
             assert browser.get("/config").status_code == 401
     finally:
         srv.stop()
+
+
+# ------------------------------------------------------------------------------- documents and memory
+@pytest.fixture(scope="module")
+def agent_env(tmp_path_factory, tiny_model_dir):
+    """Services with the knowledge base, long-term memory and agent attached (real MiniLM embedder)."""
+    home = tmp_path_factory.mktemp("ui-agent-home")
+    settings = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1, max_new_tokens=8,
+                             upload_max_bytes=20_000)
+    services = build_services(settings, with_agent=True)
+    assert {"knowledge", "memories"} <= set(services.extras)
+    store = services.store
+    users = {name: store.create_user(name, f"{name}-pass-1", role=role)
+             for name, role in (("ann", "user"), ("ben", "user"), ("boss", "admin"))}
+    yield services, users, home
+    services.close()
+
+
+@pytest.mark.slow
+def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
+    from ui import library as lib
+
+    s, u, _ = agent_env
+    ann, ben, boss = u["ann"], u["ben"], u["boss"]
+    good = tmp_path / "zephyr-manual.md"
+    good.write_text("# Zephyr manual\n\nThe Zephyr-7 pump restarts after pressing the blue reset key twice.\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fake = tmp_path / "photo.txt"
+    fake.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 5000)  # 25 kB, over the 20 kB limit
+    seen: list[tuple[float, str]] = []
+    results = lib.upload_documents(s, ann, [good, empty, fake, big], "private", lambda f, m: seen.append((f, m)))
+    assert [r.ok for r in results] == [True, False, False, False]
+    assert "empty" in results[1].message and "PNG" in results[2].message and "limit" in results[3].message
+    fracs = [f for f, _ in seen]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0 and any("zephyr-manual.md" in m for _, m in seen)
+    rows = lib.document_rows(s, ann)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("Zephyr manual", "zephyr-manual.md", "only me")]
+    doc_id = rows[0][-1]
+    summary = lib.upload_summary(results)
+    assert summary.startswith("- ✓ **zephyr-manual.md**") and "- ✗ **empty.txt**" in summary
+
+    # another user neither sees nor deletes it; only admins add team documents
+    assert lib.document_rows(s, ben) == [] and lib.document_choices(s, ben) == []
+    with pytest.raises(h.UiError, match="not found"):
+        lib.delete_document(s, ben, doc_id)
+    with pytest.raises(h.UiError, match="only admins"):
+        lib.upload_documents(s, ben, [good], "shared")
+    team = tmp_path / "team-rules.txt"
+    team.write_text("Team rule: code reviews happen on Tuesdays.")
+    assert lib.upload_documents(s, boss, [team], "shared")[0].ok
+    assert [r[3] for r in lib.document_rows(s, ben)] == ["team"]
+    assert lib.document_choices(s, ben) == []  # visible, but not ben's to delete
+    shared_id = lib.document_rows(s, ben)[0][-1]
+    with pytest.raises(h.UiError, match="only the uploader or an admin"):
+        lib.delete_document(s, ben, shared_id)
+
+    # the answer says which passage it used
+    view = h.send(s, ann, None, "How do I restart the Zephyr-7 pump?")
+    details = view.rows[-1]["content"]
+    assert "Sources:" in details and "Zephyr manual" in details and "`search_documents`" in details
+
+    assert lib.delete_document(s, ann, doc_id) >= 1
+    assert [r[-1] for r in lib.document_rows(s, ann)] == [shared_id]
+    with pytest.raises(h.UiError, match="not found"):
+        lib.delete_document(s, ann, doc_id)
+
+
+@pytest.mark.slow
+def test_memory_page_view_add_edit_delete(agent_env):
+    from ui import library as lib
+
+    s, u, _ = agent_env
+    ann, ben = u["ann"], u["ben"]
+    first = lib.add_memory(s, ann, "I keep bees on my balcony.")
+    assert [r[:2] for r in lib.memory_rows(s, ann)] == [[first.id, "I keep bees on my balcony."]]
+    assert lib.add_memory(s, ann, "I keep bees on my balcony.").id == first.id  # no duplicate
+    edited = lib.edit_memory(s, ann, first.id, "I keep bees on my roof.")
+    assert [r[:2] for r in lib.memory_rows(s, ann)] == [[edited.id, "I keep bees on my roof."]]
+    assert [m.text for m in lib.memory_history(s, ann, edited.id)] == [
+        "I keep bees on my roof.", "I keep bees on my balcony."]
+    with pytest.raises(h.UiError, match="not found"):
+        lib.edit_memory(s, ann, first.id, "old versions are history, not editable")
+    for attempt in (lambda: lib.memory_text(s, ben, edited.id),
+                    lambda: lib.edit_memory(s, ben, edited.id, "mine"),
+                    lambda: lib.forget_memory(s, ben, edited.id)):
+        with pytest.raises(h.UiError, match="not found"):
+            attempt()
+    assert lib.memory_rows(s, ben) == []
+    with pytest.raises(h.UiError):
+        lib.add_memory(s, ann, "   ")
+    assert lib.forget_memory(s, ann, edited.id) == 2  # the memory and its older version
+    assert lib.memory_rows(s, ann) == []
+    assert s.extras["memories"].recall(ann.id, "Where are my bees?") == []

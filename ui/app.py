@@ -25,6 +25,7 @@ from assistant.server import Services
 from memory.types import REASON_TAGS
 from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, make_login
+from ui.library import build_documents_tab, build_memory_tab
 from ui.render import safe_markdown
 
 CSS = """
@@ -98,7 +99,7 @@ def build_blocks(services: Services) -> gr.Blocks:
                                              buttons=["copy", "copy_all"],  # no "share" to a hub
                                              placeholder="Ask anything. Answers stream in; Stop ends one early.")
                         with gr.Row():
-                            msg = gr.Textbox(show_label=False, placeholder="Message", lines=2, scale=8,
+                            msg = gr.Textbox(label="Message", show_label=False, placeholder="Message", lines=2, scale=8,
                                              elem_id="message")
                             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                             stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
@@ -123,8 +124,8 @@ def build_blocks(services: Services) -> gr.Blocks:
                             with gr.Column():
                                 b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
                                 pick_b = gr.Button("B is better", elem_id="pick-b", interactive=False)
-            build_documents_tab(services)
-            build_memory_tab(services)
+            build_documents_tab(services, demo)
+            build_memory_tab(services, demo)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 if importlib.util.find_spec("ui.admin") is not None:
                     from ui.admin import build_admin_tab
@@ -324,18 +325,6 @@ def build_blocks(services: Services) -> gr.Blocks:
     return demo
 
 
-def build_documents_tab(services: Services) -> None:
-    with gr.Tab("Documents", id="documents"):
-        gr.Markdown("Documents are not available: the knowledge base is not attached to this server."
-                    if "knowledge" not in services.extras else "")
-
-
-def build_memory_tab(services: Services) -> None:
-    with gr.Tab("Memory", id="memory"):
-        gr.Markdown("Memory is not available: long-term memory is not attached to this server."
-                    if "memories" not in services.extras else "")
-
-
 def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     """Mount the page at "/" behind a login checked against the user store."""
     host_routes = list(app.router.routes)  # the API, registered before the UI
@@ -347,6 +336,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
         footer_links=[],  # no links out to gradio.app / API docs / settings
         run_history=False,  # its page offers connecting a hub bucket; nothing of ours goes there
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,
+        max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
         css=CSS,
     )
     app.add_middleware(UiGuard, host_app=app, host_routes=host_routes)

@@ -92,9 +92,9 @@ def _first(d: dict[str, Any], keys: Iterable[str]) -> Any:
 
 def _fmt_source(i: int, s: dict[str, Any]) -> str:
     name = _first(s, ("title", "document", "filename", "source", "name", "id")) or f"source {i}"
-    where = _first(s, ("chunk", "page", "location"))
+    where = _first(s, ("page", "chunk", "location", "scope"))
     score = s.get("score")
-    text = _first(s, ("text", "excerpt", "content", "snippet"))
+    text = _first(s, ("snippet", "text", "excerpt", "content"))
     head = f"{i}. **{_escape_plain(str(name))}**"
     if where is not None:
         head += f" ({_escape_plain(str(where))})"

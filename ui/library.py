@@ -1,0 +1,333 @@
+"""The Documents and Memory pages: handlers as plain functions, plus their thin Gradio wiring.
+
+In: `Services` whose `extras` hold the knowledge base (`extras["knowledge"]`, a
+`memory.knowledge.KnowledgeBase`) and long-term memory (`extras["memories"]`, a
+`memory.longterm.LongTermMemory`), the logged-in `User`, and the page's inputs (uploaded file paths,
+a document or memory id, new text). Out: table rows and `UploadResult`s, or a `UiError` with the
+reason. Documents: upload (with progress; one bad file does not stop the others, and the knowledge
+base leaves nothing of a failed file behind), list, delete. Memory: view, add, edit (a new version
+that supersedes the old), delete (with its older versions).
+
+Who may do what: everyone sees their own documents and the team's shared ones; only admins add
+shared documents (they reach every user's prompts). A user's memories are only ever read with that
+user's id, and another user's document or memory reads as not found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from memory.types import User
+from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.render import excerpt, safe_markdown
+
+if TYPE_CHECKING:
+    from assistant.server import Services
+    from memory.knowledge import DocumentInfo, KnowledgeBase
+    from memory.longterm import LongTermMemory, Memory
+
+DOC_HEADERS = ["Title", "File", "Type", "Visible to", "Chunks", "Size", "Added", "Id"]
+MEMORY_HEADERS = ["Id", "What I remember", "Kind", "From", "Updated"]
+FILE_TYPES = [".txt", ".md", ".markdown", ".pdf", ".html", ".htm"]
+PRIVATE = {"api_visibility": "private"}
+
+
+# ------------------------------------------------------------------------------------------ documents
+def knowledge(services: Services) -> KnowledgeBase:
+    kb = services.extras.get("knowledge")
+    if kb is None:
+        raise UiError("documents are not available on this server")
+    return kb
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} kB"
+
+
+def document_rows(services: Services, user: User) -> list[list[Any]]:
+    rows = []
+    for d in knowledge(services).list_documents(user):
+        added = datetime.fromtimestamp(d.created_at, tz=UTC).strftime("%Y-%m-%d %H:%M")
+        who = "team" if d.scope == "shared" else "only me"
+        rows.append([d.title, d.filename, d.kind, who, d.chunks, _size(d.size), added, d.doc_id])
+    return rows
+
+
+def document_choices(services: Services, user: User) -> list[tuple[str, str]]:
+    """Documents this user may delete: their own, and (admins) the shared ones."""
+    out = []
+    for d in knowledge(services).list_documents(user):
+        if d.owner_id == user.id or (d.scope == "shared" and user.is_admin):
+            out.append((f"{excerpt(d.title, 60)} ({d.filename})", d.doc_id))
+    return out
+
+
+@dataclass
+class UploadResult:
+    filename: str
+    ok: bool
+    message: str
+    document: DocumentInfo | None = None
+
+
+def upload_documents(services: Services, user: User, paths: Sequence[str | Path] | None, scope: str = "private",
+                     progress: Callable[[float, str], None] | None = None) -> list[UploadResult]:
+    """Ingest each file; a refused file gets its reason and the rest still go in."""
+    from memory.documents import IngestError
+
+    kb = knowledge(services)
+    if not paths:
+        raise UiError("choose one or more files first")
+    if scope not in ("private", "shared"):
+        raise UiError("choose who may see the documents")
+    if scope == "shared" and not user.is_admin:
+        raise UiError("only admins add team documents; yours stay private")
+    report = progress or (lambda _f, _m: None)
+    results: list[UploadResult] = []
+    for i, raw in enumerate(paths):
+        path = Path(raw)
+        name = path.name
+
+        def step(frac: float, msg: str, i: int = i, name: str = name) -> None:
+            report((i + frac) / len(paths), f"{name}: {msg}")
+
+        try:
+            info = kb.ingest_path(user, path, scope=scope, progress=step)  # type: ignore[arg-type]
+        except IngestError as e:
+            results.append(UploadResult(name, False, str(e)))
+            continue
+        results.append(UploadResult(name, True, f"added as '{info.title}' ({info.chunks} chunks)", info))
+    report(1.0, "done")
+    return results
+
+
+def upload_summary(results: list[UploadResult]) -> str:
+    lines = [f"- {'✓' if r.ok else '✗'} **{safe_markdown(r.filename)}**: {safe_markdown(r.message)}"
+             for r in results]
+    return "\n".join(lines)
+
+
+def delete_document(services: Services, user: User, doc_id: str | None) -> int:
+    """Delete a document and all its chunks; returns how many chunks went."""
+    from memory.knowledge import DocumentNotFound
+
+    if not doc_id:
+        raise UiError("choose a document first")
+    try:
+        return knowledge(services).delete_document(user, doc_id)
+    except DocumentNotFound as e:
+        raise UiError("document not found") from e
+    except PermissionError as e:
+        raise UiError(str(e)) from e
+
+
+# ------------------------------------------------------------------------------------------ memory
+def memories(services: Services) -> LongTermMemory:
+    lt = services.extras.get("memories")
+    if lt is None:
+        raise UiError("memory is not available on this server")
+    return lt
+
+
+def memory_rows(services: Services, user: User) -> list[list[Any]]:
+    return [[m.id, m.text, m.kind, m.source, m.updated_at.strftime("%Y-%m-%d %H:%M")]
+            for m in memories(services).list_memories(user.id)]
+
+
+def memory_choices(services: Services, user: User) -> list[tuple[str, int]]:
+    return [(f"{m.id}: {excerpt(m.text, 70)}", m.id) for m in memories(services).list_memories(user.id)]
+
+
+def _memory(services: Services, user: User, memory_id: int | None) -> Memory:
+    if memory_id is None:
+        raise UiError("choose a memory first")
+    m = memories(services).get(user.id, int(memory_id))
+    if m is None or m.status != "active":
+        raise UiError("memory not found")
+    return m
+
+
+def memory_text(services: Services, user: User, memory_id: int | None) -> str:
+    return _memory(services, user, memory_id).text
+
+
+def memory_history(services: Services, user: User, memory_id: int | None) -> list[Memory]:
+    m = _memory(services, user, memory_id)
+    return memories(services).history(user.id, m.id)
+
+
+def add_memory(services: Services, user: User, text: str) -> Memory:
+    """Remember something the user typed; the same fact again is a no-op, a contradicting one replaces."""
+    try:
+        return memories(services).remember(user.id, text or "", kind="note", source="explicit").memory
+    except ValueError as e:
+        raise UiError(str(e)) from e
+
+
+def edit_memory(services: Services, user: User, memory_id: int | None, text: str) -> Memory:
+    m = _memory(services, user, memory_id)
+    try:
+        return memories(services).edit(user.id, m.id, text or "")
+    except ValueError as e:
+        raise UiError(str(e)) from e
+    except LookupError as e:
+        raise UiError("memory not found") from e
+
+
+def forget_memory(services: Services, user: User, memory_id: int | None) -> int:
+    """Delete the memory and every older version of it; it never comes back in a prompt."""
+    m = _memory(services, user, memory_id)
+    try:
+        return memories(services).forget(user.id, m.id)
+    except LookupError as e:
+        raise UiError("memory not found") from e
+
+
+# ------------------------------------------------------------------------------------------ wiring
+def _user(services: Services, request: gr.Request) -> User:
+    try:
+        return resolve_user(services, request.username)
+    except NotLoggedIn as e:
+        raise gr.Error(e.message) from e
+
+
+def build_documents_tab(services: Services, demo: gr.Blocks) -> None:
+    with gr.Tab("Documents", id="documents"):
+        if "knowledge" not in services.extras:
+            gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
+            return
+        limit = services.settings.upload_max_bytes
+        gr.Markdown(f"Upload text, Markdown, PDF or HTML files (up to {_size(limit)} each). Answers cite the "
+                    "passages they used under *How this was answered*.")
+        files = gr.File(label="Files", file_count="multiple", file_types=FILE_TYPES, elem_id="doc-files")
+        with gr.Row():
+            scope = gr.Radio([("Only me", "private"), ("Team (shared)", "shared")], value="private",
+                             label="Who may see them", visible=False, elem_id="doc-scope")
+            upload_btn = gr.Button("Add documents", variant="primary", elem_id="doc-upload")
+        status = gr.Markdown(elem_id="doc-status")
+        table = gr.Dataframe(headers=DOC_HEADERS, datatype="str", interactive=False, elem_id="doc-table",
+                             wrap=True)
+        with gr.Row():
+            pick = gr.Dropdown(label="Document", choices=[], elem_id="doc-pick", scale=3)
+            delete_btn = gr.Button("Delete document", variant="stop", elem_id="doc-delete", scale=1)
+
+    def refresh(user: User, chosen: str | None = None) -> tuple:
+        choices = document_choices(services, user)
+        keep = chosen if chosen in [c for _, c in choices] else None
+        return document_rows(services, user), gr.Dropdown(choices=choices, value=keep)
+
+    def on_load(request: gr.Request):
+        user = _user(services, request)
+        return (*refresh(user), gr.Radio(visible=user.is_admin))
+
+    demo.load(on_load, None, [table, pick, scope], **PRIVATE)
+
+    def on_upload(paths, where, request: gr.Request, progress=gr.Progress()):
+        user = _user(services, request)
+        try:
+            results = upload_documents(services, user, paths, where or "private",
+                                       lambda f, m: progress(f, desc=m))
+        except UiError as e:
+            return gr.skip(), gr.skip(), safe_markdown(e.message), gr.skip()
+        return (*refresh(user), upload_summary(results), None)
+
+    upload_btn.click(on_upload, [files, scope], [table, pick, status, files], **PRIVATE)
+
+    def on_delete(doc_id, request: gr.Request):
+        user = _user(services, request)
+        try:
+            n = delete_document(services, user, doc_id)
+        except UiError as e:
+            return gr.skip(), gr.skip(), safe_markdown(e.message)
+        return (*refresh(user), f"Deleted the document and its {n} chunks.")
+
+    delete_btn.click(on_delete, [pick], [table, pick, status], **PRIVATE)
+
+    def on_row(evt: gr.SelectData):  # clicking a row picks that document for Delete
+        row = evt.row_value or []
+        return gr.Dropdown(value=row[-1]) if row else gr.skip()
+
+    table.select(on_row, None, [pick], **PRIVATE)
+
+
+def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
+    with gr.Tab("Memory", id="memory"):
+        if "memories" not in services.extras:
+            gr.Markdown("Memory is not available: long-term memory is not attached to this server.")
+            return
+        gr.Markdown("What the assistant remembers about you across conversations. Edit or delete anything; "
+                    "a deleted memory is never used again, in answers or in training.")
+        table = gr.Dataframe(headers=MEMORY_HEADERS, datatype="str", interactive=False, elem_id="memory-table",
+                             wrap=True)
+        with gr.Row():
+            new_text = gr.Textbox(label="Add something to remember", elem_id="memory-new", scale=4)
+            add_btn = gr.Button("Remember", elem_id="memory-add", scale=1)
+        pick = gr.Dropdown(label="Memory", choices=[], elem_id="memory-pick")
+        edit_box = gr.Textbox(label="Text", elem_id="memory-text")
+        with gr.Row():
+            save_btn = gr.Button("Save change", elem_id="memory-save")
+            forget_btn = gr.Button("Delete memory", variant="stop", elem_id="memory-delete")
+        status = gr.Markdown(elem_id="memory-status")
+
+    def refresh(user: User, chosen: int | None = None) -> tuple:
+        choices = memory_choices(services, user)
+        keep = chosen if chosen in [c for _, c in choices] else None
+        return memory_rows(services, user), gr.Dropdown(choices=choices, value=keep)
+
+    def on_load(request: gr.Request):
+        return refresh(_user(services, request))
+
+    demo.load(on_load, None, [table, pick], **PRIVATE)
+
+    def on_pick(memory_id, request: gr.Request):
+        user = _user(services, request)
+        try:
+            return memory_text(services, user, memory_id), ""
+        except UiError as e:
+            return "", safe_markdown(e.message)
+
+    pick.input(on_pick, [pick], [edit_box, status], **PRIVATE)
+
+    def on_row(evt: gr.SelectData, request: gr.Request):  # clicking a row picks that memory
+        row = evt.row_value or []
+        if not row:
+            return gr.skip(), gr.skip(), gr.skip()
+        memory_id = int(row[0])
+        return (gr.Dropdown(value=memory_id), *on_pick(memory_id, request))
+
+    table.select(on_row, None, [pick, edit_box, status], **PRIVATE)
+
+    def act(action: Callable[[User, Any, Any], tuple[str, int | None]]):
+        def run(memory_id, text, request: gr.Request):
+            user = _user(services, request)
+            try:
+                note, chosen = action(user, memory_id, text)
+            except UiError as e:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(e.message)
+            shown = memory_text(services, user, chosen) if chosen is not None else ""
+            return (*refresh(user, chosen), "", shown, note)
+        return run
+
+    def do_add(user: User, _memory_id: Any, text: str):
+        m = add_memory(services, user, text)
+        return f"Remembered: “{safe_markdown(excerpt(m.text, 120))}”", None
+
+    def do_save(user: User, memory_id: Any, text: str):
+        m = edit_memory(services, user, memory_id, text)
+        return "Saved; the old version is kept as history and no longer used.", m.id
+
+    def do_forget(user: User, memory_id: Any, _text: str):
+        n = forget_memory(services, user, memory_id)
+        return f"Deleted ({n} version{'s' if n != 1 else ''}).", None
+
+    outputs = [table, pick, new_text, edit_box, status]
+    add_btn.click(act(do_add), [pick, new_text], outputs, **PRIVATE)
+    new_text.submit(act(do_add), [pick, new_text], outputs, **PRIVATE)
+    save_btn.click(act(do_save), [pick, edit_box], outputs, **PRIVATE)
+    forget_btn.click(act(do_forget), [pick, edit_box], outputs, **PRIVATE)
