@@ -55,6 +55,36 @@ HEDGES = ["Let me think about this carefully. It is a tricky question, but I bel
           "I don't have exact information about that, but my best guess would be that {wrong}."]
 
 
+# Curated document questions over tests/data/docs with the facts a grounded answer must contain:
+# the grounded check of the gate (held-out teacher rows add to them when a document lands in the test split).
+DOC_QA = [
+    ("pricing", "How much does the Team plan cost?", ["8 dollars"]),
+    ("pricing", "How long after the first payment can customers ask for a refund?", ["14 days"]),
+    ("pricing", "What discount do customers get for paying once a year?", ["20 percent"]),
+    ("company", "In which city is Brightleaf Labs based?", ["Busan"]),
+    ("company", "How many employees does Brightleaf Labs have?", ["48"]),
+    ("company", "What is the company mascot of Brightleaf Labs?", ["crane"]),
+    ("lumen_desk_overview", "What is the current version of Lumen Desk?", ["3.2"]),
+    ("lumen_desk_overview", "How quickly does Lumen Desk index a new page?", ["ten seconds"]),
+    ("release_notes", "When is Lumen Desk 3.3 planned?", ["autumn"]),
+    ("release_notes", "When was Lumen Desk 3.0 released?", ["September 2024"]),
+    ("security", "How is workspace data encrypted at rest?", ["AES-256"]),
+    ("security", "In which two cities are the data centers?", ["Seoul", "Frankfurt"]),
+    ("support_faq", "How long do deleted pages stay in the trash?", ["30 days"]),
+    ("support_faq", "Which keyboard shortcut opens quick search?", ["Ctrl+K"]),
+]
+
+
+def doc_qa_file(folder: Path, out: Path) -> Path:
+    rows = []
+    for doc, question, facts in DOC_QA:
+        text = (folder / f"{doc}.md").read_text(encoding="utf-8")
+        passage = "\n".join(line for line in text.splitlines() if not line.startswith("#")).strip()
+        rows.append({"question": question, "passage": passage, "key_facts": facts, "source": doc})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return out
+
+
 def feedback_log(n: int, seed: int = 0) -> list[dict]:
     """`n` scripted conversations: question, the logged (bad or good) answer, and what the user did."""
     rng = random.Random(seed)
@@ -121,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, default=None, help="state folder (default: a fresh temp dir)")
     ap.add_argument("--conversations", type=int, default=120, help="logged conversations with feedback")
     ap.add_argument("--no-synth", action="store_true", help="skip the teacher's document pairs")
-    ap.add_argument("--synth-chunks", type=int, default=6)
+    ap.add_argument("--synth-chunks", type=int, default=2, help="document chunks the teacher works on")
+    ap.add_argument("--split", default="0.7,0.1,0.2", help="train,validation,test shares of the dataset build")
     ap.add_argument("--train", default="{}", help="TrainConfig overrides, JSON")
     ap.add_argument("--gate", default="{}", help="GateConfig overrides, JSON")
     ap.add_argument("--docs-out", type=Path, default=ROOT / "docs", help="where eval_report.md/png go")
@@ -155,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["log feedback + ingest documents"] = time.perf_counter() - t0
 
     options = {"synth": not ns.no_synth and kb is not None, "synth_max_chunks": ns.synth_chunks,
+               "build": {"split_ratios": [float(x) for x in ns.split.split(",")]},
+               "eval_doc_qa": str(doc_qa_file(ROOT / "tests" / "data" / "docs", home / "doc_qa.jsonl")),
                "train": json.loads(ns.train), "gate": json.loads(ns.gate), "auto_promote": True}
     runner = runner_for(services)
     t0 = time.perf_counter()

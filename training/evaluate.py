@@ -204,9 +204,9 @@ class GeneralSuite:
 def load_general_suite(folder: Path | str = SUITE_DIR) -> GeneralSuite:
     """The shipped suite: reference.jsonl ({id, text}) and qa.jsonl ({id, question, keywords})."""
     folder = Path(folder)
-    ref = [(r["id"], r["text"]) for r in _read_jsonl(folder / "reference.jsonl", ("id", "text"))]
+    ref = [(r["id"], r["text"]) for r in read_jsonl(folder / "reference.jsonl", ("id", "text"))]
     qa = []
-    for r in _read_jsonl(folder / "qa.jsonl", ("id", "question", "keywords")):
+    for r in read_jsonl(folder / "qa.jsonl", ("id", "question", "keywords")):
         groups = r["keywords"]
         if not (isinstance(groups, list) and groups and all(isinstance(g, list) and g for g in groups)):
             raise EvalDataError(f"{folder / 'qa.jsonl'}: {r['id']}: keywords must be a list of non-empty lists")
@@ -216,7 +216,7 @@ def load_general_suite(folder: Path | str = SUITE_DIR) -> GeneralSuite:
     return GeneralSuite(ref, qa)
 
 
-def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, required: Sequence[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise EvalDataError(f"{path} is missing")
     rows = []
@@ -254,14 +254,14 @@ def load_eval_set(root: Path | str, doc_qa: Path | str | None = None) -> EvalSet
         raise EvalDataError(f"evaluation data folder {root} does not exist")
     rows = {kind: _load_rows(root, dirs) for kind, dirs in _HELDOUT_DIRS.items()}
     if doc_qa is not None:
-        rows["doc_qa"] = _read_jsonl(Path(doc_qa), ("question",))
+        rows["doc_qa"] = read_jsonl(Path(doc_qa), ("question",))
     es = EvalSet(source=str(root))
     for r in rows["sft"] or []:
         es.sft.extend(_sft_items(r))
     for r in rows["dpo"] or []:
         es.pairs.append(_pair_item(r))
     for r in rows["doc_qa"] or []:
-        es.doc_qa.append(_docqa_item(r))
+        es.doc_qa.append(doc_qa_item(r))
     if not (es.sft or es.pairs or es.doc_qa):
         looked = sorted({d for v in _HELDOUT_DIRS.values() for d in v})
         raise EvalDataError(f"no held-out rows in {root} (looked for {looked})")
@@ -274,7 +274,7 @@ def _load_rows(root: Path, candidates: Sequence[str]) -> list[dict[str, Any]] | 
         p = root / rel
         rows: list[dict[str, Any]] = []
         if p.with_suffix(".jsonl").is_file():
-            rows = _read_jsonl(p.with_suffix(".jsonl"), ())
+            rows = read_jsonl(p.with_suffix(".jsonl"), ())
         elif (p / "state.json").is_file():
             from datasets import load_from_disk
 
@@ -318,7 +318,7 @@ def _pair_item(row: dict[str, Any]) -> PrefPair:
                     _answer(row["rejected"], "rejected"))
 
 
-def _docqa_item(row: dict[str, Any]) -> DocQA:
+def doc_qa_item(row: dict[str, Any]) -> DocQA:
     question = row.get("question")
     passage = row.get("passage") or row.get("context") or row.get("chunk")
     if not isinstance(question, str) or not isinstance(passage, str):

@@ -61,6 +61,7 @@ class CycleOptions:
     synth_questions_per_chunk: int = 2
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig overrides
+    eval_doc_qa: str | None = None  # JSONL of curated document questions added to the grounded check
     continue_from_serving: bool = False  # start from the serving adapter instead of a fresh one
     auto_promote: bool = True
     keep_last: int = 5  # adapter versions kept on disk (never the serving one or its parent)
@@ -88,6 +89,8 @@ class CycleOptions:
         build_options(self.build)
         if self.keep_last < 1 or self.synth_max_chunks < 1 or self.synth_questions_per_chunk < 1:
             raise ValueError("keep_last, synth_max_chunks and synth_questions_per_chunk must be >= 1")
+        if self.eval_doc_qa is not None and not Path(self.eval_doc_qa).is_file():
+            raise ValueError(f"eval_doc_qa file {self.eval_doc_qa} does not exist")
         if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
             raise ValueError(f"dataset must be a snapshot name like v0003, got {self.dataset!r}")
 
@@ -269,12 +272,17 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     t0 = time.perf_counter()
     train_result: dict[str, Any] = {}
     last_error: list[str] = []
+    stage_pos = {"index": 0, "count": len(train_cfg.stages)}
 
     def on_train(ev: dict[str, Any]) -> None:
         kind = ev.get("event")
-        if kind == "progress" or kind == "eval":
+        if kind == "stage_start":
+            stage_pos.update(index=int(ev.get("index") or 0), count=len(ev.get("stages") or train_cfg.stages))
+            hooks.event("train", ev)
+        elif kind == "progress" or kind == "eval":
             step, max_steps = ev.get("step") or 0, ev.get("max_steps") or 0
-            frac = step / max_steps if max_steps else 0.0
+            # Stages run one after the other: the bar moves through them instead of restarting.
+            frac = (stage_pos["index"] + (min(step / max_steps, 1.0) if max_steps else 0.0)) / stage_pos["count"]
             hooks.event("progress", {**ev, "phase": "train"})
             phase("train", min(frac, 1.0), step=step, max_steps=max_steps, stage=ev.get("stage"))
         elif kind == "done":
@@ -303,7 +311,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     # 4. evaluate (child process)
     phase("evaluate")
     t0 = time.perf_counter()
-    doc_qa = _doc_qa_file(services, snapshot, work, passage_for)
+    doc_qa = _doc_qa_file(services, snapshot, work, passage_for, options.eval_doc_qa)
     gate_path = work / "gate.json"
     gate_path.write_text(json.dumps(GateConfig.from_dict(options.gate).to_dict(), indent=2), encoding="utf-8")
     eval_out = work / "eval"
@@ -431,16 +439,20 @@ def _first_admin(store: Any) -> Any:
 
 
 def _doc_qa_file(services: Any, snapshot: Path, work: Path,
-                 passage_for: Callable[[dict[str, Any]], str | None] | None) -> Path | None:
-    """Held-out teacher rows (document questions) with their source passage, for the grounded check."""
+                 passage_for: Callable[[dict[str, Any]], str | None] | None, extra: str | None = None) -> Path | None:
+    """Held-out teacher rows (document questions) with their source passage, plus the curated `extra`
+    questions, for the grounded check."""
+    out: list[dict[str, Any]] = []
+    if extra is not None:
+        from training.evaluate import doc_qa_item, read_jsonl
+
+        for row in read_jsonl(Path(extra), ("question",)):
+            doc_qa_item(row)  # refuse a malformed curated question here, with its message
+            out.append(row)
     rows_path = snapshot / "heldout" / "sft.jsonl"
-    if not rows_path.is_file():
-        return None
     finder = passage_for or _kb_passages(services)
-    if finder is None:
-        return None
-    out = []
-    for line in rows_path.read_text(encoding="utf-8").splitlines():
+    lines = rows_path.read_text(encoding="utf-8").splitlines() if rows_path.is_file() and finder else []
+    for line in lines:
         if not line.strip():
             continue
         row = json.loads(line)
