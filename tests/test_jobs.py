@@ -5,6 +5,7 @@ start-up recovery of a job a crash left running."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -273,3 +274,37 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from training.evaluate import EvalDataError, load_eval_set
+    from training.loop import _doc_qa_file, folder_passages
+    from training.synth import chunks_from_folder
+
+    docs = Path(__file__).parent / "data" / "docs"
+    chunk = next(c for c in chunks_from_folder(docs) if c.doc_id == "pricing")
+    snap = tmp_path / "snap"
+    (snap / "heldout").mkdir(parents=True)
+    rows = [{"source": "teacher", "doc_id": "pricing", "chunk_id": chunk.chunk_id,
+             "messages": [{"role": "user", "content": "How much does the Team plan cost?"},
+                          {"role": "assistant", "content": "The Team plan costs 8 dollars per member per month."}]},
+            {"source": "human", "doc_id": None, "chunk_id": None,
+             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},
+            {"source": "teacher", "doc_id": "gone", "chunk_id": "0",  # its document was deleted: left out
+             "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}]
+    (snap / "heldout" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curated = tmp_path / "curated.jsonl"
+    curated.write_text(json.dumps({"question": "Where is Brightleaf Labs based?", "passage": "It is in Busan.",
+                                   "key_facts": ["Busan"]}) + "\n")
+    services = SimpleNamespace(extras={})
+    path = _doc_qa_file(services, snap, tmp_path, folder_passages(docs), str(curated))
+    es = load_eval_set(snap, path)
+    assert [q.question for q in es.doc_qa] == ["Where is Brightleaf Labs based?", "How much does the Team plan cost?"]
+    assert es.doc_qa[1].passage == chunk.text and "dollars" in es.doc_qa[1].key_facts
+    assert len(es.sft) == 3  # the same rows still count for the held-out loss
+    assert _doc_qa_file(services, snap, tmp_path, None) is None  # no passages, no curated file: not measured
+    curated.write_text(json.dumps({"question": "Q?", "passage": "P."}) + "\n")
+    with pytest.raises(EvalDataError, match="no key facts"):
+        _doc_qa_file(services, snap, tmp_path, None, str(curated))
