@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 from assistant.config import Settings
+from training.admin_cli import app as admin_app
+from training.cli import app as data_app
 
 app = typer.Typer(help="A chat assistant that improves itself.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -21,6 +23,8 @@ user_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True)
 model_app = typer.Typer(help="Manage the base model.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+app.add_typer(admin_app, name="admin")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State directory (default ~/.assistant).")]
@@ -160,20 +164,6 @@ def chat(
             conversation_id = reply.conversation.id
     services.close()
 
-
-def _mount_optional() -> None:
-    """Sub-commands that live with their subsystem (data, train...)."""
-    try:
-        from training.cli import app as data_app
-    except ImportError:
-        return
-    app.add_typer(data_app, name="data")
-    from training.admin_cli import app as admin_app
-
-    app.add_typer(admin_app, name="admin")
-
-
-_mount_optional()
 
 if __name__ == "__main__":
     app()

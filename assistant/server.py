@@ -51,6 +51,9 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)  # knowledge base, memories, registry...
 
     def close(self) -> None:
+        close_backend = getattr(self.backend, "close", None)  # the OpenAI backend holds no thread
+        if close_backend is not None:
+            close_backend()
         self.store.close()
 
 
@@ -68,14 +71,11 @@ def build_services(settings: Settings, backend: Backend | None = None, with_agen
 
 
 def attach_agent(services: Services) -> None:
-    """Memory + documents + tools, when those parts are installed (they load lazily)."""
-    try:
-        from assistant.agent import Agent
-        from memory.knowledge import KnowledgeBase
-        from memory.longterm import LongTermMemory
-    except ImportError as e:  # the agent is optional while the product is assembled
-        log.info("agent not available: %s", e)
-        return
+    """Memory + documents + tools (the embedder and vector store load lazily, on first use)."""
+    from assistant.agent import Agent
+    from memory.knowledge import KnowledgeBase
+    from memory.longterm import LongTermMemory
+
     s = services
     knowledge = KnowledgeBase(s.settings)
     memories = LongTermMemory(s.settings, s.store)
@@ -89,12 +89,9 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     create_api(app, services.store, services.chat)
     install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
     if with_ui:
-        try:
-            from ui.app import mount_ui
-        except ImportError as e:
-            log.info("UI not available: %s", e)
-        else:
-            app = mount_ui(app, services)
+        from ui.app import mount_ui  # gradio is heavy: imported only when the UI is wanted
+
+        app = mount_ui(app, services)
     return app
 
 
