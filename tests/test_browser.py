@@ -194,6 +194,9 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id)
                                 if f.kind == "thumb" and f.reason == "wrong"], "the reason to be stored")[0]
     wait_for(d, lambda d: "reason: wrong" in text_of(d, "#notice"), "the saved notice")
+    d.refresh()  # the thumb is shown again after a reload
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Disliked"]'),
+             "the thumbs-down restored")
 
     # ---- correct the answer
     click(d, "#edit-accordion button")
@@ -225,6 +228,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     css(d, "#message textarea")
     wait_for(d, lambda d: conv.title[:20] in text_of(d, "#conversations"), "the conversation in the list")
     wait_for(d, lambda d: answer_shown(d, alternative.content), "the chosen answer")
+    assert not d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Disliked"]')  # B was not rated
     assert d.execute_script("return window.__pwned") is None
 
     # ---- the page loaded nothing from any other host

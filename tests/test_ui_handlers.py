@@ -213,9 +213,11 @@ def test_thumbs_with_reason_and_comment_replace_and_withdraw(env):
     with pytest.raises(h.UiError, match="limit is 4000"):
         h.rate(s, alice, mid, 1, None, "x" * 4001)
     assert h.current_rating(s, alice, mid).rating == -1  # the refused ratings changed nothing
+    assert h.conversation_view(s, alice, view.conversation_id).thumbs == ["Dislike"]  # restored on reload
     assert h.clear_rating(s, alice, mid)
     assert h.current_rating(s, alice, mid) is None
     assert not h.clear_rating(s, alice, mid)
+    assert h.conversation_view(s, alice, view.conversation_id).thumbs == [None]
     with pytest.raises(h.UiError, match="choose an answer"):
         h.rate(s, alice, None, 1)
     user_msg = s.store.messages(view.conversation_id, alice.id)[0]

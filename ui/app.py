@@ -142,7 +142,7 @@ def build_blocks(services: Services) -> gr.Blocks:
         def show(view: h.ChatView, user, answer_id: int | None = None) -> tuple:
             answer_id = answer_id if answer_id in view.answers else view.last_answer_id
             choices = h.conversation_choices(services, user)
-            return (view.rows, view.conversation_id, view,
+            return (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view.conversation_id, view,
                     gr.Radio(choices=choices, value=view.conversation_id), *feedback_outputs(view, answer_id))
 
         chat_outputs = [chatbot, conv_state, view_state, conv_list, selected, target, edit_box]
@@ -275,7 +275,8 @@ def build_blocks(services: Services) -> gr.Blocks:
             user = _user(services, request)
             h.edit_answer(services, user, answer_id, corrected)
             view = h.conversation_view(services, user, cid)
-            return (view.rows, view, f"Correction saved for answer {answer_id}.")
+            return (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view,
+                    f"Correction saved for answer {answer_id}.")
 
         save_edit.click(on_edit, [selected, edit_box, conv_state], [chatbot, view_state, notice], **PRIVATE)
 

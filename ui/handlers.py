@@ -82,6 +82,7 @@ class ChatView:
     rows: list[dict[str, Any]] = field(default_factory=list)
     row_ids: list[int | None] = field(default_factory=list)  # answer id per row (None: user rows)
     answers: dict[int, str] = field(default_factory=dict)  # answer id -> its raw text (for editing)
+    thumbs: list[str | None] = field(default_factory=list)  # per answer: "Like", "Dislike" or None
 
     @property
     def last_answer_id(self) -> int | None:
@@ -113,9 +114,9 @@ def conversation_choices(services: Services, user: User) -> list[tuple[str, int]
     return out
 
 
-def _corrections(services: Services, user: User, answer: Message) -> list[Feedback]:
+def _own_feedback(services: Services, user: User, answer: Message) -> list[Feedback]:
     return [f for f in services.store.feedback_for_message(answer.id)
-            if f.user_id == user.id and f.kind == "edit" and f.message_id == answer.id]
+            if f.user_id == user.id and f.message_id == answer.id]
 
 
 def conversation_view(services: Services, user: User, conversation_id: int | None) -> ChatView:
@@ -131,12 +132,16 @@ def conversation_view(services: Services, user: User, conversation_id: int | Non
         if m.role == "user":
             view.add_user(m.content)
         elif m.role == "assistant" and m.status not in HIDDEN_STATUSES:
-            edits = _corrections(services, user, m)
+            own = _own_feedback(services, user, m)
+            edits = [f for f in own if f.kind == "edit"]
+            thumbs = [f for f in own if f.kind == "thumb"]
             details = details_markdown(m)
             if edits:
                 details += "\n\nYour correction (kept as the preferred answer):\n\n" + safe_markdown(
                     edits[-1].corrected or "")
             view.add_answer(m.id, m.content, details)
+            # The Chatbot shows this per answer bubble, so a reload keeps the thumbs as they were.
+            view.thumbs.append(None if not thumbs else "Like" if thumbs[-1].rating == 1 else "Dislike")
     return view
 
 
