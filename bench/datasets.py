@@ -164,7 +164,7 @@ def bench_teacher(questions: int, candidates: int, limit: int | None, dump: Path
                                      "rejected": p.rejected, **p.judge_record()} for p in pairs], indent=1,
                                    ensure_ascii=False), encoding="utf-8")
     s = summarize(pairs)
-    return {"chunks": len(chunks), "questions_per_chunk": questions, "candidates": candidates,
+    return {"chunks": len(chunks), "questions_per_chunk": questions, "candidates_per_question": candidates,
             "minutes": round(minutes, 2), "cpu_minutes": round(cpu_minutes, 2),
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "pairs_per_min": round(s["pairs"] / minutes, 2), "pairs_per_cpu_min": round(s["pairs"] / cpu_minutes, 2),
@@ -197,8 +197,10 @@ def main() -> None:
               f"| {b['build_s']} s wall, {b['build_cpu_s']} s CPU, load avg {b['load_avg_1min']} (target <= 60 s) |")
     if "teacher" in out:
         t = out["teacher"]
-        print(f"| self-teacher, SmolLM2-135M, 1 thread, {t['candidates']} candidates | {t['pairs_per_min']} pairs/min, "
-              f"{t['accepted_per_min']} accepted/min ({t['accepted']}/{t['pairs']} accepted) |")
+        print(f"| self-teacher, SmolLM2-135M, 1 thread, {t['candidates_per_question']} candidates per question "
+              f"| {t['pairs_per_min']} pairs/min wall ({t['pairs_per_cpu_min']} per CPU-minute), "
+              f"{t['accepted_per_min']} accepted/min ({t['accepted']}/{t['pairs']} accepted), "
+              f"load avg {t['load_avg_1min']} |")
 
 
 if __name__ == "__main__":

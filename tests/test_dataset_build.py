@@ -215,6 +215,32 @@ def test_memories_sources_and_system_prompts_never_leak(store, settings):
             assert marker not in data
 
 
+def test_forgotten_memory_never_in_a_later_build(store, settings, tiny_embedder_dir):
+    from memory.longterm import LongTermMemory
+
+    mem = LongTermMemory(settings.model_copy(update={"embedder": str(tiny_embedder_dir)}), store)
+    alice, bob = _user(store), _user(store, "bob")
+    for owner, dog in ((alice, "Zorblax"), (bob, "Biscuit")):
+        c = store.create_conversation(owner.id, "pets")
+        _, a = store.add_turn(c.id, f"My dog is called {dog}. What food suits a young dog?",
+                              "A puppy food with enough protein suits a young dog; ask your vet about amounts.")
+        store.add_thumb(owner.id, a.id, 1)
+        _, a = store.add_turn(c.id, "Thanks! Which walks are good for a puppy?",
+                              "Short walks of five minutes per month of age, twice a day, are a common rule.")
+        store.add_thumb(owner.id, a.id, 1)
+    remembered = mem.remember(alice.id, "My dog is called Zorblax")
+    first = build_datasets(store, settings, BuildOptions(heldout_min_rows=1))
+    assert b"Zorblax" in b"".join(_all_bytes(first.path).values())
+
+    mem.forget(alice.id, remembered.memory.id)
+    second = build_datasets(store, settings, BuildOptions(heldout_min_rows=1))
+    for p, data in {**_all_bytes(second.path), **_all_bytes(settings.datasets_dir / "heldout")}.items():
+        assert b"Zorblax" not in data, p
+    assert any("Biscuit" in json.dumps(r) for r in _all_rows(second.path))  # bob forgot nothing
+    removed = {f["name"]: f["removed"] for k in KINDS for f in second.manifest["filters"][k]}
+    assert removed.get("forgotten_memory", 0) >= 2
+
+
 # --------------------------------------------------------------------------------------- hygiene
 
 

@@ -218,6 +218,7 @@ class TrainingLog:
     feedback: list[LogFeedback]
     max_feedback_id: int = 0
     max_message_id: int = 0
+    owners: dict[int, int] = field(default_factory=dict)  # conversation id -> user id
 
 
 @dataclass
@@ -281,8 +282,37 @@ def read_training_log(store: Store) -> TrainingLog:
             msgs[m.id] = m
             by_conv[m.conversation_id].append(m)
         max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
+        owners = dict(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
+                                   .where(conversations.c.id.in_(rated_conversations))).all())
     return TrainingLog(messages=msgs, by_conversation=dict(by_conv), feedback=fb,
-                       max_feedback_id=fb[-1].id if fb else 0, max_message_id=int(max_msg))
+                       max_feedback_id=fb[-1].id if fb else 0, max_message_id=int(max_msg), owners=owners)
+
+
+# ---------------------------------------------------------------------------------------------- forgotten
+
+
+def forgotten_digests(store: Store) -> dict[int, set[str]]:
+    """Per user, the digests of phrases they told the assistant to forget (memory.longterm tombstones)."""
+    from memory.longterm import tombstones
+
+    out: dict[int, set[str]] = defaultdict(set)
+    with store.engine.connect() as conn:
+        for user_id, d in conn.execute(sa.select(tombstones.c.user_id, tombstones.c.digest)):
+            out[int(user_id)].add(d)
+    return dict(out)
+
+
+def mentions_forgotten(texts: Iterable[str], digests: set[str]) -> bool:
+    """Whether any word n-gram of `texts` is a forgotten phrase (the same hashing as memory.longterm)."""
+    from memory.longterm import MAX_NGRAM, digest, normalise
+
+    for text in texts:
+        words = normalise(text).split()
+        for n in range(1, MAX_NGRAM + 1):
+            for i in range(len(words) - n + 1):
+                if digest(" ".join(words[i:i + n])) in digests:
+                    return True
+    return False
 
 
 class _Contexts:
@@ -534,6 +564,21 @@ def _heldout_exists(store: Store, rows: list[dict[str, Any]]) -> list[bool]:
     return out
 
 
+def _owners(store: Store, conversation_ids: set[int]) -> dict[int, int]:
+    ids = sorted(conversation_ids)
+    out: dict[int, int] = {}
+    with store.engine.connect() as conn:
+        for i in range(0, len(ids), 900):
+            out.update(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
+                                    .where(conversations.c.id.in_(ids[i:i + 900]))).all())
+    return out
+
+
+def _row_texts(row: dict[str, Any]) -> list[str]:
+    return [m["content"] for col in ("messages", "prompt", "chosen", "rejected", "completion")
+            for m in row.get(col) or []]
+
+
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> str:
     """Write rows as JSONL (atomically) and return the file's sha256."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -554,20 +599,26 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _load_heldout(root: Path, store: Store) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None:
+def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]]
+                  ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None:
     meta_path = root / "meta.json"
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     rows = {k: _read_jsonl(root / f"{k}.jsonl") for k in KINDS}
     removed = 0
+    owners = _owners(store, {r["conversation_id"] for k in KINDS for r in rows[k]} - {None}) if forgotten else {}
     for k in KINDS:
         alive = _heldout_exists(store, rows[k])
+        for i, r in enumerate(rows[k]):
+            owner = owners.get(r.get("conversation_id"))
+            if alive[i] and owner in forgotten and mentions_forgotten(_row_texts(r), forgotten[owner]):
+                alive[i] = False
         if not all(alive):
             removed += alive.count(False)
             rows[k] = [r for r, ok in zip(rows[k], alive, strict=True) if ok]
     if removed:
-        # Deletion wins over freezing: rewrite the frozen files without the deleted rows.
+        # Deletion (of a conversation, or of a memory) wins over freezing: rewrite the frozen files.
         meta["removed_deleted"] = int(meta.get("removed_deleted", 0)) + removed
         meta["hashes"] = {k: _write_jsonl(root / f"{k}.jsonl", rows[k]) for k in KINDS}
         meta["counts"] = {k: len(rows[k]) for k in KINDS}
@@ -744,6 +795,19 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
             repairs[p.target_message_id].append(p)
     skipped: Counter = Counter()
     examples = _human_examples(log, repairs, options, skipped) + _teacher_examples(syn)
+    # A memory the user deleted must not come back through the messages it was learnt from: rows of
+    # that user that mention a forgotten phrase are dropped (before scrubbing, on the text as said).
+    forgotten = forgotten_digests(store)
+    dropped_forgotten: Counter = Counter()
+    if forgotten:
+        kept = []
+        for ex in examples:
+            owner = log.owners.get(ex.prov.conversation_id or -1)
+            if owner in forgotten and mentions_forgotten(ex.texts(), forgotten[owner]):
+                dropped_forgotten[ex.kind] += 1
+                continue
+            kept.append(ex)
+        examples = kept
     report("cleaning", 0.3)
 
     by_kind: dict[str, list[Example]] = {k: [] for k in KINDS}
@@ -753,6 +817,8 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
     scrub_cache: dict[str, Scrubbed] = {}
     for kind in KINDS:
         by_kind[kind], filters[kind] = clean(by_kind[kind], options, scrub_cache)
+        if dropped_forgotten[kind]:
+            filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
 
     report("splitting", 0.5)
     split_rows: dict[str, dict[str, list[Example]]] = {k: {s: [] for s in SPLITS} for k in KINDS}
@@ -767,7 +833,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
     try:
         # Held-out: reuse the frozen set (minus deleted rows) or freeze it from this test split.
         heldout_root = root / HELDOUT_DIR
-        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store)
+        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store, forgotten)
         test_total = sum(len(split_rows[k]["test"]) for k in KINDS)
         if loaded is None and (test_total >= options.heldout_min_rows or options.refreeze_heldout) and test_total:
             loaded = _freeze_heldout(heldout_root, {k: [e.row() for e in split_rows[k]["test"]] for k in KINDS},

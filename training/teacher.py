@@ -152,7 +152,9 @@ _NAME = re.compile(r"(?<![.!?:]\s)(?<!^)\b[A-Z][\w'’\-]+")
 def _unsupported_names(answer: str, passage: str) -> set[str]:
     """Capitalised words inside sentences (names, products) that the passage never mentions."""
     known = {w.lower() for w in _WORD.findall(passage)}
-    return {m.group(0) for m in _NAME.finditer(answer.strip()) if m.group(0).lower() not in known}
+    # Word by word, so that "AES-256" or "Two-factor" count as known when their parts are.
+    return {m.group(0) for m in _NAME.finditer(answer.strip())
+            if any(w.lower() not in known for w in _WORD.findall(m.group(0)))}
 
 
 def _sentences(text: str) -> list[str]:
