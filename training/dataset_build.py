@@ -27,7 +27,9 @@ What becomes training data:
 
 Privacy by construction: prompts are rebuilt only from the `content` of user and assistant messages
 that the user saw. System messages, retrieved sources and long-term memories stored with a message are
-never read, so a memory the user deleted cannot come back through a stored prompt. Every text is
+never read, so a memory the user deleted cannot come back through a stored prompt; and rows whose
+messages mention a phrase the user told the assistant to forget (memory.longterm tombstones) are
+dropped, in new builds and from the frozen held-out set alike. Every text is
 PII-scrubbed, then quality-filtered, then de-duplicated (exact + MinHash near-duplicates, across all
 splits, human data first) before anything is written. A deleted conversation is gone from the store
 and so from every later build, and rows of it are dropped from the frozen held-out set too.
