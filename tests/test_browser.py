@@ -291,6 +291,20 @@ def test_stop_button_ends_the_answer(stop_server: ServerThread, browser):
     wait_for(d, lambda d: not any("▌" in t for t in bot_texts(d)), "the page to show the stopped answer")
     assert answer_shown(d, answer.content)
 
+    # rename, then delete (two clicks) from the sidebar
+    cid = answer.conversation_id
+    click(d, "#manage button")  # open the accordion
+    css(d, "#title-box textarea").send_keys("Long talk")
+    click(d, "#rename")
+    eventually(lambda: store.get_conversation(cid, carol.id).title == "Long talk", "the new title")
+    wait_for(d, lambda d: "Long talk" in text_of(d, "#conversations"), "the new title in the list")
+    click(d, "#delete")
+    assert store.get_conversation(cid, carol.id) is not None  # the first click only asks
+    click(d, "#delete-confirm")
+    eventually(lambda: store.get_conversation(cid, carol.id) is None, "the conversation to be deleted")
+    wait_for(d, lambda d: "Long talk" not in text_of(d, "#conversations"), "the list without it")
+    assert bot_texts(d) == []
+
 
 # ------------------------------------------------------------------------------ pictures for docs/
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def build_blocks(services: Services) -> gr.Blocks:
                     with gr.Column(scale=1, min_width=220):
                         new_btn = gr.Button("+ New conversation", elem_id="new-chat")
                         conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversations")
-                        with gr.Accordion("Rename or delete", open=False):
+                        with gr.Accordion("Rename or delete", open=False, elem_id="manage"):
                             title_box = gr.Textbox(label="New title", elem_id="title-box")
                             with gr.Row():
                                 rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
