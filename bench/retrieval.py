@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -130,9 +131,8 @@ def quality(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- real text
-def _docstring_texts(root: Path, limit_files: int) -> list[tuple[str, str]]:
-    out = []
-    for f in sorted(root.rglob("*.py"))[:limit_files]:
+def _docstring_texts(root: Path) -> Iterator[tuple[str, str]]:
+    for f in sorted(root.rglob("*.py")):
         rel = str(f.relative_to(root))
         if "/test" in rel or rel.startswith("test") or "idlelib" in rel:
             continue
@@ -144,35 +144,34 @@ def _docstring_texts(root: Path, limit_files: int) -> list[tuple[str, str]]:
                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         docs = [d for d in docs if d and len(d) >= 120]
         if docs:
-            out.append((rel, "\n\n".join(docs)))
-    return out
+            yield rel, "\n\n".join(docs)
 
 
-def real_documents() -> list[tuple[str, str]]:
-    """(name, text) of real English technical prose: docstrings of the stdlib and installed packages."""
-    stdlib = Path(os.__file__).parent
-    docs = _docstring_texts(stdlib, 100_000)
+def real_documents() -> Iterator[tuple[str, str]]:
+    """(name, text) of real English technical prose: docstrings of the stdlib, then of installed packages."""
+    yield from _docstring_texts(Path(os.__file__).parent)
     site = next((Path(p) for p in sys.path if p.endswith("site-packages")), None)
-    if site:
-        for pkg in ("transformers", "torch", "sqlalchemy", "numpy", "pydantic", "datasets", "gradio", "peft", "trl"):
-            if (site / pkg).is_dir():
-                docs += [(f"{pkg}/{n}", t) for n, t in _docstring_texts(site / pkg, 100_000)]
-    return docs
+    for pkg in ("transformers", "torch", "sqlalchemy", "numpy", "pydantic", "datasets", "gradio", "peft", "trl"):
+        if site and (site / pkg).is_dir():
+            yield from ((f"{pkg}/{n}", t) for n, t in _docstring_texts(site / pkg))
 
 
-def real_chunks(docs: list[tuple[str, str]], n: int, embedder, chunk_tokens: int, overlap: int) -> list[str]:
+def real_chunks(docs: Iterator[tuple[str, str]], n: int, embedder, chunk_tokens: int,
+                overlap: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """`n` distinct real chunks (as ingest would cut them) and the documents they came from."""
     from memory.documents import chunk_spans
 
-    seen, out = set(), []
-    for _, text in docs:
+    seen, out, used = set(), [], []
+    for name, text in docs:
+        used.append((name, text))
         for c in chunk_spans(text, embedder.token_offsets(text), chunk_tokens, overlap):
             key = hashlib.sha256(c.text.encode()).digest()
             if key not in seen and len(c.text) > 200:
                 seen.add(key)
                 out.append(c.text)
-                if len(out) >= n:
-                    return out
-    return out
+        if len(out) >= n:
+            break
+    return out[:n], used
 
 
 def embed_cached(embedder, texts: list[str], cache: Path | None):
@@ -216,19 +215,18 @@ def measure_ingest(docs: list[tuple[str, str]], target_chunks: int, threads: int
 
 
 def fill(kb, pool: list[str], vecs, size: int, rng: random.Random, noise: float, users: int) -> float:
-    """Write `size` chunks (real + variants) straight into the collection, as ingest would store them."""
+    """Write `size` chunks (real + variants) straight into the collections, as ingest would store them."""
     import numpy as np
 
     from memory.documents import Chunk
     from memory.knowledge import chunk_metadata, document_metadata
 
-    col = kb.collection
     nrng = np.random.default_rng(rng.randrange(1 << 30))
     per_doc = 20
     started = time.perf_counter()
     batch = 2000
     for b in range(0, size, batch):
-        ids, texts, metas, embs = [], [], [], []
+        rows: dict[str, tuple[list, list, list, list]] = {}
         for i in range(b, min(size, b + batch)):
             base, variant = i % len(pool), i // len(pool)
             doc_no, idx = divmod(i, per_doc)
@@ -238,16 +236,19 @@ def fill(kb, pool: list[str], vecs, size: int, rng: random.Random, noise: float,
                 text = f"{text}\n(revision {variant}, reference R{i:06d})"
                 v = vec + nrng.normal(0.0, noise / np.sqrt(vec.shape[0]), vec.shape[0]).astype(np.float32)
                 vec = v / np.linalg.norm(v)
-            # 70 % shared, the rest private to one of `users` users: filters have real work to do.
+            # 70 % shared, the rest private to one of `users` users: the querying user sees a share of it.
             owner = 1 + doc_no % users
             scope = "shared" if doc_no % 10 < 7 else "private"
             doc = document_metadata(f"b{doc_no:07d}", f"bench doc {doc_no}", f"doc{doc_no}.txt", "text", scope,
                                     owner, per_doc, 0, "0" * 64, 0.0)
+            ids, texts, metas, embs = rows.setdefault(doc["visibility"], ([], [], [], []))
             ids.append(f"b{doc_no:07d}:{idx:05d}")
             texts.append(text)
             metas.append(chunk_metadata(doc, Chunk(idx, 0, len(text), text, 0)))
             embs.append(vec)
-        col.add(ids=ids, documents=texts, metadatas=metas, embeddings=np.stack(embs))
+        for vis, (ids, texts, metas, embs) in rows.items():
+            kb.collection_for(vis, create=True).add(ids=ids, documents=texts, metadatas=metas,
+                                                    embeddings=np.stack(embs))
     return time.perf_counter() - started
 
 
@@ -264,17 +265,16 @@ def scale(args: argparse.Namespace) -> None:
     emb = get_embedder()
     s0 = make_settings(Path(tempfile.gettempdir()))
     t = time.perf_counter()
-    docs = real_documents()
-    print(f"real text: {len(docs)} documents ({sum(len(x) for _, x in docs) / 1e6:.1f} MB) "
+    pool, docs = real_chunks(real_documents(), args.real, emb, s0.chunk_tokens, s0.chunk_overlap)
+    print(f"real text: {len(pool)} chunks from {len(docs)} documents ({sum(len(x) for _, x in docs) / 1e6:.1f} MB) "
           f"in {time.perf_counter() - t:.1f} s")
 
     # 1. ingest throughput through the real path
-    n_docs, n_chunks, took = measure_ingest(docs[::-1], args.ingest_chunks, args.threads)
+    n_docs, n_chunks, took = measure_ingest(docs, args.ingest_chunks, args.threads)
     print(f"\ningest (real path): {n_docs} documents, {n_chunks} chunks in {took:.1f} s = "
           f"{n_chunks / took:.1f} chunks/s")
 
     # 2. the real pool, embedded for real
-    pool = real_chunks(docs, args.real, emb, s0.chunk_tokens, s0.chunk_overlap)
     vecs, took = embed_cached(emb, pool, Path(args.cache) if args.cache else None)
     if took is not None:
         print(f"embedding the real pool: {len(pool)} chunks in {took:.1f} s = {len(pool) / took:.1f} chunks/s")
@@ -312,8 +312,10 @@ def scale(args: argparse.Namespace) -> None:
                 t0 = time.perf_counter()
                 qv = emb.encode([q])
                 t1 = time.perf_counter()
-                kb.collection.query(query_embeddings=qv, n_results=30, where={"visibility": {"$in": vis}},
-                                    include=["documents", "metadatas", "distances"])
+                for v in vis:
+                    col = kb.collection_for(v)
+                    if col is not None:
+                        col.query(query_embeddings=qv, n_results=30, include=["documents", "metadatas", "distances"])
                 t2 = time.perf_counter()
                 kb.lexical.search(q, vis, 30)
                 t3 = time.perf_counter()

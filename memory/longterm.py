@@ -264,7 +264,7 @@ class LongTermMemory:
 
     # ------------------------------------------------------------------ embeddings
     def _embed(self, texts: list[str]) -> np.ndarray:
-        return get_embedder(self.settings.embedder).encode(texts)
+        return get_embedder(self.settings.embedder, self.settings.models_dir / "embedders").encode(texts)
 
     def _vectors(self, rows: list[Any]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Vectors of `rows`, and the ones that had to be computed (never embedded, or by another model)."""

@@ -78,8 +78,9 @@ def kb(tiny_settings: Settings):
     k.close()
 
 
-def chunks_of(kb: KnowledgeBase, doc_id: str) -> list[str]:
-    return kb.collection.get(where={"doc_id": doc_id}, include=[])["ids"]
+def chunks_of(kb: KnowledgeBase, doc_id: str, vis: str = "user:1") -> list[str]:
+    col = kb.collection_for(vis)
+    return col.get(where={"doc_id": doc_id}, include=[])["ids"] if col is not None else []
 
 
 # ---------------------------------------------------------------------------------------- round trip
@@ -228,7 +229,8 @@ def test_extract_reads_utf16_and_titles():
 def test_failure_half_way_rolls_back_every_chunk(kb: KnowledgeBase):
     kb.batch_size = 4
     text = " ".join(f"Sentence number {i} talks about pumps and valves." for i in range(400))
-    real_add = kb.collection.add
+    col = kb.collection_for("user:1", create=True)
+    real_add = col.add
     calls = {"n": 0}
 
     def failing_add(**kwargs):
@@ -237,12 +239,12 @@ def test_failure_half_way_rolls_back_every_chunk(kb: KnowledgeBase):
             raise RuntimeError("disk full")
         return real_add(**kwargs)
 
-    kb.collection.add = failing_add  # fault injection into the real client, not a replacement
+    col.add = failing_add  # fault injection into the real client, not a replacement
     with pytest.raises(RuntimeError, match="disk full"):
         kb.ingest(ALICE, "pumps.txt", text.encode())
     assert calls["n"] == 3 and kb.count_chunks() == 0 and len(kb.lexical) == 0
     assert kb.list_documents(ALICE) == []
-    kb.collection.add = real_add
+    col.add = real_add
     assert kb.ingest(ALICE, "pumps.txt", text.encode()).chunks > 8  # the same upload works afterwards
 
 
@@ -250,7 +252,7 @@ def test_half_written_document_is_cleaned_up_on_open(kb: KnowledgeBase):
     done = kb.ingest(ALICE, "vpn.md", VPN_NOTE)
     # What a crash between two batches leaves: chunks of a document without its chunk 0.
     vec = kb.embedder.encode(["orphan text about pumps"])
-    kb.collection.add(ids=["dcrash:00001"], embeddings=vec, documents=["orphan text about pumps"],
+    kb.collection_for("user:1").add(ids=["dcrash:00001"], embeddings=vec, documents=["orphan text about pumps"],
                       metadatas=[{"doc_id": "dcrash", "chunk_index": 1, "visibility": "user:1", "scope": "private",
                                   "title": "crash", "owner_id": 1}])
     fresh = KnowledgeBase(kb.settings)
@@ -369,6 +371,24 @@ def test_embedded_weights_are_hash_checked(tmp_path: Path):
         get_embedder(str(tmp_path / "no-such-model"))
 
 
+def test_onnx_export_gives_the_torch_vectors_and_survives_a_damaged_file(tiny_settings: Settings, tmp_path: Path):
+    import numpy as np
+
+    from memory.embedder import Embedder, _onnx_session
+
+    loaded = get_embedder(tiny_settings.embedder)
+    fresh = Embedder(loaded.spec, loaded.path, loaded.model, loaded.tokenizer)
+    fresh.session = _onnx_session(fresh, tmp_path)
+    assert fresh.backend == "onnxruntime" and len(list(tmp_path.glob("*.onnx"))) == 1
+    texts = [f"sentence {i} about pumps, valves and ERR-{i:04d}" * (1 + i % 5) for i in range(23)]
+    assert np.allclose(fresh.encode(texts), fresh.encode_torch(texts), atol=1e-5)
+
+    (onnx_file,) = tmp_path.glob("*.onnx")
+    onnx_file.write_bytes(b"damaged")
+    assert _onnx_session(fresh, tmp_path) is None and not onnx_file.exists()  # falls back to torch
+    assert _onnx_session(fresh, tmp_path) is not None  # and exports again next time
+
+
 def test_index_built_with_another_embedder_is_refused(kb: KnowledgeBase, tiny_settings: Settings, tmp_path: Path):
     kb.ingest(ALICE, "vpn.md", VPN_NOTE)
     alias = tmp_path / "same-model-other-name"
@@ -400,6 +420,7 @@ def test_labelled_set_recall_at_5_hybrid_beats_dense(labelled_kb):
     from bench.retrieval import evaluate, recall_at
 
     kb, ids, queries = labelled_kb
+    assert kb.embedder.backend == "onnxruntime"  # the embedded model runs exported (memory/embedder.py)
     assert len(queries) >= 80 and {q["kind"] for q in queries} == {"paraphrase", "code", "name", "non-english"}
     results = {mode: evaluate(kb, ALICE, queries, ids, mode) for mode in ("hybrid", "dense")}
     hybrid, dense = recall_at(results["hybrid"], 5), recall_at(results["dense"], 5)
@@ -418,7 +439,7 @@ import json, chromadb
 from chromadb.config import Settings
 import memory.knowledge  # registers the embedding function, as every process of the product does
 client = chromadb.PersistentClient(path={str(kb.settings.chroma_dir)!r}, settings=Settings(anonymized_telemetry=False))
-col = client.get_collection("documents")  # no embedding function passed: chroma rebuilds ours from its config
+col = client.get_collection("docs-shared")  # no embedding function passed: chroma rebuilds ours from its config
 res = col.query(query_texts=["Which sensor suits an ultra-low temperature freezer?"], n_results=3)
 print(json.dumps({{"count": col.count(), "docs": [m["doc_id"] for m in res["metadatas"][0]]}}))
 """
