@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from assistant.chat import SERVING_ALIAS, ChatError, ChatService, InvalidRequest, TurnRequest
@@ -285,6 +286,16 @@ def install_error_handlers(app: FastAPI) -> None:
         # found by the schemathesis fuzz in tests/test_security.py. Nothing was read or written.
         return JSONResponse(error_body(f"a number in the request is out of range: {exc}",
                                        "invalid_request_error"), 400)
+
+    @app.exception_handler(OperationalError)
+    async def _storage(request: Request, exc: OperationalError):
+        # A full disk (found by tests/test_faults.py) surfaced as a bare 500: say what happened.
+        # The write was rolled back, so nothing half-saved remains; other errors stay 500s.
+        message = str(exc.orig).lower()
+        if "disk is full" not in message and "no space left" not in message:  # SQLite / PostgreSQL wording
+            raise exc
+        return JSONResponse(error_body("the server's disk is full; nothing was saved. Try again later.",
+                                       "storage_full"), 507, headers={"Retry-After": "60"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

@@ -710,7 +710,7 @@ socket.getaddrinfo = getaddrinfo
 '''
 
 
-def _product_env(tmp: Path, guard_log: Path | None = None, **extra: str) -> dict[str, str]:
+def product_env(tmp: Path, guard_log: Path | None = None, **extra: str) -> dict[str, str]:
     """The caller's environment without the offline switches the test suite sets for itself, so the
     product has to set them on its own; plus the socket guard when a log is given."""
     env = {k: v for k, v in os.environ.items()
@@ -765,7 +765,7 @@ def listening(pid: int) -> set[str]:
     return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
 
 
-def _make_user(home: Path, env: dict[str, str], name: str, password: str, admin: bool = False) -> str:
+def make_user(home: Path, env: dict[str, str], name: str, password: str, admin: bool = False) -> str:
     """Create a user with the real CLI; returns the API key it prints."""
     cmd = [sys.executable, "-m", "assistant.cli", "user", "add", name, "--password", password, "--home", str(home)]
     out = subprocess.run(cmd + (["--admin"] if admin else []), cwd=ROOT, env=env, capture_output=True, text=True,
@@ -774,8 +774,10 @@ def _make_user(home: Path, env: dict[str, str], name: str, password: str, admin:
     return re.search(r"API key \(shown once\): (\S+)", out.stdout).group(1)
 
 
-def gradio_event(client: httpx.Client, url: str, elem_id: str, data: list[Any], timeout: float = 300) -> dict:
-    """Fire the click event of the page button `elem_id` the way the page does (queue/join + SSE)."""
+def gradio_event(client: httpx.Client, url: str, elem_id: str, data: list[Any], timeout: float = 300,
+                 on_message: Callable[[dict], None] | None = None) -> dict:
+    """Fire the click event of the page button `elem_id` the way the page does (queue/join + SSE);
+    `on_message` sees every server message (progress updates...) before completion."""
     cfg = client.get(url + "/config").json()
     button = next(c["id"] for c in cfg["components"] if c.get("props", {}).get("elem_id") == elem_id)
     dep = next(i for i, d in enumerate(cfg["dependencies"])
@@ -789,6 +791,8 @@ def gradio_event(client: httpx.Client, url: str, elem_id: str, data: list[Any], 
         for line in stream.iter_lines():
             if line.startswith("data:"):
                 msg = json.loads(line[5:])
+                if on_message is not None:
+                    on_message(msg)
                 if msg.get("msg") == "process_completed":
                     return msg
     raise AssertionError("the event never completed")
@@ -809,7 +813,7 @@ def test_server_binds_loopback_and_reaches_nothing_outside(tmp_path, tiny_model_
     under a guard that records every attempt to reach a non-loopback address: start, log in, chat
     (plain and streaming, about an uploaded document), rate, upload through the page. Zero attempts."""
     guard_log = tmp_path / "net.jsonl"
-    env = _product_env(tmp_path, guard_log)
+    env = product_env(tmp_path, guard_log)
     # The guard itself works: a deliberate request from a guarded process is recorded and refused.
     probe = subprocess.run([sys.executable, "-c", "import urllib.request as u; u.urlopen('http://example.com', "
                                                   "timeout=5)"], env=env, capture_output=True, text=True, timeout=60)
@@ -818,7 +822,7 @@ def test_server_binds_loopback_and_reaches_nothing_outside(tmp_path, tiny_model_
     guard_log.unlink()
 
     home = tmp_path / "home"
-    key = _make_user(home, env, "dora", "dora-password-1")
+    key = make_user(home, env, "dora", "dora-password-1")
     with serve_process(home, env, "--model", str(tiny_model_dir)) as (proc, url):
         assert listening(proc.pid) == {"127.0.0.1"}, "the server must bind 127.0.0.1 unless told otherwise"
         auth = {"Authorization": f"Bearer {key}"}
@@ -849,6 +853,6 @@ def test_server_binds_loopback_and_reaches_nothing_outside(tmp_path, tiny_model_
 
 
 def test_server_binds_where_told(tmp_path, tiny_model_dir, tiny_embedder_dir):
-    env = _product_env(tmp_path, None, ASSISTANT_EMBEDDER=str(tiny_embedder_dir))
+    env = product_env(tmp_path, None, ASSISTANT_EMBEDDER=str(tiny_embedder_dir))
     with serve_process(tmp_path / "home", env, "--model", str(tiny_model_dir), "--host", "0.0.0.0") as (proc, _):
         assert listening(proc.pid) == {"0.0.0.0"}
