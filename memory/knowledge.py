@@ -45,7 +45,7 @@ from memory.embedder import Embedder, get_embedder
 from memory.lexical import LexicalIndex
 from memory.types import User
 
-__all__ = ["DocumentInfo", "DocumentNotFound", "Hit", "IngestError", "KnowledgeBase", "KnowledgeError"]
+__all__ = ["DocumentInfo", "DocumentNotFound", "Hit", "IngestError", "KnowledgeBase", "KnowledgeError", "StoredChunk"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ class Hit:
             snippet = snippet[: snippet_chars - 1].rstrip() + "…"
         return {"doc_id": self.doc_id, "title": self.title, "chunk_id": self.chunk_id, "scope": self.scope,
                 "score": round(self.score, 6), "snippet": snippet}
+
+
+@dataclass(frozen=True)
+class StoredChunk:
+    doc_id: str
+    chunk_id: str
+    index: int
+    text: str
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,34 @@ class KnowledgeBase:
             docs += [self._info(m) for m in col.get(where={"chunk_index": 0}, include=["metadatas"])["metadatas"]]
         return sorted(docs, key=lambda d: d.created_at, reverse=True)
 
+    def document_chunks(self, user: User, doc_id: str) -> list[StoredChunk]:
+        """Every chunk of a document `user` may read, in order (for the teacher and the UI)."""
+        info = self.get_document(user, doc_id)
+        col = self.collection_for(visibility(info.scope, info.owner_id))
+        got = col.get(where={"doc_id": doc_id}, include=["documents", "metadatas"])
+        rows = [StoredChunk(doc_id, cid, int(meta["chunk_index"]), text)
+                for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)]
+        return sorted(rows, key=lambda c: c.index)
+
+    def chunk_texts(self, chunk_ids: list[str]) -> dict[str, str]:
+        """Texts of chunks by id, whoever owns them: for system jobs (evaluation), never for a user's prompt."""
+        out: dict[str, str] = {}
+        for col in self._all_collections().values():
+            todo = [c for c in chunk_ids if c not in out]
+            if not todo:
+                break
+            got = col.get(ids=todo, include=["documents"])
+            out.update(zip(got["ids"], got["documents"], strict=True))
+        return out
+
+    @property
+    def collection(self) -> _AllCollections:
+        """Read-only view over all document collections, for code written when there was one collection.
+
+        Prefer `document_chunks` and `chunk_texts`.
+        """
+        return _AllCollections(self)
+
     def count_chunks(self) -> int:
         return sum(int(c.count()) for c in self._all_collections().values())
 
@@ -444,3 +480,24 @@ class KnowledgeBase:
             for rank, (cid, _) in enumerate(ranking):
                 scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank + 1)
         return sorted(scores.items(), key=lambda kv: kv[1], reverse=True)
+
+
+class _AllCollections:
+    """`get`/`count` across every document collection (ids, where and include only; no paging)."""
+
+    def __init__(self, kb: KnowledgeBase) -> None:
+        self._kb = kb
+
+    def get(self, ids: list[str] | None = None, where: dict[str, Any] | None = None,
+            include: list[str] | None = None) -> dict[str, list[Any]]:
+        include = ["documents", "metadatas"] if include is None else list(include)
+        out: dict[str, list[Any]] = {"ids": [], **{k: [] for k in include}}
+        for col in self._kb._all_collections().values():
+            got = col.get(ids=ids, where=where, include=include)
+            out["ids"] += got["ids"]
+            for k in include:
+                out[k] += list(got[k])
+        return out
+
+    def count(self) -> int:
+        return self._kb.count_chunks()

@@ -114,6 +114,21 @@ def test_ingest_list_search_delete(kb: KnowledgeBase):
         kb.get_document(ALICE, notes.doc_id)
 
 
+def test_document_chunks_chunk_texts_and_the_read_only_view(kb: KnowledgeBase):
+    text = "\n\n".join(f"Paragraph {i}: valve RV-{i:03d} is checked every {i + 1} weeks." * 4 for i in range(30))
+    doc = kb.ingest(ALICE, "valves.md", text.encode())
+    shared = kb.ingest(BOB, "team.md", b"Shared team note.", scope="shared")
+    chunks = kb.document_chunks(ALICE, doc.doc_id)
+    assert [c.index for c in chunks] == list(range(doc.chunks)) and "RV-000" in chunks[0].text
+    with pytest.raises(DocumentNotFound):
+        kb.document_chunks(BOB, doc.doc_id)
+    wanted = [chunks[1].chunk_id, f"{shared.doc_id}:00000", "nope:00000"]
+    assert kb.chunk_texts(wanted) == {chunks[1].chunk_id: chunks[1].text, f"{shared.doc_id}:00000": "Shared team note."}
+    view = kb.collection.get(where={"doc_id": doc.doc_id}, include=["documents"])
+    assert sorted(view["ids"]) == [c.chunk_id for c in chunks] and view.keys() == {"ids", "documents"}
+    assert kb.collection.count() == doc.chunks + 1
+
+
 def test_delete_removes_every_chunk_of_a_long_document(kb: KnowledgeBase):
     text = "\n\n".join(f"Section {i}. The reactor valve RV-{i:03d} is inspected by team {i % 7} every "
                        f"{i + 2} weeks, and its seal is replaced after {i * 10} cycles." for i in range(120))
