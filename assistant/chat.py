@@ -310,7 +310,8 @@ class ChatService:
                     reply.first_token_s = time.perf_counter() - started
                 parts.append(piece)
                 yield piece
-            completed = True
+            # A stream stopped by the user also just ends: it is "stopped", not a complete answer.
+            completed = stream.finish_reason != "cancelled" and not reply.cancel.is_set()
         except BackendBusy as e:
             raise Busy(str(e)) from e
         except GenerationError:

@@ -84,7 +84,8 @@ def attach_agent(services: Services) -> None:
 
 
 def create_app(services: Services, with_ui: bool = True) -> FastAPI:
-    app = FastAPI(title="Self-improving assistant", version="0.1.0")
+    # No Swagger/ReDoc pages: they load scripts from a CDN. The schema stays at /openapi.json.
+    app = FastAPI(title="Self-improving assistant", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.services = services
     create_api(app, services.store, services.chat)
     install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
