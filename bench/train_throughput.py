@@ -524,6 +524,63 @@ def cpu_main(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cpu_ab_main(ns: argparse.Namespace) -> int:
+    """fp32 vs bf16 LoRA steps on CPU, interleaved in one process so both see the same machine load.
+
+    Mirrors the job's two CPU modes: fp32 weights; bf16 weights with bf16 autocast (LoRA weights fp32).
+    One optimizer step = forward + backward + AdamW on the same batch of 4 chat-length sequences.
+    """
+    import statistics
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    model_dir = Path(ns.model) if ns.model else build_model(ns.shape, Path(ns.work) / f"model-{ns.shape}-fp32",
+                                                            dtype="float32")
+    lengths = chat_lengths(4, seed=1, median=ns.median, hi=512)  # [197, 262, 195, 73]
+    g = torch.Generator().manual_seed(0)
+    batch = torch.full((4, max(lengths)), 0, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, n in enumerate(lengths):
+        batch[row, :n] = torch.randint(3, SHAPES[ns.shape]["vocab_size"], (n,), generator=g)
+        mask[row, :n] = 1
+    labels = batch.masked_fill(mask == 0, -100)
+    runs = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        runs[name] = (model, opt, dtype)
+
+    def step(name: str) -> float:
+        model, opt, dtype = runs[name]
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    for name in runs:  # warm-up
+        step(name)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ns.steps):
+        for name in runs:
+            times[name].append(step(name))
+    tokens = int(mask.sum())
+    print(f"\nCPU A/B ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), 1 thread, {ns.shape}, LoRA r=16, "
+          f"batch 4 x {lengths} = {tokens} tokens, {ns.steps} interleaved rounds")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:<5} median {med:6.2f} s/step  {1 / med:6.3f} steps/s  {tokens / med:7.1f} tok/s  "
+              f"(all: {' '.join(f'{t:.1f}' for t in ts)})")
+    return 0
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -539,11 +596,11 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
-    for name in ("gpu", "scaling", "cpu", "verify"):
+    for name in ("gpu", "scaling", "cpu", "cpu-ab", "verify"):
         s = sub.add_parser(name)
         s.add_argument("--out", required=True)
         s.add_argument("--work", default="/tmp/train_throughput")
-        s.add_argument("--shape", default="smollm2-135m" if name in ("cpu", "verify") else "qwen2.5-0.5b",
+        s.add_argument("--shape", default="smollm2-135m" if name in ("cpu", "cpu-ab", "verify") else "qwen2.5-0.5b",
                        choices=SHAPES)
         s.add_argument("--device", default="cuda", help="verify: where the job trains")
         s.add_argument("--steps", type=int, default=8 if name == "cpu" else 30)
@@ -568,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     # Run as a script, bench/ is sys.path[0], and bench/datasets.py would shadow the `datasets` package.
     here = Path(__file__).resolve().parent
     sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != here]
-    return {"gpu": gpu_main, "scaling": scaling_main, "cpu": cpu_main, "verify": verify_main,
+    return {"gpu": gpu_main, "scaling": scaling_main, "cpu": cpu_main, "cpu-ab": cpu_ab_main, "verify": verify_main,
             "_stock": stock_main}[ns.mode](ns)
 
 

@@ -62,8 +62,10 @@ def make_snapshot(root: Path, sft: bool = True, dpo: bool = True, repeat: int = 
 
 
 def cfg(model_dir: Path, **kw) -> TrainConfig:
+    # float32 pinned so the numbers asserted below do not depend on whether this CPU has native bf16
+    # (dtype "auto" would pick bf16 there); the CLI test covers the bf16 path.
     base = dict(base_model=str(model_dir), stages=["sft"], max_steps=4, batch_size=4, sft_learning_rate=3e-3,
-                dpo_learning_rate=1e-3, evals_per_epoch=2, threads=1, device="cpu")
+                dpo_learning_rate=1e-3, evals_per_epoch=2, threads=1, device="cpu", dtype="float32")
     base.update(kw)
     return TrainConfig.from_dict(base)
 
@@ -106,7 +108,7 @@ def test_sft_then_dpo_trains_adapter_and_leaves_base_untouched(tmp_path: Path, t
     before = _sha(weights)
     data = make_snapshot(tmp_path / "data")
     events: list[dict] = []
-    config = cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=12, evals_per_epoch=3)
+    config = cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=8, evals_per_epoch=2)
     result = run_training(config, data, tmp_path / "out", progress=events.append)
 
     assert result.status == "succeeded"
@@ -268,8 +270,10 @@ def test_continue_from_existing_adapter_and_type_checks(
     with pytest.raises(ValueError, match="is a LORA adapter but peft_method='prompt_tuning'"):
         run_training(cfg(tiny_model_dir, init_adapter=str(start), peft_method="prompt_tuning"), data,
                      tmp_path / "o2")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="qlora' needs a CUDA device"):
         run_training(cfg(tiny_model_dir, peft_method="qlora"), data, tmp_path / "o3")
+    with pytest.raises(ValueError, match="liger=true needs a CUDA device"):
+        run_training(cfg(tiny_model_dir, liger=True), data, tmp_path / "o4")
 
 
 def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir: Path) -> None:
@@ -317,12 +321,13 @@ def _read_until(proc: subprocess.Popen, predicate, timeout: float = 120) -> list
 
 def test_cli_runs_end_to_end_and_streams_json(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = make_snapshot(tmp_path / "data")
-    proc = _start_cli(tmp_path, cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=3), data)
+    proc = _start_cli(tmp_path, cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=3, dtype="bfloat16"), data)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_OK, err[-3000:]
     events = [json.loads(line) for line in out.splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "done"
     assert events[-1]["status"] == "succeeded"
+    assert events[-1]["result"]["runtime"]["dtype"] == "bfloat16"
     prog = [e for e in events if e["event"] == "progress"]
     assert {e["stage"] for e in prog} == {"sft", "dpo"}
     assert all({"step", "loss", "eval_loss", "epoch", "eta_s"} <= set(e) for e in prog)

@@ -138,10 +138,12 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
     device = "cuda" if (config.device == "cuda" or (config.device == "auto" and cuda)) else "cpu"
     if config.dtype != "auto":
         dtype = config.dtype
+    elif device == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     else:
-        # CPU: fp32 measured faster than bf16 for LoRA steps on this project's 2-core AVX-512 box
-        # (docs/benchmarks.md, "Training job"); GPU: bf16 everywhere it exists.
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        # Measured on this project's 2-core EPYC (avx512_bf16): a bf16 LoRA step is 1.8x faster than fp32
+        # (docs/benchmarks.md, "Training job"). Without native bf16 instructions it is emulated: fp32.
+        dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     if config.peft_method == "qlora":
         if device != "cuda":
             raise ValueError("peft_method='qlora' needs a CUDA device (4-bit bitsandbytes kernels)")
@@ -153,13 +155,15 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
         # Padding-free packed rows need attention that keeps the sequences apart without a dense
         # (tokens x tokens) mask: flex attention's block-sparse mask does that on CUDA. Padded batches
         # take sdpa (flash / memory-efficient kernels, no compilation).
-        attn, attn_packed = "sdpa", "flex_attention" if device == "cuda" else "sdpa"
+        attn, attn_packed = "sdpa", ("flex_attention" if device == "cuda" else "sdpa")
     pad_multiple = config.pad_to_multiple_of
     if pad_multiple is None and packing and device == "cuda":
         pad_multiple = config.max_length  # one batch shape: compiled kernels never see a new length
     liger = config.liger if config.liger is not None else (device == "cuda" and _importable("liger_kernel"))
+    if liger and device != "cuda":
+        raise ValueError("liger=true needs a CUDA device (Triton kernels)")
     if liger and not _importable("liger_kernel"):
-        raise ValueError("liger=true but the liger-kernel package is not installed")
+        raise ValueError("liger=true but the liger-kernel package is not installed: pip install liger-kernel")
     state = PartialState()
     return RuntimeChoice(
         device=device, dtype=dtype, attn_implementation=attn, attn_packed=attn_packed, packing=packing,
@@ -167,6 +171,15 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
         world_size=state.num_processes, threads=config.threads if device == "cpu" else None,
         torch_compile=config.torch_compile,
     )
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (x86 AVX512-BF16 / AMX-BF16, Arm BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no cheap way to know, so take the safe choice
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
 def _importable(name: str) -> bool:
