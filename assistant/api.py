@@ -161,6 +161,7 @@ def build_router() -> APIRouter:
                 "conversation_id": reply.conversation.id if reply.conversation else None,
                 "message_id": msg.id if msg else None,
                 "adapter": reply.adapter, "sources": reply.sources, "memories": reply.memories,
+                "queue_wait_s": round(reply.queue_wait_s, 3),  # seconds waited for the model (back-pressure)
             }
 
         def events() -> Iterator[str]:
@@ -181,7 +182,8 @@ def build_router() -> APIRouter:
                                 "completion_tokens": reply.completion_tokens,
                                 "total_tokens": reply.prompt_tokens + reply.completion_tokens},
                          conversation_id=reply.conversation.id if reply.conversation else None,
-                         message_id=msg.id if msg else None, adapter=reply.adapter)
+                         message_id=msg.id if msg else None, adapter=reply.adapter,
+                         queue_wait_s=round(reply.queue_wait_s, 3))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
