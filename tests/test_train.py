@@ -242,6 +242,26 @@ def test_cancel_stops_at_the_next_step(tmp_path: Path, tiny_model_dir: Path) -> 
     assert not list((tmp_path / "out").glob(".work-*"))
 
 
+def test_sft_then_kto(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from datasets import Dataset
+
+    data = make_snapshot(tmp_path / "data", dpo=False)
+    rows = []
+    for q, a in FACTS:
+        prompt = [SYSTEM, {"role": "user", "content": f"What is the {q}?"}]
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": f"The {q} is {a}."}],
+                     "label": True})
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": "No."}], "label": False})
+    Dataset.from_list(rows).save_to_disk(str(data / "kto" / "train"))
+    result = run_training(cfg(tiny_model_dir, stages=["sft", "kto"], max_steps=3, evals_per_epoch=0), data,
+                          tmp_path / "out")
+    sft, kto = result.stages
+    assert sft.status == kto.status == "done" and kto.steps == 3
+    # KTO's loss is 1 - sigmoid(0) = 0.5 while the policy equals its reference (the SFT adapter's copy).
+    assert kto.first_loss == pytest.approx(0.5, abs=1e-4)
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_prompt_and_prefix_tuning_are_selectable(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
     data = make_snapshot(tmp_path / "data")
