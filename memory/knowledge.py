@@ -33,17 +33,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from chromadb import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import register_embedding_function
 
-from assistant.config import Settings
 from memory.documents import Chunk, Extracted, IngestError, check_size, chunk_document, extract
 from memory.embedder import Embedder, get_embedder
 from memory.lexical import LexicalIndex
 from memory.types import User
+
+if TYPE_CHECKING:
+    from assistant.config import Settings  # type only: memory/ never imports assistant/ at runtime
 
 __all__ = ["DocumentInfo", "DocumentNotFound", "Hit", "IngestError", "KnowledgeBase", "KnowledgeError", "StoredChunk"]
 

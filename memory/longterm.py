@@ -24,16 +24,18 @@ import hashlib
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from assistant.config import Settings
 from memory.db import UTCDateTime, utcnow, write_transaction
 from memory.embedder import get_embedder
 from memory.store import Store
+
+if TYPE_CHECKING:
+    from assistant.config import Settings  # type only: memory/ never imports assistant/ at runtime
 
 Kind = Literal["fact", "preference", "note"]
 Source = Literal["explicit", "extracted", "edit"]

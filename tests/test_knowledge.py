@@ -375,6 +375,10 @@ def test_lexical_index_filters_by_visibility_and_coverage():
 
 # ---------------------------------------------------------------------------------------- embedder
 def test_embedded_weights_are_hash_checked(tmp_path: Path):
+    from assistant.config import EMBEDDED_EMBEDDER
+    from memory import embedder
+
+    assert embedder.EMBEDDED_EMBEDDER == EMBEDDED_EMBEDDER == Settings.load(env={}).embedder
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"not the real weights")
