@@ -145,6 +145,8 @@ def find_arithmetic(question: str) -> str | None:
     if not m:
         return None
     expr = m.group().strip()
+    if re.fullmatch(r"\d+(?:-\d+){2,}", expr):
+        return None  # a date or a phone/part number (2026-11-22), not a subtraction
     return expr if re.search(r"\d", expr) and len(expr) >= 3 else None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.agent import DATA_RULES, Agent, Prepared, parse_tool_calls, quote
+from assistant.agent import DATA_RULES, Agent, Prepared, find_arithmetic, parse_tool_calls, quote
 from assistant.config import Settings
 from assistant.runtime import normalize_messages
 from assistant.tools import Calculator, ToolContext, ToolError, calculate
@@ -175,6 +175,15 @@ def test_router_uses_the_calculator_and_the_clock(agent: Agent, parts, users):
     p = agent.prepare(alice, [], "What's the date today?")
     assert "current_datetime" in tools_used(p)
     assert "Tuesday, 01 December 2026, 09:30 (CET" in data_block(p)
+
+
+@pytest.mark.parametrize(("question", "expr"), [
+    ("What is 12*(3+4)?", "12*(3+4)"), ("how much is 2^10", "2^10"), ("compute 10-3 please", "10-3"),
+    ("What happened on 2026-11-22?", None), ("Call +47 21 00 43 12", None), ("What does ERR-4312 mean?", None),
+    ("Version 4.2.1 notes", None),
+])
+def test_find_arithmetic(question: str, expr: str | None):
+    assert find_arithmetic(question) == expr
 
 
 def test_router_step_limit(tiny_settings: Settings, store, parts, users):
