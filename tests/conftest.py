@@ -196,3 +196,12 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
                                       models.Normalize()], device="cpu")
     st.save(str(root / "st"))
     return root / "st"
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, hash-checked and converted once per test session (~40 s),
+    for the few `slow` tests that need the real model."""
+    from assistant.models import prepare_model
+
+    return prepare_model(Settings.load(env={}, home=tmp_path_factory.mktemp("embedded-model")), progress=False)

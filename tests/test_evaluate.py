@@ -260,14 +260,12 @@ def test_cli_bad_input_exits_2_with_a_json_error(learnable_dir: Path, adapters, 
 
 
 @pytest.mark.slow
-def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Path) -> None:
+def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Path, embedded_model_dir: Path):
     """SmolLM2 answers the shipped questions; an adapter with large random weights fails the
     forgetting guard against the base model (and the held-out checks)."""
-    from assistant.config import Settings
-    from assistant.models import prepare_model
     from tests.conftest import make_random_adapter
 
-    model_dir = prepare_model(Settings.load(env={}, home=tmp_path / "home"), progress=False)
+    model_dir = embedded_model_dir
     wrecked = make_random_adapter(model_dir, tmp_path / "wrecked", seed=1)
     es = EvalSet(sft=held_out().sft[:3], source="test")
     report = evaluate(model_dir, wrecked, es, gate=GateConfig(max_new_tokens=24, batch_size=8))
