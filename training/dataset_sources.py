@@ -1,0 +1,355 @@
+"""What becomes training data: the store's feedback (and the teacher's pairs) turned into examples.
+
+In: a `Store` (messages, feedback, conversations, long-term memory tombstones) and accepted rows of
+`synthetic_pairs` (training/synth.py). Out: `Example` records (kind, prompt, answer, rejected or label,
+`Provenance`) for `training.dataset_build` to clean, split and write.
+
+- SFT: answers rated up, edited corrections (the edit is the target), accepted teacher answers, and
+  general replay rows from a JSONL file.
+- DPO: edit pairs (edit chosen, original rejected), regenerate-and-choose pairs, a rated-down answer
+  against a better alternative (an accepted regeneration of the same question, or an accepted teacher
+  repair of it), teacher best-vs-worst candidates.
+- KTO: thumbs up/down, unpaired.
+
+Prompts are rebuilt from the `content` of the user and assistant messages the user saw, as the chat
+service sent them to the model (assistant/chat.py): regenerated alternatives and failed answers are
+left out of the history. System messages, retrieved sources, long-term memories and generation
+metadata stored with a message are never read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from memory.store import Store, conversations, feedback, messages
+
+# Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
+ANSWER_STATUSES = ("complete", "alternative")
+# What the chat service leaves out of the history it sends the model (assistant/chat.py), so a
+# rebuilt prompt shows the conversation as the model saw it.
+HIDDEN_FROM_HISTORY = ("error", "alternative")
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str  # "human", "teacher", "replay"
+    origin: str  # thumb_up, thumb_down, edit, pair, regen_vs_down, teacher, teacher_repair, replay
+    group: str  # split unit: "conv:<id>", "doc:<doc_id>", "replay:<n>"
+    conversation_id: int | None = None
+    message_id: int | None = None
+    other_message_id: int | None = None  # the rejected answer of a DPO pair
+    feedback_id: int | None = None
+    adapter: str | None = None
+    doc_id: str | None = None
+    chunk_id: str | None = None
+    synthetic_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row before formatting: the context, the answer, and where it came from."""
+
+    kind: str  # "sft", "dpo", "kto"
+    prompt: tuple[tuple[str, str], ...]  # (role, content) ... ending with the user turn
+    completion: str  # SFT target, DPO chosen, KTO completion
+    prov: Provenance
+    rejected: str | None = None  # DPO only
+    label: bool | None = None  # KTO only
+
+    def texts(self) -> list[str]:
+        out = [c for _, c in self.prompt] + [self.completion]
+        return out + ([self.rejected] if self.rejected is not None else [])
+
+    def row(self) -> dict[str, Any]:
+        prompt = [{"role": r, "content": c} for r, c in self.prompt]
+        answer = [{"role": "assistant", "content": self.completion}]
+        if self.kind == "sft":
+            data: dict[str, Any] = {"messages": prompt + answer}
+        elif self.kind == "dpo":
+            data = {"prompt": prompt, "chosen": answer,
+                    "rejected": [{"role": "assistant", "content": self.rejected or ""}]}
+        else:
+            data = {"prompt": prompt, "completion": answer, "label": bool(self.label)}
+        p = self.prov  # field by field: dataclasses.asdict deep-copies and was a tenth of a 100k build
+        data.update(source=p.source, origin=p.origin, group=p.group, conversation_id=p.conversation_id,
+                    message_id=p.message_id, other_message_id=p.other_message_id, feedback_id=p.feedback_id,
+                    adapter=p.adapter, doc_id=p.doc_id, chunk_id=p.chunk_id, synthetic_id=p.synthetic_id)
+        return data
+
+    def dedup_text(self) -> str:
+        # The question and the answer(s) only: the earlier turns of a conversation are shared by every
+        # rated answer in it and would make different answers look like near-duplicates.
+        parts = [f"user: {self.prompt[-1][1]}", f"answer: {self.completion}"]
+        if self.kind == "dpo":
+            parts.append(f"rejected: {self.rejected}")
+        if self.kind == "kto":
+            parts.append(f"label: {self.label}")
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    adapter: str | None
+    parent_id: int | None
+    status: str
+
+
+@dataclass(frozen=True)
+class LogFeedback:
+    id: int
+    message_id: int
+    kind: str
+    rating: int | None
+    corrected: str | None
+    other_message_id: int | None
+    chosen_message_id: int | None
+
+
+@dataclass
+class TrainingLog:
+    """What a build reads from the store: feedback and the messages of conversations that have any."""
+
+    messages: dict[int, LogMessage]
+    by_conversation: dict[int, list[LogMessage]]
+    feedback: list[LogFeedback]
+    max_feedback_id: int = 0
+    max_message_id: int = 0
+    owners: dict[int, int] = field(default_factory=dict)  # conversation id -> user id
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_training_log(store: Store) -> TrainingLog:
+    """Bulk, read-only: all feedback and the user/assistant messages of conversations that have feedback.
+
+    Two queries instead of one per conversation, so 100k logged turns read in seconds. Only the
+    columns a dataset may use are selected; `memories`, `sources`, `steps` are deliberately not.
+    """
+    fb_cols = (feedback.c.id, feedback.c.message_id, feedback.c.kind, feedback.c.rating, feedback.c.corrected,
+               feedback.c.other_message_id, feedback.c.chosen_message_id)
+    rated_conversations = (
+        sa.select(messages.c.conversation_id)
+        .join(feedback, feedback.c.message_id == messages.c.id)
+        .distinct()
+    )
+    msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
+                messages.c.adapter, messages.c.parent_id, messages.c.status)
+    with store.engine.connect() as conn:
+        fb = [LogFeedback(*row) for row in conn.execute(sa.select(*fb_cols).order_by(feedback.c.id))]
+        rows = conn.execute(
+            sa.select(*msg_cols)
+            .where(messages.c.conversation_id.in_(rated_conversations))
+            .where(messages.c.role.in_(("user", "assistant")))
+            .order_by(messages.c.conversation_id, messages.c.id)
+        )
+        msgs: dict[int, LogMessage] = {}
+        by_conv: dict[int, list[LogMessage]] = defaultdict(list)
+        for row in rows:
+            m = LogMessage(*row)
+            msgs[m.id] = m
+            by_conv[m.conversation_id].append(m)
+        max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
+        owners = dict(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
+                                   .where(conversations.c.id.in_(rated_conversations))).all())
+    return TrainingLog(messages=msgs, by_conversation=dict(by_conv), feedback=fb,
+                       max_feedback_id=fb[-1].id if fb else 0, max_message_id=int(max_msg), owners=owners)
+
+
+# ---------------------------------------------------------------------------------------------- forgotten
+
+
+def forgotten_digests(store: Store) -> dict[int, set[str]]:
+    """Per user, the digests of phrases they told the assistant to forget (memory.longterm tombstones)."""
+    from memory.longterm import tombstones
+
+    out: dict[int, set[str]] = defaultdict(set)
+    with store.engine.connect() as conn:
+        for user_id, d in conn.execute(sa.select(tombstones.c.user_id, tombstones.c.digest)):
+            out[int(user_id)].add(d)
+    return dict(out)
+
+
+def mentions_forgotten(texts: Iterable[str], digests: set[str]) -> bool:
+    """Whether any word n-gram of `texts` is a forgotten phrase (the same hashing as memory.longterm)."""
+    from memory.longterm import MAX_NGRAM, digest, normalise
+
+    for text in texts:
+        words = normalise(text).split()
+        for n in range(1, MAX_NGRAM + 1):
+            for i in range(len(words) - n + 1):
+                if digest(" ".join(words[i:i + n])) in digests:
+                    return True
+    return False
+
+
+class _Contexts:
+    """Rebuilds the conversation a rated answer was given in, as the user saw it."""
+
+    def __init__(self, log: TrainingLog, max_messages: int) -> None:
+        self.log = log
+        self.max_messages = max_messages
+        self._index: dict[int, dict[int, int]] = {}
+
+    def _position(self, conversation_id: int) -> dict[int, int]:
+        if conversation_id not in self._index:
+            self._index[conversation_id] = {m.id: i for i, m in enumerate(self.log.by_conversation[conversation_id])}
+        return self._index[conversation_id]
+
+    def prompt_for(self, answer: LogMessage) -> tuple[tuple[str, str], ...] | None:
+        conv = self.log.by_conversation.get(answer.conversation_id, [])
+        pos = self._position(answer.conversation_id)
+        parent = self.log.messages.get(answer.parent_id) if answer.parent_id is not None else None
+        if parent is None:  # imported history without parent links: the nearest earlier user message
+            i = pos[answer.id] - 1
+            while i >= 0 and conv[i].role != "user":
+                i -= 1
+            parent = conv[i] if i >= 0 else None
+        if parent is None or parent.role != "user" or not parent.content.strip():
+            return None
+        # Earlier turns as shown: a regenerated answer replaces the one before it for the same question.
+        history: list[LogMessage] = []
+        answer_at: dict[int, int] = {}  # user message id -> index of its answer in history
+        for m in conv[: pos[parent.id]]:
+            if m.status in HIDDEN_FROM_HISTORY:
+                continue
+            if m.role == "assistant" and m.parent_id is not None:
+                if m.parent_id in answer_at:
+                    history[answer_at[m.parent_id]] = m
+                    continue
+                answer_at[m.parent_id] = len(history)
+            history.append(m)
+        history = history[-self.max_messages:] if self.max_messages else []
+        while history and history[0].role != "user":
+            history = history[1:]
+        return tuple((m.role, m.content) for m in history) + (("user", parent.content),)
+
+
+def human_examples(log: TrainingLog, repairs: dict[int, list[Any]], context_messages: int,
+                   skipped: Counter) -> list[Example]:
+    """Examples from feedback; `skipped` counts feedback that could not be used, by reason."""
+    ctx = _Contexts(log, context_messages)
+    out: list[Example] = []
+    edited: dict[int, LogFeedback] = {}
+    for f in log.feedback:
+        if f.kind == "edit" and f.corrected:
+            edited[f.message_id] = f  # the latest edit of a message wins
+    good_siblings: dict[int | None, list[LogMessage]] = defaultdict(list)  # parent id -> accepted answers
+    rated_down: list[tuple[LogFeedback, LogMessage]] = []
+
+    def prov(origin: str, m: LogMessage, f: LogFeedback, other: int | None = None) -> Provenance:
+        return Provenance(source="human", origin=origin, group=f"conv:{m.conversation_id}",
+                          conversation_id=m.conversation_id, message_id=m.id, other_message_id=other,
+                          feedback_id=f.id, adapter=m.adapter)
+
+    for f in log.feedback:
+        m = log.messages.get(f.message_id)
+        if m is None or m.role != "assistant" or m.status not in ANSWER_STATUSES:
+            skipped["not_a_complete_answer"] += 1
+            continue
+        prompt = ctx.prompt_for(m)
+        if prompt is None:
+            skipped["no_prompt"] += 1
+            continue
+        if f.kind == "thumb" and f.rating == 1:
+            out.append(Example("kto", prompt, m.content, prov("thumb_up", m, f), label=True))
+            if m.id in edited:
+                skipped["thumb_up_superseded_by_edit"] += 1
+            else:
+                out.append(Example("sft", prompt, m.content, prov("thumb_up", m, f)))
+            good_siblings[m.parent_id].append(m)
+        elif f.kind == "thumb" and f.rating == -1:
+            out.append(Example("kto", prompt, m.content, prov("thumb_down", m, f), label=False))
+            rated_down.append((f, m))
+        elif f.kind == "edit":
+            if edited.get(m.id) is not f:
+                skipped["older_edit"] += 1
+                continue
+            out.append(Example("sft", prompt, f.corrected or "", prov("edit", m, f)))
+            out.append(Example("dpo", prompt, f.corrected or "", prov("edit", m, f, other=m.id), rejected=m.content))
+        elif f.kind == "pair":
+            chosen_id = f.chosen_message_id
+            other_id = f.other_message_id if chosen_id == f.message_id else f.message_id
+            chosen, other = log.messages.get(chosen_id or -1), log.messages.get(other_id or -1)
+            if (chosen is None or other is None or chosen.status not in ANSWER_STATUSES
+                    or other.status not in ANSWER_STATUSES):
+                skipped["pair_incomplete"] += 1
+                continue
+            if chosen.parent_id != other.parent_id:
+                skipped["pair_different_prompts"] += 1
+                continue
+            prompt = ctx.prompt_for(chosen)
+            if prompt is None:
+                skipped["no_prompt"] += 1
+                continue
+            out.append(Example("dpo", prompt, chosen.content, prov("pair", chosen, f, other=other.id),
+                               rejected=other.content))
+            good_siblings[chosen.parent_id].append(chosen)
+
+    # A rated-down answer against a better answer to the same question: an accepted regeneration, or an
+    # accepted teacher repair of it. (Edits of it are already DPO pairs above.)
+    for f, m in rated_down:
+        prompt = ctx.prompt_for(m)
+        if prompt is None:  # cannot happen: the thumb was only kept with a prompt
+            continue
+        for better in good_siblings.get(m.parent_id, []) if m.parent_id is not None else []:
+            if better.id != m.id:
+                out.append(Example("dpo", prompt, better.content,
+                                   prov("regen_vs_down", better, f, other=m.id), rejected=m.content))
+                break
+        for rp in repairs.get(m.id, []):
+            out.append(Example("dpo", prompt, rp.answer, Provenance(
+                source="teacher", origin="teacher_repair", group=f"conv:{m.conversation_id}",
+                conversation_id=m.conversation_id, message_id=m.id, other_message_id=m.id, feedback_id=f.id,
+                adapter=m.adapter, doc_id=rp.doc_id, chunk_id=rp.chunk_id, synthetic_id=rp.id), rejected=m.content))
+    return out
+
+
+def teacher_examples(pairs: Iterable[Any]) -> list[Example]:
+    """SFT (and DPO, with the worst candidate) examples from accepted teacher pairs of documents."""
+    out: list[Example] = []
+    for p in pairs:
+        if p.kind != "doc":
+            continue
+        prov = Provenance(source="teacher", origin="teacher", group=f"doc:{p.doc_id}", doc_id=p.doc_id,
+                          chunk_id=p.chunk_id, synthetic_id=p.id, adapter=None)
+        prompt = (("user", p.question),)
+        out.append(Example("sft", prompt, p.answer, prov))
+        if p.rejected:
+            out.append(Example("dpo", prompt, p.answer, prov, rejected=p.rejected))
+    return out
+
+
+def replay_examples(path: Path) -> list[Example]:
+    """General replay rows, `{"messages": [...]}` per line ending in a user turn and its answer."""
+    out: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                msgs = json.loads(line)["messages"]
+                turns = tuple((m["role"], m["content"]) for m in msgs)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(
+                    f"{path}:{n + 1}: replay rows need {{'messages': [{{role, content}}, ...]}}: {exc}") from exc
+            if len(turns) < 2 or turns[-1][0] != "assistant" or turns[-2][0] != "user":
+                raise ValueError(f"{path}:{n + 1}: a replay row must end with a user turn and an assistant answer")
+            out.append(Example("sft", turns[:-1], turns[-1][1],
+                               Provenance(source="replay", origin="replay", group=f"replay:{n}")))
+    return out
+
