@@ -43,14 +43,18 @@ def _conv(q: str, a: str) -> list[dict]:
 
 
 def make_snapshot(root: Path, sft: bool = True, dpo: bool = True, repeat: int = 4) -> Path:
-    """A dataset folder in dataset_build's layout: <kind>/<split> save_to_disk folders (+ extra columns)."""
-    from datasets import Dataset
+    """A dataset snapshot: <kind>/<split> folders, with provenance columns the job must drop.
+
+    SFT is written as one DatasetDict per kind (training/snapshots.py's layout, whose `test` split the
+    job never reads); DPO as separately saved splits. Both read the same.
+    """
+    from datasets import Dataset, DatasetDict
 
     if sft:
         rows = [{"messages": _conv(q, a), "source": "feedback", "conversation_id": i}
                 for i, (q, a) in enumerate(FACTS * repeat)]
-        Dataset.from_list(rows).save_to_disk(str(root / "sft" / "train"))
-        Dataset.from_list(rows[: len(FACTS)]).save_to_disk(str(root / "sft" / "validation"))
+        DatasetDict({"train": Dataset.from_list(rows), "validation": Dataset.from_list(rows[: len(FACTS)]),
+                     "test": Dataset.from_list(rows[:1])}).save_to_disk(str(root / "sft"))
     if dpo:
         pairs = [{"prompt": [SYSTEM, {"role": "user", "content": f"What is the {q}?"}],
                   "chosen": [{"role": "assistant", "content": f"The {q} is {a}."}],

@@ -2,9 +2,10 @@
 
 In: a `TrainConfig`, a dataset snapshot folder, an output folder. The snapshot holds HF `datasets`
 `save_to_disk` folders per kind and split: ``sft/train``, ``sft/validation``, ``dpo/train``,
-``dpo/validation``, ``kto/train``, ``kto/validation`` (TRL formats: conversational ``messages``;
+``dpo/validation``, ``kto/train``, ``kto/validation`` (a per-kind ``DatasetDict`` saved as ``sft/``
+has exactly these subfolders; its ``test`` split is never read). TRL formats: conversational ``messages``;
 ``prompt``/``chosen``/``rejected`` message lists; ``prompt``/``completion``/``label``; pre-tokenized
-``input_ids`` also work). A ``manifest.json`` beside them is copied into the adapter.
+``input_ids`` also work. A ``manifest.json`` beside them is copied into the adapter.
 
 Out: ``<out>/adapter/`` (PEFT adapter + ``train_config.json`` + ``training_result.json`` +
 ``dataset_manifest.json``), written to a temporary folder and renamed only when the whole job
