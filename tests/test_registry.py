@@ -97,6 +97,19 @@ def test_register_refuses_bad_folders_and_publishes_nothing(reg: Registry, tiny_
     assert reg.list() == [] and [p.name for p in reg.root.iterdir()] == []
 
 
+def test_a_failed_move_registration_gives_the_adapter_back(reg: Registry, tiny_adapters, tmp_path: Path) -> None:
+    src = tmp_path / "trained"
+    shutil.copytree(tiny_adapters["alpha"], src)
+    before = registry.hash_tree(src)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "plot.png").symlink_to(tmp_path / "does-not-exist")  # copying the report fails mid-way
+    with pytest.raises(shutil.Error):
+        reg.register(src, report_dir=report, move=True)
+    assert registry.hash_tree(src) == before  # the trained adapter is back where it was, whole
+    assert reg.list() == [] and list(reg.root.iterdir()) == []
+
+
 def test_promote_and_rollback_hot_swap_and_are_recorded(services, reg: Registry, tiny_adapters) -> None:
     a = reg.register(tiny_adapters["alpha"], gate="passed")
     b = reg.register(tiny_adapters["beta"], parent=a.name, gate="passed")

@@ -307,7 +307,9 @@ class Registry:
 
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{uuid.uuid4().hex[:12]}"
+        staging.mkdir()
         try:
+            # A move within one filesystem is a rename: no copy of the weights.
             (shutil.move if move else shutil.copytree)(str(src), str(staging / ADAPTER_SUBDIR))
             if report_dir is not None and Path(report_dir).is_dir():
                 shutil.copytree(report_dir, staging / EVAL_SUBDIR)
@@ -328,9 +330,9 @@ class Registry:
                     shutil.rmtree(target)
                 os.replace(staging, target)  # last step: if the commit fails below, the folder is an orphan
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
             if move and not src.exists() and (staging / ADAPTER_SUBDIR).exists():
-                shutil.move(str(staging / ADAPTER_SUBDIR), str(src))
+                shutil.move(str(staging / ADAPTER_SUBDIR), str(src))  # give the caller its adapter back
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         log.info("registered adapter %s (gate %s, parent %s)", name, gate, parent)
         return self.get(name)
