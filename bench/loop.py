@@ -1,0 +1,485 @@
+"""The self-improvement benchmark: does the loop make the assistant measurably better for its users?
+
+    .venv/bin/python bench/loop.py [--cycles 2] [--model DIR] [--gpu] [--out docs] [--json FILE]
+
+What happens, all through the product's real entry points:
+
+1. A fresh home. Simulated users, an admin and two examiners are created; the documents of
+   tests/data/docs are ingested privately for each simulated user, the admin (the teacher reads them)
+   and the "open-book" examiner. The "closed-book" examiner has no documents, so its questions reach
+   the model without retrieval. Then `assistant serve` starts as its own process.
+2. Cycle 0 measures the base model: the users chat through the OpenAI-compatible API (questions from
+   bench/loop_qa.json, default sampling with a fixed seed per request) and rate every answer by a
+   HIDDEN preference: they like answers that are short (at most `--like-words` words) and name the
+   product ("Lumen Desk"), and dislike the rest. A disliked answer gets a thumbs down and is edited
+   into the answer they wanted; a liked one gets a thumbs up. The examiners ask held-out questions
+   (paraphrases no user ever sent, plus facts no user asked about) greedily.
+3. The admin starts a retrain through the admin API (`POST /v1/admin/jobs`, the same job runner the
+   console and the scheduler use: `training.loop.run_cycle`): teacher pairs from the documents (first
+   cycle), a dataset snapshot, TRL SFT + DPO in a child process, the evaluation gate, registration,
+   promotion with a hot swap if the gate passes.
+4. The same users chat again (cycle 1, 2...), the examiners ask again.
+
+Reported per cycle: the users' like rate, the like rate on the held-out questions, grounded-answer
+accuracy on held-out questions with retrieval and closed-book (a question counts when the answer holds
+one alternative of every key-fact group), the general-ability suite of the gate (general_qa keyword
+score and general_ppl, candidate against base), the gate's decision and the cycle time. A markdown
+table goes to stdout, a plot to `<out>/loop.png`, every number to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python bench/loop.py` puts bench/ first on the path, where bench/datasets.py would shadow `datasets`.
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+QA_FILE = Path(__file__).with_name("loop_qa.json")
+PRODUCT = "lumen desk"
+PHRASINGS = ["{q}", "Quick question: {q}", "{q} Thanks!", "Hi! {q}"]
+
+
+# ------------------------------------------------------------------------------------------ the hidden preference
+def words(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def liked(answer: str, max_words: int) -> bool:
+    """What the simulated users like. The loop never sees this rule, only their thumbs and edits."""
+    return PRODUCT in answer.lower() and 0 < words(answer) <= max_words
+
+
+def grounded(answer: str, keys: list[list[str]]) -> bool:
+    text = answer.lower()
+    return all(any(alt.lower() in text for alt in group) for group in keys)
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass
+class Turn:
+    who: str
+    question: str
+    answer: str
+    liked: bool
+    correct: bool | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CycleRow:
+    cycle: int
+    adapter: str | None
+    like_rate_users: float
+    like_rate_heldout: float
+    grounded_rag: float
+    grounded_closed: float
+    grounded_rag_paraphrase: float
+    grounded_rag_unseen: float
+    grounded_closed_paraphrase: float
+    grounded_closed_unseen: float
+    mean_words: float
+    general_qa: float | None = None  # the serving model (base at cycle 0), from the gate's report
+    general_qa_base: float | None = None
+    general_ppl: float | None = None
+    general_ppl_base: float | None = None
+    gate: str | None = None
+    cycle_s: float | None = None
+    train_s: float | None = None
+    eval_s: float | None = None
+    synth_s: float | None = None
+    chat_s: float = 0.0
+    turns: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+class Api:
+    def __init__(self, url: str, key: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=900)
+
+    def chat(self, text: str, max_tokens: int, **gen: Any) -> dict:
+        for _ in range(20):  # the server's back-pressure (503 + Retry-After) is honoured, never an error
+            r = self.http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **gen})
+            if r.status_code == 503:
+                time.sleep(float(r.headers.get("retry-after", 5)))
+                continue
+            r.raise_for_status()
+            return r.json()
+        raise RuntimeError("the server stayed busy")
+
+    def post(self, path: str, body: dict) -> dict:
+        r = self.http.post(path, json=body)
+        if r.status_code >= 400:
+            raise RuntimeError(f"POST {path}: {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def get(self, path: str) -> dict:
+        r = self.http.get(path)
+        r.raise_for_status()
+        return r.json()
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_model(cache: Path) -> Path:
+    out = subprocess.run([sys.executable, "-m", "assistant.cli", "model", "prepare", "--home", str(cache)],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return Path(re.search(r"model ready: (.+)", out.stdout).group(1).strip())
+
+
+def setup_home(home: Path, users: int) -> dict[str, str]:
+    """Accounts (API keys by role) and private copies of the documents for those who may read them."""
+    from argon2 import PasswordHasher
+
+    from assistant.config import Settings
+    from memory.knowledge import KnowledgeBase
+    from memory.store import Store
+
+    settings = Settings.load(env={}, home=home)
+    settings.ensure_dirs()
+    # Cheap hashes: the bench talks with API keys only.
+    store = Store.open(settings.db_url, password_hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+    keys: dict[str, str] = {}
+    readers = []
+    for name, role in ([("admin", "admin"), ("open-book", "user"), ("closed-book", "user")]
+                       + [(f"user{i}", "user") for i in range(users)]):
+        u = store.create_user(f"loop-{name}", f"loop-password-{name}", role=role)
+        keys[name] = store.create_api_key(u.id)
+        if name != "closed-book":
+            readers.append(u)
+    kb = KnowledgeBase(settings)
+    for u in readers:
+        for doc in sorted((ROOT / "tests" / "data" / "docs").glob("*.md")):
+            kb.ingest_path(u, doc, scope="private")
+    kb.close()
+    store.close()
+    return keys
+
+
+def start_server(home: Path, model: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    import httpx
+
+    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - the server's whole life
+    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--home", str(home), "--model", model,
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("server did not start in 600 s")
+
+
+# ------------------------------------------------------------------------------------------ sessions
+def user_session(apis: dict[str, Api], qa: dict, cycle: int, args: argparse.Namespace) -> list[Turn]:
+    """Each simulated user asks their share of the trained questions, rates every answer, edits the
+    ones they dislike into the answer they wanted."""
+    facts = qa["trained"]
+    users = [k for k in apis if k.startswith("user")]
+    turns = []
+    for ui, name in enumerate(users):
+        api = apis[name]
+        share = [facts[(ui * args.per_user + j) % len(facts)] for j in range(args.per_user)]
+        for j, fact in enumerate(share):
+            question = PHRASINGS[(ui + j) % len(PHRASINGS)].format(q=fact["ask"])
+            started = time.perf_counter()
+            out = api.chat(question, args.max_tokens, seed=1000 * cycle + 10 * ui + j)
+            answer = out["choices"][0]["message"]["content"]
+            ok = liked(answer, args.like_words)
+            turns.append(Turn(name, question, answer, ok, grounded(answer, fact["keys"]),
+                              out["usage"]["completion_tokens"], time.perf_counter() - started))
+            mid = out["message_id"]
+            if ok:
+                api.post("/v1/feedback/thumb", {"message_id": mid, "rating": 1})
+            else:
+                api.post("/v1/feedback/thumb", {"message_id": mid, "rating": -1, "reason": "style"})
+                api.post("/v1/feedback/edit", {"message_id": mid, "corrected": fact["ideal"]})
+        print(f"  cycle {cycle}: {name} done ({sum(t.liked for t in turns if t.who == name)}/{len(share)} liked)",
+              file=sys.stderr)
+    return turns
+
+
+def examine(api: Api, who: str, qa: dict, args: argparse.Namespace) -> list[tuple[str, Turn]]:
+    """Held-out questions, greedy: (group, turn) with group "paraphrase" or "unseen"."""
+    items = [("paraphrase", f) for f in qa["trained"]] + [("unseen", f) for f in qa["unseen"]]
+    out = []
+    for group, fact in items:
+        started = time.perf_counter()
+        r = api.chat(fact["heldout"], args.max_tokens, temperature=0)
+        answer = r["choices"][0]["message"]["content"]
+        out.append((group, Turn(who, fact["heldout"], answer, liked(answer, args.like_words),
+                                grounded(answer, fact["keys"]), r["usage"]["completion_tokens"],
+                                time.perf_counter() - started)))
+    return out
+
+
+def share(xs: list[bool]) -> float:
+    return round(100.0 * sum(xs) / len(xs), 1) if xs else 0.0
+
+
+def measure(cycle: int, apis: dict[str, Api], qa: dict, args: argparse.Namespace, adapter: str | None) -> CycleRow:
+    t0 = time.perf_counter()
+    session = user_session(apis, qa, cycle, args)
+    rag = examine(apis["open-book"], "open-book", qa, args)
+    closed = examine(apis["closed-book"], "closed-book", qa, args)
+    held = [t for _, t in rag + closed]
+
+    def acc(rows: list[tuple[str, Turn]], group: str | None = None) -> float:
+        return share([t.correct for g, t in rows if group is None or g == group])
+
+    row = CycleRow(cycle=cycle, adapter=adapter,
+                   like_rate_users=share([t.liked for t in session]),
+                   like_rate_heldout=share([t.liked for t in held]),
+                   grounded_rag=acc(rag), grounded_closed=acc(closed),
+                   grounded_rag_paraphrase=acc(rag, "paraphrase"), grounded_rag_unseen=acc(rag, "unseen"),
+                   grounded_closed_paraphrase=acc(closed, "paraphrase"), grounded_closed_unseen=acc(closed, "unseen"),
+                   mean_words=round(sum(words(t.answer) for t in session) / max(len(session), 1), 1),
+                   chat_s=round(time.perf_counter() - t0, 1),
+                   turns=[asdict(t) for t in session] + [{**asdict(t), "group": g} for g, t in rag + closed])
+    return row
+
+
+# ------------------------------------------------------------------------------------------ the loop
+def run_job(admin: Api, options: dict) -> dict:
+    job = admin.post("/v1/admin/jobs", options)
+    last = None
+    while True:
+        detail = admin.get(f"/v1/admin/jobs/{job['id']}")["job"]
+        p = detail["progress"]
+        now = (p.get("phase"), p.get("stage"), p.get("step"))
+        if now != last:
+            print(f"  job {job['id']}: {detail['status']} {p.get('phase')} {p.get('stage') or ''} "
+                  f"step {p.get('step')}/{p.get('max_steps')} loss {p.get('loss')}", file=sys.stderr)
+            last = now
+        if detail["status"] not in ("queued", "running"):
+            return detail
+        time.sleep(3)
+
+
+def write_gate_questions(qa: dict, path: Path) -> Path:
+    """The gate's grounded check: the questions users asked, each with the document that answers it.
+
+    Only trained facts in their users' wording: the held-out paraphrases and unseen facts this bench
+    reports are never shown to the trainer or the gate.
+    """
+    docs = {p.name: p.read_text(encoding="utf-8") for p in sorted((ROOT / "tests" / "data" / "docs").glob("*.md"))}
+    rows = []
+    for fact in qa["trained"]:
+        text = next((t for t in docs.values() if all(any(a in t.lower() for a in g) for g in fact["keys"])), None)
+        if text is None:
+            raise SystemExit(f"no document holds the facts of {fact['id']}")
+        rows.append({"question": fact["ask"], "passage": text, "key_facts": [g[0] for g in fact["keys"]],
+                     "source": fact["id"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) -> dict:
+    train = {"sft_learning_rate": args.lr, "sft_epochs": args.epochs, "dpo_learning_rate": args.dpo_lr,
+             "batch_size": 4, "max_length": 512, "evals_per_epoch": 1, "early_stopping_patience": 2,
+             "stages": ["sft", "dpo"] if args.dpo else ["sft"]}
+    if args.gpu:
+        train["device"] = "cuda"
+    return {"synth": cycle == 1 and args.synth_chunks > 0, "synth_max_chunks": max(args.synth_chunks, 1),
+            "synth_questions_per_chunk": 1, "train": train,
+            # Bounded gate on CPU: fewer held-out rows and shorter answers than the defaults.
+            "gate": {"max_new_tokens": 32, "max_sft": 16, "max_pairs": 16, "max_doc_qa": 8},
+            "eval_doc_qa": str(gate_questions), "auto_promote": True}
+
+
+def general_from_report(admin: Api, name: str) -> dict[str, float | None]:
+    rep = admin.get(f"/v1/admin/adapters/{name}/report")["report"] or {}
+    m = rep.get("metrics", {})
+    cand, base = m.get("candidate", {}), m.get("base") or m.get("baseline") or {}
+    return {"general_qa": cand.get("general_qa"), "general_qa_base": base.get("general_qa"),
+            "general_ppl": cand.get("general_ppl"), "general_ppl_base": base.get("general_ppl")}
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def table(rows: list[CycleRow]) -> str:
+    head = ("| cycle | serving | gate | like rate, users % | like rate, held-out % | grounded with retrieval % "
+            "(paraphrase / unseen) | grounded closed-book % (paraphrase / unseen) | mean words | general_qa % "
+            "(base) | general ppl (base) | cycle time s (train / eval / synth) | chat+exam s |")
+    out = [head, "|" + "---|" * 12]
+    for r in rows:
+        ppl = "-" if r.general_ppl is None else f"{r.general_ppl:.2f} ({r.general_ppl_base:.2f})"
+        times = "-" if r.cycle_s is None else (f"{r.cycle_s:.0f} ({r.train_s or 0:.0f} / {r.eval_s or 0:.0f} / "
+                                              f"{r.synth_s or 0:.0f})")
+        out.append(f"| {r.cycle} | {r.adapter or 'base'} | {r.gate or '-'} | {r.like_rate_users} | "
+                   f"{r.like_rate_heldout} | {r.grounded_rag} ({r.grounded_rag_paraphrase} / "
+                   f"{r.grounded_rag_unseen}) | {r.grounded_closed} ({r.grounded_closed_paraphrase} / "
+                   f"{r.grounded_closed_unseen}) | {r.mean_words} | {pct(r.general_qa)} ({pct(r.general_qa_base)}) "
+                   f"| {ppl} | {times} | {r.chat_s:.0f} |")
+    return "\n".join(out)
+
+
+def plot(rows: list[CycleRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.cycle for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    ax.plot(xs, [r.like_rate_users for r in rows], "o-", label="like rate (users)")
+    ax.plot(xs, [r.like_rate_heldout for r in rows], "o--", label="like rate (held-out questions)")
+    ax.plot(xs, [r.grounded_rag for r in rows], "s-", label="grounded, with retrieval")
+    ax.plot(xs, [r.grounded_closed for r in rows], "s--", label="grounded, closed-book")
+    gq = [None if r.general_qa is None else 100 * r.general_qa for r in rows]
+    if any(g is not None for g in gq):
+        ax.plot(xs, [g if g is not None else float("nan") for g in gq], "^:", label="general_qa (gate suite)")
+    ax.set_xticks(xs)
+    ax.set_xlabel("cycle (0 = base model)")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title("Self-improvement loop on the embedded model (bench/loop.py)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cycles", type=int, default=2)
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--per-user", type=int, default=8, help="trained questions each user asks per session")
+    ap.add_argument("--max-tokens", type=int, default=40)
+    ap.add_argument("--like-words", type=int, default=30, help="the hidden preference's word limit")
+    ap.add_argument("--lr", type=float, default=3e-4, help="SFT learning rate")
+    ap.add_argument("--epochs", type=float, default=3.0, help="SFT epochs")
+    ap.add_argument("--dpo-lr", type=float, default=5e-5)
+    ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
+    ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
+    ap.add_argument("--model", default=None, help="base model folder or hub id (default: the embedded one)")
+    ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "assistant-bench-models")
+    ap.add_argument("--gpu", action="store_true", help="serve and train on CUDA")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of training")
+    ap.add_argument("--home", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where loop.png goes")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    qa = json.loads(QA_FILE.read_text(encoding="utf-8"))
+    t_all = time.perf_counter()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    home = args.home or Path(tempfile.mkdtemp(prefix="assistant-loop-")) / "home"
+    model = args.model or str(prepare_model(args.model_cache))
+    keys = setup_home(home, args.users)
+    gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl")
+    env = {**os.environ, "ASSISTANT_TORCH_THREADS": str(args.threads), "ASSISTANT_TRAIN_THREADS": str(args.threads),
+           "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    if args.gpu:
+        env["ASSISTANT_DEVICE"] = "cuda"
+    port = free_port()
+    proc = start_server(home, model, port, env)
+    url = f"http://127.0.0.1:{port}"
+    print(f"server ready at {url} ({time.perf_counter() - t_all:.0f} s of set-up); home {home}", file=sys.stderr)
+    apis = {name: Api(url, key) for name, key in keys.items()}
+    admin = apis["admin"]
+    rows: list[CycleRow] = []
+    try:
+        serving = None
+        base_general: dict | None = None  # the gate's "base" column (same suite, same settings every cycle)
+        serving_general: dict | None = None  # the gate's numbers for the adapter serving now (None: base)
+        row_general: list[dict | None] = []
+        for cycle in range(args.cycles + 1):
+            info: dict[str, Any] = {}
+            if cycle > 0:
+                t0 = time.perf_counter()
+                job = run_job(admin, cycle_options(cycle, args, gate_questions))
+                res = job.get("result") or {}
+                timings = res.get("timings") or {}
+                info = {"gate": f"{job['status']}: {res.get('status', job.get('error'))}",
+                        "cycle_s": round(time.perf_counter() - t0, 1), "train_s": timings.get("train"),
+                        "eval_s": timings.get("evaluate"), "synth_s": timings.get("synth")}
+                if res.get("candidate"):
+                    gen = general_from_report(admin, res["candidate"])
+                    print(f"  cycle {cycle}: {res.get('status')} {res.get('candidate')}: {res.get('reason')}; "
+                          f"general {gen}", file=sys.stderr)
+                    if base_general is None:
+                        base_general = gen
+                    if res.get("promoted"):
+                        serving_general = gen
+                    info["gate"] = f"{res['candidate']} {res.get('status')}"
+                serving = admin.get("/v1/admin/adapters")["serving"]
+            row = measure(cycle, apis, qa, args, serving)
+            for k, v in info.items():
+                setattr(row, k, v)
+            row_general.append(serving_general)
+            rows.append(row)
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+
+    # General ability of what served in each cycle: the promoted candidate's numbers, else the base's.
+    for r, gen in zip(rows, row_general, strict=True):
+        if base_general is not None:
+            r.general_qa_base, r.general_ppl_base = base_general["general_qa_base"], base_general["general_ppl_base"]
+            r.general_qa = (gen or {}).get("general_qa", r.general_qa_base) if gen else r.general_qa_base
+            r.general_ppl = gen["general_ppl"] if gen else r.general_ppl_base
+
+    total = time.perf_counter() - t_all
+    print("\n" + table(rows))
+    first, best = rows[0], max(rows[1:3] or rows[:1], key=lambda r: r.like_rate_users)
+    last = rows[-1]
+    summary = {
+        "like_rate_gain_points": round(best.like_rate_users - first.like_rate_users, 1),
+        "grounded_rag_gain_points": round(last.grounded_rag - first.grounded_rag, 1),
+        "grounded_closed_gain_points": round(last.grounded_closed - first.grounded_closed, 1),
+        "general_qa_vs_base_points": None if last.general_qa is None or last.general_qa_base is None
+        else round(100 * (last.general_qa - last.general_qa_base), 1),
+        "total_s": round(total, 1),
+    }
+    print(f"\nlike rate {first.like_rate_users} -> {best.like_rate_users} (target +30 within two cycles); grounded "
+          f"with retrieval {first.grounded_rag} -> {last.grounded_rag} (target +20); closed-book "
+          f"{first.grounded_closed} -> {last.grounded_closed}; general_qa vs base "
+          f"{summary['general_qa_vs_base_points']} points (target within 1); total {total / 60:.1f} min")
+    load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average before {load_before}, after {load_after}; {platform.node()} {os.cpu_count()} CPUs; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    plot(rows, args.out / "loop.png")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "rows": [asdict(r) for r in rows],
+                                         "args": {k: str(v) for k, v in vars(args).items()},
+                                         "load_average_before": load_before, "load_average_after": load_after},
+                                        indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
