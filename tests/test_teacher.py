@@ -294,3 +294,24 @@ def test_cli_synth_with_a_local_teacher(store, settings, tiny_model_dir):
     assert SyntheticPairs(store).counts()["total"] == 2
     missing = runner.invoke(app, ["synth", "--home", str(settings.home), "--teacher", "local"])
     assert missing.exit_code == 2 and "--docs FOLDER or --kb" in missing.output
+
+
+def test_chunks_from_the_knowledge_base(store, settings, tiny_embedder_dir):
+    from memory.knowledge import KnowledgeBase
+    from training.synth import chunks_from_knowledge
+
+    kb = KnowledgeBase(settings.model_copy(update={"embedder": str(tiny_embedder_dir), "chunk_tokens": 60,
+                                                   "chunk_overlap": 10}))
+    try:
+        alice = store.create_user("alice", "pw-alice")
+        bob = store.create_user("bob", "pw-bob")
+        info = kb.ingest(alice, "pricing.md", PRICING.encode(), scope="private")
+        kb.ingest(bob, "security.md", (DOCS / "security.md").read_bytes(), scope="private")
+        chunks = chunks_from_knowledge(kb, alice)
+        assert len(chunks) == info.chunks > 1
+        assert {c.doc_id for c in chunks} == {info.doc_id}  # bob's private document is not alice's to use
+        assert all(c.title == info.title and c.text.strip() for c in chunks)
+        assert "8 dollars per member per month" in " ".join(c.text for c in chunks)
+        assert chunks_from_knowledge(kb, alice, doc_ids=["nope"]) == []
+    finally:
+        kb.close()
