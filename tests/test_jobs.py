@@ -308,3 +308,14 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
     curated.write_text(json.dumps({"question": "Q?", "passage": "P."}) + "\n")
     with pytest.raises(EvalDataError, match="no key facts"):
         _doc_qa_file(services, snap, tmp_path, None, str(curated))
+
+
+def test_too_little_data_fails_before_any_training(services) -> None:
+    seed_feedback(services.store, 4)  # every conversation lands in train or validation: no held-out rows
+    runner = runner_for(services)
+    job = runner.wait(runner.start({"build": {"split_ratios": [0.9, 0.1, 0.0]}}).id, timeout=120)
+    assert job.status == "failed" and "has no held-out rows to judge a candidate on, so nothing was trained" \
+        in job.error
+    assert not (runner.job_dir(job.id) / "train").exists() and runner.events(job.id, kinds=("progress",)) == []
+    assert [e.data["phase"] for e in runner.events(job.id, kinds=("phase",))] == ["dataset"]
+    assert job.progress["phase"] == "failed"

@@ -255,6 +255,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     snapshot = _dataset(settings, store, options)
     timings["dataset"] = round(time.perf_counter() - t0, 2)
     hooks.event("log", {"message": f"dataset {snapshot.name}"})
+    _check_evaluable(snapshot)  # before training: a candidate nobody can evaluate is wasted CPU
     check_stop()
 
     # 3. train (child process)
@@ -371,6 +372,18 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
 
 # ------------------------------------------------------------------------------------------ steps
+def _check_evaluable(snapshot: Path) -> None:
+    from training.evaluate import EvalDataError, load_eval_set
+
+    try:
+        load_eval_set(snapshot)
+    except EvalDataError as e:
+        raise CycleFailed(
+            f"dataset {snapshot.name} has no held-out rows to judge a candidate on, so nothing was trained "
+            f"({e}). Collect more feedback, or give the test split a larger share (build option split_ratios) "
+            "or freeze the held-out set earlier (heldout_min_rows).") from e
+
+
 def _dataset(settings: Any, store: Any, options: CycleOptions) -> Path:
     from training.dataset_build import build_datasets
 

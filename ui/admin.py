@@ -43,7 +43,7 @@ def counts_markdown(actions: AdminActions, user: User | None) -> str:
             ("dataset snapshots", c.get("datasets")), ("adapter versions", c.get("adapter_versions")),
             ("serving", c.get("serving") or "base model"),
             ("running job", f"#{active['id']} ({active['progress'].get('phase')})" if active else "none")]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return "| what | how many |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def dataset_choices(actions: AdminActions, user: User | None) -> list[str]:
@@ -54,7 +54,7 @@ def preview_frame(actions: AdminActions, user: User | None, name: str | None, ki
                   limit: int = 20) -> tuple[pd.DataFrame, str]:
     if not name:
         require_admin(user)
-        return pd.DataFrame(), "No dataset yet: build one."
+        return pd.DataFrame(columns=["prompt", "answer", "source", "origin"]), "No dataset yet: build one."
     p = actions.preview_dataset(user, name, kind, split, int(limit))
     rows = []
     for r in p["rows"]:
@@ -245,7 +245,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
 
     gr.Markdown("### Retrain")
     with gr.Row():
-        steps = gr.Number(None, label="Max steps per stage (empty: epochs)", precision=0)
+        steps = gr.Number(0, label="Max steps per stage (0: run the configured epochs)", precision=0)
         auto = gr.Checkbox(True, label="Promote if the gate passes")
         synth_cb = gr.Checkbox(False, label="Generate synthetic pairs first")
         extra = gr.Textbox(label="More options (JSON: train / gate / build overrides)", placeholder='{"gate": {}}')
