@@ -233,9 +233,10 @@ class LexicalIndex:
     # ------------------------------------------------------------------ reads
     def _postings(self, tid: int) -> tuple[np.ndarray, np.ndarray]:
         pos_parts, tf_parts = [], []
+        key = np.int32(tid)  # a Python int would make numpy cast the whole int32 array on every lookup
         for seg in self._segments:
-            lo = int(np.searchsorted(seg.term_ids, tid, side="left"))
-            hi = int(np.searchsorted(seg.term_ids, tid, side="right"))
+            lo = int(seg.term_ids.searchsorted(key, side="left"))
+            hi = int(seg.term_ids.searchsorted(key, side="right"))
             if hi > lo:
                 pos_parts.append(seg.pos[lo:hi])
                 tf_parts.append(seg.tf[lo:hi])
