@@ -428,8 +428,18 @@ def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
     details = view.rows[-1]["content"]
     assert "Sources:" in details and "Zephyr manual" in details and "`search_documents`" in details
 
+    from training.synth import SyntheticPairs
+    from training.teacher import TeacherPair
+
+    pairs = SyntheticPairs(s.store)
+    for d in (doc_id, shared_id):
+        pairs.add(TeacherPair(doc_id=d, chunk_id=f"{d}:0", chunk_sha256="0" * 64, question="How?",
+                              question_source="template", answer="Like this.", accepted=True, score=1.0,
+                              teacher="test"))
     assert lib.delete_document(s, ann, doc_id) >= 1
     assert [r[-1] for r in lib.document_rows(s, ann)] == [shared_id]
+    # the teacher's pairs from the deleted document go with it; the other document's stay
+    assert [p.doc_id for p in pairs.list()] == [shared_id]
     with pytest.raises(h.UiError, match="not found"):
         lib.delete_document(s, ann, doc_id)
 

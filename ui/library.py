@@ -119,12 +119,17 @@ def delete_document(services: Services, user: User, doc_id: str | None) -> int:
 
     if not doc_id:
         raise UiError("choose a document first")
+    from training.synth import SyntheticPairs
+
     try:
-        return knowledge(services).delete_document(user, doc_id)
+        removed = knowledge(services).delete_document(user, doc_id)
     except DocumentNotFound as e:
         raise UiError("document not found") from e
     except PermissionError as e:
         raise UiError(str(e)) from e
+    # Pairs the teacher wrote from this document must not outlive it in later training sets.
+    SyntheticPairs(services.store).delete_for_document(doc_id)
+    return removed
 
 
 # ------------------------------------------------------------------------------------------ memory
