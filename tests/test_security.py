@@ -42,6 +42,7 @@ from assistant.admin_api import AdminActions, AdminRequired, LoginRequired
 from assistant.config import Settings
 from assistant.server import Services, build_services, create_app
 from tests.helpers import free_port
+from ui import admin as adm
 from ui import handlers as h
 from ui.auth import gradio_sub_app
 
@@ -81,11 +82,12 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_model_dir, tiny_adapters) -> World:
+def world(tmp_path_factory, tiny_model_dir, tiny_adapters, tiny_embedder_dir) -> World:
     home = tmp_path_factory.mktemp("security-home")
     settings = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1,
-                             max_new_tokens=4, max_tokens_limit=16, max_message_chars=2000)
-    services = build_services(settings, with_agent=False)
+                             embedder=str(tiny_embedder_dir), max_new_tokens=4, max_tokens_limit=16,
+                             max_message_chars=2000)
+    services = build_services(settings, with_agent=True)  # knowledge base + memory: the Documents/Memory pages
     services.backend.load_adapter("alpha", tiny_adapters["alpha"])
     store = services.store
     users = {"owner": store.create_user("alice", PASSWORDS["alice"]),
@@ -164,9 +166,6 @@ def _admin(admin_status: int, make: Callable[[World], Call]) -> Row:
 MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/health"): Row(200, 200, 200, 200, _const("/health"), public=True),
     ("GET", "/openapi.json"): Row(200, 200, 200, 200, _const("/openapi.json"), public=True),
-    ("GET", "/docs"): Row(200, 200, 200, 200, _const("/docs"), public=True),
-    ("GET", "/docs/oauth2-redirect"): Row(200, 200, 200, 200, _const("/docs/oauth2-redirect"), public=True),
-    ("GET", "/redoc"): Row(200, 200, 200, 200, _const("/redoc"), public=True),
     ("GET", "/v1/models"): Row(401, 200, 200, 200, _const("/v1/models")),
     ("POST", "/v1/chat/completions"): Row(401, 200, 404, 404, _chat_in_owner_conversation),
     ("GET", "/v1/conversations"): Row(401, 200, 200, 200, _const("/v1/conversations")),
@@ -462,6 +461,139 @@ def test_ui_handler_matrix(world: World, name: str):
         assert out is not None and out.rating == 1
     if name == "conversation_view":
         assert MARKER in json.dumps(out.rows)
+
+
+# ------------------------------------------------------------------------------------------ Documents and Memory pages
+def _own_library(world: World) -> dict:
+    from ui import library as lib
+
+    owner = world.users["owner"]
+    stamp = time.time_ns()
+    path = world.services.settings.home / f"notes-{stamp}.md"
+    path.write_text(f"# Private notes\n\nThe vault code word is {MARKER} ({stamp}). Lumen Desk costs 8 dollars.\n")
+    [res] = lib.upload_documents(world.services, owner, [path])
+    assert res.ok, res.message
+    mem = lib.add_memory(world.services, owner, f"My favourite code word is {MARKER}-{time.time_ns()}")
+    return {"doc": res.document.doc_id, "mem": mem.id}
+
+
+def _not_in(field: str) -> Callable[[Any, dict], bool]:
+    return lambda out, r: r[field] not in json.dumps(out, default=str) and MARKER not in json.dumps(out, default=str)
+
+
+def _upload_own(w: World, u: Any, r: dict):
+    from ui import library as lib
+
+    path = w.services.settings.home / f"own-{u.id}-{time.time_ns()}.md"
+    path.write_text(f"# Notes of user {u.id}\n\nNothing secret here, {time.time_ns()}.\n")
+    return lib.upload_documents(w.services, u, [path])
+
+
+def _library_rows() -> dict[str, HRow]:
+    from ui import library as lib
+
+    return {
+        "document_rows": HRow(lambda w, u, r: lib.document_rows(w.services, u), shared=True,
+                              check_other=_not_in("doc")),
+        "document_choices": HRow(lambda w, u, r: lib.document_choices(w.services, u), shared=True,
+                                 check_other=_not_in("doc")),
+        "upload_documents": HRow(_upload_own, shared=True,
+                                 check_other=lambda out, r: all(x.ok and x.document.doc_id != r["doc"] for x in out)),
+        "delete_document": HRow(lambda w, u, r: lib.delete_document(w.services, u, r["doc"])),
+        "memory_rows": HRow(lambda w, u, r: lib.memory_rows(w.services, u), shared=True,
+                            check_other=lambda out, r: all(row[0] != r["mem"] for row in out)
+                            and MARKER not in json.dumps(out, default=str)),
+        "memory_choices": HRow(lambda w, u, r: lib.memory_choices(w.services, u), shared=True,
+                               check_other=lambda out, r: r["mem"] not in [c for _, c in out]),
+        "memory_text": HRow(lambda w, u, r: lib.memory_text(w.services, u, r["mem"])),
+        "memory_history": HRow(lambda w, u, r: lib.memory_history(w.services, u, r["mem"])),
+        "add_memory": HRow(lambda w, u, r: lib.add_memory(w.services, u, f"I drink tea, says {u.id}"), shared=True,
+                           check_other=lambda out, r: out.id != r["mem"] and MARKER not in out.text),
+        "edit_memory": HRow(lambda w, u, r: lib.edit_memory(w.services, u, r["mem"], "changed by someone")),
+        "forget_memory": HRow(lambda w, u, r: lib.forget_memory(w.services, u, r["mem"])),
+    }
+
+
+def test_library_matrix_covers_every_handler():
+    from ui import library as lib
+
+    names = {n for n, f in inspect.getmembers(lib, inspect.isfunction)
+             if f.__module__ == lib.__name__ and not n.startswith("_") and "user" in inspect.signature(f).parameters}
+    missing = names - set(_library_rows())
+    assert not missing, f"ui.library functions without a row: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", sorted(_library_rows()))
+def test_library_handler_matrix(world: World, name: str):
+    row = _library_rows()[name]
+    res = _own_library(world)
+    for role in ("other", "admin"):
+        actor = world.users[role]
+        if row.shared:
+            out = row.call(world, actor, res)
+            assert row.check_other(out, res), f"{name} as {role} showed the owner's data: {out!r}"
+        else:
+            with pytest.raises(h.UiError, match="not found"):
+                row.call(world, actor, res)
+    out = row.call(world, world.users["owner"], res)  # the owner may; afterwards their data is still theirs
+    if name == "memory_text":
+        assert MARKER in out
+
+
+def test_only_admins_add_team_documents(world: World):
+    from ui import library as lib
+
+    path = world.services.settings.home / "team.md"
+    path.write_text("# Team notes\n\nShared with everyone.\n")
+    for role in ("owner", "other"):
+        with pytest.raises(h.UiError, match="only admins"):
+            lib.upload_documents(world.services, world.users[role], [path], scope="shared")
+    [res] = lib.upload_documents(world.services, world.users["admin"], [path], scope="shared")
+    assert res.ok
+    # Everyone reads a team document; only its uploader or an admin deletes it.
+    assert res.document.doc_id in json.dumps(lib.document_rows(world.services, world.users["other"]))
+    with pytest.raises(h.UiError):
+        lib.delete_document(world.services, world.users["other"], res.document.doc_id)
+    assert lib.delete_document(world.services, world.users["admin"], res.document.doc_id) > 0
+
+
+# ------------------------------------------------------------------------------------------ admin console views
+ADMIN_VIEWS: dict[str, Callable[[AdminActions, Any], Any]] = {
+    "counts_markdown": lambda a, u: adm.counts_markdown(a, u),
+    "dataset_choices": lambda a, u: adm.dataset_choices(a, u),
+    "preview_frame": lambda a, u: adm.preview_frame(a, u, None, "sft", "train"),
+    "jobs_rows": lambda a, u: adm.jobs_rows(a, u),
+    "job_view": lambda a, u: adm.job_view(a, u, None),
+    "adapters_view": lambda a, u: adm.adapters_view(a, u),
+    "report_view": lambda a, u: adm.report_view(a, u, None),
+    "schedule_values": lambda a, u: adm.schedule_values(a, u),
+    "save_schedule": lambda a, u: adm.save_schedule(a, u, False, "feedback", 50, 24.0, "03:00", 24.0, True, 5, False),
+    "start_job": lambda a, u: adm.start_job(a, u, None, True, False, '{"no_such_option": 1}'),
+}
+
+
+def test_admin_console_matrix(world: World):
+    names = {n for n, f in inspect.getmembers(adm, inspect.isfunction)
+             if f.__module__ == adm.__name__ and not n.startswith("_") and "user" in inspect.signature(f).parameters}
+    missing = names - set(ADMIN_VIEWS)
+    assert not missing, f"ui.admin view functions without a row in ADMIN_VIEWS: {sorted(missing)}"
+    actions: AdminActions = world.services.extras["admin"]
+    for name, call in sorted(ADMIN_VIEWS.items()):
+        before = world.store.counts()
+        with pytest.raises(LoginRequired):
+            call(actions, None)
+        for role in ("owner", "other"):
+            with pytest.raises(AdminRequired):
+                call(actions, world.users[role])
+        assert world.store.counts() == before
+        try:
+            out = call(actions, world.users["admin"])
+        except PermissionError as e:
+            pytest.fail(f"admin was refused {name}: {e}")
+        except ValueError:
+            assert name == "start_job"  # the deliberately refused option, after authorization
+        else:
+            assert out is not None
 
 
 # ------------------------------------------------------------------------------------------ admin actions
