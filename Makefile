@@ -19,5 +19,22 @@ test-fast: setup
 lint: setup
 	.venv/bin/ruff check assistant memory training ui tests bench
 
+# Every benchmark, one after the other (about 1.5-2 h on 2 CPU cores; the GPU throughput run only where
+# nvidia-smi sees a GPU). Each prints markdown tables for docs/benchmarks.md; JSON and plots go to
+# BENCH_OUT (bench/loop.py also writes docs/loop.png). Stop on the first failure: a benchmark that fails
+# its own checks (bench/load.py: an error or a lost row) exits non-zero.
+BENCH_OUT ?= /tmp/assistant-bench
 bench: setup
+	mkdir -p $(BENCH_OUT)
 	.venv/bin/python bench/chat_latency.py
+	.venv/bin/python bench/retrieval.py quality
+	.venv/bin/python bench/retrieval.py scale
+	.venv/bin/python bench/datasets.py
+	.venv/bin/python bench/cycle.py --docs-out $(BENCH_OUT) --json $(BENCH_OUT)/cycle.json
+	.venv/bin/python bench/load.py --json $(BENCH_OUT)/load.json
+	.venv/bin/python bench/loop.py --json $(BENCH_OUT)/loop.json
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		.venv/bin/python bench/train_throughput.py gpu --out $(BENCH_OUT)/train; \
+	else \
+		.venv/bin/python bench/train_throughput.py cpu --out $(BENCH_OUT)/train; \
+	fi
