@@ -95,7 +95,7 @@ class GateConfig:
     max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
     max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
     max_doc_qa: int = _f(24, "Held-out document questions answered at most.")
-    batch_size: int = _f(4, "Sequences per forward pass / generation batch.")
+    batch_size: int = _f(8, "Sequences per forward pass / generation batch.")
     max_length: int = _f(1024, "Longest scored sequence in tokens (longer prompts are cut from the left).")
     samples: int = _f(4, "Answers per check shown side by side in the report.")
 
@@ -436,9 +436,11 @@ class Scorer:
                 mask[i, :len(seq)] = 1
             with torch.no_grad():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            # log p(token) = logit(token) - logsumexp(logits): no full log-softmax copy of the vocab-wide logits.
+            lf = logits[:, :-1].float()
             nxt = ids[:, 1:].to(self.device)
-            tok_lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            tok_lp = lf.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
+            del logits, lf
             for i, (c, t) in enumerate(batch):
                 lo = max(len(c) - 1, 0)  # position predicting the first target token
                 out.append((float(tok_lp[i, lo:lo + len(t) - (0 if c else 1)].sum()), len(t) - (0 if c else 1)))
@@ -869,7 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt used when serving")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weights dtype; the loop passes the serving dtype (scores use float32 log-softmax)")
     ns = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

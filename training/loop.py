@@ -330,10 +330,11 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         elif ev.get("event") == "error":
             eval_error.append(str(ev.get("error")))
 
+    device, dtype = _serving_precision(settings)
     cmd = [sys.executable, "-m", "training.evaluate", "--base-model", str(base_model), "--candidate",
            str(adapter_dir), "--candidate-name", "candidate", "--data", str(snapshot), "--out", str(eval_out),
-           "--gate", str(gate_path), "--threads", str(settings.train_threads),
-           "--system-prompt", settings.system_prompt]
+           "--gate", str(gate_path), "--threads", str(settings.train_threads), "--device", device,
+           "--dtype", dtype, "--system-prompt", settings.system_prompt]
     if parent_dir is not None:
         cmd += ["--baseline", str(parent_dir), "--baseline-name", str(parent)]
     if doc_qa is not None:
@@ -372,6 +373,17 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
 
 # ------------------------------------------------------------------------------------------ steps
+def _serving_precision(settings: Any) -> tuple[str, str]:
+    """Device and dtype the server generates with: the gate judges the candidate as it will serve."""
+    import torch
+
+    from assistant.models import resolve_device, resolve_dtype
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    return device.type, {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
 def _check_evaluable(snapshot: Path) -> None:
     from training.evaluate import EvalDataError, load_eval_set
 
