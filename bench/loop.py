@@ -10,10 +10,11 @@ What happens, all through the product's real entry points:
    the model without retrieval. Then `assistant serve` starts as its own process.
 2. Cycle 0 measures the base model: the users chat through the OpenAI-compatible API (questions from
    bench/loop_qa.json, default sampling with a fixed seed per request) and rate every answer by a
-   HIDDEN preference: they like answers that are short (at most `--like-words` words) and name the
-   product ("Lumen Desk"), and dislike the rest. A disliked answer gets a thumbs down and is edited
-   into the answer they wanted; a liked one gets a thumbs up. The examiners ask held-out questions
-   (paraphrases no user ever sent, plus facts no user asked about) greedily.
+   HIDDEN preference: they like answers that are short (at most `--like-words` words, and not cut off
+   by the token limit) and name the product ("Lumen Desk"), and dislike the rest. A disliked answer
+   gets a thumbs down and is edited into the answer they wanted; a liked one gets a thumbs up. The
+   examiners ask held-out questions (paraphrases no user ever sent, plus facts no user asked about)
+   greedily.
 3. The admin starts a retrain through the admin API (`POST /v1/admin/jobs`, the same job runner the
    console and the scheduler use: `training.loop.run_cycle`): teacher pairs from the documents (first
    cycle), a dataset snapshot, TRL SFT + DPO in a child process, the evaluation gate, registration,
@@ -58,9 +59,11 @@ def words(text: str) -> int:
     return len(re.findall(r"\w+", text))
 
 
-def liked(answer: str, max_words: int) -> bool:
-    """What the simulated users like. The loop never sees this rule, only their thumbs and edits."""
-    return PRODUCT in answer.lower() and 0 < words(answer) <= max_words
+def liked(answer: str, max_words: int, finish_reason: str | None = "stop") -> bool:
+    """What the simulated users like: short, names the product, and finished (an answer cut off by the
+    token limit is rambling however few words made it out). The loop never sees this rule, only their
+    thumbs and edits."""
+    return PRODUCT in answer.lower() and 0 < words(answer) <= max_words and finish_reason != "length"
 
 
 def grounded(answer: str, keys: list[list[str]]) -> bool:
@@ -213,7 +216,7 @@ def user_session(apis: dict[str, Api], qa: dict, cycle: int, args: argparse.Name
             started = time.perf_counter()
             out = api.chat(question, args.max_tokens, seed=1000 * cycle + 10 * ui + j)
             answer = out["choices"][0]["message"]["content"]
-            ok = liked(answer, args.like_words)
+            ok = liked(answer, args.like_words, out["choices"][0].get("finish_reason"))
             turns.append(Turn(name, question, answer, ok, grounded(answer, fact["keys"]),
                               out["usage"]["completion_tokens"], time.perf_counter() - started))
             mid = out["message_id"]
@@ -235,7 +238,8 @@ def examine(api: Api, who: str, qa: dict, args: argparse.Namespace) -> list[tupl
         started = time.perf_counter()
         r = api.chat(fact["heldout"], args.max_tokens, temperature=0)
         answer = r["choices"][0]["message"]["content"]
-        out.append((group, Turn(who, fact["heldout"], answer, liked(answer, args.like_words),
+        out.append((group, Turn(who, fact["heldout"], answer,
+                                liked(answer, args.like_words, r["choices"][0].get("finish_reason")),
                                 grounded(answer, fact["keys"]), r["usage"]["completion_tokens"],
                                 time.perf_counter() - started)))
     return out
