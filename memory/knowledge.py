@@ -433,31 +433,32 @@ class KnowledgeBase:
         vis = readable_by(user)
         index = self.lexical
         dense: list[tuple[str, float]] = []
-        texts: dict[str, str] = {}
-        metas: dict[str, dict[str, Any]] = {}
         sources = [(v, n) for v in vis if (n := index.count_visible([v])) > 0]
         if mode in ("hybrid", "dense") and sources:
             qvec = self.embedder.encode([query])
             for v, n in sources:
+                # Ids and distances only: texts and metadata are fetched for the final k, not 2 x 30 candidates.
                 res = self.collection_for(v).query(query_embeddings=qvec, n_results=min(candidates, n),
-                                                   include=["documents", "metadatas", "distances"])
-                for cid, text, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
-                                                 res["distances"][0], strict=True):
-                    if not index.has_doc(meta["doc_id"]):
-                        continue  # a document still being written, or half-written by a crash
-                    dense.append((cid, 1.0 - float(dist)))
-                    texts[cid], metas[cid] = text, meta
+                                                   include=["distances"])
+                for cid, dist in zip(res["ids"][0], res["distances"][0], strict=True):
+                    if index.has_doc(cid.rsplit(":", 1)[0]):  # else still being written, or half-written by a crash
+                        dense.append((cid, 1.0 - float(dist)))
             dense = sorted(dense, key=lambda x: x[1], reverse=True)[:candidates]
         lexical = index.search(query, vis, candidates) if mode in ("hybrid", "lexical") else []
         fused = self._fuse(dense, [(cid, score) for cid, score, _ in lexical], mode)[:k]
-        missing = [cid for cid, _ in fused if cid not in texts]
-        for v, _ in sources:
-            if not missing:
-                break
-            got = self.collection_for(v).get(ids=missing, include=["documents", "metadatas"])
+        by_vis: dict[str, list[str]] = {}
+        for cid, _ in fused:
+            v = index.visibility_of(cid)
+            if v is None or v not in vis:
+                raise KnowledgeError(f"retrieval returned chunk {cid} outside the user's scope")
+            by_vis.setdefault(v, []).append(cid)
+        texts: dict[str, str] = {}
+        metas: dict[str, dict[str, Any]] = {}
+        for v, ids in by_vis.items():
+            got = self.collection_for(v).get(ids=ids, include=["documents", "metadatas"])
             for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True):
                 texts[cid], metas[cid] = text, meta
-            missing = [cid for cid in missing if cid not in texts]
+        fused = [(cid, score) for cid, score in fused if cid in texts]  # deleted between ranking and fetching
         dense_of = dict(dense)
         lex_of = {cid: (score, cov) for cid, score, cov in lexical}
         hits = []

@@ -103,6 +103,7 @@ class LexicalIndex:
         self._pos_of: dict[str, int] = {}
         self._docs: dict[str, list[int]] = {}
         self._vis_code: dict[str, int] = {}
+        self._vis_names: list[str] = []
         self._alive = np.zeros(0, dtype=bool)
         self._dl = np.zeros(0, dtype=np.float32)
         self._vis = np.zeros(0, dtype=np.int32)
@@ -114,6 +115,13 @@ class LexicalIndex:
 
     def has_doc(self, doc_id: str) -> bool:
         return doc_id in self._docs
+
+    def visibility_of(self, chunk_id: str) -> str | None:
+        with self._lock:
+            pos = self._pos_of.get(chunk_id)
+            if pos is None:
+                return None
+            return self._vis_names[int(self._vis[pos])]
 
     def count_visible(self, visibilities: list[str]) -> int:
         """Live chunks with one of these visibilities."""
@@ -158,7 +166,10 @@ class LexicalIndex:
                 self._docs.setdefault(doc, []).append(p)
                 self._alive[p] = True
                 self._dl[p] = sum(counts.values())
-                self._vis[p] = self._vis_code.setdefault(vis, len(self._vis_code))
+                if vis not in self._vis_code:
+                    self._vis_code[vis] = len(self._vis_names)
+                    self._vis_names.append(vis)
+                self._vis[p] = self._vis_code[vis]
                 for term, n in counts.items():
                     t_ids.append(self._vocab.setdefault(term, len(self._vocab)))
                     p_ids.append(p)
