@@ -25,8 +25,9 @@ import pytest
 
 from assistant.config import Settings
 from memory.store import Store
+from tests.conftest import fast_password_hasher
 from tests.helpers import free_port
-from tests.test_security import gradio_event, make_user, product_env, serve_process
+from tests.test_security import gradio_event, product_env, serve_process
 from training.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +45,10 @@ class Deployment:
         self.env = product_env(tmp, None, ASSISTANT_EMBEDDER=str(embedder_dir), ASSISTANT_MAX_TOKENS_LIMIT="4096")
         self.settings = Settings.load(env={}, home=self.home, model=str(model_dir), embedder=str(embedder_dir))
         self.port = free_port()
-        self.user_key = make_user(self.home, self.env, "erin", "erin-password-1")
-        self.admin_key = make_user(self.home, self.env, "root", "root-password-1", admin=True)
+        # Users straight in the store with cheap argon2 parameters (the CLI path is tested elsewhere).
+        with self.store() as st:
+            self.user_key = st.create_api_key(st.create_user("erin", "erin-password-1").id)
+            self.admin_key = st.create_api_key(st.create_user("root", "root-password-1", role="admin").id)
 
     def serve(self):
         return serve_process(self.home, self.env, "--model", str(self.model_dir), port=self.port)
@@ -55,7 +58,8 @@ class Deployment:
 
     @contextlib.contextmanager
     def store(self):
-        s = Store.open(self.settings.db_url)
+        self.settings.ensure_dirs()
+        s = Store.open(self.settings.db_url, password_hasher=fast_password_hasher())
         try:
             yield s
         finally:
@@ -107,16 +111,23 @@ def kill9(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def after_restart(dep: Deployment, before: dict[str, list]) -> str:
-    """Restart checks shared by every fault: same committed rows, sound database, a working server."""
+@contextlib.contextmanager
+def restarted(dep: Deployment, before: dict[str, list]):
+    """Restart checks shared by every fault: same committed rows, a sound database, a server that
+    starts and answers with the adapter it says it serves. Yields (url, serving adapter)."""
     dep.check_sound()
     assert dep.committed() == before, "a committed turn or rating was lost or changed"
     with dep.serve() as (_, url):
         health = httpx.get(url + "/health").json()
         answer = chat(url, dep.auth(), "Are you back?")
         assert answer["message_id"] and answer["adapter"] == health["serving_adapter"]
+        yield url, health["serving_adapter"]
     dep.check_sound()
-    return health["serving_adapter"]
+
+
+def after_restart(dep: Deployment, before: dict[str, list]) -> str | None:
+    with restarted(dep, before) as (_, serving):
+        return serving
 
 
 @pytest.fixture
@@ -222,67 +233,66 @@ def test_kill_server_during_promotion(dep: Deployment, tiny_adapters):
 
 
 # ------------------------------------------------------------------------------------------ training
+# A long SFT run (killed long before its end) on a split that leaves the gate held-out rows.
+RETRAIN = {"train": {"max_steps": 500, "stages": ["sft"], "evals_per_epoch": 0},
+           "build": {"heldout_min_rows": 1000, "split_ratios": [0.4, 0.2, 0.4]}}
+
+
+def start_training(url: str, admin: dict) -> dict:
+    """Start a retrain through the admin API; returns the job once its training child is stepping."""
+    r = httpx.post(url + "/v1/admin/jobs", headers=admin, timeout=60, json=RETRAIN)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.time() + 300
+    while True:
+        job = httpx.get(url + f"/v1/admin/jobs/{job_id}", headers=admin).json()["job"]
+        if job["pid"] and job["progress"].get("phase") == "train" and job["progress"].get("step"):
+            assert "training.train" in Path(f"/proc/{job['pid']}/cmdline").read_bytes().decode(errors="replace")
+            return job
+        assert job["status"] in ("queued", "running"), job["error"]
+        assert time.time() < deadline, f"training never started: {job}"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
-def test_kill_training_process(dep: Deployment):
+def test_kill_training_process_then_the_server_during_training(dep: Deployment):
+    """kill -9 the training child: the job fails with a clear message, the server keeps serving and
+    nothing is registered. Then kill -9 the server while a second job trains: at restart the job is
+    marked failed (interrupted) and its orphaned training process is stopped."""
+    admin = dep.auth(admin=True)
     with dep.serve() as (proc, url):
         seed_turns(url, dep.auth(), n=8)
         before = dep.committed()
-        admin = dep.auth(admin=True)
-        r = httpx.post(url + "/v1/admin/jobs", headers=admin, timeout=60,
-                       json={"train": {"max_steps": 500, "stages": ["sft"], "evals_per_epoch": 0},
-                             "build": {"heldout_min_rows": 1000}, "auto_promote": True})
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        deadline = time.time() + 300
-        while True:
-            job = httpx.get(url + f"/v1/admin/jobs/{job_id}", headers=admin).json()["job"]
-            if job["pid"] and job["progress"].get("phase") == "train" and job["progress"].get("step"):
-                break
-            assert job["status"] in ("queued", "running"), job
-            assert time.time() < deadline, f"training never started: {job}"
-            time.sleep(0.5)
-        child = job["pid"]
-        assert "training.train" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
-        os.kill(child, signal.SIGKILL)
+        job = start_training(url, admin)
+        os.kill(job["pid"], signal.SIGKILL)
+        deadline = time.time() + 120
         while job["status"] in ("queued", "running"):
             assert time.time() < deadline, f"the job never noticed its training process died: {job}"
             time.sleep(0.5)
-            job = httpx.get(url + f"/v1/admin/jobs/{job_id}", headers=admin).json()["job"]
+            job = httpx.get(url + f"/v1/admin/jobs/{job['id']}", headers=admin).json()["job"]
         assert job["status"] == "failed"
         assert "kill" in job["error"].lower() or "signal" in job["error"].lower(), job["error"]
         adapters = httpx.get(url + "/v1/admin/adapters", headers=admin).json()
         assert adapters["versions"] == [] and adapters["serving"] is None
+        assert not [p for p in dep.settings.adapters_dir.iterdir() if not p.name.startswith(".")]
         # The server kept serving throughout and is not stuck with a "running" job.
         chat(url, dep.auth(), "Still there?")
         assert httpx.get(url + "/v1/admin/counts", headers=admin).json()["active_job"] is None
-        assert not [p for p in (dep.settings.adapters_dir).iterdir() if not p.name.startswith(".")]
         after = dep.committed()
-    assert set(before["messages"]) <= set(after["messages"]) and after["feedback"] == before["feedback"]
-    dep.check_sound()
+        assert set(before["messages"]) <= set(after["messages"]) and after["feedback"] == before["feedback"]
 
-
-@pytest.mark.slow
-def test_kill_server_during_training_recovers_the_job(dep: Deployment):
-    with dep.serve() as (proc, url):
-        seed_turns(url, dep.auth(), n=8)
-        admin = dep.auth(admin=True)
-        r = httpx.post(url + "/v1/admin/jobs", headers=admin, timeout=60,
-                       json={"train": {"max_steps": 500, "stages": ["sft"], "evals_per_epoch": 0},
-                             "build": {"heldout_min_rows": 1000}})
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        deadline = time.time() + 300
-        while not (job := httpx.get(url + f"/v1/admin/jobs/{job_id}", headers=admin).json()["job"])["pid"]:
-            assert time.time() < deadline
-            time.sleep(0.5)
+        second = start_training(url, admin)
         before = dep.committed()
         os.kill(proc.pid, signal.SIGKILL)  # the server only: its training child is orphaned
         proc.wait(timeout=30)
-    after_restart(dep, before)
-    with dep.serve() as (_, url):
-        job = httpx.get(url + f"/v1/admin/jobs/{job_id}", headers=dep.auth(admin=True)).json()["job"]
-    assert job["status"] == "failed" and "interrupted" in job["error"]
-    assert not Path(f"/proc/{job['pid'] or 0}").exists() if job["pid"] else True
+    with restarted(dep, before) as (url, _):
+        job = httpx.get(url + f"/v1/admin/jobs/{second['id']}", headers=admin).json()["job"]
+    assert job["status"] == "failed" and "interrupted" in job["error"], job
+    deadline = time.time() + 30
+    while Path(f"/proc/{second['pid']}").exists() and "training.train" in \
+            Path(f"/proc/{second['pid']}/cmdline").read_bytes().decode(errors="replace"):
+        assert time.time() < deadline, "the orphaned training process was not stopped"
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------ corrupt adapter
@@ -302,9 +312,8 @@ def test_corrupt_serving_adapter_is_refused(dep: Deployment, tiny_adapters):
     data[len(data) // 2: len(data) // 2 + 64] = os.urandom(64)
     weights.write_bytes(bytes(data))
 
-    serving = after_restart(dep, before)
-    assert serving is None, "a corrupt adapter must not serve; the server falls back to the base model"
-    with dep.serve() as (_, url):
+    with restarted(dep, before) as (url, serving):
+        assert serving is None, "a corrupt adapter must not serve; the server falls back to the base model"
         r = httpx.post(url + f"/v1/admin/adapters/{v1}/promote", headers=dep.auth(admin=True), json={"force": True})
         assert r.status_code == 409, r.text
         message = r.json()["error"]["message"]
@@ -360,6 +369,3 @@ def test_full_disk(tmp_path, tiny_model_dir, tiny_embedder_dir):
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
