@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(version.eval_dir / "report.png", ns.docs_out / "eval_report.png")
     # the copied markdown points at its plot
     md = (ns.docs_out / "eval_report.md").read_text(encoding="utf-8")
+    # Machine-specific paths say nothing to a reader of docs/.
+    md = md.replace(str(settings.datasets_dir), "<home>/datasets").replace(
+        str(Path(ns.model).parent) if ns.model else str(settings.models_dir), "<models>")
     title, _, rest = md.partition("\n")
     (ns.docs_out / "eval_report.md").write_text(f"{title}\n\n![evaluation](eval_report.png)\n{rest}", encoding="utf-8")
 
