@@ -224,7 +224,7 @@ class AdminActions:
         go, why = due(ls, loop_state(self.store), utcnow())
         sched = self.services.extras.get("scheduler")
         return {"settings": ls.to_dict(), "help": LoopSettings.help(), "due": go, "reason": why,
-                "scheduler_running": bool(sched and sched._thread and sched._thread.is_alive()),
+                "scheduler_running": bool(sched and sched.running),
                 "last_check": sched.last_check if sched else None}
 
     def set_schedule(self, user: User | None, changes: dict[str, Any]) -> dict[str, Any]:

@@ -237,8 +237,12 @@ class Scheduler:
         self.last_check = out
         return out
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> Scheduler:
-        if self._thread is not None and self._thread.is_alive():
+        if self.running:
             return self
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="retrain-scheduler")
