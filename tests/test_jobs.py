@@ -319,3 +319,27 @@ def test_too_little_data_fails_before_any_training(services) -> None:
     assert not (runner.job_dir(job.id) / "train").exists() and runner.events(job.id, kinds=("progress",)) == []
     assert [e.data["phase"] for e in runner.events(job.id, kinds=("phase",))] == ["dataset"]
     assert job.progress["phase"] == "failed"
+
+
+def test_start_loop_recovers_restores_and_ticks(services, learnable_tiny_model_dir, tmp_path) -> None:
+    from training.scheduler import start_loop
+
+    reg = Registry(services.settings, services.store)
+    v = reg.register(make_random_adapter(learnable_tiny_model_dir, tmp_path / "a", seed=3), gate="passed").name
+    reg.promote(v)  # recorded by another process: this server has not loaded it yet
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with write_transaction(services.store.engine) as conn:
+        conn.execute(training_jobs.insert().values(
+            kind="retrain", status="running", trigger="manual", params={}, result={}, cancel_requested=False,
+            progress={"runner": {"host": __import__("socket").gethostname(), "pid": dead.pid}},
+            created_at=utcnow(), heartbeat_at=utcnow()))
+    sched = start_loop(services, poll_s=0.2)
+    try:
+        assert runner_for(services).get(1).status == "failed"
+        assert services.chat.serving_adapter == v and services.backend.has_adapter(v)
+        assert services.extras["scheduler"] is sched and sched.running
+        wait_for(lambda: sched.last_check.get("reason") == "automatic retraining is off", timeout=30)
+    finally:
+        sched.stop()
+    assert not sched.running
