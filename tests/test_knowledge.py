@@ -408,6 +408,23 @@ def test_onnx_export_gives_the_torch_vectors_and_survives_a_damaged_file(tiny_se
     assert _onnx_session(fresh, tmp_path) is not None  # and exports again next time
 
 
+@pytest.mark.slow
+def test_int8_embedder_is_close_to_fp32_and_never_falls_back(tmp_path: Path):
+    import numpy as np
+
+    from memory.embedder import EMBEDDED_INT8
+
+    with pytest.raises(EmbedderUnavailable, match="needs the onnx and onnxruntime packages and a cache folder"):
+        get_embedder(EMBEDDED_INT8)  # no cache folder: torch would give other vectors, so it refuses
+    int8 = get_embedder(EMBEDDED_INT8, tmp_path)
+    fp32 = get_embedder("embedded:all-minilm-l6-v2", tmp_path)
+    assert int8.backend == "onnxruntime" and int8.spec != fp32.spec
+    texts = [line for line in VPN_NOTE.decode().splitlines() if line] + ["Wer ist der Datenschutzbeauftragte?"]
+    cos = (int8.encode(texts) * fp32.encode(texts)).sum(axis=1)
+    assert 0.98 <= float(np.min(cos)) < 0.99999  # close, but a different vector space
+    assert sorted(p.name.endswith("-int8.onnx") for p in tmp_path.glob("*.onnx")) == [False, True]
+
+
 def test_index_built_with_another_embedder_is_refused(kb: KnowledgeBase, tiny_settings: Settings, tmp_path: Path):
     kb.ingest(ALICE, "vpn.md", VPN_NOTE)
     alias = tmp_path / "same-model-other-name"
