@@ -745,8 +745,11 @@ def plot_report(r: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{label}\n({better} is better)", fontsize=9)
         for i, v in enumerate(vals):
             ax.annotate(_fmt(v), (i, v or 0), ha="center", va="bottom", fontsize=7)
-        if key in ("general_ppl",) and all(v for v in vals):
-            ax.set_yscale("log")
+        positive = [v for v in vals if v]
+        if key == "general_ppl" and len(positive) == len(vals) and max(positive) / min(positive) > 20:
+            ax.set_yscale("log")  # a wrecked model's perplexity is orders of magnitude off the chart
+        else:
+            ax.set_ylim(bottom=0)  # small differences must look small
     verdict = "PROMOTE" if r["decision"]["passed"] else "REJECT"
     fig.suptitle(f"{Path(r['candidate']).name} vs {r['baseline'] or 'base model'}: {verdict}", fontsize=11)
     fig.tight_layout()
