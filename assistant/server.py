@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,5 +106,9 @@ def serve(settings: Settings) -> None:
     app = create_app(services)
     # Recover jobs a crash left running, load the recorded serving adapter, start the (opt-in) scheduler.
     start_loop(services)
+    knowledge = services.extras.get("knowledge")
+    if knowledge is not None:
+        # The embedder and the lexical index load beside start-up, so the first question doesn't wait.
+        threading.Thread(target=knowledge.warm, name="warm-knowledge", daemon=True).start()
     log.warning("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
