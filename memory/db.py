@@ -77,6 +77,8 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
                 # NORMAL is the documented safe pairing with WAL: no corruption, fewer fsyncs.
                 cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            # Deleted conversations and forgotten memories are overwritten on disk, not left in free pages.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         finally:
             cur.close()
