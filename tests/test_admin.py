@@ -263,7 +263,7 @@ def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) 
 
     def watched():
         out = run("admin_watch", job_id)
-        return out if len(out[2]) else None  # the loss curve has points
+        return out if out[2] is not None and len(out[2]) else None  # the loss curve has points
 
     deadline = time.monotonic() + 240
     view = None

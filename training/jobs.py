@@ -190,10 +190,11 @@ class JobRunner:
         points = []
         for ev in self.events(job_id, kinds=("progress",)):
             d = ev.data
-            for key in ("loss", "eval_loss"):
-                if isinstance(d.get(key), int | float):
-                    points.append({"step": d.get("step"), "value": d[key], "series": f"{d.get('stage', '')} {key}"
-                                   .strip(), "stage": d.get("stage")})
+            # Training lines carry the latest eval loss too; it is plotted only where it was measured.
+            key = "eval_loss" if d.get("event") == "eval" else "loss"
+            if isinstance(d.get(key), int | float):
+                points.append({"step": d.get("step"), "value": d[key], "series": f"{d.get('stage', '')} {key}".strip(),
+                               "stage": d.get("stage")})
         return points
 
     def job_dir(self, job_id: int) -> Path:

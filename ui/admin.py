@@ -124,9 +124,14 @@ def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> di
             "curve": _curve(d["loss_curve"]), "log": d["log"]}
 
 
-def _curve(points: list[dict]) -> pd.DataFrame:
+def _curve(points: list[dict]) -> pd.DataFrame | None:
+    """The loss points as the plot's frame; None (an empty plot) until there are any.
+
+    Not an empty DataFrame: Gradio 6.31's LinePlot that first received an empty frame draws no lines
+    for later frames of the same session (seen in Chromium), while one that starts from None does.
+    """
     if not points:
-        return pd.DataFrame({"step": [], "value": [], "series": []})
+        return None
     return pd.DataFrame([{"step": p["step"], "value": p["value"], "series": p["series"]} for p in points])
 
 
@@ -255,7 +260,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         job_id = gr.Number(None, label="Job", precision=0, interactive=True)
     bar = gr.HTML(progress_html(0, ""))
     status_md = gr.Markdown()
-    curve = gr.LinePlot(_curve([]), x="step", y="value", color="series", title="Training loss", height=260)
+    curve = gr.LinePlot(None, x="step", y="value", color="series", title="Training loss", height=260)
     log_box = gr.Textbox(label="Log (tail)", lines=8, max_lines=16, autoscroll=True)
     timer = gr.Timer(2.0, active=False)
     jobs_df = gr.Dataframe(headers=JOB_COLUMNS, label="Job history (select a row to watch it)", interactive=False)
