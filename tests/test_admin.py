@@ -21,7 +21,9 @@ from training.registry import Registry
 from training.scheduler import load_loop_settings
 from ui import admin as ui_admin
 
-LONG = {"train": {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0}, "build": {"replay_ratio": 0.0}}
+# Runs until it is stopped; a large test share so the few conversations leave held-out rows.
+LONG = {"train": {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0},
+        "build": {"replay_ratio": 0.0, "split_ratios": [0.5, 0.1, 0.4]}}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def people(server: ServerThread) -> dict:
     store = server.services.store
     root = store.create_user("root", "root-password-1", role="admin")
     bob = store.create_user("bob", "bob-password-1")
-    for country, city in [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo")] * 3:
+    for country, city in [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+                          ("Egypt", "Cairo"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi"),
+                          ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens")]:
         conv = store.create_conversation(bob.id, country)
         _, a = store.add_turn(conv.id, f"What is the capital of {country}?", "No idea.")
         store.add_edit(bob.id, a.id, f"The capital of {country} is {city}.")

@@ -37,6 +37,7 @@ BUILD = {"split_ratios": [0.6, 0.1, 0.3], "heldout_min_rows": 10, "replay_ratio"
 QUICK = {"max_steps": 10, "sft_learning_rate": 1e-2, "dpo_learning_rate": 1e-3, "evals_per_epoch": 1,
          "lora_r": 16, "lora_alpha": 32}
 LONG = {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0}  # runs until it is stopped
+SMALL_BUILD = {"replay_ratio": 0.0, "split_ratios": [0.5, 0.1, 0.4]}  # a dozen conversations still leave held-out rows
 
 
 def seed_feedback(store, n: int = len(CAPITALS)) -> None:
@@ -131,7 +132,7 @@ def test_scheduler_starts_a_cycle_that_trains_evaluates_registers_and_promotes(s
 def test_one_job_at_a_time_even_across_processes(services) -> None:
     seed_feedback(services.store, 12)
     runner = runner_for(services)
-    job = runner.start({"train": LONG, "build": {"replay_ratio": 0.0}}, requested_by="root")
+    job = runner.start({"train": LONG, "build": SMALL_BUILD}, requested_by="root")
     other_process = JobRunner(services)  # a CLI beside the server: same database, different runner
     with pytest.raises(JobBusy, match=f"job {job.id} is (queued|running)"):
         other_process.start({}, requested_by="bob")
@@ -160,7 +161,7 @@ def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services,
                            gate="passed").name
     reg.promote(serving, services)
     runner = runner_for(services)
-    job = runner.start({"train": LONG, "build": {"replay_ratio": 0.0}}, requested_by="root")
+    job = runner.start({"train": LONG, "build": SMALL_BUILD}, requested_by="root")
     pid = training_child(runner, job.id)
     os.kill(pid, signal.SIGKILL)
     done = runner.wait(job.id, timeout=120)
@@ -183,6 +184,8 @@ def test_start_up_recovery_marks_orphaned_jobs_failed_and_stops_their_child(serv
     # an orphaned "training process": its command line names training.train, in its own group
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "training.train"],
                               start_new_session=True)
+    # Until the child has exec'd, its /proc cmdline is still ours: recovery rightly leaves such a pid alone.
+    wait_for(lambda: b"training.train" in Path(f"/proc/{orphan.pid}/cmdline").read_bytes(), timeout=30, every=0.02)
     host = __import__("socket").gethostname()
     with write_transaction(services.store.engine) as conn:
         conn.execute(training_jobs.insert().values(
