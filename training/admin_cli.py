@@ -126,9 +126,8 @@ def train(
 def _follow(runner: Any, job_id: int, quiet: bool) -> Any:
     """Wait for the job, printing phases and training progress on stderr."""
     seen = 0
-    thread = runner._threads.get(job_id)
-    while thread is not None and thread.is_alive():
-        thread.join(1.0)
+    while runner.running_here(job_id):
+        runner.wait(job_id, timeout=1.0)
         for ev in runner.events(job_id, since_id=seen):
             seen = ev.id
             if quiet:

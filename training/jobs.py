@@ -258,6 +258,11 @@ class JobRunner:
             t.start()
         return self.get(job_id)
 
+    def running_here(self, job_id: int) -> bool:
+        """Whether this process runs the job (its thread is alive)."""
+        t = self._threads.get(job_id)
+        return t is not None and t.is_alive()
+
     def wait(self, job_id: int, timeout: float | None = None) -> Job:
         t = self._threads.get(job_id)
         if t is not None:
@@ -371,7 +376,7 @@ class JobRunner:
         now = utcnow()
         recovered = []
         for job in [j for j in self.list(limit=1000) if j.active]:
-            if job.id in self._threads and self._threads[job.id].is_alive():
+            if self.running_here(job.id):
                 continue  # ours, alive
             runner = job.progress.get("runner") or {}
             same_host = runner.get("host") == me
