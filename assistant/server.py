@@ -52,6 +52,9 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)  # knowledge base, memories, registry...
 
     def close(self) -> None:
+        scheduler = self.extras.get("scheduler")
+        if scheduler is not None:
+            scheduler.stop()
         close_backend = getattr(self.backend, "close", None)  # the OpenAI backend holds no thread
         if close_backend is not None:
             close_backend()
