@@ -29,7 +29,7 @@ bench: setup
 	.venv/bin/python bench/chat_latency.py
 	.venv/bin/python bench/retrieval.py quality
 	.venv/bin/python bench/retrieval.py scale
-	.venv/bin/python bench/datasets.py
+	.venv/bin/python bench/training_data.py
 	.venv/bin/python bench/cycle.py --docs-out $(BENCH_OUT) --json $(BENCH_OUT)/cycle.json
 	.venv/bin/python bench/load.py --json $(BENCH_OUT)/load.json
 	.venv/bin/python bench/loop.py --json $(BENCH_OUT)/loop.json

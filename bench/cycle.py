@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as `python bench/cycle.py`, Python puts bench/ first on the path, where bench/datasets.py would
-# shadow the `datasets` package; the project root goes there instead.
+# Run as `python bench/cycle.py`, Python puts bench/ first on the path; the project root goes there instead
+# (so `import training` works without an install and no bench script can shadow a package).
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),

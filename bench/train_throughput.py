@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--steps", type=int, required=True)
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Run as a script, bench/ is sys.path[0], and bench/datasets.py would shadow the `datasets` package.
+    # Run as a script, bench/ is sys.path[0]; keep bench scripts from shadowing installed packages.
     here = Path(__file__).resolve().parent
     sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != here]
     return {"gpu": gpu_main, "scaling": scaling_main, "cpu": cpu_main, "cpu-ab": cpu_ab_main, "verify": verify_main,

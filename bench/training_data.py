@@ -7,9 +7,9 @@
 2. Teacher: the self-teacher on the embedded SmolLM2-135M (the serving runtime backend, 1 thread)
    over the documents in tests/data/docs; pairs per minute and accepted pairs per minute.
 
-    .venv/bin/python bench/datasets.py                       # both (teacher part takes a few minutes)
-    .venv/bin/python bench/datasets.py --skip-teacher --turns 100000
-    .venv/bin/python bench/datasets.py --skip-build --questions 3 --candidates 4 --dump /tmp/pairs.json
+    .venv/bin/python bench/training_data.py                       # both (teacher part takes a few minutes)
+    .venv/bin/python bench/training_data.py --skip-teacher --turns 100000
+    .venv/bin/python bench/training_data.py --skip-build --questions 3 --candidates 4 --dump /tmp/pairs.json
 
 Prints a JSON summary and a markdown table to paste into docs/benchmarks.md.
 """
