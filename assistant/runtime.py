@@ -443,7 +443,8 @@ class _Adapter:
 class TransformersBackend:
     """The base model and its LoRA adapters in this process (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, settings: Settings, model_name: str | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: Settings, model_name: str | None = None,
+                 worker: ThreadPoolExecutor | None = None) -> None:
         self.model_name = model_name or settings.served_model_name
         self.settings = settings
         self.tokenizer = tokenizer
@@ -458,7 +459,11 @@ class TransformersBackend:
         # thread), presumably because per-thread GPU library state starts cold in every new thread.
         # Executor threads are joined at interpreter exit, not killed: a daemon thread killed while
         # it frees tensors aborts the process ("terminate called without an active exception").
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # On CPU the same thread also does every other parallel torch op on the model (loading it,
+        # adapters): each thread that runs one gets its own OpenMP team, and once there are more
+        # team threads than cores libgomp stops spin-waiting between regions. On 2 cores with 2
+        # threads that took decoding from 44-50 to 33 tok/s for good (bench/chat_latency.py).
+        self._worker = worker or ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._ids = itertools.count()
         self._meta_lock = threading.Lock()  # guards _adapters between the gate and readers
         self.context_length: int | None = getattr(model.config, "max_position_embeddings", None)
@@ -472,8 +477,10 @@ class TransformersBackend:
     def from_settings(cls, settings: Settings, progress: bool = True) -> TransformersBackend:
         from assistant.models import load_model, prepare_model
 
-        loaded = load_model(settings, prepare_model(settings, progress=progress))
-        return cls(loaded.model, loaded.tokenizer, settings)
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # on the generation thread (see __init__), conversion included
+        loaded = worker.submit(lambda: load_model(settings, prepare_model(settings, progress=progress))).result()
+        return cls(loaded.model, loaded.tokenizer, settings, worker=worker)
 
     def close(self) -> None:
         """Stop the generation thread after the generation in flight (if any). Optional: it also
@@ -500,12 +507,12 @@ class TransformersBackend:
         config = self._check_adapter_files(path)
         internal = f"a{next(self._ids)}"
         with self._gate.held(priority=True):
-            self._inject(internal, path, config)
+            self._worker.submit(self._inject, internal, path, config).result()
             with self._meta_lock:
                 old = self._adapters.get(name)
                 self._adapters[name] = _Adapter(internal, path)
             if old is not None:
-                self._delete_internal(old.internal)
+                self._worker.submit(self._delete_internal, old.internal).result()
 
     def unload_adapter(self, name: str) -> None:
         if not self.has_adapter(name):  # fail fast, without waiting for the model
@@ -515,7 +522,7 @@ class TransformersBackend:
                 entry = self._adapters.pop(name, None)
             if entry is None:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
-            self._delete_internal(entry.internal)
+            self._worker.submit(self._delete_internal, entry.internal).result()
 
     def _check_adapter_files(self, path: Path) -> Any:
         # Read and check everything before taking the model, so a bad folder fails fast and never
@@ -534,7 +541,10 @@ class TransformersBackend:
             raise AdapterLoadError(f"adapter {path} is not a LoRA-style adapter ({config.peft_type})")
         if not weights:
             raise AdapterLoadError(f"adapter {path} holds no weights")
-        bad = [k for k, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        def nonfinite() -> list[str]:
+            return [k for k, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+
+        bad = self._worker.submit(nonfinite).result()  # a parallel torch op: on the generation thread
         if bad:  # a diverged training run; on CUDA it would kill the process's GPU context when sampling
             raise AdapterLoadError(f"adapter {path} has NaN/Inf weights ({len(bad)} tensors, e.g. {bad[0]})")
         config.inference_mode = True

@@ -2,7 +2,11 @@
 
 Same prompts, same greedy settings, same thread count. First the raw model in this process (a
 streamer that only records token times), then `assistant serve` as a separate process measured with
-the official `openai` client streaming over HTTP. Prints a table; paste it into docs/benchmarks.md.
+the official `openai` client streaming over HTTP. The server's agent runs as in production (memory
+recall, the document router); with no documents or memories it sends the plain system prompt, so both
+paths feed the model the same tokens, which the script checks (prompt tokens, answer tokens).
+Each path gets one untimed warm-up request first (the server's is reported on its own line: it may
+still overlap the background embedder warm-up). Prints a table; paste it into docs/benchmarks.md.
 
     .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3]
 """
@@ -32,7 +36,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def raw_run(settings, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int]]:
+def raw_run(settings, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int, int]]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -56,24 +60,23 @@ def raw_run(settings, threads: int, max_tokens: int, repeats: int) -> list[tuple
             pass
 
     out = []
-    for _ in range(repeats):
-        for p in PROMPTS:
-            msgs = [{"role": "system", "content": settings.system_prompt}, {"role": "user", "content": p}]
-            enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True).to(device)
-            clock = Clock()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                model.generate(**enc, streamer=clock, max_new_tokens=max_tokens, do_sample=False,
-                               pad_token_id=tok.pad_token_id)
-            n = len(clock.times)
-            ttft = clock.times[0] - t0
-            decode = (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0
-            out.append((ttft, decode, n))
-    return out
+    for p in [PROMPTS[0]] + PROMPTS * repeats:  # the first one warms up and is dropped
+        msgs = [{"role": "system", "content": settings.system_prompt}, {"role": "user", "content": p}]
+        enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True).to(device)
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**enc, streamer=clock, max_new_tokens=max_tokens, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        n = len(clock.times)
+        ttft = clock.times[0] - t0
+        decode = (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0
+        out.append((ttft, decode, n, int(enc["input_ids"].shape[1])))
+    return out[1:]
 
 
-def api_run(home: Path, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int]]:
+def api_run(home: Path, threads: int, max_tokens: int, repeats: int) -> list[tuple[float, float, int, int]]:
     import httpx
     import openai
 
@@ -99,22 +102,24 @@ def api_run(home: Path, threads: int, max_tokens: int, repeats: int) -> list[tup
         print(f"server ready in {time.perf_counter() - t_start:.1f} s")
         client = openai.OpenAI(base_url="http://127.0.0.1:8765/v1", api_key=key, max_retries=0)
         out = []
-        for _ in range(repeats):
-            for p in PROMPTS:
-                t0 = time.perf_counter()
-                times, n = [], 0
-                for chunk in client.chat.completions.create(
-                        model="assistant", stream=True, temperature=0, max_tokens=max_tokens,
-                        messages=[{"role": "user", "content": p}]):
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        times.append(time.perf_counter())
-                    if chunk.usage:
-                        n = chunk.usage.completion_tokens
-                ttft = times[0] - t0
-                # text pieces arrive at word boundaries, so rate = tokens after the first / time span
-                decode = (n - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-                out.append((ttft, decode, n))
-        return out
+        for i, p in enumerate([PROMPTS[0]] + PROMPTS * repeats):
+            t0 = time.perf_counter()
+            times, n, prompt_tokens = [], 0, 0
+            for chunk in client.chat.completions.create(
+                    model="assistant", stream=True, temperature=0, max_tokens=max_tokens,
+                    messages=[{"role": "user", "content": p}]):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    times.append(time.perf_counter())
+                if chunk.usage:
+                    n, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
+            ttft = times[0] - t0
+            # The server sends a piece per token that adds text (the end-of-sequence token adds none), so
+            # the rate counts pieces after the first over their time span: never more than the tokens.
+            decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+            if i == 0:
+                print(f"first request after /health (warm-up, not in the table): TTFT {ttft * 1000:.0f} ms")
+            out.append((ttft, decode, n, prompt_tokens))
+        return out[1:]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -153,6 +158,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(row("raw model.generate", raw))
     print(row("API (openai client, streaming)", api))
+    same = [r[2:] == a[2:] for r, a in zip(raw, api, strict=True)]
+    print(f"same prompt and answer length (tokens) on both paths: {sum(same)}/{len(same)} requests")
     ttft_over = statistics.median(a[0] for a in api) * 1000 - statistics.median(r[0] for r in raw) * 1000
     ratio = statistics.median(a[1] for a in api) / statistics.median(r[1] for r in raw)
     print(f"\nTTFT overhead p50: {ttft_over:.0f} ms (target <= 50); decode API/raw: {ratio:.1%} (target >= 95%)")

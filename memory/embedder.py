@@ -20,6 +20,7 @@ Without the `onnx` package (needed only to export) or a `cache_dir`, torch is us
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -27,6 +28,7 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,32 +192,57 @@ def get_embedder(spec: str = EMBEDDED_EMBEDDER, cache_dir: Path | None = None) -
     with _lock:
         if spec in _cache:
             return _cache[spec]
-        path = resolve(spec)
-        try:
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(path, device="cpu")
-        except (OSError, ValueError) as exc:
-            where = "folder" if Path(path).exists() else "hub id (is a hub reachable? HF_HUB_OFFLINE=1 here?)"
-            raise EmbedderUnavailable(f"cannot load embedding model {spec!r} as a {where}: {exc}") from exc
-        model.eval()
-        # The backend tokenizer carries sentence-transformers' truncation/padding state; a copy
-        # without them gives exact token counts and character offsets for whole documents.
-        tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
-        tok.no_truncation()
-        tok.no_padding()
-        emb = Embedder(spec=spec, path=path, model=model, tokenizer=tok)
-        if spec == EMBEDDED_INT8:
-            # No torch fallback here: torch computes the fp32 vectors, another space than this spec promises.
-            if cache_dir is None or not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
-                raise EmbedderUnavailable(f"{spec} needs the onnx and onnxruntime packages and a cache folder")
-            emb.session = _onnx_session(emb, Path(cache_dir), int8=True)
-            if emb.session is None:
-                raise EmbedderUnavailable(f"{spec}: the int8 model could not be built or failed its check; see the log")
-        elif cache_dir is not None and Path(path).is_dir() and _mean_pooled(model):
-            emb.session = _onnx_session(emb, Path(cache_dir))
+        with _one_torch_thread() as threads:
+            emb = _load(spec, cache_dir, threads)
         _cache[spec] = emb
         return emb
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[int]:
+    """Run torch single-threaded in this thread for a while; yields the thread count it had.
+
+    Loading, exporting and checking the embedder run torch in whatever thread first needs it. With
+    more than one torch thread that thread gets its own OpenMP team beside the generation thread's,
+    and two teams on two cores made the chat model decode 33% slower for the life of the process.
+    One thread never starts a team. ONNX Runtime has its own thread pool and gets the real count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _load(spec: str, cache_dir: Path | None, threads: int) -> Embedder:
+    path = resolve(spec)
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(path, device="cpu")
+    except (OSError, ValueError) as exc:
+        where = "folder" if Path(path).exists() else "hub id (is a hub reachable? HF_HUB_OFFLINE=1 here?)"
+        raise EmbedderUnavailable(f"cannot load embedding model {spec!r} as a {where}: {exc}") from exc
+    model.eval()
+    # The backend tokenizer carries sentence-transformers' truncation/padding state; a copy
+    # without them gives exact token counts and character offsets for whole documents.
+    tok = copy.deepcopy(model.tokenizer.backend_tokenizer)
+    tok.no_truncation()
+    tok.no_padding()
+    emb = Embedder(spec=spec, path=path, model=model, tokenizer=tok)
+    if spec == EMBEDDED_INT8:
+        # No torch fallback here: torch computes the fp32 vectors, another space than this spec promises.
+        if cache_dir is None or not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+            raise EmbedderUnavailable(f"{spec} needs the onnx and onnxruntime packages and a cache folder")
+        emb.session = _onnx_session(emb, Path(cache_dir), threads, int8=True)
+        if emb.session is None:
+            raise EmbedderUnavailable(f"{spec}: the int8 model could not be built or failed its check; see the log")
+    elif cache_dir is not None and Path(path).is_dir() and _mean_pooled(model):
+        emb.session = _onnx_session(emb, Path(cache_dir), threads)
+    return emb
 
 
 def _mean_pooled(model: Any) -> bool:
@@ -231,7 +258,7 @@ def _fingerprint(folder: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _onnx_session(emb: Embedder, cache_dir: Path, int8: bool = False) -> Any:
+def _onnx_session(emb: Embedder, cache_dir: Path, threads: int | None = None, int8: bool = False) -> Any:
     """An ONNX Runtime session equivalent to the torch transformer, or None (then torch is used).
 
     With `int8`, the exported model's weights are quantised to int8 (dynamic, per channel) and the
@@ -263,7 +290,8 @@ def _onnx_session(emb: Embedder, cache_dir: Path, int8: bool = False) -> Any:
             os.replace(tmp, quantized)
         target = quantized
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()  # follow the process's thread budget (settings.torch_threads)
+    # the process's thread budget (settings.torch_threads)
+    opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     opts.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(target), opts, providers=["CPUExecutionProvider"])

@@ -94,10 +94,12 @@ def test_prompt_quotes_documents_and_memories_as_data(agent: Agent, parts, users
     assert normalize_messages(p.messages, "unused") == p.messages
 
 
-def test_nothing_retrieved_means_the_plain_question(agent: Agent, users):
+def test_nothing_retrieved_means_the_plain_question(agent: Agent, users, tiny_settings: Settings):
     alice, _, _ = users
     p = agent.prepare(alice, [], "hi")
     assert p.messages[-1] == {"role": "user", "content": "hi"}
+    # no data, no rules about data: the plain system prompt, as without the agent
+    assert p.messages[0] == {"role": "system", "content": tiny_settings.system_prompt}
     assert p.sources == [] and p.memories == [] and tools_used(p) == ["recall"]
 
 
