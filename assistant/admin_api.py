@@ -103,7 +103,8 @@ class AdminActions:
         from training.dataset_build import build_datasets
         from training.loop import build_options
 
-        result = build_datasets(self.store, self.settings, build_options(options))
+        result = build_datasets(self.store, self.settings, build_options(options),
+                                knowledge=self.services.extras.get("knowledge"))
         return {"name": result.version, "counts": result.manifest.get("counts", {})}
 
     def _snapshot(self, name: str) -> Path:

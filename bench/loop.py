@@ -4,26 +4,35 @@
 
 What happens, all through the product's real entry points:
 
-1. A fresh home. Simulated users, an admin and two examiners are created; the documents of
-   tests/data/docs are ingested privately for each simulated user, the admin (the teacher reads them)
-   and the "open-book" examiner. The "closed-book" examiner has no documents, so its questions reach
-   the model without retrieval. Then `assistant serve` starts as its own process.
+1. A fresh home. Simulated users, an admin and an examiner are created; the admin ingests the documents
+   of tests/data/docs once, as the team's SHARED documents, so every account (the users, the examiner,
+   the teacher reading as the admin) retrieves from them. Shared, not private copies: the dataset builder
+   puts retrieved passages into training prompts from shared documents only (a user's private document
+   never reaches the shared adapter), so only shared documents exercise that path. Then `assistant
+   serve` starts as its own process.
 2. Cycle 0 measures the base model: the users chat through the OpenAI-compatible API (questions from
    bench/loop_qa.json, default sampling with a fixed seed per request) and rate every answer by a
    HIDDEN preference: they like answers that are short (at most `--like-words` words, and not cut off
    by the token limit) and name the product ("Lumen Desk"), and dislike the rest. A disliked answer
    gets a thumbs down and is edited into the answer they wanted; a liked one gets a thumbs up. The
-   examiners ask held-out questions (paraphrases no user ever sent, plus facts no user asked about)
-   greedily.
+   "open-book" examiner asks held-out questions (paraphrases no user ever sent, plus facts no user asked
+   about) greedily through the API, with retrieval from the shared documents. The same questions are then
+   asked closed-book, IN-PROCESS: every account sees the shared documents, so through the API the router
+   would retrieve for any asker. Once the API measurements of the cycle are done (the server is idle),
+   the bench loads the model the server uses plus the adapter serving now (serving weights), and
+   generates greedily with the plain system prompt and the question alone: the prompt the server sends
+   when nothing is retrieved.
 3. The admin starts a retrain through the admin API (`POST /v1/admin/jobs`, the same job runner the
    console and the scheduler use: `training.loop.run_cycle`): teacher pairs from the documents (first
    cycle), a dataset snapshot, TRL SFT + DPO in a child process, the evaluation gate, registration,
    promotion with a hot swap if the gate passes.
-4. The same users chat again (cycle 1, 2...), the examiners ask again.
+4. The same users chat again (cycle 1, 2...), the held-out questions are asked again (open-book through
+   the API, closed-book in-process).
 
 Reported per cycle: the users' like rate, the like rate on the held-out questions, grounded-answer
 accuracy on held-out questions with retrieval and closed-book (a question counts when the answer holds
-one alternative of every key-fact group), the general-ability suite of the gate (general_qa keyword
+one alternative of every key-fact group; closed-book is measured in-process on the serving weights with
+the plain system prompt, see 2.), the general-ability suite of the gate (general_qa keyword
 score and general_ppl, candidate against base), the gate's decision and the cycle time. A markdown
 table goes to stdout, a plot to `<out>/loop.png`, every number to `--json`.
 """
@@ -46,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python bench/loop.py` puts bench/ first on the path, where bench/datasets.py would shadow `datasets`.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 QA_FILE = Path(__file__).with_name("loop_qa.json")
@@ -153,7 +161,11 @@ def prepare_model(cache: Path) -> Path:
 
 
 def setup_home(home: Path, users: int) -> dict[str, str]:
-    """Accounts (API keys by role) and private copies of the documents for those who may read them."""
+    """Accounts (API keys by role) and the team's shared documents, ingested once by the admin.
+
+    Shared because the dataset builder puts retrieved passages into training prompts from shared documents
+    only (a private document never reaches the shared adapter); every account retrieves from them.
+    """
     from argon2 import PasswordHasher
 
     from assistant.config import Settings
@@ -165,17 +177,16 @@ def setup_home(home: Path, users: int) -> dict[str, str]:
     # Cheap hashes: the bench talks with API keys only.
     store = Store.open(settings.db_url, password_hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     keys: dict[str, str] = {}
-    readers = []
-    for name, role in ([("admin", "admin"), ("open-book", "user"), ("closed-book", "user")]
-                       + [(f"user{i}", "user") for i in range(users)]):
+    admin = None
+    # No closed-book account: every account sees the shared documents (see `closed_book`).
+    for name, role in [("admin", "admin"), ("open-book", "user")] + [(f"user{i}", "user") for i in range(users)]:
         u = store.create_user(f"loop-{name}", f"loop-password-{name}", role=role)
         keys[name] = store.create_api_key(u.id)
-        if name != "closed-book":
-            readers.append(u)
+        if name == "admin":
+            admin = u
     kb = KnowledgeBase(settings)
-    for u in readers:
-        for doc in sorted((ROOT / "tests" / "data" / "docs").glob("*.md")):
-            kb.ingest_path(u, doc, scope="private")
+    for doc in sorted((ROOT / "tests" / "data" / "docs").glob("*.md")):
+        kb.ingest_path(admin, doc, scope="shared")
     kb.close()
     store.close()
     return keys
@@ -231,11 +242,14 @@ def user_session(apis: dict[str, Api], qa: dict, cycle: int, args: argparse.Name
     return turns
 
 
+def heldout_items(qa: dict) -> list[tuple[str, dict]]:
+    return [("paraphrase", f) for f in qa["trained"]] + [("unseen", f) for f in qa["unseen"]]
+
+
 def examine(api: Api, who: str, qa: dict, args: argparse.Namespace) -> list[tuple[str, Turn]]:
     """Held-out questions, greedy: (group, turn) with group "paraphrase" or "unseen"."""
-    items = [("paraphrase", f) for f in qa["trained"]] + [("unseen", f) for f in qa["unseen"]]
     out = []
-    for group, fact in items:
+    for group, fact in heldout_items(qa):
         started = time.perf_counter()
         r = api.chat(fact["heldout"], args.max_tokens, temperature=0)
         answer = r["choices"][0]["message"]["content"]
@@ -246,15 +260,66 @@ def examine(api: Api, who: str, qa: dict, args: argparse.Namespace) -> list[tupl
     return out
 
 
+def closed_book(home: Path, model: str, serving: str | None, qa: dict,
+                args: argparse.Namespace) -> list[tuple[str, Turn]]:
+    """The held-out questions closed-book, in this process, on the serving weights.
+
+    Not through the API: the documents are shared, so the router would retrieve for any account. Called
+    after the cycle's API measurements, while the server is idle. The prompt is the one the server sends
+    when nothing is retrieved: the plain system prompt, then the question. The model is loaded for this
+    call and released after it, so nothing stays in memory while the next cycle trains.
+    """
+    import torch
+
+    from assistant.config import Settings
+    from assistant.runtime import GenerationSettings, TransformersBackend
+
+    settings = Settings.load(env={}, home=home, model=model, torch_threads=args.threads,
+                             device="cuda" if args.gpu else None)
+    torch.set_num_threads(args.threads)
+    adapter_dir = None
+    if serving is not None:
+        from memory.store import Store
+        from training.registry import Registry
+
+        store = Store.open(settings.db_url)
+        try:
+            adapter_dir = Registry(settings, store).get(serving).adapter_dir
+        finally:
+            store.close()
+    backend = TransformersBackend.from_settings(settings, progress=False)
+    out = []
+    try:
+        if adapter_dir is not None:
+            backend.load_adapter(serving, adapter_dir)
+        gen = GenerationSettings.from_settings(settings, temperature=0, max_new_tokens=args.max_tokens)
+        for group, fact in heldout_items(qa):
+            started = time.perf_counter()
+            messages = [{"role": "system", "content": settings.system_prompt},
+                        {"role": "user", "content": fact["heldout"]}]
+            r = backend.generate(messages, serving, gen)
+            out.append((group, Turn("closed-book", fact["heldout"], r.text,
+                                    liked(r.text, args.like_words, r.finish_reason), grounded(r.text, fact["keys"]),
+                                    r.usage["completion_tokens"], time.perf_counter() - started)))
+    finally:
+        backend.close()
+        del backend
+        if args.gpu:
+            torch.cuda.empty_cache()
+    return out
+
+
 def share(xs: list[bool]) -> float:
     return round(100.0 * sum(xs) / len(xs), 1) if xs else 0.0
 
 
-def measure(cycle: int, apis: dict[str, Api], qa: dict, args: argparse.Namespace, adapter: str | None) -> CycleRow:
+def measure(cycle: int, apis: dict[str, Api], qa: dict, args: argparse.Namespace, adapter: str | None,
+            home: Path, model: str) -> CycleRow:
     t0 = time.perf_counter()
     session = user_session(apis, qa, cycle, args)
     rag = examine(apis["open-book"], "open-book", qa, args)
-    closed = examine(apis["closed-book"], "closed-book", qa, args)
+    # After the API measurements, so the server is idle while this process runs the model.
+    closed = closed_book(home, model, adapter, qa, args)
     held = [t for _, t in rag + closed]
 
     def acc(rows: list[tuple[str, Turn]], group: str | None = None) -> float:
@@ -309,7 +374,7 @@ def write_gate_questions(qa: dict, path: Path) -> Path:
 
 def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) -> dict:
     train = {"sft_learning_rate": args.lr, "sft_epochs": args.epochs, "dpo_learning_rate": args.dpo_lr,
-             "batch_size": 4, "max_length": 512, "evals_per_epoch": 1, "early_stopping_patience": 2,
+             "batch_size": 4, "max_length": 1024, "evals_per_epoch": 1, "early_stopping_patience": 2,
              "stages": ["sft", "dpo"] if args.dpo else ["sft"]}
     if args.gpu:
         train["device"] = "cuda"
@@ -454,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                     elif res.get("promoted"):
                         serving_general = gen
                 serving = admin.get("/v1/admin/adapters")["serving"]
-            row = measure(cycle, apis, qa, args, serving)
+            row = measure(cycle, apis, qa, args, serving, home, model)
             for k, v in info.items():
                 setattr(row, k, v)
             row_general.append(serving_general)

@@ -409,6 +409,20 @@ class KnowledgeBase:
             out.update(zip(got["ids"], got["documents"], strict=True))
         return out
 
+    def shared_chunks(self, chunk_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """(title, text) of the chunks among `chunk_ids` that are still stored in the shared documents.
+
+        For the dataset builder: passages a served answer cited go back into its training prompt, but
+        only from shared documents (a user's private document must not reach an adapter everyone is
+        served with), and only while the document exists (deleting it drops its passages).
+        """
+        col = self.collection_for(visibility("shared", 0))
+        if col is None or not chunk_ids:
+            return {}
+        got = col.get(ids=sorted(set(chunk_ids)), include=["documents", "metadatas"])
+        return {cid: (str(meta.get("title") or ""), text)
+                for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
+
     @property
     def collection(self) -> _AllCollections:
         """Read-only view over all document collections, for code written when there was one collection.

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from assistant.agent import DATA_RULES, Agent, Prepared, find_arithmetic, parse_tool_calls, quote
+from assistant.agent import Agent, Prepared, find_arithmetic, parse_tool_calls
 from assistant.config import Settings
+from assistant.prompt import DATA_RULES, quote
 from assistant.runtime import normalize_messages
 from assistant.tools import Calculator, ToolContext, ToolError, calculate
 from memory.knowledge import KnowledgeBase

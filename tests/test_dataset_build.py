@@ -110,6 +110,7 @@ def test_formats_sources_and_provenance(store, settings):
     up = {r["message_id"]: r for r in sft_rows if r["origin"] == "thumb_up"}
     assert set(up) == {ids["up"], ids["regen2"]}
     assert up[ids["up"]]["messages"] == [
+        {"role": "system", "content": settings.system_prompt},  # the serving system prompt, not the template's
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris is the capital of France."},
         {"role": "user", "content": "And of Italy?"},
@@ -119,7 +120,8 @@ def test_formats_sources_and_provenance(store, settings):
     assert sft["edit"]["messages"][-1]["content"] == "7 times 8 is 56."
     assert sft["teacher"]["source"] == "teacher" and sft["teacher"]["doc_id"] == "pricing"
     assert sft["teacher"]["synthetic_id"] == ids["syn"] and sft["teacher"]["group"] == "doc:pricing"
-    assert sft["teacher"]["messages"][0] == {"role": "user", "content": "How much does the Team plan cost?"}
+    # no knowledge base in this build: the teacher's question without its passage
+    assert sft["teacher"]["messages"][1] == {"role": "user", "content": "How much does the Team plan cost?"}
 
     dpo = {r["origin"]: r for r in _rows(snap, "dpo", "train")}
     assert set(dpo) == {"edit", "pair", "regen_vs_down", "teacher"}
@@ -127,7 +129,8 @@ def test_formats_sources_and_provenance(store, settings):
     assert dpo["edit"]["rejected"][0]["content"] == "7 times 8 is 54."
     assert dpo["pair"]["chosen"][0]["content"].startswith("Air molecules")
     assert dpo["pair"]["rejected"][0]["content"].startswith("Because the ocean")
-    assert dpo["pair"]["prompt"] == [{"role": "user", "content": "Why is the sky blue?"}]
+    assert dpo["pair"]["prompt"] == [{"role": "system", "content": settings.system_prompt},
+                                     {"role": "user", "content": "Why is the sky blue?"}]
     assert dpo["regen_vs_down"]["message_id"] == ids["regen2"]
     assert dpo["regen_vs_down"]["other_message_id"] == ids["down2"]
     assert dpo["teacher"]["rejected"][0]["content"] == "It is free for everyone."
@@ -207,12 +210,65 @@ def test_memories_sources_and_system_prompts_never_leak(store, settings):
     result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
     assert result.manifest["counts"]["sft"]["train"] == 1
     assert _rows(result.path, "sft", "train")[0]["messages"] == [
+        {"role": "system", "content": settings.system_prompt},
         {"role": "user", "content": "Plan my weekend, please."},
         {"role": "assistant", "content": "How about a quiet walk by the river on Saturday?"},
     ]
     for data in _all_bytes(settings.datasets_dir).values():
         for marker in (b"MEMORY-MARKER", b"TOOL-MARKER", b"SOURCE-MARKER", b"CLIENT-SYSTEM-MARKER"):
             assert marker not in data
+
+
+def test_training_prompts_are_the_served_prompts_with_shared_passages_only(store, settings, tiny_embedder_dir):
+    """A served answer's training row is the prompt the model was served, passages included, except that
+    a private document's passage stays out of it; deleting the shared document takes its passage out."""
+    from assistant.agent import Agent
+    from assistant.prompt import Passage, render_turn
+    from memory.knowledge import KnowledgeBase
+    from memory.longterm import LongTermMemory
+
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        agent = Agent(s, store, kb, LongTermMemory(s, store))
+        alice, bob = _user(store), _user(store, "bob")
+        shared = kb.ingest(alice, "plans.md", b"# Plans\n\nThe LUMEN-77 plan costs 8 dollars per member per month.",
+                           scope="shared")
+        kb.ingest(alice, "diary.md", b"# Diary\n\nPRIVATE-MARKER-31: my LUMEN-77 invoice is overdue.", scope="private")
+        question = "What does the LUMEN-77 plan cost?"
+        served = {}
+        answers = {alice.id: "8 dollars per member per month.", bob.id: "Each member costs 8 dollars a month, Bob."}
+        for who in (alice, bob):
+            prepared = agent.prepare(who, [], question)
+            c = store.create_conversation(who.id, "plans")
+            _, a = store.add_turn(c.id, question, answers[who.id], sources=prepared.sources)
+            store.add_thumb(who.id, a.id, 1)
+            served[a.id] = prepared
+        scopes = {mid: sorted(src["scope"] for src in p.sources) for mid, p in served.items()}
+        assert sorted(scopes.values()) == [["private", "shared"], ["shared"]]  # alice was served her diary too
+
+        built = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
+        rows = {r["message_id"]: r for r in _rows(built.path, "sft", "train")}
+        chunk = kb.document_chunks(alice, shared.doc_id)[0]
+        expected = render_turn(s.system_prompt, [], question, passages=[Passage(shared.title, "shared", chunk.text)])
+        for mid, prepared in served.items():
+            assert rows[mid]["messages"][:-1] == expected
+            assert rows[mid]["passage_ids"] == [chunk.chunk_id]
+            if scopes[mid] == ["shared"]:  # nothing private was served: byte for byte the served prompt
+                assert rows[mid]["messages"][:-1] == prepared.messages
+        prompts = built.manifest["prompts"]
+        assert prompts["private_passages_left_out"] == 2  # alice's SFT and KTO rows
+        assert prompts["rows_with_passages"] == 4 and prompts["passages_missing"] == 0
+        for data in _all_bytes(settings.datasets_dir).values():
+            assert b"PRIVATE-MARKER-31" not in data
+
+        kb.delete_document(alice, shared.doc_id)
+        again = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
+        assert again.manifest["prompts"]["passages_missing"] == 4
+        for data in _all_bytes(again.path).values():
+            assert b"The LUMEN-77 plan costs" not in data
+    finally:
+        kb.close()
 
 
 def test_forgotten_memory_never_in_a_later_build(store, settings, tiny_embedder_dir):

@@ -28,6 +28,15 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings 
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State directory (default ~/.assistant).")]
 
 
+def _knowledge(settings: Settings):
+    """The knowledge base, read-only here (the passages answers cited), or None when there is none yet."""
+    if not settings.chroma_dir.exists() and settings.chroma_url is None:
+        return None
+    from memory.knowledge import KnowledgeBase
+
+    return KnowledgeBase(settings)
+
+
 def _settings(config: Path | None, home: Path | None) -> Settings:
     try:
         settings = Settings.load(config, home=home)
@@ -68,7 +77,7 @@ def build(
     synthetic_share: Annotated[float, typer.Option(help="Largest share of teacher rows in train.")] = 0.5,
     synthetic_floor: Annotated[int, typer.Option(help="Teacher rows always allowed (cold start).")] = 200,
     replay: Annotated[Path | None, typer.Option(help="JSONL of general {'messages': [...]} rows.")] = None,
-    replay_ratio: Annotated[float, typer.Option(help="Replay rows per train SFT row.")] = 0.1,
+    replay_ratio: Annotated[float, typer.Option(help="Replay rows per train SFT row.")] = 1.0,
     near_dup: Annotated[float, typer.Option(help="Near-duplicate Jaccard threshold.")] = 0.85,
     heldout_min_rows: Annotated[int, typer.Option(help="Freeze the held-out set at this many test rows.")] = 20,
     refreeze_heldout: Annotated[bool, typer.Option(help="Replace the frozen held-out set (breaks comparisons).")]
@@ -98,11 +107,14 @@ def build(
         bar.set_description(stage)
         bar.update(int(fraction * 100) - bar.n)
 
+    knowledge = _knowledge(settings)
     try:
-        result = build_datasets(store, settings, options, progress=progress)
+        result = build_datasets(store, settings, options, progress=progress, knowledge=knowledge)
     except BuildError as e:
         raise _fail(str(e)) from e
     finally:
+        if knowledge is not None:
+            knowledge.close()
         bar.close()
         store.close()
     removed = prune_snapshots(settings, keep_last) if keep_last else []

@@ -60,6 +60,7 @@ from training.dataset_sources import (
     read_training_log,
     replay_examples,
     teacher_examples,
+    with_serving_context,
 )
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
 from training.snapshots import (
@@ -99,6 +100,9 @@ class BuildError(RuntimeError):
     """The build could not complete; nothing was published (no snapshot folder, LATEST unchanged)."""
 
 
+# 2: the serving system prompt in every row and cited shared passages in the user turn (assistant.prompt).
+PROMPT_FORMAT = 2
+
 # ---------------------------------------------------------------------------------------------- options
 
 
@@ -113,7 +117,9 @@ class BuildOptions:
     max_synthetic_share: float = 0.5  # of the train split, per kind
     synthetic_floor: int = 200  # teacher rows always allowed, so a fresh install can train on documents
     replay_path: Path | None = None  # None: the packaged general set (training/data/replay_general.jsonl)
-    replay_ratio: float = 0.1  # replay rows per train SFT row
+    # Replay rows per train SFT row. At 0.1 a loop run's candidates lost 3 of 16 general questions to the
+    # users' style; 1.0 kept all 16 (docs/loop.md). The packaged set has 40 rows, so this is at most 40.
+    replay_ratio: float = 1.0
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
     heldout_max_per_kind: int = 500
     refreeze_heldout: bool = False  # an explicit admin decision: evaluation results stop being comparable
@@ -184,7 +190,8 @@ def _scrubbed(ex: Example, stats: FilterStats, cache: dict[str, Scrubbed]) -> Ex
         return out.text
 
     new = replace(ex, prompt=tuple((r, s(c)) for r, c in ex.prompt), completion=s(ex.completion),
-                  rejected=s(ex.rejected) if ex.rejected is not None else None)
+                  rejected=s(ex.rejected) if ex.rejected is not None else None,
+                  passages=tuple(replace(p, title=s(p.title), text=s(p.text)) for p in ex.passages))
     stats.pii_rows += changed
     return new
 
@@ -274,17 +281,26 @@ def _row_texts(row: dict[str, Any]) -> list[str]:
     return [m["content"] for col in ("messages", "prompt", "chosen", "rejected", "completion")
             for m in row.get(col) or []]
 
-def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]]
+def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shared_chunks: Any | None = None,
                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None:
     meta_path = root / "meta.json"
     if not meta_path.exists():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("prompt_format") != PROMPT_FORMAT:
+        # Frozen with another prompt format (before system prompts and passages): it would measure the
+        # model on prompts it is never served, so it is frozen again from this build's test split.
+        return None
     rows = {k: read_jsonl(root / f"{k}.jsonl") for k in KINDS}
     removed = 0
     owners = _owners(store, {r["conversation_id"] for k in KINDS for r in rows[k]} - {None}) if forgotten else {}
+    cited = sorted({c for k in KINDS for r in rows[k] for c in r.get("passage_ids") or []})
+    stored = set(shared_chunks(cited)) if shared_chunks is not None and cited else set(cited)
     for k in KINDS:
         alive = _heldout_exists(store, rows[k])
+        # a deleted document takes its passages out of the frozen rows too
+        alive = [ok and all(c in stored for c in r.get("passage_ids") or []) for ok, r in zip(alive, rows[k],
+                                                                                              strict=True)]
         for i, r in enumerate(rows[k]):
             owner = owners.get(r.get("conversation_id"))
             if alive[i] and owner in forgotten and mentions_forgotten(_row_texts(r), forgotten[owner]):
@@ -310,6 +326,7 @@ def _freeze_heldout(root: Path, test_rows: dict[str, list[dict[str, Any]]], opti
     tmp.mkdir(parents=True)
     meta = {
         "frozen_at": datetime.now(UTC).isoformat(), "frozen_by_build": version, "split_salt": options.split_salt,
+        "prompt_format": PROMPT_FORMAT,
         "counts": {k: len(rows[k]) for k in KINDS},
         "hashes": {k: write_jsonl(tmp / f"{k}.jsonl", rows[k]) for k in KINDS},
         "removed_deleted": 0,
@@ -325,8 +342,12 @@ def _freeze_heldout(root: Path, test_rows: dict[str, list[dict[str, Any]]], opti
 
 
 def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
-                   progress: ProgressFn | None = None) -> BuildResult:
-    """Read, clean, split and write one snapshot; see the module docstring for what goes where."""
+                   progress: ProgressFn | None = None, knowledge: Any | None = None) -> BuildResult:
+    """Read, clean, split and write one snapshot; see the module docstring for what goes where.
+
+    `knowledge` (a `memory.knowledge.KnowledgeBase`) supplies the shared passages answers cited, so that
+    training prompts are the served ones; without it rows carry the system prompt and no passages.
+    """
     options.validate()
     report = progress or (lambda _stage, _frac: None)
     started = time.perf_counter()
@@ -342,6 +363,8 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
             repairs[p.target_message_id].append(p)
     skipped: Counter = Counter()
     examples = human_examples(log, repairs, options.context_messages, skipped) + teacher_examples(syn)
+    shared_chunks = knowledge.shared_chunks if knowledge is not None else None
+    examples, context = with_serving_context(examples, log, settings.system_prompt, shared_chunks)
     # A memory the user deleted must not come back through the messages it was learnt from: rows of
     # that user that mention a forgotten phrase are dropped (before scrubbing, on the text as said).
     forgotten = forgotten_digests(store)
@@ -380,7 +403,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
     try:
         # Held-out: reuse the frozen set (minus deleted rows) or freeze it from this test split.
         heldout_root = root / HELDOUT_DIR
-        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store, forgotten)
+        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store, forgotten, shared_chunks)
         test_total = sum(len(split_rows[k]["test"]) for k in KINDS)
         if loaded is None and (test_total >= options.heldout_min_rows or options.refreeze_heldout) and test_total:
             loaded = _freeze_heldout(heldout_root, {k: [e.row() for e in split_rows[k]["test"]] for k in KINDS},
@@ -395,7 +418,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                     filters[kind].removed["heldout_group_excluded"] += before - len(split_rows[kind][s])
 
         caps = {k: _cap_synthetic(split_rows[k], options, filters[k]) for k in KINDS}
-        replay_info = _add_replay(split_rows["sft"], options, filters["sft"])
+        replay_info = _add_replay(split_rows["sft"], options, filters["sft"], settings.system_prompt)
 
         report("writing", 0.7)
         tmp.mkdir()
@@ -416,6 +439,12 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         report("manifest", 0.95)
         manifest = _manifest(version, options, log, syn, rows_out, heldout_rows, heldout_meta, filters, skipped,
                              caps, replay_info, hashes, time.perf_counter() - started)
+        manifest["prompts"] = {
+            "system_prompt": settings.system_prompt, "format": PROMPT_FORMAT,
+            "passages": ("shared documents, re-read by chunk id" if knowledge is not None
+                         else "none (no knowledge base)"),
+            **{k: int(v) for k, v in sorted(context.items())},
+        }
         write_json(tmp / "manifest.json", manifest)
         os.replace(tmp, final)  # final is the empty reserved folder: the snapshot appears whole
         write_pointer(root, version)
@@ -446,13 +475,14 @@ def _cap_synthetic(splits: dict[str, list[Example]], options: BuildOptions, stat
     return info
 
 
-def _add_replay(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats) -> dict[str, Any]:
+def _add_replay(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats,
+                system: str) -> dict[str, Any]:
     path = Path(options.replay_path or DEFAULT_REPLAY)
     wanted = int(round(options.replay_ratio * len(splits["train"])))
     info = {"path": str(path), "ratio": options.replay_ratio, "requested": wanted, "used": 0}
     if wanted == 0:
         return info
-    rows = replay_examples(path)
+    rows = [replace(e, system=system) for e in replay_examples(path)]
     rows.sort(key=lambda e: _row_order(e, options.split_salt + "/replay"))
     replay_stats = FilterStats()
     cleaned, replay_stats = clean(rows, options)

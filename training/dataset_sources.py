@@ -11,10 +11,14 @@ In: a `Store` (messages, feedback, conversations, long-term memory tombstones) a
   repair of it), teacher best-vs-worst candidates.
 - KTO: thumbs up/down, unpaired.
 
-Prompts are rebuilt from the `content` of the user and assistant messages the user saw, as the chat
-service sent them to the model (assistant/chat.py): regenerated alternatives and failed answers are
-left out of the history. System messages, retrieved sources, long-term memories and generation
-metadata stored with a message are never read.
+Prompts are rebuilt as the chat service sent them to the model (assistant/chat.py, rendered by
+`assistant.prompt.render_turn`): the serving system prompt, the `content` of the user and assistant
+messages the user saw (regenerated alternatives and failed answers are left out of the history), and
+the user turn with the document passages the answer cited. Passages are re-read by chunk id from the
+knowledge base at build time, from shared documents only: a user's private document never reaches an
+adapter that everyone is served with, and a deleted document's passages are gone. Long-term memories,
+tool results, client system messages and generation metadata stored with a message are never read, so
+a training prompt differs from the served one exactly there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from assistant.prompt import Passage, render_turn
 from memory.store import Store, conversations, feedback, messages
 
 # Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
@@ -60,18 +65,28 @@ class Example:
     """One training row before formatting: the context, the answer, and where it came from."""
 
     kind: str  # "sft", "dpo", "kto"
-    prompt: tuple[tuple[str, str], ...]  # (role, content) ... ending with the user turn
+    prompt: tuple[tuple[str, str], ...]  # (role, content) ... ending with the user turn, as the user wrote it
     completion: str  # SFT target, DPO chosen, KTO completion
     prov: Provenance
     rejected: str | None = None  # DPO only
     label: bool | None = None  # KTO only
+    system: str | None = None  # the serving system prompt; None: the row has no system message
+    passages: tuple[Passage, ...] = ()  # quoted into the last user turn as the agent does
+    passage_ids: tuple[str, ...] = ()  # their chunk ids (a deleted document drops frozen held-out rows)
 
     def texts(self) -> list[str]:
-        out = [c for _, c in self.prompt] + [self.completion]
+        out = [c for _, c in self.prompt] + [p.text for p in self.passages] + [self.completion]
         return out + ([self.rejected] if self.rejected is not None else [])
 
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as the model is served it (system, history, data block + question)."""
+        turns = [{"role": r, "content": c} for r, c in self.prompt]
+        if self.system is None:
+            return turns
+        return render_turn(self.system, turns[:-1], turns[-1]["content"], passages=self.passages)
+
     def row(self) -> dict[str, Any]:
-        prompt = [{"role": r, "content": c} for r, c in self.prompt]
+        prompt = self.messages()
         answer = [{"role": "assistant", "content": self.completion}]
         if self.kind == "sft":
             data: dict[str, Any] = {"messages": prompt + answer}
@@ -83,7 +98,8 @@ class Example:
         p = self.prov  # field by field: dataclasses.asdict deep-copies and was a tenth of a 100k build
         data.update(source=p.source, origin=p.origin, group=p.group, conversation_id=p.conversation_id,
                     message_id=p.message_id, other_message_id=p.other_message_id, feedback_id=p.feedback_id,
-                    adapter=p.adapter, doc_id=p.doc_id, chunk_id=p.chunk_id, synthetic_id=p.synthetic_id)
+                    adapter=p.adapter, doc_id=p.doc_id, chunk_id=p.chunk_id, synthetic_id=p.synthetic_id,
+                    passage_ids=list(self.passage_ids))
         return data
 
     def dedup_text(self) -> str:
@@ -106,6 +122,7 @@ class LogMessage:
     adapter: str | None
     parent_id: int | None
     status: str
+    sources: tuple[tuple[str, str], ...] = ()  # (chunk_id, scope) of the passages an answer cited
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,8 @@ def read_training_log(store: Store) -> TrainingLog:
     """Bulk, read-only: all feedback and the user/assistant messages of conversations that have feedback.
 
     Two queries instead of one per conversation, so 100k logged turns read in seconds. Only the
-    columns a dataset may use are selected; `memories`, `sources`, `steps` are deliberately not.
+    columns a dataset may use are selected: of `sources` only chunk ids and scopes; `memories` and
+    `steps` deliberately not.
     """
     fb_cols = (feedback.c.id, feedback.c.message_id, feedback.c.kind, feedback.c.rating, feedback.c.corrected,
                feedback.c.other_message_id, feedback.c.chosen_message_id)
@@ -148,7 +166,7 @@ def read_training_log(store: Store) -> TrainingLog:
         .distinct()
     )
     msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
-                messages.c.adapter, messages.c.parent_id, messages.c.status)
+                messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.sources)
     with store.engine.connect() as conn:
         fb = [LogFeedback(*row) for row in conn.execute(sa.select(*fb_cols).order_by(feedback.c.id))]
         rows = conn.execute(
@@ -160,7 +178,7 @@ def read_training_log(store: Store) -> TrainingLog:
         msgs: dict[int, LogMessage] = {}
         by_conv: dict[int, list[LogMessage]] = defaultdict(list)
         for row in rows:
-            m = LogMessage(*row)
+            m = LogMessage(*row[:-1], sources=_cited(row[-1]))
             msgs[m.id] = m
             by_conv[m.conversation_id].append(m)
         max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
@@ -168,6 +186,51 @@ def read_training_log(store: Store) -> TrainingLog:
                                    .where(conversations.c.id.in_(rated_conversations))).all())
     return TrainingLog(messages=msgs, by_conversation=dict(by_conv), feedback=fb,
                        max_feedback_id=fb[-1].id if fb else 0, max_message_id=int(max_msg), owners=owners)
+
+
+def _cited(sources: Any) -> tuple[tuple[str, str], ...]:
+    """(chunk_id, scope) of each cited passage; anything else stored with the sources is not read."""
+    out = []
+    for src in sources if isinstance(sources, list) else []:
+        if isinstance(src, dict) and isinstance(src.get("chunk_id"), str):
+            out.append((src["chunk_id"], str(src.get("scope") or "")))
+    return tuple(out)
+
+
+def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
+                         shared_chunks: Any | None) -> tuple[list[Example], Counter]:
+    """Give every example the serving system prompt and the shared passages its answer cited.
+
+    `shared_chunks(chunk_ids) -> {chunk_id: (title, text)}` reads what is still stored in the shared
+    documents (`memory.knowledge.KnowledgeBase.shared_chunks`); None leaves passages out. Teacher rows
+    get the chunk they were written from. Returns the examples and counts for the manifest.
+    """
+    from dataclasses import replace
+
+    wanted: dict[int, tuple[str, ...]] = {}  # example index -> cited chunk ids, in citation order
+    stats: Counter = Counter()
+    for i, ex in enumerate(examples):
+        if ex.prov.source == "teacher" and ex.prov.origin == "teacher" and ex.prov.chunk_id:
+            wanted[i] = (ex.prov.chunk_id,)
+            continue
+        m = log.messages.get(ex.prov.message_id or -1)
+        if m is not None and m.sources:
+            shared = tuple(cid for cid, scope in m.sources if scope == "shared")
+            stats["private_passages_left_out"] += len(m.sources) - len(shared)
+            if shared:
+                wanted[i] = shared
+    found: dict[str, tuple[str, str]] = {}
+    if shared_chunks is not None and wanted:
+        found = shared_chunks(sorted({c for ids in wanted.values() for c in ids}))
+    out = []
+    for i, ex in enumerate(examples):
+        ids = wanted.get(i, ())
+        kept = tuple(c for c in ids if c in found)
+        stats["passages_missing"] += len(ids) - len(kept)
+        stats["rows_with_passages"] += bool(kept)
+        out.append(replace(ex, system=system, passages=tuple(Passage(found[c][0], "shared", found[c][1]) for c in kept),
+                           passage_ids=kept))
+    return out, stats
 
 
 # ---------------------------------------------------------------------------------------------- forgotten

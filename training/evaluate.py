@@ -50,8 +50,6 @@ from typing import Any
 
 SUITE_DIR = Path(__file__).parent / "general_suite"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer clearly and briefly."
-GROUNDED_SYSTEM_PROMPT = ("You are a helpful assistant. Answer the question using only the document. "
-                          "Answer clearly and briefly.")
 LABELS = ("base", "baseline", "candidate")
 TARGET_METRICS = ("val_loss", "pref_accuracy", "grounded")
 Progress = Callable[[dict[str, Any]], None]
@@ -369,9 +367,12 @@ def keyword_score(answer: str, groups: Sequence[Sequence[str]]) -> float:
     return sum(any(_norm(w) in a for w in g) for g in groups) / len(groups) if groups else 0.0
 
 
-def grounded_prompt(item: DocQA) -> list[dict[str, str]]:
-    return [{"role": "system", "content": GROUNDED_SYSTEM_PROMPT},
-            {"role": "user", "content": f"Document:\n{item.passage}\n\nQuestion: {item.question}"}]
+def grounded_prompt(item: DocQA, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The question with its passage, exactly as the agent serves a question with a retrieved passage."""
+    from assistant.prompt import Passage, render_turn
+
+    return render_turn(system_prompt, [], item.question,
+                       passages=[Passage(item.source or "document", "shared", item.passage)])
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -774,7 +775,7 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
             mm.pref_accuracy, mm.pref_margin = scorer.preference(eval_set.pairs)
         if held_out and eval_set.doc_qa:
             progress({"event": "eval_progress", "model": label, "check": "grounded"})
-            answers = scorer.generate([grounded_prompt(q) for q in eval_set.doc_qa])
+            answers = scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
             mm.grounded = sum(fact_score(a, q.key_facts) for a, q in zip(answers, eval_set.doc_qa, strict=True)
                               ) / len(answers)
             mm.answers["grounded"] = answers

@@ -252,7 +252,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     # 2. dataset snapshot
     phase("dataset")
     t0 = time.perf_counter()
-    snapshot = _dataset(settings, store, options)
+    snapshot = _dataset(settings, store, options, services.extras.get("knowledge"))
     timings["dataset"] = round(time.perf_counter() - t0, 2)
     hooks.event("log", {"message": f"dataset {snapshot.name}"})
     _check_evaluable(snapshot)  # before training: a candidate nobody can evaluate is wasted CPU
@@ -396,7 +396,7 @@ def _check_evaluable(snapshot: Path) -> None:
             "or freeze the held-out set earlier (heldout_min_rows).") from e
 
 
-def _dataset(settings: Any, store: Any, options: CycleOptions) -> Path:
+def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | None = None) -> Path:
     from training.dataset_build import build_datasets
 
     if options.dataset:
@@ -405,7 +405,7 @@ def _dataset(settings: Any, store: Any, options: CycleOptions) -> Path:
             raise CycleFailed(f"dataset snapshot {options.dataset} does not exist in {settings.datasets_dir}")
         return path
     try:
-        result = build_datasets(store, settings, build_options(options.build))
+        result = build_datasets(store, settings, build_options(options.build), knowledge=knowledge)
     except ValueError as e:
         raise CycleFailed(f"dataset build refused its options: {e}") from e
     return result.path
