@@ -122,8 +122,11 @@ def build_router() -> APIRouter:
     @r.get("/health")
     def health(request: Request) -> dict:
         chat: ChatService = request.app.state.chat
+        services = getattr(request.app.state, "services", None)
         return {"status": "ok", "model": chat.backend.model_name, "serving_adapter": chat.serving_adapter,
-                "queue_depth": getattr(chat.backend, "queue_depth", 0)}
+                "queue_depth": getattr(chat.backend, "queue_depth", 0),
+                # answering already; false while the first answer would still wait for the warm-up
+                "warm": bool(services is None or services.warm.is_set())}
 
     @r.get("/v1/models")
     def models(user: CurrentUser, chat: Chat) -> dict:
@@ -175,6 +178,11 @@ def build_router() -> APIRouter:
                 return
             except ChatError as e:
                 yield f"data: {json.dumps(error_body(e.message, e.code, e.param))}\n\n"
+                return
+            except OperationalError as e:  # the turn is written when the answer ends: a full disk shows here
+                if not disk_full(e):
+                    raise
+                yield f"data: {json.dumps(error_body(STORAGE_FULL, 'storage_full'))}\n\n"
                 return
             msg = reply.assistant_message
             yield _chunk(cid, created, reply.model, {}, reply.finish_reason or "stop",
@@ -260,6 +268,14 @@ def _msg(m) -> dict:
             "status": m.status, "created_at": m.created_at.isoformat()}
 
 
+STORAGE_FULL = "the server's disk is full; nothing was saved. Try again later."
+
+
+def disk_full(exc: OperationalError) -> bool:
+    message = str(exc.orig).lower()
+    return "disk is full" in message or "no space left" in message  # SQLite / PostgreSQL wording
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -293,11 +309,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _storage(request: Request, exc: OperationalError):
         # A full disk (found by tests/test_faults.py) surfaced as a bare 500: say what happened.
         # The write was rolled back, so nothing half-saved remains; other errors stay 500s.
-        message = str(exc.orig).lower()
-        if "disk is full" not in message and "no space left" not in message:  # SQLite / PostgreSQL wording
+        if not disk_full(exc):
             raise exc
-        return JSONResponse(error_body("the server's disk is full; nothing was saved. Try again later.",
-                                       "storage_full"), 507, headers={"Retry-After": "60"})
+        return JSONResponse(error_body(STORAGE_FULL, "storage_full"), 507, headers={"Retry-After": "60"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

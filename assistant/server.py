@@ -50,6 +50,23 @@ class Services:
     backend: Backend
     chat: ChatService
     extras: dict[str, Any] = field(default_factory=dict)  # knowledge base, memories, registry...
+    warm: threading.Event = field(default_factory=threading.Event)  # set once `warm_up` has run
+
+    def warm_up(self) -> None:
+        """Load what the first question would otherwise wait for: the embedder, the lexical index, and
+        the model's compute kernels (one token). /health reports `warm` once this has run."""
+        try:
+            knowledge = self.extras.get("knowledge")
+            if knowledge is not None:
+                knowledge.warm()
+            from assistant.runtime import GenerationSettings
+
+            self.backend.generate([{"role": "user", "content": "Hello"}], None,
+                                  GenerationSettings(max_new_tokens=1, temperature=0.0, top_p=1.0))
+        except Exception as exc:  # a failed warm-up only means a slower first answer; that answer reports errors
+            log.warning("warm-up failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.warm.set()
 
     def close(self) -> None:
         scheduler = self.extras.get("scheduler")
@@ -109,9 +126,7 @@ def serve(settings: Settings) -> None:
     app = create_app(services)
     # Recover jobs a crash left running, load the recorded serving adapter, start the (opt-in) scheduler.
     start_loop(services)
-    knowledge = services.extras.get("knowledge")
-    if knowledge is not None:
-        # The embedder and the lexical index load beside start-up, so the first question doesn't wait.
-        threading.Thread(target=knowledge.warm, name="warm-knowledge", daemon=True).start()
+    # The embedder, the lexical index and the model's kernels load beside start-up.
+    threading.Thread(target=services.warm_up, name="warm-up", daemon=True).start()
     log.warning("serving on http://%s:%d", settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

@@ -5,8 +5,8 @@ streamer that only records token times), then `assistant serve` as a separate pr
 the official `openai` client streaming over HTTP. The server's agent runs as in production (memory
 recall, the document router); with no documents or memories it sends the plain system prompt, so both
 paths feed the model the same tokens, which the script checks (prompt tokens, answer tokens).
-Each path gets one untimed warm-up request first (the server's is reported on its own line: it may
-still overlap the background embedder warm-up). Prints a table; paste it into docs/benchmarks.md.
+Each path gets one untimed warm-up request first (the server's is reported on its own line), sent once
+/health says the server is warm. Prints a table; paste it into docs/benchmarks.md.
 
     .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3]
 """
@@ -99,7 +99,10 @@ def api_run(home: Path, threads: int, max_tokens: int, repeats: int) -> list[tup
             if proc.poll() is not None:
                 raise RuntimeError("server exited")
             time.sleep(0.1)
-        print(f"server ready in {time.perf_counter() - t_start:.1f} s")
+        print(f"server ready in {time.perf_counter() - t_start:.1f} s (/health answers)")
+        while not httpx.get("http://127.0.0.1:8765/health", timeout=5).json().get("warm"):
+            time.sleep(0.05)
+        print(f"server warm in {time.perf_counter() - t_start:.1f} s (embedder, lexical index, model kernels loaded)")
         client = openai.OpenAI(base_url="http://127.0.0.1:8765/v1", api_key=key, max_retries=0)
         out = []
         for i, p in enumerate([PROMPTS[0]] + PROMPTS * repeats):

@@ -276,7 +276,8 @@ def closed_book(home: Path, model: str, serving: str | None, qa: dict,
 
     settings = Settings.load(env={}, home=home, model=model, torch_threads=args.threads,
                              device="cuda" if args.gpu else None)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     adapter_dir = None
     if serving is not None:
         from memory.store import Store
@@ -463,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="base model folder or hub id (default: the embedded one)")
     ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "assistant-bench-models")
     ap.add_argument("--gpu", action="store_true", help="serve and train on CUDA")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of training")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the server (default: the product's, all cores)")
+    ap.add_argument("--train-threads", type=int, default=2,
+                    help="torch threads of the training and gate processes (the product's default is 1, so that "
+                         "training leaves a core to chat; here nobody chats while the job runs)")
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where loop.png goes")
     ap.add_argument("--json", type=Path, default=None)
@@ -476,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or str(prepare_model(args.model_cache))
     keys = setup_home(home, args.users)
     gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl")
-    env = {**os.environ, "ASSISTANT_TORCH_THREADS": str(args.threads), "ASSISTANT_TRAIN_THREADS": str(args.threads),
-           "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "ASSISTANT_TRAIN_THREADS": str(args.train_threads), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    if args.threads:
+        env.update(ASSISTANT_TORCH_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     if args.gpu:
         env["ASSISTANT_DEVICE"] = "cuda"
     port = free_port()

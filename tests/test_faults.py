@@ -119,6 +119,11 @@ def restarted(dep: Deployment, before: dict[str, list]):
     assert dep.committed() == before, "a committed turn or rating was lost or changed"
     with dep.serve() as (_, url):
         health = httpx.get(url + "/health").json()
+        deadline = time.time() + 120
+        while not health["warm"] and time.time() < deadline:  # the background warm-up ends by itself
+            time.sleep(0.2)
+            health = httpx.get(url + "/health").json()
+        assert health["warm"], health
         answer = chat(url, dep.auth(), "Are you back?")
         assert answer["message_id"] and answer["adapter"] == health["serving_adapter"]
         yield url, health["serving_adapter"]
@@ -357,6 +362,13 @@ def test_full_disk(tmp_path, tiny_model_dir, tiny_embedder_dir):
             for r in refused:  # a clear answer, not a bare 500
                 assert r.status_code == 507 and r.json()["error"]["code"] == "storage_full", r.text
                 assert r.headers.get("retry-after")
+            # A stream has already sent its answer when the turn is written: it ends with an error event.
+            with httpx.stream("POST", url + "/v1/chat/completions", headers=dep.auth(), timeout=120,
+                              json={"messages": [{"role": "user", "content": "disk full, streaming"}],
+                                    "max_tokens": 4, "stream": True}) as r:
+                events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+            assert r.status_code == 200 and events[-1] != "[DONE]"
+            assert json.loads(events[-1])["error"]["code"] == "storage_full", events[-1]
             assert proc.poll() is None, "the server died on a full disk"
             assert httpx.get(url + "/health").status_code == 200
             filler.unlink()
