@@ -262,11 +262,18 @@ def test_training_prompts_are_the_served_prompts_with_shared_passages_only(store
         for data in _all_bytes(settings.datasets_dir).values():
             assert b"PRIVATE-MARKER-31" not in data
 
+        # freeze a held-out set holding those rows (nearly every group goes to test at 99 %)
+        frozen = build_datasets(store, s, BuildOptions(split_ratios=(0.01, 0.0, 0.99), heldout_min_rows=1,
+                                                       replay_ratio=0.0), knowledge=kb)
+        assert frozen.manifest["heldout"]["counts"]["sft"] >= 1
+        assert b"The LUMEN-77 plan costs" in b"".join(_all_bytes(settings.datasets_dir / "heldout").values())
+
         kb.delete_document(alice, shared.doc_id)
         again = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
         assert again.manifest["prompts"]["passages_missing"] == 4
-        for data in _all_bytes(again.path).values():
-            assert b"The LUMEN-77 plan costs" not in data
+        assert again.manifest["heldout"]["removed_deleted_now"] >= 1
+        for data in {**_all_bytes(again.path), **_all_bytes(settings.datasets_dir / "heldout")}.values():
+            assert b"The LUMEN-77 plan costs" not in data  # gone from the new rows and from the frozen ones
     finally:
         kb.close()
 
