@@ -293,6 +293,9 @@ def _onnx_session(emb: Embedder, cache_dir: Path, threads: int | None = None, in
     # the process's thread budget (settings.torch_threads)
     opts.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     opts.inter_op_num_threads = 1
+    # ONNX Runtime's pool spin-waits after every run; after each query embedding that took CPU from
+    # the chat model decoding right behind it.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(target), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types for a damaged file

@@ -87,8 +87,9 @@ class GateConfig:
         0.10, "Catastrophic-forgetting guard: largest relative rise in general-text perplexity accepted, "
         "against the baseline AND the base model (0.10 = 10%).")
     general_qa_tolerance: float = _f(
-        0.10, "Catastrophic-forgetting guard: largest drop in the general-question keyword score accepted, "
-        "against the baseline AND the base model.")
+        0.01, "Catastrophic-forgetting guard: largest drop in the general-question keyword score accepted, "
+        "against the baseline AND the base model. 0.01: with the shipped 16 questions, no question may be lost "
+        "(at 0.10 a loop run promoted an adapter that answered 'Italie is the capital of Italy').")
     max_new_tokens: int = _f(48, "Tokens generated per answer for the grounded and general-question checks.")
     max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
     max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
