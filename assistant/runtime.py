@@ -507,12 +507,12 @@ class TransformersBackend:
         config = self._check_adapter_files(path)
         internal = f"a{next(self._ids)}"
         with self._gate.held(priority=True):
-            self._worker.submit(self._inject, internal, path, config).result()
+            self._on_generation_thread(self._inject, internal, path, config)
             with self._meta_lock:
                 old = self._adapters.get(name)
                 self._adapters[name] = _Adapter(internal, path)
             if old is not None:
-                self._worker.submit(self._delete_internal, old.internal).result()
+                self._on_generation_thread(self._delete_internal, old.internal)
 
     def unload_adapter(self, name: str) -> None:
         if not self.has_adapter(name):  # fail fast, without waiting for the model
@@ -522,7 +522,11 @@ class TransformersBackend:
                 entry = self._adapters.pop(name, None)
             if entry is None:
                 raise UnknownAdapter(f"adapter {name!r} is not loaded")
-            self._worker.submit(self._delete_internal, entry.internal).result()
+            self._on_generation_thread(self._delete_internal, entry.internal)
+
+    def _on_generation_thread(self, fn: Any, *args: Any) -> Any:
+        """Run `fn` on the generation thread and wait: model-wide torch work stays on one thread (see __init__)."""
+        return self._worker.submit(fn, *args).result()
 
     def _check_adapter_files(self, path: Path) -> Any:
         # Read and check everything before taking the model, so a bad folder fails fast and never
@@ -544,7 +548,7 @@ class TransformersBackend:
         def nonfinite() -> list[str]:
             return [k for k, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
 
-        bad = self._worker.submit(nonfinite).result()  # a parallel torch op: on the generation thread
+        bad = self._on_generation_thread(nonfinite)  # a parallel torch op
         if bad:  # a diverged training run; on CUDA it would kill the process's GPU context when sampling
             raise AdapterLoadError(f"adapter {path} has NaN/Inf weights ({len(bad)} tensors, e.g. {bad[0]})")
         config.inference_mode = True

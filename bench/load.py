@@ -26,10 +26,7 @@ import json
 import os
 import platform
 import random
-import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # `python bench/load.py` puts bench/ first on the path, where bench/datasets.py would shadow `datasets`.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from bench.serving import free_port, prepare_model, start_server  # noqa: E402
 
 QUESTIONS = [
     "What does Lumen Desk do?",
@@ -153,31 +152,8 @@ def user_loop(url: str, key: str, deadline: float, max_tokens: int, seed: int, t
 
 
 # ------------------------------------------------------------------------------------------ server
-def prepare_model(cache: Path) -> Path:
-    """The embedded model converted once into `cache` (reused by later runs)."""
-    out = subprocess.run([sys.executable, "-m", "assistant.cli", "model", "prepare", "--home", str(cache)],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return Path(re.search(r"model ready: (.+)", out.stdout).group(1).strip())
 
 
-def start_server(home: Path, model: str, port: int, env: dict[str, str]) -> subprocess.Popen:
-    import httpx
-
-    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--home", str(home), "--model", model,
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("server did not start in 300 s")
 
 
 def setup_home(home: Path, users: int) -> list[str]:
@@ -223,10 +199,6 @@ def verify(home: Path, accepted: list[int], ratings: list[int]) -> dict:
         store.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loadavg() -> str:
@@ -266,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(prepare_model(args.model_cache))
         keys = setup_home(home, args.users)
         port = free_port()
-        proc = start_server(home, model, port, env)
+        proc = start_server(home, model, port, env, timeout_s=300)
         url = f"http://127.0.0.1:{port}"
     setup_s = time.perf_counter() - t_setup
     load_before = loadavg()

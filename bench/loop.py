@@ -45,8 +45,6 @@ import os
 import platform
 import re
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +54,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from bench.serving import free_port, prepare_model, start_server  # noqa: E402
 
 QA_FILE = Path(__file__).with_name("loop_qa.json")
 PRODUCT = "lumen desk"
@@ -148,16 +148,8 @@ class Api:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def prepare_model(cache: Path) -> Path:
-    out = subprocess.run([sys.executable, "-m", "assistant.cli", "model", "prepare", "--home", str(cache)],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
-    return Path(re.search(r"model ready: (.+)", out.stdout).group(1).strip())
 
 
 def setup_home(home: Path, users: int) -> dict[str, str]:
@@ -192,24 +184,6 @@ def setup_home(home: Path, users: int) -> dict[str, str]:
     return keys
 
 
-def start_server(home: Path, model: str, port: int, env: dict[str, str]) -> subprocess.Popen:
-    import httpx
-
-    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--home", str(home), "--model", model,
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server did not start in 600 s")
 
 
 # ------------------------------------------------------------------------------------------ sessions

@@ -572,6 +572,17 @@ ADMIN_VIEWS: dict[str, Callable[[AdminActions, Any], Any]] = {
 }
 
 
+def _refused_to_everyone_but_admins(world: World, actions: AdminActions, name: str, call: Callable) -> None:
+    """Anonymous: LoginRequired; a user, owner or not: AdminRequired; and no row changed by any of them."""
+    before = world.store.counts()
+    with pytest.raises(LoginRequired):
+        call(actions, None)
+    for role in ("owner", "other"):
+        with pytest.raises(AdminRequired):
+            call(actions, world.users[role])
+    assert world.store.counts() == before, f"refused admin action {name} changed rows"
+
+
 def test_admin_console_matrix(world: World):
     names = {n for n, f in inspect.getmembers(adm, inspect.isfunction)
              if f.__module__ == adm.__name__ and not n.startswith("_") and "user" in inspect.signature(f).parameters}
@@ -579,13 +590,7 @@ def test_admin_console_matrix(world: World):
     assert not missing, f"ui.admin view functions without a row in ADMIN_VIEWS: {sorted(missing)}"
     actions: AdminActions = world.services.extras["admin"]
     for name, call in sorted(ADMIN_VIEWS.items()):
-        before = world.store.counts()
-        with pytest.raises(LoginRequired):
-            call(actions, None)
-        for role in ("owner", "other"):
-            with pytest.raises(AdminRequired):
-                call(actions, world.users[role])
-        assert world.store.counts() == before
+        _refused_to_everyone_but_admins(world, actions, name, call)
         try:
             out = call(actions, world.users["admin"])
         except PermissionError as e:
@@ -627,13 +632,7 @@ def test_admin_action_matrix(world: World):
     assert not missing, f"AdminActions methods without a row in ADMIN_CALLS: {sorted(missing)}"
     actions: AdminActions = world.services.extras["admin"]
     for name, call in sorted(ADMIN_CALLS.items()):
-        before = world.store.counts()
-        with pytest.raises(LoginRequired):
-            call(actions, None)
-        for role in ("owner", "other"):
-            with pytest.raises(AdminRequired):
-                call(actions, world.users[role])
-        assert world.store.counts() == before, f"refused admin action {name} changed rows"
+        _refused_to_everyone_but_admins(world, actions, name, call)
         try:
             call(actions, world.users["admin"])
         except PermissionError as e:  # the one outcome an admin must never get

@@ -300,8 +300,7 @@ def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shar
     for k in KINDS:
         alive = _heldout_exists(store, rows[k])
         # a deleted document takes its passages out of the frozen rows too
-        alive = [ok and all(c in stored for c in r.get("passage_ids") or []) for ok, r in zip(alive, rows[k],
-                                                                                              strict=True)]
+        alive = [ok and set(r.get("passage_ids") or []) <= stored for ok, r in zip(alive, rows[k], strict=True)]
         for i, r in enumerate(rows[k]):
             owner = owners.get(r.get("conversation_id"))
             if alive[i] and owner in forgotten and mentions_forgotten(_row_texts(r), forgotten[owner]):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +205,6 @@ def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
     documents (`memory.knowledge.KnowledgeBase.shared_chunks`); None leaves passages out. Teacher rows
     get the chunk they were written from. Returns the examples and counts for the manifest.
     """
-    from dataclasses import replace
-
     wanted: dict[int, tuple[str, ...]] = {}  # example index -> cited chunk ids, in citation order
     stats: Counter = Counter()
     for i, ex in enumerate(examples):

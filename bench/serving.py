@@ -1,0 +1,51 @@
+"""Start-up shared by the benchmarks that drive `assistant serve` as a separate process (load.py, loop.py).
+
+Imported as `bench.serving`: those scripts put the project root first on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_model(cache: Path) -> Path:
+    """The embedded model converted once into `cache` (reused by later runs)."""
+    out = subprocess.run([sys.executable, "-m", "assistant.cli", "model", "prepare", "--home", str(cache)],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return Path(re.search(r"model ready: (.+)", out.stdout).group(1).strip())
+
+
+def start_server(home: Path, model: str, port: int, env: dict[str, str], timeout_s: float = 600,
+                 poll_s: float = 0.5) -> subprocess.Popen:
+    """`assistant serve` in its own session (so the caller can kill its process group), logging to
+    `<home>/../server.log`; returns once /health answers."""
+    import httpx
+
+    log = open(home.parent / "server.log", "w")  # noqa: SIM115 - the server's whole life
+    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--home", str(home), "--model", model,
+                             "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise SystemExit(f"server did not start in {timeout_s:.0f} s")
