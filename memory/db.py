@@ -12,6 +12,8 @@ timeout so a second writer waits instead of failing with "database is locked".
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -70,8 +72,9 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         try:
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             if not in_memory:
-                mode = cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                mode = _enter_wal(cur, busy_timeout_ms)
                 if str(mode).lower() != "wal":
                     raise RuntimeError(f"SQLite refused WAL journal mode (got {mode!r}) for {database}")
                 # NORMAL is the documented safe pairing with WAL: no corruption, fewer fsyncs.
@@ -79,7 +82,6 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             # Deleted conversations and forgotten memories are overwritten on disk, not left in free pages.
             cur.execute("PRAGMA secure_delete=ON")
-            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         finally:
             cur.close()
 
@@ -92,6 +94,24 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _enter_wal(cur: Any, busy_timeout_ms: int) -> str:
+    """`PRAGMA journal_mode=WAL`, retried while another connection holds the file.
+
+    Switching a fresh file to WAL needs an exclusive lock, and SQLite answers "database is locked"
+    at once there instead of calling the busy handler: two processes opening a new database together
+    (server and training worker, or two test engines) hit it. WAL is stored in the file, so the
+    retry usually finds it already set by the other connection.
+    """
+    deadline = time.monotonic() + busy_timeout_ms / 1000
+    while True:
+        try:
+            return cur.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def is_sqlite(engine: Engine | Connection) -> bool:
