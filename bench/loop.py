@@ -360,7 +360,7 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
             "build": {"replay_ratio": args.replay},
             # Bounded gate on CPU: fewer held-out rows and shorter answers than the defaults.
             "gate": {"max_new_tokens": 32, "max_sft": 16, "max_pairs": 16, "max_doc_qa": 16},
-            "eval_doc_qa": str(gate_questions), "auto_promote": True}
+            "eval_doc_qa": str(gate_questions), "auto_promote": True, "anchor_replay": args.anchor}
 
 
 def general_from_report(admin: Api, name: str) -> dict[str, float | None]:
@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
     ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
+    ap.add_argument("--no-anchor", dest="anchor", action="store_false",
+                    help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
     ap.add_argument("--promote-rejected", action="store_true",
                     help="force-promote a candidate the gate rejected, to measure what it would have done")
     ap.add_argument("--model", default=None, help="base model folder or hub id (default: the embedded one)")

@@ -63,6 +63,7 @@ class CycleOptions:
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig overrides
     eval_doc_qa: str | None = None  # JSONL of curated document questions added to the grounded check
     continue_from_serving: bool = False  # start from the serving adapter instead of a fresh one
+    anchor_replay: bool = True  # replay answers by the base model itself (training/anchor.py)
     auto_promote: bool = True
     keep_last: int = 5  # adapter versions kept on disk (never the serving one or its parent)
 
@@ -249,10 +250,16 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         timings["synth"] = round(time.perf_counter() - t0, 2)
         check_stop()
 
-    # 2. dataset snapshot
+    # 2. dataset snapshot (its general replay answered by the base model, when a backend is here)
     phase("dataset")
     t0 = time.perf_counter()
-    snapshot = _dataset(settings, store, options, services.extras.get("knowledge"))
+    anchor = _anchor(services, options, lambda d, n: phase("dataset", 0.9 * d / max(n, 1), done=d, total=n))
+    if anchor is not None:
+        hooks.event("log", {"message": f"replay anchored to the base model: {anchor.base_answers} of "
+                                       f"{anchor.rows} answers are its own" + (" (cached)" if anchor.cached else "")})
+        timings["anchor"] = round(anchor.seconds, 2)
+    snapshot = _dataset(settings, store, options, services.extras.get("knowledge"),
+                        replay_path=anchor.path if anchor else None)
     timings["dataset"] = round(time.perf_counter() - t0, 2)
     hooks.event("log", {"message": f"dataset {snapshot.name}"})
     _check_evaluable(snapshot)  # before training: a candidate nobody can evaluate is wasted CPU
@@ -396,7 +403,22 @@ def _check_evaluable(snapshot: Path) -> None:
             "or freeze the held-out set earlier (heldout_min_rows).") from e
 
 
-def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | None = None) -> Path:
+def _anchor(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> Any:
+    """`training.anchor.AnchorReport` for this cycle's replay, or None (no backend, no replay, or off)."""
+    from training.anchor import anchored_replay
+    from training.dataset_build import DEFAULT_REPLAY
+
+    backend = getattr(services, "backend", None)
+    if (not options.anchor_replay or backend is None or options.dataset
+            or build_options(options.build).replay_ratio == 0):
+        return None
+    settings = services.settings
+    return anchored_replay(backend, DEFAULT_REPLAY, settings.system_prompt, settings.home / "cache" / "anchors",
+                           progress=progress)
+
+
+def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | None = None,
+             replay_path: Path | None = None) -> Path:
     from training.dataset_build import build_datasets
 
     if options.dataset:
@@ -405,7 +427,10 @@ def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | 
             raise CycleFailed(f"dataset snapshot {options.dataset} does not exist in {settings.datasets_dir}")
         return path
     try:
-        result = build_datasets(store, settings, build_options(options.build), knowledge=knowledge)
+        opts = build_options(options.build)
+        if replay_path is not None:
+            opts.replay_path = replay_path
+        result = build_datasets(store, settings, opts, knowledge=knowledge)
     except ValueError as e:
         raise CycleFailed(f"dataset build refused its options: {e}") from e
     return result.path
