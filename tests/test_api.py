@@ -211,3 +211,51 @@ def test_feedback_endpoints_and_isolation(server, alice):
                    headers=auth)
     assert r.status_code == 200
     assert json.loads(json.dumps([f.corrected for f in store.feedback_for_message(mid)]))[-1] == "A better answer."
+
+
+def test_stream_events_coalesces_stops_the_producer_and_raises_its_errors():
+    """The SSE bridge (`assistant.api.stream_events`): lines the loop has not sent yet go out together,
+    every line arrives once and in order, a cancelled response stops generation, errors reach the
+    response."""
+    import asyncio
+    import threading
+    import time
+
+    from assistant.api import stream_events
+
+    async def collect(agen, limit=None):
+        out = []
+        async for chunk in agen:
+            out.append(chunk)
+            if limit and len(out) >= limit:
+                await agen.aclose()
+                break
+        return out
+
+    lines = [f"data: {i}\n\n" for i in range(2000)]
+    chunks = asyncio.run(collect(stream_events(iter(lines), lambda: None)))
+    assert "".join(chunks) == "".join(lines)
+    assert len(chunks) < len(lines)  # a fast producer outruns the loop: lines were sent together
+
+    stopped = threading.Event()
+    produced = []
+
+    def slow():
+        for i in range(1000):
+            if stopped.is_set():
+                return
+            produced.append(i)
+            yield f"data: {i}\n\n"
+            time.sleep(0.01)
+
+    got = asyncio.run(collect(stream_events(slow(), stopped.set), limit=3))
+    assert len(got) == 3 and stopped.wait(5)
+    time.sleep(0.05)
+    assert len(produced) < 50  # the producer saw the stop and ended long before its 1000 lines
+
+    def broken():
+        yield "data: 1\n\n"
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        asyncio.run(collect(stream_events(broken(), lambda: None)))

@@ -313,6 +313,27 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
         _doc_qa_file(services, snap, tmp_path, None, str(curated))
 
 
+def test_replay_is_anchored_to_the_base_model_before_the_build(services) -> None:
+    """A cycle with general replay first asks the serving backend (adapter off) for its own answers to the
+    replay questions; the snapshot's replay rows come from that file (training/anchor.py)."""
+    seed_feedback(services.store)
+    runner = runner_for(services)
+    job = runner.wait(runner.start({"build": {**BUILD, "replay_ratio": 0.5}, "train": QUICK}).id, timeout=600)
+    assert job.status == "succeeded", job.error
+    assert "anchor" in job.result["timings"]
+    logs = [e.data["message"] for e in runner.events(job.id, kinds=("log",))]
+    assert any(m.startswith("replay anchored to the base model: ") and "of 120 answers" in m for m in logs), logs
+    anchored = list((services.settings.home / "cache" / "anchors").glob("replay-*.jsonl"))
+    assert len(anchored) == 1
+    manifest = json.loads((services.settings.datasets_dir / job.result["dataset"] / "manifest.json").read_text())
+    assert manifest["replay"]["path"] == str(anchored[0]) and manifest["replay"]["used"] > 0
+    answers = {json.loads(line)["messages"][-1]["content"] for line in anchored[0].read_text().splitlines()}
+    snapshot = services.settings.datasets_dir / job.result["dataset"]
+    train = [json.loads(line) for line in (snapshot / "jsonl" / "sft.train.jsonl").read_text().splitlines()]
+    replayed = [r["messages"][-1]["content"] for r in train if r["origin"] == "replay"]
+    assert len(replayed) == manifest["replay"]["used"] and set(replayed) <= answers
+
+
 def test_too_little_data_fails_before_any_training(services) -> None:
     seed_feedback(services.store, 4)  # every conversation lands in train or validation: no held-out rows
     runner = runner_for(services)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,7 +429,7 @@ def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | 
     try:
         opts = build_options(options.build)
         if replay_path is not None:
-            opts.replay_path = replay_path
+            opts = replace(opts, replay_path=replay_path)
         result = build_datasets(store, settings, opts, knowledge=knowledge)
     except ValueError as e:
         raise CycleFailed(f"dataset build refused its options: {e}") from e
