@@ -8,12 +8,9 @@ official `openai` client raises its usual exceptions.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -119,95 +116,6 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _events(reply: Any, created: int) -> Iterator[str]:
-    """The SSE lines of one streamed answer (runs in a producer thread; see `stream_events`)."""
-    cid = f"chatcmpl-{created}-{id(reply)}"
-    yield _chunk(cid, created, reply.model, {"role": "assistant", "content": ""})
-    try:
-        for piece in reply:
-            yield _chunk(cid, created, reply.model, {"content": piece})
-    except GenerationError as e:
-        yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'generation_error'))}\n\n"
-        return
-    except ChatError as e:
-        yield f"data: {json.dumps(error_body(e.message, e.code, e.param))}\n\n"
-        return
-    except OperationalError as e:  # the turn is written when the answer ends: a full disk shows here
-        if not disk_full(e):
-            raise
-        yield f"data: {json.dumps(error_body(STORAGE_FULL, 'storage_full'))}\n\n"
-        return
-    msg = reply.assistant_message
-    yield _chunk(cid, created, reply.model, {}, reply.finish_reason or "stop",
-                 usage={"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                        "total_tokens": reply.prompt_tokens + reply.completion_tokens},
-                 conversation_id=reply.conversation.id if reply.conversation else None,
-                 message_id=msg.id if msg else None, adapter=reply.adapter,
-                 queue_wait_s=round(reply.queue_wait_s, 3))
-    yield "data: [DONE]\n\n"
-
-
-async def stream_events(lines: Iterator[str], stop: Callable[[], None]) -> AsyncIterator[str]:
-    """Serve a blocking iterator of SSE lines from one producer thread, without a thread-pool hop per line.
-
-    Starlette runs a sync iterator with one `to_thread` call per item: per token, a worker thread and
-    the event loop each wake up, on the cores that decoding needs (at 2 torch threads on 2 cores that
-    cost 10-13% of decode). Here the producer thread appends to a buffer and wakes the event loop only
-    when no wake-up is pending, so a loop that falls behind sends several lines in one write. When the
-    client goes away (the response is cancelled), `stop()` ends the generation; the turn is logged as
-    stopped like any other.
-    """
-    loop = asyncio.get_running_loop()
-    buffer: deque[str] = deque()
-    ready = asyncio.Event()
-    state: dict[str, Any] = {"done": False, "error": None, "pending": False}
-    lock = threading.Lock()
-
-    def wake() -> None:
-        with lock:
-            state["pending"] = False
-        ready.set()
-
-    def notify() -> None:
-        with lock:
-            if state["pending"]:
-                return
-            state["pending"] = True
-        try:
-            loop.call_soon_threadsafe(wake)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            stop()
-
-    def produce() -> None:
-        try:
-            for line in lines:
-                buffer.append(line)
-                notify()
-        except BaseException as exc:  # handed to the response, which raises it
-            state["error"] = exc
-        finally:
-            state["done"] = True
-            notify()
-
-    threading.Thread(target=produce, name="sse-stream", daemon=True).start()
-    try:
-        while True:
-            await ready.wait()
-            ready.clear()
-            done = state["done"]  # read before draining: lines appended before "done" are in the buffer
-            out = []
-            while buffer:
-                out.append(buffer.popleft())
-            if out:
-                yield "".join(out)
-            if done and not buffer:
-                if state["error"] is not None:
-                    raise state["error"]
-                return
-    finally:
-        stop()
-
-
 def build_router() -> APIRouter:
     r = APIRouter()
 
@@ -259,7 +167,34 @@ def build_router() -> APIRouter:
                 "queue_wait_s": round(reply.queue_wait_s, 3),  # seconds waited for the model (back-pressure)
             }
 
-        return StreamingResponse(stream_events(_events(reply, created), reply.stop), media_type="text/event-stream",
+        def events() -> Iterator[str]:
+            cid = f"chatcmpl-{created}-{id(reply)}"
+            yield _chunk(cid, created, reply.model, {"role": "assistant", "content": ""})
+            try:
+                for piece in reply:
+                    yield _chunk(cid, created, reply.model, {"content": piece})
+            except GenerationError as e:
+                yield f"data: {json.dumps(error_body(f'generation failed: {e}', 'generation_error'))}\n\n"
+                return
+            except ChatError as e:
+                yield f"data: {json.dumps(error_body(e.message, e.code, e.param))}\n\n"
+                return
+            except OperationalError as e:  # the turn is written when the answer ends: a full disk shows here
+                if not disk_full(e):
+                    raise
+                yield f"data: {json.dumps(error_body(STORAGE_FULL, 'storage_full'))}\n\n"
+                return
+            msg = reply.assistant_message
+            yield _chunk(cid, created, reply.model, {}, reply.finish_reason or "stop",
+                         usage={"prompt_tokens": reply.prompt_tokens,
+                                "completion_tokens": reply.completion_tokens,
+                                "total_tokens": reply.prompt_tokens + reply.completion_tokens},
+                         conversation_id=reply.conversation.id if reply.conversation else None,
+                         message_id=msg.id if msg else None, adapter=reply.adapter,
+                         queue_wait_s=round(reply.queue_wait_s, 3))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -------------------------------------------------------------- conversations and feedback

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,17 @@ def prepare_model(cache: Path) -> Path:
 def start_server(home: Path, model: str, port: int, env: dict[str, str], timeout_s: float = 600,
                  poll_s: float = 0.5) -> subprocess.Popen:
     """`assistant serve` in its own session (so the caller can kill its process group), logging to
-    `<home>/../server.log`; returns once /health answers."""
+    `<home>/../server.log`; returns once /health answers.
+
+    The server is in another session, so a plain `kill` of the benchmark would leave it (and any
+    training child) running and skew every later measurement: SIGTERM is turned into SystemExit here,
+    which runs the caller's `finally` that stops the server's process group."""
+    import signal
+
     import httpx
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     log = open(home.parent / "server.log", "w")  # noqa: SIM115 - the server's whole life
     proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "serve", "--home", str(home), "--model", model,

@@ -240,7 +240,7 @@ def test_kill_server_during_promotion(dep: Deployment, tiny_adapters):
 # ------------------------------------------------------------------------------------------ training
 # A long SFT run (killed long before its end) on a split that leaves the gate held-out rows.
 RETRAIN = {"train": {"max_steps": 500, "stages": ["sft"], "evals_per_epoch": 0},
-           "build": {"heldout_min_rows": 1000, "split_ratios": [0.4, 0.2, 0.4]}}
+           "build": {"heldout_min_rows": 1000, "split_ratios": [0.4, 0.2, 0.4], "replay_ratio": 0.0}}
 
 
 def start_training(url: str, admin: dict) -> dict:

@@ -149,7 +149,7 @@ def test_one_job_at_a_time_even_across_processes(services) -> None:
     assert done.status == "cancelled" and done.cancel_requested and done.error == "training was cancelled"
     assert wait_for(lambda: not _alive(pid), timeout=60)
     assert Registry(services.settings, services.store).list() == []
-    assert runner.start({"train": LONG}).status in ("queued", "running")  # free again
+    assert runner.start({"train": LONG, "build": SMALL_BUILD}).status in ("queued", "running")  # free again
 
 
 def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services, learnable_tiny_model_dir,
@@ -337,7 +337,7 @@ def test_replay_is_anchored_to_the_base_model_before_the_build(services) -> None
 def test_too_little_data_fails_before_any_training(services) -> None:
     seed_feedback(services.store, 4)  # every conversation lands in train or validation: no held-out rows
     runner = runner_for(services)
-    job = runner.wait(runner.start({"build": {"split_ratios": [0.9, 0.1, 0.0]}}).id, timeout=120)
+    job = runner.wait(runner.start({"build": {"split_ratios": [0.9, 0.1, 0.0], "replay_ratio": 0.0}}).id, timeout=120)
     assert job.status == "failed" and "has no held-out rows to judge a candidate on, so nothing was trained" \
         in job.error
     assert not (runner.job_dir(job.id) / "train").exists() and runner.events(job.id, kinds=("progress",)) == []

@@ -253,7 +253,11 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     # 2. dataset snapshot (its general replay answered by the base model, when a backend is here)
     phase("dataset")
     t0 = time.perf_counter()
-    anchor = _anchor(services, options, lambda d, n: phase("dataset", 0.9 * d / max(n, 1), done=d, total=n))
+    def anchor_progress(done: int, total: int) -> None:
+        phase("dataset", 0.9 * done / max(total, 1), done=done, total=total)
+        check_stop()  # ~90 s for the embedded model on first use: cancellable between answers
+
+    anchor = _anchor(services, options, anchor_progress)
     if anchor is not None:
         hooks.event("log", {"message": f"replay anchored to the base model: {anchor.base_answers} of "
                                        f"{anchor.rows} answers are its own" + (" (cached)" if anchor.cached else "")})
