@@ -253,6 +253,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     # 2. dataset snapshot (its general replay answered by the base model, when a backend is here)
     phase("dataset")
     t0 = time.perf_counter()
+
     def anchor_progress(done: int, total: int) -> None:
         phase("dataset", 0.9 * done / max(total, 1), done=done, total=total)
         check_stop()  # ~90 s for the embedded model on first use: cancellable between answers
