@@ -154,8 +154,6 @@ def user_loop(url: str, key: str, deadline: float, max_tokens: int, seed: int, t
 # ------------------------------------------------------------------------------------------ server
 
 
-
-
 def setup_home(home: Path, users: int) -> list[str]:
     """Users with API keys, and the test documents ingested (shared) by an admin, in a fresh home."""
     from argon2 import PasswordHasher
@@ -197,8 +195,6 @@ def verify(home: Path, accepted: list[int], ratings: list[int]) -> dict:
                 "integrity_ok": store.integrity_check(), "counts": store.counts()}
     finally:
         store.close()
-
-
 
 
 def loadavg() -> str:

@@ -150,8 +150,6 @@ class Api:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-
-
 def setup_home(home: Path, users: int) -> dict[str, str]:
     """Accounts (API keys by role) and the team's shared documents, ingested once by the admin.
 
@@ -182,8 +180,6 @@ def setup_home(home: Path, users: int) -> dict[str, str]:
     kb.close()
     store.close()
     return keys
-
-
 
 
 # ------------------------------------------------------------------------------------------ sessions

@@ -6,6 +6,7 @@ Imported as `bench.serving`: those scripts put the project root first on `sys.pa
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,8 +38,6 @@ def start_server(home: Path, model: str, port: int, env: dict[str, str], timeout
     The server is in another session, so a plain `kill` of the benchmark would leave it (and any
     training child) running and skew every later measurement: SIGTERM is turned into SystemExit here,
     which runs the caller's `finally` that stops the server's process group."""
-    import signal
-
     import httpx
 
     if threading.current_thread() is threading.main_thread():

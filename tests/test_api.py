@@ -211,4 +211,3 @@ def test_feedback_endpoints_and_isolation(server, alice):
                    headers=auth)
     assert r.status_code == 200
     assert json.loads(json.dumps([f.corrected for f in store.feedback_for_message(mid)]))[-1] == "A better answer."
-

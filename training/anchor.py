@@ -7,8 +7,9 @@ forgetting the gate refuses. Replay whose answers are the base model's own greed
 adapter back to the base model wherever there is no product context, so the users' style stays where
 their feedback was (self-distillation as a guard against forgetting).
 
-A base answer is kept only when it agrees with the hand-written reference (its numbers and proper
-names are all there) and was not cut off; otherwise the reference stays. The result is an ordinary
+A base answer is kept only when it agrees with the hand-written reference (every content word and
+number the reference adds to the question is there, in at most `MAX_WORDS` words) and was not cut off;
+otherwise the reference stays. The result is an ordinary
 replay JSONL, cached under ``<home>/cache/anchors`` and keyed by the base model, the replay file,
 the system prompt and the generation settings, so only the first cycle pays for it.
 
@@ -26,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.teacher import _STOPWORDS, _WORD, _numbers, _stem
+from training.teacher import content_words, numbers
 
 ANCHOR_FORMAT = 1  # bump when the way answers are made or checked changes (invalidates caches)
 MAX_NEW_TOKENS = 96
 
 MAX_WORDS = 40  # longer base answers wander (and a wandering answer is not worth keeping)
-_STOP = _STOPWORDS - {"one", "two"}  # numbers in words are facts here ("a bird has two legs")
+NUMBER_WORDS = frozenset({"one", "two"})  # stopwords to the teacher, facts here ("a bird has two legs")
 
 
 @dataclass
@@ -50,7 +51,7 @@ class AnchorReport:
 
 
 def _stems(text: str) -> set[str]:
-    return {_stem(w) for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in _STOP}
+    return set(content_words(text, keep=NUMBER_WORDS))
 
 
 def agrees(question: str, reference: str, answer: str) -> bool:
@@ -60,7 +61,7 @@ def agrees(question: str, reference: str, answer: str) -> bool:
     if not words or len(words) > max(MAX_WORDS, 2 * len(reference.split())):
         return False
     needed = _stems(reference) - _stems(question)
-    return needed <= _stems(answer) and _numbers(reference) - _numbers(question) <= _numbers(answer)
+    return needed <= _stems(answer) and numbers(reference) - numbers(question) <= numbers(answer)
 
 
 def _cache_key(model_name: str, replay_path: Path, system_prompt: str) -> str:

@@ -137,12 +137,13 @@ def _stem(word: str) -> str:
     return word
 
 
-def content_words(text: str) -> list[str]:
-    """Lower-cased, crudely stemmed content words (stopwords dropped)."""
-    return [_stem(w) for w in (m.group(0).lower() for m in _WORD.finditer(text)) if w not in _STOPWORDS]
+def content_words(text: str, keep: frozenset[str] = frozenset()) -> list[str]:
+    """Lower-cased, crudely stemmed content words (stopwords dropped, except those in `keep`)."""
+    return [_stem(w) for w in (m.group(0).lower() for m in _WORD.finditer(text))
+            if w not in _STOPWORDS or w in keep]
 
 
-def _numbers(text: str) -> set[str]:
+def numbers(text: str) -> set[str]:
     return {n.replace(",", "") for n in _NUMBER.findall(text)}
 
 
@@ -198,7 +199,7 @@ def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeL
         reasons.append("refusal")
     if _MENTIONS_SOURCE.search(answer):
         reasons.append("mentions_passage")  # the student will not see the passage
-    if _numbers(answer) - _numbers(passage):
+    if numbers(answer) - numbers(passage):
         reasons.append("unsupported_number")
     if _unsupported_names(answer, passage):
         reasons.append("unsupported_name")  # "Lumin Desk", "Melinda": invented or misspelt names
