@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -362,6 +364,29 @@ def test_no_ui_page_or_endpoint_answers_without_login(tmp_path, tiny_model_dir):
             assert external == []
             assert browser.get("/logout", follow_redirects=False).status_code == 302
             assert browser.get("/config").status_code == 401
+    finally:
+        srv.stop()
+
+
+def test_an_idle_server_with_the_page_does_not_poll_every_millisecond(tmp_path, tiny_model_dir):
+    """Gradio's queue polls its event list every 1 ms by default, on the event loop that also streams
+    answers; each wake-up takes the GIL from the generation thread. `ui.app.quiet_queue` slows the
+    polls. Counted as the event-loop thread's context switches over 2 idle seconds: about 40 a second
+    with it (the queue, its progress updates and uvicorn's own tick), over 900 without."""
+    srv = start_server(tmp_path / "idle-home", tiny_model_dir, with_ui=True)
+    try:
+        status = Path(f"/proc/self/task/{srv.thread.native_id}/status")
+
+        def switches() -> int:
+            text = status.read_text()
+            return sum(int(text.split(f"{kind}_ctxt_switches:")[1].split()[0])
+                       for kind in ("voluntary", "nonvoluntary"))
+
+        time.sleep(1)  # start-up events done
+        before = switches()
+        time.sleep(2)
+        per_second = (switches() - before) / 2
+        assert 5 < per_second < 250, per_second  # it does run (the queue is live), but not 1,000 times a second
     finally:
         srv.stop()
 
