@@ -371,8 +371,8 @@ def test_no_ui_page_or_endpoint_answers_without_login(tmp_path, tiny_model_dir):
 def test_an_idle_server_with_the_page_does_not_poll_every_millisecond(tmp_path, tiny_model_dir):
     """Gradio's queue polls its event list every 1 ms by default, on the event loop that also streams
     answers; each wake-up takes the GIL from the generation thread. `ui.app.quiet_queue` slows the
-    polls. Counted as the event-loop thread's context switches over 2 idle seconds: about 40 a second
-    with it (the queue, its progress updates and uvicorn's own tick), over 900 without."""
+    polls. Counted as the event-loop thread's context switches over 2 idle seconds: 923 a second
+    without it; with it, a few dozen (the queue, its progress updates and uvicorn's own tick)."""
     srv = start_server(tmp_path / "idle-home", tiny_model_dir, with_ui=True)
     try:
         status = Path(f"/proc/self/task/{srv.thread.native_id}/status")
