@@ -164,7 +164,9 @@ def test_kill_server_during_streaming(dep: Deployment):
 
 @pytest.mark.slow
 def test_kill_server_during_ingest(dep: Deployment):
-    big = "\n\n".join((DOCS / name).read_text(encoding="utf-8") for name in sorted(os.listdir(DOCS))) * 60
+    # About 720 chunks: three batches of vectors (256 a batch), so the kill at the first progress message
+    # lands with two batches still to write even when that message reaches the client late.
+    big = "\n\n".join((DOCS / name).read_text(encoding="utf-8") for name in sorted(os.listdir(DOCS))) * 120
     with dep.serve() as (proc, url):
         seed_turns(url, dep.auth(), n=2)
         before = dep.committed()
