@@ -11,7 +11,7 @@ run: setup
 
 # Installs and starts PostgreSQL (and chromium for the browser tests) when it can, then runs everything.
 test: setup
-	. ./scripts/services.sh && .venv/bin/python -m pytest -q -ra
+	. ./scripts/services.sh && { .venv/bin/python -m pytest -q -ra; rc=$$?; assistant_stop_services; exit $$rc; }
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not slow and not browser"
