@@ -9,24 +9,37 @@
 # run as root, because initdb refuses root) and listens on 127.0.0.1 only, on $ASSISTANT_PG_PORT
 # (default 55432, or the next free port). A non-superuser role owns the test database, as in a real
 # deployment. fsync is off: the data is thrown away, and it makes the tests faster.
-# Stop it with: pg_ctl -D "$ASSISTANT_TEST_PG_DATA" stop   (as the postgres user when run as root)
+# Stop it with `assistant_pg_stop` (defined when sourced; it also removes the temporary folder), or
+# pg_ctl -D "$ASSISTANT_TEST_PG_DATA" stop   (as the postgres user when run as root).
 #
 # Everything runs in a subshell with `set -euo pipefail`, so sourcing this file does not change the
-# options of the calling shell; only the exports leak out, and only on success.
+# options of the calling shell; only the exports and the two functions below leak out.
+
+_assistant_pg_bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+
+assistant_pg_stop() {
+  [ -d "${ASSISTANT_TEST_PG_DATA:-}" ] || return 0
+  local stop=("$(_assistant_pg_bindir)/pg_ctl" -D "$ASSISTANT_TEST_PG_DATA" -m fast -w stop)
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "${stop[@]}" >/dev/null; else "${stop[@]}" >/dev/null; fi
+  local dir
+  dir="$(dirname "$ASSISTANT_TEST_PG_DATA")"
+  case "$dir" in /tmp/assistant-pg.*) rm -rf "$dir" ;; esac
+  unset ASSISTANT_TEST_PG_URL ASSISTANT_TEST_PG_DATA
+}
 
 _assistant_pg_url="$(
   set -euo pipefail
   port="${ASSISTANT_PG_PORT:-55432}"
   log() { echo "[postgres.sh] $*" >&2; }
 
-  if ! ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1; then
+  if [ -z "$(_assistant_pg_bindir)" ]; then
     [ "$(id -u)" = 0 ] || { log "PostgreSQL is not installed and I am not root"; exit 1; }
     log "installing postgresql from apt"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends postgresql >&2
   fi
-  bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
+  bindir="$(_assistant_pg_bindir)"
 
   if [ "$(id -u)" = 0 ]; then
     as_pg() { runuser -u postgres -- "$@"; }

@@ -17,16 +17,8 @@ fi
 # Stop and remove what this file started; `make test` calls it when the tests end, pass or fail, so
 # repeated runs do not leave PostgreSQL servers behind. A server the caller provided is left alone.
 assistant_stop_services() {
-  [ -n "${_assistant_started_pg:-}" ] && [ -d "${ASSISTANT_TEST_PG_DATA:-}" ] || return 0
-  local bindir dir
-  bindir="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)"
-  if [ "$(id -u)" = 0 ]; then
-    runuser -u postgres -- "$bindir/pg_ctl" -D "$ASSISTANT_TEST_PG_DATA" -m fast -w stop >/dev/null
-  else
-    "$bindir/pg_ctl" -D "$ASSISTANT_TEST_PG_DATA" -m fast -w stop >/dev/null
-  fi
-  dir="$(dirname "$ASSISTANT_TEST_PG_DATA")"
-  case "$dir" in /tmp/assistant-pg.*) rm -rf "$dir" ;; esac
-  unset _assistant_started_pg ASSISTANT_TEST_PG_URL ASSISTANT_TEST_PG_DATA
+  [ -n "${_assistant_started_pg:-}" ] || return 0
+  assistant_pg_stop
+  unset _assistant_started_pg
 }
 true
