@@ -8,9 +8,11 @@ official `openai` client raises its usual exceptions.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -34,6 +36,65 @@ class ApiError(Exception):
 
 def error_body(message: str, code: str, param: str | None = None, type_: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_ or code, "param": param, "code": code}}
+
+
+# -------------------------------------------------------------------------------------- streaming
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+async def relay(items: Iterator[str], stop: Callable[[], None]) -> AsyncIterator[str]:
+    """Iterate a blocking iterator on a thread of its own and hand its items to the event loop.
+
+    Starlette iterates a plain iterator with one thread-pool call per item: per token a worker
+    wake-up, an event-loop wake-up and anyio's bookkeeping, all holding the GIL that the generation
+    thread needs between torch ops. Here the thread waits on the model itself and each item costs
+    one `call_soon_threadsafe`; items that pile up while the loop is busy leave in one write.
+    If the response is abandoned (the client went away), `stop` is called; the thread then runs the
+    iterator to its end, so the turn is finished and logged as the stop button would.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    def pump() -> None:
+        try:
+            for item in items:
+                put(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the event loop
+            put(_Raised(e))
+        else:
+            put(_END)
+
+    threading.Thread(target=pump, name="relay", daemon=True).start()
+    ended = False
+    try:
+        while True:
+            got = [await queue.get()]
+            while not queue.empty():
+                got.append(queue.get_nowait())
+            text = "".join(x for x in got if isinstance(x, str))
+            if text:
+                yield text
+            for x in got:
+                if x is _END:
+                    ended = True
+                    return
+                if isinstance(x, _Raised):
+                    ended = True
+                    raise x.error
+    finally:
+        if not ended:
+            stop()
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -194,7 +255,7 @@ def build_router() -> APIRouter:
                          queue_wait_s=round(reply.queue_wait_s, 3))
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(relay(events(), reply.stop), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -------------------------------------------------------------- conversations and feedback

@@ -52,6 +52,8 @@ class Settings(BaseModel):
     top_p: float = 0.9
     system_prompt: str = "You are a helpful assistant. Answer clearly and briefly."
     generation_timeout_s: float = Field(120.0, description="Seconds without a token before a stream fails.")
+    stream_interval_ms: float = Field(40.0, ge=0, description="Streamed text leaves at most this often (the "
+                                      "first piece at once); 0 = a piece per token.")
     queue_max: int = Field(32, description="Generations waiting for the model before 503.")
     queue_timeout_s: float = Field(60.0, description="Longest wait for the model before 503.")
 

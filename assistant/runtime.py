@@ -361,14 +361,19 @@ class _PieceStreamer:
 
     It decodes the whole completion each time and sends what is new, holding back only an
     incomplete UTF-8 sequence (U+FFFD at the end), so the first piece leaves right after the
-    first token instead of at the first word boundary.
+    first token instead of at the first word boundary. After that, text leaves at most every
+    `interval_s` (what came in between goes as one piece): each piece wakes the consumer, the
+    event loop and the client, and on a small CPU their work per piece takes cores and the GIL
+    from the generation itself (docs/benchmarks.md, "Session 5").
     """
 
-    def __init__(self, tokenizer: Any, out: queue.Queue) -> None:
+    def __init__(self, tokenizer: Any, out: queue.Queue, interval_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.out = out
+        self.interval_s = interval_s
         self.tokens: list[int] = []
         self.sent = 0
+        self.last_sent = 0.0
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -376,6 +381,8 @@ class _PieceStreamer:
             self.prompt_seen = True
             return
         self.tokens.extend(value.reshape(-1).tolist())
+        if self.sent and time.perf_counter() - self.last_sent < self.interval_s:
+            return
         self._emit(final=False)
 
     def end(self) -> None:
@@ -388,6 +395,7 @@ class _PieceStreamer:
         if len(text) > self.sent:
             self.out.put(text[self.sent:])
             self.sent = len(text)
+            self.last_sent = time.perf_counter()
 
 
 class _StopOnEvent:
@@ -633,7 +641,7 @@ class TransformersBackend:
             if name is not None and entry is None:  # unloaded while this request waited
                 raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
             model = self._select(entry)
-            streamer = _PieceStreamer(self.tokenizer, generation.queue)
+            streamer = _PieceStreamer(self.tokenizer, generation.queue, self.settings.stream_interval_ms / 1000)
             generation.streamer = streamer
             stop = _StopOnEvent(cancel, generation.closed)
             kwargs = self._generate_kwargs(enc, gen, max_new, streamer, stop)

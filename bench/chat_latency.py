@@ -76,16 +76,19 @@ class RawPath:
         with torch.inference_mode():
             self.model.generate(**enc, streamer=clock, max_new_tokens=self.max_tokens, do_sample=False,
                                 pad_token_id=self.tok.pad_token_id)
+        done = time.perf_counter()
         n = len(clock.times)
-        decode = (n - 1) / (clock.times[-1] - clock.times[0]) if n > 1 else 0.0
+        decode = (n - 1) / (done - clock.times[0]) if n > 1 else 0.0
         return clock.times[0] - t0, decode, n, int(enc["input_ids"].shape[1])
 
 
 class ApiPath:
     """`assistant serve` as a separate process, asked with the official `openai` client, streaming."""
 
-    def __init__(self, home: Path, threads: int, max_tokens: int, port: int = 8765) -> None:
+    def __init__(self, home: Path, threads: int, max_tokens: int, port: int = 8765,
+                 stream_interval_ms: float | None = None) -> None:
         self.home, self.threads, self.max_tokens, self.port = home, threads, max_tokens, port
+        self.stream_interval_ms = stream_interval_ms
 
     def __enter__(self) -> ApiPath:
         import httpx
@@ -93,6 +96,8 @@ class ApiPath:
 
         env = {**os.environ, "ASSISTANT_HOME": str(self.home), "ASSISTANT_TORCH_THREADS": str(self.threads),
                "ASSISTANT_PORT": str(self.port)}
+        if self.stream_interval_ms is not None:
+            env["ASSISTANT_STREAM_INTERVAL_MS"] = str(self.stream_interval_ms)
         exe = Path(sys.executable).parent / "assistant"
         subprocess.run([str(exe), "user", "add", "bench", "--password", "bench-password"], env=env, check=True,
                        capture_output=True)
@@ -124,18 +129,21 @@ class ApiPath:
 
     def ask(self, prompt: str) -> tuple[float, float, int, int]:
         t0 = time.perf_counter()
-        times, n, prompt_tokens = [], 0, 0
+        first, done, n, prompt_tokens = None, None, 0, 0
         for chunk in self.client.chat.completions.create(
                 model="assistant", stream=True, temperature=0, max_tokens=self.max_tokens,
                 messages=[{"role": "user", "content": prompt}]):
-            if chunk.choices and chunk.choices[0].delta.content:
-                times.append(time.perf_counter())
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
             if chunk.usage:
+                done = time.perf_counter()
                 n, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
-        # The server sends a piece per token that adds text (the end-of-sequence token adds none), so
-        # the rate counts pieces after the first over their time span: never more than the tokens.
-        decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-        return times[0] - t0, decode, n, prompt_tokens
+        assert first is not None and done is not None, "no text or no usage in the stream"
+        # The first piece is the first token; the last chunk carries the usage and leaves once the
+        # turn is logged. Both paths count the tokens after the first (end-of-sequence included)
+        # over the time to the end, so it holds whether the server sends a piece per token or fewer.
+        decode = (n - 1) / (done - first) if n > 1 else 0.0
+        return first - t0, decode, n, prompt_tokens
 
 
 def measure(raw: RawPath, api: ApiPath, repeats: int) -> tuple[list, list]:
@@ -161,6 +169,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stream-interval-ms", type=float, default=None,
+                    help="the server's stream_interval_ms (default: the product's default)")
     ap.add_argument("--home", type=Path, default=None, help="state dir (default: temp, sharing ~/.assistant/models)")
     args = ap.parse_args()
 
@@ -175,7 +185,7 @@ def main() -> None:
     settings = Settings.load(home=home)
     settings.ensure_dirs()
 
-    with ApiPath(home, args.threads, args.max_tokens) as api_path:
+    with ApiPath(home, args.threads, args.max_tokens, stream_interval_ms=args.stream_interval_ms) as api_path:
         raw, api = measure(RawPath(settings, args.threads, args.max_tokens), api_path, args.repeats)
 
     def row(name: str, xs: list[tuple[float, float, int]]) -> str:
@@ -184,7 +194,9 @@ def main() -> None:
         return (f"| {name} | {statistics.median(ttft):.0f} | {pct(ttft, 0.95):.0f} | "
                 f"{statistics.median(dec):.1f} | {statistics.mean(x[2] for x in xs):.0f} |")
 
-    print(f"\nthreads={args.threads} max_tokens={args.max_tokens} prompts={len(PROMPTS)} x {args.repeats}, greedy")
+    interval = "default" if args.stream_interval_ms is None else f"{args.stream_interval_ms:g} ms"
+    print(f"\nthreads={args.threads} max_tokens={args.max_tokens} prompts={len(PROMPTS)} x {args.repeats}, greedy, "
+          f"stream interval {interval}")
     print("| path | TTFT p50 (ms) | TTFT p95 (ms) | decode tok/s p50 | tokens/answer |")
     print("|---|---|---|---|---|")
     print(row("raw model.generate", raw))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import time
 
 import httpx
 import openai
@@ -211,3 +212,30 @@ def test_feedback_endpoints_and_isolation(server, alice):
                    headers=auth)
     assert r.status_code == 200
     assert json.loads(json.dumps([f.corrected for f in store.feedback_for_message(mid)]))[-1] == "A better answer."
+
+
+def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
+    store = server.services.store
+    user = store.create_user("leaver", "leaver-password-1")
+    key = store.create_api_key(user.id)
+    body = {"model": "alpha", "stream": True, "max_tokens": 1000, "temperature": 0,
+            "messages": [{"role": "user", "content": "Count to a thousand"}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the first text arrived; leaving the block closes the connection
+    deadline = time.monotonic() + 30
+    msgs = []
+    while time.monotonic() < deadline and len(msgs) < 2:
+        convs = store.list_conversations(user.id)
+        msgs = store.messages(convs[0].id) if convs else []
+        time.sleep(0.05)
+    assert [m.role for m in msgs] == ["user", "assistant"], "the stopped turn is logged"
+    assert msgs[1].status == "stopped" and msgs[1].content
+    # the model is free again: the next request is answered at once
+    again = client(server, key).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
+    assert again.choices[0].message.content
+    assert server.services.chat.backend.queue_depth == 0

@@ -127,12 +127,25 @@ def test_many_concurrent_mixed_requests_match_alone(backend, alone):
     assert backend.queue_depth == 0
 
 
+def test_stream_interval_joins_pieces_but_not_the_first(backend, alone, monkeypatch):
+    # An interval longer than the whole answer: the first token's text leaves at once (time to first
+    # token is untouched), everything after it leaves as one piece when the answer ends.
+    monkeypatch.setattr(backend.settings, "stream_interval_ms", 60_000.0)
+    with backend.stream(QUESTION, "alpha", GREEDY) as gen:
+        pieces = list(gen)
+    assert "".join(pieces) == alone["alpha"]
+    assert len(pieces) == 2 and len(pieces[0]) < len(alone["alpha"])
+    assert gen.usage["completion_tokens"] == GREEDY.max_new_tokens
+    assert gen.first_token_s is not None and gen.first_token_s < gen.duration_s
+
+
 def test_base_model_name_means_no_adapter(backend, alone):
     r = backend.generate(QUESTION, backend.model_name, GREEDY)
     assert r.text == alone[None] and r.adapter is None
 
 
-def test_streaming_yields_the_same_text_piece_by_piece(backend, alone):
+def test_streaming_yields_the_same_text_piece_by_piece(backend, alone, monkeypatch):
+    monkeypatch.setattr(backend.settings, "stream_interval_ms", 0.0)
     with backend.stream(QUESTION, "alpha", GREEDY) as gen:
         pieces = list(gen)
     assert "".join(pieces) == alone["alpha"] == gen.text
