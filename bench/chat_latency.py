@@ -10,12 +10,13 @@ paths feed the model the same tokens, which the script checks (prompt tokens, an
 Each path gets one untimed warm-up request first (the server's is reported on its own line), sent once
 /health says the server is warm. Prints a table; paste it into docs/benchmarks.md.
 
-    .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3]
+    .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3] [--stream-interval-ms MS ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -146,22 +147,21 @@ class ApiPath:
         return first - t0, decode, n, prompt_tokens
 
 
-def measure(raw: RawPath, api: ApiPath, repeats: int) -> tuple[list, list]:
-    """Each prompt on both paths back to back, alternating which goes first, so that a machine that
-    speeds up or slows down during the run (other tenants, clocks) moves both columns alike."""
-    first_api = api.ask(PROMPTS[0])
+def measure(raw: RawPath, apis: list[ApiPath], repeats: int) -> tuple[list, list[list]]:
+    """Each prompt on every path back to back, rotating which goes first, so that a machine that
+    speeds up or slows down during the run (other tenants, clocks) moves every column alike."""
+    for api in apis:
+        first = api.ask(PROMPTS[0])
+        print(f"first request after /health (warm-up, not in the table): TTFT {first[0] * 1000:.0f} ms")
     raw.ask(PROMPTS[0])
-    print(f"first request after /health (warm-up, not in the table): TTFT {first_api[0] * 1000:.0f} ms")
-    raws, apis = [], []
+    paths = [raw.ask] + [api.ask for api in apis]
+    results: list[list] = [[] for _ in paths]
     for r in range(repeats):
-        for i, p in enumerate(PROMPTS):
-            if (r + i) % 2:
-                apis.append(api.ask(p))
-                raws.append(raw.ask(p))
-            else:
-                raws.append(raw.ask(p))
-                apis.append(api.ask(p))
-    return raws, apis
+        for i, prompt in enumerate(PROMPTS):
+            shift = (r + i) % len(paths)
+            for j in list(range(shift, len(paths))) + list(range(shift)):
+                results[j].append(paths[j](prompt))
+    return results[0], results[1:]
 
 
 def main() -> None:
@@ -169,24 +169,30 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stream-interval-ms", type=float, default=None,
-                    help="the server's stream_interval_ms (default: the product's default)")
-    ap.add_argument("--home", type=Path, default=None, help="state dir (default: temp, sharing ~/.assistant/models)")
+    ap.add_argument("--stream-interval-ms", type=float, nargs="+", default=None, metavar="MS",
+                    help="the server's stream_interval_ms (default: the product's default); several values "
+                         "start one server each, measured interleaved with raw")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from assistant.config import Settings
 
-    home = args.home or Path(tempfile.mkdtemp(prefix="bench-chat-"))
     shared_models = Settings.load().models_dir
-    if args.home is None and shared_models.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "models").symlink_to(shared_models)  # reuse the converted model, don't convert again
-    settings = Settings.load(home=home)
-    settings.ensure_dirs()
 
-    with ApiPath(home, args.threads, args.max_tokens, stream_interval_ms=args.stream_interval_ms) as api_path:
-        raw, api = measure(RawPath(settings, args.threads, args.max_tokens), api_path, args.repeats)
+    def fresh_home() -> Path:
+        home = Path(tempfile.mkdtemp(prefix="bench-chat-"))
+        if shared_models.exists():
+            (home / "models").symlink_to(shared_models)  # reuse the converted model, don't convert again
+        return home
+
+    settings = Settings.load(home=fresh_home())
+    settings.ensure_dirs()
+    intervals: list[float | None] = list(args.stream_interval_ms or [None])
+    with contextlib.ExitStack() as stack:
+        apis = [stack.enter_context(ApiPath(fresh_home(), args.threads, args.max_tokens, port=8765 + j,
+                                            stream_interval_ms=iv))
+                for j, iv in enumerate(intervals)]
+        raw, api_results = measure(RawPath(settings, args.threads, args.max_tokens), apis, args.repeats)
 
     def row(name: str, xs: list[tuple[float, float, int]]) -> str:
         ttft = [x[0] * 1000 for x in xs]
@@ -194,20 +200,23 @@ def main() -> None:
         return (f"| {name} | {statistics.median(ttft):.0f} | {pct(ttft, 0.95):.0f} | "
                 f"{statistics.median(dec):.1f} | {statistics.mean(x[2] for x in xs):.0f} |")
 
-    interval = "default" if args.stream_interval_ms is None else f"{args.stream_interval_ms:g} ms"
-    print(f"\nthreads={args.threads} max_tokens={args.max_tokens} prompts={len(PROMPTS)} x {args.repeats}, greedy, "
-          f"stream interval {interval}")
+    def label(iv: float | None) -> str:
+        return "API (openai client, streaming" + ("" if iv is None else f", stream interval {iv:g} ms") + ")"
+
+    print(f"\nthreads={args.threads} max_tokens={args.max_tokens} prompts={len(PROMPTS)} x {args.repeats}, greedy")
     print("| path | TTFT p50 (ms) | TTFT p95 (ms) | decode tok/s p50 | tokens/answer |")
     print("|---|---|---|---|---|")
     print(row("raw model.generate", raw))
-    print(row("API (openai client, streaming)", api))
-    same = [r[2:] == a[2:] for r, a in zip(raw, api, strict=True)]
-    print(f"same prompt and answer length (tokens) on both paths: {sum(same)}/{len(same)} requests")
-    ttft_over = statistics.median(a[0] for a in api) * 1000 - statistics.median(r[0] for r in raw) * 1000
-    ratio = statistics.median(a[1] for a in api) / statistics.median(r[1] for r in raw)
-    paired = statistics.median(a[1] / r[1] for r, a in zip(raw, api, strict=True) if r[1])
-    print(f"\nTTFT overhead p50: {ttft_over:.0f} ms (target <= 50); decode API/raw: {ratio:.1%} "
-          f"(median of the same request on both paths: {paired:.1%}; target >= 95%)")
+    for iv, api in zip(intervals, api_results, strict=True):
+        print(row(label(iv), api))
+    for iv, api in zip(intervals, api_results, strict=True):
+        same = [r[2:] == a[2:] for r, a in zip(raw, api, strict=True)]
+        ttft_over = statistics.median(a[0] for a in api) * 1000 - statistics.median(r[0] for r in raw) * 1000
+        ratio = statistics.median(a[1] for a in api) / statistics.median(r[1] for r in raw)
+        paired = statistics.median(a[1] / r[1] for r, a in zip(raw, api, strict=True) if r[1])
+        print(f"\n{label(iv)}: same prompt and answer length (tokens) as raw: {sum(same)}/{len(same)} requests")
+        print(f"TTFT overhead p50: {ttft_over:.0f} ms (target <= 50); decode API/raw: {ratio:.1%} "
+              f"(median of the same request on both paths: {paired:.1%}; target >= 95%)")
 
 
 if __name__ == "__main__":
