@@ -2,10 +2,20 @@
 
     .venv/bin/python bench/retrieval.py quality            # recall@k / MRR: hybrid vs dense vs lexical
     .venv/bin/python bench/retrieval.py scale [--sizes 10000 100000] [--real 5000] [--queries 200]
+    .venv/bin/python bench/retrieval.py router [--margin 0 0.03] [--verbose]   # tune the agent's relevance filter
 
 `quality` ingests tests/data/retrieval/docs into a fresh knowledge base through the real path and
 asks every question of tests/data/retrieval/queries.jsonl; a question counts as found at k when one
 of the top-k chunks comes from the labelled document and contains the labelled evidence text.
+
+`router` asks the same questions as the agent does (top `retrieval_k` hits) and notes the answer passage's
+dense score and lexical coverage when it ranks there, then asks every question of tests/data/retrieval/off_topic.txt
+(none about the documents) and notes every hit's scores (even for a question the router would not search, such
+as "who are you": stricter than the agent). It prints how many answers the agent's relevance filter
+(`assistant.agent.relevant`) keeps, by kind, and how many off-topic questions keep a passage; then a grid search
+over rules of the same shape, and of a shape with a sum clause, for the rule that keeps the most answers while no
+off-topic question keeps a passage and every off-topic hit stays at least `--margin` (in score units, on both
+scores at once) from being kept; of those, it chooses the one with the fewest clauses, then agent.py's shape.
 
 `scale` measures, on this CPU with the embedded embedder (fp32, `--threads` torch threads):
 1. ingest throughput of the real path (`KnowledgeBase.ingest`: extract, chunk, embed, store, index)
@@ -31,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,6 +140,185 @@ def quality(args: argparse.Namespace) -> None:
                     if r is None or r > 5:
                         print(f"    miss ({mode}): {q['q']!r} -> rank {r}")
         kb.close()
+
+
+# ---------------------------------------------------------------------------------------- router
+OFF = 9.0  # a threshold that switches its clause off
+
+
+def load_off_topic() -> list[str]:
+    return [x.strip() for x in (DATA / "off_topic.txt").read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Keep a passage when dense >= dense_min, or cover >= cover_min, or both scores reach `both`, or
+    dense >= sum_floor and dense + cover >= sum_min. The shape of `assistant.agent.relevant`, plus a sum clause."""
+
+    dense_min: float = OFF
+    cover_min: float = OFF
+    both: tuple[float, float] = (OFF, OFF)
+    sum_floor: float = OFF
+    sum_min: float = OFF
+
+    def distance(self, d, c):
+        """How far (d, c) is from being kept, moving both scores by at most that much; <= 0 when kept."""
+        import numpy as np
+
+        return np.minimum.reduce([self.dense_min - d, self.cover_min - c,
+                                  np.maximum(self.both[0] - d, self.both[1] - c),
+                                  np.maximum(self.sum_floor - d, (self.sum_min - d - c) / 2)])
+
+    @property
+    def clauses(self) -> int:
+        return (self.dense_min < OFF) + (self.cover_min < OFF) + (self.both[0] < OFF) + (self.sum_min < OFF)
+
+    @property
+    def shape(self) -> str:
+        return "sum clause" if self.sum_min < OFF else "current shape" if self.both[0] < OFF else "dense or cover"
+
+    def __str__(self) -> str:
+        parts = [f"dense >= {self.dense_min:.2f}" if self.dense_min < OFF else "",
+                 f"cover >= {self.cover_min:.2f}" if self.cover_min < OFF else "",
+                 f"(dense >= {self.both[0]:.2f} and cover >= {self.both[1]:.2f})" if self.both[0] < OFF else "",
+                 f"(dense >= {self.sum_floor:.2f} and dense + cover >= {self.sum_min:.2f})"
+                 if self.sum_min < OFF else ""]
+        return " or ".join(p for p in parts if p)
+
+
+def scores(hit) -> tuple[float, float]:
+    return hit.dense_score or 0.0, hit.lexical_coverage or 0.0
+
+
+def grid_search(shape: str, answers, off, margins: list[float]) -> dict[float, Rule]:
+    """For each margin, the rule of `shape` ("dense or cover", "current shape" or "sum clause") that keeps the most
+    answers while every off-topic hit stays at least `margin` (and above 0) from being kept; ties go to fewer clauses,
+    then to the larger margin, then to the lower thresholds."""
+    import numpy as np
+
+    dense_grid, cover_grid = frange(0.20, 0.60, 0.01), [*frange(0.30, 1.0, 0.01), OFF]
+    xs = np.array(frange(0.0, 0.40, 0.01) if shape != "dense or cover" else [OFF])  # pair clause: dense floor
+    ys = np.array(frange(0.0, 0.60, 0.01) if shape == "current shape" else frange(0.30, 1.20, 0.01) if shape ==
+                  "sum clause" else [OFF])  # and cover (current shape) or dense + cover (sum clause)
+
+    def pair(d, c):  # distance to the pair clause, shape (len(xs), len(ys), points)
+        x, y = xs[:, None, None], ys[None, :, None]
+        second = (y - d - c) / 2 if shape == "sum clause" else y - c
+        return np.maximum(x - d, second)
+
+    pair_ans, pair_off = pair(*answers), pair(*off)
+    useful = np.ones((len(xs), len(ys)), bool)
+    best: dict[float, tuple[tuple, Rule]] = {}
+    for dm in dense_grid:
+        for cm in cover_grid:
+            m = np.minimum(np.minimum(dm - off[0], cm - off[1]), pair_off).min(-1)
+            kept = (np.minimum(np.minimum(dm - answers[0], cm - answers[1]), pair_ans) <= 0).sum(-1)
+            if shape != "dense or cover":  # the pair clause must add something the other two do not
+                useful = (xs[:, None] < dm) & ((ys[None, :] < cm) if shape == "current shape"
+                                               else (ys[None, :] - xs[:, None] < cm))
+            for margin in margins:
+                ok = useful & (m > 0) & (m >= margin - 1e-9)
+                if not ok.any():
+                    continue
+                score = np.where(ok, kept * 1000.0 + np.round(m, 3), -1.0)
+                i, j = np.unravel_index(int(score.argmax()), score.shape)  # first best: lowest floor, then second
+                both = (float(xs[i]), float(ys[j])) if shape == "current shape" else (OFF, OFF)
+                floor, total = (float(xs[i]), float(ys[j])) if shape == "sum clause" else (OFF, OFF)
+                rule = Rule(dm, cm, both, floor, total)
+                key = (int(kept[i, j]), -rule.clauses, round(float(m[i, j]), 3))
+                if margin not in best or key > best[margin][0]:
+                    best[margin] = key, rule
+    return {margin: rule for margin, (_, rule) in best.items()}
+
+
+def frange(lo: float, hi: float, step: float) -> list[float]:
+    return [round(lo + i * step, 2) for i in range(int(round((hi - lo) / step)) + 1)]
+
+
+def router(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from assistant.agent import BOTH_MIN, COVERAGE_MIN, DENSE_MIN, relevant
+    from memory.knowledge import KnowledgeBase
+
+    queries, off_topic = load_labelled(), load_off_topic()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        kb = KnowledgeBase(make_settings(Path(tmp), embedder=args.embedder))
+        user, k = bench_user(), kb.settings.retrieval_k
+        ids = ingest_labelled(kb, user)
+        found = []  # (query, answer hit or None)
+        for q in queries:
+            hits = kb.search(user, q["q"], k=k)
+            rank = found_rank(hits, ids[q["doc"]], q["evidence"])
+            found.append((q, hits[rank - 1] if rank else None))
+        off_hits = [(q, kb.search(user, q, k=k)) for q in off_topic]
+        print(f"{len(ids)} documents, {kb.count_chunks()} chunks; {len(queries)} labelled questions, "
+              f"{len(off_topic)} off-topic; top {k} hits; {kb.settings.embedder} on {kb.embedder.backend}; "
+              f"{machine()}\n")
+        kb.close()
+
+    kinds = sorted({q["kind"] for q in queries})
+    top = [(q, h) for q, h in found if h is not None]
+    answers = np.array([scores(h) for _, h in top]).T
+    off = np.array([scores(h) for _, hits in off_hits for h in hits]).T
+    kind_of = np.array([q["kind"] for q, _ in top])
+    in_top = {kind: sum(1 for q, h in found if h is not None and q["kind"] == kind) for kind in kinds}
+
+    current = Rule(DENSE_MIN, COVERAGE_MIN, BOTH_MIN)
+    # the vectorised rule must agree with the agent's own filter
+    assert [relevant(h) for _, h in top] == list(current.distance(*answers) <= 0)
+    if args.verbose:
+        for q, h in found:
+            d, c = scores(h) if h else (float("nan"), float("nan"))
+            mark = "miss" if h is None else ("kept" if relevant(h) else "DROP")
+            print(f"  {mark} {q['kind']:<11} dense {d:.2f} cover {c:.2f}  {q['q']}")
+        for q, hits in off_hits:
+            print(f"  off-topic max dense {max((scores(h)[0] for h in hits), default=0):.2f} "
+                  f"cover {max((scores(h)[1] for h in hits), default=0):.2f} "
+                  f"{'KEPT ' if any(relevant(h) for h in hits) else ''}{q}")
+        print()
+
+    d, c = off
+    worst = {"dense": d.max(), "cover": c.max(), "dense + cover": (d + c).max(),
+             "min(dense, cover)": np.minimum(d, c).max()}
+    print("off-topic maxima over all hits: " + ", ".join(f"{name} {v:.2f}" for name, v in worst.items()))
+    print(f"labelled answers in the top {k}: " + ", ".join(f"{kind} {in_top[kind]}" for kind in kinds)
+          + f" (of {len(queries)}: " + ", ".join(f"{kind} {sum(q['kind'] == kind for q in queries)}" for kind in kinds)
+          + ")\n")
+
+    best_of = {shape: grid_search(shape, answers, off, args.margin)
+               for shape in ("dense or cover", "current shape", "sum clause")}
+    rows = [("current (agent.py)", current)]
+    rows += [(f"{shape}, margin >= {margin:.2f}", best[margin]) for margin in args.margin
+             for shape, best in best_of.items() if margin in best]
+    # The choice, at the largest margin asked for: most answers kept, then fewest clauses, then the shape agent.py
+    # already has, then the larger margin.
+    margin = max(args.margin)
+    chosen = max((best[margin] for best in best_of.values() if margin in best),
+                 key=lambda r: (int((r.distance(*answers) <= 0).sum()), -r.clauses, r.shape == "current shape",
+                                float(r.distance(*off).min())))
+
+    off_question = [q for q, hits in off_hits for _ in hits]
+    print("| rule | " + " | ".join(f"kept {kind}" for kind in kinds) + " | kept all | off-topic keeping a passage | "
+          "off-topic margin (nearest) |")
+    print("|---" * (len(kinds) + 4) + "|")
+    for name, rule in rows:
+        kept, near = rule.distance(*answers) <= 0, rule.distance(*off)
+        by_kind = [f"{int(kept[kind_of == kind].sum())}/{in_top[kind]}" for kind in kinds]
+        off_kept = len({q for q, x in zip(off_question, near, strict=True) if x <= 0})
+        print(f"| {name}: `{rule}` | " + " | ".join(by_kind) + f" | {int(kept.sum())}/{len(top)} | "
+              f"{off_kept}/{len(off_topic)} | {float(near.min()):.3f} ({off_question[int(near.argmin())]}) |")
+    if args.verbose:
+        was = current.distance(*answers) <= 0
+        for name, rule in rows[1:]:
+            now = rule.distance(*answers) <= 0
+            print(f"\n{name}: " + "; ".join(f"{'+' if n else '-'} {q['q']} ({h.dense_score or 0:.2f}/"
+                                            f"{h.lexical_coverage or 0:.2f})"
+                                            for (q, h), w, n in zip(top, was, now, strict=True) if w != n))
+    print(f"\nchosen (margin >= {margin:.2f}): `{chosen}`; {time.perf_counter() - started:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------- real text
@@ -360,6 +550,12 @@ def main() -> None:
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--verbose", action="store_true")
     q.add_argument("--embedder", default=None, help="settings.embedder (default: the embedded fp32 model)")
+    r = sub.add_parser("router")
+    r.add_argument("--margin", type=float, nargs="*", default=[0.0, 0.03],
+                   help="least distance of every off-topic hit from being kept, in score units")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--verbose", action="store_true")
+    r.add_argument("--embedder", default=None, help="settings.embedder (default: the embedded fp32 model)")
     sc = sub.add_parser("scale")
     sc.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
     sc.add_argument("--real", type=int, default=5000, help="really embedded real chunks in each index")
@@ -377,7 +573,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quality(args) if args.cmd == "quality" else scale(args)
+    {"quality": quality, "router": router, "scale": scale}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.agent import Agent, Prepared, find_arithmetic, parse_tool_calls
+from assistant.agent import Agent, Prepared, find_arithmetic, parse_tool_calls, relevant
 from assistant.config import Settings
 from assistant.prompt import DATA_RULES, quote
 from assistant.runtime import normalize_messages
@@ -350,6 +350,39 @@ def test_router_on_the_real_embedder_cites_the_right_document_and_skips_off_topi
     assert "HX-350" in data_block(p)
     for q in ("tell me a joke", "What is the capital of France?", "write a poem about the sea", "who are you"):
         assert agent.prepare(alice, [], q).sources == [], q
+    kb.close()
+
+
+@pytest.mark.slow
+def test_relevance_filter_keeps_labelled_answers_and_drops_every_off_topic_question(settings: Settings, store,
+                                                                                     users):
+    """The thresholds of `relevant`, on the labelled set (bench/retrieval.py router tuned them): of the answer passages
+    in the agent's top k it keeps 100 of 108 (17 of the 25 vague ones), and no off-topic question keeps a passage."""
+    import torch
+
+    from bench.retrieval import found_rank, ingest_labelled, load_labelled, load_off_topic
+
+    torch.set_num_threads(1)
+    alice, _, _ = users
+    kb = KnowledgeBase(settings)
+    ids = ingest_labelled(kb, alice)
+    agent = Agent(settings, store, kb, LongTermMemory(settings, store), clock=lambda: CLOCK)
+    in_top, kept = {}, {}
+    for q in load_labelled():
+        hits = kb.search(alice, q["q"], k=settings.retrieval_k)  # what the router's search_documents step gets
+        rank = found_rank(hits, ids[q["doc"]], q["evidence"])
+        if rank is not None:
+            in_top[q["kind"]] = in_top.get(q["kind"], 0) + 1
+            kept[q["kind"]] = kept.get(q["kind"], 0) + relevant(hits[rank - 1])
+    print("kept of the answers in the top k:", {kind: f"{kept[kind]}/{n}" for kind, n in in_top.items()})
+    specific = [kind for kind in in_top if kind != "vague"]
+    assert all(kept[kind] == in_top[kind] for kind in specific), "a specific question's answer was dropped"
+    assert sum(kept.values()) / sum(in_top.values()) >= 0.92  # 100/108 = 0.926 when tuned
+    assert kept["vague"] >= 17 and in_top["vague"] >= 25
+    off_topic = load_off_topic()
+    assert len(off_topic) >= 40
+    leaked = [q for q in off_topic if agent.prepare(alice, [], q).sources]  # through the whole router
+    assert leaked == []
     kb.close()
 
 

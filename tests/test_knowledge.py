@@ -457,14 +457,21 @@ def test_labelled_set_recall_at_5_hybrid_beats_dense(labelled_kb):
 
     kb, ids, queries = labelled_kb
     assert kb.embedder.backend == "onnxruntime"  # the embedded model runs exported (memory/embedder.py)
-    assert len(queries) >= 80 and {q["kind"] for q in queries} == {"paraphrase", "code", "name", "non-english"}
+    kinds = {"paraphrase", "code", "name", "non-english", "vague"}
+    assert len(queries) >= 110 and {q["kind"] for q in queries} == kinds
     results = {mode: evaluate(kb, ALICE, queries, ids, mode) for mode in ("hybrid", "dense")}
-    hybrid, dense = recall_at(results["hybrid"], 5), recall_at(results["dense"], 5)
-    print(f"recall@5 hybrid {hybrid:.3f} dense {dense:.3f}")
-    assert hybrid >= 0.9
-    assert hybrid > dense
-    exact = [i for i, q in enumerate(queries) if q["kind"] in ("code", "name", "non-english")]
-    assert recall_at([results["hybrid"][i] for i in exact], 5) > recall_at([results["dense"][i] for i in exact], 5)
+
+    def r5(mode: str, which: set[str]) -> float:
+        return recall_at([r for r, q in zip(results[mode], queries, strict=True) if q["kind"] in which], 5)
+
+    specific, exact = kinds - {"vague"}, {"code", "name", "non-english"}
+    print(f"recall@5 hybrid {r5('hybrid', kinds):.3f} dense {r5('dense', kinds):.3f}")
+    # Specific questions: 84 of 87 (hybrid) against 82 (dense) when written. Short everyday ("vague") questions share
+    # few words with the text, so BM25 adds little there: 27 of 35 against 28 (dense).
+    assert r5("hybrid", specific) >= 0.95
+    assert r5("hybrid", specific) > r5("dense", specific)
+    assert r5("hybrid", exact) > r5("dense", exact)
+    assert r5("hybrid", {"vague"}) >= 0.7
 
 
 @pytest.mark.slow
