@@ -186,6 +186,17 @@ class Rule:
         return " or ".join(p for p in parts if p)
 
 
+def answer_hits(kb, user, queries: list[dict], ids: dict[str, str], k: int) -> list[tuple[dict, object]]:
+    """Each labelled question with its answer passage among the top `k` hits (what the agent's search step
+    gets), or None when the answer does not rank there."""
+    found = []
+    for q in queries:
+        hits = kb.search(user, q["q"], k=k)
+        rank = found_rank(hits, ids[q["doc"]], q["evidence"])
+        found.append((q, hits[rank - 1] if rank else None))
+    return found
+
+
 def scores(hit) -> tuple[float, float]:
     return hit.dense_score or 0.0, hit.lexical_coverage or 0.0
 
@@ -249,11 +260,7 @@ def router(args: argparse.Namespace) -> None:
         kb = KnowledgeBase(make_settings(Path(tmp), embedder=args.embedder))
         user, k = bench_user(), kb.settings.retrieval_k
         ids = ingest_labelled(kb, user)
-        found = []  # (query, answer hit or None)
-        for q in queries:
-            hits = kb.search(user, q["q"], k=k)
-            rank = found_rank(hits, ids[q["doc"]], q["evidence"])
-            found.append((q, hits[rank - 1] if rank else None))
+        found = answer_hits(kb, user, queries, ids, k)
         off_hits = [(q, kb.search(user, q, k=k)) for q in off_topic]
         print(f"{len(ids)} documents, {kb.count_chunks()} chunks; {len(queries)} labelled questions, "
               f"{len(off_topic)} off-topic; top {k} hits; {kb.settings.embedder} on {kb.embedder.backend}; "
@@ -265,7 +272,7 @@ def router(args: argparse.Namespace) -> None:
     answers = np.array([scores(h) for _, h in top]).T
     off = np.array([scores(h) for _, hits in off_hits for h in hits]).T
     kind_of = np.array([q["kind"] for q, _ in top])
-    in_top = {kind: sum(1 for q, h in found if h is not None and q["kind"] == kind) for kind in kinds}
+    in_top = {kind: int((kind_of == kind).sum()) for kind in kinds}
 
     current = Rule(DENSE_MIN, COVERAGE_MIN, BOTH_MIN)
     # the vectorised rule must agree with the agent's own filter

@@ -360,7 +360,7 @@ def test_relevance_filter_keeps_labelled_answers_and_drops_off_topic_questions(s
     the known one keeps a passage (docs/benchmarks.md, "The router's relevance filter")."""
     import torch
 
-    from bench.retrieval import found_rank, ingest_labelled, load_labelled, load_off_topic
+    from bench.retrieval import answer_hits, ingest_labelled, load_labelled, load_off_topic
 
     torch.set_num_threads(1)
     alice, _, _ = users
@@ -368,12 +368,10 @@ def test_relevance_filter_keeps_labelled_answers_and_drops_off_topic_questions(s
     ids = ingest_labelled(kb, alice)
     agent = Agent(settings, store, kb, LongTermMemory(settings, store), clock=lambda: CLOCK)
     in_top, kept = {}, {}
-    for q in load_labelled():
-        hits = kb.search(alice, q["q"], k=settings.retrieval_k)  # what the router's search_documents step gets
-        rank = found_rank(hits, ids[q["doc"]], q["evidence"])
-        if rank is not None:
+    for q, hit in answer_hits(kb, alice, load_labelled(), ids, settings.retrieval_k):
+        if hit is not None:
             in_top[q["kind"]] = in_top.get(q["kind"], 0) + 1
-            kept[q["kind"]] = kept.get(q["kind"], 0) + relevant(hits[rank - 1])
+            kept[q["kind"]] = kept.get(q["kind"], 0) + relevant(hit)
     print("kept of the answers in the top k:", {kind: f"{kept[kind]}/{n}" for kind, n in in_top.items()})
     specific = [kind for kind in in_top if kind != "vague"]
     assert all(kept[kind] == in_top[kind] for kind in specific), "a specific question's answer was dropped"
