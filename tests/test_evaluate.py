@@ -61,14 +61,22 @@ def test_gain_without_regression_passes() -> None:
 
 
 def test_one_lost_general_question_fails_by_default() -> None:
-    # One of the shipped suite's 16 questions (0.0625): a loop run promoted such a candidate at the old
-    # tolerance of 0.10 ("Italie is the capital of Italy"); the default now refuses it.
+    # With the old 16-question suite one lost question (0.0625) passed the old tolerance of 0.10 in a
+    # loop run ("Italie is the capital of Italy"); the default refuses a drop over 1 point.
     base = mm("base", None, general_ppl=10.0, general_qa=1.0)
     serving = mm("baseline", val_loss=1.5, general_ppl=10.0, general_qa=1.0)
     cand = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=15 / 16)
     d = decide(cand, serving, base, GateConfig())
     assert not d.passed and "general questions vs base (-0.062)" in d.reason, d.reason
     assert decide(cand, serving, base, GateConfig(general_qa_tolerance=0.10)).passed
+    # With the shipped 120 questions: a net loss of one passes (-0.8 points), two do not (-1.7).
+    base_120 = mm("base", None, general_ppl=10.0, general_qa=67 / 120)
+    serving_120 = mm("baseline", val_loss=1.5, general_ppl=10.0, general_qa=67 / 120)
+    one = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=66 / 120)
+    two = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=65 / 120)
+    assert decide(one, serving_120, base_120, GateConfig()).passed
+    d = decide(two, serving_120, base_120, GateConfig())
+    assert not d.passed and "general questions vs base (-0.017)" in d.reason, d.reason
 
 
 def test_regression_beyond_tolerance_fails_even_with_a_gain() -> None:
@@ -118,8 +126,14 @@ def test_gate_config_validation_names_the_problem() -> None:
 # ---------------------------------------------------------------------------------------------- data
 def test_shipped_general_suite_is_well_formed() -> None:
     suite = load_general_suite()
-    assert len(suite.reference) >= 8 and len(suite.qa) >= 16
+    assert len(suite.reference) >= 8 and len(suite.qa) == 120
     assert len({i for i, _ in suite.reference}) == len(suite.reference)
+    assert len({q.id for q in suite.qa}) == len({q.question.lower() for q in suite.qa}) == 120
+    # The guard must not be trained on: no suite question is a question of the replay training set.
+    from training.dataset_build import DEFAULT_REPLAY
+    replay = {json.loads(line)["messages"][0]["content"].strip().lower()
+              for line in DEFAULT_REPLAY.read_text(encoding="utf-8").splitlines() if line.strip()}
+    assert len(replay) >= 100 and not replay & {q.question.strip().lower() for q in suite.qa}
     assert all(len(text.split()) >= 50 for _, text in suite.reference)
     assert keyword_score("The capital of France is Paris.", suite.qa[0].keywords) == 1.0
 
@@ -281,7 +295,7 @@ def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Pat
     es = EvalSet(sft=held_out().sft[:3], source="test")
     report = evaluate(model_dir, wrecked, es, gate=GateConfig(max_new_tokens=24, batch_size=8))
     base, cand = report.metrics["base"], report.metrics["candidate"]
-    assert base.general_qa >= 0.8, base.answers["general_qa"]  # measured: 16/16 with 24 tokens
+    assert 0.45 <= base.general_qa <= 0.65, base.answers["general_qa"]  # measured: 0.508 with 24 tokens
     assert base.general_ppl < 30 and base.val_loss < 1.5  # measured: ~11.8 and ~0.3
     assert cand.general_ppl > 100 * base.general_ppl and cand.general_qa < 0.2
     assert not report.passed and "general perplexity vs base" in report.decision.reason

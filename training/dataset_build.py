@@ -117,7 +117,7 @@ class BuildOptions:
     max_synthetic_share: float = 0.5  # of the train split, per kind
     synthetic_floor: int = 200  # teacher rows always allowed, so a fresh install can train on documents
     replay_path: Path | None = None  # None: the packaged general set (training/data/replay_general.jsonl)
-    # Replay rows per train SFT row. At 0.1 a loop run's candidates lost 3 of 16 general questions to the
+    # Replay rows per train SFT row. At 0.1 a loop run's candidates lost 3 of the then 16 general questions to the
     # users' style; 1.0 kept all 16 (docs/loop.md). The packaged set has 120 rows, none of them a question
     # of the gate's general suite.
     replay_ratio: float = 1.0

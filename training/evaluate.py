@@ -16,7 +16,11 @@ Metrics, each measured for the candidate and the baseline (the general suite for
 - ``grounded``: on held-out document questions, answered greedily with the source passage in the
   prompt, the share of the passage's key facts that the answer contains.
 - ``general_ppl``: perplexity on short reference texts, and ``general_qa``: share of expected keywords
-  in greedy answers to simple general questions: the catastrophic-forgetting guard.
+  in greedy answers to simple general questions: the catastrophic-forgetting guard. The shipped
+  suite has 120 single-fact questions over eight areas (geography, arithmetic, science, animals,
+  language, time and units, everyday objects, people and history), none of them in the training replay
+  set. It was written as a fair test, not picked for what the base model knows: SmolLM2-135M answers
+  67 of them (0.558). So a candidate can lose some questions and win others; the score is the net.
 
 The decision (`decide`, a pure function of the numbers): the candidate must gain at least the stated
 minimum on one target metric and regress on none beyond its tolerance; the general suite must stay
@@ -88,8 +92,9 @@ class GateConfig:
         "against the baseline AND the base model (0.10 = 10%).")
     general_qa_tolerance: float = _f(
         0.01, "Catastrophic-forgetting guard: largest drop in the general-question keyword score accepted, "
-        "against the baseline AND the base model. 0.01: with the shipped 16 questions, no question may be lost "
-        "(at 0.10 a loop run promoted an adapter that answered 'Italie is the capital of Italy').")
+        "against the baseline AND the base model. 0.01: with the shipped 120 questions, a net loss of one "
+        "question (0.008) passes and two do not (at 0.10 a loop run promoted an adapter that answered "
+        "'Italie is the capital of Italy').")
     max_new_tokens: int = _f(48, "Tokens generated per answer for the grounded and general-question checks.")
     max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
     max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
