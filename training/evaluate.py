@@ -95,6 +95,12 @@ class GateConfig:
         "against the baseline AND the base model. 0.01: with the shipped 120 questions, a net loss of one "
         "question (0.008) passes and two do not (at 0.10 a loop run promoted an adapter that answered "
         "'Italie is the capital of Italy').")
+    general_qa_significance: float = _f(
+        0.05, "Against the serving adapter only (the base model's line stays hard): a general-question drop "
+        "beyond the tolerance refuses the candidate when it is also significant, an exact one-sided sign test "
+        "over the questions the two answer differently giving p below this value. Adapters of the same base "
+        "change a dozen answers of the 120 each way, so the serving adapter's lucky wins would otherwise "
+        "ratchet the bar up for every later candidate. 0 = the plain tolerance, as against the base model.")
     max_new_tokens: int = _f(48, "Tokens generated per answer for the grounded and general-question checks.")
     max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
     max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
@@ -113,6 +119,9 @@ class GateConfig:
             if f.name.startswith(("min_", "max_")) or f.name.endswith("_tolerance"):
                 if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
                     errors.append(f"{f.name} must be a finite number >= 0, got {v!r}")
+        p = self.general_qa_significance
+        if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p < 1:
+            errors.append(f"general_qa_significance must be a number in [0, 1), got {p!r}")
         for name in ("max_new_tokens", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1")
@@ -515,6 +524,7 @@ class ModelMetrics:
     grounded: float | None = None
     general_ppl: float | None = None
     general_qa: float | None = None
+    general_qa_scores: list[float] | None = None  # per question, in suite order (for the sign test)
     seconds: float = 0.0
     answers: dict[str, list[str]] = field(default_factory=dict)  # check -> answers (for samples)
 
@@ -546,6 +556,15 @@ class GateDecision:
 
 HIGHER_IS_BETTER = {"val_loss": False, "pref_accuracy": True, "grounded": True, "general_ppl": False,
                     "general_qa": True}
+
+
+def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[int, int, float]:
+    """Questions the candidate scores lower / higher than the reference on, and the exact one-sided
+    sign-test p-value of losing at least that many of the differing ones if neither were better."""
+    lost = sum(c < r for c, r in zip(candidate, reference, strict=True))
+    won = sum(c > r for c, r in zip(candidate, reference, strict=True))
+    n = lost + won
+    return lost, won, sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
 
 
 def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, cfg: GateConfig) -> GateDecision:
@@ -591,10 +610,17 @@ def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, 
                                 f"<= +{100 * cfg.general_ppl_tolerance:.0f}%", f"{100 * rise:+.1f}%"))
         c, r = candidate.general_qa, ref.general_qa
         if c is not None and r is not None:
-            drop = r - c
-            checks.append(Check(f"general questions vs {label}", "forgetting", "general_qa",
-                                drop <= cfg.general_qa_tolerance + 1e-9, c, r, label,
-                                f"drop <= {cfg.general_qa_tolerance:.2f}", f"{c - r:+.3f}"))
+            ok = r - c <= cfg.general_qa_tolerance + 1e-9
+            threshold, detail = f"drop <= {cfg.general_qa_tolerance:.2f}", f"{c - r:+.3f}"
+            paired = candidate.general_qa_scores, ref.general_qa_scores
+            if (label == "baseline" and cfg.general_qa_significance > 0 and paired[0] and paired[1]
+                    and len(paired[0]) == len(paired[1])):
+                lost, won, p = sign_test(*paired)
+                ok = ok or p >= cfg.general_qa_significance
+                threshold += f" or not significant (p >= {cfg.general_qa_significance:g})"
+                detail += f"; lost {lost}, won {won}, p = {p:.3f}"
+            checks.append(Check(f"general questions vs {label}", "forgetting", "general_qa", ok, c, r, label,
+                                threshold, detail))
     failed = [ch for ch in checks if not ch.passed and ch.kind != "gain"]
     measured = [m for m in cfg.target_metrics if m not in skipped]
     if not measured:
@@ -788,7 +814,8 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
         progress({"event": "eval_progress", "model": label, "check": "general"})
         mm.general_ppl, _ = scorer.text_perplexity([t for _, t in suite.reference])
         answers = scorer.generate([scorer.with_system(q.question) for q in suite.qa])
-        mm.general_qa = sum(keyword_score(a, q.keywords) for a, q in zip(answers, suite.qa, strict=True)) / len(answers)
+        mm.general_qa_scores = [keyword_score(a, q.keywords) for a, q in zip(answers, suite.qa, strict=True)]
+        mm.general_qa = sum(mm.general_qa_scores) / len(answers)
         mm.answers["general_qa"] = answers
     mm.seconds = round(time.perf_counter() - t0, 2)
     return mm
