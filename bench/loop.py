@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--like-words", type=int, default=30, help="the hidden preference's word limit")
     ap.add_argument("--lr", type=float, default=2e-4, help="SFT learning rate")
     ap.add_argument("--epochs", type=float, default=2.0, help="SFT epochs")
-    ap.add_argument("--dpo-lr", type=float, default=5e-5)
+    ap.add_argument("--dpo-lr", type=float, default=2e-4,
+                    help="DPO learning rate (5e-5 until run M; docs/loop.md, session 6)")
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
     ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
