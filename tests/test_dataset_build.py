@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from assistant.config import Settings
 from memory.store import Store
 from training.dataset_build import (
     KINDS,
@@ -25,6 +26,7 @@ from training.dataset_build import (
 )
 from training.synth import SyntheticPairs
 from training.teacher import TeacherPair
+from tests.conftest import fast_password_hasher
 
 CATALOGUE = json.loads((Path(__file__).parent / "data" / "pii_catalogue.json").read_text(encoding="utf-8"))
 ALL_IN_TRAIN = dict(split_ratios=(1.0, 0.0, 0.0), replay_ratio=0.0)
@@ -403,6 +405,27 @@ def test_splits_are_grouped_stable_and_heldout_is_frozen(store, settings):
     assert not trainable & heldout
     excluded = {f["name"]: f["removed"] for k in KINDS for f in reshaped.manifest["filters"][k]}
     assert excluded.get("heldout_group_excluded", 0) > 0
+
+
+def test_row_order_does_not_depend_on_random_document_ids(tmp_path):
+    """The same feedback and teacher pairs, with the documents ingested under other ids, train in the
+    same order (the trainer's shuffle is seeded, so the order decides the adapter)."""
+    orders = []
+    for run, prefix in enumerate(("d3f9a", "d07c1")):
+        settings = Settings.load(env={}, home=tmp_path / f"home{run}")
+        settings.ensure_dirs()
+        store = Store.open(settings.db_url, password_hasher=fast_password_hasher())
+        try:
+            _seed_conversations(store, _user(store), 0, 6)
+            syn = SyntheticPairs(store)
+            for d in range(3):
+                syn.add(_teacher_pair(f"{prefix}{d}", f"What does document {d} say?", f"Document {d} says {d}."))
+            snap = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN)).path
+            orders.append([r["messages"][-1]["content"] for r in _rows(snap, "sft", "train")])
+        finally:
+            store.close()
+    assert len(orders[0]) == 6 * 2 + 3 - 2  # thumbs-down answers are not SFT targets
+    assert orders[0] == orders[1]
 
 
 def test_deleted_conversation_is_gone_from_later_builds_and_heldout(store, settings):

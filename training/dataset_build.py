@@ -242,8 +242,15 @@ def split_of(group: str, options: BuildOptions) -> str:
 
 
 def _row_order(ex: Example, salt: str) -> float:
+    """A row's place in its split, from ids that repeat when the same data is logged again.
+
+    Not the group of a teacher row: it names the document by its random id (memory.knowledge), and one
+    row moving shifts every row after it, so the trainer's seeded shuffle would train on another order
+    (what made two loop runs on the same data train different adapters).
+    """
     p = ex.prov
-    return group_fraction(f"{p.group}|{p.message_id}|{p.synthetic_id}|{p.feedback_id}|{ex.kind}", salt + "/row")
+    group = "synthetic" if p.synthetic_id is not None else p.group
+    return group_fraction(f"{group}|{p.message_id}|{p.synthetic_id}|{p.feedback_id}|{ex.kind}", salt + "/row")
 
 
 # ---------------------------------------------------------------------------------------------- held-out
