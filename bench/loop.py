@@ -113,6 +113,7 @@ class CycleRow:
     train_s: float | None = None
     eval_s: float | None = None
     synth_s: float | None = None
+    synth: dict | None = None  # the teacher's counts (pairs, accepted, accepted_extracts, dpo_pairs), cycle 1
     chat_s: float = 0.0
     turns: list[dict] = field(default_factory=list)
 
@@ -350,7 +351,7 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
     if args.gpu:
         train["device"] = "cuda"
     return {"synth": cycle == 1 and args.synth_chunks > 0, "synth_max_chunks": max(args.synth_chunks, 1),
-            "synth_questions_per_chunk": 1, "train": train,
+            "synth_questions_per_chunk": args.synth_questions, "train": train,
             # General replay rows guard against forgetting (at the default 0.1 the first run's candidates
             # lost 3 of the then 16 general questions and the gate refused them).
             "build": {"replay_ratio": args.replay},
@@ -430,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="DPO learning rate (5e-5 until run M; docs/loop.md, session 6)")
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
+    ap.add_argument("--synth-questions", type=int, default=1, help="teacher questions per chunk")
     ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
@@ -482,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                 timings = res.get("timings") or {}
                 info = {"gate": f"{job['status']}: {res.get('status', job.get('error'))}",
                         "cycle_s": round(time.perf_counter() - t0, 1), "train_s": timings.get("train"),
-                        "eval_s": timings.get("evaluate"), "synth_s": timings.get("synth")}
+                        "eval_s": timings.get("evaluate"), "synth_s": timings.get("synth"),
+                        "synth": res.get("synth")}
                 if res.get("candidate"):
                     gen = general_from_report(admin, res["candidate"])
                     print(f"  cycle {cycle}: {res.get('status')} {res.get('candidate')}: {res.get('reason')}; "

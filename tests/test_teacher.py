@@ -25,6 +25,7 @@ from training.teacher import (
     TeacherOptions,
     clean_answer,
     clean_question,
+    extract_answer,
     judge,
     local_teacher,
     openai_teacher,
@@ -159,11 +160,47 @@ def test_grounded_teacher_keeps_the_best_and_pairs_it_with_the_worst():
     assert [c.verdict.accepted for c in first.candidates] == [False, True, False, True]
     record = first.judge_record()["candidates"]
     assert record[0]["reasons"] == ["unsupported_number"] and record[1]["accepted"]
-    # four identical good answers: accepted, but no DPO pair (nothing worse to learn against)
-    assert pairs[1].rejected is None
+    # four identical answers about the price, to "What does Lumen Desk have?": the passage's own sentence
+    # answers it better, so the extract is kept and the model's answer becomes the rejected side
+    assert pairs[1].answer == "Lumen Desk has three plans: Free, Team and Business."
+    assert pairs[1].answer_origin == "extract" and pairs[1].rejected == GOOD
     assert teacher.stats == {"model_questions": 1, "template_questions": 1, "questions_rejected": 2}
     assert [kind for kind, _, _ in model.calls] == ["question", "answer", "answer"]
-    assert summarize(pairs)["dpo_pairs"] == 1
+    assert summarize(pairs)["dpo_pairs"] == 2 and summarize(pairs)["accepted_extracts"] == 1
+
+
+def test_extract_answer_quotes_the_sentence_that_answers_or_nothing():
+    assert extract_answer(Q, PRICING_CHUNK.passage) == GOOD
+    assert extract_answer("What is the refund window in days?", PRICING_CHUNK.passage) == \
+        "Customers can ask for a full refund within 14 days of their first payment."
+    # one shared word of five is not an answer; nor is the chunk's title line
+    assert extract_answer("How far is the moon from the Earth in plan terms?", PRICING_CHUNK.passage) is None
+    assert extract_answer("What are Lumen Desk plans and pricing?", "Lumen Desk plans and pricing\nNothing here.") is None
+
+
+def test_the_extract_rescues_a_question_the_model_gets_wrong_and_pairs_with_its_worst_answer():
+    pairs = {}
+    for extract in (True, False):
+        model = ScriptedModel([], [WRONG_NUMBER, REFUSAL])
+        teacher = GroundedTeacher(model, TeacherOptions(candidates=2, extract=extract))
+        pairs[extract] = teacher.answer("What does the Team plan cost per month?", PRICING_CHUNK, "template")
+    rescued = pairs[True]
+    assert rescued.accepted and rescued.answer == GOOD and rescued.answer_origin == "extract"
+    assert rescued.rejected == REFUSAL  # the worst model sample is the DPO pair's rejected side
+    assert [c.origin for c in rescued.candidates] == ["model", "model", "extract"]
+    assert rescued.judge_record()["candidates"][2] == {
+        "text": GOOD, "origin": "extract", "accepted": True, "score": 1.0, "support": 1.0, "relevance": 1.0,
+        "reasons": []}
+    assert summarize([rescued])["accepted_extracts"] == 1
+    assert not pairs[False].accepted and len(pairs[False].candidates) == 2
+
+
+def test_a_model_answer_as_good_as_the_extract_wins():
+    teacher = GroundedTeacher(ScriptedModel([], [SHORT_GOOD, REFUSAL]), TeacherOptions(candidates=2))
+    pair = teacher.answer("What does the Team plan cost per member each month?", PRICING_CHUNK)
+    extract = next(c for c in pair.candidates if c.origin == "extract")
+    assert extract.verdict.score == pair.score == 1.0
+    assert pair.answer == SHORT_GOOD and pair.answer_origin == "model" and pair.rejected == REFUSAL
 
 
 def test_teacher_is_deterministic_per_chunk_and_question():
@@ -218,9 +255,11 @@ def test_local_hf_teacher_on_the_tiny_model(tiny_model_dir):
     teacher = local_teacher(tiny_model_dir, FAST)
     assert isinstance(teacher.model, HFTeacherModel)
     pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=1)
-    assert len(pairs) == 1 and len(pairs[0].candidates) == 2
-    # random weights write no usable question and no grounded answer: templates and rejection
-    assert pairs[0].question_source == "template" and not pairs[0].accepted
+    assert len(pairs) == 1 and [c.origin for c in pairs[0].candidates] == ["model", "model", "extract"]
+    # random weights write no usable question and no grounded answer: a template question, every sample
+    # rejected, and the passage's own sentence kept, with a sample as the DPO pair's rejected side
+    assert pairs[0].question_source == "template" and not any(c.verdict.accepted for c in pairs[0].candidates[:2])
+    assert pairs[0].accepted and pairs[0].answer_origin == "extract" and pairs[0].rejected
     assert teacher.stats["questions_rejected"] == 2
 
 
@@ -236,7 +275,8 @@ def test_openai_teacher_against_our_own_api(tmp_path, tiny_model_dir):
         before = server.calls
         pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=1)
         assert server.calls - before == FAST.question_samples + FAST.candidates  # every sample was a request
-        assert len(pairs) == 1 and len(pairs[0].candidates) == 2 and pairs[0].teacher.startswith("openai:")
+        assert len(pairs) == 1 and pairs[0].teacher.startswith("openai:")
+        assert [c.origin for c in pairs[0].candidates] == ["model", "model", "extract"]
     finally:
         server.stop()
 
@@ -249,7 +289,7 @@ def test_self_teacher_through_the_runtime_backend(settings, tiny_model_dir):
     teacher = self_teacher(backend, options=FAST)
     assert isinstance(teacher.model, BackendTeacherModel) and teacher.name.startswith("self:")
     pairs = teacher.pairs_for_chunk(PRICING_CHUNK, questions=2)
-    assert len(pairs) == 2 and all(len(p.candidates) == 2 for p in pairs)
+    assert len(pairs) == 2 and all([c.origin for c in p.candidates] == ["model", "model", "extract"] for p in pairs)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +315,8 @@ def test_self_teacher_on_the_embedded_model_makes_grounded_pairs(store, settings
     for p in stored:
         assert p.doc_id in ("pricing", "company")
         verdicts = p.judge["candidates"]
-        assert len(verdicts) == 3 and all(v["accepted"] == (not v["reasons"]) for v in verdicts)
+        assert [v["origin"] for v in verdicts] == ["model"] * 3 + ["extract"] * (len(verdicts) - 3)
+        assert all(v["accepted"] == (not v["reasons"]) for v in verdicts)
         if p.accepted:
             assert judge(p.question, p.answer, next(c.text for c in chunks if c.doc_id == p.doc_id)).accepted
 

@@ -149,6 +149,8 @@ def synth(
     adapter: Annotated[str | None, typer.Option(help="self: serve with this adapter folder.")] = None,
     questions: Annotated[int, typer.Option(help="Questions per chunk.")] = 2,
     candidates: Annotated[int, typer.Option(help="Answers sampled per question.")] = 4,
+    extract: Annotated[bool, typer.Option(help="Also judge the passage's own best-matching sentence as an answer.")]
+    = True,
     limit: Annotated[int | None, typer.Option(help="At most this many chunks.")] = None,
 ) -> None:
     """Generate question/answer pairs from documents with a teacher and store them."""
@@ -173,7 +175,7 @@ def synth(
         chunks = chunks[:limit] if limit else chunks
         if not chunks:
             raise _fail("no document chunks to work on")
-        options = TeacherOptions(candidates=candidates)
+        options = TeacherOptions(candidates=candidates, extract=extract)
         if teacher == "openai":
             if not base_url or not teacher_model:
                 raise _fail("--teacher openai needs --base-url and --teacher-model", 2)
@@ -202,7 +204,8 @@ def synth(
     finally:
         store.close()
     typer.echo(f"{report.pairs} pairs from {report.chunks} chunks in {report.seconds:.0f} s: "
-               f"{report.accepted} accepted ({report.acceptance_rate:.0%}), {report.dpo_pairs} DPO pairs, "
+               f"{report.accepted} accepted ({report.acceptance_rate:.0%}; {report.accepted_extracts} of them the "
+               f"passage's own sentence), {report.dpo_pairs} DPO pairs, "
                f"{report.template_questions} template questions; {report.pairs_per_minute:.1f} pairs/min")
 
 

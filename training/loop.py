@@ -486,7 +486,8 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
                        questions_per_chunk=options.synth_questions_per_chunk,
                        progress=lambda done, total, _pairs: progress(done, total))
     return {"chunks": report.chunks, "pairs": report.pairs, "accepted": report.accepted,
-            "dpo_pairs": report.dpo_pairs, "seconds": round(report.seconds, 2)}
+            "dpo_pairs": report.dpo_pairs, "accepted_extracts": report.accepted_extracts,
+            "seconds": round(report.seconds, 2)}
 
 
 def _first_admin(store: Any) -> Any:

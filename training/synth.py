@@ -201,6 +201,7 @@ class SynthReport:
     accepted: int
     dpo_pairs: int
     template_questions: int
+    accepted_extracts: int  # accepted pairs whose answer is the passage's own sentence, not the model's
     seconds: float
     pair_ids: tuple[int, ...]
 
@@ -228,7 +229,7 @@ def run_synth(store: Store, teacher: Teacher, chunks: list[Chunk], *, questions_
     table = SyntheticPairs(store)
     start = time.perf_counter()
     ids: list[int] = []
-    pairs = accepted = dpo = templates = 0
+    pairs = accepted = dpo = templates = extracts = 0
     for i, chunk in enumerate(chunks):
         made = teacher.pairs_for_chunk(chunk, questions_per_chunk)
         for pair in made:
@@ -237,7 +238,9 @@ def run_synth(store: Store, teacher: Teacher, chunks: list[Chunk], *, questions_
             accepted += pair.accepted
             dpo += pair.accepted and pair.rejected is not None
             templates += pair.question_source == "template"
+            extracts += pair.accepted and pair.answer_origin == "extract"
         if progress is not None:
             progress(i + 1, len(chunks), made)
     return SynthReport(chunks=len(chunks), pairs=pairs, accepted=accepted, dpo_pairs=dpo,
-                       template_questions=templates, seconds=time.perf_counter() - start, pair_ids=tuple(ids))
+                       template_questions=templates, accepted_extracts=extracts,
+                       seconds=time.perf_counter() - start, pair_ids=tuple(ids))

@@ -69,6 +69,7 @@ class Verdict:
 class Candidate:
     text: str
     verdict: Verdict
+    origin: str = "model"  # "model": sampled from the teacher model; "extract": the passage's own sentence
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,17 @@ class TeacherPair:
     rejected_score: float | None = None
     candidates: tuple[Candidate, ...] = field(default_factory=tuple)
 
+    @property
+    def answer_origin(self) -> str:
+        """Where the kept answer came from: "model" or "extract" (see `TeacherOptions.extract`)."""
+        return next((c.origin for c in self.candidates if c.text == self.answer), "model")
+
     def judge_record(self) -> dict[str, Any]:
         """What the judge saw, for the stored pair (audits and docs/teacher.md)."""
         return {
             "candidates": [
-                {"text": c.text, "accepted": c.verdict.accepted, "score": round(c.verdict.score, 4),
+                {"text": c.text, "origin": c.origin, "accepted": c.verdict.accepted,
+                 "score": round(c.verdict.score, 4),
                  "support": round(c.verdict.support, 4), "relevance": round(c.verdict.relevance, 4),
                  "reasons": list(c.verdict.reasons)}
                 for c in self.candidates
@@ -181,6 +188,40 @@ class JudgeLimits:
     max_chars: int = 700
 
 
+def _answer_sentences(passage: str) -> list[str]:
+    """The passage's sentences that can hold an answer: not its title line (`Chunk.passage` starts with
+    the title when there is one) and not Markdown headings."""
+    lines = passage.split("\n", 1)
+    body = lines[1] if len(lines) == 2 and not re.search(r"[.!?]\s*$", lines[0]) else passage
+    return [x for x in _sentences(body) if not x.startswith("#")]
+
+
+def _best_sentence(sentences: Sequence[str], q_words: set[str]) -> int:
+    """Index of the sentence sharing the most content words with the question (-1 when none shares any)."""
+    best_i, best_overlap = -1, 0
+    for i, sentence in enumerate(sentences):
+        overlap = len(set(content_words(sentence)) & q_words)
+        if overlap > best_overlap:
+            best_i, best_overlap = i, overlap
+    return best_i
+
+
+def extract_answer(question: str, passage: str) -> str | None:
+    """The passage's own sentence that best matches the question: the answer any reader would quote.
+
+    The judge looks for the answer in that same sentence, so it would pass any extract: the extract
+    itself must share at least half of the question's content words (and two, when the question has
+    two), or there is none. Titles and headings are not sentences worth quoting.
+    """
+    sentences = _answer_sentences(passage)
+    q_words = set(content_words(question))
+    i = _best_sentence(sentences, q_words)
+    if i < 0:
+        return None
+    shared = len(set(content_words(sentences[i])) & q_words)
+    return sentences[i] if shared >= max(min(2, len(q_words)), (len(q_words) + 1) // 2) else None
+
+
 def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeLimits()) -> Verdict:
     """Is `answer` a grounded answer to `question` given `passage`? Deterministic and explainable."""
     reasons: list[str] = []
@@ -212,12 +253,8 @@ def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeL
     # Relevance: the passage sentence that best matches the question (and the one after it, which
     # often continues it) holds the answer. Of what the answer adds beyond the question's own words,
     # that much must come from there, or it answers something else in the passage.
-    sentences = _sentences(passage)
-    best_i, best_overlap = -1, 0
-    for i, sentence in enumerate(sentences):
-        overlap = len(set(content_words(sentence)) & q_words)
-        if overlap > best_overlap:
-            best_i, best_overlap = i, overlap
+    sentences = _answer_sentences(passage)
+    best_i = _best_sentence(sentences, q_words)
     window = set(content_words(" ".join(sentences[best_i:best_i + 2]))) if best_i >= 0 else set()
     added = set(a_words) - q_words
     relevance = len(added & window) / len(added) if added else 0.0
@@ -476,6 +513,11 @@ class TeacherOptions:
     question_max_tokens: int = 48
     answer_max_tokens: int = 96
     dpo_margin: float = 0.15  # best and worst must differ this much in score to form a DPO pair
+    # Also judge the passage sentence that best matches the question (`extract_answer`), after the model's
+    # samples. It is chosen only when no model answer scores as high: a weak teacher model (the embedded
+    # 135M one has about 1 answer in 5 accepted) then still yields a grounded pair, and its wrong samples
+    # become the DPO pair's rejected side.
+    extract: bool = True
     seed: int = 1234
     limits: JudgeLimits = JudgeLimits()
 
@@ -545,7 +587,11 @@ class GroundedTeacher:
         for text in raw:
             cleaned = clean_answer(text)
             candidates.append(Candidate(cleaned, judge(question, cleaned, chunk.passage, o.limits)))
-        # Best: accepted first, then by score; worst: the lowest score. Ties keep sampling order.
+        if o.extract and (quoted := extract_answer(question, chunk.passage)) \
+                and quoted not in {c.text for c in candidates}:
+            candidates.append(Candidate(quoted, judge(question, quoted, chunk.passage, o.limits), "extract"))
+        # Best: accepted first, then by score; worst: the lowest score. Ties keep sampling order, so a
+        # model answer as good as the extract wins.
         ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score), reverse=True)
         best, worst = ranked[0], ranked[-1]
         rejected = None
@@ -593,6 +639,7 @@ def summarize(pairs: Sequence[TeacherPair]) -> dict[str, Any]:
         "accepted": accepted,
         "acceptance_rate": round(accepted / len(pairs), 4) if pairs else 0.0,
         "dpo_pairs": sum(p.rejected is not None for p in pairs),
+        "accepted_extracts": sum(p.accepted and p.answer_origin == "extract" for p in pairs),
         "candidates": len(cands),
         "candidate_acceptance_rate": round(sum(c.verdict.accepted for c in cands) / len(cands), 4) if cands else 0.0,
     }
