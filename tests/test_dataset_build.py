@@ -12,6 +12,7 @@ import pytest
 
 from assistant.config import Settings
 from memory.store import Store
+from tests.conftest import fast_password_hasher
 from training.dataset_build import (
     KINDS,
     SPLITS,
@@ -26,7 +27,6 @@ from training.dataset_build import (
 )
 from training.synth import SyntheticPairs
 from training.teacher import TeacherPair
-from tests.conftest import fast_password_hasher
 
 CATALOGUE = json.loads((Path(__file__).parent / "data" / "pii_catalogue.json").read_text(encoding="utf-8"))
 ALL_IN_TRAIN = dict(split_ratios=(1.0, 0.0, 0.0), replay_ratio=0.0)

@@ -175,7 +175,8 @@ def test_extract_answer_quotes_the_sentence_that_answers_or_nothing():
         "Customers can ask for a full refund within 14 days of their first payment."
     # one shared word of five is not an answer; nor is the chunk's title line
     assert extract_answer("How far is the moon from the Earth in plan terms?", PRICING_CHUNK.passage) is None
-    assert extract_answer("What are Lumen Desk plans and pricing?", "Lumen Desk plans and pricing\nNothing here.") is None
+    titled = "Lumen Desk plans and pricing\nNothing here."
+    assert extract_answer("What are Lumen Desk plans and pricing?", titled) is None
 
 
 def test_the_extract_rescues_a_question_the_model_gets_wrong_and_pairs_with_its_worst_answer():
