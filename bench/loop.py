@@ -351,7 +351,8 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
     if args.gpu:
         train["device"] = "cuda"
     return {"synth": cycle == 1 and args.synth_chunks > 0, "synth_max_chunks": max(args.synth_chunks, 1),
-            "synth_questions_per_chunk": args.synth_questions, "train": train,
+            "synth_questions_per_chunk": args.synth_questions, "synth_candidates": args.synth_candidates,
+            "train": train,
             # General replay rows guard against forgetting (at the default 0.1 the first run's candidates
             # lost 3 of the then 16 general questions and the gate refused them).
             "build": {"replay_ratio": args.replay},
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
     ap.add_argument("--synth-questions", type=int, default=1, help="teacher questions per chunk")
+    ap.add_argument("--synth-candidates", type=int, default=4, help="answers the teacher samples per question")
     ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")

@@ -222,7 +222,8 @@ def test_bad_options_are_refused_before_anything_is_recorded(services) -> None:
     runner = runner_for(services)
     for options, msg in (({"epochs": 3}, "unknown retrain options"), ({"train": {"lora_r": "8"}}, "lora_r"),
                          ({"train": {"base_model": "/etc"}}, "may not set"), ({"gate": {"x": 1}}, "unknown gate"),
-                         ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last")):
+                         ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last"),
+                         ({"synth_candidates": 0}, "synth_candidates")):
         with pytest.raises(ValueError, match=msg):
             runner.start(options)
     assert runner.list() == []

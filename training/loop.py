@@ -59,6 +59,7 @@ class CycleOptions:
     synth_docs: str | None = None  # folder of .md/.txt documents; None = the knowledge base
     synth_max_chunks: int = 8
     synth_questions_per_chunk: int = 2
+    synth_candidates: int = 4  # answers the teacher samples per question (TeacherOptions.candidates)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig overrides
     eval_doc_qa: str | None = None  # JSONL of curated document questions added to the grounded check
@@ -88,8 +89,8 @@ class CycleOptions:
         TrainConfig.from_dict({**self.train, "base_model": "x"})  # field names and types
         GateConfig.from_dict(self.gate)
         build_options(self.build)
-        if self.keep_last < 1 or self.synth_max_chunks < 1 or self.synth_questions_per_chunk < 1:
-            raise ValueError("keep_last, synth_max_chunks and synth_questions_per_chunk must be >= 1")
+        if min(self.keep_last, self.synth_max_chunks, self.synth_questions_per_chunk, self.synth_candidates) < 1:
+            raise ValueError("keep_last, synth_max_chunks, synth_questions_per_chunk and synth_candidates must be >= 1")
         if self.eval_doc_qa is not None and not Path(self.eval_doc_qa).is_file():
             raise ValueError(f"eval_doc_qa file {self.eval_doc_qa} does not exist")
         if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
@@ -466,7 +467,7 @@ def build_options(overrides: dict[str, Any] | None) -> Any:
 
 def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
     from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
-    from training.teacher import self_teacher
+    from training.teacher import TeacherOptions, self_teacher
 
     backend = getattr(services, "backend", None)
     if backend is None:
@@ -482,7 +483,8 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
     chunks = chunks[:options.synth_max_chunks]
     if not chunks:
         raise CycleFailed("no document chunks to generate synthetic pairs from")
-    report = run_synth(services.store, self_teacher(backend), chunks,
+    teacher = self_teacher(backend, options=TeacherOptions(candidates=options.synth_candidates))
+    report = run_synth(services.store, teacher, chunks,
                        questions_per_chunk=options.synth_questions_per_chunk,
                        progress=lambda done, total, _pairs: progress(done, total))
     return {"chunks": report.chunks, "pairs": report.pairs, "accepted": report.accepted,
