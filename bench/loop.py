@@ -351,7 +351,8 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
     if args.gpu:
         train["device"] = "cuda"
     return {"synth": cycle == 1 and args.synth_chunks > 0, "synth_max_chunks": max(args.synth_chunks, 1),
-            "synth_questions_per_chunk": args.synth_questions, "synth_candidates": args.synth_candidates,
+            "synth_questions_per_chunk": args.synth_questions,
+            "teacher": {"candidates": args.synth_candidates, "answer_max_tokens": args.synth_answer_tokens},
             "train": train,
             # General replay rows guard against forgetting (at the default 0.1 the first run's candidates
             # lost 3 of the then 16 general questions and the gate refused them).
@@ -427,13 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--like-words", type=int, default=30, help="the hidden preference's word limit")
     ap.add_argument("--lr", type=float, default=2e-4, help="SFT learning rate")
-    ap.add_argument("--epochs", type=float, default=2.0, help="SFT epochs")
+    ap.add_argument("--epochs", type=float, default=1.5, help="SFT epochs (2 until run O)")
     ap.add_argument("--dpo-lr", type=float, default=2e-4,
                     help="DPO learning rate (5e-5 until run M; docs/loop.md, session 6)")
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
-    ap.add_argument("--synth-questions", type=int, default=1, help="teacher questions per chunk")
-    ap.add_argument("--synth-candidates", type=int, default=4, help="answers the teacher samples per question")
+    ap.add_argument("--synth-questions", type=int, default=4, help="teacher questions per chunk (1 until run O)")
+    ap.add_argument("--synth-candidates", type=int, default=2,
+                    help="answers the teacher samples per question (4 in run O)")
+    ap.add_argument("--synth-answer-tokens", type=int, default=48,
+                    help="longest teacher sample in tokens (96 in run O); the extract usually wins anyway")
     ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")

@@ -22,7 +22,7 @@ from assistant.server import build_services
 from memory.db import utcnow, write_transaction
 from tests.conftest import make_random_adapter
 from training.jobs import JobBusy, JobRunner, runner_for, training_jobs
-from training.loop import CycleOptions
+from training.loop import CycleOptions, teacher_options
 from training.registry import Registry
 from training.scheduler import LoopSettings, LoopState, Scheduler, due, load_loop_settings, save_loop_settings
 
@@ -223,11 +223,13 @@ def test_bad_options_are_refused_before_anything_is_recorded(services) -> None:
     for options, msg in (({"epochs": 3}, "unknown retrain options"), ({"train": {"lora_r": "8"}}, "lora_r"),
                          ({"train": {"base_model": "/etc"}}, "may not set"), ({"gate": {"x": 1}}, "unknown gate"),
                          ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last"),
-                         ({"synth_candidates": 0}, "synth_candidates")):
+                         ({"teacher": {"candidates": 0}}, "candidates"),
+                         ({"teacher": {"judge": 1}}, "unknown teacher")):
         with pytest.raises(ValueError, match=msg):
             runner.start(options)
     assert runner.list() == []
     assert CycleOptions.from_dict({"train": {"max_steps": 3}}).train == {"max_steps": 3}
+    assert teacher_options(CycleOptions.from_dict({"teacher": {"candidates": 2}}).teacher).candidates == 2
 
 
 # ---------------------------------------------------------------------------------------------- schedule rules

@@ -59,7 +59,7 @@ class CycleOptions:
     synth_docs: str | None = None  # folder of .md/.txt documents; None = the knowledge base
     synth_max_chunks: int = 8
     synth_questions_per_chunk: int = 2
-    synth_candidates: int = 4  # answers the teacher samples per question (TeacherOptions.candidates)
+    teacher: dict[str, Any] = field(default_factory=dict)  # TeacherOptions overrides (candidates, answer_max_tokens)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     gate: dict[str, Any] = field(default_factory=dict)  # GateConfig overrides
     eval_doc_qa: str | None = None  # JSONL of curated document questions added to the grounded check
@@ -80,7 +80,7 @@ class CycleOptions:
         return opts
 
     def validate(self) -> None:
-        for name in ("build", "train", "gate"):
+        for name in ("build", "train", "gate", "teacher"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object of overrides")
         bad = sorted(set(self.train) & {"base_model", "init_adapter"})
@@ -89,8 +89,9 @@ class CycleOptions:
         TrainConfig.from_dict({**self.train, "base_model": "x"})  # field names and types
         GateConfig.from_dict(self.gate)
         build_options(self.build)
-        if min(self.keep_last, self.synth_max_chunks, self.synth_questions_per_chunk, self.synth_candidates) < 1:
-            raise ValueError("keep_last, synth_max_chunks, synth_questions_per_chunk and synth_candidates must be >= 1")
+        if self.keep_last < 1 or self.synth_max_chunks < 1 or self.synth_questions_per_chunk < 1:
+            raise ValueError("keep_last, synth_max_chunks and synth_questions_per_chunk must be >= 1")
+        teacher_options(self.teacher)
         if self.eval_doc_qa is not None and not Path(self.eval_doc_qa).is_file():
             raise ValueError(f"eval_doc_qa file {self.eval_doc_qa} does not exist")
         if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
@@ -465,9 +466,27 @@ def build_options(overrides: dict[str, Any] | None) -> Any:
     return opts
 
 
+TEACHER_OPTION_KEYS = ("candidates", "question_samples", "temperature", "top_p", "question_max_tokens",
+                       "answer_max_tokens", "dpo_margin", "seed", "extract")
+
+
+def teacher_options(overrides: dict[str, Any] | None) -> Any:
+    """`training.teacher.TeacherOptions` from plain overrides; ValueError names unknown or bad values."""
+    from training.teacher import TeacherOptions
+
+    data = dict(overrides or {})
+    unknown = sorted(set(data) - set(TEACHER_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown teacher options {unknown}; known: {list(TEACHER_OPTION_KEYS)}")
+    for key in ("candidates", "question_samples", "question_max_tokens", "answer_max_tokens"):
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1):
+            raise ValueError(f"teacher option {key} must be a whole number >= 1, got {data[key]!r}")
+    return TeacherOptions(**data)
+
+
 def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
     from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
-    from training.teacher import TeacherOptions, self_teacher
+    from training.teacher import self_teacher
 
     backend = getattr(services, "backend", None)
     if backend is None:
@@ -483,7 +502,7 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
     chunks = chunks[:options.synth_max_chunks]
     if not chunks:
         raise CycleFailed("no document chunks to generate synthetic pairs from")
-    teacher = self_teacher(backend, options=TeacherOptions(candidates=options.synth_candidates))
+    teacher = self_teacher(backend, options=teacher_options(options.teacher))
     report = run_synth(services.store, teacher, chunks,
                        questions_per_chunk=options.synth_questions_per_chunk,
                        progress=lambda done, total, _pairs: progress(done, total))

@@ -19,8 +19,11 @@ Seams:
 
 The judge is lexical on purpose: a 135M model cannot judge itself, and a check that an answer's
 content words, numbers and names occur in the passage is cheap, deterministic and explainable.
-Training pairs keep the question *without* the passage: the student learns to answer what the
-teacher could only answer with the passage in front of it.
+Besides the model's samples, the passage's own sentence that best matches the question is judged as a
+candidate (`extract_answer`, `TeacherOptions.extract`): kept only when no sample scores as high.
+A stored pair is the question and answer; the dataset builder puts the chunk back into the prompt as
+a retrieved passage (training/dataset_sources.py), so the student learns to read it the way it is
+served.
 """
 
 from __future__ import annotations
