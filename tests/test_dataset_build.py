@@ -121,7 +121,7 @@ def test_formats_sources_and_provenance(store, settings):
     assert up[ids["up"]]["adapter"] == "v3" and up[ids["up"]]["feedback_id"] is not None
     assert sft["edit"]["messages"][-1]["content"] == "7 times 8 is 56."
     assert sft["teacher"]["source"] == "teacher" and sft["teacher"]["doc_id"] == "pricing"
-    assert sft["teacher"]["synthetic_id"] == ids["syn"] and sft["teacher"]["group"] == "doc:pricing"
+    assert sft["teacher"]["synthetic_id"] == ids["syn"] and sft["teacher"]["group"] == f"synthetic:{ids['syn']}"
     # no knowledge base in this build: the teacher's question without its passage
     assert sft["teacher"]["messages"][1] == {"role": "user", "content": "How much does the Team plan cost?"}
 
@@ -379,7 +379,10 @@ def test_splits_are_grouped_stable_and_heldout_is_frozen(store, settings):
     assert all(len(s) == 1 for s in groups.values()), "a conversation or document spans two splits"
     by_split = {s: {g for g, ss in groups.items() if s in ss} for s in SPLITS}
     assert all(by_split[s] for s in SPLITS), by_split
-    assert any(g.startswith("doc:") for g in by_split["train"] | by_split["test"])
+    # teacher pairs are split one question at a time: every document has pairs in train
+    assert any(g.startswith("synthetic:") for g in by_split["test"])
+    trained_docs = {r["doc_id"] for r in _rows(first.path, "sft", "train") if r["group"].startswith("synthetic:")}
+    assert trained_docs == {f"doc{d}" for d in range(12)}
     heldout = _heldout_groups(first.path)
     assert heldout and heldout <= by_split["test"]
     assert first.manifest["heldout"]["frozen"] and first.manifest["heldout"]["frozen_by_build"] == "v0001"

@@ -25,8 +25,10 @@ PII-scrubbed, then quality-filtered, then de-duplicated (exact + MinHash near-du
 splits, human data first) before anything is written. A deleted conversation is gone from the store
 and so from every later build, and rows of it are dropped from the frozen held-out set too.
 
-Splits are assigned by a salted hash of the group (`conv:<id>` or `doc:<doc_id>`), so they are
-stable across rebuilds and a conversation or document never spans two splits. The frozen held-out set
+Splits are assigned by a salted hash of the group (`conv:<id>` or, for a teacher pair's rows,
+`synthetic:<pair id>`), so they are stable across rebuilds and a conversation never spans two splits.
+Teacher pairs are split one question at a time, not by document: each row carries its passage, and a
+document-level split kept whole documents out of training (docs/loop.md, session 7). The frozen held-out set
 is taken from the test split the first time there is enough data and reused afterwards; its groups
 are excluded from train and validation in every later build, whatever the split ratios.
 
@@ -242,15 +244,12 @@ def split_of(group: str, options: BuildOptions) -> str:
 
 
 def _row_order(ex: Example, salt: str) -> float:
-    """A row's place in its split, from ids that repeat when the same data is logged again.
-
-    Not the group of a teacher row: it names the document by its random id (memory.knowledge), and one
-    row moving shifts every row after it, so the trainer's seeded shuffle would train on another order
-    (what made two loop runs on the same data train different adapters).
-    """
+    """A row's place in its split, from ids that repeat when the same data is logged again (no document
+    id: documents get random ids at ingest, and one row moving shifts every row after it, so the
+    trainer's seeded shuffle would train on another order; that made two loop runs on the same data
+    train different adapters)."""
     p = ex.prov
-    group = "synthetic" if p.synthetic_id is not None else p.group
-    return group_fraction(f"{group}|{p.message_id}|{p.synthetic_id}|{p.feedback_id}|{ex.kind}", salt + "/row")
+    return group_fraction(f"{p.group}|{p.message_id}|{p.synthetic_id}|{p.feedback_id}|{ex.kind}", salt + "/row")
 
 
 # ---------------------------------------------------------------------------------------------- held-out

@@ -49,7 +49,7 @@ HIDDEN_FROM_HISTORY = ("error", "alternative")
 class Provenance:
     source: str  # "human", "teacher", "replay"
     origin: str  # thumb_up, thumb_down, edit, pair, regen_vs_down, teacher, teacher_repair, replay
-    group: str  # split unit: "conv:<id>", "doc:<doc_id>", "replay:<n>"
+    group: str  # split unit: "conv:<id>", "synthetic:<pair id>", "replay:<n>"
     conversation_id: int | None = None
     message_id: int | None = None
     other_message_id: int | None = None  # the rejected answer of a DPO pair
@@ -386,7 +386,10 @@ def teacher_examples(pairs: Iterable[Any]) -> list[Example]:
     for p in pairs:
         if p.kind != "doc":
             continue
-        prov = Provenance(source="teacher", origin="teacher", group=f"doc:{p.doc_id}", doc_id=p.doc_id,
+        # Split by question, not by document: every row carries its passage, so a held-out question still
+        # tests reading, and a document-level split kept whole documents (1 in 5, by their random ids) out
+        # of training (docs/loop.md, session 7: run Q lost the pricing document's pairs that way).
+        prov = Provenance(source="teacher", origin="teacher", group=f"synthetic:{p.id}", doc_id=p.doc_id,
                           chunk_id=p.chunk_id, synthetic_id=p.id, adapter=None)
         prompt = (("user", p.question),)
         out.append(Example("sft", prompt, p.answer, prov))
