@@ -410,6 +410,26 @@ def test_splits_are_grouped_stable_and_heldout_is_frozen(store, settings):
     assert excluded.get("heldout_group_excluded", 0) > 0
 
 
+def test_a_heldout_set_frozen_by_document_keeps_those_documents_out_of_training(store, settings):
+    """Held-out sets frozen before teacher pairs were split by question name whole documents."""
+    syn = SyntheticPairs(store)
+    for d in range(12):
+        for q in range(3):
+            syn.add(_teacher_pair(f"doc{d}", f"What does document {d} say about point {q}?",
+                                  f"Document {d} says point {q} is number {d * 10 + q}."))
+    first = build_datasets(store, settings, BuildOptions(heldout_min_rows=1, replay_ratio=0.0))
+    frozen = settings.datasets_dir / "heldout"
+    rows = [json.loads(line) for line in (frozen / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rows, "nothing was frozen"
+    legacy = {r["doc_id"] for r in rows}
+    for r in rows:  # as the old builder froze them
+        r["group"] = f"doc:{r['doc_id']}"
+    (frozen / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    again = build_datasets(store, settings, BuildOptions(heldout_min_rows=1, replay_ratio=0.0))
+    trainable = [r for s in ("train", "validation") for r in _rows(again.path, "sft", s)]
+    assert trainable and not {r["doc_id"] for r in trainable} & legacy
+
+
 def test_row_order_does_not_depend_on_random_document_ids(tmp_path):
     """The same feedback and teacher pairs, with the documents ingested under other ids, train in the
     same order (the trainer's shuffle is seeded, so the order decides the adapter)."""

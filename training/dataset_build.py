@@ -416,10 +416,17 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                                      options, version)
         heldout_rows, heldout_meta = loaded if loaded else ({k: [] for k in KINDS}, None)
         heldout_groups = {r["group"] for k in KINDS for r in heldout_rows[k]}
+        # Sets frozen before teacher pairs were split by question hold whole documents ("doc:<id>"): their
+        # pairs stay out of training, whatever their group is now.
+        heldout_docs = {g.removeprefix("doc:") for g in heldout_groups if g.startswith("doc:")}
+
+        def held_out(e: Example) -> bool:
+            return e.prov.group in heldout_groups or (e.prov.source == "teacher" and e.prov.doc_id in heldout_docs)
+
         for kind in KINDS:
             for s in ("train", "validation"):
                 before = len(split_rows[kind][s])
-                split_rows[kind][s] = [e for e in split_rows[kind][s] if e.prov.group not in heldout_groups]
+                split_rows[kind][s] = [e for e in split_rows[kind][s] if not held_out(e)]
                 if before - len(split_rows[kind][s]):
                     filters[kind].removed["heldout_group_excluded"] += before - len(split_rows[kind][s])
 
