@@ -417,7 +417,7 @@ def test_a_heldout_set_frozen_by_document_keeps_those_documents_out_of_training(
         for q in range(3):
             syn.add(_teacher_pair(f"doc{d}", f"What does document {d} say about point {q}?",
                                   f"Document {d} says point {q} is number {d * 10 + q}."))
-    first = build_datasets(store, settings, BuildOptions(heldout_min_rows=1, replay_ratio=0.0))
+    build_datasets(store, settings, BuildOptions(heldout_min_rows=1, replay_ratio=0.0))
     frozen = settings.datasets_dir / "heldout"
     rows = [json.loads(line) for line in (frozen / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     assert rows, "nothing was frozen"
