@@ -346,6 +346,7 @@ def write_gate_questions(qa: dict, path: Path) -> Path:
 
 def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) -> dict:
     train = {"sft_learning_rate": args.lr, "sft_epochs": args.epochs, "dpo_learning_rate": args.dpo_lr,
+             "dpo_sft_weight": args.dpo_sft_weight,
              "batch_size": 4, "max_length": 1024, "evals_per_epoch": 1, "early_stopping_patience": 2,
              "stages": ["sft", "dpo"] if args.dpo else ["sft"]}
     if args.gpu:
@@ -431,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=1.5, help="SFT epochs (2 until run O)")
     ap.add_argument("--dpo-lr", type=float, default=2e-4,
                     help="DPO learning rate (5e-5 until run M; docs/loop.md, session 6)")
+    ap.add_argument("--dpo-sft-weight", type=float, default=1.0,
+                    help="SFT term added to the DPO loss (RPO; 0 = plain DPO, the default until session 8)")
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
     ap.add_argument("--synth-questions", type=int, default=4, help="teacher questions per chunk (1 until run O)")

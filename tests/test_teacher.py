@@ -196,12 +196,17 @@ def test_the_extract_rescues_a_question_the_model_gets_wrong_and_pairs_with_its_
     assert not pairs[False].accepted and len(pairs[False].candidates) == 2
 
 
-def test_a_model_answer_as_good_as_the_extract_wins():
-    teacher = GroundedTeacher(ScriptedModel([], [SHORT_GOOD, REFUSAL]), TeacherOptions(candidates=2))
-    pair = teacher.answer("What does the Team plan cost per member each month?", PRICING_CHUNK)
-    extract = next(c for c in pair.candidates if c.origin == "extract")
-    assert extract.verdict.score == pair.score == 1.0
-    assert pair.answer == SHORT_GOOD and pair.answer_origin == "model" and pair.rejected == REFUSAL
+def test_a_tie_between_a_model_answer_and_the_extract_goes_to_the_extract_unless_told_otherwise():
+    kept = {}
+    for extract_wins in (True, False):
+        model = ScriptedModel([], [SHORT_GOOD, REFUSAL])
+        teacher = GroundedTeacher(model, TeacherOptions(candidates=2, extract_wins_ties=extract_wins))
+        kept[extract_wins] = teacher.answer("What does the Team plan cost per member each month?", PRICING_CHUNK)
+    for pair in kept.values():
+        extract = next(c for c in pair.candidates if c.origin == "extract")
+        assert extract.verdict.score == pair.score == 1.0 and pair.rejected == REFUSAL
+    assert kept[True].answer == GOOD and kept[True].answer_origin == "extract"
+    assert kept[False].answer == SHORT_GOOD and kept[False].answer_origin == "model"
 
 
 def test_teacher_is_deterministic_per_chunk_and_question():

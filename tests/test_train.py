@@ -160,6 +160,22 @@ def test_sft_then_dpo_trains_adapter_and_leaves_base_untouched(tmp_path: Path, t
     assert prog[-1]["eta_s"] == 0
 
 
+def test_dpo_sft_weight_adds_the_chosen_answers_token_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data", sft=False)
+    first = {}
+    for weight in (0.0, 1.0):
+        config = cfg(tiny_model_dir, stages=["dpo"], max_steps=2, evals_per_epoch=0, dpo_sft_weight=weight)
+        (dpo,) = run_training(config, data, tmp_path / f"out-{weight}").stages
+        assert dpo.status == "done"
+        first[weight] = dpo.first_loss
+    # A fresh LoRA adapter equals its reference, so the DPO term starts at log(2). The SFT term is the
+    # random tiny model's token loss on the chosen answers: about log(vocabulary size), 10.8.
+    assert first[0.0] == pytest.approx(math.log(2), abs=1e-4)
+    assert first[1.0] - math.log(2) > 8, first
+    with pytest.raises(ValueError, match="dpo_sft_weight must be >= 0"):
+        cfg(tiny_model_dir, dpo_sft_weight=-1.0)
+
+
 @pytest.fixture(scope="module")
 def learnable_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
     """The tiny Llama with larger initial weights.

@@ -467,7 +467,7 @@ def build_options(overrides: dict[str, Any] | None) -> Any:
 
 
 TEACHER_OPTION_KEYS = ("candidates", "question_samples", "temperature", "top_p", "question_max_tokens",
-                       "answer_max_tokens", "dpo_margin", "seed", "extract")
+                       "answer_max_tokens", "dpo_margin", "seed", "extract", "extract_wins_ties")
 
 
 def teacher_options(overrides: dict[str, Any] | None) -> Any:

@@ -20,7 +20,7 @@ Seams:
 The judge is lexical on purpose: a 135M model cannot judge itself, and a check that an answer's
 content words, numbers and names occur in the passage is cheap, deterministic and explainable.
 Besides the model's samples, the passage's own sentence that best matches the question is judged as a
-candidate (`extract_answer`, `TeacherOptions.extract`): kept only when no sample scores as high.
+candidate (`extract_answer`, `TeacherOptions.extract`): kept when no sample scores higher.
 A stored pair is the question and answer; the dataset builder puts the chunk back into the prompt as
 a retrieved passage (training/dataset_sources.py), so the student learns to read it the way it is
 served.
@@ -517,10 +517,15 @@ class TeacherOptions:
     answer_max_tokens: int = 96
     dpo_margin: float = 0.15  # best and worst must differ this much in score to form a DPO pair
     # Also judge the passage sentence that best matches the question (`extract_answer`), after the model's
-    # samples. It is chosen only when no model answer scores as high: a weak teacher model (the embedded
+    # samples. It is chosen when no model answer scores higher: a weak teacher model (the embedded
     # 135M one has about 1 answer in 5 accepted) then still yields a grounded pair, and its wrong samples
     # become the DPO pair's rejected side.
     extract: bool = True
+    # On a tie between a model answer and the extract, keep the extract. The judge reads the sentence
+    # after the answering one as part of the answer, so a sample can borrow a number from it and still
+    # score as high (session 7, run R: "Team plan: 10 dollars per member." where the passage says 8 and
+    # 10 is the next sentence's guest limit). The extract is the passage's own words.
+    extract_wins_ties: bool = True
     seed: int = 1234
     limits: JudgeLimits = JudgeLimits()
 
@@ -593,9 +598,10 @@ class GroundedTeacher:
         if o.extract and (quoted := extract_answer(question, chunk.passage)) \
                 and quoted not in {c.text for c in candidates}:
             candidates.append(Candidate(quoted, judge(question, quoted, chunk.passage, o.limits), "extract"))
-        # Best: accepted first, then by score; worst: the lowest score. Ties keep sampling order, so a
-        # model answer as good as the extract wins.
-        ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score), reverse=True)
+        # Best: accepted first, then by score, then (with `extract_wins_ties`) the extract; worst: the
+        # lowest score. Otherwise ties keep sampling order.
+        ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score,
+                                                   o.extract_wins_ties and c.origin == "extract"), reverse=True)
         best, worst = ranked[0], ranked[-1]
         rejected = None
         if (best.verdict.accepted and worst is not best and worst.text.strip() and worst.text != best.text

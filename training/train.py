@@ -483,7 +483,10 @@ def _build_trainer(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Ru
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=config.dpo_beta, loss_type=[config.dpo_loss_type])
+        losses = {"loss_type": [config.dpo_loss_type]}
+        if config.dpo_sft_weight > 0:
+            losses = {"loss_type": [config.dpo_loss_type, "sft"], "loss_weights": [1.0, config.dpo_sft_weight]}
+        args = DPOConfig(**common, beta=config.dpo_beta, **losses)
         return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=data.train,
                           eval_dataset=data.validation, processing_class=tok, callbacks=callbacks)
     from trl import KTOConfig, KTOTrainer

@@ -76,6 +76,11 @@ class TrainConfig:
     dpo_epochs: float = _f(1.0, "Epochs of the DPO / KTO stage.")
     dpo_beta: float = _f(0.1, "DPO / KTO beta: how far the policy may move from the reference.")
     dpo_loss_type: str = _f("sigmoid", "DPO loss ('sigmoid' is the original DPO loss; see TRL's DPOConfig).")
+    dpo_sft_weight: float = _f(
+        0.0, "Weight of an SFT term (the chosen answer's token loss) added to the DPO loss, as in RPO "
+        "(Pang et al., 2024); 0 = plain DPO. It keeps the chosen answers likely while DPO pulls them away "
+        "from the rejected ones.",
+    )
     max_steps: int = _f(-1, "Cap on optimizer steps per stage; -1 means run the epochs.")
     warmup_ratio: float = _f(0.05, "Fraction of each stage's steps spent warming the learning rate up.")
     lr_scheduler: str = _f("linear", "Learning-rate schedule ('linear', 'cosine', 'constant', ...).")
@@ -204,6 +209,10 @@ class TrainConfig:
         for name in ("sft_learning_rate", "dpo_learning_rate", "sft_epochs", "dpo_epochs", "dpo_beta"):
             if not getattr(self, name) > 0:
                 errors.append(f"{name} must be > 0")
+        if not self.dpo_sft_weight >= 0:
+            errors.append("dpo_sft_weight must be >= 0")
+        elif self.dpo_sft_weight > 0 and self.dpo_loss_type == "sft":
+            errors.append("dpo_sft_weight adds an SFT term; dpo_loss_type is already 'sft'")
         if not 0 <= self.lora_dropout < 1:
             errors.append("lora_dropout must be in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:
