@@ -283,9 +283,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(tmp_path: Path) -> None:
+    from dataclasses import replace
     from types import SimpleNamespace
 
-    from training.evaluate import EvalDataError, load_eval_set
+    from training.evaluate import EvalDataError, grounded_prompt, load_eval_set
     from training.loop import _doc_qa_file, folder_passages
     from training.synth import chunks_from_folder
 
@@ -307,8 +308,16 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
     services = SimpleNamespace(extras={})
     path = _doc_qa_file(services, snap, tmp_path, folder_passages(docs), str(curated))
     es = load_eval_set(snap, path)
-    assert [q.question for q in es.doc_qa] == ["Where is Brightleaf Labs based?", "How much does the Team plan cost?"]
-    assert es.doc_qa[1].passage == chunk.text and "dollars" in es.doc_qa[1].key_facts
+    # the loop's own held-out questions first, then the curated ones
+    assert [q.question for q in es.doc_qa] == ["How much does the Team plan cost?", "Where is Brightleaf Labs based?"]
+    teacher_q = es.doc_qa[0]
+    assert teacher_q.passage == chunk.text and "dollars" in teacher_q.key_facts
+    # asked under its document's title, as retrieval serves it
+    assert teacher_q.title == chunk.title == "Lumen Desk plans and pricing"
+    user_turn = grounded_prompt(teacher_q)[-1]["content"]
+    assert '[1] "Lumen Desk plans and pricing" (shared document)' in user_turn
+    # a curated question without a title is shown under its source, as before
+    assert '[1] "pricing#0" (shared document)' in grounded_prompt(replace(teacher_q, title=""))[-1]["content"]
     assert len(es.sft) == 3  # the same rows still count for the held-out loss
     assert _doc_qa_file(services, snap, tmp_path, None) is None  # no passages, no curated file: not measured
     curated.write_text(json.dumps({"question": "Q?", "passage": "P."}) + "\n")

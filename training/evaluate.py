@@ -183,6 +183,7 @@ class DocQA:
     passage: str
     key_facts: list[str]
     source: str = ""
+    title: str = ""  # the document's title, shown with the passage as retrieval shows it
 
 
 @dataclass
@@ -343,7 +344,8 @@ def doc_qa_item(row: dict[str, Any]) -> DocQA:
     if not facts:
         raise EvalDataError(f"held-out document question {question[:60]!r} has no key facts and no answer "
                             "sharing words with its passage")
-    return DocQA(question, passage, [str(f) for f in facts], str(row.get("source") or row.get("doc_id") or ""))
+    return DocQA(question, passage, [str(f) for f in facts], str(row.get("source") or row.get("doc_id") or ""),
+                 str(row.get("title") or ""))
 
 
 _STOP = set("""a an the and or but if then than that this these those is are was were be been being of in on at to
@@ -384,11 +386,13 @@ def keyword_score(answer: str, groups: Sequence[Sequence[str]]) -> float:
 
 
 def grounded_prompt(item: DocQA, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
-    """The question with its passage, exactly as the agent serves a question with a retrieved passage."""
+    """The question with its passage, exactly as the agent serves a question with a retrieved passage:
+    under its document's title (until session 8 the gate showed its source id there, so a model that had
+    learnt to copy titles into answers was never caught by this check)."""
     from assistant.prompt import Passage, render_turn
 
     return render_turn(system_prompt, [], item.question,
-                       passages=[Passage(item.source or "document", "shared", item.passage)])
+                       passages=[Passage(item.title or item.source or "document", "shared", item.passage)])
 
 
 # ------------------------------------------------------------------------------------------ scoring

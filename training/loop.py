@@ -216,7 +216,7 @@ def _signal_group(pid: int, sig: int) -> None:
 # ------------------------------------------------------------------------------------------ the cycle
 def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: CycleHooks | None = None,
               job_id: int | None = None, actor: str | None = None, work_dir: Path | None = None,
-              passage_for: Callable[[dict[str, Any]], str | None] | None = None) -> CycleResult:
+              passage_for: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None) -> CycleResult:
     """Build -> synth (optional) -> train -> evaluate -> register -> promote/reject. See module docstring.
 
     Raises `CycleCancelled` or `CycleFailed` (serving untouched in both cases) and ValueError for bad
@@ -516,16 +516,12 @@ def _first_admin(store: Any) -> Any:
 
 
 def _doc_qa_file(services: Any, snapshot: Path, work: Path,
-                 passage_for: Callable[[dict[str, Any]], str | None] | None, extra: str | None = None) -> Path | None:
-    """Held-out teacher rows (document questions) with their source passage, plus the curated `extra`
-    questions, for the grounded check."""
+                 passage_for: Callable[[dict[str, Any]], tuple[str, str] | None] | None,
+                 extra: str | None = None) -> Path | None:
+    """Held-out teacher rows (document questions) with their source passage and title, then the curated
+    `extra` questions, for the grounded check. The teacher's rows come first: they are the loop's own
+    held-out questions, and the gate's `max_doc_qa` must not cut them off behind a long curated file."""
     out: list[dict[str, Any]] = []
-    if extra is not None:
-        from training.evaluate import doc_qa_item, read_jsonl
-
-        for row in read_jsonl(Path(extra), ("question",)):
-            doc_qa_item(row)  # refuse a malformed curated question here, with its message
-            out.append(row)
     rows_path = snapshot / "heldout" / "sft.jsonl"
     finder = passage_for or _kb_passages(services)
     lines = rows_path.read_text(encoding="utf-8").splitlines() if rows_path.is_file() and finder else []
@@ -535,13 +531,20 @@ def _doc_qa_file(services: Any, snapshot: Path, work: Path,
         row = json.loads(line)
         if row.get("source") != "teacher" or not row.get("messages"):
             continue
-        passage = finder(row)
+        found = finder(row)
         msgs = row["messages"]
         question = next((m["content"] for m in msgs if m["role"] == "user"), None)
         answer = next((m["content"] for m in reversed(msgs) if m["role"] == "assistant"), None)
-        if passage and question and answer:
-            out.append({"question": question, "passage": passage, "answer": answer,
+        if found and question and answer:
+            title, passage = found
+            out.append({"question": question, "passage": passage, "title": title, "answer": answer,
                         "source": f"{row.get('doc_id')}#{row.get('chunk_id')}"})
+    if extra is not None:
+        from training.evaluate import doc_qa_item, read_jsonl
+
+        for row in read_jsonl(Path(extra), ("question",)):
+            doc_qa_item(row)  # refuse a malformed curated question here, with its message
+            out.append(row)
     if not out:
         return None
     path = work / "doc_qa.jsonl"
@@ -549,27 +552,24 @@ def _doc_qa_file(services: Any, snapshot: Path, work: Path,
     return path
 
 
-def _kb_passages(services: Any) -> Callable[[dict[str, Any]], str | None] | None:
+def _kb_passages(services: Any) -> Callable[[dict[str, Any]], tuple[str, str] | None] | None:
     kb = services.extras.get("knowledge")
     if kb is None:
         return None
 
-    def find(row: dict[str, Any]) -> str | None:
+    def find(row: dict[str, Any]) -> tuple[str, str] | None:
+        # Shared documents only, as the dataset builder reads passages for training rows.
         chunk_id = row.get("chunk_id")
-        if not chunk_id:
-            return None
-        got = kb.collection.get(ids=[str(chunk_id)], include=["documents"])
-        docs = got.get("documents") or []
-        return docs[0] if docs else None
+        return kb.shared_chunks([str(chunk_id)]).get(str(chunk_id)) if chunk_id else None
 
     return find
 
 
-def folder_passages(folder: Path | str) -> Callable[[dict[str, Any]], str | None]:
+def folder_passages(folder: Path | str) -> Callable[[dict[str, Any]], tuple[str, str] | None]:
     """Passage finder for teacher rows made from a documents folder (`training.synth.chunks_from_folder`)."""
     from training.synth import chunks_from_folder
 
-    by_id = {(c.doc_id, str(c.chunk_id)): c.text for c in chunks_from_folder(Path(folder))}
+    by_id = {(c.doc_id, str(c.chunk_id)): (c.title, c.text) for c in chunks_from_folder(Path(folder))}
     return lambda row: by_id.get((str(row.get("doc_id")), str(row.get("chunk_id"))))
 
 
