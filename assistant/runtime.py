@@ -36,7 +36,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -655,6 +655,67 @@ class TransformersBackend:
     def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult:
         return self.stream(messages, adapter, gen).result()
 
+    def generate_batch(self, conversations: list[list[dict]], adapter: str | None,
+                       gen: GenerationSettings) -> list[GenerationResult]:
+        """Greedy answers to several conversations in one left-padded `generate` call, for offline work
+        (the anchored replay). It waits for the model like a request, holds it for the whole batch and
+        streams nothing; keep batches small so that users' requests still get turns."""
+        import torch
+
+        if not gen.greedy:
+            raise ValueError("generate_batch decodes greedily (temperature 0)")
+        if not self._is_base(adapter) and not self.has_adapter(adapter):  # type: ignore[arg-type]
+            raise UnknownAdapter(f"adapter {adapter!r} is not loaded; loaded: {self.adapters()}")
+        if not conversations:
+            return []
+        prompts = [self._encode(normalize_messages(m, self.settings.system_prompt))["input_ids"][0].tolist()
+                   for m in conversations]
+        longest = max(len(p) for p in prompts)
+        if self.context_length is not None and longest + gen.max_new_tokens > self.context_length:
+            raise InvalidMessages(f"a prompt of {longest} tokens and {gen.max_new_tokens} new ones do not fit "
+                                  f"the model's context of {self.context_length}")
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self._eos_ids)
+        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token comes at the same column
+            ids[i, longest - len(p):] = torch.tensor(p)
+            mask[i, longest - len(p):] = 1
+        started = time.perf_counter()
+        wait = self._gate.acquire(self.settings.queue_timeout_s, max_waiting=self.settings.queue_max)
+        try:
+            name = None if self._is_base(adapter) else adapter
+            with self._meta_lock:
+                entry = self._adapters.get(name) if name is not None else None
+            if name is not None and entry is None:
+                raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
+            model = self._select(entry)
+            kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                      "max_new_tokens": gen.max_new_tokens, "eos_token_id": self._eos_ids, "pad_token_id": pad,
+                      "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            base_only = entry is None and self._peft is not None
+            out = self._worker.submit(self._run_batch, model, base_only, kwargs).result()
+        finally:
+            self._gate.release()
+        duration = time.perf_counter() - started
+        results = []
+        for i, p in enumerate(prompts):
+            new = out[i, longest:].tolist()
+            end = next((j for j, t in enumerate(new) if t in self._eos_ids), None)
+            tokens = new if end is None else new[:end + 1]
+            results.append(GenerationResult(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                finish_reason="length" if end is None else "stop", usage=make_usage(len(p), len(tokens)),
+                adapter=None if self._is_base(adapter) else adapter, queue_wait_s=wait or 0.0,
+                first_token_s=None, duration_s=duration))
+        return results
+
+    @staticmethod
+    def _run_batch(model: Any, base_only: bool, kwargs: dict[str, Any]) -> Any:
+        import torch
+
+        with torch.inference_mode(), model.disable_adapter() if base_only else contextlib.nullcontext():
+            return model.generate(**kwargs).cpu()
+
     def _select(self, entry: _Adapter | None) -> Any:
         """Make `entry` the active adapter (called with the gate held). Returns the model to run."""
         if self._peft is None:
@@ -891,6 +952,29 @@ class OpenAIBackend:
 
     def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult:
         return self.stream(messages, adapter, gen).result()
+
+
+def generate_many(backend: Backend, conversations: list[list[dict]], adapter: str | None, gen: GenerationSettings,
+                  *, batch_size: int = 8, progress: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
+    """Greedy answers to many conversations: `batch_size` at a time where the backend batches
+    (`TransformersBackend.generate_batch`), else one request each. Batches go shortest prompt first, so
+    that little of each batch is padding (a remote server is asked in the given order, without counting
+    tokens: not every server has a tokenize endpoint); the answers come back in the order asked."""
+    batched = getattr(backend, "generate_batch", None)
+    order = list(range(len(conversations)))
+    if batched is not None:
+        order.sort(key=lambda i: backend.count_tokens(conversations[i]))
+    out: list[GenerationResult | None] = [None] * len(conversations)
+    step = batch_size if batched is not None else 1
+    for start in range(0, len(order), step):
+        idx = order[start:start + step]
+        got = batched([conversations[i] for i in idx], adapter, gen) if batched is not None \
+            else [backend.generate(conversations[idx[0]], adapter, gen)]
+        for i, r in zip(idx, got, strict=True):
+            out[i] = r
+        if progress:
+            progress(min(start + step, len(order)), len(order))
+    return [r for r in out if r is not None]
 
 
 # ---------------------------------------------------------------------------------------- factory

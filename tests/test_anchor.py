@@ -46,7 +46,7 @@ def test_anchored_replay_is_cached_per_model_file_and_prompt(tmp_path, tiny_mode
         calls = []
         first = anchored_replay(backend, replay, "Be brief.", tmp_path / "cache",
                                 progress=lambda d, n: calls.append((d, n)))
-        assert (first.rows, first.cached) == (2, False) and calls == [(1, 2), (2, 2)]
+        assert (first.rows, first.cached) == (2, False) and calls == [(2, 2)]  # one batch
         # A random model's answers never state the facts: both hand-written answers stay.
         assert (first.base_answers, first.kept_reference) == (0, 2)
         assert answers(first.path) == ["Snow is white.", "2 + 2 is 4."]

@@ -127,6 +127,31 @@ def test_many_concurrent_mixed_requests_match_alone(backend, alone):
     assert backend.queue_depth == 0
 
 
+def test_a_batch_answers_each_conversation_as_it_would_alone(backend, alone):
+    from assistant.runtime import generate_many
+
+    longer = [{"role": "user", "content": "Tell me something about the sea, the sky and the long winter nights."}]
+    short = [{"role": "user", "content": "Hi."}]
+    for adapter in (None, "alpha"):
+        singles = [backend.generate(m, adapter, GREEDY) for m in (QUESTION, longer, short)]
+        batch = backend.generate_batch([QUESTION, longer, short], adapter, GREEDY)
+        # left padding: the prompts differ in length and each answer is still the one it gets alone
+        assert [r.text for r in batch] == [r.text for r in singles]
+        assert batch[0].text == alone[adapter]
+        assert [r.usage for r in batch] == [r.usage for r in singles]
+        assert [r.finish_reason for r in batch] == [r.finish_reason for r in singles]
+    seen = []
+    many = generate_many(backend, [short, QUESTION, longer, short], "beta", GREEDY, batch_size=2,
+                         progress=lambda done, total: seen.append((done, total)))
+    asked = (short, QUESTION, longer, short)
+    assert [r.text for r in many] == [backend.generate(m, "beta", GREEDY).text for m in asked]
+    assert seen == [(2, 4), (4, 4)] and backend.queue_depth == 0
+    with pytest.raises(ValueError, match="greedily"):
+        backend.generate_batch([QUESTION], None, GenerationSettings(max_new_tokens=4, temperature=0.7, top_p=1.0))
+    with pytest.raises(UnknownAdapter):
+        backend.generate_batch([QUESTION], "nope", GREEDY)
+
+
 def test_stream_interval_joins_pieces_but_not_the_first(backend, alone, monkeypatch):
     # An interval longer than the whole answer: the first token's text leaves at once (time to first
     # token is untouched), everything after it leaves as one piece when the answer ends.
@@ -510,6 +535,13 @@ def test_openai_backend_against_a_real_server(api_server, tmp_path):
     assert streamed.usage == whole.usage
     assert remote.generate(QUESTION, "beta", gen).text != whole.text
     assert remote.generate(QUESTION, None, gen).adapter is None
+    # no batch endpoint over HTTP: generate_many asks one request at a time
+    from assistant.runtime import generate_many
+
+    seen = []
+    many = generate_many(remote, [QUESTION, QUESTION], "beta", gen, progress=lambda d, n: seen.append((d, n)))
+    assert [r.text for r in many] == [remote.generate(QUESTION, "beta", gen).text] * 2
+    assert seen == [(1, 2), (2, 2)]
 
     calls = api_server.calls
     with pytest.raises(UnknownAdapter):
