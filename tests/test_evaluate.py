@@ -80,6 +80,31 @@ def test_one_lost_general_question_fails_by_default() -> None:
     assert not d.passed and "general questions vs base (-0.017)" in d.reason, d.reason
 
 
+def test_a_grounded_drop_must_be_significant_too() -> None:
+    # Session 8, variant B of the loop bench: the serving adapter had 11 of the gate's 16 document
+    # questions right, the candidate 9 (lost 3, won 1: p = 0.31), with preference accuracy up. The plain
+    # 0.10 tolerance refused it; the examiners' 24 held-out questions had both at 50 %.
+    serving_q = scores(11, 5)
+    cand_q = [0.0, 0.0, 0.0] + serving_q[3:11] + [1.0] + serving_q[12:]
+    assert (sum(serving_q), sum(cand_q)) == (11, 9) and sign_test(cand_q, serving_q)[:2] == (3, 1)
+    base = mm("base", None, general_ppl=10.0, general_qa=0.5)
+    serving = mm("baseline", pref_accuracy=0.5, grounded=11 / 16, grounded_scores=serving_q, general_ppl=10.0,
+                 general_qa=0.5)
+    cand = mm("candidate", pref_accuracy=0.625, grounded=9 / 16, grounded_scores=cand_q, general_ppl=10.0,
+              general_qa=0.5)
+    d = decide(cand, serving, base, GateConfig())
+    check = next(c for c in d.checks if c.name == "grounded no regression")
+    assert d.passed and check.passed and "lost 3, won 1, p = 0.312" in check.detail, d.reason
+    assert not decide(cand, serving, base, GateConfig(grounded_significance=0)).passed
+    # Five lost and none won is significant (p = 0.031): refused.
+    clear = [0.0] * 5 + serving_q[5:]
+    d = decide(mm("candidate", pref_accuracy=0.625, grounded=6 / 16, grounded_scores=clear, general_ppl=10.0,
+                  general_qa=0.5), serving, base, GateConfig())
+    assert not d.passed and "grounded no regression (worse by 0.312; lost 5, won 0, p = 0.031)" in d.reason, d.reason
+    with pytest.raises(ValueError, match="grounded_significance must be a number in"):
+        GateConfig(grounded_significance=1.5).validate()
+
+
 def scores(right: int, wrong: int) -> list[float]:
     return [1.0] * right + [0.0] * wrong
 
