@@ -317,6 +317,36 @@ def test_gate_accepts_a_genuine_improvement(learnable_dir: Path, adapters, tmp_p
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_the_base_models_general_answers_are_kept_between_evaluations(learnable_dir: Path, adapters,
+                                                                        tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    runs = []
+    for _ in range(2):
+        events: list[dict] = []
+        report = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
+                          gate=GateConfig(max_new_tokens=8), progress=events.append, base_cache=cache)
+        runs.append((report, [e for e in events if e.get("model") == "base" and e.get("check") == "general"]))
+    (first, first_events), (second, second_events) = runs
+    assert [e.get("cached") for e in first_events] == [None] and [e.get("cached") for e in second_events] == [True]
+    assert len(list(cache.glob("base-general-*.json"))) == 1
+    for key in ("general_ppl", "general_qa", "general_qa_scores"):
+        assert getattr(second.metrics["base"], key) == getattr(first.metrics["base"], key)
+    assert second.metrics["base"].answers == first.metrics["base"].answers
+    assert second.decision.passed == first.decision.passed
+    # another generation setting is another key; a damaged file is measured again and rewritten
+    (file,) = cache.glob("base-general-*.json")
+    file.write_text("{not json")
+    events = []
+    again = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
+                     gate=GateConfig(max_new_tokens=8), progress=events.append, base_cache=cache)
+    assert [e.get("cached") for e in events if e.get("model") == "base" and e.get("check") == "general"] == [None]
+    assert again.metrics["base"].general_qa_scores == first.metrics["base"].general_qa_scores
+    assert json.loads(file.read_text())["general_ppl"] == first.metrics["base"].general_ppl
+    evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
+             gate=GateConfig(max_new_tokens=6), base_cache=cache)
+    assert len(list(cache.glob("base-general-*.json"))) == 2
+
+
 def test_gate_rejects_an_adapter_trained_on_noise_through_the_cli(learnable_dir: Path, adapters, tmp_path: Path):
     data = tmp_path / "snap"
     (data / "heldout").mkdir(parents=True)

@@ -39,6 +39,7 @@ ran (passed or not), 1 when it failed, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -811,8 +812,10 @@ def plot_report(r: dict[str, Any], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ running
 def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None, eval_set: EvalSet,
-            suite: GeneralSuite, progress: Progress, *, held_out: bool = True) -> ModelMetrics:
-    """Every metric for one model state (base = adapter None)."""
+            suite: GeneralSuite, progress: Progress, *, held_out: bool = True,
+            general: dict[str, Any] | None = None) -> ModelMetrics:
+    """Every metric for one model state (base = adapter None). `general`: the general-suite results
+    already known for this state (`_base_cache`), used instead of running the suite again."""
     t0 = time.perf_counter()
     mm = ModelMetrics(label=label, adapter=display)
     with scorer.using(adapter):
@@ -829,9 +832,13 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
             mm.grounded_scores = [fact_score(a, q.key_facts) for a, q in zip(answers, eval_set.doc_qa, strict=True)]
             mm.grounded = sum(mm.grounded_scores) / len(answers)
             mm.answers["grounded"] = answers
-        progress({"event": "eval_progress", "model": label, "check": "general"})
-        mm.general_ppl, _ = scorer.text_perplexity([t for _, t in suite.reference])
-        answers = scorer.generate([scorer.with_system(q.question) for q in suite.qa])
+        if general is not None:
+            progress({"event": "eval_progress", "model": label, "check": "general", "cached": True})
+            mm.general_ppl, answers = general["general_ppl"], general["answers"]
+        else:
+            progress({"event": "eval_progress", "model": label, "check": "general"})
+            mm.general_ppl, _ = scorer.text_perplexity([t for _, t in suite.reference])
+            answers = scorer.generate([scorer.with_system(q.question) for q in suite.qa])
         mm.general_qa_scores = [keyword_score(a, q.keywords) for a, q in zip(answers, suite.qa, strict=True)]
         mm.general_qa = sum(mm.general_qa_scores) / len(answers)
         mm.answers["general_qa"] = answers
@@ -866,13 +873,35 @@ def load_models(base_model: Path, candidate: Path, baseline: Path | None, device
     return model, tok
 
 
+def _base_cache_key(base_model: Path, suite: GeneralSuite, gate: GateConfig, system_prompt: str, device: str,
+                    dtype: str) -> str:
+    """What the base model's general-suite results depend on: its files (name, size, modification time),
+    the suite, the prompt, the generation settings and the library versions."""
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in base_model.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(base_model)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    parts = [json.dumps([[q.question, q.keywords] for q in suite.qa]), json.dumps(suite.reference), system_prompt,
+             device, dtype, str(gate.max_new_tokens), str(gate.batch_size), str(gate.max_length),
+             torch.__version__, transformers.__version__, "1"]
+    h.update("\0".join(parts).encode())
+    return h.hexdigest()[:24]
+
+
 def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *,
              baseline: Path | str | None = None, baseline_name: str | None = None,
              candidate_name: str | None = None, gate: GateConfig | None = None,
              suite: GeneralSuite | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
              progress: Progress | None = None, device: str = "cpu", dtype: str = "float32",
-             threads: int | None = None) -> EvalReport:
-    """Measure base, baseline and candidate and decide. Raises EvalDataError / ValueError on bad input."""
+             threads: int | None = None, base_cache: Path | str | None = None) -> EvalReport:
+    """Measure base, baseline and candidate and decide. Raises EvalDataError / ValueError on bad input.
+
+    `base_cache`: a folder where the base model's general-suite answers are kept between evaluations
+    (they are the same for every candidate of the same base model, suite and settings; about 30 s a
+    retrain on the 2-core box)."""
     import torch
 
     t0 = time.perf_counter()
@@ -890,7 +919,26 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
     scorer = Scorer(model, tok, gate, system_prompt)
     metrics: dict[str, ModelMetrics] = {}
     # The base model only runs the general suite when a serving adapter is the baseline.
-    metrics["base"] = measure(scorer, "base", None, None, es, suite, emit, held_out=baseline is None)
+    cache_file = None
+    known = None
+    if base_cache is not None:
+        key = _base_cache_key(Path(base_model), suite, gate, system_prompt, device, dtype)
+        cache_file = Path(base_cache) / f"base-general-{key}.json"
+        if cache_file.is_file():
+            try:
+                known = json.loads(cache_file.read_text(encoding="utf-8"))
+                if len(known["answers"]) != len(suite.qa):
+                    known = None
+            except (ValueError, KeyError, TypeError):
+                known = None  # a damaged cache file is measured again and rewritten
+    metrics["base"] = measure(scorer, "base", None, None, es, suite, emit, held_out=baseline is None,
+                              general=known)
+    if cache_file is not None and known is None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"general_ppl": metrics["base"].general_ppl,
+                                   "answers": metrics["base"].answers["general_qa"]}), encoding="utf-8")
+        tmp.replace(cache_file)
     if baseline is not None:
         metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit)
     metrics["candidate"] = measure(scorer, "candidate", "candidate", candidate_name or str(candidate), es, suite,
@@ -926,6 +974,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt used when serving")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--base-cache", type=Path, default=None,
+                        help="folder that keeps the base model's general-suite answers between evaluations")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype; the loop passes the serving dtype (scores use float32 log-softmax)")
     ns = parser.parse_args(argv)
@@ -946,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(ns.base_model, ns.candidate, eval_set, baseline=ns.baseline,
                           baseline_name=ns.baseline_name, candidate_name=ns.candidate_name, gate=gate, suite=suite,
                           system_prompt=ns.system_prompt, progress=emit, device=ns.device, dtype=ns.dtype,
-                          threads=ns.threads)
+                          threads=ns.threads, base_cache=ns.base_cache)
         report.save(ns.out)
     except (ValueError, OSError) as e:
         print(traceback.format_exc(), file=sys.stderr)

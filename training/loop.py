@@ -348,7 +348,8 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     cmd = [sys.executable, "-m", "training.evaluate", "--base-model", str(base_model), "--candidate",
            str(adapter_dir), "--candidate-name", "candidate", "--data", str(snapshot), "--out", str(eval_out),
            "--gate", str(gate_path), "--threads", str(settings.train_threads), "--device", device,
-           "--dtype", dtype, "--system-prompt", settings.system_prompt]
+           "--dtype", dtype, "--system-prompt", settings.system_prompt,
+           "--base-cache", str(settings.home / "cache" / "gate")]
     if parent_dir is not None:
         cmd += ["--baseline", str(parent_dir), "--baseline-name", str(parent)]
     if doc_qa is not None:
