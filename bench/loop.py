@@ -444,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="answers the teacher samples per question (4 in run O)")
     ap.add_argument("--synth-answer-tokens", type=int, default=48,
                     help="longest teacher sample in tokens (96 in run O); the extract usually wins anyway")
-    ap.add_argument("--replay", type=float, default=1.0, help="general replay rows per SFT row (build option)")
+    ap.add_argument("--replay", type=float, default=2.0,
+                    help="general replay rows per SFT row (build option; 1.0 until session 8)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
     ap.add_argument("--promote-rejected", action="store_true",
