@@ -580,6 +580,16 @@ def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[i
     return lost, won, sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
 
 
+def _unless_significant(ok: bool, threshold: str, detail: str, candidate: Sequence[float] | None,
+                        reference: Sequence[float] | None, significance: float) -> tuple[bool, str, str]:
+    """A drop check that also passes when the drop is not significant (sign test over paired scores)."""
+    if significance <= 0 or not candidate or not reference or len(candidate) != len(reference):
+        return ok, threshold, detail
+    lost, won, p = sign_test(candidate, reference)
+    return (ok or p >= significance, threshold + f" or not significant (p >= {significance:g})",
+            detail + f"; lost {lost}, won {won}, p = {p:.3f}")
+
+
 def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, cfg: GateConfig) -> GateDecision:
     """The gate's verdict from the numbers alone (see the module docstring)."""
     checks: list[Check] = []
@@ -610,13 +620,9 @@ def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, 
                             f">= {amount(min_gain)} better", f"{direction} by {amount(abs(improvement))}"))
         ok = improvement >= -tol
         threshold, detail = f"<= {amount(tol)} worse", "within tolerance" if ok else f"worse by {amount(-improvement)}"
-        paired = candidate.grounded_scores, baseline.grounded_scores
-        if (metric == "grounded" and cfg.grounded_significance > 0 and paired[0] and paired[1]
-                and len(paired[0]) == len(paired[1])):
-            lost, won, p = sign_test(*paired)
-            ok = ok or p >= cfg.grounded_significance
-            threshold += f" or not significant (p >= {cfg.grounded_significance:g})"
-            detail += f"; lost {lost}, won {won}, p = {p:.3f}"
+        if metric == "grounded":
+            ok, threshold, detail = _unless_significant(ok, threshold, detail, candidate.grounded_scores,
+                                                        baseline.grounded_scores, cfg.grounded_significance)
         checks.append(Check(f"{metric} no regression", "regression", metric, ok, c, b, "baseline", threshold, detail))
     # Forgetting is judged against the baseline and against the base model (once, if they are the same).
     refs = [(baseline, "baseline")] if baseline is not base else []
@@ -631,13 +637,9 @@ def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, 
         if c is not None and r is not None:
             ok = r - c <= cfg.general_qa_tolerance + 1e-9
             threshold, detail = f"drop <= {cfg.general_qa_tolerance:.2f}", f"{c - r:+.3f}"
-            paired = candidate.general_qa_scores, ref.general_qa_scores
-            if (label == "baseline" and cfg.general_qa_significance > 0 and paired[0] and paired[1]
-                    and len(paired[0]) == len(paired[1])):
-                lost, won, p = sign_test(*paired)
-                ok = ok or p >= cfg.general_qa_significance
-                threshold += f" or not significant (p >= {cfg.general_qa_significance:g})"
-                detail += f"; lost {lost}, won {won}, p = {p:.3f}"
+            if label == "baseline":
+                ok, threshold, detail = _unless_significant(ok, threshold, detail, candidate.general_qa_scores,
+                                                            ref.general_qa_scores, cfg.general_qa_significance)
             checks.append(Check(f"general questions vs {label}", "forgetting", "general_qa", ok, c, r, label,
                                 threshold, detail))
     failed = [ch for ch in checks if not ch.passed and ch.kind != "gain"]
