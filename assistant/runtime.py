@@ -636,16 +636,12 @@ class TransformersBackend:
             generation.queue.put(_Done(0, "cancelled"))
             return generation
         try:
-            with self._meta_lock:
-                entry = self._adapters.get(name) if name is not None else None
-            if name is not None and entry is None:  # unloaded while this request waited
-                raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
-            model = self._select(entry)
+            model, base_only = self._take(name)
             streamer = _PieceStreamer(self.tokenizer, generation.queue, self.settings.stream_interval_ms / 1000)
             generation.streamer = streamer
             stop = _StopOnEvent(cancel, generation.closed)
             kwargs = self._generate_kwargs(enc, gen, max_new, streamer, stop)
-            self._worker.submit(self._run, model, entry is None and self._peft is not None, kwargs, gen.seed,
+            self._worker.submit(self._run, model, base_only, kwargs, gen.seed,
                                 streamer, stop, max_new, generation.queue)
         except BaseException:
             self._gate.release()
@@ -683,16 +679,10 @@ class TransformersBackend:
         started = time.perf_counter()
         wait = self._gate.acquire(self.settings.queue_timeout_s, max_waiting=self.settings.queue_max)
         try:
-            name = None if self._is_base(adapter) else adapter
-            with self._meta_lock:
-                entry = self._adapters.get(name) if name is not None else None
-            if name is not None and entry is None:
-                raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
-            model = self._select(entry)
+            model, base_only = self._take(None if self._is_base(adapter) else adapter)
             kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                       "max_new_tokens": gen.max_new_tokens, "eos_token_id": self._eos_ids, "pad_token_id": pad,
                       "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-            base_only = entry is None and self._peft is not None
             out = self._worker.submit(self._run_batch, model, base_only, kwargs).result()
         finally:
             self._gate.release()
@@ -715,6 +705,15 @@ class TransformersBackend:
 
         with torch.inference_mode(), model.disable_adapter() if base_only else contextlib.nullcontext():
             return model.generate(**kwargs).cpu()
+
+    def _take(self, name: str | None) -> tuple[Any, bool]:
+        """With the gate held: the model to run with adapter `name` active (None: the base model), and
+        whether the loaded adapters must be switched off for it."""
+        with self._meta_lock:
+            entry = self._adapters.get(name) if name is not None else None
+        if name is not None and entry is None:  # unloaded while this request waited
+            raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
+        return self._select(entry), entry is None and self._peft is not None
 
     def _select(self, entry: _Adapter | None) -> Any:
         """Make `entry` the active adapter (called with the gate held). Returns the model to run."""
