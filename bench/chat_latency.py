@@ -34,6 +34,54 @@ PROMPTS = [
 ]
 
 
+def thread_counters(pid: int) -> dict[int, tuple[float, int, int]]:
+    """Per thread of process `pid`: (CPU seconds, voluntary, involuntary context switches), from /proc.
+    Counts, not timings: they say where the server's time goes with much less noise than tok/s."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended
+        out[int(task.name)] = ((int(stat[11]) + int(stat[12])) / tick, int(status["voluntary_ctxt_switches"]),
+                               int(status["nonvoluntary_ctxt_switches"]))
+    return out
+
+
+class ThreadCounts:
+    """`thread_counters` of one process summed over the requests it answered, and the tokens it made."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.threads: dict[int, list[float]] = {}  # thread id -> [CPU s, voluntary, involuntary]
+        self.tokens = 0
+
+    def around(self, ask, prompt: str):
+        before = thread_counters(self.pid)
+        result = ask(prompt)
+        for tid, now in thread_counters(self.pid).items():
+            was = before.get(tid, (0.0, 0, 0))
+            acc = self.threads.setdefault(tid, [0.0, 0, 0])
+            for k in range(3):
+                acc[k] += now[k] - was[k]
+        self.tokens += result[2]
+        return result
+
+    def row(self, name: str) -> str:
+        """Per generated token: the busiest thread (the one that generates), the second (its OpenMP
+        worker at 2 threads) and all the others together: CPU ms, voluntary / involuntary switches."""
+        rows = sorted(self.threads.values(), key=lambda c: -c[0])
+        n = max(self.tokens, 1)
+
+        def cell(cs: list[list[float]]) -> str:
+            cpu, vol, inv = (sum(c[k] for c in cs) for k in range(3))
+            return f"{cpu / n * 1000:.2f} / {vol / n:.2f} / {inv / n:.2f}"
+
+        return f"| {name} | {cell(rows[:1])} | {cell(rows[1:2])} | {cell(rows[2:])} ({max(len(rows) - 2, 0)}) |"
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -50,8 +98,12 @@ class RawPath:
         torch.set_num_threads(threads)
         self.settings, self.max_tokens = settings, max_tokens
         self.model, self.tok, self.device, _ = load_model(settings, prepare_model(settings, progress=False))
+        self.counts = ThreadCounts(os.getpid())
 
     def ask(self, prompt: str) -> tuple[float, float, int, int]:
+        return self.counts.around(self._ask, prompt)
+
+    def _ask(self, prompt: str) -> tuple[float, float, int, int]:
         import torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -117,6 +169,7 @@ class ApiPath:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited")
             time.sleep(0.1)
+        self.counts = ThreadCounts(self.proc.pid)
         print(f"server ready in {time.perf_counter() - t_start:.1f} s (/health answers)")
         while not httpx.get(health, timeout=5).json().get("warm"):
             time.sleep(0.05)
@@ -129,6 +182,9 @@ class ApiPath:
         self.proc.wait(timeout=30)
 
     def ask(self, prompt: str) -> tuple[float, float, int, int]:
+        return self.counts.around(self._ask, prompt)
+
+    def _ask(self, prompt: str) -> tuple[float, float, int, int]:
         t0 = time.perf_counter()
         first, done, n, prompt_tokens = None, None, 0, 0
         for chunk in self.client.chat.completions.create(
@@ -151,9 +207,9 @@ def measure(raw: RawPath, apis: list[ApiPath], repeats: int) -> tuple[list, list
     """Each prompt on every path back to back, rotating which goes first, so that a machine that
     speeds up or slows down during the run (other tenants, clocks) moves every column alike."""
     for api in apis:
-        first = api.ask(PROMPTS[0])
+        first = api._ask(PROMPTS[0])
         print(f"first request after /health (warm-up, not in the table): TTFT {first[0] * 1000:.0f} ms")
-    raw.ask(PROMPTS[0])
+    raw._ask(PROMPTS[0])
     paths = [raw.ask] + [api.ask for api in apis]
     results: list[list] = [[] for _ in paths]
     for r in range(repeats):
@@ -192,7 +248,9 @@ def main() -> None:
         apis = [stack.enter_context(ApiPath(fresh_home(), args.threads, args.max_tokens, port=8765 + j,
                                             stream_interval_ms=iv))
                 for j, iv in enumerate(intervals)]
-        raw, api_results = measure(RawPath(settings, args.threads, args.max_tokens), apis, args.repeats)
+        raw_path = RawPath(settings, args.threads, args.max_tokens)
+        raw, api_results = measure(raw_path, apis, args.repeats)
+        raw_counts = raw_path.counts
 
     def row(name: str, xs: list[tuple[float, float, int]]) -> str:
         ttft = [x[0] * 1000 for x in xs]
@@ -217,6 +275,13 @@ def main() -> None:
         print(f"\n{label(iv)}: same prompt and answer length (tokens) as raw: {sum(same)}/{len(same)} requests")
         print(f"TTFT overhead p50: {ttft_over:.0f} ms (target <= 50); decode API/raw: {ratio:.1%} "
               f"(median of the same request on both paths: {paired:.1%}; target >= 95%)")
+    print("\nThreads of each path's process while it answered, per token: CPU ms / voluntary / involuntary "
+          "context switches (/proc; the raw path's process also runs the client of the API path, idle then)")
+    print("| path | busiest thread (generation) | second (OpenMP worker) | all others (how many) |")
+    print("|---|---|---|---|")
+    print(raw_counts.row("raw model.generate"))
+    for iv, api in zip(intervals, apis, strict=True):
+        print(api.counts.row(label(iv)))
 
 
 if __name__ == "__main__":
