@@ -111,6 +111,9 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     create_api(app, services.store, services.chat)
     install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
     if with_ui:
+        from ui.gradio_import import skip_stub_writing
+
+        skip_stub_writing()  # 2.7 s of gradio's import writes editor stubs (ui/gradio_import.py)
         from ui.app import mount_ui  # gradio is heavy: imported only when the UI is wanted
 
         app = mount_ui(app, services)
