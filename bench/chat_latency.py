@@ -232,13 +232,15 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from assistant.config import Settings
+    from assistant.models import prepare_model
 
-    shared_models = Settings.load().models_dir
+    shared = Settings.load()
+    prepare_model(shared, progress=False)  # converted once, here: the servers' start-up is timed after it
+    shared_models = shared.models_dir
 
     def fresh_home() -> Path:
         home = Path(tempfile.mkdtemp(prefix="bench-chat-"))
-        if shared_models.exists():
-            (home / "models").symlink_to(shared_models)  # reuse the converted model, don't convert again
+        (home / "models").symlink_to(shared_models)  # reuse the converted model, don't convert again
         return home
 
     settings = Settings.load(home=fresh_home())
