@@ -113,7 +113,7 @@ def embedding_function_class() -> type:
     """chromadb's handle on our embedder, registered so a collection re-opened later finds it (P12).
 
     Defined when chromadb is first needed, not at import: importing chromadb takes about a second of
-    the server's start-up, and the server opens the knowledge base in its warm-up thread, beside start-up.
+    the server's start-up, and the server opens the knowledge base in its warm-up, after it answers.
     """
     from chromadb import Documents, EmbeddingFunction, Embeddings
     from chromadb.utils.embedding_functions import register_embedding_function
