@@ -26,7 +26,6 @@ next index build removes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -36,6 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
+
+from chromadb import Documents, EmbeddingFunction, Embeddings
+from chromadb.utils.embedding_functions import register_embedding_function
 
 from memory.documents import Chunk, Extracted, IngestError, check_size, chunk_document, extract
 from memory.embedder import Embedder, get_embedder
@@ -108,42 +110,32 @@ class DocumentInfo:
     created_at: float  # unix seconds
 
 
-@functools.cache
-def embedding_function_class() -> type:
-    """chromadb's handle on our embedder, registered so a collection re-opened later finds it (P12).
+@register_embedding_function
+class AssistantEmbeddingFunction(EmbeddingFunction[Documents]):
+    """chromadb's handle on our embedder; registered so a collection re-opened later finds it (P12)."""
 
-    Defined when chromadb is first needed, not at import: importing chromadb takes about a second of
-    the server's start-up, and the server opens the knowledge base in its warm-up, after it answers.
-    """
-    from chromadb import Documents, EmbeddingFunction, Embeddings
-    from chromadb.utils.embedding_functions import register_embedding_function
+    def __init__(self, model: str) -> None:
+        self.model = model
 
-    @register_embedding_function
-    class AssistantEmbeddingFunction(EmbeddingFunction[Documents]):
-        def __init__(self, model: str) -> None:
-            self.model = model
+    def __call__(self, input: Documents) -> Embeddings:
+        return list(get_embedder(self.model).encode(list(input)))
 
-        def __call__(self, input: Documents) -> Embeddings:
-            return list(get_embedder(self.model).encode(list(input)))
+    @staticmethod
+    def name() -> str:
+        return "assistant-sentence-transformers"
 
-        @staticmethod
-        def name() -> str:
-            return "assistant-sentence-transformers"
+    def default_space(self) -> str:  # type: ignore[override]
+        return "cosine"
 
-        def default_space(self) -> str:  # type: ignore[override]
-            return "cosine"
+    def supported_spaces(self) -> list[str]:  # type: ignore[override]
+        return ["cosine"]
 
-        def supported_spaces(self) -> list[str]:  # type: ignore[override]
-            return ["cosine"]
+    def get_config(self) -> dict[str, Any]:
+        return {"model": self.model}
 
-        def get_config(self) -> dict[str, Any]:
-            return {"model": self.model}
-
-        @staticmethod
-        def build_from_config(config: dict[str, Any]) -> AssistantEmbeddingFunction:
-            return AssistantEmbeddingFunction(config["model"])
-
-    return AssistantEmbeddingFunction
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> AssistantEmbeddingFunction:
+        return AssistantEmbeddingFunction(config["model"])
 
 
 def embedder_cache(settings: Settings) -> Path:
@@ -179,8 +171,6 @@ def chunk_metadata(doc: dict[str, Any], chunk: Chunk) -> dict[str, Any]:
 def _open_client(settings: Settings) -> Any:
     import chromadb
     from chromadb.config import Settings as ChromaSettings
-
-    embedding_function_class()  # registered before any collection is read (P12)
 
     chroma_settings = ChromaSettings(anonymized_telemetry=False)
     if settings.chroma_url:
@@ -231,7 +221,7 @@ class KnowledgeBase:
             if not create and name not in self._existing():
                 return None
             col = self.client.get_or_create_collection(
-                name, embedding_function=embedding_function_class()(self.settings.embedder),
+                name, embedding_function=AssistantEmbeddingFunction(self.settings.embedder),
                 configuration={"hnsw": {"space": "cosine"}},
             )
             stored = col.configuration.get("embedding_function")
