@@ -52,7 +52,11 @@ EMBEDDED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d
 log = logging.getLogger(__name__)
 ONNX_BATCH = 8  # ONNX Runtime's CPU throughput peaked at batches of 4-8 chunks here (16 and 32 were slower)
 ONNX_MIN_COSINE = 0.9999
-INT8_MIN_COSINE = 0.98
+# The int8 self-check guards against a broken export (that gives cosines far below this), not a close call.
+# Probe cosines to fp32 measured: AVX-512 EPYC min 0.989; AVX2 EPYC (no VNNI: other int8 kernels)
+# 0.992-0.994 for the English probes and 0.977 for the Korean one, which this English model reads as
+# mostly unknown pieces. ONNX Runtime's reduce_range (7-bit weights) made that one worse (0.974).
+INT8_MIN_COSINE = 0.97
 _PROBES = ["A man is eating food.", "Error ERR-4312 means the token clock drifted.", "서울에서 파인튜닝을 배웁니다",
            " ".join(["The quick brown fox jumps over the lazy dog."] * 40)]  # the last one is truncated
 _cache: dict[str, Embedder] = {}
