@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PROMPTS = [
@@ -58,7 +59,7 @@ class ThreadCounts:
         self.threads: dict[int, list[float]] = {}  # thread id -> [CPU s, voluntary, involuntary]
         self.tokens = 0
 
-    def around(self, ask, prompt: str):
+    def around(self, ask: Callable[[str], tuple], prompt: str) -> tuple:
         before = thread_counters(self.pid)
         result = ask(prompt)
         for tid, now in thread_counters(self.pid).items():
@@ -101,9 +102,6 @@ class RawPath:
         self.counts = ThreadCounts(os.getpid())
 
     def ask(self, prompt: str) -> tuple[float, float, int, int]:
-        return self.counts.around(self._ask, prompt)
-
-    def _ask(self, prompt: str) -> tuple[float, float, int, int]:
         import torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -182,9 +180,6 @@ class ApiPath:
         self.proc.wait(timeout=30)
 
     def ask(self, prompt: str) -> tuple[float, float, int, int]:
-        return self.counts.around(self._ask, prompt)
-
-    def _ask(self, prompt: str) -> tuple[float, float, int, int]:
         t0 = time.perf_counter()
         first, done, n, prompt_tokens = None, None, 0, 0
         for chunk in self.client.chat.completions.create(
@@ -207,16 +202,16 @@ def measure(raw: RawPath, apis: list[ApiPath], repeats: int) -> tuple[list, list
     """Each prompt on every path back to back, rotating which goes first, so that a machine that
     speeds up or slows down during the run (other tenants, clocks) moves every column alike."""
     for api in apis:
-        first = api._ask(PROMPTS[0])
+        first = api.ask(PROMPTS[0])
         print(f"first request after /health (warm-up, not in the table): TTFT {first[0] * 1000:.0f} ms")
-    raw._ask(PROMPTS[0])
-    paths = [raw.ask] + [api.ask for api in apis]
+    raw.ask(PROMPTS[0])
+    paths = [raw] + apis
     results: list[list] = [[] for _ in paths]
     for r in range(repeats):
         for i, prompt in enumerate(PROMPTS):
             shift = (r + i) % len(paths)
             for j in list(range(shift, len(paths))) + list(range(shift)):
-                results[j].append(paths[j](prompt))
+                results[j].append(paths[j].counts.around(paths[j].ask, prompt))
     return results[0], results[1:]
 
 
@@ -252,7 +247,6 @@ def main() -> None:
                 for j, iv in enumerate(intervals)]
         raw_path = RawPath(settings, args.threads, args.max_tokens)
         raw, api_results = measure(raw_path, apis, args.repeats)
-        raw_counts = raw_path.counts
 
     def row(name: str, xs: list[tuple[float, float, int]]) -> str:
         ttft = [x[0] * 1000 for x in xs]
@@ -281,7 +275,7 @@ def main() -> None:
           "context switches (/proc; the raw path's process also runs the client of the API path, idle then)")
     print("| path | busiest thread (generation) | second (OpenMP worker) | all others (how many) |")
     print("|---|---|---|---|")
-    print(raw_counts.row("raw model.generate"))
+    print(raw_path.counts.row("raw model.generate"))
     for iv, api in zip(intervals, apis, strict=True):
         print(api.counts.row(label(iv)))
 

@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 ONNX_BATCH = 8  # ONNX Runtime's CPU throughput peaked at batches of 4-8 chunks here (16 and 32 were slower)
 ONNX_MIN_COSINE = 0.9999
 # The int8 self-check guards against a broken export (that gives cosines far below this), not a close call.
-# Probe cosines to fp32 measured: AVX-512 EPYC min 0.989; AVX2 EPYC (no VNNI: other int8 kernels)
-# 0.992-0.994 for the English probes and 0.977 for the Korean one, which this English model reads as
-# mostly unknown pieces. ONNX Runtime's reduce_range (7-bit weights) made that one worse (0.974).
+# Cosines to the fp32 vectors measured: AVX-512 EPYC min 0.989 over 256 real chunks; AVX2 EPYC (no VNNI:
+# other int8 kernels) 0.992-0.994 for the English probes below and 0.977 for the Korean one, which this
+# English model reads as mostly unknown pieces. ONNX Runtime's reduce_range (7-bit weights) made that one worse (0.974).
 INT8_MIN_COSINE = 0.97
 _PROBES = ["A man is eating food.", "Error ERR-4312 means the token clock drifted.", "서울에서 파인튜닝을 배웁니다",
            " ".join(["The quick brown fox jumps over the lazy dog."] * 40)]  # the last one is truncated

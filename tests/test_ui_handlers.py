@@ -497,7 +497,7 @@ def test_memory_page_view_add_edit_delete(agent_env):
     assert s.extras["memories"].recall(ann.id, "Where are my bees?") == []
 
 
-def test_gradio_imports_without_writing_stubs_and_still_builds_a_page(tmp_path):
+def test_gradio_imports_without_writing_stubs_and_still_builds_a_page():
     """ui.gradio_import: gradio's import-time .pyi writing is skipped (2.7 s of every start) and
     nothing else changes: components are defined, a page builds and renders its config. A fresh
     interpreter, because this test process has imported gradio already."""
