@@ -211,6 +211,41 @@ def test_loss_goes_down_on_a_learnable_dataset(tmp_path: Path, learnable_model_d
     assert sft.best_eval_loss == sft.eval_losses[-1] and not sft.restored_best
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_micro_batches_give_the_same_step_as_the_whole_batch(tmp_path: Path, learnable_model_dir: Path,
+                                                             stage: str) -> None:
+    """One row per forward pass (the CPU default) accumulates to the same optimizer step as a batch of 4."""
+    from safetensors.torch import load_file
+
+    data = make_snapshot(tmp_path / "data")
+    weights, runtimes, losses = {}, {}, {}
+    for micro in (4, 1):
+        config = cfg(learnable_model_dir, stages=[stage], max_steps=2, evals_per_epoch=0, lora_dropout=0.0,
+                     micro_batch_size=micro)
+        result = run_training(config, data, tmp_path / f"out-{micro}")
+        runtimes[micro] = result.runtime
+        losses[micro] = (result.stages[0].first_loss, result.stages[0].last_loss)
+        weights[micro] = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert runtimes[1].micro_batch_size == 1 and runtimes[4].micro_batch_size == 4
+    assert losses[1] == pytest.approx(losses[4], rel=1e-4), losses  # logged per step, not per micro-batch
+    assert weights[1].keys() == weights[4].keys()
+    moved = [k for k, t in weights[4].items() if "lora_B" in k and t.abs().max() > 1e-4]
+    assert moved, "two steps at this learning rate move the adapter"
+    for k, t in weights[4].items():
+        assert (weights[1][k] - t).abs().max() <= 1e-4 * max(1.0, float(t.abs().max())), k
+
+
+def test_micro_batch_default_and_checks(tiny_model_dir: Path) -> None:
+    from training.train import resolve_runtime
+
+    assert resolve_runtime(cfg(tiny_model_dir)).micro_batch_size == 1  # CPU: one row per pass
+    assert resolve_runtime(cfg(tiny_model_dir, micro_batch_size=2)).micro_batch_size == 2
+    with pytest.raises(ValueError, match="micro_batch_size 3 must divide batch_size 4"):
+        cfg(tiny_model_dir, micro_batch_size=3)
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
+        cfg(tiny_model_dir, micro_batch_size=0)
+
+
 def test_missing_stage_is_skipped_and_empty_snapshot_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = make_snapshot(tmp_path / "data", dpo=False)
     result = run_training(cfg(tiny_model_dir, stages=["sft", "dpo"], max_steps=2), data, tmp_path / "out")

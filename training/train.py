@@ -83,6 +83,7 @@ class RuntimeChoice:
     attn_packed: str  # packed padding-free SFT rows
     packing: bool
     pad_to_multiple_of: int | None
+    micro_batch_size: int  # rows per forward pass; batch_size rows per step by accumulation
     liger: bool
     world_size: int
     threads: int | None
@@ -165,10 +166,13 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
         raise ValueError("liger=true needs a CUDA device (Triton kernels)")
     if liger and not _importable("liger_kernel"):
         raise ValueError("liger=true but the liger-kernel package is not installed: pip install liger-kernel")
+    # On CPU a batch is computed no faster per token than its rows one by one, but it is padded to its
+    # longest row and keeps every row's activations at once: one row per pass (docs/benchmarks.md).
+    micro = config.micro_batch_size or (1 if device == "cpu" else config.batch_size)
     state = PartialState()
     return RuntimeChoice(
         device=device, dtype=dtype, attn_implementation=attn, attn_packed=attn_packed, packing=packing,
-        pad_to_multiple_of=pad_multiple, liger=bool(liger),
+        pad_to_multiple_of=pad_multiple, micro_batch_size=micro, liger=bool(liger),
         world_size=state.num_processes, threads=config.threads if device == "cpu" else None,
         torch_compile=config.torch_compile,
     )
@@ -437,12 +441,15 @@ def _common_args(config: TrainConfig, rt: RuntimeChoice, stage: str, work: Path,
     lr = config.sft_learning_rate if stage == "sft" else config.dpo_learning_rate
     epochs = config.sft_epochs if stage == "sft" else config.dpo_epochs
     has_eval = data.validation is not None and config.evals_per_epoch > 0
+    micro = rt.micro_batch_size
+    eval_rows = config.eval_batch_size if micro >= config.batch_size else min(config.eval_batch_size, micro)
     args: dict[str, Any] = dict(
         output_dir=str(work / stage), use_cpu=rt.device == "cpu", bf16=rt.dtype == "bfloat16", fp16=False,
         activation_checkpointing=config.activation_checkpointing,  # P6: not the deprecated alias
         learning_rate=lr, num_train_epochs=epochs, max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.eval_batch_size,
-        gradient_accumulation_steps=config.grad_accum, lr_scheduler_type=config.lr_scheduler,
+        per_device_train_batch_size=micro, per_device_eval_batch_size=eval_rows,
+        gradient_accumulation_steps=config.grad_accum * (config.batch_size // micro),
+        lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
         max_length=config.max_length, seed=config.seed, data_seed=config.seed,
         logging_steps=config.logging_steps, logging_strategy="steps", save_strategy="no", report_to="none",

@@ -89,6 +89,14 @@ class TrainConfig:
     batch_size: int = _f(4, "Per-device training batch size (rows, or packed rows when packing).")
     eval_batch_size: int = _f(8, "Per-device evaluation batch size.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
+    micro_batch_size: int | None = _f(
+        None,
+        "Rows per forward pass. An optimizer step still sees batch_size x grad_accum rows: the job accumulates "
+        "micro-batches, so the step's gradient is the same. None = 1 on CPU and batch_size on GPU. On CPU one "
+        "row at a time has no padding and holds one row's activations: in float32 a 1,000-token row of "
+        "SmolLM2-135M with LoRA takes about 4.4 GB in training (measured, docs/benchmarks.md), so a padded "
+        "DPO batch of 4 pairs would need some 35 GB. Evaluation passes hold at most this many rows too.",
+    )
     max_length: int = _f(1024, "Longest tokenized example; with packing, the length of a packed row.")
     seed: int = _f(0, "Random seed (data order, adapter init).")
 
@@ -219,6 +227,11 @@ class TrainConfig:
             errors.append("warmup_ratio must be in [0, 1)")
         if self.max_steps == 0 or self.max_steps < -1:
             errors.append("max_steps must be -1 (use epochs) or >= 1")
+        if self.micro_batch_size is not None:
+            if self.micro_batch_size < 1:
+                errors.append("micro_batch_size must be >= 1 or null")
+            elif self.batch_size >= 1 and self.batch_size % self.micro_batch_size:
+                errors.append(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             errors.append("pad_to_multiple_of must be >= 1 or null")
         for name in ("evals_per_epoch", "early_stopping_patience", "dataloader_workers"):
