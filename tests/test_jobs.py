@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -166,6 +167,8 @@ def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services,
     os.kill(pid, signal.SIGKILL)
     done = runner.wait(job.id, timeout=120)
     assert done.status == "failed" and "killed by signal SIGKILL" in done.error, done.error
+    # The child's memory is named, as an out-of-memory kill leaves no message of its own.
+    assert re.search(r"it held \d+\.\d GB of this machine's \d+\.\d GB", done.error), done.error
     assert done.progress["phase"] == "failed" and done.pid is None and done.finished_at is not None
     assert reg.serving() == serving and services.chat.serving_adapter == serving
     assert [v.name for v in reg.list()] == [serving]

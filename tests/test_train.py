@@ -244,6 +244,8 @@ def test_micro_batch_default_and_checks(tiny_model_dir: Path) -> None:
         cfg(tiny_model_dir, micro_batch_size=3)
     with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
         cfg(tiny_model_dir, micro_batch_size=0)
+    with pytest.raises(ValueError, match="KTO needs micro_batch_size >= 2"):
+        cfg(tiny_model_dir, stages=["sft", "kto"], micro_batch_size=1)
 
 
 def test_missing_stage_is_skipped_and_empty_snapshot_refused(tmp_path: Path, tiny_model_dir: Path) -> None:

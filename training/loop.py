@@ -141,12 +141,22 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+@dataclass
+class ChildExit:
+    """How a child process ended: its exit code (negative: the killing signal), its last stderr lines,
+    and the most memory it was seen to hold (the kernel's resident high-water mark, read every 0.5 s)."""
+
+    code: int
+    tail: list[str]
+    peak_rss_bytes: int | None = None
+
+
 def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Callable[[dict[str, Any]], None],
-              cancel_file: Path | None = None, kill_after_s: float = 30.0) -> tuple[int, list[str]]:
+              cancel_file: Path | None = None, kill_after_s: float = 30.0) -> ChildExit:
     """Run `cmd` in its own process group; JSON stdout lines go to `on_json`, stderr to `hooks.log_line`.
 
     Cancellation (``hooks.should_stop()``): create `cancel_file`, SIGTERM the group, SIGKILL it after
-    `kill_after_s`. Returns (exit code, last stderr lines). A negative code is the killing signal.
+    `kill_after_s`.
     """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                             env=child_env(threads), cwd=str(PROJECT_ROOT), start_new_session=True)
@@ -163,13 +173,17 @@ def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Calla
     err_thread = threading.Thread(target=read_stderr, daemon=True, name="child-stderr")
     err_thread.start()
     stopping_since: float | None = None
+    peak: int | None = None
     stop_watch = threading.Event()
 
     def watch_cancel() -> None:
-        nonlocal stopping_since
+        nonlocal stopping_since, peak
         while not stop_watch.wait(0.5):
             if proc.poll() is not None:
                 return
+            hwm = _resident_peak(proc.pid)
+            if hwm is not None:
+                peak = max(peak or 0, hwm)
             if stopping_since is None and hooks.should_stop():
                 stopping_since = time.monotonic()
                 if cancel_file is not None:
@@ -203,7 +217,18 @@ def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Calla
         stop_watch.set()
         err_thread.join(timeout=5)
         hooks.on_process(None)
-    return code, list(tail)
+    return ChildExit(code=code, tail=list(tail), peak_rss_bytes=peak)
+
+
+def _resident_peak(pid: int) -> int | None:
+    """The process's resident-memory high-water mark in bytes (Linux VmHWM), or None where unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -308,16 +333,15 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         else:
             hooks.event("train", ev)
 
-    code, tail = run_child([sys.executable, "-m", "training.train", "--config", str(cfg_path), "--data",
-                            str(snapshot), "--out", str(train_out), "--cancel-file", str(work / "CANCEL")],
-                           threads=settings.train_threads, hooks=hooks, on_json=on_train,
-                           cancel_file=work / "CANCEL")
+    done = run_child([sys.executable, "-m", "training.train", "--config", str(cfg_path), "--data",
+                      str(snapshot), "--out", str(train_out), "--cancel-file", str(work / "CANCEL")],
+                     threads=settings.train_threads, hooks=hooks, on_json=on_train, cancel_file=work / "CANCEL")
     timings["train"] = round(time.perf_counter() - t0, 2)
-    if code == 3 or (code != 0 and hooks.should_stop()):
+    if done.code == 3 or (done.code != 0 and hooks.should_stop()):
         raise CycleCancelled("training was cancelled")
-    if code != 0:
-        raise CycleFailed(f"training failed ({_describe_exit(code)}): "
-                          f"{last_error[-1] if last_error else _last_lines(tail)}")
+    if done.code != 0:
+        raise CycleFailed(f"training failed ({_describe_exit(done)}): "
+                          f"{last_error[-1] if last_error else _last_lines(done.tail)}")
     adapter_dir = train_out / "adapter"
     if not (adapter_dir / "adapter_config.json").is_file():
         raise CycleFailed(f"training exited 0 but wrote no adapter in {adapter_dir}")
@@ -354,13 +378,13 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         cmd += ["--baseline", str(parent_dir), "--baseline-name", str(parent)]
     if doc_qa is not None:
         cmd += ["--doc-qa", str(doc_qa)]
-    code, tail = run_child(cmd, threads=settings.train_threads, hooks=hooks, on_json=on_eval)
+    done = run_child(cmd, threads=settings.train_threads, hooks=hooks, on_json=on_eval)
     timings["evaluate"] = round(time.perf_counter() - t0, 2)
-    if code != 0 and hooks.should_stop():
+    if done.code != 0 and hooks.should_stop():
         raise CycleCancelled("evaluation was cancelled")
-    if code != 0 or not verdict:
-        raise CycleFailed(f"evaluation failed ({_describe_exit(code)}): "
-                          f"{eval_error[-1] if eval_error else _last_lines(tail)}")
+    if done.code != 0 or not verdict:
+        raise CycleFailed(f"evaluation failed ({_describe_exit(done)}): "
+                          f"{eval_error[-1] if eval_error else _last_lines(done.tail)}")
     check_stop()
 
     # 5. register (with the report, pass or fail), then 6. promote or reject
@@ -592,18 +616,44 @@ def _train_summary(result: dict[str, Any]) -> dict[str, Any]:
     stages = result.get("stages") or []
     return {"seconds": result.get("seconds"), "runtime": result.get("runtime"),
             "stages": [{k: s.get(k) for k in ("stage", "status", "train_rows", "steps", "first_loss", "last_loss",
-                                               "best_eval_loss", "seconds", "tokens_per_s")} for s in stages]}
+                                               "best_eval_loss", "seconds", "tokens_per_s",
+                                               "peak_rss_gb")} for s in stages]}
 
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+def _describe_exit(done: ChildExit) -> str:
+    code = done.code
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        text = f"killed by signal {signal.Signals(-code).name}"
+    except ValueError:
+        text = f"killed by signal {-code}"
+    if -code == signal.SIGKILL and done.peak_rss_bytes:
+        # The kernel's out-of-memory killer sends SIGKILL and leaves no message in the child's output.
+        total = _memory_total()
+        text += f"; it held {done.peak_rss_bytes / 1e9:.1f} GB"
+        if total:
+            text += f" of this machine's {total / 1e9:.1f} GB"
+            if done.peak_rss_bytes > 0.5 * total:
+                text += ": most likely out of memory (the kernel's OOM killer); a smaller micro_batch_size " \
+                        "or max_length needs less"
+    return text
+
+
+def _memory_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _last_lines(lines: list[str], n: int = 5) -> str:
-    useful = [ln for ln in lines if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln]
-    return " | ".join(useful[-n:]) or "no output"
+    """The child's last meaningful stderr lines: no warnings, no progress bars (tqdm's carriage returns)."""
+    def useful(ln: str) -> bool:
+        return bool(ln.strip()) and "Warning" not in ln and "warnings.warn" not in ln and "\r" not in ln \
+            and "it/s]" not in ln and "examples/s]" not in ln
+    kept = [ln for ln in lines if useful(ln)]
+    return " | ".join(kept[-n:]) or "no output"

@@ -83,7 +83,7 @@ class RuntimeChoice:
     attn_packed: str  # packed padding-free SFT rows
     packing: bool
     pad_to_multiple_of: int | None
-    micro_batch_size: int  # rows per forward pass; batch_size rows per step by accumulation
+    micro_batch_size: int  # rows per forward pass (KTO: at least 2); batch_size rows per step by accumulating
     liger: bool
     world_size: int
     threads: int | None
@@ -108,6 +108,7 @@ class StageResult:
     seconds: float = 0.0
     tokens_per_s: float | None = None
     peak_gpu_mem_gb: float | None = None
+    peak_rss_gb: float | None = None  # the training process's resident high-water mark at the stage's end
 
 
 @dataclass
@@ -442,6 +443,9 @@ def _common_args(config: TrainConfig, rt: RuntimeChoice, stage: str, work: Path,
     epochs = config.sft_epochs if stage == "sft" else config.dpo_epochs
     has_eval = data.validation is not None and config.evals_per_epoch > 0
     micro = rt.micro_batch_size
+    if stage == "kto" and micro < 2 <= config.batch_size and config.micro_batch_size is None:
+        # KTO's KL term pairs each row with another row of the same forward pass.
+        micro = 2 if config.batch_size % 2 == 0 else config.batch_size
     eval_rows = config.eval_batch_size if micro >= config.batch_size else min(config.eval_batch_size, micro)
     args: dict[str, Any] = dict(
         output_dir=str(work / stage), use_cpu=rt.device == "cpu", bf16=rt.dtype == "bfloat16", fp16=False,
@@ -543,11 +547,21 @@ def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Runtim
     res.tokens_seen = int(st.num_input_tokens_seen or 0)
     res.tokens_per_s = round(res.tokens_seen / seconds, 1) if seconds > 0 and res.tokens_seen else None
     res.peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+    res.peak_rss_gb = _peak_rss_gb()
     # DPO/KTO add a frozen "ref" copy of the adapter as their reference model; it must not be saved.
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
         model.set_adapter("default")
     return res
+
+
+def _peak_rss_gb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return round(kb * 1024 / 1e9, 2) if sys.platform.startswith("linux") else round(kb / 1e9, 2)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

@@ -91,11 +91,12 @@ class TrainConfig:
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     micro_batch_size: int | None = _f(
         None,
-        "Rows per forward pass. An optimizer step still sees batch_size x grad_accum rows: the job accumulates "
-        "micro-batches, so the step's gradient is the same. None = 1 on CPU and batch_size on GPU. On CPU one "
-        "row at a time has no padding and holds one row's activations: in float32 a 1,000-token row of "
-        "SmolLM2-135M with LoRA takes about 4.4 GB in training (measured, docs/benchmarks.md), so a padded "
-        "DPO batch of 4 pairs would need some 35 GB. Evaluation passes hold at most this many rows too.",
+        "Rows per forward pass. An optimizer step still sees batch_size x grad_accum rows: the job "
+        "accumulates micro-batches, so the step's gradient is the same. None = 1 on CPU (2 for KTO) and "
+        "batch_size on GPU. On CPU one row at a time has no padding and holds one row's activations: in "
+        "float32 a 1,000-token row of SmolLM2-135M with LoRA takes about 4.4 GB in training (measured, "
+        "docs/benchmarks.md), so a padded DPO batch of 4 pairs would need some 35 GB. Evaluation passes "
+        "hold at most this many rows too.",
     )
     max_length: int = _f(1024, "Longest tokenized example; with packing, the length of a packed row.")
     seed: int = _f(0, "Random seed (data order, adapter init).")
@@ -232,6 +233,8 @@ class TrainConfig:
                 errors.append("micro_batch_size must be >= 1 or null")
             elif self.batch_size >= 1 and self.batch_size % self.micro_batch_size:
                 errors.append(f"micro_batch_size {self.micro_batch_size} must divide batch_size {self.batch_size}")
+            elif self.micro_batch_size == 1 and "kto" in self.stages:
+                errors.append("KTO needs micro_batch_size >= 2 (its KL term pairs rows of one forward pass)")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             errors.append("pad_to_multiple_of must be >= 1 or null")
         for name in ("evals_per_epoch", "early_stopping_patience", "dataloader_workers"):
