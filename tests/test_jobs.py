@@ -168,7 +168,7 @@ def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services,
     done = runner.wait(job.id, timeout=120)
     assert done.status == "failed" and "killed by signal SIGKILL" in done.error, done.error
     # The child's memory is named, as an out-of-memory kill leaves no message of its own.
-    assert re.search(r"it held \d+\.\d GB of this machine's \d+\.\d GB", done.error), done.error
+    assert re.search(r"it held \d+\.\d GiB of this machine's \d+\.\d GiB", done.error), done.error
     assert done.progress["phase"] == "failed" and done.pid is None and done.finished_at is not None
     assert reg.serving() == serving and services.chat.serving_adapter == serving
     assert [v.name for v in reg.list()] == [serving]

@@ -631,9 +631,9 @@ def _describe_exit(done: ChildExit) -> str:
     if -code == signal.SIGKILL and done.peak_rss_bytes:
         # The kernel's out-of-memory killer sends SIGKILL and leaves no message in the child's output.
         total = _memory_total()
-        text += f"; it held {done.peak_rss_bytes / 1e9:.1f} GB"
+        text += f"; it held {done.peak_rss_bytes / 2**30:.1f} GiB"
         if total:
-            text += f" of this machine's {total / 1e9:.1f} GB"
+            text += f" of this machine's {total / 2**30:.1f} GiB"
             if done.peak_rss_bytes > 0.5 * total:
                 text += ": most likely out of memory (the kernel's OOM killer); a smaller micro_batch_size " \
                         "or max_length needs less"
