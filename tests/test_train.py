@@ -119,6 +119,7 @@ def test_sft_then_dpo_trains_adapter_and_leaves_base_untouched(tmp_path: Path, t
     sft, dpo = result.stages
     assert sft.status == dpo.status == "done"
     assert sft.last_loss < sft.first_loss
+    assert 0 < sft.peak_rss_gib <= dpo.peak_rss_gib  # the process's high-water mark, kept per stage
     # The DPO reference is a frozen copy of the SFT adapter, so the first DPO loss is exactly log(2);
     # against the base model (adapter disabled) it would not be.
     assert dpo.first_loss == pytest.approx(math.log(2), abs=1e-4)

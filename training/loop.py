@@ -617,7 +617,7 @@ def _train_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": result.get("seconds"), "runtime": result.get("runtime"),
             "stages": [{k: s.get(k) for k in ("stage", "status", "train_rows", "steps", "first_loss", "last_loss",
                                                "best_eval_loss", "seconds", "tokens_per_s",
-                                               "peak_rss_gb")} for s in stages]}
+                                               "peak_rss_gib")} for s in stages]}
 
 
 def _describe_exit(done: ChildExit) -> str:

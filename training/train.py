@@ -108,7 +108,7 @@ class StageResult:
     seconds: float = 0.0
     tokens_per_s: float | None = None
     peak_gpu_mem_gb: float | None = None
-    peak_rss_gb: float | None = None  # the training process's resident high-water mark at the stage's end
+    peak_rss_gib: float | None = None  # the training process's resident high-water mark at the stage's end
 
 
 @dataclass
@@ -547,7 +547,7 @@ def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Runtim
     res.tokens_seen = int(st.num_input_tokens_seen or 0)
     res.tokens_per_s = round(res.tokens_seen / seconds, 1) if seconds > 0 and res.tokens_seen else None
     res.peak_gpu_mem_gb = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
-    res.peak_rss_gb = _peak_rss_gb()
+    res.peak_rss_gib = _peak_rss_gib()
     # DPO/KTO add a frozen "ref" copy of the adapter as their reference model; it must not be saved.
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
@@ -555,13 +555,13 @@ def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Runtim
     return res
 
 
-def _peak_rss_gb() -> float | None:
+def _peak_rss_gib() -> float | None:
     try:
         import resource
     except ImportError:  # not POSIX
         return None
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return round(kb * 1024 / 1e9, 2) if sys.platform.startswith("linux") else round(kb / 1e9, 2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(peak * (1024 if sys.platform.startswith("linux") else 1) / 2**30, 2)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
