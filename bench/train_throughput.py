@@ -494,8 +494,12 @@ def cpu_main(ns: argparse.Namespace) -> int:
                                                         dtype="float32")
     stats = build_dataset(Path(ns.work) / "data-cpu", SHAPES[ns.shape]["vocab_size"], 200, median=ns.median,
                           hi=512)
-    common = dict(device="cpu", threads=1, batch_size=4, max_length=512, logging_steps=1)
+    # micro_batch_size=4: whole padded batches per pass (the job's CPU default is one row per pass since
+    # session 11, the "fp32-rows" variant).
+    common = dict(device="cpu", threads=1, batch_size=4, micro_batch_size=4, max_length=512, logging_steps=1)
     variants = [
+        Variant("fp32-rows", "job", "job, fp32, one row per pass (the CPU default)",
+                job_config(model, ns.steps, dtype="float32", **{**common, "micro_batch_size": 1}), steps=ns.steps),
         Variant("fp32", "job", "job, fp32, padded batches", job_config(model, ns.steps, dtype="float32", **common),
                 steps=ns.steps),
         Variant("bf16", "job", "job, bf16 weights + autocast, padded",
@@ -566,11 +570,13 @@ def cpu_ab_main(ns: argparse.Namespace) -> int:
         return time.perf_counter() - t
 
     for name in runs:  # warm-up
-        step(name)
+        print(f"warm-up {name}: {step(name):.1f} s", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(ns.steps):
+    for i in range(ns.steps):
         for name in runs:
             times[name].append(step(name))
+            # each step as it ends: on a CPU without native bf16 one bf16 step can take minutes
+            print(f"round {i + 1}/{ns.steps} {name}: {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
     tokens = int(mask.sum())
     print(f"\nCPU A/B ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}), 1 thread, {ns.shape}, LoRA r=16, "
           f"batch 4 x {lengths} = {tokens} tokens, {ns.steps} interleaved rounds")
