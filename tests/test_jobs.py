@@ -382,3 +382,21 @@ def test_start_loop_recovers_restores_and_ticks(services, learnable_tiny_model_d
     finally:
         sched.stop()
     assert not sched.running
+
+
+def test_a_failed_childs_message_names_its_memory_and_drops_progress_bars() -> None:
+    from training.loop import ChildExit, _describe_exit, _last_lines, _memory_total
+
+    total = _memory_total()
+    assert total and total > 2**30
+    oom = _describe_exit(ChildExit(code=-signal.SIGKILL, tail=[], peak_rss_bytes=int(0.9 * total)))
+    assert oom.startswith("killed by signal SIGKILL; it held ") and "most likely out of memory" in oom, oom
+    small = _describe_exit(ChildExit(code=-signal.SIGKILL, tail=[], peak_rss_bytes=2**30))
+    assert "it held 1.0 GiB" in small and "out of memory" not in small, small
+    assert _describe_exit(ChildExit(code=-signal.SIGTERM, tail=[], peak_rss_bytes=2**30)) == "killed by signal SIGTERM"
+    assert _describe_exit(ChildExit(code=2, tail=[])) == "exit code 2"
+    tail = ["Traceback (most recent call last):", "ValueError: the snapshot has no rows",
+            "Dropping fully truncated examples from train dataset:   0%|  | 0/42 [00:00<?, ? examples/s]"
+            "\rDropping fully truncated examples from train dataset: 100%|##| 42/42 [00:00<00:00, 3810.78 examples/s]",
+            "Loading weights: 100%|##| 103/103 [00:00<00:00, 2587.74it/s]", "  warnings.warn("]
+    assert _last_lines(tail) == "Traceback (most recent call last): | ValueError: the snapshot has no rows"
