@@ -222,9 +222,14 @@ def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Calla
 
 def _resident_peak(pid: int) -> int | None:
     """The process's resident-memory high-water mark in bytes (Linux VmHWM), or None where unreadable."""
+    return _proc_kb(Path(f"/proc/{pid}/status"), "VmHWM:")
+
+
+def _proc_kb(path: Path, key: str) -> int | None:
+    """A "<key> <n> kB" line of a /proc file, in bytes; None where the file or the line is missing."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
-            if line.startswith("VmHWM:"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
@@ -641,13 +646,7 @@ def _describe_exit(done: ChildExit) -> str:
 
 
 def _memory_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return _proc_kb(Path("/proc/meminfo"), "MemTotal:")
 
 
 def _last_lines(lines: list[str], n: int = 5) -> str:
