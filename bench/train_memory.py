@@ -84,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(ns.threads)}
     results = []
     print(f"{ns.dtype}, {ns.threads} threads; s = the second forward + backward (the first warms up)")
-    print("| rows per pass | tokens per row | attention | checkpointing | s (fwd+bwd) | s per row | peak GB | GB per row |")
+    print("| rows per pass | tokens per row | attention | checkpointing | s (fwd+bwd) | s per row | peak GB "
+          "| GB per row |")
     print("|---|---|---|---|---|---|---|---|")
     for variant in ns.variants:
         proc = subprocess.run([sys.executable, __file__, "--model", ns.model, "--threads", str(ns.threads),
-                               "--dtype", ns.dtype, "--child", variant], capture_output=True, text=True, env=env, check=False)
+                               "--dtype", ns.dtype, "--child", variant],
+                              capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
-            print(f"| {variant} failed: {proc.stderr.strip().splitlines()[-1:]} ||||||||", flush=True)
+            # A negative code is the signal that ended the child (-9: SIGKILL, the kernel's OOM killer's).
+            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]
+            print(f"| {variant} failed: exit {proc.returncode}, {tail} ||||||||", flush=True)
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
