@@ -1,9 +1,10 @@
 """Training memory on CPU: peak resident memory of one LoRA forward + backward, by rows and attention.
 
-In: a causal LM folder (the embedded SmolLM2-135M-Instruct by default: its real weights, float32 as a
-CPU without native bf16 trains it) and a grid of variants. Out: a markdown table (rows per pass, tokens
-per row, attention implementation, activation checkpointing, seconds, peak resident GB, GB per row)
-and a JSON file.
+In: a causal LM folder (the embedded SmolLM2-135M-Instruct by default: its real weights), a dtype
+(`--dtype`: float32 as a CPU without native bf16 trains it, or bfloat16 weights; unlike the job, no
+autocast, so the LoRA path stays float32) and a grid of variants. Out: a markdown table (rows per pass,
+tokens per row, attention implementation, activation checkpointing, seconds of the second forward +
+backward, seconds per row, peak resident GB, GB per row) and a JSON file.
 
 Each variant runs in a fresh process (`ru_maxrss` is a process-lifetime high-water mark), with LoRA r=8
 on all linear layers as the loop's jobs use, random token ids, and one row left-padded by a third, so
@@ -28,9 +29,8 @@ DEFAULT_VARIANTS = ["sdpa:0:1:1000", "eager:0:1:1000", "sdpa:1:1:1000", "sdpa:0:
                     "sdpa:1:4:1000"]
 
 
-def one(model: str, attn: str, checkpointing: bool, rows: int, length: int, threads: int,
-        dtype: str = "float32") -> dict:
-    """Runs in the child process: one forward + backward, then the process's peak resident memory."""
+def one(model: str, attn: str, checkpointing: bool, rows: int, length: int, threads: int, dtype: str) -> dict:
+    """Runs in the child process: two forward + backward passes, then the process's peak resident memory."""
     import resource
     import time
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
                     help="attn:checkpointing(0/1):rows:tokens, e.g. sdpa:0:1:1000")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="weights and compute dtype (bfloat16: what the job trains in on CPUs with native bf16)")
+                    help="weights dtype (the job trains bfloat16 weights on CPUs with native bf16)")
     ap.add_argument("--json", type=Path, help="write the rows here too")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
