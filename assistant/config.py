@@ -61,6 +61,8 @@ class Settings(BaseModel):
     embedder: str = Field(EMBEDDED_EMBEDDER, description="sentence-transformers model: embedded, hub id or folder.")
     chroma_url: str | None = Field(None, description="http://host:port of a `chroma run` server; None = embedded.")
     upload_max_bytes: int = 10 * 1024 * 1024
+    max_document_chars: int = Field(400_000, description="Longest text one document may extract to (413 past it).")
+    max_document_chunks: int = Field(1_000, description="Most chunks one document may make (413 past it).")
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     retrieval_k: int = 4
@@ -95,6 +97,11 @@ class Settings(BaseModel):
         return self.home / "jobs"
 
     @property
+    def uploads_dir(self) -> Path:
+        """Files received from clients, one folder per user id (`uploads/<user_id>/`), removed after ingestion."""
+        return self.home / "uploads"
+
+    @property
     def served_model_name(self) -> str:
         if self.model_name:
             return self.model_name
@@ -102,7 +109,7 @@ class Settings(BaseModel):
         return Path(name).name or name
 
     def ensure_dirs(self) -> None:
-        for d in (self.home, self.models_dir, self.adapters_dir, self.datasets_dir, self.jobs_dir):
+        for d in (self.home, self.models_dir, self.adapters_dir, self.datasets_dir, self.jobs_dir, self.uploads_dir):
             d.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ loading
