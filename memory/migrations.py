@@ -272,12 +272,31 @@ def _m005_long_term_memory(conn: Connection) -> None:
     m.tables["memory_tombstones"].create(conn)
 
 
+def _m006_user_admin(conn: Connection) -> None:
+    """Disabled accounts (a disabled user can neither log in nor use a key) and the audit log of admin actions."""
+    add_column(conn, "users", "disabled_at", UTCDateTime)
+    m = sa.MetaData()
+    sa.Table(
+        "admin_audit", m,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("actor", sa.String(100), nullable=False),  # an admin's username, or cli:<os user>
+        sa.Column("action", sa.String(32), nullable=False),
+        # No foreign key: the record of deleting a user outlives that user.
+        sa.Column("target_user_id", sa.Integer, nullable=True, index=True),
+        sa.Column("target", sa.String(200), nullable=True),
+        sa.Column("detail", sa.JSON, nullable=False),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+    )
+    m.tables["admin_audit"].create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
     Migration(3, "synthetic pairs from the teacher", _m003_synthetic_pairs),
     Migration(4, "training jobs, adapter versions, serving history, loop settings", _m004_training_loop),
     Migration(5, "long-term memories and forgotten-memory tombstones", _m005_long_term_memory),
+    Migration(6, "disabled users and the admin audit log", _m006_user_admin),
     # Append new migrations here.
 ]
 

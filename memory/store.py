@@ -57,6 +57,8 @@ users = sa.Table(
     sa.Column("password_hash", sa.String(255), nullable=False),
     sa.Column("role", sa.String(16), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # added by migration 6: set while an admin has disabled the account
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
 )
 api_keys = sa.Table(
     "api_keys", metadata,
@@ -109,6 +111,18 @@ feedback = sa.Table(
               nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )
+admin_audit = sa.Table(
+    "admin_audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("target_user_id", sa.Integer, nullable=True),
+    sa.Column("target", sa.String(200), nullable=True),
+    sa.Column("detail", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+AUDIT_ACTIONS = ("user_add", "user_disable", "user_enable", "user_delete", "user_password", "key_add",
+                 "key_revoke")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,7 +130,8 @@ feedback = sa.Table(
 
 
 def _user(row: Any) -> User:
-    return User(id=row.id, username=row.username, role=row.role, created_at=row.created_at)
+    return User(id=row.id, username=row.username, role=row.role, created_at=row.created_at,
+                disabled=row.disabled_at is not None)
 
 
 def _conversation(row: Any) -> Conversation:
@@ -257,8 +272,8 @@ class Store:
             # Spend the same time as a real check so response time doesn't reveal which names exist.
             self._verify(self._dummy(), password)
             return None
-        if not self._verify(row.password_hash, password):
-            return None
+        if not self._verify(row.password_hash, password) or row.disabled_at is not None:
+            return None  # a disabled account answers like a wrong password: nothing to probe
         if self._hasher.check_needs_rehash(row.password_hash):
             self._store_hash(row.id, self._hasher.hash(password))
         return _user(row)
@@ -285,12 +300,16 @@ class Store:
             row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
         return _user(row) if row else None
 
-    def get_user_by_name(self, username: str) -> User | None:
+    def get_user_by_name(self, username: str, include_disabled: bool = False) -> User | None:
+        """The user, or None; a disabled user is None too unless asked for (a login session of a
+        user disabled since then stops working on its next request)."""
         if not isinstance(username, str):
             return None
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(users).where(users.c.username == username.strip())).first()
-        return _user(row) if row else None
+        if row is None or (row.disabled_at is not None and not include_disabled):
+            return None
+        return _user(row)
 
     def list_users(self) -> list[User]:
         with self.engine.connect() as conn:
@@ -306,6 +325,69 @@ class Store:
                 users.update().where(users.c.id == user_id).values(password_hash=password_hash))
             if result.rowcount != 1:
                 raise LookupError(f"no user with id {user_id}")
+
+    def set_disabled(self, user_id: int, disabled: bool) -> User:
+        """Disable (or enable again) an account: a disabled user can neither log in nor use an API key.
+        Their data stays; LookupError for an unknown user."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(users.update().where(users.c.id == user_id)
+                               .values(disabled_at=utcnow() if disabled else None).returning(*users.c)).first()
+        if row is None:
+            raise LookupError(f"no user with id {user_id}")
+        return _user(row)
+
+    def delete_user(self, user_id: int) -> dict[str, int]:
+        """Delete a user and every row of theirs (keys, conversations with their messages and feedback,
+        feedback, memories, tombstones) in one transaction; returns how many of each went.
+
+        The foreign keys cascade; the counts are taken first so the caller can report them. Rows in
+        other modules' tables that hang off these (teacher repair pairs of their answers) cascade too.
+        """
+        with write_transaction(self.engine) as conn:
+            if not conn.execute(sa.select(users.c.id).where(users.c.id == user_id)).first():
+                raise LookupError(f"no user with id {user_id}")
+            counts = self._owned_counts(conn, user_id)
+            conn.execute(users.delete().where(users.c.id == user_id))
+        return counts
+
+    def _owned_counts(self, conn: Connection, user_id: int) -> dict[str, int]:
+        convs = sa.select(conversations.c.id).where(conversations.c.user_id == user_id)
+
+        def n(table: sa.Table, *where: Any) -> int:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one())
+
+        out = {"api_keys": n(api_keys, api_keys.c.user_id == user_id),
+               "conversations": n(conversations, conversations.c.user_id == user_id),
+               "messages": n(messages, messages.c.conversation_id.in_(convs)),
+               "feedback": n(feedback, feedback.c.user_id == user_id)}
+        for table in ("memories", "memory_tombstones"):  # memory.longterm's tables (migration 5)
+            out[table] = int(conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE user_id = :u"),
+                                          {"u": user_id}).scalar_one())
+        return out
+
+    def conversation_ids(self, user_id: int) -> list[int]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(conversations.c.id).where(conversations.c.user_id == user_id)
+                                     .order_by(conversations.c.id)).scalars())
+
+    def record_audit(self, actor: str, action: str, target_user_id: int | None = None, target: str | None = None,
+                     detail: dict[str, Any] | None = None) -> int:
+        """One line of the admin audit log (who did what to which account)."""
+        if action not in AUDIT_ACTIONS:
+            raise ValueError(f"audit action must be one of {AUDIT_ACTIONS}, got {action!r}")
+        actor = _text(actor, "actor", 100)
+        with write_transaction(self.engine) as conn:
+            return int(conn.execute(admin_audit.insert().values(
+                actor=actor, action=action, target_user_id=target_user_id, target=target,
+                detail=_json(detail, "detail", dict), created_at=utcnow()).returning(admin_audit.c.id)).scalar_one())
+
+    def list_audit(self, limit: int = 100, target_user_id: int | None = None) -> list[dict[str, Any]]:
+        """The newest audit lines first."""
+        query = sa.select(admin_audit).order_by(admin_audit.c.id.desc()).limit(max(1, min(int(limit), 1000)))
+        if target_user_id is not None:
+            query = query.where(admin_audit.c.target_user_id == target_user_id)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
 
     def set_role(self, user_id: int, role: str) -> None:
         """Make a user an admin or back; LookupError / ValueError as for the other setters."""
@@ -336,7 +418,7 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(users).join(api_keys, api_keys.c.user_id == users.c.id)
-                .where(api_keys.c.key_hash == _hash_key(key))
+                .where(api_keys.c.key_hash == _hash_key(key), users.c.disabled_at.is_(None))
             ).first()
         return _user(row) if row else None
 

@@ -18,6 +18,7 @@ class User:
     username: str
     role: Role
     created_at: datetime
+    disabled: bool = False  # an admin disabled the account: no login, no API key
 
     @property
     def is_admin(self) -> bool:
