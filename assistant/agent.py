@@ -11,7 +11,8 @@ Two ways to decide which tools run:
   `complete_with_tools(messages, tools)`, see `ToolCallingBackend`): the model picks tools, for at
   most `max_steps` rounds; each call's result is fed back to it.
 - A deterministic router otherwise (the embedded SmolLM2 cannot call tools reliably): explicit
-  "remember ..."/"forget ..." requests, arithmetic, date/time questions, then document search when
+  "remember ..."/"forget ..." requests, arithmetic the question asks to compute, questions about the
+  present date or time (labelled in tests/data/retrieval/tools.jsonl), then document search when
   the user has documents and the question is not small talk, and recall of relevant memories
   (preferences always).
 
@@ -53,9 +54,25 @@ _SMALL_TALK = re.compile(
     r"^(hi|hello|hey|thanks|thank you|thx|ok|okay|bye|goodbye|good (morning|evening|night)|yes|no|cool|great)"
     r"[\s!.,]*$", re.I)
 _ARITHMETIC = re.compile(r"(?:sqrt\s*\(|\d)[\d\s.+\-*/^%×÷()]*[+\-*/^%×÷][\d\s.+\-*/^%×÷()]*\d\)*")
-_DATETIME = re.compile(
-    r"\b(what(?:'s| is)? (?:the )?(?:date|time|day)|today'?s? date|what day|current (?:date|time)|"
-    r"which day|day of the week|what year)\b", re.I)
+# The calculator runs when the question asks for a result: the expression follows "what is" / "calculate" /
+# "=", or is followed by "=" / "equals", or the question is nothing but the expression and such words. An
+# operator between numbers alone is not a request: "Is support available 24/7?", "the 50/50 rule", "9-5".
+_COMPUTE_BEFORE = re.compile(
+    r"(?:\b(?:what(?:'s| is| are)|how much (?:is|are)|calculate|compute|evaluate|solve|work out)|=)\s*$", re.I)
+_COMPUTE_AFTER = re.compile(r"^\s*(?:=|equals?\b)", re.I)
+_COMPUTE_WORDS = frozenset(
+    "what whats s is are how much please compute calculate evaluate solve work out equals equal result of "
+    "the answer to tell me can you could give".split())
+# The clock runs when a date or time question is about the present: a word that says "now" ("today",
+# "current", "is it", "tomorrow"), or a bare "what is the date?". "On which weekday does the monthly
+# meeting happen?" and "What year was the company founded?" ask the documents, not the clock.
+_CLOCK_WORD = re.compile(r"\b(?:date|time|day|weekday|year|month|hour)s?\b", re.I)
+_NOW = re.compile(
+    r"\b(?:today'?s?|now|right now|current(?:ly)?|tonight|tomorrow|yesterday|at the moment|is it|it is|"
+    r"this (?:morning|afternoon|evening|week|month|year))\b", re.I)
+_BARE_CLOCK = re.compile(
+    r"^\W*(?:(?:what|which)(?:'s| is)?|tell me)\s+(?:the\s+)?(?:date|time|day|weekday|year|month|"
+    r"day of the week)(?:\s+(?:please|again))?\W*$", re.I)
 
 
 @dataclass
@@ -130,13 +147,27 @@ def relevant(hit: Hit) -> bool:
 
 
 def find_arithmetic(question: str) -> str | None:
+    """The expression the question asks to compute, or None when it asks for no result (see _COMPUTE_*)."""
     m = _ARITHMETIC.search(question)
     if not m:
         return None
     expr = m.group().strip()
     if re.fullmatch(r"\d+(?:-\d+){2,}", expr):
         return None  # a date or a phone/part number (2026-11-22), not a subtraction
-    return expr if re.search(r"\d", expr) and len(expr) >= 3 else None
+    if not re.search(r"\d", expr) or len(expr) < 3:
+        return None
+    before, after = question[:m.start()], question[m.end():]
+    rest = set(re.findall(r"[a-z]+", (before + " " + after).lower()))
+    if _COMPUTE_BEFORE.search(before) or _COMPUTE_AFTER.match(after) or rest <= _COMPUTE_WORDS:
+        return expr
+    return None
+
+
+def wants_datetime(question: str) -> bool:
+    """Whether the question asks for the present date or time (see _NOW), not a date the documents hold."""
+    if not _CLOCK_WORD.search(question):
+        return False
+    return bool(_NOW.search(question) or _BARE_CLOCK.match(question))
 
 
 @dataclass
@@ -223,7 +254,7 @@ class Agent:
         expr = find_arithmetic(question)
         if expr:
             plan.append(("calculator", {"expression": expr}))
-        if _DATETIME.search(question):
+        if wants_datetime(question):
             plan.append(("current_datetime", {}))
         command = forget is not None or remember is not None
         # "what is 12*7?" is for the calculator; only words beyond the expression are worth a search.

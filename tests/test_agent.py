@@ -189,6 +189,31 @@ def test_find_arithmetic(question: str, expr: str | None):
     assert find_arithmetic(question) == expr
 
 
+TOOL_LABELS = [json.loads(line) for line in
+               (Path(__file__).parent / "data" / "retrieval" / "tools.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+
+
+def test_the_labelled_tool_set_holds_both_issue_cases_and_near_misses():
+    questions = {r["q"]: r["tools"] for r in TOOL_LABELS}
+    assert questions["On which weekday does the monthly team meeting happen?"] == []
+    assert questions["What's the date today?"] == ["current_datetime"]
+    assert sum(r["tools"] == [] for r in TOOL_LABELS) >= 12  # near misses outnumber the real requests
+
+
+@pytest.mark.parametrize("row", TOOL_LABELS, ids=[r["q"][:40] for r in TOOL_LABELS])
+def test_router_runs_a_tool_when_the_question_asks_for_it_not_when_a_word_matches(agent: Agent, parts, users,
+                                                                                 row: dict):
+    """tests/data/retrieval/tools.jsonl through the whole router: the date tool for the present date or time,
+    the calculator for a result asked for; an event's weekday, a year in a document, "24/7" or "ERR-4312" run
+    neither (issue 26: a meeting's weekday brought today's date into the answer)."""
+    kb, _ = parts
+    alice, _, _ = users
+    kb.ingest(alice, "handbook.md", b"The whole team meets on the first Wednesday of every month.")
+    used = [t for t in tools_used(agent.prepare(alice, [], row["q"])) if t in ("calculator", "current_datetime")]
+    assert used == row["tools"], row["why"]
+
+
 def test_router_step_limit(tiny_settings: Settings, store, parts, users):
     kb, mem = parts
     alice, _, _ = users
