@@ -243,6 +243,33 @@ def split_of(group: str, options: BuildOptions) -> str:
     return "test"
 
 
+# A first retrain has a handful of conversations. One group in ten lands in test on average, so with
+# five groups there is often none, and a candidate nobody can judge is not worth training. Until a
+# held-out set is frozen, when the hash puts no group in test, the groups with the highest hash value
+# go there instead: one in ten, at least one once there are this many groups. Larger data never needs it.
+SMALL_DATA_MIN_GROUPS = 3
+
+
+def heldout_frozen(root: Path, options: BuildOptions) -> bool:
+    """Whether builds under `root` reuse a frozen held-out set (so the test split is not evaluated)."""
+    meta = root / HELDOUT_DIR / "meta.json"
+    if options.refreeze_heldout or not meta.is_file():
+        return False
+    return json.loads(meta.read_text(encoding="utf-8")).get("prompt_format") == PROMPT_FORMAT
+
+
+def assign_splits(groups: set[str], options: BuildOptions, frozen: bool = False) -> dict[str, str]:
+    """Each group's split: by its hash (`split_of`), plus the small-data rule above when nothing is frozen."""
+    out = {g: split_of(g, options) for g in groups}
+    wants_test = options.split_ratios[2] > 0
+    if frozen or not wants_test or "test" in out.values() or len(groups) < SMALL_DATA_MIN_GROUPS:
+        return out
+    take = max(1, len(groups) // 10)
+    for g in sorted(groups, key=lambda g: group_fraction(g, options.split_salt), reverse=True)[:take]:
+        out[g] = "test"
+    return out
+
+
 def _row_order(ex: Example, salt: str) -> float:
     """A row's place in its split, from ids that repeat when the same data is logged again (no document
     id: documents get random ids at ingest, and one row moving shifts every row after it, so the
@@ -347,20 +374,26 @@ def _freeze_heldout(root: Path, test_rows: dict[str, list[dict[str, Any]]], opti
 # ---------------------------------------------------------------------------------------------- build
 
 
-def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
-                   progress: ProgressFn | None = None, knowledge: Any | None = None) -> BuildResult:
-    """Read, clean, split and write one snapshot; see the module docstring for what goes where.
+@dataclass
+class Gathered:
+    """Every row a build would make, cleaned and by kind, before splitting (and without replay)."""
 
-    `knowledge` (a `memory.knowledge.KnowledgeBase`) supplies the shared passages answers cited, so that
-    training prompts are the served ones; without it rows carry the system prompt and no passages.
+    log: TrainingLog
+    syn: list[Any]
+    skipped: Counter
+    context: Counter
+    by_kind: dict[str, list[Example]]
+    filters: dict[str, FilterStats]
+    forgotten: dict[int, set[str]]
+    shared_chunks: Callable[[list[str]], dict[str, tuple[str, str]]] | None
+
+
+def gather_examples(store: Store, settings: Settings, options: BuildOptions, knowledge: Any | None = None,
+                    cleaning: Callable[[], None] | None = None) -> Gathered:
+    """Read the store and the teacher's pairs, then scrub, filter and de-duplicate: the rows a build splits.
+
+    Separate from `build_datasets` so the readiness check (training/readiness.py) counts exactly these.
     """
-    options.validate()
-    report = progress or (lambda _stage, _frac: None)
-    started = time.perf_counter()
-    root = settings.datasets_dir
-    root.mkdir(parents=True, exist_ok=True)
-
-    report("reading the store", 0.0)
     log = read_training_log(store)
     syn = SyntheticPairs(store).list(accepted_only=True) if options.include_teacher else []
     repairs: dict[int, list[Any]] = defaultdict(list)
@@ -384,7 +417,8 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                 continue
             kept.append(ex)
         examples = kept
-    report("cleaning", 0.3)
+    if cleaning is not None:
+        cleaning()
 
     by_kind: dict[str, list[Example]] = {k: [] for k in KINDS}
     for ex in examples:  # human rows come first, so a duplicate keeps its human copy
@@ -395,12 +429,34 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         by_kind[kind], filters[kind] = clean(by_kind[kind], options, scrub_cache)
         if dropped_forgotten[kind]:
             filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
+    return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks)
+
+
+def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
+                   progress: ProgressFn | None = None, knowledge: Any | None = None) -> BuildResult:
+    """Read, clean, split and write one snapshot; see the module docstring for what goes where.
+
+    `knowledge` (a `memory.knowledge.KnowledgeBase`) supplies the shared passages answers cited, so that
+    training prompts are the served ones; without it rows carry the system prompt and no passages.
+    """
+    options.validate()
+    report = progress or (lambda _stage, _frac: None)
+    started = time.perf_counter()
+    root = settings.datasets_dir
+    root.mkdir(parents=True, exist_ok=True)
+
+    report("reading the store", 0.0)
+    g = gather_examples(store, settings, options, knowledge, lambda: report("cleaning", 0.3))
+    log, syn, skipped, context, by_kind, filters = g.log, g.syn, g.skipped, g.context, g.by_kind, g.filters
+    forgotten, shared_chunks = g.forgotten, g.shared_chunks
 
     report("splitting", 0.5)
     split_rows: dict[str, dict[str, list[Example]]] = {k: {s: [] for s in SPLITS} for k in KINDS}
+    splits = assign_splits({ex.prov.group for kind in KINDS for ex in by_kind[kind]}, options,
+                           frozen=heldout_frozen(root, options))
     for kind in KINDS:
         for ex in by_kind[kind]:
-            split_rows[kind][split_of(ex.prov.group, options)].append(ex)
+            split_rows[kind][splits[ex.prov.group]].append(ex)
         for s in SPLITS:
             split_rows[kind][s].sort(key=lambda e: _row_order(e, options.split_salt))
 
