@@ -290,6 +290,22 @@ def _m006_user_admin(conn: Connection) -> None:
     m.tables["admin_audit"].create(conn)
 
 
+def _m007_imported_messages(conn: Connection) -> None:
+    """Which messages a client wrote into its request history rather than this server generating them.
+
+    Imported messages are kept (they are the conversation the user had) but are never rated as answers
+    nor trained on. Rows from before this migration are marked by how they were written: a served answer
+    always has its question as parent (`Store.add_turn`, a regeneration), and a served question always
+    has an answer pointing at it; history an API client sent was stored with neither.
+    """
+    add_column(conn, "messages", "imported", sa.Boolean, "NOT NULL DEFAULT FALSE")
+    conn.exec_driver_sql(
+        "UPDATE messages SET imported = TRUE WHERE role = 'assistant' AND parent_id IS NULL")
+    conn.exec_driver_sql(
+        "UPDATE messages SET imported = TRUE WHERE role = 'user' AND NOT EXISTS "
+        "(SELECT 1 FROM messages AS answer WHERE answer.parent_id = messages.id)")
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
@@ -297,6 +313,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "training jobs, adapter versions, serving history, loop settings", _m004_training_loop),
     Migration(5, "long-term memories and forgotten-memory tombstones", _m005_long_term_memory),
     Migration(6, "disabled users and the admin audit log", _m006_user_admin),
+    Migration(7, "messages a client imported as history", _m007_imported_messages),
     # Append new migrations here.
 ]
 

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from memory import migrations
 from memory.db import UTCDateTime, create_engine, is_sqlite, utcnow, write_transaction
+from memory.text import check_text, has_surrogate, text_problem
 from memory.types import REASON_TAGS, Conversation, Feedback, Message, MessageRole, Role, User
 
 USER_ROLES: tuple[str, ...] = get_args(Role)
@@ -35,13 +36,17 @@ MESSAGE_ROLES: tuple[str, ...] = get_args(MessageRole)
 # complete: a finished answer; stopped: cut off by the user; error: generation failed;
 # alternative: a regenerated answer that was not (or not yet) chosen over the one in the thread.
 MESSAGE_STATUSES = ("complete", "stopped", "error", "alternative")
-MESSAGE_META_KEYS = ("adapter", "generation", "sources", "memories", "steps", "parent_id", "status")
+MESSAGE_META_KEYS = ("adapter", "generation", "sources", "memories", "steps", "parent_id", "status", "imported")
 API_KEY_PREFIX_LEN = 10  # "sk-" + 7 characters: enough to tell keys apart in a list, useless to guess
 MAX_USERNAME = 64
 MAX_TITLE = 200
 MAX_SOURCE = 32
 MAX_KEY_NAME = 100
 MAX_ADAPTER = 200
+MAX_COMMENT = 4000
+# One limit for an edited answer, whichever way it comes in (API, page): generous next to the longest
+# answer the model may give (max_tokens_limit tokens), small enough to keep a dataset row sane.
+MAX_CORRECTED_CHARS = 32_000
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,6 +99,8 @@ messages = sa.Table(
     sa.Column("steps", sa.JSON, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("parent_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="SET NULL"), nullable=True),
+    # added by migration 7: written by the client (history sent with a request), not by this server
+    sa.Column("imported", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 feedback = sa.Table(
     "feedback", metadata,
@@ -144,7 +151,7 @@ def _message(row: Any) -> Message:
         id=row.id, conversation_id=row.conversation_id, role=row.role, content=row.content,
         created_at=row.created_at, adapter=row.adapter, generation=row.generation or {},
         sources=row.sources or [], memories=row.memories or [], steps=row.steps or [],
-        parent_id=row.parent_id, status=row.status,
+        parent_id=row.parent_id, status=row.status, imported=bool(row.imported),
     )
 
 
@@ -162,15 +169,8 @@ def _feedback(row: Any) -> Feedback:
 
 
 def _text(value: Any, what: str, max_len: int | None = None, *, strip: bool = True) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if strip:
-        value = value.strip()
-    if not value:
-        raise ValueError(f"{what} must not be empty")
-    if max_len is not None and len(value) > max_len:
-        raise ValueError(f"{what} is longer than {max_len} characters")
-    return value
+    # memory.text holds the rules (no NUL, no lone surrogate, something visible) for every way in.
+    return check_text(value, what, max_len, strip=strip)
 
 
 def _int_id(value: Any, what: str) -> int:
@@ -500,11 +500,13 @@ class Store:
         steps: list | None = None,
         parent_id: int | None = None,
         status: str = "complete",
+        imported: bool = False,
     ) -> Message:
         """Append one message; bumps the conversation's updated_at. LookupError for an unknown
-        conversation; ValueError for bad values (parent_id must be a message of the same conversation)."""
+        conversation; ValueError for bad values (parent_id must be a message of the same conversation).
+        `imported`: the client wrote it (request history); it can never be rated or trained on."""
         meta = dict(adapter=adapter, generation=generation, sources=sources, memories=memories,
-                    steps=steps, parent_id=parent_id, status=status)
+                    steps=steps, parent_id=parent_id, status=status, imported=imported)
         with write_transaction(self.engine) as conn:
             return self._insert_messages(conn, conversation_id, [dict(role=role, content=content, **meta)])[0]
 
@@ -559,6 +561,11 @@ class Store:
         content = item.get("content")
         if not isinstance(content, str):
             raise ValueError(f"{where}: content must be a string")
+        if has_surrogate(content):
+            raise ValueError(f"{where}: content contains an unpaired surrogate, which is not valid Unicode")
+        imported = item.get("imported", False)
+        if not isinstance(imported, bool):
+            raise ValueError(f"{where}: imported must be true or false, got {imported!r}")
         status = item.get("status", "complete")
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"{where}: status must be one of {MESSAGE_STATUSES}, got {status!r}")
@@ -583,7 +590,7 @@ class Store:
             sources=_json(item.get("sources"), f"{where}: sources", list),
             memories=_json(item.get("memories"), f"{where}: memories", list),
             steps=_json(item.get("steps"), f"{where}: steps", list),
-            parent_id=parent_id, status=status, created_at=utcnow(),
+            parent_id=parent_id, status=status, imported=imported, created_at=utcnow(),
         )
 
     def set_message_status(self, message_id: int, status: str, user_id: int | None = None) -> None:
@@ -631,7 +638,7 @@ class Store:
         _int_id(message_id, "message_id")
         row = conn.execute(
             sa.select(messages.c.id, messages.c.role, messages.c.content, messages.c.conversation_id,
-                      conversations.c.user_id.label("owner_id"))
+                      messages.c.imported, conversations.c.user_id.label("owner_id"))
             .join(conversations, conversations.c.id == messages.c.conversation_id)
             .where(messages.c.id == message_id)
         ).first()
@@ -641,6 +648,11 @@ class Store:
             raise PermissionError(f"message {message_id} is in another user's conversation")
         if row.role != "assistant":
             raise ValueError(f"only assistant messages can be rated; message {message_id} is {row.role!r}")
+        if row.imported:
+            # The client wrote it into its request history: rating it would let a client write its own
+            # training data (issue 21). Only answers this server generated are rated.
+            raise ValueError(f"message {message_id} was sent by the client as history, not generated by this "
+                             "server; only the server's answers can be rated, edited or compared")
         return row
 
     def _insert_feedback(self, conn: Connection, **values: Any) -> Feedback:
@@ -657,9 +669,12 @@ class Store:
         if reason is not None and reason not in REASON_TAGS:
             raise ValueError(f"reason must be one of {REASON_TAGS}, got {reason!r}")
         if comment is not None:
-            if not isinstance(comment, str):
-                raise ValueError("comment must be a string")
+            problem = text_problem(comment, allow_blank=True)
+            if problem is not None:
+                raise ValueError(f"comment {problem}")
             comment = comment.strip() or None
+            if comment is not None and len(comment) > MAX_COMMENT:
+                raise ValueError(f"comment is longer than {MAX_COMMENT} characters")
         with write_transaction(self.engine) as conn:
             self._rateable(conn, user_id, message_id)
             conn.execute(feedback.delete().where(feedback.c.user_id == user_id,
@@ -670,7 +685,7 @@ class Store:
 
     def add_edit(self, user_id: int, message_id: int, corrected: str) -> Feedback:
         """The user's corrected version of an answer (chosen) against the original (rejected)."""
-        corrected = _text(corrected, "corrected text")
+        corrected = _text(corrected, "corrected text", MAX_CORRECTED_CHARS)
         with write_transaction(self.engine) as conn:
             row = self._rateable(conn, user_id, message_id)
             if corrected == row.content.strip():

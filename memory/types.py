@@ -50,6 +50,7 @@ class Message:
     steps: list[dict[str, Any]] = field(default_factory=list)  # agent steps: tool, args, result, ms
     parent_id: int | None = None  # the user message this answers
     status: str = "complete"  # "complete", "stopped", "error", "alternative" (an unchosen regeneration)
+    imported: bool = False  # written by the client as request history, not generated here: never rated or trained on
 
 
 @dataclass(frozen=True)
