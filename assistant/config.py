@@ -46,6 +46,10 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(None, description="torch threads for the server; None = torch default.")
     max_message_chars: int = Field(8000, description="Longest accepted user message.")
+    max_history_messages: int = Field(200, ge=0, description="Most earlier messages an API request may send "
+                                      "as history (400 past it).")
+    max_history_chars: int = Field(200_000, ge=0, description="Most characters of history one API request may "
+                                   "send, all messages together (413 past it).")
     max_new_tokens: int = 256
     max_tokens_limit: int = Field(1024, description="Largest max_tokens a request may ask for.")
     temperature: float = 0.7
@@ -69,6 +73,8 @@ class Settings(BaseModel):
     memory_k: int = 4
 
     # --- training ---
+    synth_docs_dir: Path | None = Field(None, description="The one server folder (and its subfolders) admin "
+                                        "synth may read .md/.txt files from; None = the knowledge base only.")
     train_threads: int = Field(1, description="torch threads for a CPU training process.")
 
     # ------------------------------------------------------------------ derived paths
