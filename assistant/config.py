@@ -58,8 +58,14 @@ class Settings(BaseModel):
     generation_timeout_s: float = Field(120.0, description="Seconds without a token before a stream fails.")
     stream_interval_ms: float = Field(40.0, ge=0, description="Streamed text leaves at most this often (the "
                                       "first piece at once); 0 = a piece per token.")
+    cors_origins: list[str] = Field(default_factory=list, description="Other web origins allowed to call the API "
+                                    "from a browser (no credentials); none by default.")
     queue_max: int = Field(32, description="Generations waiting for the model before 503.")
     queue_timeout_s: float = Field(60.0, description="Longest wait for the model before 503.")
+    serving: Literal["batched", "sequential"] = Field(
+        "batched", description="batched: requests decode together, each on its own adapter (continuous "
+        "batching); sequential: one whole generation at a time.")
+    batch_max: int = Field(16, ge=1, description="Most requests decoded together when serving=batched.")
 
     # --- knowledge and memory ---
     embedder: str = Field(EMBEDDED_EMBEDDER, description="sentence-transformers model: embedded, hub id or folder.")
@@ -67,14 +73,14 @@ class Settings(BaseModel):
     upload_max_bytes: int = 10 * 1024 * 1024
     max_document_chars: int = Field(400_000, description="Longest text one document may extract to (413 past it).")
     max_document_chunks: int = Field(1_000, description="Most chunks one document may make (413 past it).")
+    synth_docs_dir: Path | None = Field(None, description="The one server folder (and its subfolders) admin "
+                                        "synth may read .md/.txt files from; None = the knowledge base only.")
     chunk_tokens: int = 200
     chunk_overlap: int = 40
     retrieval_k: int = 4
     memory_k: int = 4
 
     # --- training ---
-    synth_docs_dir: Path | None = Field(None, description="The one server folder (and its subfolders) admin "
-                                        "synth may read .md/.txt files from; None = the knowledge base only.")
     train_threads: int = Field(1, description="torch threads for a CPU training process.")
 
     # ------------------------------------------------------------------ derived paths

@@ -42,6 +42,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, runtime_checkable
 
+from assistant.batching import BatchEngine, BatchRequest, clean_text
+from assistant.batching import Done as _Done
+from assistant.batching import Failed as _Failed
+from assistant.batching import PieceStreamer as _PieceStreamer
 from assistant.config import Settings
 
 if TYPE_CHECKING:
@@ -345,59 +349,6 @@ class _Gate:
 
 
 # ---------------------------------------------------------------------------------------- transformers
-@dataclass
-class _Done:
-    completion_tokens: int
-    finish_reason: FinishReason
-
-
-@dataclass
-class _Failed:
-    error: BaseException
-
-
-class _PieceStreamer:
-    """A transformers streamer that turns tokens into text pieces as soon as they decode cleanly.
-
-    It decodes the whole completion each time and sends what is new, holding back only an
-    incomplete UTF-8 sequence (U+FFFD at the end), so the first piece leaves right after the
-    first token instead of at the first word boundary. After that, text leaves at most every
-    `interval_s` (what came in between goes as one piece): each piece wakes the consumer, the
-    event loop and the client, and on a small CPU their work per piece takes cores and the GIL
-    from the generation itself (docs/benchmarks.md, "Session 5").
-    """
-
-    def __init__(self, tokenizer: Any, out: queue.Queue, interval_s: float = 0.0) -> None:
-        self.tokenizer = tokenizer
-        self.out = out
-        self.interval_s = interval_s
-        self.tokens: list[int] = []
-        self.sent = 0
-        self.last_sent = 0.0
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first passes the prompt
-            self.prompt_seen = True
-            return
-        self.tokens.extend(value.reshape(-1).tolist())
-        if self.sent and time.perf_counter() - self.last_sent < self.interval_s:
-            return
-        self._emit(final=False)
-
-    def end(self) -> None:
-        self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if not final and text.endswith("\ufffd"):
-            return
-        if len(text) > self.sent:
-            self.out.put(text[self.sent:])
-            self.sent = len(text)
-            self.last_sent = time.perf_counter()
-
-
 class _StopOnEvent:
     """StoppingCriteria: stop every row once any of the events is set."""
 
@@ -480,6 +431,13 @@ class TransformersBackend:
         if tokenizer.eos_token_id is not None:
             eos_ids.add(tokenizer.eos_token_id)  # a chat template's end-of-turn token ends the answer
         self._eos_ids = sorted(eos_ids)
+        # serving=batched: every generation goes through the batch engine on the generation thread;
+        # the state below is only touched there (resolve/release/route, adapter commands).
+        self._engine = BatchEngine(self, self._worker, settings.batch_max, self._eos_ids) \
+            if settings.serving == "batched" else None
+        self._refs: dict[str, int] = {}  # internal adapter name -> requests in the batch using it
+        self._retired: dict[str, list[threading.Event]] = {}  # unloaded/replaced, deleted at 0 refs
+        self._lora_on: bool | None = None  # LoRA layers enabled (None: unknown after a load or delete)
 
     @classmethod
     def from_settings(cls, settings: Settings, progress: bool = True) -> TransformersBackend:
@@ -498,7 +456,7 @@ class TransformersBackend:
     # ------------------------------------------------------------------ adapters
     @property
     def queue_depth(self) -> int:
-        return self._gate.waiting
+        return self._engine.waiting if self._engine is not None else self._gate.waiting
 
     def adapters(self) -> list[str]:
         with self._meta_lock:
@@ -514,6 +472,10 @@ class TransformersBackend:
         path = Path(path)
         config = self._check_adapter_files(path)
         internal = f"a{next(self._ids)}"
+        if self._engine is not None:
+            self._engine.call(self._inject, internal, path, config)
+            self._engine.call(self._swap_in, name, internal, path)
+            return
         with self._gate.held(priority=True):
             self._on_generation_thread(self._inject, internal, path, config)
             with self._meta_lock:
@@ -525,6 +487,9 @@ class TransformersBackend:
     def unload_adapter(self, name: str) -> None:
         if not self.has_adapter(name):  # fail fast, without waiting for the model
             raise UnknownAdapter(f"adapter {name!r} is not loaded")
+        if self._engine is not None:
+            self._engine.call(self._swap_in, name, None, None).wait()  # until its last request has finished
+            return
         with self._gate.held(priority=True):
             with self._meta_lock:
                 entry = self._adapters.pop(name, None)
@@ -534,7 +499,79 @@ class TransformersBackend:
 
     def _on_generation_thread(self, fn: Any, *args: Any) -> Any:
         """Run `fn` on the generation thread and wait: model-wide torch work stays on one thread (see __init__)."""
+        if self._engine is not None:
+            return self._engine.call(fn, *args)
         return self._worker.submit(fn, *args).result()
+
+    # -------------------------------------------------- batched serving: called on the engine thread
+    def _swap_in(self, name: str, internal: str | None, path: Path | None) -> threading.Event:
+        """Point `name` at `internal` (None: unload it). The version it pointed at before is deleted once
+        its last request in the batch has finished; the returned event is set then."""
+        gone = threading.Event()
+        with self._meta_lock:
+            old = self._adapters.pop(name, None)
+            if internal is not None:
+                self._adapters[name] = _Adapter(internal, path or Path())
+        if old is None:
+            if internal is None:
+                raise UnknownAdapter(f"adapter {name!r} is not loaded")
+            gone.set()
+            return gone
+        self._retired.setdefault(old.internal, []).append(gone)
+        self.release_adapter(old.internal, hold=False)
+        return gone
+
+    def resolve_adapter(self, name: str | None) -> str | None:
+        """The internal name serving `name` now, held until `release_adapter` (the request's whole life)."""
+        if name is None:
+            return None
+        with self._meta_lock:
+            entry = self._adapters.get(name)
+        if entry is None:
+            raise UnknownAdapter(f"adapter {name!r} was unloaded while the request waited")
+        self._refs[entry.internal] = self._refs.get(entry.internal, 0) + 1
+        return entry.internal
+
+    def release_adapter(self, internal: str | None, hold: bool = True) -> None:
+        if internal is None:
+            return
+        if hold:
+            self._refs[internal] -= 1
+        if self._refs.get(internal, 0) <= 0 and internal in self._retired:
+            self._refs.pop(internal, None)
+            self._delete_internal(internal)
+            self._lora_on, self._active = None, None
+            for e in self._retired.pop(internal):
+                e.set()
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self._base.config)
+
+    def route(self, internals: list[str | None]) -> tuple[Any, dict[str, Any]]:
+        """The model and forward arguments for a batch whose rows use `internals` (None: base model).
+        One adapter for all rows: made active (no per-row routing cost); a mix: PEFT's `adapter_names`."""
+        if self._peft is None:
+            return self._base, {}
+        kinds = set(internals)
+        if kinds == {None}:
+            self._set_lora(False)
+            return self._peft, {}
+        self._set_lora(True)
+        if len(kinds) == 1:
+            only = internals[0]
+            if self._active != only:
+                self._peft.set_adapter(only, inference_mode=True)
+                self._active = only
+            return self._peft, {}
+        return self._peft, {"adapter_names": [i if i is not None else "__base__" for i in internals]}
+
+    def _set_lora(self, on: bool) -> None:
+        if self._lora_on is not on:
+            layers = self._peft.base_model
+            layers.enable_adapter_layers() if on else layers.disable_adapter_layers()
+            self._lora_on = on
 
     def _check_adapter_files(self, path: Path) -> Any:
         # Read and check everything before taking the model, so a bad folder fails fast and never
@@ -578,6 +615,7 @@ class TransformersBackend:
                     f"adapter {path} does not fit this base model: {len(missing)} missing and "
                     f"{len(result.unexpected_keys)} unexpected weights (e.g. {(missing or result.unexpected_keys)[0]})")
             self._peft.eval()
+            self._lora_on = None
         except Exception as e:
             self._delete_internal(internal)
             if isinstance(e, AdapterLoadError):
@@ -628,6 +666,8 @@ class TransformersBackend:
                                       f"{self.context_length}")
             max_new = min(max_new, self.context_length - prompt_tokens)
         cancel = cancel or threading.Event()
+        if self._engine is not None:
+            return self._stream_batched(enc["input_ids"][0].tolist(), adapter, gen, max_new, cancel)
         wait = self._gate.acquire(self.settings.queue_timeout_s, max_waiting=self.settings.queue_max,
                                   abort=cancel)
         name = None if self._is_base(adapter) else adapter
@@ -646,6 +686,35 @@ class TransformersBackend:
         except BaseException:
             self._gate.release()
             raise
+        return generation
+
+    def _stream_batched(self, prompt: list[int], adapter: str | None, gen: GenerationSettings, max_new: int,
+                        cancel: threading.Event) -> Generation:
+        """Queue the request for the batch engine and wait until it joins the batch (or is refused)."""
+        assert self._engine is not None
+        name = None if self._is_base(adapter) else adapter
+        generation = _TransformersGeneration(name, 0.0, len(prompt), self.settings.generation_timeout_s)
+        streamer = _PieceStreamer(self.tokenizer, generation.queue, self.settings.stream_interval_ms / 1000)
+        generation.streamer = streamer
+        req = BatchRequest(prompt=prompt, adapter=name, max_new=max_new, temperature=gen.temperature,
+                           top_p=gen.top_p, seed=gen.seed, stops=(cancel, generation.closed), streamer=streamer,
+                           out=generation.queue)
+        limit = self.settings.queue_max
+        if not self._engine.submit(req, limit):
+            raise BackendBusy(f"{self._engine.waiting} requests are already waiting for the model (limit {limit})")
+        deadline = req.submitted + self.settings.queue_timeout_s
+        while not req.admitted.wait(min(0.25, max(deadline - time.perf_counter(), 0.0))):
+            # Wake up now and then to notice a client that went away while queued.
+            gave_up = cancel.is_set() or time.perf_counter() >= deadline
+            if gave_up and self._engine.withdraw(req):
+                if cancel.is_set():
+                    generation.queue.put(_Done(0, "cancelled"))
+                    return generation
+                raise BackendBusy(f"waited {self.settings.queue_timeout_s:.1f} s for the model; try again later")
+        if req.error is not None:
+            raise req.error
+        generation.queue_wait_s = req.queue_wait_s
+        generation.started = time.perf_counter()  # first_token_s counts from joining the batch, as when sequential
         return generation
 
     def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult:
@@ -676,6 +745,9 @@ class TransformersBackend:
         for i, p in enumerate(prompts):  # left padding: every row's next token comes at the same column
             ids[i, longest - len(p):] = torch.tensor(p)
             mask[i, longest - len(p):] = 1
+        if self._engine is not None:  # the conversations join the running batch like users' requests
+            streams = [self.stream(m, adapter, gen) for m in conversations]
+            return [g.result() for g in streams]
         started = time.perf_counter()
         wait = self._gate.acquire(self.settings.queue_timeout_s, max_waiting=self.settings.queue_max)
         try:
@@ -693,7 +765,7 @@ class TransformersBackend:
             end = next((j for j, t in enumerate(new) if t in self._eos_ids), None)
             tokens = new if end is None else new[:end + 1]
             results.append(GenerationResult(
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                text=clean_text(self.tokenizer, tokens, final=True) or "",
                 finish_reason="length" if end is None else "stop", usage=make_usage(len(p), len(tokens)),
                 adapter=None if self._is_base(adapter) else adapter, queue_wait_s=wait or 0.0,
                 first_token_s=None, duration_s=duration))

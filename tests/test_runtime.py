@@ -39,6 +39,12 @@ GREEDY = GenerationSettings(max_new_tokens=24, temperature=0.0, top_p=1.0)
 QUESTION = [{"role": "user", "content": "Tell me something about the sea."}]
 
 
+# The back-pressure tests run on both serving paths; batched with a batch of one, so that one long
+# generation fills it and the next request has to wait, as on the one-at-a-time path.
+MODES = [pytest.param({"serving": "sequential"}, id="sequential"),
+         pytest.param({"serving": "batched", "batch_max": 1}, id="batched")]
+
+
 def tiny_settings(home: Path, model_dir: Path, **overrides) -> Settings:
     return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, **overrides)
 
@@ -334,8 +340,9 @@ def test_stall_timeout_becomes_a_generation_error(tiny_model_dir, tmp_path):
     assert r.usage["completion_tokens"] > 0 and r.queue_wait_s < 5
 
 
-def test_queue_full_raises_backend_busy_at_once(tiny_model_dir, tmp_path):
-    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, queue_max=1), progress=False)
+@pytest.mark.parametrize("mode", MODES)
+def test_queue_full_raises_backend_busy_at_once(tiny_model_dir, tmp_path, mode):
+    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, queue_max=1, **mode), progress=False)
     cancel = threading.Event()
     holder = long_generation(b, cancel=cancel)
     with ThreadPoolExecutor(1) as pool:
@@ -355,8 +362,9 @@ def test_queue_full_raises_backend_busy_at_once(tiny_model_dir, tmp_path):
     assert b.queue_depth == 0
 
 
-def test_waiting_too_long_raises_backend_busy(tiny_model_dir, tmp_path):
-    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, queue_timeout_s=0.3), progress=False)
+@pytest.mark.parametrize("mode", MODES)
+def test_waiting_too_long_raises_backend_busy(tiny_model_dir, tmp_path, mode):
+    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, queue_timeout_s=0.3, **mode), progress=False)
     cancel = threading.Event()
     holder = long_generation(b, cancel=cancel)
     try:
@@ -370,8 +378,9 @@ def test_waiting_too_long_raises_backend_busy(tiny_model_dir, tmp_path):
         holder.result()
 
 
-def test_cancel_while_queued_never_takes_the_model(tiny_model_dir, tmp_path):
-    b = make_backend(tiny_settings(tmp_path, tiny_model_dir), progress=False)
+@pytest.mark.parametrize("mode", MODES)
+def test_cancel_while_queued_never_takes_the_model(tiny_model_dir, tmp_path, mode):
+    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, **mode), progress=False)
     stop_holder, stop_waiter = threading.Event(), threading.Event()
     holder = long_generation(b, cancel=stop_holder)
     with ThreadPoolExecutor(1) as pool:
@@ -477,7 +486,7 @@ def test_adapter_changes_never_disturb_a_generation_in_flight(tiny_model_dir, ti
 
 
 def test_request_for_an_adapter_unloaded_while_it_waited(tiny_model_dir, tiny_adapters, tmp_path):
-    b = make_backend(tiny_settings(tmp_path, tiny_model_dir), progress=False)
+    b = make_backend(tiny_settings(tmp_path, tiny_model_dir, serving="sequential"), progress=False)
     b.load_adapter("old", tiny_adapters["alpha"])
     cancel = threading.Event()
     holder = long_generation(b, cancel=cancel)
