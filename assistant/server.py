@@ -15,11 +15,15 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from assistant.actions.library import Library
+from assistant.actions.users import UserAdmin
 from assistant.admin_api import install_admin
 from assistant.api import create_api
 from assistant.chat import ChatService
 from assistant.config import Settings
+from assistant.library_api import install_library
 from assistant.runtime import Backend, make_backend
+from assistant.users_api import install_users
 from memory.store import Store
 
 log = logging.getLogger("assistant")
@@ -110,6 +114,9 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     app.state.services = services
     create_api(app, services.store, services.chat)
     install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
+    knowledge = services.extras.get("knowledge")
+    install_library(app, Library(services.settings, services.store, knowledge, services.extras.get("memories")))
+    install_users(app, UserAdmin(services.settings, services.store, knowledge))  # /v1/admin/users, /v1/admin/audit
     if with_ui:
         from ui.gradio_import import skip_stub_writing
 
