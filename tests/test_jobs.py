@@ -22,7 +22,7 @@ from assistant.config import Settings
 from assistant.server import build_services
 from memory.db import utcnow, write_transaction
 from tests.conftest import make_random_adapter
-from training.jobs import JobBusy, JobRunner, runner_for, training_jobs
+from training.jobs import JobBusy, JobRunner, NotReady, runner_for, training_jobs
 from training.loop import CycleOptions, teacher_options
 from training.registry import Registry
 from training.scheduler import LoopSettings, LoopState, Scheduler, due, load_loop_settings, save_loop_settings
@@ -349,15 +349,15 @@ def test_replay_is_anchored_to_the_base_model_before_the_build(services) -> None
     assert len(replayed) == manifest["replay"]["used"] and set(replayed) <= answers
 
 
-def test_too_little_data_fails_before_any_training(services) -> None:
-    seed_feedback(services.store, 4)  # every conversation lands in train or validation: no held-out rows
+def test_too_little_data_is_refused_before_a_job_starts(services) -> None:
+    seed_feedback(services.store, 4)  # no test share: nothing would be left to judge a candidate on
     runner = runner_for(services)
-    job = runner.wait(runner.start({"build": {"split_ratios": [0.9, 0.1, 0.0], "replay_ratio": 0.0}}).id, timeout=120)
-    assert job.status == "failed" and "has no held-out rows to judge a candidate on, so nothing was trained" \
-        in job.error
-    assert not (runner.job_dir(job.id) / "train").exists() and runner.events(job.id, kinds=("progress",)) == []
-    assert [e.data["phase"] for e in runner.events(job.id, kinds=("phase",))] == ["dataset"]
-    assert job.progress["phase"] == "failed"
+    with pytest.raises(NotReady) as refused:
+        runner.start({"build": {"split_ratios": [0.9, 0.1, 0.0], "replay_ratio": 0.0}})
+    assert "examples it never trained on; there are 0" in str(refused.value)
+    assert refused.value.readiness.feedback["edits"] == 4
+    assert runner.list() == []  # nothing recorded, nothing run
+    assert not any(services.settings.datasets_dir.glob("v0*"))  # not even a dataset was built
 
 
 def test_start_loop_recovers_restores_and_ticks(services, learnable_tiny_model_dir, tmp_path) -> None:

@@ -36,8 +36,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from memory.db import UTCDateTime, utcnow, write_transaction
-from training.loop import CycleCancelled, CycleFailed, CycleHooks, CycleOptions, CycleResult, run_cycle
+from training.loop import (
+    CycleCancelled,
+    CycleFailed,
+    CycleHooks,
+    CycleOptions,
+    CycleResult,
+    is_noise,
+    run_cycle,
+)
+from training.readiness import Readiness, check_readiness
 from training.registry import Registry
+from training.train_config import TrainConfig
 
 log = logging.getLogger("assistant.jobs")
 JOB_KIND = "retrain"
@@ -84,6 +94,17 @@ class JobBusy(RuntimeError):
 
 class JobNotFound(LookupError):
     pass
+
+
+class NotReady(ValueError):
+    """Too little data to train or to judge a candidate: refused before anything was recorded or run.
+
+    The message is the readiness check's plain sentences; `readiness` has the counts behind them.
+    """
+
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__(" ".join(readiness.missing))
+        self.readiness = readiness
 
 
 @dataclass(frozen=True)
@@ -224,12 +245,14 @@ class JobRunner:
               trigger: str = "manual", wait: bool = False) -> Job:
         """Record a job and run it in a background thread (or in this thread with `wait=True`).
 
-        Raises `JobBusy` when a job is active, ValueError for bad options (nothing recorded then).
+        Raises `JobBusy` when a job is active, `NotReady` when the data is too little to train or to
+        judge a candidate (training/readiness.py), ValueError for bad options (nothing recorded then).
         """
         opts = options if isinstance(options, CycleOptions) else CycleOptions.from_dict(options)
         opts.validate()
         if trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {TRIGGERS}")
+        self.check_ready(opts)
         now = utcnow()
         try:
             with write_transaction(self.store.engine) as conn:
@@ -257,6 +280,17 @@ class JobRunner:
                 self._threads[job_id] = t
             t.start()
         return self.get(job_id)
+
+    def check_ready(self, opts: CycleOptions) -> Readiness | None:
+        """Refuse up front (`NotReady`) what would fail minutes in. Skipped for a given snapshot, and when
+        the teacher adds pairs first (the rows it makes are not there yet to count)."""
+        if opts.dataset is not None or opts.synth:
+            return None
+        stages = TrainConfig.from_dict({**opts.train, "base_model": "x"}).stages
+        ready = check_readiness(self.store, self.settings, opts.build, stages, self.services.extras.get("knowledge"))
+        if not ready.ready:
+            raise NotReady(ready)
+        return ready
 
     def running_here(self, job_id: int) -> bool:
         """Whether this process runs the job (its thread is alive)."""
@@ -337,7 +371,7 @@ class JobRunner:
         beat = threading.Thread(target=heartbeat, daemon=True, name=f"job-{job_id}-heartbeat")
         hooks = CycleHooks(event=event, should_stop=should_stop,
                            on_process=lambda pid: self._update(job_id, pid=pid),
-                           log_line=lambda line: log_file.write(line + "\n"))
+                           log_line=lambda line: None if is_noise(line) else log_file.write(line + "\n"))
         status, error, result = "failed", None, {}
         try:
             self._update(job_id, status="running", started_at=utcnow())
@@ -351,8 +385,8 @@ class JobRunner:
         except CycleFailed as e:
             status, error = "failed", str(e)
         except Exception as e:  # noqa: BLE001 - any failure is recorded on the job; serving is untouched
-            log.exception("job %s failed", job_id)
-            status, error = "failed", f"{type(e).__name__}: {e}"
+            log.exception("job %s failed", job_id)  # the server log keeps the exception type and traceback
+            status, error = "failed", f"an unexpected error stopped the job: {e}"
         finally:
             stop_beat.set()
             with lock:

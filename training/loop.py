@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,6 +289,8 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
     def anchor_progress(done: int, total: int) -> None:
         phase("dataset", 0.9 * done / max(total, 1), done=done, total=total)
+        if done == 1 or done == total or done % 20 == 0:  # minutes on a CPU the first time: say so
+            hooks.event("log", {"message": f"base model answering general questions: {done} of {total}"})
         check_stop()  # ~90 s for the embedded model on first use: cancellable between answers
 
     anchor = _anchor(services, options, anchor_progress)
@@ -435,9 +438,8 @@ def _check_evaluable(snapshot: Path) -> None:
         load_eval_set(snapshot)
     except EvalDataError as e:
         raise CycleFailed(
-            f"dataset {snapshot.name} has no held-out rows to judge a candidate on, so nothing was trained "
-            f"({e}). Collect more feedback, or give the test split a larger share (build option split_ratios) "
-            "or freeze the held-out set earlier (heldout_min_rows).") from e
+            f"dataset {snapshot.name} has no held-out rows to judge a candidate on, so nothing was trained. "
+            "Collect feedback in a few more conversations: held-out examples come from whole conversations.") from e
 
 
 def _anchor(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> Any:
@@ -649,10 +651,16 @@ def _memory_total() -> int | None:
     return _proc_kb(Path("/proc/meminfo"), "MemTotal:")
 
 
+_BAR = re.compile(r"\d+%\|.*\|")  # tqdm's "45%|████▌     | 9/20"
+
+
+def is_noise(line: str) -> bool:
+    """A child's stderr line nobody reads: empty, a warning, or a progress bar (tqdm redraws with \\r)."""
+    return (not line.strip() or "Warning" in line or "warnings.warn" in line or "\r" in line
+            or "it/s]" in line or "s/it]" in line or "examples/s]" in line or bool(_BAR.search(line)))
+
+
 def _last_lines(lines: list[str], n: int = 5) -> str:
-    """The child's last meaningful stderr lines: no warnings, no progress bars (tqdm's carriage returns)."""
-    def useful(ln: str) -> bool:
-        return bool(ln.strip()) and "Warning" not in ln and "warnings.warn" not in ln and "\r" not in ln \
-            and "it/s]" not in ln and "examples/s]" not in ln
-    kept = [ln for ln in lines if useful(ln)]
+    """The child's last meaningful stderr lines: no warnings, no progress bars."""
+    kept = [ln for ln in lines if not is_noise(ln)]
     return " | ".join(kept[-n:]) or "no output"

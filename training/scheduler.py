@@ -29,7 +29,7 @@ import sqlalchemy as sa
 
 from memory.db import UTCDateTime, utcnow, write_transaction
 from memory.store import feedback as feedback_table
-from training.jobs import JobBusy, runner_for, training_jobs
+from training.jobs import JobBusy, NotReady, runner_for, training_jobs
 from training.loop import CycleOptions
 from training.registry import Registry
 
@@ -231,7 +231,7 @@ class Scheduler:
                                                      trigger="schedule")
                 out["started_job"] = job.id
                 log.warning("scheduler started retrain job %s (%s)", job.id, why)
-            except JobBusy as e:
+            except (JobBusy, NotReady) as e:  # not ready: the next tick asks again
                 out["started_job"] = None
                 out["reason"] = str(e)
         self.last_check = out
