@@ -18,13 +18,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from assistant.chat import SERVING_ALIAS, ChatError, ChatService, InvalidRequest, TurnRequest
 from assistant.runtime import GenerationError
-from memory.store import Store
+from memory.store import MAX_COMMENT, MAX_CORRECTED_CHARS, MAX_TITLE, Store
 from memory.types import REASON_TAGS, User
 
 
@@ -115,9 +115,10 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options (n, logprobs...) are ignored
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options (logprobs...) are ignored
     model: str = SERVING_ALIAS
     messages: list[ChatMessageIn] = Field(min_length=1)
+    n: int | None = None  # one choice per request: anything else is refused, not silently ignored
     stream: bool = False
     temperature: float | None = None
     top_p: float | None = None
@@ -130,14 +131,22 @@ class ChatCompletionIn(BaseModel):
 
 class ThumbIn(BaseModel):
     message_id: int
-    rating: Literal[1, -1]
+    rating: StrictInt  # strict: JSON `true` is not the number 1
     reason: str | None = None
-    comment: str | None = Field(None, max_length=4000)
+    comment: str | None = Field(None, max_length=MAX_COMMENT)
+
+    @field_validator("rating")
+    @classmethod
+    def _plus_or_minus_one(cls, v: int) -> int:
+        if v not in (1, -1):
+            raise ValueError("rating must be 1 or -1")
+        return v
 
 
 class EditIn(BaseModel):
     message_id: int
-    corrected: str = Field(min_length=1, max_length=100_000)
+    # The store's limit, the same one the page uses (memory.store.MAX_CORRECTED_CHARS).
+    corrected: str = Field(min_length=1, max_length=MAX_CORRECTED_CHARS)
 
 
 class PairIn(BaseModel):
@@ -147,7 +156,7 @@ class PairIn(BaseModel):
 
 
 class RenameIn(BaseModel):
-    title: str = Field(min_length=1, max_length=200)
+    title: str = Field(min_length=1, max_length=MAX_TITLE)
 
 
 # ---------------------------------------------------------------------------------------- app
@@ -201,11 +210,14 @@ def build_router() -> APIRouter:
         *history, last = body.messages
         if last.role != "user":
             raise InvalidRequest("the last message must come from the user", param="messages")
+        if body.n not in (None, 1):
+            raise InvalidRequest("only n=1 is supported: one answer per request", param="n")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         req = TurnRequest(
             user=user, text=last.text(), model=body.model, conversation_id=body.conversation_id,
             history=[{"role": m.role, "content": m.text()} for m in history],
             temperature=body.temperature, top_p=body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens, seed=body.seed, source="api",
+            max_tokens=max_tokens, seed=body.seed, source="api",
         )
         reply = chat.reply(req)  # raises ChatError before any model work
         created = int(time.time())
@@ -274,7 +286,11 @@ def build_router() -> APIRouter:
 
     @r.patch("/v1/conversations/{conversation_id}")
     def rename_conversation(conversation_id: int, body: RenameIn, user: CurrentUser, request: Request) -> dict:
-        if not request.app.state.store.rename_conversation(conversation_id, user.id, body.title.strip()):
+        try:  # the store checks the text (memory.text): blank, NUL, lone surrogates are a 400
+            renamed = request.app.state.store.rename_conversation(conversation_id, user.id, body.title)
+        except ValueError as e:
+            raise ApiError(400, str(e), "invalid_request_error", "title") from e
+        if not renamed:
             raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
         return {"id": conversation_id, "title": body.title.strip()}
 

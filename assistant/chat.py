@@ -18,14 +18,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from assistant.config import Settings
-from assistant.runtime import Backend, BackendBusy, GenerationError, GenerationSettings
+from assistant.runtime import Backend, BackendBusy, GenerationError, GenerationSettings, InvalidMessages
 from memory.store import Store
+from memory.text import text_problem
 from memory.types import Conversation, Message, User
 
 if TYPE_CHECKING:
     from assistant.agent import Agent
 
 SERVING_ALIAS = "assistant"  # model name that always means "the adapter currently serving"
+# A seed is a signed 64-bit integer wherever it goes (torch, an OpenAI-compatible server, PostgreSQL).
+SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
 class ChatError(Exception):
@@ -48,6 +51,11 @@ class InvalidRequest(ChatError):
 class MessageTooLong(ChatError):
     status = 413
     code = "message_too_long"
+
+
+class HistoryTooLarge(ChatError):
+    status = 413
+    code = "history_too_large"
 
 
 class NotFound(ChatError):
@@ -156,18 +164,41 @@ class ChatService:
 
     # ------------------------------------------------------------------ validation
     def clean_text(self, text: Any) -> str:
+        """The message as given, or ChatError: not text, nothing visible, NUL, lone surrogate, too long."""
         if not isinstance(text, str):
             raise InvalidRequest("message content must be a string", param="messages")
-        if not text.strip():
-            raise InvalidRequest("message is empty", param="messages")
         if len(text) > self.settings.max_message_chars:
             raise MessageTooLong(
                 f"message is {len(text)} characters; the limit is {self.settings.max_message_chars}",
                 param="messages",
             )
-        if "\x00" in text:
-            raise InvalidRequest("message contains a NUL byte", param="messages")
+        problem = text_problem(text)
+        if problem is not None:
+            raise InvalidRequest(f"message {problem}", param="messages")
         return text
+
+    def clean_history(self, messages: list[dict] | None) -> list[dict[str, str]]:
+        """History an API client sent, checked: known roles, acceptable text, and within the caps.
+
+        Too many messages or a malformed one is a 400; too many characters together a 413. The caps
+        bound what one request can make the server store (history is logged as imported messages).
+        """
+        messages = messages or []
+        limit = self.settings.max_history_messages
+        if len(messages) > limit:
+            raise InvalidRequest(f"the request carries {len(messages)} earlier messages; the limit is {limit}",
+                                 param="messages")
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                role = m.get("role") if isinstance(m, dict) else None
+                raise InvalidRequest(f"unsupported message role {role!r}", param="messages")
+            out.append({"role": m["role"], "content": self.clean_text(m.get("content"))})
+        total, cap = sum(len(m["content"]) for m in out), self.settings.max_history_chars
+        if total > cap:
+            raise HistoryTooLarge(f"the request's history is {total} characters; the limit is {cap}",
+                                  param="messages")
+        return out
 
     def generation_settings(self, req: TurnRequest) -> GenerationSettings:
         s = self.settings
@@ -180,6 +211,8 @@ class ChatService:
         top_p = s.top_p if req.top_p is None else req.top_p
         if not 0 < top_p <= 1:
             raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        if req.seed is not None and not SEED_RANGE[0] <= req.seed <= SEED_RANGE[1]:
+            raise InvalidRequest("seed must be a signed 64-bit integer", param="seed")
         return GenerationSettings(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=req.seed)
 
     # ------------------------------------------------------------------ the turn
@@ -199,11 +232,7 @@ class ChatService:
                 if m.role in ("user", "assistant") and m.status not in ("error", "alternative")
             ]
         else:
-            history = []
-            for m in req.history or []:
-                if m.get("role") not in ("system", "user", "assistant"):
-                    raise InvalidRequest(f"unsupported message role {m.get('role')!r}", param="messages")
-                history.append({"role": m["role"], "content": self.clean_text(m.get("content"))})
+            history = self.clean_history(req.history)
 
         prompt, sources, memories, steps = self._prompt(req.user, history, text)
         generation = {**gen.as_dict(), "model": req.model or SERVING_ALIAS, "base_model": self.backend.model_name}
@@ -227,6 +256,9 @@ class ChatService:
         original = self.store.get_message(message_id, user.id)
         if original is None or original.role != "assistant":
             raise NotFound(f"assistant message {message_id} not found", param="message_id")
+        if original.imported:
+            raise InvalidRequest("that message was sent by the client as history, not answered here; "
+                                 "only the server's answers can be regenerated", param="message_id")
         earlier = [m for m in self.store.messages(original.conversation_id) if m.id < original.id]
         question = next((m for m in reversed(earlier) if m.role == "user"), None)
         if question is None:
@@ -299,6 +331,8 @@ class ChatService:
             return self.backend.stream(prompt, adapter, gen, cancel=cancel)
         except BackendBusy as e:
             raise Busy(str(e)) from e
+        except InvalidMessages as e:  # e.g. a prompt longer than the model's context: the client's to fix
+            raise InvalidRequest(str(e), param="messages") from e
 
     def _run(self, reply: Reply, stream, log) -> Iterator[str]:
         started = time.perf_counter()
@@ -337,7 +371,9 @@ class ChatService:
         if conversation is None:
             title = " ".join(text.split())[:60]
             conversation = self.store.create_conversation(req.user.id, title=title, source=req.source)
-            earlier = [m for m in history if m["role"] != "system"]  # the system prompt is in `generation`
+            # The system prompt is in `generation`. The rest is the client's own writing: stored as
+            # imported, so it is never rated as an answer nor trained on.
+            earlier = [{**m, "imported": True} for m in history if m["role"] != "system"]
             if earlier:
                 self.store.add_messages(conversation.id, earlier)
         reply.conversation = conversation

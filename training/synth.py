@@ -153,13 +153,45 @@ def chunk_text(doc_id: str, text: str, *, title: str = "", max_chars: int = 900)
     return chunks
 
 
-def chunks_from_folder(folder: Path, *, max_chars: int = 900) -> list[Chunk]:
-    """Chunks of every .md/.txt file in `folder` (doc_id = file stem, title = first heading)."""
+class FolderNotAllowed(PermissionError):
+    """A server folder that admin synth may not read (outside `synth_docs_dir`, or none configured)."""
+
+
+def allowed_docs_folder(root: Path | None, docs: str | Path) -> Path:
+    """The folder that `docs` names, if it is `root` (settings.synth_docs_dir) or a folder under it.
+
+    Admin synth used to read .md/.txt files from any folder the server can read (issue 21). A relative
+    `docs` is taken inside `root`; links are resolved before the check, so no `..` or symlink leads out.
+    Outside `root` the answer is the same whether the folder exists or not (FolderNotAllowed), so the
+    check reveals nothing about the rest of the disk; a missing folder inside `root` is a LookupError.
+    """
+    if root is None:
+        raise FolderNotAllowed("reading a server folder is turned off: synth reads the knowledge base, or set "
+                               "synth_docs_dir to the one folder it may read")
+    base = Path(root).expanduser().resolve()
+    wanted = Path(docs).expanduser()
+    target = (wanted if wanted.is_absolute() else base / wanted).resolve()
+    if target != base and base not in target.parents:
+        raise FolderNotAllowed(f"{str(docs)!r} is not inside the synth documents folder (synth_docs_dir)")
+    if not target.is_dir():
+        raise LookupError(f"there is no folder {str(docs)!r} in the synth documents folder")
+    return target
+
+
+def chunks_from_folder(folder: Path, *, max_chars: int = 900, root: Path | None = None) -> list[Chunk]:
+    """Chunks of every .md/.txt file in `folder` (doc_id = file stem, title = first heading).
+
+    With `root`, a file whose real path (links resolved) lies outside it is not read.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
+    inside = Path(root).resolve() if root is not None else None
     out: list[Chunk] = []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".md", ".txt")):
+        real = path.resolve()
+        if not real.is_file() or (inside is not None and inside not in real.parents):
+            continue
         text = path.read_text(encoding="utf-8")
         heading = _HEADING.search(text)
         title = heading.group(1) if heading else path.stem.replace("_", " ")

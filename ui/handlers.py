@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.chat import ChatError, Reply, TurnRequest
 from assistant.runtime import GenerationError
+from memory.store import MAX_CORRECTED_CHARS
 from memory.types import REASON_TAGS, Feedback, Message, User
 from ui.render import DETAILS_TITLE, details_markdown, excerpt, safe_markdown
 
@@ -303,7 +304,7 @@ def edit_answer(services: Services, user: User, message_id: int | None, correcte
     msg = _answer(services, user, message_id)
     if not isinstance(corrected, str) or not corrected.strip():
         raise UiError("the corrected answer is empty")
-    limit = services.settings.max_message_chars * 4  # answers may be longer than questions
+    limit = MAX_CORRECTED_CHARS  # the store's limit, the same one the API uses
     if len(corrected) > limit:
         raise UiError(f"the corrected answer is {len(corrected)} characters; the limit is {limit}")
     return _store_call(lambda: services.store.add_edit(user.id, msg.id, corrected))
@@ -325,10 +326,23 @@ def start_regenerate(services: Services, user: User, message_id: int | None, mod
     msg = _answer(services, user, message_id)
     if msg.status in HIDDEN_STATUSES:
         raise UiError("that answer was already replaced; compare from the current one")
+    _check_question_of(services, user, msg)
     try:
         return services.chat.regenerate(user, msg.id, model=model or None)
     except ChatError as e:
         raise UiError(e.message) from e
+
+
+def _check_question_of(services: Services, user: User, msg: Message) -> None:
+    """Refuse what the chat service would answer wrongly: it finds the question as the last one stored
+    before the answer, which is not this answer's question when it was itself chosen in an earlier
+    comparison after later questions were asked (its parent says which question it answers)."""
+    if msg.parent_id is None:
+        return
+    earlier = [m for m in services.store.messages(msg.conversation_id, user.id) if m.id < msg.id and m.role == "user"]
+    if earlier and max(m.id for m in earlier) != msg.parent_id:
+        raise UiError("this answer already won a comparison; regenerate it again after your next message, "
+                      "or compare the latest answer")
 
 
 def stream_regenerate(services: Services, user: User, message_id: int, reply: Reply,
