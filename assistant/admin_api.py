@@ -133,13 +133,15 @@ class AdminActions:
               docs: str | None = None) -> dict[str, Any]:
         """Teacher pairs from the admin's readable documents (or a server-side folder), stored for builds."""
         admin = require_admin(user)
-        from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
+        from training.synth import allowed_docs_folder, chunks_from_folder, chunks_from_knowledge, run_synth
         from training.teacher import self_teacher
 
         if not 1 <= max_chunks <= 500 or not 1 <= questions_per_chunk <= 10:
             raise ValueError("max_chunks must be 1..500 and questions_per_chunk 1..10")
         if docs:
-            chunks = chunks_from_folder(Path(docs))
+            # Only settings.synth_docs_dir (and below) may be read: 403 outside it, 404 missing inside.
+            root = self.settings.synth_docs_dir
+            chunks = chunks_from_folder(allowed_docs_folder(root, docs), root=root)
         else:
             kb = self.services.extras.get("knowledge")
             if kb is None:
@@ -155,7 +157,14 @@ class AdminActions:
     # ------------------------------------------------------------------ jobs
     def start_retrain(self, user: User | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
         admin = require_admin(user)
-        return self.jobs.start(options or {}, requested_by=admin.username, trigger="manual").to_dict()
+        options = dict(options or {})
+        if options.get("synth_docs") is not None:  # the same folder rule as `synth`, checked before the job
+            from training.synth import allowed_docs_folder
+
+            if not isinstance(options["synth_docs"], str):
+                raise ValueError("synth_docs must be a folder name")
+            options["synth_docs"] = str(allowed_docs_folder(self.settings.synth_docs_dir, options["synth_docs"]))
+        return self.jobs.start(options, requested_by=admin.username, trigger="manual").to_dict()
 
     def cancel_job(self, user: User | None, job_id: int) -> dict[str, Any]:
         admin = require_admin(user)
