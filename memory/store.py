@@ -198,6 +198,31 @@ def _hash_key(key: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
+def thread_order(msgs: list[Message]) -> list[Message]:
+    """Messages (in id order) as the conversation reads: each answer right after the question it answers.
+
+    A second answer made by regenerate-and-choose on an earlier question is stored later than the
+    questions that followed; by id alone the chosen one would move to the end of the conversation and
+    its question would be left without a reply. Answers whose parent is not in the list stay in place.
+    """
+    present = {m.id for m in msgs}
+    answers: dict[int, list[Message]] = {}
+    out: list[Message] = []
+    for m in msgs:
+        if m.role == "assistant" and m.parent_id is not None and m.parent_id in present:
+            answers.setdefault(m.parent_id, []).append(m)
+
+    def emit(m: Message) -> None:  # a parent is always stored before its children: no cycles
+        out.append(m)
+        for child in answers.get(m.id, ()):
+            emit(child)
+
+    for m in msgs:
+        if not (m.role == "assistant" and m.parent_id is not None and m.parent_id in present):
+            emit(m)
+    return out
+
+
 class Store:
     """All reads and writes of users, conversations, messages and feedback."""
 
@@ -607,8 +632,8 @@ class Store:
                 raise LookupError(f"no message with id {message_id}")
 
     def messages(self, conversation_id: int, user_id: int | None = None) -> list[Message]:
-        """The conversation's messages in order. With `user_id`: LookupError if the conversation
-        does not exist, PermissionError if it belongs to someone else."""
+        """The conversation's messages in reading order (`thread_order`). With `user_id`: LookupError if
+        the conversation does not exist, PermissionError if it belongs to someone else."""
         with self.engine.connect() as conn:
             if user_id is not None:
                 owner = conn.execute(sa.select(conversations.c.user_id)
@@ -619,7 +644,7 @@ class Store:
                     raise PermissionError(f"conversation {conversation_id} belongs to another user")
             rows = conn.execute(sa.select(messages).where(messages.c.conversation_id == conversation_id)
                                 .order_by(messages.c.id))
-            return [_message(r) for r in rows]
+            return thread_order([_message(r) for r in rows])
 
     def get_message(self, message_id: int, user_id: int | None = None) -> Message | None:
         """The message, or None if unknown or (with `user_id`) not in one of that user's conversations."""

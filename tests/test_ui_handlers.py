@@ -269,6 +269,36 @@ def test_regenerate_and_choose_stores_a_pair_and_continues_from_the_choice(env):
         h.choose(s, alice, original, cmp.alternative_id, 12345)
 
 
+def test_choosing_a_new_answer_to_an_earlier_question_replaces_it_in_place(env):
+    """Regenerate-and-choose on the first of two answers: the chosen one sits where the old one was,
+    in the page and in the stored conversation (read again, as after a reload), and the next turn's
+    history has every question followed by its answer."""
+    s, alice = env["services"], env["alice"]
+    first = h.send(s, alice, None, "First question", model="alpha")
+    cid, a1 = first.conversation_id, first.last_answer_id
+    second = h.send(s, alice, cid, "Second question", model="alpha")
+    a2 = second.last_answer_id
+    reply = h.start_regenerate(s, alice, a1, model="beta")
+    cmp = list(h.stream_regenerate(s, alice, a1, reply))[-1]
+    assert cmp.alternative_id is not None and cmp.alternative_id > a2  # stored after the later turn
+    h.choose(s, alice, a1, cmp.alternative_id, cmp.alternative_id)
+
+    view = h.conversation_view(s, alice, cid)  # what the page shows after the choice and after a reload
+    texts = [r["content"] for r in view.rows if not r.get("metadata")]
+    assert texts[0] == "First question" and texts[2] == "Second question", texts
+    answer_ids = [i for i, r in zip(view.row_ids, view.rows, strict=True) if r["role"] == "assistant"
+                  and not r.get("metadata")]
+    assert answer_ids == [cmp.alternative_id, a2]
+    stored = [(m.role, m.id) for m in s.store.messages(cid, alice.id) if m.status != "alternative"]
+    assert [r for r, _ in stored] == ["user", "assistant", "user", "assistant"]
+    assert stored[1][1] == cmp.alternative_id and stored[3][1] == a2
+    # the chosen answer to an earlier question is not offered for another comparison (the wrong question)
+    with pytest.raises(h.UiError, match="earlier comparison"):
+        h.start_regenerate(s, alice, cmp.alternative_id)
+    third = h.send(s, alice, cid, "Third question", model="alpha")
+    assert [r["content"] for r in third.rows if not r.get("metadata")][-2] == "Third question"
+
+
 # ------------------------------------------------------------------------------------------- users
 def test_second_user_cannot_see_rate_or_edit_the_first_users_conversation(env):
     s, alice, bob, calls = env["services"], env["alice"], env["bob"], env["calls"]
@@ -407,6 +437,12 @@ def agent_env(tmp_path_factory, tiny_model_dir):
     services.close()
 
 
+def _received(path):
+    from ui.uploads import Received
+
+    return Received(path.name, path.read_bytes())
+
+
 @pytest.mark.slow
 def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
     from ui import library as lib
@@ -422,7 +458,8 @@ def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
     big = tmp_path / "big.txt"
     big.write_text("word " * 5000)  # 25 kB, over the 20 kB limit
     seen: list[tuple[float, str]] = []
-    results = lib.upload_documents(s, ann, [good, empty, fake, big], "private", lambda f, m: seen.append((f, m)))
+    results = lib.upload_documents(s, ann, [_received(p) for p in (good, empty, fake, big)], "private",
+                                   lambda f, m: seen.append((f, m)))
     assert [r.ok for r in results] == [True, False, False, False]
     assert "empty" in results[1].message and "PNG" in results[2].message and "limit" in results[3].message
     fracs = [f for f, _ in seen]
@@ -438,10 +475,10 @@ def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
     with pytest.raises(h.UiError, match="not found"):
         lib.delete_document(s, ben, doc_id)
     with pytest.raises(h.UiError, match="only admins"):
-        lib.upload_documents(s, ben, [good], "shared")
+        lib.upload_documents(s, ben, [_received(good)], "shared")
     team = tmp_path / "team-rules.txt"
     team.write_text("Team rule: code reviews happen on Tuesdays.")
-    assert lib.upload_documents(s, boss, [team], "shared")[0].ok
+    assert lib.upload_documents(s, boss, [_received(team)], "shared")[0].ok
     assert [r[3] for r in lib.document_rows(s, ben)] == ["team"]
     assert lib.document_choices(s, ben) == []  # visible, but not ben's to delete
     shared_id = lib.document_rows(s, ben)[0][-1]

@@ -341,8 +341,8 @@ def _check_question_of(services: Services, user: User, msg: Message) -> None:
         return
     earlier = [m for m in services.store.messages(msg.conversation_id, user.id) if m.id < msg.id and m.role == "user"]
     if earlier and max(m.id for m in earlier) != msg.parent_id:
-        raise UiError("this answer already won a comparison; regenerate it again after your next message, "
-                      "or compare the latest answer")
+        raise UiError("this answer was picked in an earlier comparison after later questions; "
+                      "it can't be compared again")
 
 
 def stream_regenerate(services: Services, user: User, message_id: int, reply: Reply,
