@@ -1,0 +1,119 @@
+"""The evaluation gate's settings: when a candidate adapter may replace the one serving.
+
+One dataclass, every field with its help text (`GateConfig.help()`); the loop writes it as `gate.json` next
+to each evaluation, and `python -m training.evaluate --gate FILE` reads it back. The rules that use it are in
+`training/gate_decision.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+TARGET_METRICS = ("val_loss", "pref_accuracy", "grounded")
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass
+class GateConfig:
+    """When a candidate may replace the serving adapter. Every field carries its help text."""
+
+    target_metrics: list[str] = _f(
+        list(TARGET_METRICS),
+        "Metrics on which the candidate must improve (at least one, by its min_*_gain) and must not regress "
+        "(beyond its *_tolerance). Choose from val_loss, pref_accuracy, grounded. Metrics the held-out set "
+        "cannot measure are skipped and reported.")
+    min_val_loss_gain: float = _f(
+        0.01, "Smallest relative drop in held-out loss that counts as a gain (0.01 = 1% lower).")
+    min_pref_accuracy_gain: float = _f(0.05, "Smallest rise in preference accuracy that counts as a gain.")
+    min_grounded_gain: float = _f(0.05, "Smallest rise in the grounded-answer score that counts as a gain.")
+    val_loss_tolerance: float = _f(
+        0.02, "Largest relative rise in held-out loss accepted on the way to a gain elsewhere (0.02 = 2%).")
+    pref_accuracy_tolerance: float = _f(0.05, "Largest drop in preference accuracy accepted.")
+    grounded_tolerance: float = _f(0.10, "Largest drop in the grounded-answer score accepted.")
+    general_ppl_tolerance: float = _f(
+        0.10, "Catastrophic-forgetting guard: largest relative rise in general-text perplexity accepted, "
+        "against the baseline AND the base model (0.10 = 10%).")
+    general_qa_tolerance: float = _f(
+        0.01, "Catastrophic-forgetting guard: largest drop in the general-question keyword score accepted, "
+        "against the baseline AND the base model. 0.01: with the shipped 120 questions, a net loss of one "
+        "question (0.008) passes and two do not (at 0.10 a loop run promoted an adapter that answered "
+        "'Italie is the capital of Italy').")
+    general_qa_significance: float = _f(
+        0.05, "Against the serving adapter only (the base model's line stays hard): a general-question drop "
+        "beyond the tolerance refuses the candidate when it is also significant, an exact one-sided sign test "
+        "over the questions the two answer differently giving p below this value. In the loop bench adapters "
+        "changed 11-24 of the 120 answers, both ways, so the serving adapter's lucky wins would otherwise "
+        "ratchet the bar up for every later candidate. 0 = the plain tolerance, as against the base model.")
+    grounded_significance: float = _f(
+        0.05, "The same for grounded answers against the serving adapter: a drop beyond grounded_tolerance "
+        "refuses the candidate when the sign test over the questions the two answer differently gives p below "
+        "this value. With 16-24 held-out document questions one answer is 4-6 points, and in the loop bench a "
+        "plain 0.10 refused a candidate that lost 2 of 16 (session 8). 0 = the plain tolerance.")
+    max_new_tokens: int = _f(48, "Tokens generated per answer for the grounded and general-question checks.")
+    max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
+    max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
+    max_doc_qa: int = _f(24, "Held-out document questions answered at most.")
+    batch_size: int = _f(8, "Sequences per forward pass / generation batch.")
+    max_length: int = _f(1024, "Longest scored sequence in tokens (longer prompts are cut from the left).")
+    samples: int = _f(4, "Answers per check shown side by side in the report.")
+
+    def validate(self) -> None:
+        errors = []
+        bad = [m for m in self.target_metrics if m not in TARGET_METRICS]
+        if bad or not self.target_metrics:
+            errors.append(f"target_metrics must be a non-empty subset of {list(TARGET_METRICS)}, got {bad or '[]'}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name.startswith(("min_", "max_")) or f.name.endswith("_tolerance"):
+                if not isinstance(v, int | float) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
+                    errors.append(f"{f.name} must be a finite number >= 0, got {v!r}")
+        for name in ("general_qa_significance", "grounded_significance"):
+            p = getattr(self, name)
+            if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p < 1:
+                errors.append(f"{name} must be a number in [0, 1), got {p!r}")
+        for name in ("max_new_tokens", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name} must be >= 1")
+        if errors:
+            raise ValueError("invalid gate config: " + "; ".join(errors))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a gate config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown gate config keys: {unknown} (see GateConfig.help())")
+        hints = typing.get_type_hints(cls)
+        for k, v in data.items():
+            want = hints[k]
+            ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)) if want == list[str] else (
+                isinstance(v, int) and not isinstance(v, bool) if want is int else
+                isinstance(v, int | float) and not isinstance(v, bool))
+            if not ok:
+                raise ValueError(f"gate config {k}={v!r} is not of type {want}")
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: (f.default_factory() if f.default is MISSING else f.default)  # type: ignore[misc]
+                for f in fields(cls)}
+
