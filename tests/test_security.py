@@ -106,6 +106,7 @@ class Call:
     path: str  # concrete path
     body: Any = None
     params: dict | None = None
+    files: list | None = None  # multipart uploads
 
 
 @dataclass
@@ -156,6 +157,47 @@ def _pair(w: World) -> Call:
     return Call("/v1/feedback/pair", {"message_id": mid, "other_message_id": alt, "chosen_message_id": alt})
 
 
+def _upload(w: World) -> Call:
+    text = f"# Notes {time.time_ns()}\n\nEveryone may keep notes of their own.\n".encode()
+    return Call("/v1/documents", files=[("files", (f"notes-{time.time_ns()}.md", text, "text/markdown"))])
+
+
+def _owner_doc(suffix: str = "") -> Callable[[World], Call]:
+    def make(w: World) -> Call:
+        text = f"# Owner notes\n\nThe code word is {MARKER} ({time.time_ns()}).\n".encode()
+        r = w.client.post("/v1/documents", headers=w.headers("owner"),
+                          files=[("files", (f"owner-{time.time_ns()}.md", text, "text/markdown"))])
+        assert r.status_code == 201, r.text
+        return Call(f"/v1/documents/{r.json()['data'][0]['id']}{suffix}")
+    return make
+
+
+def _owner_memory(body: Any = None) -> Callable[[World], Call]:
+    def make(w: World) -> Call:
+        r = w.client.post("/v1/memories", headers=w.headers("owner"),
+                          json={"text": f"My code word is {MARKER}-{time.time_ns()}"})
+        assert r.status_code == 201, r.text
+        return Call(f"/v1/memories/{r.json()['id']}", body)
+    return make
+
+
+def _owner_export(w: World) -> Call:
+    cid, _ = w.owner_turn()
+    return Call(f"/v1/export/conversations/{cid}", params={"format": "markdown"})
+
+
+def _throwaway(suffix: str = "", body: Any = None, with_key: bool = False) -> Callable[[World], Call]:
+    """A fresh account for an admin route to act on (never one of the world's users)."""
+    def make(w: World) -> Call:
+        u = w.store.create_user(f"tmp{time.time_ns()}", "pw-throwaway-1")
+        key_part = ""
+        if with_key:
+            w.store.create_api_key(u.id)
+            key_part = f"/{w.store.list_api_keys(u.id)[0]['id']}"
+        return Call(f"/v1/admin/users/{u.id}{suffix}{key_part}", body)
+    return make
+
+
 def _admin(admin_status: int, make: Callable[[World], Call]) -> Row:
     # Every admin route: anonymous 401, any non-admin 403 (before the body is read), admin gets through.
     return Row(401, 403, 403, admin_status, make)
@@ -192,6 +234,30 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/admin/rollback"): _admin(400, _const("/v1/admin/rollback", {})),
     ("GET", "/v1/admin/schedule"): _admin(200, _const("/v1/admin/schedule")),
     ("PUT", "/v1/admin/schedule"): _admin(400, _const("/v1/admin/schedule", {"no_such_setting": 1})),
+    # Documents, memories and exports: each user acts on their own; another's reads as missing.
+    ("POST", "/v1/documents"): Row(401, 201, 201, 201, _upload),
+    ("GET", "/v1/documents"): Row(401, 200, 200, 200, _const("/v1/documents")),
+    ("GET", "/v1/documents/{doc_id}"): Row(401, 200, 404, 404, _owner_doc()),
+    ("DELETE", "/v1/documents/{doc_id}"): Row(401, 200, 404, 404, _owner_doc()),
+    ("GET", "/v1/memories"): Row(401, 200, 200, 200, _const("/v1/memories")),
+    ("POST", "/v1/memories"): Row(401, 201, 201, 201, _const("/v1/memories", {"text": "I like green tea."})),
+    ("GET", "/v1/memories/{memory_id}"): Row(401, 200, 404, 404, _owner_memory()),
+    ("PATCH", "/v1/memories/{memory_id}"): Row(401, 200, 404, 404, _owner_memory({"text": "I like black tea."})),
+    ("DELETE", "/v1/memories/{memory_id}"): Row(401, 200, 404, 404, _owner_memory()),
+    ("GET", "/v1/export/conversations"): Row(401, 200, 200, 200, _const("/v1/export/conversations")),
+    ("GET", "/v1/export/conversations/{conversation_id}"): Row(401, 200, 404, 404, _owner_export),
+    # Accounts: admins only, always on a throwaway account.
+    ("GET", "/v1/admin/users"): _admin(200, _const("/v1/admin/users")),
+    ("POST", "/v1/admin/users"): _admin(201, lambda w: Call("/v1/admin/users", {
+        "username": f"new{time.time_ns()}", "password": "pw-new-user-1"})),
+    ("POST", "/v1/admin/users/{user_id}/disable"): _admin(200, _throwaway("/disable")),
+    ("POST", "/v1/admin/users/{user_id}/enable"): _admin(200, _throwaway("/enable")),
+    ("DELETE", "/v1/admin/users/{user_id}"): _admin(200, _throwaway()),
+    ("PUT", "/v1/admin/users/{user_id}/password"): _admin(200, _throwaway("/password", {"password": "pw-2"})),
+    ("GET", "/v1/admin/users/{user_id}/keys"): _admin(200, _throwaway("/keys")),
+    ("POST", "/v1/admin/users/{user_id}/keys"): _admin(201, _throwaway("/keys", {"name": "laptop"})),
+    ("DELETE", "/v1/admin/users/{user_id}/keys/{key_id}"): _admin(200, _throwaway("/keys", with_key=True)),
+    ("GET", "/v1/admin/audit"): _admin(200, _const("/v1/admin/audit")),
 }
 
 
@@ -236,7 +302,7 @@ def test_authorization_matrix(world: World, route: tuple[str, str]):
     for role in ROLES:
         before = world.store.counts()
         r = world.client.request(method, call.path, headers=world.headers(role), params=call.params,
-                                 json=call.body if call.body is not None else None)
+                                 json=call.body if call.body is not None else None, files=call.files)
         want = row.expect(role)
         assert r.status_code == want, f"{method} {call.path} as {role}: {r.status_code} {r.text[:300]}"
         if r.status_code >= 400:
@@ -675,6 +741,8 @@ def test_openapi_fuzzing_finds_no_server_errors(world: World):
     ops = [result.ok() for result in schema.get_all_operations()]
     for op in ops:
         starts_work = op.method.upper() == "POST" and op.path in ("/v1/admin/jobs", "/v1/admin/synth")
+        # Random ids must not disable, re-password or delete the world's own users.
+        starts_work = starts_work or (op.path.startswith("/v1/admin/users/") and op.method.upper() != "GET")
         fuzz(op, "owner" if starts_work else "admin")
     assert len(ops) >= 20 and calls["n"] >= 5 * len(ops)
     assert not failures, "server errors:\n" + "\n".join(failures[:20])
