@@ -13,7 +13,8 @@ In: a `Store` (messages, feedback, conversations, long-term memory tombstones) a
 
 Prompts are rebuilt as the chat service sent them to the model (assistant/chat.py, rendered by
 `assistant.prompt.render_turn`): the serving system prompt, the `content` of the user and assistant
-messages the user saw (regenerated alternatives and failed answers are left out of the history), and
+messages the user saw (regenerated alternatives, failed answers and history an API client imported with
+its request are left out of the history; the manifest counts the imported messages left out), and
 the user turn with the document passages the answer cited. Passages are re-read by chunk id from the
 knowledge base at build time, from shared documents only: a user's private document never reaches an
 adapter that everyone is served with, and a deleted document's passages are gone. Long-term memories,
@@ -122,6 +123,7 @@ class LogMessage:
     adapter: str | None
     parent_id: int | None
     status: str
+    imported: bool = False  # the client wrote it as request history: never a target, never in a prompt
     sources: tuple[tuple[str, str], ...] = ()  # (chunk_id, scope) of the passages an answer cited
 
 
@@ -166,7 +168,8 @@ def read_training_log(store: Store) -> TrainingLog:
         .distinct()
     )
     msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
-                messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.sources)
+                messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.imported,
+                messages.c.sources)
     with store.engine.connect() as conn:
         fb = [LogFeedback(*row) for row in conn.execute(sa.select(*fb_cols).order_by(feedback.c.id))]
         rows = conn.execute(
@@ -178,7 +181,7 @@ def read_training_log(store: Store) -> TrainingLog:
         msgs: dict[int, LogMessage] = {}
         by_conv: dict[int, list[LogMessage]] = defaultdict(list)
         for row in rows:
-            m = LogMessage(*row[:-1], sources=_cited(row[-1]))
+            m = LogMessage(*row[:-2], imported=bool(row[-2]), sources=_cited(row[-1]))
             msgs[m.id] = m
             by_conv[m.conversation_id].append(m)
         max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
@@ -259,12 +262,19 @@ def mentions_forgotten(texts: Iterable[str], digests: set[str]) -> bool:
 
 
 class _Contexts:
-    """Rebuilds the conversation a rated answer was given in, as the user saw it."""
+    """Rebuilds the conversation a rated answer was given in, as the user saw it, minus imported history.
+
+    History an API client sent with its request (`imported`) was written by the client, not said by the
+    assistant: an assistant turn of it in a training prompt would be trained on like any other (TRL's
+    assistant-only loss covers every assistant turn), so a client could plant its own answers. It is
+    left out of every prompt, and `left_out` collects which messages were.
+    """
 
     def __init__(self, log: TrainingLog, max_messages: int) -> None:
         self.log = log
         self.max_messages = max_messages
         self._index: dict[int, dict[int, int]] = {}
+        self.left_out: set[int] = set()  # imported messages kept out of the prompts built
 
     def _position(self, conversation_id: int) -> dict[int, int]:
         if conversation_id not in self._index:
@@ -275,7 +285,7 @@ class _Contexts:
         conv = self.log.by_conversation.get(answer.conversation_id, [])
         pos = self._position(answer.conversation_id)
         parent = self.log.messages.get(answer.parent_id) if answer.parent_id is not None else None
-        if parent is None:  # imported history without parent links: the nearest earlier user message
+        if parent is None:  # history without parent links: the nearest earlier user message
             i = pos[answer.id] - 1
             while i >= 0 and conv[i].role != "user":
                 i -= 1
@@ -287,6 +297,9 @@ class _Contexts:
         answer_at: dict[int, int] = {}  # user message id -> index of its answer in history
         for m in conv[: pos[parent.id]]:
             if m.status in HIDDEN_FROM_HISTORY:
+                continue
+            if m.imported:
+                self.left_out.add(m.id)
                 continue
             if m.role == "assistant" and m.parent_id is not None:
                 if m.parent_id in answer_at:
@@ -302,7 +315,8 @@ class _Contexts:
 
 def human_examples(log: TrainingLog, repairs: dict[int, list[Any]], context_messages: int,
                    skipped: Counter) -> list[Example]:
-    """Examples from feedback; `skipped` counts feedback that could not be used, by reason."""
+    """Examples from feedback; `skipped` counts feedback that could not be used, by reason, and
+    (`imported_history_messages`) the client-written messages left out of the prompts."""
     ctx = _Contexts(log, context_messages)
     out: list[Example] = []
     edited: dict[int, LogFeedback] = {}
@@ -321,6 +335,10 @@ def human_examples(log: TrainingLog, repairs: dict[int, list[Any]], context_mess
         m = log.messages.get(f.message_id)
         if m is None or m.role != "assistant" or m.status not in ANSWER_STATUSES:
             skipped["not_a_complete_answer"] += 1
+            continue
+        if m.imported or (f.kind == "pair" and _pair_has_imported(log, f)):
+            # Rated before the store refused it (migration 7 marked the old rows): never a target.
+            skipped["imported_answer"] += 1
             continue
         prompt = ctx.prompt_for(m)
         if prompt is None:
@@ -377,7 +395,14 @@ def human_examples(log: TrainingLog, repairs: dict[int, list[Any]], context_mess
                 source="teacher", origin="teacher_repair", group=f"conv:{m.conversation_id}",
                 conversation_id=m.conversation_id, message_id=m.id, other_message_id=m.id, feedback_id=f.id,
                 adapter=m.adapter, doc_id=rp.doc_id, chunk_id=rp.chunk_id, synthetic_id=rp.id), rejected=m.content))
+    if ctx.left_out:
+        skipped["imported_history_messages"] += len(ctx.left_out)
     return out
+
+
+def _pair_has_imported(log: TrainingLog, f: LogFeedback) -> bool:
+    both = (log.messages.get(f.message_id), log.messages.get(f.other_message_id or -1))
+    return any(m is not None and m.imported for m in both)
 
 
 def teacher_examples(pairs: Iterable[Any]) -> list[Example]:
