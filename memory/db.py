@@ -12,7 +12,9 @@ timeout so a second writer waits instead of failing with "database is locked".
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,7 +63,9 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
         # One shared connection, or every thread would see its own empty database.
         kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
     elif not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(database).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private(path)
     engine = sa.create_engine(parsed, echo=echo, **kwargs)
 
     @sa.event.listens_for(engine, "connect")
@@ -94,6 +98,28 @@ def _sqlite_engine(parsed: sa.URL, busy_timeout_ms: int, echo: bool) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+PRIVATE_MODE = 0o600
+
+
+def make_private(path: Path) -> None:
+    """Create the database file as owner-only (0600), or narrow an existing one of ours to that.
+
+    The database holds every conversation, password hash and key hash; the default umask made it 0644,
+    readable by every account on the machine. SQLite creates the -wal and -shm files with the main
+    file's permissions, so they follow; any left from an earlier run are narrowed here too. Files of
+    another owner are left alone (we could not change them, and they are not ours to change).
+    """
+    fd = os.open(path, os.O_CREAT | os.O_RDONLY, PRIVATE_MODE)  # O_CREAT applies the mode to a new file
+    os.close(fd)
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(p, PRIVATE_MODE)
 
 
 def _enter_wal(cur: Any, busy_timeout_ms: int) -> str:
