@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from assistant.agent import Agent, Prepared, find_arithmetic, parse_tool_calls, relevant
+from assistant.agent import Agent, Prepared, find_arithmetic, keep_relevant, parse_tool_calls, relevant
 from assistant.config import Settings
 from assistant.prompt import DATA_RULES, quote
 from assistant.runtime import normalize_messages
@@ -380,9 +380,10 @@ def test_router_on_the_real_embedder_cites_the_right_document_and_skips_off_topi
 
 @pytest.mark.slow
 def test_relevance_filter_keeps_labelled_answers_and_drops_off_topic_questions(settings: Settings, store, users):
-    """The thresholds of `relevant`, on the labelled set (bench/retrieval.py router measures them): of the answer
-    passages in the agent's top k it keeps 100 of 108 (17 of the 25 vague ones), and of 52 off-topic questions only
-    the known one keeps a passage (docs/benchmarks.md, "The router's relevance filter")."""
+    """The relevance filter on the labelled set (bench/retrieval.py router measures it): of the answer passages in
+    the agent's top k it keeps 106 of 113 (20 of the 27 vague ones), and of 52 off-topic questions only the known
+    one keeps a passage. Issue 26's case: an answer inside a many-section chunk scores low as a whole (dense 0.14)
+    and was dropped; its own sentence means what was asked, and the sentence check keeps it."""
     import torch
 
     from bench.retrieval import answer_hits, ingest_labelled, load_labelled, load_off_topic
@@ -392,16 +393,21 @@ def test_relevance_filter_keeps_labelled_answers_and_drops_off_topic_questions(s
     kb = KnowledgeBase(settings)
     ids = ingest_labelled(kb, alice)
     agent = Agent(settings, store, kb, LongTermMemory(settings, store), clock=lambda: CLOCK)
-    in_top, kept = {}, {}
+    in_top, kept, cheap = {}, {}, {}
     for q, hit in answer_hits(kb, alice, load_labelled(), ids, settings.retrieval_k):
         if hit is not None:
             in_top[q["kind"]] = in_top.get(q["kind"], 0) + 1
-            kept[q["kind"]] = kept.get(q["kind"], 0) + relevant(hit)
+            kept[q["kind"]] = kept.get(q["kind"], 0) + bool(keep_relevant(kb.embedder, q["q"], [hit]))
+            cheap[q["q"]] = relevant(hit)
     print("kept of the answers in the top k:", {kind: f"{kept[kind]}/{n}" for kind, n in in_top.items()})
+    issue = "When does the whole team get together each month?"
+    assert cheap[issue] is False  # the chunk's scores alone drop it
+    p = agent.prepare(alice, [], issue)
+    assert "first Wednesday of every month" in data_block(p), "the sentence check must keep the answer"
     specific = [kind for kind in in_top if kind != "vague"]
     assert all(kept[kind] == in_top[kind] for kind in specific), "a specific question's answer was dropped"
-    assert sum(kept.values()) / sum(in_top.values()) >= 0.92  # 100/108 = 0.926 when tuned
-    assert kept["vague"] >= 17 and in_top["vague"] >= 25
+    assert sum(kept.values()) / sum(in_top.values()) >= 0.93  # 106/113 = 0.938 when tuned
+    assert kept["vague"] >= 20 and in_top["vague"] >= 27
     off_topic = load_off_topic()
     assert len(off_topic) >= 40
     leaked = [q for q in off_topic if agent.prepare(alice, [], q).sources]  # through the whole router
