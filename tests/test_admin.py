@@ -247,12 +247,14 @@ def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) 
 
     loaded = run("admin_load_all", None)
     assert "| edits | 12 |" in loaded[0]
+    assert loaded[1].startswith("**Ready to retrain: 0 rated answers, 12 corrections") and "held out" not in loaded[0]
     serving = server.services.chat.serving_adapter
     other = versions[1] if serving != versions[1] else versions[0]
-    msg, frame, summary = run("admin_promote", other, False, "from the console")
+    msg, frame, summary, asked = run("admin_promote", other, False, "from the console")
+    assert asked.visible is False  # the confirmation closes once it ran
     assert msg.startswith(f"Now serving **{other}**") and server.services.chat.serving_adapter == other
     assert frame.loc[frame["name"] == other, "serving"].item() == "serving"
-    msg, _, _ = run("admin_rollback", "undo")
+    msg, _, _, _ = run("admin_rollback", "undo")
     assert server.services.chat.serving_adapter == serving and msg.startswith("Now serving")
     assert run("admin_save", True, "interval", 10, 1.0, "03:00", 6.0, True, 5, False).startswith(
         "Saved: on, mode interval.")
@@ -282,6 +284,18 @@ def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) 
     assert runner_for(server.services).wait(job_id, 120).status == "cancelled"
     after = run("admin_watch", job_id)
     assert after[4].active is False and "cancelled" in after[1]
+
+
+def test_job_states_say_what_happened_to_the_serving_model() -> None:
+    done = {"status": "succeeded", "result": {"status": "rejected"}}
+    assert ui_admin.job_outcome(done).startswith("finished: the new model did worse") and "succeeded" not in \
+        ui_admin.job_outcome(done)
+    assert "now serves" in ui_admin.job_outcome({"status": "succeeded", "result": {"status": "promoted"}})
+    assert "promote it below" in ui_admin.job_outcome({"status": "succeeded", "result": {"status": "registered"}})
+    assert ui_admin.job_outcome({"status": "running", "cancel_requested": True}) == "cancelling…"
+    assert ui_admin.job_outcome({"status": "failed"}) == "failed; nothing changed"
+    assert ui_admin.plain_error("ValueError: split ratios must sum to 1") == "Split ratios must sum to 1"
+    assert ui_admin.plain_error("training.loop.CycleFailed: no rows") == "No rows"
 
 
 # ---------------------------------------------------------------------------------------------- CLI

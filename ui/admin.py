@@ -16,6 +16,7 @@ The Gradio wiring turns those errors into an error toast.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +25,12 @@ import pandas as pd
 
 from assistant.admin_api import AdminActions, require_admin
 from memory.types import User
+from training.jobs import NotReady
+from training.readiness import check_readiness
 
 GetUser = Callable[[gr.Request], User | None]
 PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API is /v1/admin
-JOB_COLUMNS = ["id", "status", "trigger", "by", "phase", "progress %", "candidate", "result", "created"]
+JOB_COLUMNS = ["id", "outcome", "trigger", "by", "phase", "progress %", "candidate", "why", "created"]
 ADAPTER_COLUMNS = ["name", "serving", "gate", "parent", "dataset", "val_loss", "pref_acc", "grounded",
                    "general_ppl", "general_qa", "created", "note"]
 
@@ -44,6 +47,21 @@ def counts_markdown(actions: AdminActions, user: User | None) -> str:
             ("serving", c.get("serving") or "base model"),
             ("running job", f"#{active['id']} ({active['progress'].get('phase')})" if active else "none")]
     return "| what | how many |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+SPLIT_RULES = (
+    "How examples are used: whole conversations go to training (8 in 10), to validation (1 in 10, to stop "
+    "training before it overfits) or to testing (1 in 10, never trained on). With only a few conversations, "
+    "one in ten, and at least one once three have feedback, is kept for testing. When 20 test examples "
+    "exist they are frozen as the held-out set that every later model is judged on.")
+
+
+def readiness_markdown(actions: AdminActions, user: User | None) -> str:
+    """What a retrain would have now and what it still needs (training/readiness.py), in sentences."""
+    require_admin(user)
+    r = check_readiness(actions.store, actions.settings, knowledge=actions.services.extras.get("knowledge"))
+    lines = [f"**{r.summary}**", *[f"- {m}" for m in r.missing], "", SPLIT_RULES]
+    return "\n".join(lines)
 
 
 def dataset_choices(actions: AdminActions, user: User | None) -> list[str]:
@@ -81,14 +99,44 @@ def _content(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+# A job that ran to its end "succeeded" in the store whatever the gate decided; read next to a
+# "rejected" candidate that looked like a promotion. The page says what happened to the serving model.
+OUTCOMES = {
+    "promoted": "finished: the new model passed the evaluation and now serves",
+    "registered": "finished: the new model passed the evaluation; promote it below to serve it",
+    "rejected": "finished: the new model did worse in the evaluation and was not used; nothing changed",
+}
+
+
+def job_outcome(job: dict[str, Any]) -> str:
+    """A job's state in words, the gate's decision included (never just "succeeded")."""
+    status = job.get("status")
+    if status == "queued":
+        return "cancelling…" if job.get("cancel_requested") else "waiting to start"
+    if status == "running":
+        return "cancelling…" if job.get("cancel_requested") else "running"
+    if status == "succeeded":
+        decision = (job.get("result") or {}).get("status")
+        return OUTCOMES.get(decision, f"finished: {decision or 'no decision'}")
+    if status == "cancelled":
+        return "cancelled; nothing changed"
+    return "failed; nothing changed"
+
+
 def jobs_rows(actions: AdminActions, user: User | None, limit: int = 30) -> pd.DataFrame:
     rows = []
     for j in actions.list_jobs(user, limit):
         r = j.get("result") or {}
-        rows.append([j["id"], j["status"], j["trigger"], j["requested_by"], j["progress"].get("phase"),
+        rows.append([j["id"], job_outcome(j), j["trigger"], j["requested_by"], j["progress"].get("phase"),
                      round(100 * float(j["progress"].get("fraction") or 0)), r.get("candidate"),
-                     r.get("status") or (j.get("error") or "")[:120], (j["created_at"] or "")[:19]])
+                     r.get("reason") or plain_error(j.get("error") or "")[:160], (j["created_at"] or "")[:19]])
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def plain_error(message: str) -> str:
+    """An error as a sentence for the page: no leading exception class name ("ValueError: ...")."""
+    text = re.sub(r"^\s*(?:[A-Za-z_][\w.]*(?:Error|Exception|Failed|Busy|NotFound|Ready)):\s*", "", message or "")
+    return text[:1].upper() + text[1:] if text else ""
 
 
 def progress_html(fraction: float, label: str) -> str:
@@ -110,16 +158,18 @@ def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> di
     j, p = d["job"], d["job"]["progress"]
     step = f"step {p.get('step')}/{p.get('max_steps')} ({p.get('stage')})" if p.get("step") is not None else ""
     eta = f", about {p['eta_s']:.0f} s left in this stage" if isinstance(p.get("eta_s"), int | float) else ""
-    label = f"job #{j['id']} {j['status']}: {p.get('phase', '')} {step}"
-    lines = [f"**Job #{j['id']}** — {j['status']} ({j['trigger']}, by {j['requested_by'] or '-'}){eta}"]
+    outcome = job_outcome(j)
+    label = f"job #{j['id']} running: {p.get('phase', '')} {step}" if j["status"] == "running" \
+        else f"job #{j['id']} {outcome}"
+    lines = [f"**Job #{j['id']}**: {outcome} ({j['trigger']}, by {j['requested_by'] or '-'}){eta}"]
     if isinstance(p.get("loss"), int | float):
         lines.append(f"loss {p['loss']:.4f}" + (f", eval loss {p['eval_loss']:.4f}"
                                                   if isinstance(p.get("eval_loss"), int | float) else ""))
     if j.get("error"):
-        lines.append(f"error: {j['error']}")
+        lines.append(f"Why: {plain_error(j['error'])}")
     r = j.get("result") or {}
     if r:
-        lines.append(f"**{r.get('status')}**: candidate {r.get('candidate')} — {r.get('reason')}")
+        lines.append(f"New model {r.get('candidate')}: {r.get('reason')}")
     return {"job": j, "bar": progress_html(float(p.get("fraction") or 0), label), "status": "\n\n".join(lines),
             "curve": _curve(d["loss_curve"]), "log": d["log"]}
 
@@ -195,6 +245,15 @@ def start_job(actions: AdminActions, user: User | None, steps: float | None, aut
 
 
 # ------------------------------------------------------------------------------------------ the tab
+def confirm_step(question: str, yes: str, no: str, name: str) -> tuple[gr.Row, gr.Button, gr.Button]:
+    """A hidden row that asks before a destructive action: the action runs only from its "yes" button."""
+    with gr.Row(visible=False, elem_id=f"{name}-ask", elem_classes="confirm-row") as row:
+        gr.Markdown(question)
+        yes_btn = gr.Button(yes, variant="stop", size="sm", elem_id=f"{name}-yes")
+        no_btn = gr.Button(no, size="sm", elem_id=f"{name}-no")
+    return row, yes_btn, no_btn
+
+
 def _default_get_user(services: Any) -> GetUser:
     def get(request: gr.Request) -> User | None:
         name = getattr(request, "username", None)
@@ -221,9 +280,20 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
             except PermissionError as e:
                 raise gr.Error(str(e), print_exception=False) from e
             except (ValueError, LookupError, RuntimeError) as e:
-                raise gr.Error(f"{type(e).__name__}: {e}", print_exception=False) from e
+                raise gr.Error(plain_error(str(e)), print_exception=False) from e
         run.__name__ = f"admin_{fn.__name__}"
         return run
+
+    def show_question(_user: User) -> gr.Row:
+        return gr.Row(visible=True)
+
+    def hide_question(_user: User) -> gr.Row:
+        return gr.Row(visible=False)
+
+    def ask(button: gr.Button, row: gr.Row, no_btn: gr.Button) -> None:
+        """The first click only shows the question; "no" hides it again (admins only, like the rest)."""
+        button.click(guarded(show_question), None, [row], **PRIVATE)
+        no_btn.click(guarded(hide_question), None, [row], **PRIVATE)
 
     gr.Markdown("## Self-improvement loop")
     refresh = gr.Button("Refresh", size="sm")
@@ -254,10 +324,14 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         auto = gr.Checkbox(True, label="Promote if the gate passes")
         synth_cb = gr.Checkbox(False, label="Generate synthetic pairs first")
         extra = gr.Textbox(label="More options (JSON: train / gate / build overrides)", placeholder='{"gate": {}}')
+    ready_md = gr.Markdown(elem_id="readiness")
     with gr.Row():
-        start_btn = gr.Button("Start retrain", variant="primary")
-        cancel_btn = gr.Button("Cancel", variant="stop")
+        start_btn = gr.Button("Start retrain", variant="primary", elem_id="retrain-start")
+        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="retrain-cancel")
         job_id = gr.Number(None, label="Job", precision=0, interactive=True)
+    cancel_row, cancel_yes, cancel_no = confirm_step(
+        "Cancel this retrain? It stops within seconds and the serving model stays as it is.",
+        "Yes, cancel it", "Keep it running", "cancel")
     bar = gr.HTML(progress_html(0, ""))
     status_md = gr.Markdown()
     curve = gr.LinePlot(None, x="step", y="value", color="series", title="Training loss", height=260)
@@ -272,8 +346,13 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         version_dd = gr.Dropdown(label="Version", choices=[], interactive=True)
         force = gr.Checkbox(False, label="Force (gate failed)")
         reason = gr.Textbox(label="Reason (recorded)")
-        promote_btn = gr.Button("Promote", variant="primary")
-        rollback_btn = gr.Button("Roll back", variant="stop")
+        promote_btn = gr.Button("Promote", variant="primary", elem_id="promote")
+        rollback_btn = gr.Button("Roll back", variant="stop", elem_id="rollback")
+    promote_row, promote_yes, promote_no = confirm_step(
+        "Serve the chosen version to everyone now? Roll back returns to the current one.",
+        "Yes, promote it", "Not now", "promote")
+    rollback_row, rollback_yes, rollback_no = confirm_step(
+        "Go back to the previous version for everyone now?", "Yes, roll back", "Not now", "rollback")
     swap_md = gr.Markdown()
 
     gr.Markdown("### Evaluation reports side by side")
@@ -312,7 +391,8 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         settings, state = schedule_values(actions, user)
         view = job_view(actions, user, int(current_job) if current_job else None)
         running = bool(view["job"] and view["job"]["status"] in ("queued", "running"))
-        return (counts_markdown(actions, user), gr.Dropdown(choices=names, value=names[0] if names else None),
+        return (counts_markdown(actions, user), readiness_markdown(actions, user),
+                gr.Dropdown(choices=names, value=names[0] if names else None),
                 frame, note, jobs_rows(actions, user), view["job"]["id"] if view["job"] else None, view["bar"],
                 view["status"], view["curve"], view["log"], gr.Timer(active=running), adf, asum,
                 gr.Dropdown(choices=versions, value=versions[0] if versions else None),
@@ -320,8 +400,8 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
                 gr.Dropdown(choices=versions, value=versions[0] if versions else None),
                 *[settings[k] for k in SCHEDULE_FIELDS], state)
 
-    all_outputs = [counts_md, ds_dd, preview_df, preview_note, jobs_df, job_id, bar, status_md, curve, log_box,
-                   timer, adapters_df, adapters_md, rep_a, rep_b, version_dd, *schedule_inputs, s_state]
+    all_outputs = [counts_md, ready_md, ds_dd, preview_df, preview_note, jobs_df, job_id, bar, status_md, curve,
+                   log_box, timer, adapters_df, adapters_md, rep_a, rep_b, version_dd, *schedule_inputs, s_state]
     refresh.click(guarded(load_all), [job_id], all_outputs, **PRIVATE)
     tab = gr.context.Context.block
     if isinstance(tab, gr.Tab):  # load when an admin opens the tab (ui/app.py builds us inside it)
@@ -356,18 +436,25 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
     watch_outputs = [bar, status_md, curve, log_box, timer, jobs_df]
 
     def start(user, n, auto_promote, with_synth, more):
-        job = start_job(actions, user, n, auto_promote, with_synth, more)
-        return (job["id"], *watch(user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user))
+        try:
+            job = start_job(actions, user, n, auto_promote, with_synth, more)
+        except NotReady as e:  # refused up front: say why where the job's status would be
+            skip = gr.skip()
+            return (skip, skip, "**Not started.** " + str(e), skip, skip, skip, skip,
+                    readiness_markdown(actions, user))
+        return (job["id"], *watch(user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user),
+                readiness_markdown(actions, user))
 
-    start_btn.click(guarded(start), [steps, auto, synth_cb, extra], [job_id, *watch_outputs], **PRIVATE)
+    start_btn.click(guarded(start), [steps, auto, synth_cb, extra], [job_id, *watch_outputs, ready_md], **PRIVATE)
 
     def cancel(user, jid):
         if not jid:
             raise ValueError("no job selected")
         actions.cancel_job(user, int(jid))
-        return watch(user, jid)
+        return (*watch(user, jid), gr.Row(visible=False))
 
-    cancel_btn.click(guarded(cancel), [job_id], watch_outputs, **PRIVATE)
+    ask(cancel_btn, cancel_row, cancel_no)
+    cancel_yes.click(guarded(cancel), [job_id], [*watch_outputs, cancel_row], **PRIVATE)
     timer.tick(guarded(watch), [job_id], watch_outputs, **PRIVATE)
 
     def pick_job(user, frame: pd.DataFrame, evt: gr.SelectData):
@@ -403,8 +490,18 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
     def rollback(user, why):
         return swapped(user, actions.rollback(user, why or None))
 
-    promote_btn.click(guarded(promote), [version_dd, force, reason], [swap_md, adapters_df, adapters_md], **PRIVATE)
-    rollback_btn.click(guarded(rollback), [reason], [swap_md, adapters_df, adapters_md], **PRIVATE)
+    def hide(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(user, *args):
+            return (*fn(user, *args), gr.Row(visible=False))
+        run.__name__ = fn.__name__
+        return run
+
+    ask(promote_btn, promote_row, promote_no)
+    ask(rollback_btn, rollback_row, rollback_no)
+    promote_yes.click(guarded(hide(promote)), [version_dd, force, reason],
+                      [swap_md, adapters_df, adapters_md, promote_row], **PRIVATE)
+    rollback_yes.click(guarded(hide(rollback)), [reason], [swap_md, adapters_df, adapters_md, rollback_row],
+                       **PRIVATE)
 
     def save(user, *values):
         msg = save_schedule(actions, user, *values)
