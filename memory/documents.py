@@ -19,6 +19,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Any
 
 SUPPORTED = {".txt": "text", ".md": "markdown", ".markdown": "markdown", ".pdf": "pdf", ".html": "html",
              ".htm": "html"}
@@ -31,6 +32,23 @@ _MAGIC = {b"%PDF-": "a PDF", b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG
 
 class IngestError(ValueError):
     """An upload that cannot be ingested; the message is meant for the person who uploaded it."""
+
+
+class DocumentTooLarge(IngestError):
+    """Past a per-document cap (extracted text, chunks): the HTTP ways in answer 413.
+
+    A small compressed file can expand to far more text than its size suggests (a PDF's content
+    streams are deflated), so the size limit on the upload alone does not bound the work.
+    """
+
+    status = 413
+    too_large = True  # what the ways in look for (assistant/actions/library.py maps it to TooLarge)
+
+
+# Decoded PDF content (page streams and the forms they draw) allowed per extracted character: text
+# operators take a few bytes per character, so a real document stays far below it, and pypdf's parser
+# is not asked to read megabytes of stream that could never fit under the text cap.
+PDF_STREAM_BYTES_PER_CHAR = 25
 
 
 @dataclass(frozen=True)
@@ -131,7 +149,51 @@ def _clean(text: str) -> str:
     return text.strip()
 
 
-def _pdf_text(data: bytes, filename: str) -> tuple[str, str | None]:
+def too_much_text(filename: str, max_chars: int, found: int | None = None) -> DocumentTooLarge:
+    amount = f"{found}" if found is not None else f"more than {max_chars}"
+    return DocumentTooLarge(f"'{filename}' holds {amount} characters of text; the limit per document is "
+                            f"{max_chars}. Split it into smaller documents.")
+
+
+def _stream_bytes(obj: Any, seen: set[int]) -> int:
+    """Decoded bytes of a page's content streams and of the form XObjects it draws (each once)."""
+    total = 0
+    contents = obj.get_contents() if hasattr(obj, "get_contents") else None
+    if contents is not None:
+        total += len(contents.get_data())
+    resources = obj.get("/Resources")
+    xobjects = resources.get_object().get("/XObject") if resources is not None else None
+    for ref in (xobjects.get_object().values() if xobjects is not None else ()):
+        form = ref.get_object()
+        key = getattr(ref, "idnum", id(form))
+        if key in seen or form.get("/Subtype") != "/Form":
+            continue
+        seen.add(key)
+        total += len(form.get_data()) + _stream_bytes(form, seen)
+    return total
+
+
+def _pdf_pages(reader: Any, filename: str, max_chars: int | None) -> list[str]:
+    """Each page's text, refusing (before pypdf parses it) a stream budget or text past `max_chars`."""
+    pages: list[str] = []
+    total = 0
+    budget = None if max_chars is None else max_chars * PDF_STREAM_BYTES_PER_CHAR
+    streams = 0
+    seen: set[int] = set()
+    for page in reader.pages:
+        if budget is not None:
+            streams += _stream_bytes(page, seen)
+            if streams > budget:
+                raise too_much_text(filename, max_chars)  # type: ignore[arg-type]
+        text = page.extract_text() or ""
+        total += len(text)
+        if max_chars is not None and total > max_chars:
+            raise too_much_text(filename, max_chars)
+        pages.append(text)
+    return pages
+
+
+def _pdf_text(data: bytes, filename: str, max_chars: int | None = None) -> tuple[str, str | None]:
     from pypdf import PdfReader
 
     if not data.startswith(b"%PDF-"):
@@ -142,7 +204,7 @@ def _pdf_text(data: bytes, filename: str) -> tuple[str, str | None]:
             raise IngestError(f"'{filename}' is password-protected; upload an unprotected copy")
         if len(reader.pages) == 0:
             raise IngestError(f"'{filename}' is a corrupt PDF: no readable pages")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = _pdf_pages(reader, filename, max_chars)
         meta_title = reader.metadata.title if reader.metadata else None
     except IngestError:
         raise
@@ -167,8 +229,10 @@ def _markdown_title(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def extract(filename: str, data: bytes, max_bytes: int, title: str | None = None) -> Extracted:
-    """Check and read one upload; raises `IngestError` for anything that is not a usable document."""
+def extract(filename: str, data: bytes, max_bytes: int, title: str | None = None,
+            max_chars: int | None = None) -> Extracted:
+    """Check and read one upload; raises `IngestError` for anything that is not a usable document
+    (`DocumentTooLarge` when its text passes `max_chars`, found while extracting, not after)."""
     stem, suffix = check_filename(filename)
     if not isinstance(data, (bytes, bytearray)):
         raise IngestError(f"'{filename}': expected the file's bytes, got {type(data).__name__}")
@@ -176,13 +240,15 @@ def extract(filename: str, data: bytes, max_bytes: int, title: str | None = None
     kind = SUPPORTED[suffix]
     found_title: str | None
     if kind == "pdf":
-        raw, found_title = _pdf_text(bytes(data), filename)
+        raw, found_title = _pdf_text(bytes(data), filename, max_chars)
     elif kind == "html":
         raw, found_title = _html_text(bytes(data), filename)
     else:
         raw = decode_text(bytes(data), filename)
         found_title = _markdown_title(raw) if kind == "markdown" else None
     text = _clean(raw)
+    if max_chars is not None and len(text) > max_chars:
+        raise too_much_text(filename, max_chars, len(text))
     if not text:
         hint = " (a scanned PDF has no text layer; OCR it first)" if kind == "pdf" else ""
         raise IngestError(f"'{filename}' contains no text{hint}")

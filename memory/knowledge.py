@@ -39,7 +39,15 @@ from urllib.parse import urlparse
 from chromadb import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import register_embedding_function
 
-from memory.documents import Chunk, Extracted, IngestError, check_size, chunk_document, extract
+from memory.documents import (
+    Chunk,
+    DocumentTooLarge,
+    Extracted,
+    IngestError,
+    check_size,
+    chunk_document,
+    extract,
+)
 from memory.embedder import Embedder, get_embedder
 from memory.lexical import LexicalIndex
 from memory.types import User
@@ -47,7 +55,8 @@ from memory.types import User
 if TYPE_CHECKING:
     from assistant.config import Settings  # type only: memory/ never imports assistant/ at runtime
 
-__all__ = ["DocumentInfo", "DocumentNotFound", "Hit", "IngestError", "KnowledgeBase", "KnowledgeError", "StoredChunk"]
+__all__ = ["DocumentInfo", "DocumentNotFound", "DocumentTooLarge", "Hit", "IngestError", "KnowledgeBase",
+           "KnowledgeError", "StoredChunk"]
 
 log = logging.getLogger(__name__)
 
@@ -294,10 +303,12 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ writes
     def ingest(self, user: User, filename: str, data: bytes, scope: Scope = "private", title: str | None = None,
                progress: ProgressFn | None = None) -> DocumentInfo:
-        """Check, chunk, embed and store one upload. Raises `IngestError`; on any failure nothing stays stored."""
+        """Check, chunk, embed and store one upload. Raises `IngestError` (`DocumentTooLarge` past the
+        per-document caps on text and chunks); on any failure nothing stays stored."""
         if scope not in ("private", "shared"):
             raise IngestError(f"scope must be 'private' or 'shared', got {scope!r}")
-        doc = extract(filename, data, self.settings.upload_max_bytes, title)
+        doc = extract(filename, data, self.settings.upload_max_bytes, title,
+                      max_chars=self.settings.max_document_chars)
         return self._store(user, doc, scope, progress)
 
     def ingest_path(self, user: User, path: str | Path, scope: Scope = "private",
@@ -322,6 +333,10 @@ class KnowledgeBase:
             report(0.0, "chunking")
             chunks = chunk_document(doc.text, self.embedder.token_offsets, self.settings.chunk_tokens,
                                     self.settings.chunk_overlap)
+            if len(chunks) > self.settings.max_document_chunks:  # checked before anything is written
+                raise DocumentTooLarge(
+                    f"'{doc.filename}' makes {len(chunks)} chunks; the limit per document is "
+                    f"{self.settings.max_document_chunks}. Split it into smaller documents.")
             doc_id = "d" + uuid.uuid4().hex[:15]
             base = document_metadata(doc_id, doc.title, doc.filename, doc.kind, scope, user.id, len(chunks),
                                      doc.size, doc.sha256, time.time())
