@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from assistant.actions.library import Library
 from assistant.actions.users import UserAdmin
@@ -112,6 +113,12 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     # No Swagger/ReDoc pages: they load scripts from a CDN. The schema stays at /openapi.json.
     app = FastAPI(title="Self-improving assistant", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.services = services
+    # Our own CORS policy: no origin but the page's own unless configured, and never with credentials.
+    # Gradio adds none of its own (it allowed credentialed requests from any localhost origin) when the
+    # host app has one.
+    app.add_middleware(CORSMiddleware, allow_origins=services.settings.cors_origins, allow_credentials=False,
+                       allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"], allow_headers=["Authorization",
+                                                                                           "Content-Type"])
     create_api(app, services.store, services.chat)
     install_admin(app, services)  # /v1/admin/...: the retraining loop's admin actions
     knowledge = services.extras.get("knowledge")

@@ -45,6 +45,7 @@ from tests.helpers import free_port
 from ui import admin as adm
 from ui import handlers as h
 from ui.auth import gradio_sub_app
+from ui.uploads import Received
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "zebra-marker-4471"  # planted in the owner's conversation; must never show up for anyone else
@@ -537,7 +538,7 @@ def _own_library(world: World) -> dict:
     stamp = time.time_ns()
     path = world.services.settings.home / f"notes-{stamp}.md"
     path.write_text(f"# Private notes\n\nThe vault code word is {MARKER} ({stamp}). Lumen Desk costs 8 dollars.\n")
-    [res] = lib.upload_documents(world.services, owner, [path])
+    [res] = lib.upload_documents(world.services, owner, [Received(path.name, path.read_bytes())])
     assert res.ok, res.message
     mem = lib.add_memory(world.services, owner, f"My favourite code word is {MARKER}-{time.time_ns()}")
     return {"doc": res.document.doc_id, "mem": mem.id}
@@ -552,7 +553,23 @@ def _upload_own(w: World, u: Any, r: dict):
 
     path = w.services.settings.home / f"own-{u.id}-{time.time_ns()}.md"
     path.write_text(f"# Notes of user {u.id}\n\nNothing secret here, {time.time_ns()}.\n")
-    return lib.upload_documents(w.services, u, [path])
+    return lib.upload_documents(w.services, u, [Received(path.name, path.read_bytes())])
+
+
+def _receive_owner_upload(w: World, u: Any, r: dict):
+    """A file the owner uploaded through the page, named by someone else, is refused and stays."""
+    from ui import library as lib
+    from ui.uploads import PageUploads
+
+    uploads = PageUploads(w.services.settings.uploads_dir / "matrix")
+    uploads.start()
+    path = uploads.folder / "x" / "owner-notes.md"
+    path.parent.mkdir()
+    path.write_text(f"secret {MARKER}")
+    uploads.received(w.users["owner"].username, [str(path)])
+    out = lib.receive_uploads(uploads, u, [str(path)])
+    assert path.exists() == (u.id != w.users["owner"].id)  # taken (read and deleted) only by its uploader
+    return out
 
 
 def _library_rows() -> dict[str, HRow]:
@@ -566,6 +583,8 @@ def _library_rows() -> dict[str, HRow]:
         "upload_documents": HRow(_upload_own, shared=True,
                                  check_other=lambda out, r: all(x.ok and x.document.doc_id != r["doc"] for x in out)),
         "delete_document": HRow(lambda w, u, r: lib.delete_document(w.services, u, r["doc"])),
+        "receive_uploads": HRow(_receive_owner_upload, shared=True,
+                                check_other=lambda out, r: out[0] == [] and len(out[1]) == 1 and not out[1][0].ok),
         "memory_rows": HRow(lambda w, u, r: lib.memory_rows(w.services, u), shared=True,
                             check_other=lambda out, r: all(row[0] != r["mem"] for row in out)
                             and MARKER not in json.dumps(out, default=str)),
@@ -613,8 +632,10 @@ def test_only_admins_add_team_documents(world: World):
     path.write_text("# Team notes\n\nShared with everyone.\n")
     for role in ("owner", "other"):
         with pytest.raises(h.UiError, match="only admins"):
-            lib.upload_documents(world.services, world.users[role], [path], scope="shared")
-    [res] = lib.upload_documents(world.services, world.users["admin"], [path], scope="shared")
+            lib.upload_documents(world.services, world.users[role], [Received(path.name, path.read_bytes())],
+                                 scope="shared")
+    [res] = lib.upload_documents(world.services, world.users["admin"], [Received(path.name, path.read_bytes())],
+                                 scope="shared")
     assert res.ok
     # Everyone reads a team document; only its uploader or an admin deletes it.
     assert res.document.doc_id in json.dumps(lib.document_rows(world.services, world.users["other"]))

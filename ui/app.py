@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -24,9 +25,10 @@ from fastapi import FastAPI
 from assistant.server import Services
 from memory.types import REASON_TAGS
 from ui import handlers as h
-from ui.auth import LoginThrottle, UiGuard, make_login
+from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
 from ui.library import build_documents_tab, build_memory_tab
 from ui.render import safe_markdown
+from ui.uploads import PageUploads
 
 CSS = """
 #conversations label { white-space: normal; overflow-wrap: anywhere; }
@@ -59,8 +61,9 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def build_blocks(services: Services) -> gr.Blocks:
+def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.Blocks:
     """The page. Separate from `mount_ui` so it can be inspected without serving it."""
+    uploads = uploads or PageUploads(page_upload_dir(services))
     active = h.ActiveReplies()
     skip = gr.skip
 
@@ -124,7 +127,7 @@ def build_blocks(services: Services) -> gr.Blocks:
                             with gr.Column():
                                 b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
                                 pick_b = gr.Button("B is better", elem_id="pick-b", interactive=False)
-            build_documents_tab(services, demo)
+            build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 if importlib.util.find_spec("ui.admin") is not None:
@@ -329,7 +332,13 @@ def build_blocks(services: Services) -> gr.Blocks:
 def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     """Mount the page at "/" behind a login checked against the user store."""
     host_routes = list(app.router.routes)  # the API, registered before the UI
-    demo = build_blocks(services)
+    uploads = PageUploads(page_upload_dir(services))
+    uploads.start()
+    demo = build_blocks(services, uploads)
+    # Uploads and Gradio's cache live under the home folder, in one place the guard watches. Each
+    # component keeps its own cache folder (Gradio's temp folder by default).
+    for block in [demo, *demo.blocks.values()]:
+        block.GRADIO_CACHE = str(uploads.folder)
     app = gr.mount_gradio_app(
         app, demo, path="/",
         auth=make_login(services.store, LoginThrottle()),
@@ -340,9 +349,14 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
         max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
         css=CSS,
     )
+    gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)
     quiet_queue(demo)
-    app.add_middleware(UiGuard, host_app=app, host_routes=host_routes)
+    app.add_middleware(UiGuard, host_app=app, host_routes=host_routes, uploads=uploads)
     return app
+
+
+def page_upload_dir(services: Services) -> Path:
+    return services.settings.uploads_dir / "page"
 
 
 # Gradio's queue polls for new events every 1 ms (10 ms for progress) on the server's event loop,

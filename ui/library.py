@@ -26,6 +26,7 @@ import gradio as gr
 from memory.types import User
 from ui.handlers import NotLoggedIn, UiError, resolve_user
 from ui.render import excerpt, safe_markdown
+from ui.uploads import PageUploads, Received, UploadRefused
 
 if TYPE_CHECKING:
     from assistant.server import Services
@@ -76,13 +77,14 @@ class UploadResult:
     document: DocumentInfo | None = None
 
 
-def upload_documents(services: Services, user: User, paths: Sequence[str | Path] | None, scope: str = "private",
+def upload_documents(services: Services, user: User, files: Sequence[Received] | None, scope: str = "private",
                      progress: Callable[[float, str], None] | None = None) -> list[UploadResult]:
-    """Ingest each file; a refused file gets its reason and the rest still go in."""
+    """Ingest each received file (its name and bytes, never a path); a refused file gets its reason and
+    the rest still go in."""
     from memory.documents import IngestError
 
     kb = knowledge(services)
-    if not paths:
+    if not files:
         raise UiError("choose one or more files first")
     if scope not in ("private", "shared"):
         raise UiError("choose who may see the documents")
@@ -90,21 +92,31 @@ def upload_documents(services: Services, user: User, paths: Sequence[str | Path]
         raise UiError("only admins add team documents; yours stay private")
     report = progress or (lambda _f, _m: None)
     results: list[UploadResult] = []
-    for i, raw in enumerate(paths):
-        path = Path(raw)
-        name = path.name
-
-        def step(frac: float, msg: str, i: int = i, name: str = name) -> None:
-            report((i + frac) / len(paths), f"{name}: {msg}")
+    for i, f in enumerate(files):
+        def step(frac: float, msg: str, i: int = i, name: str = f.filename) -> None:
+            report((i + frac) / len(files), f"{name}: {msg}")
 
         try:
-            info = kb.ingest_path(user, path, scope=scope, progress=step)  # type: ignore[arg-type]
+            info = kb.ingest(user, f.filename, f.data, scope=scope, progress=step)  # type: ignore[arg-type]
         except IngestError as e:
-            results.append(UploadResult(name, False, str(e)))
+            results.append(UploadResult(f.filename, False, str(e)))
             continue
-        results.append(UploadResult(name, True, f"added as '{info.title}' ({info.chunks} chunks)", info))
+        results.append(UploadResult(f.filename, True, f"added as '{info.title}' ({info.chunks} chunks)", info))
     report(1.0, "done")
     return results
+
+
+def receive_uploads(uploads: PageUploads, user: User, paths: Sequence[str] | None) -> tuple[list[Received],
+                                                                                           list[UploadResult]]:
+    """The files of a page event: only those this login uploaded (each read once, then deleted)."""
+    received: list[Received] = []
+    refused: list[UploadResult] = []
+    for raw in paths or []:
+        try:
+            received.append(uploads.take(user.username, str(raw)))
+        except UploadRefused as e:
+            refused.append(UploadResult(Path(str(raw)).name, False, str(e)))
+    return received, refused
 
 
 def upload_summary(results: list[UploadResult]) -> str:
@@ -202,7 +214,7 @@ def _user(services: Services, request: gr.Request) -> User:
         raise gr.Error(e.message) from e
 
 
-def build_documents_tab(services: Services, demo: gr.Blocks) -> None:
+def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
     with gr.Tab("Documents", id="documents"):
         if "knowledge" not in services.extras:
             gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
@@ -235,12 +247,16 @@ def build_documents_tab(services: Services, demo: gr.Blocks) -> None:
 
     def on_upload(paths, where, request: gr.Request, progress=gr.Progress()):
         user = _user(services, request)
+        received, refused = receive_uploads(uploads, user, paths)
+        if not received:
+            return gr.skip(), gr.skip(), safe_markdown(
+                upload_summary(refused) if refused else "choose one or more files first"), None
         try:
-            results = upload_documents(services, user, paths, where or "private",
+            results = upload_documents(services, user, received, where or "private",
                                        lambda f, m: progress(f, desc=m))
         except UiError as e:
-            return gr.skip(), gr.skip(), safe_markdown(e.message), gr.skip()
-        return (*refresh(user), upload_summary(results), None)
+            return gr.skip(), gr.skip(), safe_markdown(e.message), None
+        return (*refresh(user), upload_summary(refused + results), None)
 
     upload_btn.click(on_upload, [files, scope], [table, pick, status, files], **PRIVATE)
 
