@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from assistant.api import ApiError, user_from_key
@@ -45,6 +45,10 @@ class LoginRequired(PermissionError):
 
 class AdminRequired(PermissionError):
     """A logged-in user who is not an admin."""
+
+
+class AdapterInUse(RuntimeError):
+    """The adapter is the one the chat serves (409)."""
 
 
 def require_admin(user: User | None) -> User:
@@ -225,6 +229,27 @@ class AdminActions:
         return {"serving": res.version, "previous": res.previous, "event_id": res.event_id,
                 "hot_swapped": res.loaded, "seconds": res.seconds}
 
+    # ------------------------------------------------------------------ LoRA adapters of the model server
+    def load_lora_adapter(self, user: User | None, name: str, path: str) -> str:
+        """vLLM's dynamic LoRA contract: load the folder `path` (on this server) under a NEW name.
+
+        A name that is already served is refused, as vLLM does: roll out a new version under a new
+        name, switch callers, then unload the old one (`runtime.OpenAIBackend` does exactly that)."""
+        require_admin(user)
+        backend = self.services.backend
+        if backend.has_adapter(name):
+            raise ValueError(f"the lora adapter {name!r} has already been loaded; use a new name")
+        backend.load_adapter(name, Path(path))  # ValueError: bad name; AdapterLoadError: bad folder
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def unload_lora_adapter(self, user: User | None, name: str) -> str:
+        """Unload `name` once its last request has finished. The adapter the chat serves is refused."""
+        require_admin(user)
+        if name == self.services.chat.serving_adapter:
+            raise AdapterInUse(f"{name!r} is the serving adapter; promote or roll back to another one first")
+        self.services.backend.unload_adapter(name)  # UnknownAdapter (404) when not loaded
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
     # ------------------------------------------------------------------ schedule
     def get_schedule(self, user: User | None) -> dict[str, Any]:
         require_admin(user)
@@ -264,6 +289,15 @@ class PromoteIn(StrictBody):
 
 class RollbackIn(StrictBody):
     reason: str | None = Field(None, max_length=2000)
+
+
+class LoadLoraIn(BaseModel):  # vLLM's body; vLLM ignores fields it does not know, so do we
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoraIn(BaseModel):
+    lora_name: str = Field(min_length=1, max_length=128)
 
 
 def _api_admin(request: Request) -> User:
@@ -375,6 +409,22 @@ def build_admin_router() -> APIRouter:
     return r
 
 
+def build_lora_router() -> APIRouter:
+    """vLLM's runtime LoRA endpoints (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), admin only,
+    so that `runtime.OpenAIBackend` drives this server as it drives vLLM. Plain-text answers, as vLLM."""
+    r = APIRouter(prefix="/v1", dependencies=[Depends(_api_admin)])
+
+    @r.post("/load_lora_adapter", response_class=PlainTextResponse)
+    def load_lora(body: LoadLoraIn, user: Admin, a: Actions) -> str:
+        return _call(a.load_lora_adapter, user, body.lora_name, body.lora_path)
+
+    @r.post("/unload_lora_adapter", response_class=PlainTextResponse)
+    def unload_lora(body: UnloadLoraIn, user: Admin, a: Actions) -> str:
+        return _call(a.unload_lora_adapter, user, body.lora_name)
+
+    return r
+
+
 def install_admin(app: FastAPI, services: Any) -> AdminActions:
     """Add the admin routes to `app` and keep the actions in ``services.extras["admin"]`` (the UI uses them)."""
     actions = services.extras.get("admin")
@@ -382,4 +432,5 @@ def install_admin(app: FastAPI, services: Any) -> AdminActions:
         actions = services.extras["admin"] = AdminActions(services)
     app.state.admin = actions
     app.include_router(build_admin_router())
+    app.include_router(build_lora_router())
     return actions
