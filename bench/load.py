@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # `python bench/load.py` puts bench/ first on the path, where bench/datasets.py would shadow `datasets`.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench.serving import free_port, prepare_model, start_server  # noqa: E402
+from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
 
 QUESTIONS = [
     "What does Lumen Desk do?",

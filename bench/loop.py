@@ -55,7 +55,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench.serving import free_port, prepare_model, start_server  # noqa: E402
+from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
 
 QA_FILE = Path(__file__).with_name("loop_qa.json")
 PRODUCT = "lumen desk"

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.loop import QA_FILE, Api, examine, share, user_session  # noqa: E402
-from bench.serving import free_port, start_server  # noqa: E402
+from bench.server_process import free_port, start_server  # noqa: E402
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Start-up shared by the benchmarks that drive `assistant serve` as a separate process (load.py, loop.py).
 
-Imported as `bench.serving`: those scripts put the project root first on `sys.path`.
+Imported as `bench.server_process`: those scripts put the project root first on `sys.path`.
 """
 
 from __future__ import annotations
