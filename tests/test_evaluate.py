@@ -9,6 +9,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,70 +44,132 @@ TRAIN, VALID, HELD_OUT = CAPITALS[:24], CAPITALS[24:27], CAPITALS[27:]
 JUNK = "zork blip quax fnord vreem snark plob gribble wux trazz yonk fleem".split()
 
 
-def mm(label: str, adapter: str | None = "x", **values: float) -> ModelMetrics:
+def mm(label: str, adapter: str | None = "x", **values) -> ModelMetrics:
     return ModelMetrics(label=label, adapter=adapter, **values)
 
 
+def scores(right: int, wrong: int) -> list[float]:
+    return [1.0] * right + [0.0] * wrong
+
+
+def grounding(items: list[float]) -> dict:
+    """ModelMetrics fields for held-out document questions scored `items` (one score per question)."""
+    return {"grounded": sum(items) / len(items), "grounded_scores": items}
+
+
+def flip(items: list[float], lose: range = range(0), win: range = range(0)) -> list[float]:
+    out = items[:]
+    for i in lose:
+        out[i] = 0.0
+    for i in win:
+        out[i] = 1.0
+    return out
+
+
+GENERAL = {"general_ppl": 10.0, "general_qa": 0.5, "general_qa_scores": scores(60, 60)}
+
+
 # ---------------------------------------------------------------------------------------------- rules
-def test_gain_without_regression_passes() -> None:
-    base = mm("base", None, val_loss=2.0, general_ppl=10.0, general_qa=0.9)
-    serving = mm("baseline", val_loss=1.5, pref_accuracy=0.6, general_ppl=10.5, general_qa=0.9)
-    cand = mm("candidate", val_loss=1.4, pref_accuracy=0.62, general_ppl=10.9, general_qa=0.9)
-    d = decide(cand, serving, base, GateConfig())
-    # val loss 1.5 -> 1.4 is 6.7% better (>= 1%); pref +0.02 is no gain but within tolerance;
-    # general ppl +3.8% vs serving and +9% vs base (<= 10%); general questions unchanged.
-    assert d.passed and d.gains == ["val_loss"] and d.skipped == ["grounded"], d.reason
+def test_a_significant_grounded_gain_without_regression_passes() -> None:
+    serving_q = scores(10, 14)
+    cand_q = flip(serving_q, win=range(10, 16))  # won 6, lost 0: p = 0.016
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", val_loss=1.5, **grounding(serving_q), **GENERAL)
+    cand = mm("candidate", val_loss=1.52, **grounding(cand_q), **GENERAL)  # 1.3% worse: within 2%
+    d = decide(cand, serving, base, GateConfig(min_sft_rows=0))
+    assert d.passed and d.gains == ["grounded"] and not d.declined, d.reason
+    gain = next(c for c in d.checks if c.name == "grounded gain")
+    assert "won 6, lost 0, p = 0.016" in gain.detail
     assert {c.name for c in d.checks if c.kind == "forgetting"} == {
         "general perplexity vs baseline", "general questions vs baseline", "general perplexity vs base",
         "general questions vs base"}
+    assert any("grounded on 24 held-out questions: one item is 4.2 points; a gain needs at least 5 wins" in n
+               for n in d.power), d.power
+    assert any("a net loss of 2 or more (8.3 points) is refused" in n for n in d.power), d.power
+
+
+def test_held_out_loss_alone_is_no_reason_to_promote() -> None:
+    # Issue 26: both promotions of a loop run rested on held-out loss over 2-3 conversations.
+    serving_q = scores(12, 12)
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", val_loss=1.5, val_rows=40, **grounding(serving_q), **GENERAL)
+    cand = mm("candidate", val_loss=1.0, val_rows=40, **grounding(serving_q), **GENERAL)
+    d = decide(cand, serving, base, GateConfig())
+    assert not d.passed and d.reason == "no significant gain on grounded", d.reason
+    # A rise that is not significant is no gain either: won 3, lost 0 (p = 0.125).
+    d = decide(mm("candidate", **grounding(flip(serving_q, win=range(12, 15))), **GENERAL), serving, base,
+               GateConfig())
+    assert not d.passed and "won 3, lost 0, p = 0.125" in next(c.detail for c in d.checks if c.kind == "gain")
+
+
+def test_a_candidate_that_loses_held_out_grounding_is_refused_whatever_else_improved() -> None:
+    # Issue 26, cycle 2: the gate's grounded score fell 0.625 -> 0.500 on 16 questions (lost 3, won 1) and passed
+    # as "not significant" while held-out loss improved; users lost a quarter of their paraphrased answers.
+    serving_q = scores(10, 6)
+    cand_q = flip(serving_q, lose=range(3), win=range(10, 11))
+    assert (sum(serving_q), sum(cand_q)) == (10, 8)
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", val_loss=1.5, val_rows=40, liked_correct=0.5, liked_correct_scores=scores(10, 10),
+                 **grounding(serving_q), **GENERAL)
+    cand = mm("candidate", val_loss=1.0, val_rows=40, liked_correct=0.9, liked_correct_scores=scores(18, 2),
+              **grounding(cand_q), **GENERAL)
+    d = decide(cand, serving, base, GateConfig())
+    assert "liked_correct" in d.gains  # a significant gain elsewhere does not buy a grounding loss
+    assert not d.passed and not d.declined
+    assert d.reason.startswith("regression: grounded no regression (worse by 0.125; won 1, lost 3"), d.reason
+    # One net answer of 20 (0.05) is within the stated tolerance; two are not.
+    twenty = scores(12, 8)
+    one = decide(mm("candidate", **grounding(flip(twenty, lose=range(1))), liked_correct=0.9,
+                    liked_correct_scores=scores(18, 2), **GENERAL),
+                 mm("baseline", **grounding(twenty), liked_correct=0.5, liked_correct_scores=scores(10, 10),
+                    **GENERAL), base, GateConfig())
+    assert one.passed, one.reason
+    two = decide(mm("candidate", **grounding(flip(twenty, lose=range(2))), liked_correct=0.9,
+                    liked_correct_scores=scores(18, 2), **GENERAL),
+                 mm("baseline", **grounding(twenty), liked_correct=0.5, liked_correct_scores=scores(10, 10),
+                    **GENERAL), base, GateConfig())
+    assert not two.passed and "grounded no regression" in two.reason
+
+
+def test_a_gate_with_too_little_held_out_data_declines_to_decide() -> None:
+    # Six held-out document questions (the loop's teacher held out 6 in run R): a loss could not be told apart.
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", val_loss=1.5, val_rows=3, **grounding(scores(3, 3)), **GENERAL)
+    cand = mm("candidate", val_loss=0.9, val_rows=3, **grounding(scores(6, 0)), **GENERAL)
+    d = decide(cand, serving, base, GateConfig())
+    assert not d.passed and d.declined and d.gains == []
+    assert d.reason.startswith("declined to decide: held-out grounding cannot be judged (grounded: 6 held-out "
+                               "questions, fewer than 16)"), d.reason
+    assert "val_loss: 3 conversations, fewer than 8" in d.too_small
+    # Without documents grounding is only not measured; then too few pairs for liked-and-correct declines.
+    d = decide(mm("candidate", pref_accuracy=1.0, pref_scores=scores(5, 0), liked_correct=1.0,
+                  liked_correct_scores=scores(5, 0), **GENERAL),
+               mm("baseline", pref_accuracy=0.2, pref_scores=scores(1, 4), liked_correct=0.2,
+                  liked_correct_scores=scores(1, 4), **GENERAL), base, GateConfig())
+    assert not d.passed and d.declined and d.skipped == ["val_loss", "grounded"], d.reason
+    assert d.reason.startswith("declined to decide: no gain metric has enough held-out data (pref_accuracy: 5 "
+                               "pairs, fewer than 12; liked_correct: 5 pairs, fewer than 12"), d.reason
+    # The report says so.
+    from training.gate_report import render_markdown
+    md = render_markdown({"candidate": "v0002", "baseline": "v0001", "base_model": "m", "eval_set": {},
+                          "seconds": 1.0, "created_at": "now", "gate": {}, "metrics": {},
+                          "decision": {**asdict(d), "checks": []}})
+    assert "**Decision: DECLINED**" in md and "Not judged (too little held-out data): pref_accuracy: 5 pairs" in md
 
 
 def test_one_lost_general_question_fails_by_default() -> None:
     # With the old 16-question suite one lost question (0.0625) passed the old tolerance of 0.10 in a
     # loop run ("Italie is the capital of Italy"); the default refuses a drop over 1 point.
-    base = mm("base", None, general_ppl=10.0, general_qa=1.0)
-    serving = mm("baseline", val_loss=1.5, general_ppl=10.0, general_qa=1.0)
-    cand = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=15 / 16)
-    d = decide(cand, serving, base, GateConfig())
-    assert not d.passed and "general questions vs base (-0.062)" in d.reason, d.reason
-    assert decide(cand, serving, base, GateConfig(general_qa_tolerance=0.10)).passed
-    # With the shipped 120 questions: a net loss of one passes (-0.8 points), two do not (-1.7).
-    base_120 = mm("base", None, general_ppl=10.0, general_qa=67 / 120)
-    serving_120 = mm("baseline", val_loss=1.5, general_ppl=10.0, general_qa=67 / 120)
-    one = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=66 / 120)
-    two = mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=65 / 120)
+    win = grounding(flip(scores(10, 14), win=range(10, 16)))
+    serving_g = grounding(scores(10, 14))
+    base_120 = mm("base", None, general_ppl=10.0, general_qa=67 / 120, general_qa_scores=scores(67, 53))
+    serving_120 = mm("baseline", **serving_g, general_ppl=10.0, general_qa=67 / 120, general_qa_scores=scores(67, 53))
+    one = mm("candidate", **win, general_ppl=10.0, general_qa=66 / 120, general_qa_scores=scores(66, 54))
+    two = mm("candidate", **win, general_ppl=10.0, general_qa=65 / 120, general_qa_scores=scores(65, 55))
     assert decide(one, serving_120, base_120, GateConfig()).passed
     d = decide(two, serving_120, base_120, GateConfig())
     assert not d.passed and "general questions vs base (-0.017)" in d.reason, d.reason
-
-
-def test_a_grounded_drop_must_be_significant_too() -> None:
-    # Session 8, variant B of the loop bench: the serving adapter had 11 of the gate's 16 document
-    # questions right, the candidate 9 (lost 3, won 1: p = 0.31), with preference accuracy up. The plain
-    # 0.10 tolerance refused it; the examiners' 24 held-out questions had both at 50 %.
-    serving_q = scores(11, 5)
-    cand_q = [0.0, 0.0, 0.0] + serving_q[3:11] + [1.0] + serving_q[12:]
-    assert (sum(serving_q), sum(cand_q)) == (11, 9) and sign_test(cand_q, serving_q)[:2] == (3, 1)
-    base = mm("base", None, general_ppl=10.0, general_qa=0.5)
-    serving = mm("baseline", pref_accuracy=0.5, grounded=11 / 16, grounded_scores=serving_q, general_ppl=10.0,
-                 general_qa=0.5)
-    cand = mm("candidate", pref_accuracy=0.625, grounded=9 / 16, grounded_scores=cand_q, general_ppl=10.0,
-              general_qa=0.5)
-    d = decide(cand, serving, base, GateConfig())
-    check = next(c for c in d.checks if c.name == "grounded no regression")
-    assert d.passed and check.passed and "lost 3, won 1, p = 0.312" in check.detail, d.reason
-    assert not decide(cand, serving, base, GateConfig(grounded_significance=0)).passed
-    # Five lost and none won is significant (p = 0.031): refused.
-    clear = [0.0] * 5 + serving_q[5:]
-    d = decide(mm("candidate", pref_accuracy=0.625, grounded=6 / 16, grounded_scores=clear, general_ppl=10.0,
-                  general_qa=0.5), serving, base, GateConfig())
-    assert not d.passed and "grounded no regression (worse by 0.312; lost 5, won 0, p = 0.031)" in d.reason, d.reason
-    with pytest.raises(ValueError, match="grounded_significance must be a number in"):
-        GateConfig(grounded_significance=1.5).validate()
-
-
-def scores(right: int, wrong: int) -> list[float]:
-    return [1.0] * right + [0.0] * wrong
+    assert decide(two, serving_120, base_120, GateConfig(general_qa_tolerance=0.02)).passed
 
 
 def test_general_questions_against_the_serving_adapter_need_a_significant_drop() -> None:
@@ -114,67 +177,57 @@ def test_general_questions_against_the_serving_adapter_need_a_significant_drop()
     # lost 5, won 10), candidate v0002 62: against v0001 it lost 9 and won 3 (p = 0.073), against the
     # base it is one question down. The old rule refused it for the 5-point drop against v0001.
     base_q = scores(63, 57)
-    serving_q = base_q[:]
-    for i in range(5):
-        serving_q[i] = 0.0  # lost 5 of the base's
-    for i in range(63, 73):
-        serving_q[i] = 1.0  # won 10
-    cand_q = serving_q[:]
-    for i in range(5, 14):
-        cand_q[i] = 0.0  # lost 9 of the serving adapter's
-    for i in range(73, 76):
-        cand_q[i] = 1.0  # won 3
+    serving_q = flip(base_q, lose=range(5), win=range(63, 73))
+    cand_q = flip(serving_q, lose=range(5, 14), win=range(73, 76))
     assert (sum(base_q), sum(serving_q), sum(cand_q)) == (63, 68, 62)
     assert sign_test(cand_q, serving_q) == (9, 3, pytest.approx(299 / 4096))
+    serving_g, win = grounding(scores(10, 14)), grounding(flip(scores(10, 14), win=range(10, 16)))
     base = mm("base", None, general_ppl=10.0, general_qa=63 / 120, general_qa_scores=base_q)
-    serving = mm("baseline", grounded=0.5, general_ppl=10.0, general_qa=68 / 120, general_qa_scores=serving_q)
-    cand = mm("candidate", grounded=0.6, general_ppl=10.0, general_qa=62 / 120, general_qa_scores=cand_q)
+    serving = mm("baseline", **serving_g, general_ppl=10.0, general_qa=68 / 120, general_qa_scores=serving_q)
+    cand = mm("candidate", **win, general_ppl=10.0, general_qa=62 / 120, general_qa_scores=cand_q)
     d = decide(cand, serving, base, GateConfig())
     assert d.passed, d.reason
     check = next(c for c in d.checks if c.name == "general questions vs baseline")
     assert check.passed and "lost 9, won 3, p = 0.073" in check.detail
     assert not decide(cand, serving, base, GateConfig(general_qa_significance=0)).passed
     # A one-sided drop of the same size is significant (lost 6, won 0: p = 0.016) and refused.
-    clear = serving_q[:]
-    for i in range(5, 11):
-        clear[i] = 0.0
-    d = decide(mm("candidate", grounded=0.6, general_ppl=10.0, general_qa=62 / 120, general_qa_scores=clear),
+    clear = flip(serving_q, lose=range(5, 11))
+    d = decide(mm("candidate", **win, general_ppl=10.0, general_qa=62 / 120, general_qa_scores=clear),
                serving, base, GateConfig())
     assert not d.passed and "general questions vs baseline (-0.050; lost 6, won 0, p = 0.016)" in d.reason
     # Against the base model the line stays hard: two questions down is refused however noisy.
-    two_down = cand_q[:]
-    two_down[73] = 0.0
-    d = decide(mm("candidate", grounded=0.6, general_ppl=10.0, general_qa=61 / 120, general_qa_scores=two_down),
+    two_down = flip(cand_q, lose=range(73, 74))
+    d = decide(mm("candidate", **win, general_ppl=10.0, general_qa=61 / 120, general_qa_scores=two_down),
                serving, base, GateConfig())
     assert not d.passed and "general questions vs base (-0.017)" in d.reason, d.reason
 
 
 def test_regression_beyond_tolerance_fails_even_with_a_gain() -> None:
-    base = mm("base", None, general_ppl=10.0, general_qa=0.9)
-    serving = mm("baseline", val_loss=1.5, pref_accuracy=0.8, general_ppl=10.0, general_qa=0.9)
-    cand = mm("candidate", val_loss=1.2, pref_accuracy=0.7, general_ppl=10.0, general_qa=0.9)
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", pref_accuracy=0.8, pref_scores=scores(16, 4), **grounding(scores(10, 14)), **GENERAL)
+    cand = mm("candidate", pref_accuracy=0.7, pref_scores=scores(14, 6),
+              **grounding(flip(scores(10, 14), win=range(10, 16))), **GENERAL)
     d = decide(cand, serving, base, GateConfig())
-    assert not d.passed and d.gains == ["val_loss"]
-    assert d.reason.startswith("regression: pref_accuracy no regression (worse by 0.100)")
+    assert not d.passed and d.gains == ["grounded"]
+    assert d.reason.startswith("regression: pref_accuracy no regression (worse by 0.100"), d.reason
 
 
 def test_catastrophic_forgetting_is_caught_against_the_base_model() -> None:
     # The serving adapter had already drifted by 8%; the candidate drifts 8% more: within tolerance of
     # the serving one, but 16.6% above the base model.
+    win, serving_g = grounding(flip(scores(10, 14), win=range(10, 16))), grounding(scores(10, 14))
     base = mm("base", None, general_ppl=10.0, general_qa=0.9)
-    serving = mm("baseline", val_loss=1.5, general_ppl=10.8, general_qa=0.9)
-    cand = mm("candidate", val_loss=1.0, general_ppl=11.66, general_qa=0.9)
+    serving = mm("baseline", **serving_g, general_ppl=10.8, general_qa=0.9)
+    cand = mm("candidate", **win, general_ppl=11.66, general_qa=0.9)
     d = decide(cand, serving, base, GateConfig())
     assert not d.passed and "general perplexity vs base (+16.6%)" in d.reason
     assert [c.passed for c in d.checks if c.name == "general perplexity vs baseline"] == [True]
-    qa = decide(mm("candidate", val_loss=1.0, general_ppl=10.0, general_qa=0.7), serving, base, GateConfig())
+    qa = decide(mm("candidate", **win, general_ppl=10.0, general_qa=0.7), serving, base, GateConfig())
     assert not qa.passed and "general questions" in qa.reason
 
 
 def test_no_gain_and_nothing_measurable_fail() -> None:
-    base = mm("base", None, val_loss=1.0, general_ppl=10.0, general_qa=0.9)
-    same = decide(mm("candidate", val_loss=0.995, general_ppl=10.0, general_qa=0.9), base, base, GateConfig())
-    assert not same.passed and same.reason == "no gain on any target metric (val_loss)"  # 0.5% < 1%
+    base = mm("base", None, general_ppl=10.0, general_qa=0.9)
     none = decide(mm("candidate", general_ppl=10.0, general_qa=0.9), mm("base", None, general_ppl=10.0,
                                                                        general_qa=0.9), base, GateConfig())
     assert not none.passed and none.reason == "no target metric could be measured on the held-out set"
@@ -234,6 +287,23 @@ def test_held_out_set_from_a_real_dataset_snapshot(store, settings) -> None:
     assert all(p.rejected == "I am not sure about that." for p in es.pairs)
 
 
+def test_liked_and_correct_leaves_out_pairs_whose_chosen_answer_its_passages_contradict(tmp_path: Path) -> None:
+    from assistant.prompt import Passage, render_turn
+
+    prompt = render_turn("sys", [], "How much is the Team plan?",
+                         passages=[Passage("Pricing", "shared", "The Team plan costs 8 dollars per member.")])
+    rows = [{"prompt": prompt, "chosen": "Lumen Desk Team costs 8 dollars.", "rejected": "I am not sure."},
+            {"prompt": prompt, "chosen": "Lumen Desk Team costs 15 dollars.", "rejected": "It costs 8 dollars."},
+            {"prompt": "What is the capital of Peru?", "chosen": "Lima.", "rejected": "Cusco."}]
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "dpo.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "doc_qa.jsonl").write_text(json.dumps({"question": "q", "passage": "p 8", "key_facts": ["8"],
+                                                       "split": "trained"}) + "\n")
+    es = load_eval_set(tmp_path, tmp_path / "doc_qa.jsonl")
+    assert [p.correct for p in es.pairs] == [True, False, True]  # "15 dollars" is not in its passage
+    assert es.sizes() == {"sft": 0, "pairs": 3, "pairs_correct": 2, "doc_qa": 0, "doc_qa_trained": 1}
+
+
 def test_bad_held_out_data_is_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(EvalDataError, match="does not exist"):
         load_eval_set(tmp_path / "nope")
@@ -290,6 +360,12 @@ def adapters(tmp_path_factory, learnable_dir: Path) -> dict[str, Path]:
             "noise": _train(learnable_dir, root / "noise", noisy=True, steps=16)}
 
 
+# The capitals have no documents: these adapters are judged on held-out loss and preference, with the sizes and the
+# significance relaxed to what six held-out questions allow. The defaults' rules are tested on numbers above.
+LOSS_GATE = {"max_new_tokens": 8, "target_metrics": ["val_loss", "pref_accuracy"], "gain_metrics": ["val_loss"],
+             "gain_significance": 0.0, "min_sft_rows": 1, "min_pair_rows": 1, "min_liked_correct_rows": 1}
+
+
 def held_out() -> EvalSet:
     ask = [{"role": "user", "content": "What is the capital of {}?"}]
     return EvalSet(
@@ -302,7 +378,7 @@ def held_out() -> EvalSet:
 
 def test_gate_accepts_a_genuine_improvement(learnable_dir: Path, adapters, tmp_path: Path) -> None:
     report = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
-                      baseline_name="v0001", candidate_name="v0002", gate=GateConfig(max_new_tokens=8))
+                      baseline_name="v0001", candidate_name="v0002", gate=GateConfig(**LOSS_GATE))
     m = report.metrics
     assert report.passed, report.decision.reason
     assert "val_loss" in report.decision.gains
@@ -324,7 +400,7 @@ def test_the_base_models_general_answers_are_kept_between_evaluations(learnable_
     for _ in range(2):
         events: list[dict] = []
         report = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
-                          gate=GateConfig(max_new_tokens=8), progress=events.append, base_cache=cache)
+                          gate=GateConfig(**LOSS_GATE), progress=events.append, base_cache=cache)
         runs.append((report, [e for e in events if e.get("model") == "base" and e.get("check") == "general"]))
     (first, first_events), (second, second_events) = runs
     assert [e.get("cached") for e in first_events] == [None] and [e.get("cached") for e in second_events] == [True]
@@ -338,12 +414,12 @@ def test_the_base_models_general_answers_are_kept_between_evaluations(learnable_
     file.write_text("{not json")
     events = []
     again = evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
-                     gate=GateConfig(max_new_tokens=8), progress=events.append, base_cache=cache)
+                     gate=GateConfig(**LOSS_GATE), progress=events.append, base_cache=cache)
     assert [e.get("cached") for e in events if e.get("model") == "base" and e.get("check") == "general"] == [None]
     assert again.metrics["base"].general_qa_scores == first.metrics["base"].general_qa_scores
     assert json.loads(file.read_text())["general_ppl"] == first.metrics["base"].general_ppl
     evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
-             gate=GateConfig(max_new_tokens=6), base_cache=cache)
+             gate=GateConfig(**{**LOSS_GATE, "max_new_tokens": 6}), base_cache=cache)
     assert len(list(cache.glob("base-general-*.json"))) == 2
 
 
@@ -356,7 +432,7 @@ def test_gate_rejects_an_adapter_trained_on_noise_through_the_cli(learnable_dir:
     (data / "heldout" / "dpo.jsonl").write_text("".join(
         json.dumps({"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
                     "rejected": [{"role": "assistant", "content": p.rejected}]}) + "\n" for p in es.pairs))
-    (tmp_path / "gate.json").write_text(json.dumps({"max_new_tokens": 8}))
+    (tmp_path / "gate.json").write_text(json.dumps(LOSS_GATE))
     proc = subprocess.run(
         [sys.executable, "-m", "training.evaluate", "--base-model", str(learnable_dir), "--candidate",
          str(adapters["noise"]), "--baseline", str(adapters["serving"]), "--baseline-name", "v0001",

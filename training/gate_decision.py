@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from training.gate_config import GateConfig
 from training.gate_metrics import ModelMetrics
@@ -33,11 +33,17 @@ class GateDecision:
     reason: str
     checks: list[Check]
     gains: list[str]
-    skipped: list[str]
+    skipped: list[str]  # not measurable on the held-out set
+    declined: bool = False  # too little held-out data to decide: not promoted, and the reason says so
+    too_small: list[str] = field(default_factory=list)  # measures below their min_*_rows, with their sizes
+    power: list[str] = field(default_factory=list)  # what the checks can and cannot see at these sizes
 
 
-HIGHER_IS_BETTER = {"val_loss": False, "pref_accuracy": True, "grounded": True, "general_ppl": False,
-                    "general_qa": True}
+HIGHER_IS_BETTER = {"val_loss": False, "pref_accuracy": True, "liked_correct": True, "grounded": True,
+                    "general_ppl": False, "general_qa": True}
+_SCORES = {"pref_accuracy": "pref_scores", "liked_correct": "liked_correct_scores", "grounded": "grounded_scores"}
+_UNIT = {"val_loss": "conversations", "pref_accuracy": "pairs", "liked_correct": "pairs",
+         "grounded": "held-out questions"}
 
 
 def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[int, int, float]:
@@ -46,7 +52,17 @@ def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[i
     lost = sum(c < r for c, r in zip(candidate, reference, strict=True))
     won = sum(c > r for c, r in zip(candidate, reference, strict=True))
     n = lost + won
-    return lost, won, sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+    return lost, won, _tail(n, lost)
+
+
+def _tail(n: int, k: int) -> float:
+    """P(X >= k) for X ~ Binomial(n, 1/2); 1.0 when n is 0."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n if n else 1.0
+
+
+def fewest_wins(differing: int, significance: float) -> int | None:
+    """The fewest wins among `differing` items that make a gain significant, or None when none can."""
+    return next((w for w in range(differing + 1) if _tail(differing, w) < significance), None)
 
 
 def _unless_significant(ok: bool, threshold: str, detail: str, candidate: Sequence[float] | None,
@@ -59,41 +75,69 @@ def _unless_significant(ok: bool, threshold: str, detail: str, candidate: Sequen
             detail + f"; lost {lost}, won {won}, p = {p:.3f}")
 
 
-def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, cfg: GateConfig) -> GateDecision:
-    """The gate's verdict from the numbers alone (see the module docstring)."""
-    checks: list[Check] = []
-    gains: list[str] = []
-    skipped: list[str] = []
-    gain_rules = {
-        "val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),  # (gain, tolerance, relative)
-        "pref_accuracy": (cfg.min_pref_accuracy_gain, cfg.pref_accuracy_tolerance, False),
-        "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False),
-    }
-    for metric in cfg.target_metrics:
-        c, b = candidate.value(metric), baseline.value(metric)
-        if c is None or b is None or (isinstance(c, float) and math.isnan(c)):
-            skipped.append(metric)
-            continue
-        min_gain, tol, relative = gain_rules[metric]
-        up = HIGHER_IS_BETTER[metric]
-        improvement = ((c - b) if up else (b - c)) / ((abs(b) or 1.0) if relative else 1.0)  # > 0 = better
+def rows(mm: ModelMetrics, metric: str) -> int:
+    """How many held-out items a metric was measured on."""
+    if metric == "val_loss":
+        return mm.val_rows
+    return len(getattr(mm, _SCORES[metric]) or [])
 
-        def amount(x: float, relative: bool = relative) -> str:
-            return f"{100 * x:.1f}%" if relative else f"{x:.3f}"
 
+def _minimum(cfg: GateConfig, metric: str) -> int:
+    return {"val_loss": cfg.min_sft_rows, "pref_accuracy": cfg.min_pair_rows,
+            "liked_correct": cfg.min_liked_correct_rows, "grounded": cfg.min_grounded_rows}[metric]
+
+
+def _paired(candidate: ModelMetrics, baseline: ModelMetrics, metric: str) -> tuple[list[float], list[float]] | None:
+    if metric not in _SCORES:
+        return None
+    c, b = getattr(candidate, _SCORES[metric]), getattr(baseline, _SCORES[metric])
+    return (c, b) if c and b and len(c) == len(b) else None
+
+
+def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig) -> list[Check]:
+    """The gain check (for a gain metric) and the no-regression check (for a target metric) of one metric."""
+    rules = {"val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),  # (gain, tolerance, relative)
+             "pref_accuracy": (cfg.min_pref_accuracy_gain, cfg.pref_accuracy_tolerance, False),
+             "liked_correct": (cfg.min_liked_correct_gain, cfg.liked_correct_tolerance, False),
+             "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False)}
+    min_gain, tol, relative = rules[metric]
+    c, b = candidate.value(metric), baseline.value(metric)
+    assert c is not None and b is not None
+    up = HIGHER_IS_BETTER[metric]
+    improvement = ((c - b) if up else (b - c)) / ((abs(b) or 1.0) if relative else 1.0)  # > 0 = better
+
+    def amount(x: float) -> str:
+        return f"{100 * x:.1f}%" if relative else f"{x:.3f}"
+
+    paired = _paired(candidate, baseline, metric)
+    tally = ""
+    p_win = 0.0
+    if paired:
+        lost, won, _ = sign_test(*paired)
+        p_win = sign_test(paired[1], paired[0])[2]  # winning at least `won` of the differing ones by chance
+        tally = f"; won {won}, lost {lost}, p = {p_win:.3f}"
+    checks = []
+    direction = "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"
+    if metric in cfg.gain_metrics:
         gained = improvement > 0 and improvement >= min_gain
-        if gained:
-            gains.append(metric)
-        direction = "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"
-        checks.append(Check(f"{metric} gain", "gain", metric, gained, c, b, "baseline",
-                            f">= {amount(min_gain)} better", f"{direction} by {amount(abs(improvement))}"))
-        ok = improvement >= -tol
-        threshold, detail = f"<= {amount(tol)} worse", "within tolerance" if ok else f"worse by {amount(-improvement)}"
-        if metric == "grounded":
-            ok, threshold, detail = _unless_significant(ok, threshold, detail, candidate.grounded_scores,
-                                                        baseline.grounded_scores, cfg.grounded_significance)
-        checks.append(Check(f"{metric} no regression", "regression", metric, ok, c, b, "baseline", threshold, detail))
-    # Forgetting is judged against the baseline and against the base model (once, if they are the same).
+        threshold = f">= {amount(min_gain)} better"
+        if cfg.gain_significance > 0:
+            threshold += f" and significant (p < {cfg.gain_significance:g})"
+            gained = gained and paired is not None and p_win < cfg.gain_significance
+        checks.append(Check(f"{metric} gain", "gain", metric, gained, c, b, "baseline", threshold,
+                            f"{direction} by {amount(abs(improvement))}{tally}"))
+    if metric in cfg.target_metrics:
+        ok = improvement >= -tol - 1e-9
+        detail = ("within tolerance" if ok else f"worse by {amount(-improvement)}") + tally
+        checks.append(Check(f"{metric} no regression", "regression", metric, ok, c, b, "baseline",
+                            f"<= {amount(tol)} worse", detail))
+    return checks
+
+
+def _forgetting_checks(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics,
+                       cfg: GateConfig) -> list[Check]:
+    """Forgetting is judged against the baseline and against the base model (once, if they are the same)."""
+    checks = []
     refs = [(baseline, "baseline")] if baseline is not base else []
     for ref, label in [*refs, (base, "base")]:
         c, r = candidate.general_ppl, ref.general_ppl
@@ -111,16 +155,85 @@ def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, 
                                                             ref.general_qa_scores, cfg.general_qa_significance)
             checks.append(Check(f"general questions vs {label}", "forgetting", "general_qa", ok, c, r, label,
                                 threshold, detail))
-    failed = [ch for ch in checks if not ch.passed and ch.kind != "gain"]
-    measured = [m for m in cfg.target_metrics if m not in skipped]
-    if not measured:
-        return GateDecision(False, "no target metric could be measured on the held-out set", checks, gains, skipped)
-    if failed:
-        return GateDecision(False, "regression: " + "; ".join(f"{ch.name} ({ch.detail})" for ch in failed),
-                            checks, gains, skipped)
-    if not gains:
-        return GateDecision(False, "no gain on any target metric (" + ", ".join(measured) + ")",
-                            checks, gains, skipped)
-    return GateDecision(True, "gain on " + ", ".join(gains) + "; no regression beyond tolerance",
-                        checks, gains, skipped)
+    return checks
 
+
+def power_notes(candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig, judged: Sequence[str]) -> list[str]:
+    """What each judged check can see at these sizes: one item in points, the fewest wins a gain needs, and the
+    smallest net loss the no-regression line refuses."""
+    notes = []
+    for metric in judged:
+        n = rows(candidate, metric)
+        if metric not in _SCORES or n == 0:
+            continue
+        one = 100 / n
+        parts = [f"{metric} on {n} {_UNIT[metric]}: one item is {one:.1f} points"]
+        if metric in cfg.gain_metrics and cfg.gain_significance > 0:
+            fewest = next((k for k in range(1, n + 1) if _tail(k, k) < cfg.gain_significance), None)
+            paired = _paired(candidate, baseline, metric)
+            differing = sum(x != y for x, y in zip(*paired, strict=True)) if paired else 0
+            here = fewest_wins(differing, cfg.gain_significance)
+            parts.append(f"a gain needs at least {fewest} wins with no loss to be significant at "
+                         f"p < {cfg.gain_significance:g}" + (f" ({here} of the {differing} items the two score "
+                                                            f"differently here)" if here is not None else
+                                                            f" (the two differ on {differing}: no gain could count)"))
+        if metric in cfg.target_metrics and metric != "val_loss":
+            tol = cfg.liked_correct_tolerance if metric == "liked_correct" else (
+                cfg.grounded_tolerance if metric == "grounded" else cfg.pref_accuracy_tolerance)
+            k = math.floor(tol * n + 1e-9) + 1
+            parts.append(f"a net loss of {k} or more ({k * one:.1f} points) is refused, whatever else improved")
+        notes.append("; ".join(parts) + ".")
+    return notes
+
+
+def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, cfg: GateConfig) -> GateDecision:
+    """The gate's verdict from the numbers alone.
+
+    In order: a measured regression beyond its tolerance refuses (held-out grounding's line is hard); too few
+    held-out document questions to see a grounding loss, or too little data for every gain metric, declines to
+    decide; then at least one gain metric must have risen by its minimum and significantly.
+    """
+    checks: list[Check] = []
+    skipped: list[str] = []
+    too_small: list[str] = []
+    judged: list[str] = []
+    for metric in dict.fromkeys([*cfg.target_metrics, *cfg.gain_metrics]):
+        c, b = candidate.value(metric), baseline.value(metric)
+        if c is None or b is None or (isinstance(c, float) and math.isnan(c)):
+            skipped.append(metric)
+            continue
+        n, least = rows(candidate, metric), _minimum(cfg, metric)
+        if n < least:
+            too_small.append(f"{metric}: {n} {_UNIT[metric]}, fewer than {least}")
+            continue
+        judged.append(metric)
+        checks += _metric_checks(metric, candidate, baseline, cfg)
+    # Per-question scores always come with a measured suite; numbers given without them are taken as they are.
+    general_small = candidate.general_qa_scores is not None and len(candidate.general_qa_scores) < cfg.min_general_rows
+    if general_small:
+        too_small.append(f"general_qa: {len(candidate.general_qa_scores or [])} questions, fewer than "
+                         f"{cfg.min_general_rows}")
+    checks += [ch for ch in _forgetting_checks(candidate, baseline, base, cfg)
+               if ch.metric != "general_qa" or not general_small]
+    gains = [ch.metric for ch in checks if ch.kind == "gain" and ch.passed]
+    power = power_notes(candidate, baseline, cfg, judged)
+
+    def verdict(passed: bool, reason: str, declined: bool = False) -> GateDecision:
+        return GateDecision(passed, reason, checks, gains, skipped, declined, too_small, power)
+
+    failed = [ch for ch in checks if not ch.passed and ch.kind != "gain"]
+    if failed:
+        return verdict(False, "regression: " + "; ".join(f"{ch.name} ({ch.detail})" for ch in failed))
+    if not judged and not too_small:
+        return verdict(False, "no target metric could be measured on the held-out set")
+    short = next((t for t in too_small if t.startswith("grounded")), None)
+    if "grounded" in cfg.target_metrics and short:  # measured on too few; with no documents it is only skipped
+        return verdict(False, f"declined to decide: held-out grounding cannot be judged ({short}), so a candidate "
+                              "that lost grounding could not be told apart", declined=True)
+    candidates = [m for m in cfg.gain_metrics if m in judged]
+    if not candidates:
+        return verdict(False, "declined to decide: no gain metric has enough held-out data ("
+                       + "; ".join(too_small or skipped) + ")", declined=True)
+    if not gains:
+        return verdict(False, "no significant gain on " + ", ".join(candidates))
+    return verdict(True, "significant gain on " + ", ".join(gains) + "; no regression beyond tolerance")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.fact_check import contradicts_prompt
 from training.gate_config import GateConfig
 
 SUITE_DIR = Path(__file__).parent / "general_suite"
@@ -44,6 +45,7 @@ class PrefPair:
     prompt: list[dict[str, str]]
     chosen: str
     rejected: str
+    correct: bool = True  # the chosen answer states no number or code its passages lack (training/fact_check.py)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class DocQA:
     key_facts: list[str]
     source: str = ""
     title: str = ""  # the document's title, shown with the passage as retrieval shows it
+    split: str = "held-out"  # "trained": a question whose facts users asked and training rows answer
 
 
 @dataclass
@@ -65,11 +68,17 @@ class EvalSet:
     source: str = ""
 
     def capped(self, cfg: GateConfig) -> EvalSet:
-        return EvalSet(self.sft[:cfg.max_sft], self.pairs[:cfg.max_pairs], self.doc_qa[:cfg.max_doc_qa],
-                       self.source)
+        """At most `max_*` rows of each kind; held-out and trained document questions are capped apart, so a long
+        curated file of trained questions never pushes the held-out ones out."""
+        doc_qa = self.doc_qa_of("held-out")[:cfg.max_doc_qa] + self.doc_qa_of("trained")[:cfg.max_doc_qa]
+        return EvalSet(self.sft[:cfg.max_sft], self.pairs[:cfg.max_pairs], doc_qa, self.source)
+
+    def doc_qa_of(self, split: str) -> list[DocQA]:
+        return [q for q in self.doc_qa if q.split == split]
 
     def sizes(self) -> dict[str, int]:
-        return {"sft": len(self.sft), "pairs": len(self.pairs), "doc_qa": len(self.doc_qa)}
+        return {"sft": len(self.sft), "pairs": len(self.pairs), "pairs_correct": sum(p.correct for p in self.pairs),
+                "doc_qa": len(self.doc_qa_of("held-out")), "doc_qa_trained": len(self.doc_qa_of("trained"))}
 
 
 @dataclass(frozen=True)
@@ -198,8 +207,8 @@ def _sft_items(row: dict[str, Any]) -> list[Completion]:
 def _pair_item(row: dict[str, Any]) -> PrefPair:
     if not {"prompt", "chosen", "rejected"} <= set(row):
         raise EvalDataError(f"held-out preference row needs prompt, chosen, rejected: {sorted(row)}")
-    return PrefPair(_msgs(row["prompt"], "prompt"), _answer(row["chosen"], "chosen"),
-                    _answer(row["rejected"], "rejected"))
+    prompt, chosen = _msgs(row["prompt"], "prompt"), _answer(row["chosen"], "chosen")
+    return PrefPair(prompt, chosen, _answer(row["rejected"], "rejected"), not contradicts_prompt(chosen, prompt))
 
 
 def doc_qa_item(row: dict[str, Any]) -> DocQA:
@@ -213,8 +222,11 @@ def doc_qa_item(row: dict[str, Any]) -> DocQA:
     if not facts:
         raise EvalDataError(f"held-out document question {question[:60]!r} has no key facts and no answer "
                             "sharing words with its passage")
+    split = str(row.get("split") or "held-out")
+    if split not in ("held-out", "trained"):
+        raise EvalDataError(f"document question {question[:60]!r}: split must be held-out or trained, got {split!r}")
     return DocQA(question, passage, [str(f) for f in facts], str(row.get("source") or row.get("doc_id") or ""),
-                 str(row.get("title") or ""))
+                 str(row.get("title") or ""), split)
 
 
 _STOP = set("""a an the and or but if then than that this these those is are was were be been being of in on at to
@@ -342,14 +354,14 @@ class Scorer:
         n = sum(k for _, k in scored)
         return (-sum(s for s, _ in scored) / n if n else float("nan")), n
 
-    def preference(self, pairs: Sequence[PrefPair]) -> tuple[float, float]:
+    def preference(self, pairs: Sequence[PrefPair]) -> list[float]:
+        """Per pair, the log-probability margin of the chosen answer over the rejected one."""
         seqs = []
         for p in pairs:
             seqs.append(self.completion_ids(Completion(p.prompt, p.chosen)))
             seqs.append(self.completion_ids(Completion(p.prompt, p.rejected)))
         lp = [s for s, _ in self._sum_logprobs(seqs)]
-        margins = [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs))]
-        return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+        return [lp[2 * i] - lp[2 * i + 1] for i in range(len(pairs))]
 
     def text_perplexity(self, texts: Sequence[str]) -> tuple[float, int]:
         seqs = []
@@ -393,10 +405,16 @@ class ModelMetrics:
     val_loss: float | None = None
     val_ppl: float | None = None
     val_tokens: int = 0
+    val_rows: int = 0  # held-out conversations' answers scored
     pref_accuracy: float | None = None
     pref_margin: float | None = None
-    grounded: float | None = None
+    pref_scores: list[float] | None = None  # per held-out pair: 1.0 when the chosen answer ranks higher
+    liked_correct: float | None = None  # pref_accuracy over the pairs whose chosen answer is correct
+    liked_correct_scores: list[float] | None = None
+    grounded: float | None = None  # held-out document questions: never trained on
     grounded_scores: list[float] | None = None  # per held-out document question (for the sign test)
+    grounded_trained: float | None = None  # questions whose facts users asked: shown beside, never decides
+    grounded_trained_scores: list[float] | None = None
     general_ppl: float | None = None
     general_qa: float | None = None
     general_qa_scores: list[float] | None = None  # per question, in suite order (for the sign test)
@@ -420,15 +438,23 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
         if held_out and eval_set.sft:
             progress({"event": "eval_progress", "model": label, "check": "val_loss"})
             mm.val_loss, mm.val_tokens = scorer.val_loss(eval_set.sft)
+            mm.val_rows = len(eval_set.sft)
             mm.val_ppl = math.exp(min(mm.val_loss, 700))
         if held_out and eval_set.pairs:
             progress({"event": "eval_progress", "model": label, "check": "pref_accuracy"})
-            mm.pref_accuracy, mm.pref_margin = scorer.preference(eval_set.pairs)
+            margins = scorer.preference(eval_set.pairs)
+            mm.pref_scores = [float(m > 0) for m in margins]
+            mm.pref_accuracy, mm.pref_margin = _mean(mm.pref_scores), _mean(margins)
+            mm.liked_correct_scores = [w for w, p in zip(mm.pref_scores, eval_set.pairs, strict=True) if p.correct]
+            mm.liked_correct = _mean(mm.liked_correct_scores)
         if held_out and eval_set.doc_qa:
             progress({"event": "eval_progress", "model": label, "check": "grounded"})
             answers = scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
-            mm.grounded_scores = [fact_score(a, q.key_facts) for a, q in zip(answers, eval_set.doc_qa, strict=True)]
-            mm.grounded = sum(mm.grounded_scores) / len(answers)
+            scored = [(q.split, fact_score(a, q.key_facts)) for a, q in zip(answers, eval_set.doc_qa, strict=True)]
+            mm.grounded_scores = [x for split, x in scored if split == "held-out"] or None
+            mm.grounded = _mean(mm.grounded_scores)
+            mm.grounded_trained_scores = [x for split, x in scored if split == "trained"] or None
+            mm.grounded_trained = _mean(mm.grounded_trained_scores)
             mm.answers["grounded"] = answers
         if general is not None:
             progress({"event": "eval_progress", "model": label, "check": "general", "cached": True})
@@ -442,6 +468,10 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
         mm.answers["general_qa"] = answers
     mm.seconds = round(time.perf_counter() - t0, 2)
     return mm
+
+
+def _mean(xs: Sequence[float] | None) -> float | None:
+    return sum(xs) / len(xs) if xs else None
 
 
 def samples(metrics: dict[str, ModelMetrics], eval_set: EvalSet, suite: GeneralSuite, n: int) -> list[dict]:

@@ -40,8 +40,9 @@ class EvalReport:
         """Small summary for the registry and job records."""
         c = self.metrics["candidate"]
         return {"passed": self.passed, "reason": self.decision.reason,
-                **{m: _round(c.value(m)) for m in ("val_loss", "pref_accuracy", "grounded", "general_ppl",
-                                                     "general_qa")}}
+                "declined": self.decision.declined,
+                **{m: _round(c.value(m)) for m in ("val_loss", "pref_accuracy", "liked_correct", "grounded",
+                                                     "grounded_trained", "general_ppl", "general_qa")}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "baseline": self.baseline, "base_model": self.base_model,
@@ -80,8 +81,11 @@ def _clean(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ rendering
 _METRIC_ROWS = [("val_loss", "held-out loss (nats/token)", "lower"), ("val_ppl", "held-out perplexity", "lower"),
-                ("pref_accuracy", "preference accuracy", "higher"), ("pref_margin", "mean log-prob margin", "higher"),
-                ("grounded", "grounded answers (key facts)", "higher"),
+                ("pref_accuracy", "preference accuracy (liked, all held-out pairs)", "higher"),
+                ("liked_correct", "liked-and-correct (pairs whose chosen answer its passages support)", "higher"),
+                ("pref_margin", "mean log-prob margin", "higher"),
+                ("grounded", "grounded answers, held-out questions (decides)", "higher"),
+                ("grounded_trained", "grounded answers, trained questions (shown beside)", "higher"),
                 ("general_ppl", "general-text perplexity", "lower"), ("general_qa", "general questions", "higher")]
 
 
@@ -100,7 +104,7 @@ def render_markdown(r: dict[str, Any]) -> str:
     head = {"base": "base model", "baseline": f"serving ({r['baseline'] or 'base model'})",
             "candidate": f"candidate ({Path(r['candidate']).name})"}
     lines = [f"# Evaluation: {Path(r['candidate']).name} vs {r['baseline'] or 'the base model'}", "",
-             f"**Decision: {'PROMOTE' if d['passed'] else 'REJECT'}** — {d['reason']}", "",
+             f"**Decision: {verdict_word(d)}** — {d['reason']}", "",
              f"Base model `{r['base_model']}`; held-out set `{r['eval_set'].get('source', '')}` "
              f"({', '.join(f'{k} {v}' for k, v in r['eval_set'].get('sizes', {}).items())}); "
              f"evaluated in {r['seconds']:.1f} s on {r['created_at']}.", "",
@@ -120,6 +124,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                      f"({ch['reference_label']}) | {ch['threshold']} | {ch['detail']} |")
     if d["skipped"]:
         lines += ["", f"Not measured (no held-out rows): {', '.join(d['skipped'])}."]
+    if d.get("too_small"):
+        lines += ["", "Not judged (too little held-out data): " + "; ".join(d["too_small"]) + "."]
+    if d.get("power"):
+        lines += ["", "## What these checks can see", "", *[f"- {note}" for note in d["power"]]]
     if r.get("samples"):
         lines += ["", "## Sample answers", ""]
         for s in r["samples"]:
@@ -132,6 +140,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Gate configuration", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in r["gate"].items()]
     return "\n".join(lines) + "\n"
+
+
+def verdict_word(decision: dict[str, Any]) -> str:
+    """PROMOTE, REJECT, or DECLINED when the gate had too little held-out data to decide."""
+    return "PROMOTE" if decision["passed"] else "DECLINED" if decision.get("declined") else "REJECT"
 
 
 def _cell(text: str, limit: int) -> str:
@@ -149,7 +162,8 @@ def plot_report(r: dict[str, Any], path: Path) -> Path:
     m = r["metrics"]
     cols = [k for k in LABELS if k in m]
     shown = [(k, lbl, b) for k, lbl, b in _METRIC_ROWS
-             if k in ("val_loss", "pref_accuracy", "grounded", "general_ppl", "general_qa")
+             if k in ("val_loss", "pref_accuracy", "liked_correct", "grounded", "grounded_trained", "general_ppl",
+                      "general_qa")
              and any(m[c].get(k) is not None for c in cols)]
     failed_metrics = {ch["metric"] for ch in r["decision"]["checks"] if not ch["passed"] and ch["kind"] != "gain"}
     fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(3.2 * max(len(shown), 1), 3.6), squeeze=False)
@@ -167,7 +181,7 @@ def plot_report(r: dict[str, Any], path: Path) -> Path:
             ax.set_yscale("log")  # a wrecked model's perplexity is orders of magnitude off the chart
         else:
             ax.set_ylim(bottom=0)  # small differences must look small
-    verdict = "PROMOTE" if r["decision"]["passed"] else "REJECT"
+    verdict = verdict_word(r["decision"])
     fig.suptitle(f"{Path(r['candidate']).name} vs {r['baseline'] or 'base model'}: {verdict}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
