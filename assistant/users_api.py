@@ -1,4 +1,5 @@
-"""HTTP routes for admins to manage accounts: `/v1/admin/users...` and the audit log `/v1/admin/audit`.
+"""HTTP routes for admins to manage accounts (`/v1/admin/users...`, the audit log `/v1/admin/audit`) and to
+ask whether a retrain has what it needs (`/v1/admin/readiness`).
 
 In: requests with an admin's API key. Out: JSON; anonymous -> 401, a non-admin -> 403 on every route,
 before any body is read. Each route calls one method of `assistant.actions.users.UserAdmin`, which
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from assistant.actions.readiness import readiness
 from assistant.actions.users import UserAdmin
 from assistant.api import ApiError, user_from_key
 from assistant.library_api import call_action, example
@@ -66,6 +68,15 @@ DELETED_EXAMPLE = {"user": {**USER_EXAMPLE, "disabled": True}, "deleted": {
 AUDIT_EXAMPLE = {"id": 9, "actor": "root", "action": "user_disable", "target_user_id": 2, "target": "bob",
                  "detail": {}, "created_at": "2026-12-06T10:15:00+00:00"}
 
+READINESS_EXAMPLE = {
+    "ready": False, "feedback": {"thumbs_up": 3, "thumbs_down": 1, "edits": 1, "pairs": 0, "teacher_pairs": 0,
+                                 "conversations": 4},
+    "rows": {"sft": {"train": 3, "validation": 0, "heldout": 1}, "dpo": {"train": 1, "validation": 0, "heldout": 0},
+             "kto": {"train": 3, "validation": 0, "heldout": 1}},
+    "heldout_frozen": False, "needs": {"train_rows": 8, "heldout_rows": 2},
+    "missing": ["A retrain needs at least 8 examples; there are 4. Rate answers, correct them or ..."],
+    "summary": "Not ready to retrain: ..."}
+
 
 def build_users_router() -> APIRouter:
     r = APIRouter(prefix="/v1/admin", dependencies=[Depends(_admin_user)])
@@ -116,6 +127,11 @@ def build_users_router() -> APIRouter:
     @r.get("/audit", responses=example({"data": [AUDIT_EXAMPLE]}), summary="Admin actions on accounts, newest first")
     def audit(user: Admin, a: Actions, limit: int = 100, user_id: int | None = None) -> dict[str, Any]:
         return {"data": call_action(a.audit, user, limit, user_id)}
+
+    @r.get("/readiness", responses=example(READINESS_EXAMPLE),
+           summary="What a retrain would train and be judged on now, and what is missing")
+    def ready(user: Admin, a: Actions) -> dict[str, Any]:
+        return call_action(readiness, user, a.store, a.settings, a.knowledge)
 
     return r
 

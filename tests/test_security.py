@@ -259,6 +259,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/admin/users/{user_id}/keys"): _admin(201, _throwaway("/keys", {"name": "laptop"})),
     ("DELETE", "/v1/admin/users/{user_id}/keys/{key_id}"): _admin(200, _throwaway("/keys", with_key=True)),
     ("GET", "/v1/admin/audit"): _admin(200, _const("/v1/admin/audit")),
+    ("GET", "/v1/admin/readiness"): _admin(200, _const("/v1/admin/readiness")),
 }
 
 

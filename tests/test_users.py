@@ -297,3 +297,23 @@ def test_cli_documents_memories_and_export(home, tmp_path, tiny_embedder_dir):
     assert data["conversations"][0]["messages"][1]["feedback"][0]["rating"] == 1
     assert cli(home, "export", "--user", "root", "--conversation", str(conv.id)).exit_code == 2
     assert cli(home, "export", "--user", "amy", "--format", "pdf").exit_code == 2
+
+
+def test_readiness_is_one_call_for_the_api_the_cli_and_the_page(server, home):
+    from training.readiness import check_readiness
+
+    services = server.services
+    r = admin(server).get("/v1/admin/readiness")
+    assert r.status_code == 200, r.text
+    direct = check_readiness(services.store, services.settings,
+                             knowledge=services.extras["knowledge"]).to_dict()
+    assert r.json() == direct and set(r.json()) >= {"ready", "rows", "missing", "summary"}
+    store = services.store
+    plain = store.create_api_key(store.create_user(f"plain{id(r)}", "pw-plain-123").id)
+    assert as_key(server, plain).get("/v1/admin/readiness").status_code == 403
+
+    assert cli(home, "user", "add", "root", "--admin", "--password", "pw-root-123").exit_code == 0
+    out = cli(home, "admin", "readiness", "--json")
+    assert out.exit_code == 1, out.output  # an empty install is not ready, and says why
+    assert json.loads(out.output)["missing"] and not json.loads(out.output)["ready"]
+    assert "Not ready" in cli(home, "admin", "readiness").output

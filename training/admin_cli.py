@@ -334,3 +334,29 @@ def schedule(
 
 if __name__ == "__main__":
     sys.exit(app())
+
+
+# ------------------------------------------------------------------------------------------ readiness
+@app.command()
+def readiness(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    build_json: Annotated[str | None, typer.Option("--build", help="Dataset build overrides, JSON.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a retrain would train and be judged on now, and what is missing (exit code 1 when not ready)."""
+    from training.readiness import check_readiness
+
+    services = _services(config, home)
+    settings = services.settings
+    knowledge = None
+    if settings.chroma_url or settings.chroma_dir.exists():  # the passages answers cited, read-only
+        from memory.knowledge import KnowledgeBase
+
+        knowledge = KnowledgeBase(settings)
+    r = check_readiness(services.store, settings, _json_arg(build_json, "--build"), knowledge=knowledge)
+    rows = "\n".join(f"  {kind}: {n['train']} train, {n['validation']} validation, {n['heldout']} held out"
+                     for kind, n in r.rows.items())
+    _print(r.to_dict(), as_json, "\n".join([r.summary, rows, *(f"- {m}" for m in r.missing)]))
+    if not r.ready:
+        raise typer.Exit(1)
