@@ -1,6 +1,7 @@
 """Retrieval benchmark: quality on the labelled set, ingest throughput, query latency at 10k/100k chunks.
 
     .venv/bin/python bench/retrieval.py quality            # recall@k / MRR: hybrid vs dense vs lexical
+    .venv/bin/python bench/retrieval.py quality --korean   # the same on the Korean questions only
     .venv/bin/python bench/retrieval.py scale [--sizes 10000 100000] [--real 5000] [--queries 200]
     .venv/bin/python bench/retrieval.py router [--margin 0 0.03] [--verbose]   # tune the agent's relevance filter
 
@@ -36,6 +37,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -47,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "retrieval"
+HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -121,6 +124,8 @@ def quality(args: argparse.Namespace) -> None:
     from memory.knowledge import KnowledgeBase
 
     queries = load_labelled()
+    if args.korean:  # Korean questions only (every document stays in the index, as distractors)
+        queries = [q for q in queries if HANGUL.search(q["q"])]
     with tempfile.TemporaryDirectory() as tmp:
         kb = KnowledgeBase(make_settings(Path(tmp), embedder=args.embedder))
         user = bench_user()
@@ -556,6 +561,7 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--verbose", action="store_true")
+    q.add_argument("--korean", action="store_true", help="only the questions written in Korean")
     q.add_argument("--embedder", default=None, help="settings.embedder (default: the embedded fp32 model)")
     r = sub.add_parser("router")
     r.add_argument("--margin", type=float, nargs="*", default=[0.0, 0.03],
