@@ -37,6 +37,7 @@ OFFLINE_ENV = {
     "ANONYMIZED_TELEMETRY": "False",
     "TOKENIZERS_PARALLELISM": "false",
     "DO_NOT_TRACK": "1",
+    "ORT_DISABLE_TELEMETRY": "1",  # ONNX Runtime (the embedder) phones home otherwise
 }
 
 

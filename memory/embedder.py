@@ -272,9 +272,14 @@ def _onnx_session(emb: Embedder, cache_dir: Path, threads: int | None = None, in
 
     if importlib.util.find_spec("onnxruntime") is None:
         return None
+    # ONNX Runtime sends usage events to Microsoft unless told not to (it looked up
+    # mobile.events.data.microsoft.com at each retrieval); nothing leaves the machine unless configured.
+    # The variable is read when its environment is created, so before the first import.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
     import torch
 
+    ort.disable_telemetry_events()
     base = emb.spec.removesuffix("-int8") if int8 else emb.spec
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)[-60:]
     target = cache_dir / f"{name}-{_fingerprint(Path(emb.path))}.onnx"

@@ -1,6 +1,6 @@
 # Sourced by `make test`: make the services the tests use available when we can.
 #  - PostgreSQL for the store tests (exports ASSISTANT_TEST_PG_URL)
-#  - Debian chromium + chromedriver for the browser tests
+#  - Debian chromium + chromedriver for the browser tests, iproute2 for the offline test
 # As root on Debian it installs what is missing; otherwise it uses what is there and the
 # tests that need a missing service skip with a reason.
 _apt_install() {
@@ -10,6 +10,7 @@ _apt_install() {
   fi
 }
 command -v chromium >/dev/null && command -v chromedriver >/dev/null || _apt_install chromium chromium-driver
+command -v ip >/dev/null || _apt_install iproute2  # the offline test's network namespace
 if [ -z "${ASSISTANT_TEST_PG_URL:-}" ] && [ -f .ci/postgres.sh ]; then
   . .ci/postgres.sh && _assistant_started_pg=1
 fi
