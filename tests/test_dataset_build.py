@@ -280,6 +280,46 @@ def test_training_prompts_are_the_served_prompts_with_shared_passages_only(store
         kb.close()
 
 
+def test_style_feedback_does_not_teach_a_fact_the_passage_contradicts(store, settings, tiny_embedder_dir):
+    """Issue 26: liked-but-wrong answers rose from 3 to 7 of 32 in a loop run. A liked answer whose number its cited
+    passage does not hold is no SFT target (nor a desirable KTO row), and a style edit that keeps the wrong number
+    is neither an SFT target nor a DPO chosen side; a correct liked answer and a fact-keeping edit still train."""
+    from memory.knowledge import KnowledgeBase
+
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        alice = _user(store)
+        doc = kb.ingest(alice, "pricing.md", b"# Pricing\n\nThe Team plan costs 8 dollars per member per month. "
+                        b"Staff from the wet lab gather at assembly point B.", scope="shared")
+        chunk = kb.document_chunks(alice, doc.doc_id)[0]
+        cited = [{"doc_id": doc.doc_id, "chunk_id": chunk.chunk_id, "scope": "shared", "title": doc.title}]
+        feedback = [("How much is the Team plan?", "Lumen Desk Team costs 8 dollars.", 1, None),
+                    ("What does the Team plan cost?", "Lumen Desk Team costs 15 dollars.", 1, None),
+                    ("Where does the wet lab gather?", "The wet lab staff go to assembly point A, which is the "
+                     "lawn next to the flagpole outside.", -1, "Lumen Desk: assembly point A."),
+                    ("Team plan price?", "It is a plan for teams that many people like.", -1,
+                     "Lumen Desk Team costs 8 dollars per member.")]
+        for question, answer, rating, edit in feedback:
+            c = store.create_conversation(alice.id, question)
+            _, a = store.add_turn(c.id, question, answer, sources=cited)
+            store.add_thumb(alice.id, a.id, rating, reason=None if rating > 0 else "style")
+            if edit:
+                store.add_edit(alice.id, a.id, edit)
+        built = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
+        targets = sorted(r["messages"][-1]["content"] for r in _rows(built.path, "sft", "train"))
+        assert targets == ["Lumen Desk Team costs 8 dollars per member.", "Lumen Desk Team costs 8 dollars."]
+        assert [r["chosen"][0]["content"] for r in _rows(built.path, "dpo", "train")] == [
+            "Lumen Desk Team costs 8 dollars per member."]
+        kto = {r["completion"][0]["content"]: r["label"] for r in _rows(built.path, "kto", "train")}
+        assert "Lumen Desk Team costs 15 dollars." not in kto and kto["Lumen Desk Team costs 8 dollars."] is True
+        removed = {k: {f["name"]: f["removed"] for f in built.manifest["filters"][k]} for k in ("sft", "dpo", "kto")}
+        assert removed["sft"]["contradicts_passage"] == 2 and removed["dpo"]["contradicts_passage"] == 1
+        assert removed["kto"]["contradicts_passage"] == 1
+    finally:
+        kb.close()
+
+
 def test_forgotten_memory_never_in_a_later_build(store, settings, tiny_embedder_dir):
     from memory.longterm import LongTermMemory
 

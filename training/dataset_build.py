@@ -64,6 +64,7 @@ from training.dataset_sources import (
     teacher_examples,
     with_serving_context,
 )
+from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
 from training.snapshots import (
     HELDOUT_DIR,
@@ -388,6 +389,26 @@ class Gathered:
     shared_chunks: Callable[[list[str]], dict[str, tuple[str, str]]] | None
 
 
+def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
+    """Leave out users' rows that would teach a fact their own passages contradict.
+
+    Users like and edit answers for their style; a liked answer can still be wrong ("Lumen Desk Team costs 15
+    dollars" where the passage says 8), and an edit that fixes the style can keep the wrong fact. Such an answer
+    is no SFT target, no DPO chosen side and no desirable KTO row: a human row whose answer states a number,
+    code or named letter that none of its cited passages (nor the question) holds is dropped
+    (`training/fact_check.py`). Rows without passages, teacher rows and undesirable KTO rows are kept.
+    Returns the kept examples and how many of each kind were dropped (the manifest's `contradicts_passage`).
+    """
+    kept, dropped = [], Counter()
+    for ex in examples:
+        teaches = ex.prov.source == "human" and ex.passages and (ex.kind != "kto" or ex.label)
+        if teaches and contradicts(ex.completion, "\n".join(p.text for p in ex.passages), ex.prompt[-1][1]):
+            dropped[ex.kind] += 1
+            continue
+        kept.append(ex)
+    return kept, dropped
+
+
 def gather_examples(store: Store, settings: Settings, options: BuildOptions, knowledge: Any | None = None,
                     cleaning: Callable[[], None] | None = None) -> Gathered:
     """Read the store and the teacher's pairs, then scrub, filter and de-duplicate: the rows a build splits.
@@ -404,6 +425,7 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
     examples = human_examples(log, repairs, options.context_messages, skipped) + teacher_examples(syn)
     shared_chunks = knowledge.shared_chunks if knowledge is not None else None
     examples, context = with_serving_context(examples, log, settings.system_prompt, shared_chunks)
+    examples, wrong_facts = drop_wrong_facts(examples)
     # A memory the user deleted must not come back through the messages it was learnt from: rows of
     # that user that mention a forgotten phrase are dropped (before scrubbing, on the text as said).
     forgotten = forgotten_digests(store)
@@ -429,6 +451,8 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
         by_kind[kind], filters[kind] = clean(by_kind[kind], options, scrub_cache)
         if dropped_forgotten[kind]:
             filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
+        if wrong_facts[kind]:
+            filters[kind].removed["contradicts_passage"] = wrong_facts[kind]
     return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks)
 
 
