@@ -195,32 +195,14 @@ _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]*@[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}" + _NA
 )
-# Obfuscated forms people type to dodge scrapers: `name [at] host [dot] com`, `name (at) host.com`,
-# `name at host dot com`. The last one needs `dot <tld>` so that "look at this" stays untouched.
-_AT = r"(?:\s*[\[\(\{<]\s*at\s*[\]\)\}>]\s*|\s+at\s+)"
-_DOT = r"(?:\s*[\[\(\{<]\s*dot\s*[\]\)\}>]\s*|\s+dot\s+|\.)"
-_EMAIL_OBFUSCATED = re.compile(
-    r"(?i)(?<![A-Za-z0-9._%+\-])[A-Za-z0-9][A-Za-z0-9._%+\-]*" + _AT
-    + r"[A-Za-z0-9\-]+(?:" + _DOT + r"[A-Za-z0-9\-]+)*" + _DOT
-    + r"(?:com|net|org|io|kr|co|edu|gov|ai|dev|me|info|biz|uk|de|jp|fr|us)" + _NA
-)
-
-
-_MAYBE_OBFUSCATED_AT = re.compile(r"(?i)[\[\(\{<]\s*at\s*[\]\)\}>]|\sat\s")
+# Spelled-out and spaced forms (`name [at] host [dot] com`, `j o h n @ ...`) are put back together by
+# the obfuscation pass at the end of this module, which then runs this pattern on them.
 
 
 def _scrub_email(text: str, counts: Counter[str]) -> str:
     if "@" in text:
         text, n = _sub(_EMAIL, PLACEHOLDERS["email"], text)
         counts["email"] += n
-    if not _MAYBE_OBFUSCATED_AT.search(text):
-        return text
-    for m in reversed(list(_EMAIL_OBFUSCATED.finditer(text))):
-        # "at ... dot com" spelled out in words must still contain a dot-word or bracket to be an address.
-        if re.search(r"(?i)[\[\(\{<]\s*at|\sdot\s|[\[\(\{<]\s*dot", m.group(0)) is None:
-            continue
-        text = text[: m.start()] + PLACEHOLDERS["email"] + text[m.end():]
-        counts["email"] += 1
     return text
 
 
@@ -359,18 +341,10 @@ _SIX_DIGITS = re.compile(r"\d{6}")  # a resident number starts with its YYMMDD b
 _THIRTEEN_DIGITS = re.compile(r"\d(?:[ \-]?\d){12}")  # the shortest card, however it is spaced
 
 
-def scrub_pii(text: str) -> Scrubbed:
-    """Replace personal data and secrets in `text` with placeholders.
-
-    Order matters: secrets and URL credentials first (they contain `@` and digits the later passes
-    would misread), then e-mail, resident numbers before cards and phones (13 digits), IPs last.
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"scrub_pii expects str, got {type(text).__name__}")
-    # NFKC folds full-width digits and letters (０１０-１２３４-５６７８) into ASCII so the patterns see them.
-    out = unicodedata.normalize("NFKC", text)
-    counts: Counter[str] = Counter()
-    out = _scrub_secrets(out, counts)
+def _scrub_plain(text: str, counts: Counter[str]) -> str:
+    """Every pattern pass, in order: secrets and URL credentials first (they contain `@` and digits the
+    later passes would misread), then e-mail, resident numbers before cards and phones (13 digits), IPs last."""
+    out = _scrub_secrets(text, counts)
     out = _scrub_email(out, counts)
     if _DIGIT.search(out):  # everything below needs a digit (IPv6 in hex without one is rare and odd)
         if _SIX_DIGITS.search(out):
@@ -379,10 +353,350 @@ def scrub_pii(text: str) -> Scrubbed:
             out = _scrub_cards(out, counts)
         out = _scrub_phones(out, counts)
         out = _scrub_ips(out, counts)
+    return out
+
+
+def scrub_pii(text: str) -> Scrubbed:
+    """Replace personal data and secrets in `text` with placeholders.
+
+    The pattern passes run on the text as written, then once more on spaced-out and spelled-out forms
+    put back together (`j o h n . d o e @ example . com`, `john dot doe at example dot com`,
+    `0 1 0 - 1 2 3 4 - 5 6 7 8`, zero-width characters inside a value): see "Obfuscated forms" below.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"scrub_pii expects str, got {type(text).__name__}")
+    # NFKC folds full-width digits and letters (０１０-１２３４-５６７８) into ASCII so the patterns see them.
+    out = unicodedata.normalize("NFKC", text)
+    counts: Counter[str] = Counter()
+    # Obfuscated forms first: a plain pass could take a piece of one (four digits of a spaced-out
+    # token read as a card) and leave the rest behind.
+    if _MAYBE_OBFUSCATED.search(out):
+        out = _scrub_obfuscated(out, counts)
+    out = _scrub_plain(out, counts)
     if not counts or not any(counts.values()):
         # Return the caller's exact text when nothing was found (NFKC may still have changed it).
         return Scrubbed(text, {})
     return Scrubbed(out, {k: v for k, v in counts.items() if v})
+
+
+# ------------------------------------------------------------------------------------------ obfuscated forms
+#
+# People space values out or spell their symbols to get past filters: "j o h n . d o e @ example . com",
+# "john dot doe at example dot com", "john[at]example[dot]com", "0 1 0 - 1 2 3 4 - 5 6 7 8", "zero one
+# zero ...", a zero-width space inside an address. Every pattern above sees only what is written, so
+# such forms are put back together first and the same passes run on the result.
+#
+# The text is cut into chunks at whitespace. Two neighbouring chunks are glued (the whitespace between
+# them dropped) only on evidence: one of them is a lone separator ("@", ".", "-", ...), both are single
+# letters or digits at the touching ends (letter-spacing), they belong to a run of at least four digit
+# words, or between them stands "dot" or "at" with address-like words on both sides that are not
+# ordinary words ("the", "home", "least" ...). Bracketed [at]/(dot), zero-width characters and the
+# Korean words for @ and "." are read inside a chunk. A plain " at " becomes "@" only when something
+# else in the same glued run is obfuscated too, so "sign up at example.com" stays prose.
+#
+# A glued run is scrubbed with some text of context on either side, and only the part the passes
+# changed is replaced in the original: the ordinary text around it is left exactly as written, and a
+# run in which nothing personal turns up ("a b c", "10 - 20") is not touched at all.
+
+_BRACKET_AT = r"[\[\(\{<]\s*(?:at|@)\s*[\]\)\}>]"
+_BRACKET_DOT = r"[\[\(\{<]\s*(?:dot|\.)\s*[\]\)\}>]"
+_KO_AT, _KO_DOT = r"(?<![가-힣])골뱅이(?![가-힣])", r"(?<![가-힣])닷(?![가-힣])"
+_FORMAT_CHARS = "\u00ad\u180e\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"
+_INNER = re.compile(rf"(?i)(?P<at>{_BRACKET_AT}|{_KO_AT})|(?P<dot>{_BRACKET_DOT}|{_KO_DOT})|(?P<cf>[{_FORMAT_CHARS}])")
+_UNIT = re.compile(rf"(?i)(?:{_BRACKET_AT}|{_BRACKET_DOT}|\S)+|\s+")
+_DIGIT_WORDS = {"zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "공": "0", "영": "0", "일": "1", "이": "2", "삼": "3",
+                "사": "4", "오": "5", "육": "6", "륙": "6", "칠": "7", "팔": "8", "구": "9"}
+_DW = "|".join(sorted(_DIGIT_WORDS, key=len, reverse=True))
+_DIGITISH = re.compile(rf"(?i)(?:{_DW}|\d|[\-.+()])+")
+_DW_RE = re.compile(rf"(?i){_DW}")
+_DIGITISH_FIRST = frozenset("0123456789-.+()" + "".join(w[0] for w in _DIGIT_WORDS))
+_KO_DIGIT_RUN = re.compile(r"[공영일이삼사오육륙칠팔구]{8,}")
+_SEPARATORS = frozenset("@.-_:/+()=")
+_STRONG_SEPARATORS = frozenset("@.")
+_LOCAL_LIKE = re.compile(r"[A-Za-z0-9._%+\-]+")
+_LABEL_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
+_NOT_ADDRESS = frozenset(
+    "a an the this that these those my your his her our their its me you him us them it one all some any no "
+    "each every which what who where here there now then home work school office church college university "
+    "least most first last once night noon dawn time times look looking looked aim aimed arrive arrived is "
+    "are was were be been am best worst risk odds ease stake hand heart sea war peace rest large length will "
+    "random face bay fault play lunch dinner breakfast dot at".split())
+# Cheap test for anything the glueing could act on; most texts have none and skip the pass.
+_MAYBE_OBFUSCATED = re.compile(
+    rf"(?i){_BRACKET_AT}|{_BRACKET_DOT}|[{_FORMAT_CHARS}]|\sdot\s|골뱅이|닷|{_KO_DIGIT_RUN.pattern}"
+    r"|(?<![^\W_])[^\W_]\s{1,3}[^\W_]\s{1,3}[^\W_](?![^\W_])|\s[@.\-_:/+=()]\s"
+    rf"|(?:{_DW})(?:[\s\-.]{{0,3}}(?:{_DW})){{3}}|\d(?:\s{{2,3}}|\t)\d")
+_CONTEXT = 32  # characters of the surrounding text the passes see (version numbers, "password =" ...)
+
+
+@dataclass
+class _Chunk:
+    start: int
+    end: int
+    canon: str  # the chunk with [at]/[dot]/zero-width forms read
+    spans: list[tuple[int, int]] | None  # per character of canon, the original ones; None: canon is the text
+    kind: str  # "sep", "at", "dot", "digits" or "plain"
+    evidence: bool = False  # an obfuscation inside the chunk itself
+    digit_words: int = 0
+
+
+def _chunk(text: str, start: int, end: int, inner: bool) -> _Chunk:
+    raw = text[start:end]
+    canon: list[str] = []
+    spans: list[tuple[int, int]] | None = []
+    evidence = False
+    pos = 0
+    for m in _INNER.finditer(raw) if inner else ():
+        for k in range(pos, m.start()):
+            canon.append(raw[k])
+            spans.append((start + k, start + k + 1))
+        if m.lastgroup in ("at", "dot"):
+            canon.append("@" if m.lastgroup == "at" else ".")
+            spans.append((start + m.start(), start + m.end()))
+        evidence = True
+        pos = m.end()
+    if not evidence:
+        canon, spans = [raw], None
+    else:
+        for k in range(pos, len(raw)):
+            canon.append(raw[k])
+            spans.append((start + k, start + k + 1))
+    word = raw.lower()
+    text_canon = "".join(canon)
+    kind, digit_words = "plain", 0
+    if word == "at" or word == "dot":
+        kind = word
+    elif len(text_canon) == 1 and text_canon in _SEPARATORS:
+        kind = "sep"
+    elif word[0] in _DIGITISH_FIRST and _DIGITISH.fullmatch(raw):
+        kind, digit_words = "digits", len(_DW_RE.findall(raw))
+        if digit_words >= 8 and _KO_DIGIT_RUN.fullmatch(raw):
+            evidence = True  # one chunk of Korean digit syllables
+    return _Chunk(start, end, text_canon, spans, kind, evidence, digit_words)
+
+
+def _edge_run(s: str, from_end: bool) -> int:
+    """Length of the run of letters/digits at one end of `s` (0 when that end is not one)."""
+    chars = reversed(s) if from_end else iter(s)
+    n = 0
+    for ch in chars:
+        if not ch.isalnum():
+            break
+        n += 1
+    return n
+
+
+def _address_word(c: _Chunk, pattern: re.Pattern[str]) -> bool:
+    return c.kind in ("plain", "digits") and bool(pattern.fullmatch(c.canon)) and c.canon.lower() not in _NOT_ADDRESS
+
+
+@dataclass
+class _Glue:
+    """What joins chunk i and i+1 in a run put back together."""
+
+    glued: list[bool]
+    strong: list[bool]  # the glueing itself is evidence of obfuscation
+    by_at: list[bool]  # glued only by a plain " at "
+    joiner: list[str]  # what stands between them in the run: "" or, for widened digit groups, " "
+
+
+def _glue(chunks: list[_Chunk], gaps: list[str | None]) -> _Glue:
+    """How the gaps between neighbouring chunks glue (`gaps[i]`: the whitespace, None if too wide)."""
+    n = len(chunks)
+    glued, strong, by_at = [False] * (n - 1), [False] * (n - 1), [False] * (n - 1)
+    joiner = [""] * (n - 1)
+    for i in range(n - 1):
+        if gaps[i] is None:
+            continue
+        a, b = chunks[i], chunks[i + 1]
+        if a.kind == "sep" or b.kind == "sep":
+            glued[i] = True
+            strong[i] = a.canon in _STRONG_SEPARATORS or b.canon in _STRONG_SEPARATORS
+        elif _edge_run(a.canon, True) == 1 and _edge_run(b.canon, False) == 1:
+            glued[i] = strong[i] = True  # letter-spacing: "j o h n"
+        elif a.canon[-1:].isdigit() and b.canon[:1].isdigit() and gaps[i] != " ":
+            glued[i], joiner[i] = True, " "  # digit groups pushed apart: "010   1234   5678"
+    for j in range(1, n - 1):  # "john dot doe", "support at example dot com"
+        c = chunks[j]
+        if c.kind not in ("at", "dot") or gaps[j - 1] is None or gaps[j] is None:
+            continue
+        left = _LOCAL_LIKE if c.kind == "at" else _LABEL_LIKE
+        if _address_word(chunks[j - 1], left) and _address_word(chunks[j + 1], _LABEL_LIKE):
+            for g in (j - 1, j):
+                by_at[g] = c.kind == "at" and not glued[g]
+                glued[g] = True
+                strong[g] = strong[g] or c.kind == "dot"
+    i = 0
+    while i < n:  # runs of digit words: "zero one zero one two three four ..."
+        k = i
+        while (k + 1 < n and chunks[k].kind in ("digits", "sep") and chunks[k + 1].kind in ("digits", "sep")
+               and gaps[k] is not None):
+            k += 1
+        words = sum(c.digit_words for c in chunks[i:k + 1])
+        if words >= 4 and k > i:
+            for g in range(i, k):
+                glued[g] = strong[g] = True
+                joiner[g] = ""
+        i = k + 1
+    return _Glue(glued, strong, by_at, joiner)
+
+
+def _region_canon(chunks: list[_Chunk], joiners: list[str], spoken_digits: bool) -> tuple[str, list[tuple[int, int]]]:
+    canon: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for t, c in enumerate(chunks):
+        if t and joiners[t - 1]:
+            canon.append(joiners[t - 1])
+            spans.append((chunks[t - 1].end, c.start))
+        if c.kind == "at" or c.kind == "dot":
+            canon.append("@" if c.kind == "at" else ".")
+            spans.append((c.start, c.end))
+        elif c.kind == "digits" and spoken_digits and c.digit_words:
+            for m in re.finditer(rf"(?i){_DW}|.", c.canon):
+                canon.append(_DIGIT_WORDS.get(m.group(0).lower(), m.group(0)))
+                spans.append((_span(c, m.start())[0], _span(c, m.end() - 1)[1]))
+        else:
+            canon.append(c.canon)
+            spans.extend(c.spans if c.spans is not None else ((k, k + 1) for k in range(c.start, c.end)))
+    return "".join(canon), spans
+
+
+def _span(c: _Chunk, k: int) -> tuple[int, int]:
+    return c.spans[k] if c.spans is not None else (c.start + k, c.start + k + 1)
+
+
+_WINDOW = 80  # characters around each trigger that are cut into chunks (runs extend through triggers)
+
+
+def _windows(text: str) -> list[tuple[int, int]]:
+    """Stretches of `text` around the places the cheap test fires, merged, cut at whitespace.
+
+    Only these are cut into chunks: a long message pays for the few places that may hide something.
+    """
+    out: list[tuple[int, int]] = []
+    for m in _MAYBE_OBFUSCATED.finditer(text):
+        lo, hi = max(0, m.start() - _WINDOW), min(len(text), m.end() + _WINDOW)
+        while 0 < lo < m.start() and not text[lo - 1].isspace():
+            lo += 1
+        while m.end() < hi < len(text) and not text[hi].isspace():
+            hi -= 1
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _regions(text: str) -> list[tuple[str, list[tuple[int, int]], int, int]]:
+    """Glued runs with obfuscation evidence: (canonical text, spans, start, end) in `text`."""
+    out = []
+    for lo, hi in _windows(text):
+        out.extend(_window_regions(text, lo, hi))
+    return out
+
+
+def _window_regions(text: str, lo: int, hi: int) -> list[tuple[str, list[tuple[int, int]], int, int]]:
+    inner = _INNER.search(text, lo, hi) is not None
+    units = [(m.start(), m.end(), m.group(0).isspace()) for m in _UNIT.finditer(text, lo, hi)]
+    chunks: list[_Chunk] = []
+    gaps: list[str | None] = []
+    prev_space: str | None = None
+    for start, end, space in units:
+        if space:
+            prev_space = text[start:end]
+            continue
+        if chunks:
+            near = prev_space is not None and "\n" not in prev_space and len(prev_space) <= 3
+            gaps.append(prev_space if near else None)
+        chunks.append(_chunk(text, start, end, inner))
+        prev_space = None
+    if not chunks:
+        return []
+    g = _glue(chunks, gaps)
+    out = []
+    for i, k in _runs(g.glued, 0, len(chunks) - 1):
+        if k == i and not chunks[i].evidence:
+            continue  # a lone chunk: nothing was put together
+        if not (any(c.evidence for c in chunks[i:k + 1]) or any(g.strong[i:k])):
+            # Nothing obfuscated but a plain " at ": that alone is prose ("ask john at reception").
+            for j in range(i, k):
+                g.glued[j] = g.glued[j] and not g.by_at[j]
+        for a, b in _runs(g.glued, i, k):
+            run = chunks[a:b + 1]
+            if b > a or run[0].evidence:
+                canon, spans = _region_canon(run, g.joiner[a:b], sum(c.digit_words for c in run) >= 4)
+                out.append((canon, spans, run[0].start, run[-1].end))
+    return out
+
+
+def _runs(glued: list[bool], first: int, last: int) -> list[tuple[int, int]]:
+    """(i, k) for each maximal run of chunks first..last joined by glued gaps."""
+    out = []
+    i = first
+    while i <= last:
+        k = i
+        while k < last and glued[k]:
+            k += 1
+        out.append((i, k))
+        i = k + 1
+    return out
+
+
+def _scrub_region(text: str, canon: str, spans: list[tuple[int, int]], start: int, end: int,
+                  counts: Counter[str]) -> tuple[int, int, str] | None:
+    """(start, end, replacement) in `text` for what the passes find in the run put back together."""
+    # Context cut at whitespace, so that no word is cut in half (a long number's tail is not a phone).
+    lo = max(0, start - _CONTEXT)
+    while 0 < lo < start and not text[lo - 1].isspace():
+        lo += 1
+    hi = min(len(text), end + _CONTEXT)
+    while end < hi < len(text) and not text[hi].isspace():
+        hi -= 1
+    left, right = text[lo:start], text[end:hi]
+    joined = left + canon + right
+    found: Counter[str] = Counter()
+    scrubbed = _scrub_plain(joined, found)
+    if scrubbed == joined:
+        return None
+    p = 0
+    while p < min(len(joined), len(scrubbed)) and joined[p] == scrubbed[p]:
+        p += 1
+    q = 0
+    while q < min(len(joined), len(scrubbed)) - p and joined[-1 - q] == scrubbed[-1 - q]:
+        q += 1
+    a, b = p, len(joined) - q
+    if a >= b:
+        return None
+
+    def where(k: int) -> tuple[int, int]:  # a character of `joined` -> its span in `text`
+        if k < len(left):
+            return start - len(left) + k, start - len(left) + k + 1
+        if k < len(left) + len(canon):
+            return spans[k - len(left)]
+        return end + k - len(left) - len(canon), end + k - len(left) - len(canon) + 1
+
+    counts.update(found)
+    return where(a)[0], where(b - 1)[1], scrubbed[p:len(scrubbed) - q]
+
+
+def _scrub_obfuscated(text: str, counts: Counter[str]) -> str:
+    """Replace what the passes find in glued runs; twice more if one replacement reached into another."""
+    for _ in range(3):
+        limit = len(text) + 1
+        touched = skipped = False
+        for canon, spans, start, end in reversed(_regions(text)):
+            if end > limit:
+                skipped = True  # an edit on its right reached into it: look again next round
+                continue
+            edit = _scrub_region(text, canon, spans, start, end, counts)
+            if edit is not None:
+                a, b, repl = edit
+                text = text[:a] + repl + text[b:]
+                limit, touched = a, True
+        if not (touched and skipped):
+            break
+    return text
 
 
 # ------------------------------------------------------------------------------------------ quality
