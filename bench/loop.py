@@ -1,19 +1,26 @@
 """The self-improvement benchmark: does the loop make the assistant measurably better for its users?
 
-    .venv/bin/python bench/loop.py [--cycles 2] [--model DIR] [--gpu] [--out docs] [--json FILE]
+    .venv/bin/python bench/loop.py [--docs DIR --questions FILE] [--cycles 2] [--model DIR] [--gpu] [--out docs]
+        [--json FILE]
+
+Document sets (each a folder of documents and a question file; the default is the first):
+    --docs tests/data/docs --questions bench/loop_qa.json                    a software product (Lumen Desk)
+    --docs bench/docsets/hanbit --questions bench/docsets/hanbit.json        a clinic, partly in Korean
+    --docs bench/docsets/railyard --questions bench/docsets/railyard.json    a rail depot: numbers and codes
 
 What happens, all through the product's real entry points:
 
 1. A fresh home. Simulated users, an admin and an examiner are created; the admin ingests the documents
-   of tests/data/docs once, as the team's SHARED documents, so every account (the users, the examiner,
+   of `--docs` once, as the team's SHARED documents, so every account (the users, the examiner,
    the teacher reading as the admin) retrieves from them. Shared, not private copies: the dataset builder
    puts retrieved passages into training prompts from shared documents only (a user's private document
    never reaches the shared adapter), so only shared documents exercise that path. Then `assistant
    serve` starts as its own process.
 2. Cycle 0 measures the base model: the users chat through the OpenAI-compatible API (questions from
-   bench/loop_qa.json, default sampling with a fixed seed per request) and rate every answer by a
+   `--questions`, default sampling with a fixed seed per request) and rate every answer by a
    HIDDEN preference: they like answers that are short (at most `--like-words` words, and not cut off
-   by the token limit) and name the product ("Lumen Desk"), and dislike the rest. A disliked answer
+   by the token limit) and name the product (the question file's `product`, "Lumen Desk" by default), and
+   dislike the rest. A disliked answer
    gets a thumbs down and is edited into the answer they wanted; a liked one gets a thumbs up. The
    "open-book" examiner asks held-out questions (paraphrases no user ever sent, plus facts no user asked
    about) greedily through the API, with retrieval from the shared documents. The same questions are then
@@ -29,7 +36,14 @@ What happens, all through the product's real entry points:
 4. The same users chat again (cycle 1, 2...), the held-out questions are asked again (open-book through
    the API, closed-book in-process).
 
-Reported per cycle: the users' like rate, the like rate on the held-out questions, grounded-answer
+Unanswerable questions (the question file's `unanswerable`: the documents do not hold the answer) are asked
+with the held-out ones; an answer that does not say so is an invented answer, and the report gives their rate.
+An answer to any other question that states a number or code no document holds is wrong, whatever else it
+got right (training/fact_check.py). The question file's `gate` questions go to the gate only, as its frozen
+held-out grounded check; the users' own questions go with them, marked as trained.
+
+Reported per cycle: the users' like rate and their liked-and-correct rate, the like rate on the held-out
+questions, the invented-answer rate on unanswerable questions, grounded-answer
 accuracy on held-out questions with retrieval and closed-book (a question counts when the answer holds
 one alternative of every key-fact group; closed-book is measured in-process on the serving weights with
 the plain system prompt, see 2.), the general-ability suite of the gate (general_qa keyword
@@ -56,9 +70,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
+from training.fact_check import unsupported_facts  # noqa: E402
 
 QA_FILE = Path(__file__).with_name("loop_qa.json")
-PRODUCT = "lumen desk"
+DOCS = ROOT / "tests" / "data" / "docs"
+DOC_SUFFIXES = (".md", ".txt", ".html", ".pdf")
+PRODUCT = "lumen desk"  # the hidden preference's name when the question file names none ("product")
+# An honest answer to a question the documents cannot answer says so; anything else states something invented.
+_ABSTAINS = re.compile(
+    r"\b(?:(?:do|does|did)(?: not|n't) (?:know|say|mention|specify|state|contain|include|cover|have|list)|"
+    r"not (?:mentioned|stated|specified|listed|given|included|covered|available|sure|in the (?:documents?|passages?|"
+    r"data|text))|no (?:information|mention|details?|data)|(?:can ?not|can't|couldn't|could not|unable to) "
+    r"(?:find|tell|say|answer|determine)|unknown|isn't (?:mentioned|stated|specified)|i'm not sure|"
+    r"i am not sure)\b", re.I)
 PHRASINGS = ["{q}", "Quick question: {q}", "{q} Thanks!", "Hi! {q}"]
 
 
@@ -67,16 +91,58 @@ def words(text: str) -> int:
     return len(re.findall(r"\w+", text))
 
 
-def liked(answer: str, max_words: int, finish_reason: str | None = "stop") -> bool:
+def liked(answer: str, max_words: int, finish_reason: str | None = "stop", product: str = PRODUCT) -> bool:
     """What the simulated users like: short, names the product, and finished (an answer cut off by the
     token limit is rambling however few words made it out). The loop never sees this rule, only their
     thumbs and edits."""
-    return PRODUCT in answer.lower() and 0 < words(answer) <= max_words and finish_reason != "length"
+    return product in answer.lower() and 0 < words(answer) <= max_words and finish_reason != "length"
 
 
-def grounded(answer: str, keys: list[list[str]]) -> bool:
+def grounded(answer: str, keys: list[list[str]], documents: str = "", question: str = "") -> bool:
+    """The answer holds one alternative of every key group, and states no number or code that neither the
+    documents nor the question hold: an invented fact beside the right one counts as wrong."""
     text = answer.lower()
-    return all(any(alt.lower() in text for alt in group) for group in keys)
+    if not all(any(alt.lower() in text for alt in group) for group in keys):
+        return False
+    return not (documents and unsupported_facts(answer, documents, question))
+
+
+def abstains(answer: str) -> bool:
+    """The answer says that it does not know, or that the documents do not say."""
+    return bool(_ABSTAINS.search(answer))
+
+
+def judge(group: str, fact: dict, answer: str, documents: str) -> bool:
+    """Correct: for an unanswerable question an answer that abstains, else a grounded one."""
+    if group == "unanswerable":
+        return abstains(answer)
+    return grounded(answer, fact["keys"], documents, fact["heldout"])
+
+
+def document_paths(docs: Path) -> list[Path]:
+    return sorted(p for p in docs.iterdir() if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
+
+
+def documents_text(docs: Path) -> str:
+    """The documents as plain text, for the invented-fact check (`grounded`)."""
+    from memory.documents import extract
+
+    return "\n\n".join(extract(p.name, p.read_bytes(), 1 << 22).text for p in document_paths(docs))
+
+
+def load_questions(path: Path) -> dict:
+    """The question file: `trained`, `unseen`, and optionally `unanswerable`, `gate` and `product`."""
+    qa = json.loads(path.read_text(encoding="utf-8"))
+    qa.setdefault("unanswerable", [])
+    qa.setdefault("gate", [])
+    qa["product"] = str(qa.get("product") or PRODUCT).lower()
+    for group in ("trained", "unseen", "unanswerable"):
+        for fact in qa.get(group, []):
+            missing = [k for k in ("id", "heldout", *(("keys",) if group != "unanswerable" else ()),
+                                   *(("ask", "ideal") if group == "trained" else ())) if k not in fact]
+            if missing:
+                raise SystemExit(f"{path}: {group} {fact.get('id', '?')} lacks {missing}")
+    return qa
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -104,6 +170,9 @@ class CycleRow:
     grounded_closed_paraphrase: float
     grounded_closed_unseen: float
     mean_words: float
+    liked_correct_users: float = 0.0  # liked by the users AND grounded-correct (issue 26: liked-but-wrong rose)
+    invented_rag: float | None = None  # unanswerable questions answered with something instead of "not in them"
+    invented_closed: float | None = None
     general_qa: float | None = None  # the serving model (base at cycle 0), from the gate's report
     general_qa_base: float | None = None
     general_ppl: float | None = None
@@ -151,7 +220,7 @@ class Api:
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def setup_home(home: Path, users: int) -> dict[str, str]:
+def setup_home(home: Path, users: int, docs: Path = DOCS) -> dict[str, str]:
     """Accounts (API keys by role) and the team's shared documents, ingested once by the admin.
 
     Shared because the dataset builder puts retrieved passages into training prompts from shared documents
@@ -176,7 +245,7 @@ def setup_home(home: Path, users: int) -> dict[str, str]:
         if name == "admin":
             admin = u
     kb = KnowledgeBase(settings)
-    for doc in sorted((ROOT / "tests" / "data" / "docs").glob("*.md")):
+    for doc in document_paths(docs):
         kb.ingest_path(admin, doc, scope="shared")
     kb.close()
     store.close()
@@ -199,8 +268,8 @@ def user_session(apis: dict[str, Api], qa: dict, cycle: int, args: argparse.Name
             # The same seed every cycle: a change in what users see comes from the model, not the dice.
             out = api.chat(question, args.max_tokens, seed=10 * ui + j)
             answer = out["choices"][0]["message"]["content"]
-            ok = liked(answer, args.like_words, out["choices"][0].get("finish_reason"))
-            turns.append(Turn(name, question, answer, ok, grounded(answer, fact["keys"]),
+            ok = liked(answer, args.like_words, out["choices"][0].get("finish_reason"), qa["product"])
+            turns.append(Turn(name, question, answer, ok, grounded(answer, fact["keys"], qa["_documents"], question),
                               out["usage"]["completion_tokens"], time.perf_counter() - started))
             mid = out["message_id"]
             if ok:
@@ -214,19 +283,20 @@ def user_session(apis: dict[str, Api], qa: dict, cycle: int, args: argparse.Name
 
 
 def heldout_items(qa: dict) -> list[tuple[str, dict]]:
-    return [("paraphrase", f) for f in qa["trained"]] + [("unseen", f) for f in qa["unseen"]]
+    return ([("paraphrase", f) for f in qa["trained"]] + [("unseen", f) for f in qa["unseen"]]
+            + [("unanswerable", f) for f in qa["unanswerable"]])
 
 
 def examine(api: Api, who: str, qa: dict, args: argparse.Namespace) -> list[tuple[str, Turn]]:
-    """Held-out questions, greedy: (group, turn) with group "paraphrase" or "unseen"."""
+    """Held-out questions, greedy: (group, turn) with group "paraphrase", "unseen" or "unanswerable"."""
     out = []
     for group, fact in heldout_items(qa):
         started = time.perf_counter()
         r = api.chat(fact["heldout"], args.max_tokens, temperature=0)
         answer = r["choices"][0]["message"]["content"]
         out.append((group, Turn(who, fact["heldout"], answer,
-                                liked(answer, args.like_words, r["choices"][0].get("finish_reason")),
-                                grounded(answer, fact["keys"]), r["usage"]["completion_tokens"],
+                                liked(answer, args.like_words, r["choices"][0].get("finish_reason"), qa["product"]),
+                                judge(group, fact, answer, qa["_documents"]), r["usage"]["completion_tokens"],
                                 time.perf_counter() - started)))
     return out
 
@@ -271,7 +341,8 @@ def closed_book(home: Path, model: str, serving: str | None, qa: dict,
                         {"role": "user", "content": fact["heldout"]}]
             r = backend.generate(messages, serving, gen)
             out.append((group, Turn("closed-book", fact["heldout"], r.text,
-                                    liked(r.text, args.like_words, r.finish_reason), grounded(r.text, fact["keys"]),
+                                    liked(r.text, args.like_words, r.finish_reason, qa["product"]),
+                                    judge(group, fact, r.text, qa["_documents"]),
                                     r.usage["completion_tokens"], time.perf_counter() - started)))
     finally:
         backend.close()
@@ -295,7 +366,13 @@ def measure(cycle: int, apis: dict[str, Api], qa: dict, args: argparse.Namespace
     held = [t for _, t in rag + closed]
 
     def acc(rows: list[tuple[str, Turn]], group: str | None = None) -> float:
-        return share([t.correct for g, t in rows if group is None or g == group])
+        """Grounded-correct share; over the answerable questions unless a group is named."""
+        return share([t.correct for g, t in rows if (g == group if group else g != "unanswerable")])
+
+    def invented(rows: list[tuple[str, Turn]]) -> float | None:
+        """Unanswerable questions answered with something other than "the documents do not say"."""
+        honest = [t.correct for g, t in rows if g == "unanswerable"]
+        return round(100.0 - share(honest), 1) if honest else None
 
     row = CycleRow(cycle=cycle, adapter=adapter,
                    like_rate_users=share([t.liked for t in session]),
@@ -304,6 +381,8 @@ def measure(cycle: int, apis: dict[str, Api], qa: dict, args: argparse.Namespace
                    grounded_rag_paraphrase=acc(rag, "paraphrase"), grounded_rag_unseen=acc(rag, "unseen"),
                    grounded_closed_paraphrase=acc(closed, "paraphrase"), grounded_closed_unseen=acc(closed, "unseen"),
                    mean_words=round(sum(words(t.answer) for t in session) / max(len(session), 1), 1),
+                   liked_correct_users=share([t.liked and bool(t.correct) for t in session]),
+                   invented_rag=invented(rag), invented_closed=invented(closed),
                    chat_s=round(time.perf_counter() - t0, 1),
                    turns=[asdict(t) for t in session] + [{**asdict(t), "group": g} for g, t in rag + closed])
     return row
@@ -326,24 +405,28 @@ def run_job(admin: Api, options: dict) -> dict:
         time.sleep(3)
 
 
-def write_gate_questions(qa: dict, path: Path) -> Path:
-    """The gate's grounded check: the questions users asked, each with the document that answers it.
+def write_gate_questions(qa: dict, path: Path, docs_dir: Path = DOCS) -> Path:
+    """The gate's grounded check, each question with the document that answers it: the questions users asked
+    (split "trained": their facts are trained on, shown beside) and the question file's frozen `gate` questions
+    (split "held-out": no user or examiner asks them and no training row is built from them; they decide).
 
-    Only trained facts in their users' wording: the held-out paraphrases and unseen facts this bench
-    reports are never shown to the trainer or the gate.
+    The held-out paraphrases, unseen facts and unanswerable questions this bench reports are never shown to the
+    trainer or the gate.
     """
     from memory.documents import extract
 
-    docs = [extract(p.name, p.read_bytes(), 1 << 20) for p in sorted((ROOT / "tests" / "data" / "docs").glob("*.md"))]
+    docs = [extract(p.name, p.read_bytes(), 1 << 22) for p in document_paths(docs_dir)]
     rows = []
-    for fact in qa["trained"]:
-        doc = next((d for d in docs if all(any(a in d.text.lower() for a in g) for g in fact["keys"])), None)
-        if doc is None:
-            raise SystemExit(f"no document holds the facts of {fact['id']}")
-        # The title is the one ingest gives the document, so the gate asks as retrieval serves.
-        rows.append({"question": fact["ask"], "passage": doc.text, "title": doc.title,
-                     "key_facts": [g[0] for g in fact["keys"]], "source": fact["id"]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for split, facts, ask in (("trained", qa["trained"], "ask"), ("held-out", qa["gate"], "question")):
+        for fact in facts:
+            doc = next((d for d in docs if all(any(a.lower() in d.text.lower() for a in g) for g in fact["keys"])),
+                       None)
+            if doc is None:
+                raise SystemExit(f"no document holds the facts of {fact['id']}")
+            # The title is the one ingest gives the document, so the gate asks as retrieval serves.
+            rows.append({"question": fact[ask], "passage": doc.text, "title": doc.title,
+                         "key_facts": [g[0] for g in fact["keys"]], "source": fact["id"], "split": split})
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
@@ -380,17 +463,19 @@ def pct(x: float | None) -> str:
 
 
 def table(rows: list[CycleRow]) -> str:
-    head = ("| cycle | serving | gate | like rate, users % | like rate, held-out % | grounded with retrieval % "
-            "(paraphrase / unseen) | grounded closed-book % (paraphrase / unseen) | mean words | general_qa % "
+    head = ("| cycle | serving | gate | like rate, users % | liked and correct, users % | like rate, held-out % | "
+            "grounded with retrieval % (paraphrase / unseen) | invented, unanswerable % (with retrieval / closed) | "
+            "grounded closed-book % (paraphrase / unseen) | mean words | general_qa % "
             "(base) | general ppl (base) | cycle time s (train / eval / synth) | chat+exam s |")
-    out = [head, "|" + "---|" * 12]
+    out = [head, "|" + "---|" * 14]
     for r in rows:
         ppl = "-" if r.general_ppl is None else f"{r.general_ppl:.2f} ({r.general_ppl_base:.2f})"
         times = "-" if r.cycle_s is None else (f"{r.cycle_s:.0f} ({r.train_s or 0:.0f} / {r.eval_s or 0:.0f} / "
                                               f"{r.synth_s or 0:.0f})")
+        invented = "-" if r.invented_rag is None else f"{r.invented_rag} / {r.invented_closed}"
         out.append(f"| {r.cycle} | {r.adapter or 'base'} | {r.gate or '-'} | {r.like_rate_users} | "
-                   f"{r.like_rate_heldout} | {r.grounded_rag} ({r.grounded_rag_paraphrase} / "
-                   f"{r.grounded_rag_unseen}) | {r.grounded_closed} ({r.grounded_closed_paraphrase} / "
+                   f"{r.liked_correct_users} | {r.like_rate_heldout} | {r.grounded_rag} ({r.grounded_rag_paraphrase} / "
+                   f"{r.grounded_rag_unseen}) | {invented} | {r.grounded_closed} ({r.grounded_closed_paraphrase} / "
                    f"{r.grounded_closed_unseen}) | {r.mean_words} | {pct(r.general_qa)} ({pct(r.general_qa_base)}) "
                    f"| {ppl} | {times} | {r.chat_s:.0f} |")
     return "\n".join(out)
@@ -426,6 +511,10 @@ def plot(rows: list[CycleRow], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--docs", type=Path, default=DOCS,
+                    help="folder of the team's documents (.md .txt .html .pdf), ingested as shared documents")
+    ap.add_argument("--questions", type=Path, default=QA_FILE,
+                    help="question file for those documents (format: bench/loop_qa.json's _about)")
     ap.add_argument("--cycles", type=int, default=2)
     ap.add_argument("--users", type=int, default=4)
     ap.add_argument("--per-user", type=int, default=8, help="trained questions each user asks per session")
@@ -463,13 +552,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    qa = json.loads(QA_FILE.read_text(encoding="utf-8"))
+    qa = load_questions(args.questions)
+    qa["_documents"] = documents_text(args.docs)
     t_all = time.perf_counter()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     home = args.home or Path(tempfile.mkdtemp(prefix="assistant-loop-")) / "home"
     model = args.model or str(prepare_model(args.model_cache))
-    keys = setup_home(home, args.users)
-    gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl")
+    keys = setup_home(home, args.users, args.docs)
+    gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl", args.docs)
     env = {**os.environ, "ASSISTANT_TRAIN_THREADS": str(args.train_threads), "HF_HUB_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
     if args.threads:
@@ -535,20 +625,27 @@ def main(argv: list[str] | None = None) -> int:
 
     total = time.perf_counter() - t_all
     print("\n" + table(rows))
-    first, best = rows[0], max(rows[1:3] or rows[:1], key=lambda r: r.like_rate_users)
-    last = rows[-1]
+    first, last = rows[0], rows[-1]
+    drops = [round(b.grounded_rag - a.grounded_rag, 1) for a, b in zip(rows, rows[1:], strict=False)]
     summary = {
-        "like_rate_gain_points": round(best.like_rate_users - first.like_rate_users, 1),
+        "like_rate_gain_points": round(last.like_rate_users - first.like_rate_users, 1),
+        "liked_correct_gain_points": round(last.liked_correct_users - first.liked_correct_users, 1),
         "grounded_rag_gain_points": round(last.grounded_rag - first.grounded_rag, 1),
+        "grounded_rag_worst_step_points": min(drops) if drops else None,
+        "invented_rag_base": first.invented_rag, "invented_rag_last": last.invented_rag,
         "grounded_closed_gain_points": round(last.grounded_closed - first.grounded_closed, 1),
         "general_qa_vs_base_points": None if last.general_qa is None or last.general_qa_base is None
         else round(100 * (last.general_qa - last.general_qa_base), 1),
         "total_s": round(total, 1),
     }
-    print(f"\nlike rate {first.like_rate_users} -> {best.like_rate_users} (target +30 within two cycles); grounded "
-          f"with retrieval {first.grounded_rag} -> {last.grounded_rag} (target +20); closed-book "
-          f"{first.grounded_closed} -> {last.grounded_closed}; general_qa vs base "
-          f"{summary['general_qa_vs_base_points']} points (target within 1); total {total / 60:.1f} min")
+    # The targets of issue 26, after the last cycle against the base model.
+    print(f"\n{args.docs.name}: like rate {first.like_rate_users} -> {last.like_rate_users} (target +30); liked and "
+          f"correct {first.liked_correct_users} -> {last.liked_correct_users} (target +20); grounded with retrieval "
+          f"{first.grounded_rag} -> {last.grounded_rag} (target +15, no cycle more than 2 below the one before: "
+          f"worst step {summary['grounded_rag_worst_step_points']}); invented on unanswerable questions "
+          f"{first.invented_rag} -> {last.invented_rag} (target: no higher); closed-book {first.grounded_closed} -> "
+          f"{last.grounded_closed}; general_qa vs base {summary['general_qa_vs_base_points']} points (target: not more "
+          f"than 1 below); total {total / 60:.1f} min")
     load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average before {load_before}, after {load_after}; {platform.node()} {os.cpu_count()} CPUs; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
