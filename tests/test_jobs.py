@@ -37,6 +37,10 @@ CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germa
 BUILD = {"split_ratios": [0.6, 0.1, 0.3], "heldout_min_rows": 10, "replay_ratio": 0.0}
 QUICK = {"max_steps": 10, "sft_learning_rate": 1e-2, "dpo_learning_rate": 1e-3, "evals_per_epoch": 1,
          "lora_r": 16, "lora_alpha": 32}
+# The capitals have no documents, and 30 conversations leave about 9 held-out ones: the gate is set to judge held-out
+# loss at that size (the default gate declines there: tests/test_evaluate.py), so the machinery can be watched here.
+LOSS_GATE = {"target_metrics": ["val_loss", "pref_accuracy"], "gain_metrics": ["val_loss"], "gain_significance": 0.0,
+             "min_sft_rows": 1, "min_pair_rows": 1, "min_liked_correct_rows": 1}
 LONG = {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0}  # runs until it is stopped
 SMALL_BUILD = {"replay_ratio": 0.0, "split_ratios": [0.5, 0.1, 0.4]}  # a dozen conversations still leave held-out rows
 
@@ -86,7 +90,8 @@ def training_child(runner: JobRunner, job_id: int) -> int:
 def test_scheduler_starts_a_cycle_that_trains_evaluates_registers_and_promotes(services) -> None:
     seed_feedback(services.store)
     save_loop_settings(services.store, {"enabled": True, "mode": "feedback", "min_new_feedback": 20,
-                                        "min_interval_hours": 1, "train": QUICK, "build": BUILD}, by="root")
+                                        "min_interval_hours": 1, "train": QUICK, "build": BUILD, "gate": LOSS_GATE},
+                       by="root")
     sched = Scheduler(services, poll_s=3600)
     first = sched.tick()
     assert first["due"] and first["reason"] == "30 new feedback" and first["started_job"] == 1
