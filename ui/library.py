@@ -1,5 +1,8 @@
 """The Documents and Memory pages: handlers as plain functions, plus their thin Gradio wiring.
 
+Every handler calls the action layer (`assistant.actions.library.Library`), as the HTTP API and the
+CLI do, so the rules (who may add shared documents, what deleting a document removes) are the same.
+
 In: `Services` whose `extras` hold the knowledge base (`extras["knowledge"]`, a
 `memory.knowledge.KnowledgeBase`) and long-term memory (`extras["memories"]`, a
 `memory.longterm.LongTermMemory`), the logged-in `User`, and the page's inputs (uploaded file paths,
@@ -19,10 +22,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import gradio as gr
 
+from assistant.actions.library import Library, Unavailable
 from memory.types import User
 from ui.handlers import NotLoggedIn, UiError, resolve_user
 from ui.render import excerpt, safe_markdown
@@ -37,9 +41,24 @@ DOC_HEADERS = ["Title", "File", "Type", "Visible to", "Chunks", "Size", "Added",
 MEMORY_HEADERS = ["Id", "What I remember", "Kind", "From", "Updated"]
 FILE_TYPES = [".txt", ".md", ".markdown", ".pdf", ".html", ".htm"]
 PRIVATE = {"api_visibility": "private"}
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------------------ documents
+def library(services: Services) -> Library:
+    """The documents-and-memories actions every way in calls (assistant/actions/library.py)."""
+    return Library(services.settings, services.store, services.extras.get("knowledge"),
+                   services.extras.get("memories"))
+
+
+def _act(fn: Callable[..., T], *args: Any) -> T:
+    """Run an action; its refusal becomes a UiError with the action's own words."""
+    try:
+        return fn(*args)
+    except (ValueError, LookupError, PermissionError, Unavailable) as e:
+        raise UiError(str(e).strip("'\"")) from e
+
+
 def knowledge(services: Services) -> KnowledgeBase:
     kb = services.extras.get("knowledge")
     if kb is None:
@@ -53,7 +72,7 @@ def _size(n: int) -> str:
 
 def document_rows(services: Services, user: User) -> list[list[Any]]:
     rows = []
-    for d in knowledge(services).list_documents(user):
+    for d in _act(library(services).list_documents, user):
         added = datetime.fromtimestamp(d.created_at, tz=UTC).strftime("%Y-%m-%d %H:%M")
         who = "team" if d.scope == "shared" else "only me"
         rows.append([d.title, d.filename, d.kind, who, d.chunks, _size(d.size), added, d.doc_id])
@@ -63,7 +82,7 @@ def document_rows(services: Services, user: User) -> list[list[Any]]:
 def document_choices(services: Services, user: User) -> list[tuple[str, str]]:
     """Documents this user may delete: their own, and (admins) the shared ones."""
     out = []
-    for d in knowledge(services).list_documents(user):
+    for d in _act(library(services).list_documents, user):
         if d.owner_id == user.id or (d.scope == "shared" and user.is_admin):
             out.append((f"{excerpt(d.title, 60)} ({d.filename})", d.doc_id))
     return out
@@ -81,15 +100,13 @@ def upload_documents(services: Services, user: User, files: Sequence[Received] |
                      progress: Callable[[float, str], None] | None = None) -> list[UploadResult]:
     """Ingest each received file (its name and bytes, never a path); a refused file gets its reason and
     the rest still go in."""
-    from memory.documents import IngestError
-
-    kb = knowledge(services)
+    lib = library(services)
+    knowledge(services)
     if not files:
         raise UiError("choose one or more files first")
     if scope not in ("private", "shared"):
         raise UiError("choose who may see the documents")
-    if scope == "shared" and not user.is_admin:
-        raise UiError("only admins add team documents; yours stay private")
+    _act(lib.check_scope, user, scope)
     report = progress or (lambda _f, _m: None)
     results: list[UploadResult] = []
     for i, f in enumerate(files):
@@ -97,8 +114,8 @@ def upload_documents(services: Services, user: User, files: Sequence[Received] |
             report((i + frac) / len(files), f"{name}: {msg}")
 
         try:
-            info = kb.ingest(user, f.filename, f.data, scope=scope, progress=step)  # type: ignore[arg-type]
-        except IngestError as e:
+            info = lib.add_document(user, f.filename, f.data, scope, step)
+        except ValueError as e:  # IngestError, too large, already there
             results.append(UploadResult(f.filename, False, str(e)))
             continue
         results.append(UploadResult(f.filename, True, f"added as '{info.title}' ({info.chunks} chunks)", info))
@@ -126,22 +143,10 @@ def upload_summary(results: list[UploadResult]) -> str:
 
 
 def delete_document(services: Services, user: User, doc_id: str | None) -> int:
-    """Delete a document and all its chunks; returns how many chunks went."""
-    from memory.knowledge import DocumentNotFound
-
+    """Delete a document, its chunks and the teacher pairs made from it; returns how many chunks went."""
     if not doc_id:
         raise UiError("choose a document first")
-    from training.synth import SyntheticPairs
-
-    try:
-        removed = knowledge(services).delete_document(user, doc_id)
-    except DocumentNotFound as e:
-        raise UiError("document not found") from e
-    except PermissionError as e:
-        raise UiError(str(e)) from e
-    # Pairs the teacher wrote from this document must not outlive it in later training sets.
-    SyntheticPairs(services.store).delete_for_document(doc_id)
-    return removed
+    return _act(library(services).delete_document, user, doc_id).chunks
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -154,20 +159,17 @@ def memories(services: Services) -> LongTermMemory:
 
 def memory_rows(services: Services, user: User) -> list[list[Any]]:
     return [[m.id, m.text, m.kind, m.source, m.updated_at.strftime("%Y-%m-%d %H:%M")]
-            for m in memories(services).list_memories(user.id)]
+            for m in _act(library(services).list_memories, user)]
 
 
 def memory_choices(services: Services, user: User) -> list[tuple[str, int]]:
-    return [(f"{m.id}: {excerpt(m.text, 70)}", m.id) for m in memories(services).list_memories(user.id)]
+    return [(f"{m.id}: {excerpt(m.text, 70)}", m.id) for m in _act(library(services).list_memories, user)]
 
 
 def _memory(services: Services, user: User, memory_id: int | None) -> Memory:
     if memory_id is None:
         raise UiError("choose a memory first")
-    m = memories(services).get(user.id, int(memory_id))
-    if m is None or m.status != "active":
-        raise UiError("memory not found")
-    return m
+    return _act(library(services).get_memory, user, int(memory_id))
 
 
 def memory_text(services: Services, user: User, memory_id: int | None) -> str:
@@ -176,34 +178,23 @@ def memory_text(services: Services, user: User, memory_id: int | None) -> str:
 
 def memory_history(services: Services, user: User, memory_id: int | None) -> list[Memory]:
     m = _memory(services, user, memory_id)
-    return memories(services).history(user.id, m.id)
+    return _act(library(services).memory_history, user, m.id)
 
 
 def add_memory(services: Services, user: User, text: str) -> Memory:
     """Remember something the user typed; the same fact again is a no-op, a contradicting one replaces."""
-    try:
-        return memories(services).remember(user.id, text or "", kind="note", source="explicit").memory
-    except ValueError as e:
-        raise UiError(str(e)) from e
+    return _act(library(services).add_memory, user, text or "")
 
 
 def edit_memory(services: Services, user: User, memory_id: int | None, text: str) -> Memory:
     m = _memory(services, user, memory_id)
-    try:
-        return memories(services).edit(user.id, m.id, text or "")
-    except ValueError as e:
-        raise UiError(str(e)) from e
-    except LookupError as e:
-        raise UiError("memory not found") from e
+    return _act(library(services).edit_memory, user, m.id, text or "")
 
 
 def forget_memory(services: Services, user: User, memory_id: int | None) -> int:
     """Delete the memory and every older version of it; it never comes back in a prompt."""
     m = _memory(services, user, memory_id)
-    try:
-        return memories(services).forget(user.id, m.id)
-    except LookupError as e:
-        raise UiError("memory not found") from e
+    return _act(library(services).forget_memory, user, m.id)
 
 
 # ------------------------------------------------------------------------------------------ wiring

@@ -91,13 +91,18 @@ class Library:
         except LookupError as e:  # memory.knowledge.DocumentNotFound
             raise NotFound(f"document {doc_id!r} not found") from e
 
-    def check_upload(self, user: User | None, filename: str, size: int, scope: str) -> User:
-        """Who may add what, and the checks that need no bytes: run before reading an upload."""
+    def check_scope(self, user: User | None, scope: str) -> User:
+        """Whether the user may add documents to `scope` (shared ones reach every user's prompts)."""
         user = require_user(user)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if scope == "shared" and not user.is_admin:
             raise AdminRequired("only admins add team documents; yours stay private")
+        return user
+
+    def check_upload(self, user: User | None, filename: str, size: int, scope: str) -> User:
+        """Who may add what, and the checks that need no bytes: run before reading an upload."""
+        user = self.check_scope(user, scope)
         try:
             check_filename(filename)
             check_size(size, self.settings.upload_max_bytes, filename)
