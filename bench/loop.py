@@ -10,12 +10,12 @@ Document sets (each a folder of documents and a question file; the default is th
 
 What happens, all through the product's real entry points:
 
-1. A fresh home. Simulated users, an admin and an examiner are created; the admin ingests the documents
-   of `--docs` once, as the team's SHARED documents, so every account (the users, the examiner,
-   the teacher reading as the admin) retrieves from them. Shared, not private copies: the dataset builder
-   puts retrieved passages into training prompts from shared documents only (a user's private document
-   never reaches the shared adapter), so only shared documents exercise that path. Then `assistant
-   serve` starts as its own process.
+1. A fresh home. Simulated users, an admin and an examiner are created, and `assistant serve` starts as
+   its own process. The admin uploads the documents of `--docs` through the API (`POST /v1/documents`),
+   once, as the team's SHARED documents, so every account (the users, the examiner, the teacher reading
+   as the admin) retrieves from them. Shared, not private copies: the dataset builder puts retrieved
+   passages into training prompts from shared documents only (a user's private document never reaches
+   the shared adapter), so only shared documents exercise that path.
 2. Cycle 0 measures the base model: the users chat through the OpenAI-compatible API (questions from
    `--questions`, default sampling with a fixed seed per request) and rate every answer by a
    HIDDEN preference: they like answers that are short (at most `--like-words` words, and not cut off
@@ -216,20 +216,23 @@ class Api:
         r.raise_for_status()
         return r.json()
 
+    def upload(self, paths: list[Path], scope: str) -> list[dict]:
+        """`POST /v1/documents` (multipart), all files in one request: all go in or none."""
+        files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+        r = self.http.post("/v1/documents", files=files, data={"scope": scope})
+        if r.status_code >= 400:
+            raise RuntimeError(f"POST /v1/documents: {r.status_code} {r.text[:300]}")
+        return r.json()["data"]
+
 
 # ------------------------------------------------------------------------------------------ set-up
 
 
-def setup_home(home: Path, users: int, docs: Path = DOCS) -> dict[str, str]:
-    """Accounts (API keys by role) and the team's shared documents, ingested once by the admin.
-
-    Shared because the dataset builder puts retrieved passages into training prompts from shared documents
-    only (a private document never reaches the shared adapter); every account retrieves from them.
-    """
+def setup_home(home: Path, users: int) -> dict[str, str]:
+    """Accounts: API keys by role (the documents go in through the API once the server runs)."""
     from argon2 import PasswordHasher
 
     from assistant.config import Settings
-    from memory.knowledge import KnowledgeBase
     from memory.store import Store
 
     settings = Settings.load(env={}, home=home)
@@ -237,19 +240,21 @@ def setup_home(home: Path, users: int, docs: Path = DOCS) -> dict[str, str]:
     # Cheap hashes: the bench talks with API keys only.
     store = Store.open(settings.db_url, password_hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     keys: dict[str, str] = {}
-    admin = None
     # No closed-book account: every account sees the shared documents (see `closed_book`).
     for name, role in [("admin", "admin"), ("open-book", "user")] + [(f"user{i}", "user") for i in range(users)]:
         u = store.create_user(f"loop-{name}", f"loop-password-{name}", role=role)
         keys[name] = store.create_api_key(u.id)
-        if name == "admin":
-            admin = u
-    kb = KnowledgeBase(settings)
-    for doc in document_paths(docs):
-        kb.ingest_path(admin, doc, scope="shared")
-    kb.close()
     store.close()
     return keys
+
+
+def ingest_documents(admin: Api, docs: Path) -> int:
+    """The team's documents, uploaded by the admin as an operator would (`POST /v1/documents`).
+
+    Shared because the dataset builder puts retrieved passages into training prompts from shared documents
+    only (a private document never reaches the shared adapter); every account retrieves from them.
+    """
+    return sum(d["chunks"] for d in admin.upload(document_paths(docs), scope="shared"))
 
 
 # ------------------------------------------------------------------------------------------ sessions
@@ -558,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     home = args.home or Path(tempfile.mkdtemp(prefix="assistant-loop-")) / "home"
     model = args.model or str(prepare_model(args.model_cache))
-    keys = setup_home(home, args.users, args.docs)
+    keys = setup_home(home, args.users)
     gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl", args.docs)
     env = {**os.environ, "ASSISTANT_TRAIN_THREADS": str(args.train_threads), "HF_HUB_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -572,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server ready at {url} ({time.perf_counter() - t_all:.0f} s of set-up); home {home}", file=sys.stderr)
     apis = {name: Api(url, key) for name, key in keys.items()}
     admin = apis["admin"]
+    chunks = ingest_documents(admin, args.docs)
+    print(f"documents ingested through the API: {chunks} chunks", file=sys.stderr)
     rows: list[CycleRow] = []
     try:
         serving = None
