@@ -166,7 +166,9 @@ def test_grounded_teacher_keeps_the_best_and_pairs_it_with_the_worst():
     assert pairs[1].answer_origin == "extract" and pairs[1].rejected == GOOD
     assert teacher.stats == {"model_questions": 1, "template_questions": 1, "questions_rejected": 2}
     assert [kind for kind, _, _ in model.calls] == ["question", "answer", "answer"]
-    assert summarize(pairs)["dpo_pairs"] == 2 and summarize(pairs)["accepted_extracts"] == 1
+    # GOOD is the passage's sentence word for word, so that sample counts as the extract it is
+    assert first.answer_origin == "extract" and [c.origin for c in first.candidates][1] == "extract"
+    assert summarize(pairs)["dpo_pairs"] == 2 and summarize(pairs)["accepted_extracts"] == 2
 
 
 def test_extract_answer_quotes_the_sentence_that_answers_or_nothing():
@@ -362,3 +364,37 @@ def test_chunks_from_the_knowledge_base(store, settings, tiny_embedder_dir):
         assert chunks_from_knowledge(kb, alice, doc_ids=["nope"]) == []
     finally:
         kb.close()
+
+
+# --------------------------------------------------------------------------------------- whose answer is kept
+def test_the_self_teacher_keeps_the_passages_sentence_never_its_own_sample():
+    """Issue 26: no sample of the embedded teacher was ever kept. The extract gets the judge's top score, and the
+    samples that pass the lexical judge either restate it or stitch in other sentences' words; so the self-teacher
+    keeps only the extract, and its samples are the DPO pair's rejected side (docs/teacher.md)."""
+    mixed = "The Team plan costs 8 dollars per member per month and includes unlimited version history."
+    model = ScriptedModel([], [mixed, REFUSAL] + [SHORT_GOOD, SHORT_GOOD])
+    teacher = GroundedTeacher(model, TeacherOptions(candidates=2, answers_from_samples=False))
+    pair = teacher.answer("What does the Team plan cost per month?", PRICING_CHUNK)
+    assert pair.accepted and pair.answer == GOOD and pair.answer_origin == "extract"
+    assert pair.rejected == REFUSAL
+    # Without an extract (here switched off) an accepted sample is still not kept as the answer.
+    teacher = GroundedTeacher(model, TeacherOptions(candidates=2, answers_from_samples=False, extract=False))
+    nothing = teacher.answer("How much is it each month for each member?", PRICING_CHUNK)
+    assert [c.origin for c in nothing.candidates] == ["model", "model"] and any(
+        c.verdict.accepted for c in nothing.candidates)
+    assert not nothing.accepted and nothing.rejected is None
+    # self_teacher sets it whatever options it is given (the backend is only called when it samples).
+    assert not self_teacher(object(), options=TeacherOptions(candidates=2)).options.answers_from_samples
+
+
+def test_a_stronger_teachers_accepted_answer_comes_before_the_extract():
+    """The extract scores the judge's maximum (1.0), so a paraphrase could never win; a teacher stronger than the
+    student (a local model or an OpenAI-compatible endpoint) ranks its accepted answers first."""
+    kept = {}
+    for prefer in (False, True):
+        model = ScriptedModel([], [SHORT_GOOD, REFUSAL])
+        teacher = GroundedTeacher(model, TeacherOptions(candidates=2, prefer_samples=prefer))
+        kept[prefer] = teacher.answer("What does the Team plan cost per month?", PRICING_CHUNK)
+    assert kept[False].answer == GOOD and kept[True].answer == SHORT_GOOD and kept[True].accepted
+    strong = openai_teacher("http://127.0.0.1:9/v1", "m")  # no request is made until it is asked
+    assert strong.options.prefer_samples and strong.options.answers_from_samples

@@ -511,8 +511,9 @@ def teacher_options(overrides: dict[str, Any] | None) -> Any:
     if unknown:
         raise ValueError(f"unknown teacher options {unknown}; known: {list(TEACHER_OPTION_KEYS)}")
     for key in ("candidates", "question_samples", "question_max_tokens", "answer_max_tokens"):
-        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1):
-            raise ValueError(f"teacher option {key} must be a whole number >= 1, got {data[key]!r}")
+        least = 0 if key == "candidates" else 1  # no samples: the extract alone answers (docs/teacher.md)
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < least):
+            raise ValueError(f"teacher option {key} must be a whole number >= {least}, got {data[key]!r}")
     return TeacherOptions(**data)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -526,6 +526,18 @@ class TeacherOptions:
     # score as high (session 7, run R: "Team plan: 10 dollars per member." where the passage says 8 and
     # 10 is the next sentence's guest limit). The extract is the passage's own words.
     extract_wins_ties: bool = True
+    # Whether a model sample may be the kept answer. `self_teacher` turns it off: on the embedded 135M model the
+    # samples that pass the lexical judge either restate the answering sentence (which the extract already is,
+    # at the judge's top score) or stitch in words of other sentences that the judge cannot tell from facts
+    # ("The Free plan allows up to 3 members ... unlimited version history, and an audit log", accepted at
+    # 0.86; docs/teacher.md, "Why no sample was ever kept"). Its samples stay judged candidates and the DPO
+    # pair's rejected side; without an extract the pair is not accepted.
+    answers_from_samples: bool = True
+    # Rank an accepted model sample above the extract whatever their scores: for a teacher stronger than the
+    # student (`local_teacher`, `openai_teacher`). The extract is the best-matching sentence itself, so it gets
+    # the judge's top score (1.0) and a paraphrase can only score lower: without this a stronger teacher's
+    # answer was never kept where an extract existed.
+    prefer_samples: bool = False
     seed: int = 1234
     limits: JudgeLimits = JudgeLimits()
 
@@ -540,8 +552,8 @@ class GroundedTeacher:
 
     def __init__(self, model: TeacherModel, options: TeacherOptions = TeacherOptions(),
                  name: str | None = None) -> None:
-        if options.candidates < 1:
-            raise ValueError("a teacher needs at least one candidate per question")
+        if options.candidates < 1 and not options.extract:
+            raise ValueError("a teacher needs at least one candidate per question, or the extract")
         self.model = model
         self.options = options
         self.name = name or model.name
@@ -590,26 +602,38 @@ class GroundedTeacher:
                     {"role": "user", "content": ANSWER_USER.format(passage=chunk.passage, question=question)}]
         raw = self.model.complete(messages, n=o.candidates, temperature=o.temperature, top_p=o.top_p,
                                   max_new_tokens=o.answer_max_tokens,
-                                  seed=_seed(o.seed, chunk.sha256, question))
+                                  seed=_seed(o.seed, chunk.sha256, question)) if o.candidates else []
         candidates = []
         for text in raw:
             cleaned = clean_answer(text)
             candidates.append(Candidate(cleaned, judge(question, cleaned, chunk.passage, o.limits)))
-        if o.extract and (quoted := extract_answer(question, chunk.passage)) \
-                and quoted not in {c.text for c in candidates}:
-            candidates.append(Candidate(quoted, judge(question, quoted, chunk.passage, o.limits), "extract"))
-        # Best: accepted first, then by score, then (with `extract_wins_ties`) the extract; worst: the
-        # lowest score. Otherwise ties keep sampling order.
-        ranked = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score,
-                                                   o.extract_wins_ties and c.origin == "extract"), reverse=True)
-        best, worst = ranked[0], ranked[-1]
+        if o.extract and (quoted := extract_answer(question, chunk.passage)):
+            if quoted in {c.text for c in candidates}:  # a sample that is the passage's sentence word for word
+                candidates = [replace(c, origin="extract") if c.text == quoted else c for c in candidates]
+            else:
+                candidates.append(Candidate(quoted, judge(question, quoted, chunk.passage, o.limits), "extract"))
+        if not candidates:
+            candidates.append(Candidate("", Verdict(False, 0.0, 0.0, 0.0, ("no_answer",)), "extract"))
+
+        def usable(c: Candidate) -> bool:
+            return c.verdict.accepted and (o.answers_from_samples or c.origin == "extract")
+
+        # Best: usable first, then (with `prefer_samples`) a model sample, then by score, then (with
+        # `extract_wins_ties`) the extract; worst: the last. Otherwise ties keep sampling order.
+        ranked = sorted(candidates, key=lambda c: (usable(c), o.prefer_samples and c.origin == "model",
+                                                   c.verdict.score, o.extract_wins_ties and c.origin == "extract"),
+                        reverse=True)
+        best = ranked[0]
+        worst = sorted(candidates, key=lambda c: (c.verdict.accepted, c.verdict.score,
+                                                  o.extract_wins_ties and c.origin == "extract"), reverse=True)[-1]
+        accepted = usable(best)
         rejected = None
-        if (best.verdict.accepted and worst is not best and worst.text.strip() and worst.text != best.text
+        if (accepted and worst is not best and worst.text.strip() and worst.text != best.text
                 and (not worst.verdict.accepted or best.verdict.score - worst.verdict.score >= o.dpo_margin)):
             rejected = worst
         return TeacherPair(
             doc_id=chunk.doc_id, chunk_id=chunk.chunk_id, chunk_sha256=chunk.sha256, question=question,
-            question_source=question_source, answer=best.text, accepted=best.verdict.accepted,
+            question_source=question_source, answer=best.text, accepted=accepted,
             score=best.verdict.score, teacher=self.name,
             rejected=rejected.text if rejected else None,
             rejected_score=rejected.verdict.score if rejected else None,
@@ -624,19 +648,22 @@ class GroundedTeacher:
 
 def self_teacher(backend: Any, adapter: str | None = None,
                  options: TeacherOptions = TeacherOptions()) -> GroundedTeacher:
-    """The embedded default: the serving model, the passage in context, several samples, judged."""
-    return GroundedTeacher(BackendTeacherModel(backend, adapter), options)
+    """The embedded default: the serving model with the passage in context. The kept answer is the passage's
+    own sentence (the extract); the model's judged samples are only the DPO pairs' rejected side
+    (`TeacherOptions.answers_from_samples`, docs/teacher.md)."""
+    return GroundedTeacher(BackendTeacherModel(backend, adapter), replace(options, answers_from_samples=False))
 
 
 def local_teacher(model: str | Path, options: TeacherOptions = TeacherOptions(), **kwargs: Any) -> GroundedTeacher:
-    """A stronger local model (hub id or folder) as teacher."""
-    return GroundedTeacher(HFTeacherModel(model, **kwargs), options)
+    """A stronger local model (hub id or folder) as teacher: its accepted answers come before the extract."""
+    return GroundedTeacher(HFTeacherModel(model, **kwargs), replace(options, prefer_samples=True))
 
 
 def openai_teacher(base_url: str, model: str, api_key: str = "not-needed",
                    options: TeacherOptions = TeacherOptions(candidates=2)) -> GroundedTeacher:
-    """A model behind an OpenAI-compatible endpoint as teacher (fewer samples: each one is a request)."""
-    return GroundedTeacher(OpenAITeacherModel(base_url, model, api_key), options)
+    """A model behind an OpenAI-compatible endpoint as teacher (fewer samples: each one is a request); its
+    accepted answers come before the extract. The documented way to a teacher stronger than the student."""
+    return GroundedTeacher(OpenAITeacherModel(base_url, model, api_key), replace(options, prefer_samples=True))
 
 
 def summarize(pairs: Sequence[TeacherPair]) -> dict[str, Any]:

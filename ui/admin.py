@@ -27,6 +27,8 @@ from assistant.admin_api import AdminActions, require_admin
 from memory.types import User
 from training.jobs import NotReady
 from training.readiness import check_readiness
+from ui.confirm import confirm_step
+from ui.people import build_people_section, people_frame
 
 GetUser = Callable[[gr.Request], User | None]
 PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API is /v1/admin
@@ -245,15 +247,6 @@ def start_job(actions: AdminActions, user: User | None, steps: float | None, aut
 
 
 # ------------------------------------------------------------------------------------------ the tab
-def confirm_step(question: str, yes: str, no: str, name: str) -> tuple[gr.Row, gr.Button, gr.Button]:
-    """A hidden row that asks before a destructive action: the action runs only from its "yes" button."""
-    with gr.Row(visible=False, elem_id=f"{name}-ask", elem_classes="confirm-row") as row:
-        gr.Markdown(question)
-        yes_btn = gr.Button(yes, variant="stop", size="sm", elem_id=f"{name}-yes")
-        no_btn = gr.Button(no, size="sm", elem_id=f"{name}-no")
-    return row, yes_btn, no_btn
-
-
 def _default_get_user(services: Any) -> GetUser:
     def get(request: gr.Request) -> User | None:
         name = getattr(request, "username", None)
@@ -382,6 +375,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         s_save = gr.Button("Save schedule")
         s_state = gr.Markdown()
     schedule_inputs = [s_enabled, s_mode, s_min_fb, s_interval, s_daily, s_every, s_auto, s_keep, s_synth]
+    people_df = build_people_section(services)
 
     # ---------------------------------------------------------------- events
     def load_all(user: User | None, current_job: float | None):
@@ -398,10 +392,11 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
                 gr.Dropdown(choices=versions, value=versions[0] if versions else None),
                 gr.Dropdown(choices=versions, value=versions[1] if len(versions) > 1 else None),
                 gr.Dropdown(choices=versions, value=versions[0] if versions else None),
-                *[settings[k] for k in SCHEDULE_FIELDS], state)
+                *[settings[k] for k in SCHEDULE_FIELDS], state, people_frame(services, user))
 
     all_outputs = [counts_md, ready_md, ds_dd, preview_df, preview_note, jobs_df, job_id, bar, status_md, curve,
-                   log_box, timer, adapters_df, adapters_md, rep_a, rep_b, version_dd, *schedule_inputs, s_state]
+                   log_box, timer, adapters_df, adapters_md, rep_a, rep_b, version_dd, *schedule_inputs, s_state,
+                   people_df]
     refresh.click(guarded(load_all), [job_id], all_outputs, **PRIVATE)
     tab = gr.context.Context.block
     if isinstance(tab, gr.Tab):  # load when an admin opens the tab (ui/app.py builds us inside it)

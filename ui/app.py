@@ -26,7 +26,9 @@ from assistant.server import Services
 from memory.types import REASON_TAGS
 from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
+from ui.firstrun import SetupRedirect, mount_first_run
 from ui.library import build_documents_tab, build_memory_tab
+from ui.people import build_account_tab
 from ui.render import safe_markdown
 from ui.uploads import PageUploads
 
@@ -37,6 +39,7 @@ CSS = """
 .compare-answer { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
                   min-height: 80px; }
 """
+PRODUCT = "Self-improving assistant"  # the page's title and heading
 PRIVATE = {"api_visibility": "private"}  # the page is the only client of these events; the API is /v1
 
 
@@ -67,13 +70,14 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
     active = h.ActiveReplies()
     skip = gr.skip
 
-    with gr.Blocks(title="Assistant") as demo:
+    with gr.Blocks(title=PRODUCT) as demo:
         conv_state = gr.State(None)  # current conversation id (None: a new chat)
         view_state = gr.State(None)  # ChatView: rows and the answer id behind each row
         selected = gr.State(None)  # answer id the feedback controls act on
         cmp_state = gr.State(None)  # Comparison during regenerate-and-choose
 
         with gr.Row(equal_height=True):
+            gr.Markdown(f"### {PRODUCT}", elem_id="product")
             who = gr.Markdown(elem_id="whoami")
             gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="logout")
 
@@ -102,7 +106,9 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
                                              buttons=["copy", "copy_all"],  # no "share" to a hub
                                              placeholder="Ask anything. Answers stream in; Stop ends one early.")
                         with gr.Row():
-                            msg = gr.Textbox(label="Message", show_label=False, placeholder="Message", lines=2, scale=8,
+                            # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
+                            msg = gr.Textbox(label="Message", show_label=False, lines=1, max_lines=10, scale=8,
+                                             placeholder="Message (Enter sends, Shift+Enter adds a line)",
                                              elem_id="message")
                             send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                             stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
@@ -129,6 +135,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
                                 pick_b = gr.Button("B is better", elem_id="pick-b", interactive=False)
             build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
+            build_account_tab(services)
             with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
                 if importlib.util.find_spec("ui.admin") is not None:
                     from ui.admin import build_admin_tab
@@ -200,28 +207,30 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
         def on_send(text, cid, model, request: gr.Request) -> Iterator[tuple]:
             user = _user(services, request)
             n = len(chat_outputs)
+            ready, busy = gr.Button(interactive=True), gr.Button(interactive=False)
             try:
                 reply = h.start_turn(services, user, cid, text, model)
             except h.EmptyMessage:
-                yield (*(skip(),) * n, skip(), "")
+                yield (*(skip(),) * n, skip(), "", ready)
                 return
             except h.UiError as e:
                 # The text stays in the box: a refused message loses nothing.
-                yield (*(skip(),) * n, skip(), safe_markdown(e.message))
+                yield (*(skip(),) * n, skip(), safe_markdown(e.message), ready)
                 return
             try:
                 for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or ""):
                     if view.row_ids and view.row_ids[-1] is None:  # still streaming
-                        yield (view.rows, *(skip(),) * (n - 1), "", "")
+                        yield (view.rows, *(skip(),) * (n - 1), "", "", busy)
                     else:
-                        yield (*show(view, user), "", "")
+                        yield (*show(view, user), "", "", ready)
             except h.UiError as e:  # failed mid-answer: put the question back so nothing is lost
-                yield (*(skip(),) * n, text, safe_markdown(e.message))
+                yield (*(skip(),) * n, text, safe_markdown(e.message), ready)
 
-        send_args = dict(fn=on_send, inputs=[msg, conv_state, model_dd], outputs=[*chat_outputs, msg, notice],
-                         concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
-        msg.submit(**send_args)
-        send_btn.click(**send_args)
+        # One event for Enter and the button: while an answer streams, neither starts another
+        # (trigger_mode "once"), and the button shows it is locked.
+        gr.on([msg.submit, send_btn.click], fn=on_send, inputs=[msg, conv_state, model_dd],
+              outputs=[*chat_outputs, msg, notice, send_btn], trigger_mode="once",
+              concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
 
         def on_stop(request: gr.Request):
             user = _user(services, request)
@@ -331,6 +340,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
 
 def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     """Mount the page at "/" behind a login checked against the user store."""
+    first_run = mount_first_run(app, services)  # /setup passes the guard as a route of the host app
     host_routes = list(app.router.routes)  # the API, registered before the UI
     uploads = PageUploads(page_upload_dir(services))
     uploads.start()
@@ -352,6 +362,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)
     quiet_queue(demo)
     app.add_middleware(UiGuard, host_app=app, host_routes=host_routes, uploads=uploads)
+    app.add_middleware(SetupRedirect, first_run=first_run)  # outermost: before the guard sends to the login
     return app
 
 

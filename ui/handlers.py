@@ -13,6 +13,7 @@ message is not sent at all.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -223,7 +224,8 @@ def stream_turn(services: Services, user: User, conversation_id: int | None, tex
         active.start(user, session, reply)
     try:
         partial = ""
-        for piece in reply:
+        # The question shows at once, with a cursor as the typing indicator until the first token.
+        for piece in itertools.chain([""], reply):
             partial += piece
             view = ChatView(base.conversation_id, list(base.rows), list(base.row_ids), dict(base.answers))
             view.add_user(text)

@@ -28,6 +28,7 @@ import gradio as gr
 
 from assistant.actions.library import Library, Unavailable
 from memory.types import User
+from ui.confirm import confirm_step, hidden, shown
 from ui.handlers import NotLoggedIn, UiError, resolve_user
 from ui.render import excerpt, safe_markdown
 from ui.uploads import PageUploads, Received, UploadRefused
@@ -206,7 +207,7 @@ def _user(services: Services, request: gr.Request) -> User:
 
 
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
-    with gr.Tab("Documents", id="documents"):
+    with gr.Tab("Documents", id="documents") as tab:
         if "knowledge" not in services.extras:
             gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
             return
@@ -224,6 +225,9 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         with gr.Row():
             pick = gr.Dropdown(label="Document", choices=[], elem_id="doc-pick", scale=3)
             delete_btn = gr.Button("Delete document", variant="stop", elem_id="doc-delete", scale=1)
+        ask_row, yes_btn, no_btn = confirm_step(
+            "Delete this document? Answers stop citing it, and its passages leave every later training set.",
+            "Yes, delete it", "Keep it", "doc-delete")
 
     def refresh(user: User, chosen: str | None = None) -> tuple:
         choices = document_choices(services, user)
@@ -235,6 +239,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         return (*refresh(user), gr.Radio(visible=user.is_admin))
 
     demo.load(on_load, None, [table, pick, scope], **PRIVATE)
+    tab.select(on_load, None, [table, pick, scope], **PRIVATE)  # opened again: the list as it is now
 
     def on_upload(paths, where, request: gr.Request, progress=gr.Progress()):
         user = _user(services, request)
@@ -256,10 +261,12 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         try:
             n = delete_document(services, user, doc_id)
         except UiError as e:
-            return gr.skip(), gr.skip(), safe_markdown(e.message)
-        return (*refresh(user), f"Deleted the document and its {n} chunks.")
+            return gr.skip(), gr.skip(), safe_markdown(e.message), hidden()
+        return (*refresh(user), f"Deleted the document and its {n} chunks.", hidden())
 
-    delete_btn.click(on_delete, [pick], [table, pick, status], **PRIVATE)
+    delete_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
+    no_btn.click(hidden, None, [ask_row], **PRIVATE)
+    yes_btn.click(on_delete, [pick], [table, pick, status, ask_row], **PRIVATE)
 
     def on_row(evt: gr.SelectData):  # clicking a row picks that document for Delete
         row = evt.row_value or []
@@ -269,7 +276,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
 
 
 def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
-    with gr.Tab("Memory", id="memory"):
+    with gr.Tab("Memory", id="memory") as tab:
         if "memories" not in services.extras:
             gr.Markdown("Memory is not available: long-term memory is not attached to this server.")
             return
@@ -285,6 +292,9 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
         with gr.Row():
             save_btn = gr.Button("Save change", elem_id="memory-save")
             forget_btn = gr.Button("Delete memory", variant="stop", elem_id="memory-delete")
+        ask_row, yes_btn, no_btn = confirm_step(
+            "Delete this memory and its older versions? It is never used again, in answers or in training.",
+            "Yes, delete it", "Keep it", "memory-delete")
         status = gr.Markdown(elem_id="memory-status")
 
     def refresh(user: User, chosen: int | None = None) -> tuple:
@@ -296,6 +306,8 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
         return refresh(_user(services, request))
 
     demo.load(on_load, None, [table, pick], **PRIVATE)
+    # Memories learnt in chat ("remember that...") appear when the tab is opened, without a reload.
+    tab.select(on_load, None, [table, pick], **PRIVATE)
 
     def on_pick(memory_id, request: gr.Request):
         user = _user(services, request)
@@ -342,4 +354,11 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
     add_btn.click(act(do_add), [pick, new_text], outputs, **PRIVATE)
     new_text.submit(act(do_add), [pick, new_text], outputs, **PRIVATE)
     save_btn.click(act(do_save), [pick, edit_box], outputs, **PRIVATE)
-    forget_btn.click(act(do_forget), [pick, edit_box], outputs, **PRIVATE)
+    forget_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
+    no_btn.click(hidden, None, [ask_row], **PRIVATE)
+    forget = act(do_forget)
+
+    def on_forget(memory_id, text, request: gr.Request):
+        return (*forget(memory_id, text, request), hidden())
+
+    yes_btn.click(on_forget, [pick, edit_box], [*outputs, ask_row], **PRIVATE)

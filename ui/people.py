@@ -1,0 +1,119 @@
+"""Accounts in the page: admins add people; everyone changes their own password.
+
+In: the server's services and the logged-in user. Out: `build_people_section` (inside the admin
+console: the list of accounts and a form to add one, whose API key is shown once) and
+`build_account_tab` (a tab where a user changes their password). The rules are the action layer's
+(`assistant.actions.users.UserAdmin`, the same the API and the CLI use); the functions here only add
+what a form needs: a password typed twice, and sentences instead of exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from assistant.actions.users import UserAdmin
+from memory.types import User
+from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.render import safe_markdown
+
+PRIVATE = {"api_visibility": "private"}
+MIN_PASSWORD = 8
+PEOPLE_COLUMNS = ["name", "role", "status", "since"]
+
+
+def _accounts(services: Any) -> UserAdmin:
+    return UserAdmin(services.settings, services.store, getattr(services, "knowledge", None))
+
+
+def _password(new: str, again: str) -> str:
+    if len(new or "") < MIN_PASSWORD:
+        raise UiError(f"the new password needs at least {MIN_PASSWORD} characters")
+    if new != again:
+        raise UiError("the two new passwords are not the same")
+    return new
+
+
+def change_own_password(services: Any, user: User, old: str, new: str, again: str) -> str:
+    """Check the current password, then replace it. Sessions stay logged in; the next login needs the new one."""
+    if services.store.authenticate(user.username, old or "") is None:
+        raise UiError("the current password is not right")
+    services.store.set_password(user.id, _password(new, again))
+    return "Password changed. Use the new one the next time you log in."
+
+
+def add_person(services: Any, admin: User, username: str, password: str, again: str, is_admin: bool) -> str:
+    """A new account (admins only); the answer shows its API key, which is never shown again."""
+    if not admin.is_admin:
+        raise UiError("this needs an admin account")
+    try:
+        made = _accounts(services).create_user(admin, (username or "").strip(), _password(password, again),
+                                               admin=bool(is_admin))
+    except (ValueError, LookupError) as e:
+        raise UiError(str(e)) from e
+    role = "an admin" if is_admin else "a user"
+    return (f"**{safe_markdown(made['user']['username'])}** can now log in as {role}. Their API key, shown only "
+            f"now: `{made['api_key']}`")
+
+
+def people_frame(services: Any, admin: User) -> pd.DataFrame:
+    if not admin.is_admin:
+        raise UiError("this needs an admin account")
+    rows = [[u.username, u.role, "disabled" if u.disabled else "active",
+             u.created_at.strftime("%Y-%m-%d")] for u in services.store.list_users()]
+    return pd.DataFrame(rows, columns=PEOPLE_COLUMNS)
+
+
+def _who(services: Any, request: gr.Request) -> User:
+    try:
+        return resolve_user(services, request.username)
+    except NotLoggedIn as e:
+        raise gr.Error(e.message) from e
+
+
+def build_people_section(services: Any) -> gr.Dataframe:
+    """Inside the admin console; returns the table so the console's refresh can fill it."""
+    gr.Markdown("### People")
+    table = gr.Dataframe(headers=PEOPLE_COLUMNS, interactive=False, elem_id="people-table")
+    with gr.Row():
+        name = gr.Textbox(label="User name", elem_id="person-name")
+        pw = gr.Textbox(label=f"Password (at least {MIN_PASSWORD} characters)", type="password",
+                        elem_id="person-password")
+        again = gr.Textbox(label="Password again", type="password", elem_id="person-again")
+        make_admin = gr.Checkbox(False, label="Admin", elem_id="person-admin")
+        add_btn = gr.Button("Add person", elem_id="person-add")
+    note = gr.Markdown(elem_id="person-note")
+
+    def on_add(username, password, password2, is_admin, request: gr.Request):
+        admin = _who(services, request)
+        try:
+            msg = add_person(services, admin, username, password, password2, is_admin)
+        except UiError as e:
+            raise gr.Error(e.message[:1].upper() + e.message[1:], print_exception=False) from e
+        return people_frame(services, admin), "", "", "", False, msg
+
+    add_btn.click(on_add, [name, pw, again, make_admin], [table, name, pw, again, make_admin, note], **PRIVATE)
+    return table
+
+
+def build_account_tab(services: Any) -> None:
+    """A tab where the logged-in user changes their own password."""
+    with gr.Tab("Account", id="account"):
+        gr.Markdown("Change your password.")
+        old = gr.Textbox(label="Current password", type="password", elem_id="pw-old")
+        new = gr.Textbox(label=f"New password (at least {MIN_PASSWORD} characters)", type="password",
+                         elem_id="pw-new")
+        again = gr.Textbox(label="New password again", type="password", elem_id="pw-again")
+        change = gr.Button("Change password", elem_id="pw-change")
+        note = gr.Markdown(elem_id="pw-note")
+
+    def on_change(current, password, password2, request: gr.Request):
+        user = _who(services, request)
+        try:
+            return "", "", "", change_own_password(services, user, current, password, password2)
+        except UiError as e:
+            return gr.skip(), gr.skip(), gr.skip(), safe_markdown(e.message[:1].upper() + e.message[1:] + ".")
+
+    change.click(on_change, [old, new, again], [old, new, again, note], **PRIVATE)
