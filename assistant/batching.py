@@ -243,10 +243,12 @@ class BatchEngine:
                     self.rows, self._cache, self._mask = [], None, None
 
     def _admit(self) -> None:
-        while len(self.rows) < self.max_batch:
+        """Take waiting requests into the free places of the batch; all of them are prefilled together."""
+        joining: list[BatchRequest] = []
+        while len(self.rows) + len(joining) < self.max_batch:
             with self._cond:
                 if not self._pending:
-                    return
+                    break
                 req = self._pending.popleft()
             req.queue_wait_s = time.perf_counter() - req.submitted
             try:
@@ -258,41 +260,62 @@ class BatchEngine:
             req.admitted.set()
             if req.stopped:
                 self._end(req, Done(0, "cancelled"))
-                continue
+            else:
+                joining.append(req)
+        if joining:
             try:
-                self._prefill(req)
-            except BaseException as e:
-                self._end(req, Failed(e))
-                continue
-            self._after_token(req)
+                logits = self._prefill(joining)
+            except BaseException as e:  # only the joining requests fail; the running batch is untouched
+                for r in joining:
+                    self._end(r, Failed(e))
+                return
+            self._next_tokens(joining, logits)
 
-    def _prefill(self, req: BatchRequest) -> None:
+    def _prefill(self, reqs: list[BatchRequest]) -> torch.Tensor:
+        """One forward pass over the new prompts (left-padded to the longest), whose cache rows then
+        join the batch's; returns each new row's last logits."""
         import torch
         import torch.nn.functional as F
 
         device = self.host.device
-        if not req.greedy:
-            req.generator = torch.Generator(device=device)
-            req.generator.manual_seed(req.seed if req.seed is not None else random.getrandbits(63))
-        ids = torch.tensor([req.prompt], device=device)
+        width = max(len(r.prompt) for r in reqs)
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+            r.length = len(r.prompt)
+            if not r.greedy:
+                r.generator = torch.Generator(device=device)
+                r.generator.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+        ids, mask = ids.to(device), mask.to(device)
         cache = self.host.new_cache()
-        model, kwargs = self.host.route([req.internal])
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1, **kwargs)
-        req.length = len(req.prompt)
-        req.last = self._choose(req, out.logits[0, -1], None)
-        mask = torch.ones((1, req.length), dtype=torch.long, device=device)
+        model, kwargs = self.host.route([r.internal for r in reqs])
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
         if self._cache is None:
             self._cache, self._mask = cache, mask
-        else:  # left-pad the shorter of (batch, new row) and stack the rows
-            width = self._mask.shape[1]
-            total = max(width, req.length)
+        else:  # left-pad the narrower of (batch, new rows) and stack them
+            assert self._mask is not None
+            have = self._mask.shape[1]
+            total = max(have, width)
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_pad_left(mine.keys, total - width), _pad_left(theirs.keys, total - req.length)])
-                mine.values = torch.cat([_pad_left(mine.values, total - width),
-                                         _pad_left(theirs.values, total - req.length)])
-            self._mask = torch.cat([F.pad(self._mask, (total - width, 0)), F.pad(mask, (total - req.length, 0))])
-        self.rows.append(req)
+                mine.keys = torch.cat([_pad_left(mine.keys, total - have), _pad_left(theirs.keys, total - width)])
+                mine.values = torch.cat([_pad_left(mine.values, total - have), _pad_left(theirs.values, total - width)])
+            self._mask = torch.cat([F.pad(self._mask, (total - have, 0)), F.pad(mask, (total - width, 0))])
+        self.rows.extend(reqs)
+        return out.logits[:, -1, :]
+
+    def _next_tokens(self, rows: list[BatchRequest], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits; a row whose sampling fails leaves with the error."""
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            try:
+                r.last = self._choose(r, logits[i], greedy[i])
+            except BaseException as e:  # e.g. NaN logits from a broken adapter: only this request fails
+                self._remove(r, Failed(e))
+                continue
+            self._after_token(r)
 
     def _step(self) -> None:
         import torch
@@ -311,18 +334,9 @@ class BatchEngine:
                     use_cache=True, **kwargs)
         self.steps += 1
         self.row_steps += len(self.rows)
-        logits = out.logits[:, -1, :]
-        greedy = logits.argmax(dim=-1).tolist()
-        rows = list(self.rows)
-        for r in rows:  # all first: `_remove` computes the padding from every row's length
+        for r in self.rows:  # all first: `_remove` computes the padding from every row's length
             r.length += 1
-        for i, r in enumerate(rows):
-            try:
-                r.last = self._choose(r, logits[i], greedy[i])
-            except BaseException as e:  # e.g. NaN logits from a broken adapter: only this request fails
-                self._remove(r, Failed(e))
-                continue
-            self._after_token(r)
+        self._next_tokens(list(self.rows), out.logits[:, -1, :])
 
     def _choose(self, r: BatchRequest, logits: torch.Tensor, greedy: int | None) -> int:
         import torch
