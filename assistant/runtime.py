@@ -7,11 +7,14 @@ once exhausted, holds ``usage``, ``finish_reason``, ``adapter`` and ``queue_wait
 
 Two implementations:
 
-- `TransformersBackend`: the base model plus PEFT LoRA adapters in this process. The active
-  adapter is state of the whole model (notes/stack.md P8), so one gate serializes "select adapter +
-  generate" for a whole generation; requests wait in FIFO order, at most `settings.queue_max` of them
-  and at most `settings.queue_timeout_s` seconds each, else `BackendBusy`. Adapter loads and unloads
-  go through the same gate ahead of waiting requests, so they never change a generation in flight.
+- `TransformersBackend`: the base model plus PEFT LoRA adapters in this process. With
+  `settings.serving == "batched"` (the default) requests decode together in `assistant.batching`'s
+  engine, up to `settings.batch_max` at once, each on its own adapter; adapter loads and unloads run
+  between two decode steps, and the weights a request started with stay until it ends. With
+  "sequential", the active adapter is state of the whole model (notes/stack.md P8), so one gate
+  serializes "select adapter + generate" for a whole generation, and loads and unloads go through the
+  same gate ahead of waiting requests. Either way requests wait in FIFO order, at most
+  `settings.queue_max` of them and at most `settings.queue_timeout_s` seconds each, else `BackendBusy`.
 - `OpenAIBackend`: any OpenAI-compatible server (vLLM with LoRA modules, or this product's own API);
   adapters are the server's model names.
 
