@@ -7,14 +7,21 @@ snapshot by `load_eval_set`), the general-ability suite shipped with the project
 Out: an `EvalReport` (per-model metrics, the checks and the decision), saved as ``report.json``,
 ``report.md`` and ``report.png`` whatever the decision.
 
+The code is split by stage (issue 22): `training/gate_config.py` (the settings), `training/gate_metrics.py` (the
+held-out data and every measurement), `training/gate_decision.py` (the rules) and `training/gate_report.py`
+(report.json / .md / .png). This module runs them in order and keeps the names its importers use.
+
 Metrics, each measured for the candidate and the baseline (the general suite for the base model too):
 
 - ``val_loss``: mean negative log-likelihood per assistant token on the held-out conversations (also
   reported as perplexity). Lower is better.
 - ``pref_accuracy``: share of held-out preference pairs where the model gives the chosen answer a
   higher log-probability than the rejected one (sum over the answer's tokens, as DPO scores them).
-- ``grounded``: on held-out document questions, answered greedily with the source passage in the
-  prompt, the share of the passage's key facts that the answer contains.
+- ``liked_correct``: the same over the pairs whose chosen answer states no number or code its passages lack
+  (`training/fact_check.py`): what users liked AND what is right.
+- ``grounded``: on held-out document questions (never trained on), answered greedily with the source passage in
+  the prompt, the share of the passage's key facts that the answer contains. ``grounded_trained``: the same on
+  questions whose facts users asked, shown beside it and never deciding.
 - ``general_ppl``: perplexity on short reference texts, and ``general_qa``: share of expected keywords
   in greedy answers to simple general questions: the catastrophic-forgetting guard. The shipped
   suite has 120 single-fact questions over eight areas (geography, arithmetic, science, animals,
@@ -23,9 +30,13 @@ Metrics, each measured for the candidate and the baseline (the general suite for
   about half of them (0.51-0.56 over the prompts and answer lengths measured). So a candidate can lose
   some questions and win others; the score is the net.
 
-The decision (`decide`, a pure function of the numbers): the candidate must gain at least the stated
-minimum on one target metric and regress on none beyond its tolerance; the general suite must stay
-within tolerance of both the baseline and the base model.
+The decision (`decide`, a pure function of the numbers), in order: a measure on fewer held-out items than its
+``min_*_rows`` is not judged (the report lists it); a regression beyond a tolerance refuses the candidate, and
+held-out grounding's line is hard (no significance escape); too few held-out document questions, or too little
+data for every gain metric, declines to decide (not promoted, and the report says so); otherwise the candidate
+needs a gain on grounding or liked-and-correct that is at least the stated minimum AND significant (one-sided
+sign test), and the general suite must stay within tolerance of both the baseline and the base model. The report
+states what each check can see at its size (`GateDecision.power`).
 
 Run it as its own process (it loads its own copy of the model), like training::
 
