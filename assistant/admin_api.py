@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from assistant.actions.base import AdminRequired, LoginRequired
 from assistant.api import ApiError, user_from_key
 from memory.types import User
 from training.jobs import JobBusy, JobNotFound, runner_for
@@ -39,19 +40,12 @@ PREVIEW_KINDS = ("sft", "dpo", "kto")
 PREVIEW_SPLITS = ("train", "validation", "test", "heldout")
 
 
-class LoginRequired(PermissionError):
-    """No logged-in user."""
-
-
-class AdminRequired(PermissionError):
-    """A logged-in user who is not an admin."""
-
-
 class AdapterInUse(RuntimeError):
     """The adapter is the one the chat serves (409)."""
 
 
 def require_admin(user: User | None) -> User:
+    """The user when an admin; LoginRequired / AdminRequired (assistant/actions/base.py) otherwise."""
     if user is None:
         raise LoginRequired("log in first")
     if not user.is_admin:

@@ -375,7 +375,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         s_save = gr.Button("Save schedule")
         s_state = gr.Markdown()
     schedule_inputs = [s_enabled, s_mode, s_min_fb, s_interval, s_daily, s_every, s_auto, s_keep, s_synth]
-    people_df = build_people_section(services)
+    people_df = build_people_section(services, guarded)
 
     # ---------------------------------------------------------------- events
     def load_all(user: User | None, current_job: float | None):

@@ -9,6 +9,7 @@ what a form needs: a password typed twice, and sentences instead of exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -73,8 +74,9 @@ def _who(services: Any, request: gr.Request) -> User:
         raise gr.Error(e.message) from e
 
 
-def build_people_section(services: Any) -> gr.Dataframe:
-    """Inside the admin console; returns the table so the console's refresh can fill it."""
+def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
+    """Inside the admin console; returns the table so the console's refresh can fill it. `guard` is the
+    console's: it resolves the admin (refusing anyone else first) and turns errors into a toast."""
     gr.Markdown("### People")
     table = gr.Dataframe(headers=PEOPLE_COLUMNS, interactive=False, elem_id="people-table")
     with gr.Row():
@@ -86,15 +88,14 @@ def build_people_section(services: Any) -> gr.Dataframe:
         add_btn = gr.Button("Add person", elem_id="person-add")
     note = gr.Markdown(elem_id="person-note")
 
-    def on_add(username, password, password2, is_admin, request: gr.Request):
-        admin = _who(services, request)
+    def add(admin: User, username: str, password: str, password2: str, is_admin: bool) -> tuple:
         try:
             msg = add_person(services, admin, username, password, password2, is_admin)
         except UiError as e:
-            raise gr.Error(e.message[:1].upper() + e.message[1:], print_exception=False) from e
+            raise ValueError(e.message) from e
         return people_frame(services, admin), "", "", "", False, msg
 
-    add_btn.click(on_add, [name, pw, again, make_admin], [table, name, pw, again, make_admin, note], **PRIVATE)
+    add_btn.click(guard(add), [name, pw, again, make_admin], [table, name, pw, again, make_admin, note], **PRIVATE)
     return table
 
 
