@@ -63,10 +63,7 @@ class AdminActions:
 
     @property
     def registry(self) -> Registry:
-        reg = self.services.extras.get("registry")
-        if reg is None:
-            reg = self.services.extras["registry"] = Registry(self.settings, self.store)
-        return reg
+        return self.services.registry
 
     @property
     def jobs(self):  # noqa: ANN201 - JobRunner; imported lazily by runner_for
@@ -102,7 +99,7 @@ class AdminActions:
         from training.loop import build_options
 
         result = build_datasets(self.store, self.settings, build_options(options),
-                                knowledge=self.services.extras.get("knowledge"))
+                                knowledge=self.services.knowledge)
         return {"name": result.version, "counts": result.manifest.get("counts", {})}
 
     def _snapshot(self, name: str) -> Path:
@@ -141,7 +138,7 @@ class AdminActions:
             root = self.settings.synth_docs_dir
             chunks = chunks_from_folder(allowed_docs_folder(root, docs), root=root)
         else:
-            kb = self.services.extras.get("knowledge")
+            kb = self.services.knowledge
             if kb is None:
                 raise ValueError("no knowledge base is attached to this server; pass a documents folder")
             chunks = chunks_from_knowledge(kb, admin)
@@ -251,7 +248,7 @@ class AdminActions:
 
         ls = load_loop_settings(self.store)
         go, why = due(ls, loop_state(self.store), utcnow())
-        sched = self.services.extras.get("scheduler")
+        sched = self.services.scheduler
         return {"settings": ls.to_dict(), "help": LoopSettings.help(), "due": go, "reason": why,
                 "scheduler_running": bool(sched and sched.running),
                 "last_check": sched.last_check if sched else None}
@@ -420,10 +417,10 @@ def build_lora_router() -> APIRouter:
 
 
 def install_admin(app: FastAPI, services: Any) -> AdminActions:
-    """Add the admin routes to `app` and keep the actions in ``services.extras["admin"]`` (the UI uses them)."""
-    actions = services.extras.get("admin")
+    """Add the admin routes to `app` and keep the actions in ``services.admin`` (the UI uses them)."""
+    actions = services.admin
     if actions is None:
-        actions = services.extras["admin"] = AdminActions(services)
+        actions = services.admin = AdminActions(services)
     app.state.admin = actions
     app.include_router(build_admin_router())
     app.include_router(build_lora_router())

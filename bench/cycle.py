@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     items = feedback_log(ns.conversations)
     counts = seed_store(services.store, items)
     admin = services.store.create_user("bench-admin", "bench-admin-password", role="admin")
-    kb = services.extras.get("knowledge")
+    kb = services.knowledge
     docs = sorted((ROOT / "tests" / "data" / "docs").glob("*.md"))
     if kb is not None:
         for p in docs:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(runner.log_tail(job.id, 60), file=sys.stderr)
         return 1
     r = job.result
-    reg = services.extras["registry"]
+    reg = services.registry
     version = reg.get(r["candidate"])
     report = version.report()
     ns.docs_out.mkdir(parents=True, exist_ok=True)

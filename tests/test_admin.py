@@ -30,7 +30,7 @@ LONG = {"train": {"stages": ["sft"], "max_steps": 5000, "evals_per_epoch": 0},
 def server(tmp_path_factory, tiny_model_dir: Path):
     srv = start_server(tmp_path_factory.mktemp("admin-home"), tiny_model_dir)
     yield srv
-    runner = srv.services.extras.get("jobs")
+    runner = srv.services.jobs
     for job in runner.list() if runner else []:
         if job.active:
             runner.cancel(job.id)

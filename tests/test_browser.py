@@ -368,7 +368,7 @@ def agent_server(tmp_path, tiny_model_dir):
     srv = start_server(tmp_path / "agent-home", tiny_model_dir, with_ui=True, with_agent=True, max_new_tokens=16)
     # Open chromadb and load the embedder before any page does: KnowledgeBase's lazy start-up is not
     # safe against two first requests at once (two PersistentClients race inside chromadb).
-    srv.services.extras["knowledge"].warm()
+    srv.services.knowledge.warm()
     srv.services.store.create_user("dana", "dana-pass-1")
     yield srv
     srv.stop()
@@ -383,7 +383,7 @@ def open_tab(driver, name: str) -> None:
 @pytest.mark.slow  # the real MiniLM embedder
 def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_path):
     d, services = browser, agent_server.services
-    store, kb, lt = services.store, services.extras["knowledge"], services.extras["memories"]
+    store, kb, lt = services.store, services.knowledge, services.memories
     dana = store.get_user_by_name("dana")
     login(d, agent_server.url, "dana", "dana-pass-1")
     assert not [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "Admin"]

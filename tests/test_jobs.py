@@ -59,7 +59,7 @@ def services(home: Path, learnable_tiny_model_dir: Path):
     s = Settings.load(env={}, home=home, model=str(learnable_tiny_model_dir), torch_threads=1)
     svc = build_services(s, with_agent=False)
     yield svc
-    runner = svc.extras.get("jobs")
+    runner = svc.jobs
     if runner is not None:  # never leave a job thread (and its child) behind
         for job in runner.list():
             if job.active:
@@ -118,7 +118,7 @@ def test_scheduler_starts_a_cycle_that_trains_evaluates_registers_and_promotes(s
     assert (runner.job_dir(1) / "job.log").stat().st_size > 0
 
     # registered with its report and provenance, promoted, hot-swapped into the running backend
-    reg: Registry = services.extras["registry"]
+    reg: Registry = services.registry
     v = reg.get("v0001")
     assert v.gate == "passed" and v.job_id == 1 and v.dataset == result["dataset"] and v.parent is None
     assert (v.adapter_dir / "train_config.json").is_file() and (v.adapter_dir / "dataset_manifest.json").is_file()
@@ -162,7 +162,7 @@ def test_sigkilled_training_leaves_serving_untouched_and_fails_the_job(services,
                                                                       tmp_path) -> None:
     seed_feedback(services.store, 12)
     reg = Registry(services.settings, services.store)
-    services.extras["registry"] = reg
+    services.registry = reg
     serving = reg.register(make_random_adapter(learnable_tiny_model_dir, tmp_path / "serving", seed=5),
                            gate="passed").name
     reg.promote(serving, services)
@@ -313,7 +313,7 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
     curated = tmp_path / "curated.jsonl"
     curated.write_text(json.dumps({"question": "Where is Brightleaf Labs based?", "passage": "It is in Busan.",
                                    "key_facts": ["Busan"]}) + "\n")
-    services = SimpleNamespace(extras={})
+    services = SimpleNamespace(knowledge=None)
     path = _doc_qa_file(services, snap, tmp_path, folder_passages(docs), str(curated))
     es = load_eval_set(snap, path)
     # the loop's own held-out questions first, then the curated ones
@@ -382,7 +382,7 @@ def test_start_loop_recovers_restores_and_ticks(services, learnable_tiny_model_d
     try:
         assert runner_for(services).get(1).status == "failed"
         assert services.chat.serving_adapter == v and services.backend.has_adapter(v)
-        assert services.extras["scheduler"] is sched and sched.running
+        assert services.scheduler is sched and sched.running
         wait_for(lambda: sched.last_check.get("reason") == "automatic retraining is off", timeout=30)
     finally:
         sched.stop()

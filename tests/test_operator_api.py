@@ -42,7 +42,7 @@ def client(server: ServerThread, key: str) -> httpx.Client:
 
 
 def chunk_count(server: ServerThread) -> int:
-    return server.services.extras["knowledge"].count_chunks()
+    return server.services.knowledge.count_chunks()
 
 
 def add_pair(server: ServerThread, doc_id: str) -> int:

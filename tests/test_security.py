@@ -676,7 +676,7 @@ def test_admin_console_matrix(world: World):
              if f.__module__ == adm.__name__ and not n.startswith("_") and "user" in inspect.signature(f).parameters}
     missing = names - set(ADMIN_VIEWS)
     assert not missing, f"ui.admin view functions without a row in ADMIN_VIEWS: {sorted(missing)}"
-    actions: AdminActions = world.services.extras["admin"]
+    actions: AdminActions = world.services.admin
     for name, call in sorted(ADMIN_VIEWS.items()):
         _refused_to_everyone_but_admins(world, actions, name, call)
         try:
@@ -718,7 +718,7 @@ def admin_methods() -> set[str]:
 def test_admin_action_matrix(world: World):
     missing = admin_methods() - set(ADMIN_CALLS)
     assert not missing, f"AdminActions methods without a row in ADMIN_CALLS: {sorted(missing)}"
-    actions: AdminActions = world.services.extras["admin"]
+    actions: AdminActions = world.services.admin
     for name, call in sorted(ADMIN_CALLS.items()):
         _refused_to_everyone_but_admins(world, actions, name, call)
         try:

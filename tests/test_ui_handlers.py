@@ -429,7 +429,7 @@ def agent_env(tmp_path_factory, tiny_model_dir):
     settings = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1, max_new_tokens=8,
                              upload_max_bytes=20_000)
     services = build_services(settings, with_agent=True)
-    assert {"knowledge", "memories"} <= set(services.extras)
+    assert services.knowledge is not None and services.memories is not None
     store = services.store
     users = {name: store.create_user(name, f"{name}-pass-1", role=role)
              for name, role in (("ann", "user"), ("ben", "user"), ("boss", "admin"))}
@@ -531,7 +531,7 @@ def test_memory_page_view_add_edit_delete(agent_env):
         lib.add_memory(s, ann, "   ")
     assert lib.forget_memory(s, ann, edited.id) == 2  # the memory and its older version
     assert lib.memory_rows(s, ann) == []
-    assert s.extras["memories"].recall(ann.id, "Where are my bees?") == []
+    assert s.memories.recall(ann.id, "Where are my bees?") == []
 
 
 def test_gradio_imports_without_writing_stubs_and_still_builds_a_page():

@@ -138,7 +138,7 @@ def _everything_of(server: ServerThread, user_id: int, conv_ids: list[int], doc_
                                            ).scalar_one()
         out["synthetic_pairs"] = conn.execute(sa.select(sa.func.count()).select_from(synthetic_pairs).where(
             synthetic_pairs.c.doc_id.in_(doc_ids))).scalar_one()
-    kb = server.services.extras["knowledge"]
+    kb = server.services.knowledge
     out["chunks"] = len(kb.collection.get(where={"owner_id": user_id}, include=[])["ids"])
     return out
 
@@ -182,7 +182,7 @@ def test_deleting_a_user_leaves_none_of_their_rows_or_files(server):
     leftover = settings.uploads_dir / str(carol["id"]) / "half-uploaded.md"
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_text("an upload cut short")
-    build_datasets(store, settings, BuildOptions(replay_ratio=0.0), knowledge=server.services.extras["knowledge"])
+    build_datasets(store, settings, BuildOptions(replay_ratio=0.0), knowledge=server.services.knowledge)
 
     before = _everything_of(server, carol["id"], conv_ids, [private])
     assert all(before[t] > 0 for t in ("users", "api_keys", "conversations", "messages", "feedback", "memories",
@@ -198,7 +198,7 @@ def test_deleting_a_user_leaves_none_of_their_rows_or_files(server):
 
     after = _everything_of(server, carol["id"], conv_ids, [private])
     assert after == {**dict.fromkeys(after, 0), "chunks": after["chunks"]}, after
-    kb = server.services.extras["knowledge"]
+    kb = server.services.knowledge
     remaining = kb.collection.get(where={"owner_id": carol["id"]}, include=["metadatas"])["metadatas"]
     assert {m["doc_id"] for m in remaining} == {shared}  # the team's document stays, nothing private
     assert not (settings.uploads_dir / str(carol["id"])).exists()
@@ -306,7 +306,7 @@ def test_readiness_is_one_call_for_the_api_the_cli_and_the_page(server, home):
     r = admin(server).get("/v1/admin/readiness")
     assert r.status_code == 200, r.text
     direct = check_readiness(services.store, services.settings,
-                             knowledge=services.extras["knowledge"]).to_dict()
+                             knowledge=services.knowledge).to_dict()
     assert r.json() == direct and set(r.json()) >= {"ready", "rows", "missing", "summary"}
     store = services.store
     plain = store.create_api_key(store.create_user(f"plain{id(r)}", "pw-plain-123").id)

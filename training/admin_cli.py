@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import typer
 
 from assistant.config import Settings
+from training.registry import Registry, RegistryError
 
 app = typer.Typer(help="Retrain, evaluate, promote and roll back adapters; jobs and schedule.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -53,13 +54,15 @@ def _services(config: Path | None, home: Path | None, with_backend: bool = False
         raise _fail(f"bad settings: {e}", 2) from e
     settings.ensure_dirs()
     if with_backend:
-        from assistant.server import build_services
+        from assistant.services import build_services
 
         return build_services(settings)
     from memory.store import Store
 
-    return SimpleNamespace(settings=settings, store=Store.open(settings.db_url), extras={}, backend=None,
-                           chat=None, close=lambda: None)
+    store = Store.open(settings.db_url)
+    return SimpleNamespace(settings=settings, store=store, registry=Registry(settings, store), backend=None,
+                           chat=None, knowledge=None, memories=None, jobs=None, scheduler=None, admin=None,
+                           close=lambda: None)
 
 
 def _json_arg(text: str | None, what: str) -> dict[str, Any]:
@@ -215,10 +218,9 @@ def cancel(job_id: int, config: ConfigOpt = None, home: HomeOpt = None) -> None:
 @app.command()
 def adapters(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Adapter versions, the serving one, the rollback target and the serving history."""
-    from training.registry import Registry, RegistryError
 
     services = _services(config, home)
-    reg = Registry(services.settings, services.store)
+    reg = services.registry
     serving = reg.serving()
     try:
         target: str | None = reg.rollback_target()
@@ -242,11 +244,10 @@ def adapters(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = 
 @app.command()
 def report(name: str, config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Print a version's evaluation report (markdown, or the full JSON)."""
-    from training.registry import Registry, RegistryError
 
     services = _services(config, home)
     try:
-        v = Registry(services.settings, services.store).get(name)
+        v = services.registry.get(name)
     except RegistryError as e:
         raise _fail(str(e)) from e
     md = v.eval_dir / "report.md"
@@ -267,11 +268,10 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Recorded with the promotion.")] = None,
 ) -> None:
     """Serve this version (a running server switches within one scheduler tick)."""
-    from training.registry import Registry, RegistryError
 
     services = _services(config, home)
     try:
-        res = Registry(services.settings, services.store).promote(name, actor=_actor(), reason=reason, force=force)
+        res = services.registry.promote(name, actor=_actor(), reason=reason, force=force)
     except RegistryError as e:
         raise _fail(str(e)) from e
     typer.echo(f"serving {res.version} (was {res.previous or 'the base model'})")
@@ -284,11 +284,10 @@ def rollback(
     reason: Annotated[str | None, typer.Option(help="Recorded with the rollback.")] = None,
 ) -> None:
     """Serve what served before the current version."""
-    from training.registry import Registry, RegistryError
 
     services = _services(config, home)
     try:
-        res = Registry(services.settings, services.store).rollback(actor=_actor(), reason=reason)
+        res = services.registry.rollback(actor=_actor(), reason=reason)
     except RegistryError as e:
         raise _fail(str(e)) from e
     typer.echo(f"serving {res.version or 'the base model'} (was {res.previous})")

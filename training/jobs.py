@@ -46,7 +46,6 @@ from training.loop import (
     run_cycle,
 )
 from training.readiness import Readiness, check_readiness
-from training.registry import Registry
 from training.train_config import TrainConfig
 
 log = logging.getLogger("assistant.jobs")
@@ -166,14 +165,12 @@ def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ runner
 class JobRunner:
-    """Starts cycles as jobs and answers questions about them. One per process (`services.extras`)."""
+    """Starts cycles as jobs and answers questions about them. One per process (`services.jobs`)."""
 
     def __init__(self, services: Any) -> None:
         self.services = services
         self.store = services.store
         self.settings = services.settings
-        if "registry" not in services.extras:
-            services.extras["registry"] = Registry(self.settings, self.store)
         self._threads: dict[int, threading.Thread] = {}
         self._cancel: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
@@ -287,7 +284,7 @@ class JobRunner:
         if opts.dataset is not None or opts.synth:
             return None
         stages = TrainConfig.from_dict({**opts.train, "base_model": "x"}).stages
-        ready = check_readiness(self.store, self.settings, opts.build, stages, self.services.extras.get("knowledge"))
+        ready = check_readiness(self.store, self.settings, opts.build, stages, self.services.knowledge)
         if not ready.ready:
             raise NotReady(ready)
         return ready
@@ -458,8 +455,8 @@ def _kill_orphan(pid: int) -> None:
 
 
 def runner_for(services: Any) -> JobRunner:
-    """The process's job runner (created once, kept in ``services.extras["jobs"]``)."""
-    runner = services.extras.get("jobs")
+    """The process's job runner (created once, kept in ``services.jobs``)."""
+    runner = services.jobs
     if runner is None:
-        runner = services.extras["jobs"] = JobRunner(services)
+        runner = services.jobs = JobRunner(services)
     return runner

@@ -1,7 +1,7 @@
 """One turn of the self-improvement loop: data -> (synthetic pairs) -> train -> evaluate -> register -> promote.
 
 In: the services (``settings``, ``store``; ``backend`` and ``chat`` when a server is running, for
-synthetic generation and the hot-swap; ``extras["knowledge"]`` for the document passages of the
+synthetic generation and the hot-swap; ``services.knowledge`` for the document passages of the
 grounded check), `CycleOptions`, and optional `CycleHooks` (progress events, cancellation, the pid of
 each child process). Out: a `CycleResult`; the candidate is registered (with its evaluation report)
 whether it passed or not, and promoted when it passed and auto-promotion is on.
@@ -252,13 +252,13 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
     Raises `CycleCancelled` or `CycleFailed` (serving untouched in both cases) and ValueError for bad
     options. `passage_for(row)` finds the source passage of a held-out teacher row (default: the
-    knowledge base in ``services.extras``); rows without one are left out of the grounded check.
+    knowledge base in ``services.knowledge``); rows without one are left out of the grounded check.
     """
     options = options or CycleOptions()
     options.validate()
     hooks = hooks or CycleHooks()
     settings, store = services.settings, services.store
-    registry: Registry = services.extras.get("registry") or Registry(settings, store)
+    registry: Registry = services.registry
     work = Path(work_dir or settings.jobs_dir / (f"job-{job_id}" if job_id else f"cycle-{int(time.time())}"))
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -298,7 +298,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         hooks.event("log", {"message": f"replay anchored to the base model: {anchor.base_answers} of "
                                        f"{anchor.rows} answers are its own" + (" (cached)" if anchor.cached else "")})
         timings["anchor"] = round(anchor.seconds, 2)
-    snapshot = _dataset(settings, store, options, services.extras.get("knowledge"),
+    snapshot = _dataset(settings, store, options, services.knowledge,
                         replay_path=anchor.path if anchor else None)
     timings["dataset"] = round(time.perf_counter() - t0, 2)
     hooks.event("log", {"message": f"dataset {snapshot.name}"})
@@ -527,7 +527,7 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
     if options.synth_docs:
         chunks = chunks_from_folder(Path(options.synth_docs))
     else:
-        kb = services.extras.get("knowledge")
+        kb = services.knowledge
         admin = _first_admin(services.store)
         if kb is None or admin is None:
             raise CycleFailed("synthetic generation from the knowledge base needs a knowledge base and an admin user")
@@ -586,7 +586,7 @@ def _doc_qa_file(services: Any, snapshot: Path, work: Path,
 
 
 def _kb_passages(services: Any) -> Callable[[dict[str, Any]], tuple[str, str] | None] | None:
-    kb = services.extras.get("knowledge")
+    kb = services.knowledge
     if kb is None:
         return None
 

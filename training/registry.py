@@ -519,10 +519,8 @@ def _write_json(path: Path, data: Any) -> None:
 def restore_serving(services: Any) -> str | None:
     """Server start-up hook: load and serve the recorded serving version (see `Registry.restore_serving`).
 
-    Keeps the registry in ``services.extras["registry"]`` so the admin routes share it.
+    Uses ``services.registry``, the one the admin routes share.
     """
-    registry = services.extras.get("registry")
-    if registry is None:
-        registry = services.extras["registry"] = Registry(services.settings, services.store)
+    registry: Registry = services.registry
     registry.clean_orphans()
     return registry.restore_serving(services)

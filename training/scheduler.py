@@ -208,10 +208,7 @@ class Scheduler:
 
     @property
     def registry(self) -> Registry:
-        reg = self.services.extras.get("registry")
-        if reg is None:
-            reg = self.services.extras["registry"] = Registry(self.services.settings, self.services.store)
-        return reg
+        return self.services.registry
 
     def tick(self, now: datetime | None = None) -> dict[str, Any]:
         """One round; returns what it saw and did (also kept in `last_check` for the admin view)."""
@@ -265,7 +262,7 @@ class Scheduler:
 def start_loop(services: Any, *, poll_s: float = 30.0, start_thread: bool = True) -> Scheduler:
     """Server start-up: recover jobs a crash left running, restore the serving adapter, start the scheduler.
 
-    Keeps the registry, job runner and scheduler in ``services.extras`` ("registry", "jobs", "scheduler").
+    Keeps the job runner and scheduler in ``services.jobs`` and ``services.scheduler``.
     """
     from training.registry import restore_serving
 
@@ -273,9 +270,9 @@ def start_loop(services: Any, *, poll_s: float = 30.0, start_thread: bool = True
     if recovered:
         log.warning("marked interrupted retrain jobs %s as failed", recovered)
     restore_serving(services)
-    scheduler = services.extras.get("scheduler")
+    scheduler = services.scheduler
     if scheduler is None:
-        scheduler = services.extras["scheduler"] = Scheduler(services, poll_s=poll_s)
+        scheduler = services.scheduler = Scheduler(services, poll_s=poll_s)
     if start_thread:
         scheduler.start()
     return scheduler

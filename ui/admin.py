@@ -61,7 +61,7 @@ SPLIT_RULES = (
 def readiness_markdown(actions: AdminActions, user: User | None) -> str:
     """What a retrain would have now and what it still needs (training/readiness.py), in sentences."""
     require_admin(user)
-    r = check_readiness(actions.store, actions.settings, knowledge=actions.services.extras.get("knowledge"))
+    r = check_readiness(actions.store, actions.settings, knowledge=actions.services.knowledge)
     lines = [f"**{r.summary}**", *[f"- {m}" for m in r.missing], "", SPLIT_RULES]
     return "\n".join(lines)
 
@@ -256,8 +256,9 @@ def _default_get_user(services: Any) -> GetUser:
 
 def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
     """Build the console inside the current Blocks context (ui/app.py calls it inside its Admin tab)."""
-    actions: AdminActions = services.extras.get("admin") or AdminActions(services)
-    services.extras.setdefault("admin", actions)
+    if services.admin is None:
+        services.admin = AdminActions(services)
+    actions: AdminActions = services.admin
     who = get_user or _default_get_user(services)
 
     def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 
-from assistant.server import Services
+from assistant.services import Services
 from memory.types import REASON_TAGS
 from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login

@@ -26,7 +26,7 @@ from memory.types import REASON_TAGS, Feedback, Message, User
 from ui.render import DETAILS_TITLE, details_markdown, excerpt, safe_markdown
 
 if TYPE_CHECKING:
-    from assistant.server import Services
+    from assistant.services import Services
 
 MAX_COMMENT = 4000
 HIDDEN_STATUSES = ("alternative", "error")  # answers the conversation does not continue from

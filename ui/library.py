@@ -3,8 +3,8 @@
 Every handler calls the action layer (`assistant.actions.library.Library`), as the HTTP API and the
 CLI do, so the rules (who may add shared documents, what deleting a document removes) are the same.
 
-In: `Services` whose `extras` hold the knowledge base (`extras["knowledge"]`, a
-`memory.knowledge.KnowledgeBase`) and long-term memory (`extras["memories"]`, a
+In: `Services` holding the knowledge base (`services.knowledge`, a
+`memory.knowledge.KnowledgeBase`) and long-term memory (`services.memories`, a
 `memory.longterm.LongTermMemory`), the logged-in `User`, and the page's inputs (uploaded file paths,
 a document or memory id, new text). Out: table rows and `UploadResult`s, or a `UiError` with the
 reason. Documents: upload (with progress; one bad file does not stop the others, and the knowledge
@@ -34,7 +34,7 @@ from ui.render import excerpt, safe_markdown
 from ui.uploads import PageUploads, Received, UploadRefused
 
 if TYPE_CHECKING:
-    from assistant.server import Services
+    from assistant.services import Services
     from memory.knowledge import DocumentInfo, KnowledgeBase
     from memory.longterm import LongTermMemory, Memory
 
@@ -48,8 +48,8 @@ T = TypeVar("T")
 # ------------------------------------------------------------------------------------------ documents
 def library(services: Services) -> Library:
     """The documents-and-memories actions every way in calls (assistant/actions/library.py)."""
-    return Library(services.settings, services.store, services.extras.get("knowledge"),
-                   services.extras.get("memories"))
+    return Library(services.settings, services.store, services.knowledge,
+                   services.memories)
 
 
 def _act(fn: Callable[..., T], *args: Any) -> T:
@@ -61,7 +61,7 @@ def _act(fn: Callable[..., T], *args: Any) -> T:
 
 
 def knowledge(services: Services) -> KnowledgeBase:
-    kb = services.extras.get("knowledge")
+    kb = services.knowledge
     if kb is None:
         raise UiError("documents are not available on this server")
     return kb
@@ -152,7 +152,7 @@ def delete_document(services: Services, user: User, doc_id: str | None) -> int:
 
 # ------------------------------------------------------------------------------------------ memory
 def memories(services: Services) -> LongTermMemory:
-    lt = services.extras.get("memories")
+    lt = services.memories
     if lt is None:
         raise UiError("memory is not available on this server")
     return lt
@@ -208,7 +208,7 @@ def _user(services: Services, request: gr.Request) -> User:
 
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
     with gr.Tab("Documents", id="documents") as tab:
-        if "knowledge" not in services.extras:
+        if services.knowledge is None:
             gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
             return
         limit = services.settings.upload_max_bytes
@@ -277,7 +277,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
 
 def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
     with gr.Tab("Memory", id="memory") as tab:
-        if "memories" not in services.extras:
+        if services.memories is None:
             gr.Markdown("Memory is not available: long-term memory is not attached to this server.")
             return
         gr.Markdown("What the assistant remembers about you across conversations. Edit or delete anything; "
