@@ -336,8 +336,13 @@ def test_admin_synth_reads_only_the_configured_folder(world: World, tmp_path: Pa
     assert r.status_code == 404, r.text
     r = synth("linked")  # its only file is a link out of the folder: not read
     assert r.status_code == 400 and "no .md or .txt" in r.json()["error"]["message"], r.text
-    r = world.post("/v1/admin/jobs", {"synth": True, "synth_docs": str(outside)}, who="root")
-    assert r.status_code == 403, r.text
+    # Every admin option that names a server file follows the same rule.
+    for path, body in [("/v1/admin/jobs", {"synth": True, "synth_docs": str(outside)}),
+                       ("/v1/admin/jobs", {"eval_doc_qa": str(outside / "secret.md")}),
+                       ("/v1/admin/jobs", {"build": {"replay_path": "/etc/passwd"}}),
+                       ("/v1/admin/datasets", {"options": {"replay_path": "/etc/passwd"}})]:
+        r = world.post(path, body, who="root")
+        assert r.status_code == 403, (body, r.text)
     with world.store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM synthetic_pairs")).scalar_one() == 0
         assert conn.execute(sa.text("SELECT count(*) FROM training_jobs")).scalar_one() == 0

@@ -178,6 +178,24 @@ def allowed_docs_folder(root: Path | None, docs: str | Path) -> Path:
     return target
 
 
+def allowed_docs_file(root: Path | None, name: Any) -> Path:
+    """A file named by an admin's option (a replay set, curated document questions): like
+    `allowed_docs_folder`, it must lie inside `root`, and exist there."""
+    if not isinstance(name, str | Path):
+        raise ValueError(f"a file name was expected, got {name!r}")
+    if root is None:
+        raise FolderNotAllowed("naming a server file is turned off: set synth_docs_dir to the one folder "
+                               "whose files admin options may name")
+    base = Path(root).expanduser().resolve()
+    wanted = Path(name).expanduser()
+    target = (wanted if wanted.is_absolute() else base / wanted).resolve()
+    if base not in target.parents:
+        raise FolderNotAllowed(f"{str(name)!r} is not inside the synth documents folder (synth_docs_dir)")
+    if not target.is_file():
+        raise LookupError(f"there is no file {str(name)!r} in the synth documents folder")
+    return target
+
+
 def chunks_from_folder(folder: Path, *, max_chars: int = 900, root: Path | None = None) -> list[Chunk]:
     """Chunks of every .md/.txt file in `folder` (doc_id = file stem, title = first heading).
 
