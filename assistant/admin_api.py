@@ -98,7 +98,7 @@ class AdminActions:
         from training.dataset_build import build_datasets
         from training.loop import build_options
 
-        result = build_datasets(self.store, self.settings, build_options(options),
+        result = build_datasets(self.store, self.settings, build_options(self._server_files(options or {})),
                                 knowledge=self.services.knowledge)
         return {"name": result.version, "counts": result.manifest.get("counts", {})}
 
@@ -159,7 +159,22 @@ class AdminActions:
             if not isinstance(options["synth_docs"], str):
                 raise ValueError("synth_docs must be a folder name")
             options["synth_docs"] = str(allowed_docs_folder(self.settings.synth_docs_dir, options["synth_docs"]))
+        if options.get("eval_doc_qa") is not None:
+            options["eval_doc_qa"] = self._server_files({"eval_doc_qa": options["eval_doc_qa"]})["eval_doc_qa"]
+        if isinstance(options.get("build"), dict):
+            options["build"] = self._server_files(options["build"])
         return self.jobs.start(options, requested_by=admin.username, trigger="manual").to_dict()
+
+    def _server_files(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Options naming a server file (`replay_path`, `eval_doc_qa`) may name only files under
+        settings.synth_docs_dir, like synth's folder: no admin option reads any file on the server."""
+        from training.synth import allowed_docs_file
+
+        out = dict(options)
+        for key in ("replay_path", "eval_doc_qa"):
+            if out.get(key) is not None:
+                out[key] = str(allowed_docs_file(self.settings.synth_docs_dir, out[key]))
+        return out
 
     def cancel_job(self, user: User | None, job_id: int) -> dict[str, Any]:
         admin = require_admin(user)
