@@ -3,12 +3,15 @@
 In: plain strings (message contents, teacher questions and answers).
 Out:
 - `scrub_pii(text) -> Scrubbed`: the text with personal data replaced by placeholders such as
-  `[EMAIL]`, plus how many of each kind were replaced. Kinds: e-mail addresses (also `a [at] b [dot] c`),
+  `[EMAIL]`, plus how many of each kind were replaced. Kinds: e-mail addresses,
   phone numbers (Korean mobile/landline in every common spelling, `+82 ...`, international `+NN ...`,
   North-American), payment card numbers (13-19 digits, spaced or dashed or digit-by-digit, Luhn-checked),
   Korean resident registration numbers, IPv4/IPv6 addresses, API keys and tokens (OpenAI, GitHub, AWS,
   Google, Slack, Hugging Face, Stripe, JWT, private key blocks, `password = ...` style assignments,
-  bearer tokens) and credentials inside URLs (`scheme://user:pass@host`, `?api_key=...`).
+  bearer tokens) and credentials inside URLs (`scheme://user:pass@host`, `?api_key=...`). Each kind is
+  also found spaced out, spelled out or bracketed (`j o h n . d o e @ example . com`, `john dot doe at
+  example dot com`, `0 1 0 - 1 2 3 4 - 5 6 7 8`, `zero one zero ...`, `192[.]168[.]0[.]1`, a zero-width
+  space inside a value), without touching ordinary text ("look at this", "a b c", "10 - 20").
 - `quality_problem(text, limits) -> str | None`: why a text is unfit (empty, too short, too long, mostly
   non-text, degenerate repetition), or None.
 - `Deduplicator`: exact (normalised hash) and near-duplicate (datasketch MinHash LSH over character
