@@ -115,7 +115,7 @@ def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics,
     if paired:
         lost, won, _ = sign_test(*paired)
         p_win = sign_test(paired[1], paired[0])[2]  # winning at least `won` of the differing ones by chance
-        tally = f"; won {won}, lost {lost}, p = {p_win:.3f}"
+        tally = f"; won {won}, lost {lost}"
     checks = []
     direction = "better" if improvement > 0 else "worse" if improvement < 0 else "unchanged"
     if metric in cfg.gain_metrics:
@@ -124,8 +124,9 @@ def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics,
         if cfg.gain_significance > 0:
             threshold += f" and significant (p < {cfg.gain_significance:g})"
             gained = gained and paired is not None and p_win < cfg.gain_significance
+        odds = f", p = {p_win:.3f}" if paired else ""  # of winning that many of the differing items by chance
         checks.append(Check(f"{metric} gain", "gain", metric, gained, c, b, "baseline", threshold,
-                            f"{direction} by {amount(abs(improvement))}{tally}"))
+                            f"{direction} by {amount(abs(improvement))}{tally}{odds}"))
     if metric in cfg.target_metrics:
         ok = improvement >= -tol - 1e-9
         detail = ("within tolerance" if ok else f"worse by {amount(-improvement)}") + tally
