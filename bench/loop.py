@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
     ap.add_argument("--synth-questions", type=int, default=4, help="teacher questions per chunk (1 until run O)")
     ap.add_argument("--synth-candidates", type=int, default=2,
-                    help="answers the teacher samples per question (4 in run O)")
+                    help="answers the teacher samples per question (4 in run O); they are only the DPO pairs' "
+                         "rejected side, the kept answer is the passage's sentence; 0 = none (docs/teacher.md)")
     ap.add_argument("--synth-answer-tokens", type=int, default=48,
                     help="longest teacher sample in tokens (96 in run O); the extract usually wins anyway")
     ap.add_argument("--replay", type=float, default=2.0,
