@@ -20,6 +20,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from assistant.config import Settings  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _state_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a test forgets to point elsewhere lands in its temp folder, never in ~/.assistant,
+    Gradio's system temp folder or matplotlib's cache."""
+    monkeypatch.setenv("ASSISTANT_HOME", str(tmp_path / "default-home"))
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"

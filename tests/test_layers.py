@@ -115,3 +115,39 @@ def test_the_rule_sees_a_wrong_way_import(tmp_path):
     bad.write_text("def f():\n    from assistant.server import create_app\n")
     found = imports(bad, known)
     assert found == {"assistant.server": 2} and layer("assistant.server") > layer("memory.store")
+
+
+def _declared() -> set[str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"]) + [d for extra in project["optional-dependencies"].values() for d in extra]
+    return {re.split(r"[\[<>=!~; ]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def test_every_direct_import_is_declared():
+    """A third-party module imported by our code, benchmarks or tests comes from a package that
+    pyproject.toml names (not only from something another package happens to pull in)."""
+    import importlib.metadata
+    import sys
+
+    dists = importlib.metadata.packages_distributions()
+    declared = _declared()
+    undeclared: dict[str, set[str]] = {}
+    for folder in (*PACKAGES, "bench", "tests"):
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {n.split(".")[0] for n in names}:
+                    if top in sys.stdlib_module_names or top in (*PACKAGES, "bench", "tests"):
+                        continue
+                    owners = {d.lower().replace("_", "-") for d in dists.get(top, [top])}
+                    if not owners & declared:
+                        undeclared.setdefault(top, set()).add(str(f.relative_to(ROOT)))
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
