@@ -1,6 +1,6 @@
 # Developer loop. `make run` and `make test` are the two quick-start commands in README.md.
 SHELL := /bin/bash
-.PHONY: setup run test test-fast lint bench services
+.PHONY: setup run test test-fast lint bench services docs
 
 setup:
 	./scripts/setup.sh
@@ -16,8 +16,12 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q
 
+# Regenerate the docs made from the code: the CLI reference (a test checks it is current).
+docs: setup
+	.venv/bin/python scripts/cli_reference.py
+
 lint: setup
-	.venv/bin/ruff check assistant memory training ui tests bench
+	.venv/bin/ruff check assistant memory training ui tests bench scripts
 
 # Every benchmark, one after the other (about 1.5-2 h on 2 CPU cores; the GPU throughput run only where
 # nvidia-smi sees a GPU). Each prints markdown tables for docs/benchmarks.md; JSON and plots go to
