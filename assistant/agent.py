@@ -44,7 +44,8 @@ from memory.types import User
 # When the router keeps a retrieved passage. Measured with `bench/retrieval.py router` on tests/data/retrieval:
 # keeps 100 of the 108 labelled answers in the top 4 (17 of 25 vague ones); 1 of the 52 questions of
 # off_topic.txt keeps one ("How many minutes are in a week?", coverage 0.58). A stricter rule that keeps as many
-# answers and lets none through (0.33 / 0.62 / (0.22, 0.22)) was tried and not kept: see docs/loop.md, run I.
+# answers and lets none through (0.33 / 0.62 / (0.22, 0.22)) was tried and not kept: in the loop bench it
+# dropped a held-out answer and its candidates were refused (CHANGELOG.md, 2026-11-23).
 DENSE_MIN = 0.32  # cosine similarity of question and passage
 COVERAGE_MIN = 0.5  # share of the question's idf mass the passage matches word for word (names, codes)
 BOTH_MIN = (0.2, 0.25)  # or moderately similar AND partly matching

@@ -5,7 +5,7 @@ output queue). Out: text pieces, then `Done` or `Failed`, on each request's queu
 
 Why hand-written: transformers' own continuous batching (`generate_batch`, paged attention) ignores
 PEFT's per-row `adapter_names`, and PEFT's mixed-adapter batches only exist for a static batch
-(notes/serving.md). What is written here is only the bookkeeping between the two: one decode step at
+. What is written here is only the bookkeeping between the two: one decode step at
 a time for every running request, with a left-padded `DynamicCache`:
 
 - A request that arrives while others decode is prefilled alone (its own adapter, its own cache) and
@@ -78,7 +78,7 @@ class PieceStreamer:
     after the first token instead of at the first word boundary. After that, text leaves at most
     every `interval_s` (what came in between goes as one piece): each piece wakes the consumer, the
     event loop and the client, and on a small CPU their work per piece takes cores and the GIL from
-    the generation itself (docs/benchmarks.md, "Session 5").
+    the generation itself (docs/benchmarks.md, "Chat latency").
 
     Also a transformers streamer (`put`/`end`) for the one-at-a-time path's `generate`.
     """

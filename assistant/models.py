@@ -180,7 +180,7 @@ def _convert_gguf(gguf: Path, out: Path, bar: Any) -> None:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     bar.update(1)
     # dequantize=True is required: without it the model stays flagged as GGUF-quantized and can be
-    # neither saved nor trained (notes/stack.md P2).
+    # neither saved nor trained.
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),

@@ -11,7 +11,7 @@ Two implementations:
   `settings.serving == "batched"` (the default) requests decode together in `assistant.batching`'s
   engine, up to `settings.batch_max` at once, each on its own adapter; adapter loads and unloads run
   between two decode steps, and the weights a request started with stay until it ends. With
-  "sequential", the active adapter is state of the whole model (notes/stack.md P8), so one gate
+  "sequential", the active adapter is state of the whole PEFT model, shared by every thread, so one gate
   serializes "select adapter + generate" for a whole generation, and loads and unloads go through the
   same gate ahead of waiting requests. Either way requests wait in FIFO order, at most
   `settings.queue_max` of them and at most `settings.queue_timeout_s` seconds each, else `BackendBusy`.
@@ -795,7 +795,7 @@ class TransformersBackend:
         if self._peft is None:
             return self._base
         if entry is not None and self._active != entry.internal:
-            # inference_mode=True: otherwise set_adapter makes the LoRA weights trainable (P10)
+            # inference_mode=True: otherwise set_adapter marks the LoRA weights trainable (requires_grad)
             self._peft.set_adapter(entry.internal, inference_mode=True)
             self._active = entry.internal
         return self._peft
@@ -846,7 +846,7 @@ class TransformersBackend:
             else:
                 reason = "stop"
             outcome = _Done(n, reason)
-        except BaseException as e:  # forwarded to the consumer, never lost (P11)
+        except BaseException as e:  # forwarded to the consumer, which would otherwise wait forever
             outcome = _Failed(e)
         finally:
             self._gate.release()

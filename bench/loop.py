@@ -526,21 +526,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=40)
     ap.add_argument("--like-words", type=int, default=30, help="the hidden preference's word limit")
     ap.add_argument("--lr", type=float, default=2e-4, help="SFT learning rate")
-    ap.add_argument("--epochs", type=float, default=1.5, help="SFT epochs (2 until run O)")
+    ap.add_argument("--epochs", type=float, default=1.5, help="SFT epochs")
     ap.add_argument("--dpo-lr", type=float, default=2e-4,
-                    help="DPO learning rate (5e-5 until run M; docs/loop.md, session 6)")
+                    help="DPO learning rate")
     ap.add_argument("--dpo-sft-weight", type=float, default=1.0,
-                    help="SFT term added to the DPO loss (RPO; 0 = plain DPO, the default until session 8)")
+                    help="SFT term added to the DPO loss (RPO; 0 = plain DPO, the product's default)")
     ap.add_argument("--no-dpo", dest="dpo", action="store_false", help="train SFT only")
     ap.add_argument("--synth-chunks", type=int, default=6, help="teacher chunks in the first cycle (0 = none)")
-    ap.add_argument("--synth-questions", type=int, default=4, help="teacher questions per chunk (1 until run O)")
+    ap.add_argument("--synth-questions", type=int, default=4, help="teacher questions per chunk")
     ap.add_argument("--synth-candidates", type=int, default=2,
-                    help="answers the teacher samples per question (4 in run O); they are only the DPO pairs' "
+                    help="answers the teacher samples per question; they are only the DPO pairs' "
                          "rejected side, the kept answer is the passage's sentence; 0 = none (docs/teacher.md)")
     ap.add_argument("--synth-answer-tokens", type=int, default=48,
-                    help="longest teacher sample in tokens (96 in run O); the extract usually wins anyway")
+                    help="longest teacher sample in tokens; the extract usually wins anyway")
     ap.add_argument("--replay", type=float, default=2.0,
-                    help="general replay rows per SFT row (build option; 1.0 until session 8)")
+                    help="general replay rows per SFT row (build option)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
     ap.add_argument("--promote-rejected", action="store_true",

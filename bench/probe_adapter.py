@@ -4,8 +4,8 @@
 
 For an adapter the gate refused: the copy force-promotes it (`assistant admin promote --force`), starts
 `assistant serve`, runs the bench's user session (like rate) and its examiners (grounded with retrieval)
-with the same seeds, and writes the answers to OUT.json. Session 8 used it on run S's refused v0002 and on
-cycle-2 variants retrained in copies of S's home (docs/loop.md). The original home is not touched.
+with the same seeds, and writes the answers to OUT.json: what a refused candidate, or a variant retrained
+in a copy of a run's home, would have done for the users. The original home is not touched.
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def stock_main(ns: argparse.Namespace) -> int:
     args = SFTConfig(
         output_dir=str(Path(ns.work) / "stock"), max_steps=ns.steps, report_to="none", save_strategy="no",
         include_num_input_tokens_seen="non_padding", disable_tqdm=True,  # measurement only
-        **({} if cuda else {"use_cpu": True, "bf16": False}),  # P5: the defaults assume a GPU
+        **({} if cuda else {"use_cpu": True, "bf16": False}),  # SFTConfig's defaults assume a GPU (bf16)
     )
     trainer = SFTTrainer(
         model=str(ns.model), args=args, train_dataset=load_from_disk(str(Path(ns.data) / "sft" / "train")),
@@ -494,8 +494,8 @@ def cpu_main(ns: argparse.Namespace) -> int:
                                                         dtype="float32")
     stats = build_dataset(Path(ns.work) / "data-cpu", SHAPES[ns.shape]["vocab_size"], 200, median=ns.median,
                           hi=512)
-    # micro_batch_size=4: whole padded batches per pass (the job's CPU default is one row per pass since
-    # session 11, the "fp32-rows" variant).
+    # micro_batch_size=4: whole padded batches per pass (the job's CPU default is one row per pass,
+    # the "fp32-rows" variant).
     common = dict(device="cpu", threads=1, batch_size=4, micro_batch_size=4, max_length=512, logging_steps=1)
     variants = [
         Variant("fp32-rows", "job", "job, fp32, one row per pass (the CPU default)",

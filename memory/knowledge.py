@@ -14,7 +14,7 @@ private chunks are never even candidates. (One collection with a `where` filter 
 measured first: a filter that matches most chunks made chromadb take 125 ms per query at 20k chunks,
 against 2 ms for an unfiltered query on a collection of its own.) The lexical index filters the same way.
 
-One writer: chromadb's embedded client loses vectors when two processes write one folder (notes P13).
+One writer: chromadb's embedded client loses vectors when two processes write one folder.
 The server process owns the `KnowledgeBase`; other processes go through its API, or everyone uses a
 `chroma run` server (`settings.chroma_url`). Writes in this process are serialised by a lock.
 
@@ -122,7 +122,12 @@ class DocumentInfo:
 
 @register_embedding_function
 class AssistantEmbeddingFunction(EmbeddingFunction[Documents]):
-    """chromadb's handle on our embedder; registered so a collection re-opened later finds it (P12)."""
+    """chromadb's handle on our embedder; registered so a collection re-opened later finds it.
+
+    Without the registration, a process that opens a collection fails at query time (chromadb looks the
+    function up by the name it stored); without passing it, chromadb falls back to a default model it
+    downloads.
+    """
 
     def __init__(self, model: str) -> None:
         self.model = model

@@ -596,7 +596,7 @@ def test_built_datasets_train_one_step_in_trl(store, settings, tiny_model_dir):
     snap = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN)).path
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = training_template_for(tok)  # {% generation %} markers for assistant-only loss (P3)
+    tok.chat_template = training_template_for(tok)  # {% generation %} markers for assistant-only loss
     common = dict(use_cpu=True, bf16=False, activation_checkpointing=False, max_steps=1, learning_rate=1e-3,
                   per_device_train_batch_size=2, max_length=128, report_to="none", save_strategy="no",
                   logging_steps=1)

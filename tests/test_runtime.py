@@ -1,7 +1,7 @@
 """The in-process runtime on the tiny random Llama with two random LoRA adapters.
 
 What is asserted: concurrent requests on different adapters give exactly the answers each gives alone
-(the adapter is global model state, P8), the answers are those of plain transformers + PEFT,
+(the active adapter is state of the whole model), the answers are those of plain transformers + PEFT,
 streaming, errors, cancellation, back-pressure and adapter loading failures. Greedy decoding
 everywhere, so every expected text is reproducible.
 """

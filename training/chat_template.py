@@ -1,8 +1,8 @@
 """Training chat templates: the serving template plus {% generation %} markers.
 
 TRL's ``assistant_only_loss=True`` needs a chat template whose assistant turns are wrapped in
-``{% generation %} ... {% endgeneration %}`` (notes/stack.md, P3). SmolLM2's stock template has none and
-TRL cannot patch it, so this module carries a training twin of it that renders byte-identical text
+``{% generation %} ... {% endgeneration %}``. SmolLM2's stock template has none and TRL cannot patch it (it
+patches only a list of known templates), so this module carries a training twin of it that renders byte-identical text
 (``renders_identically`` checks that) and marks ``<assistant text><|im_end|>`` as the trained span, so the
 model also learns to stop.
 

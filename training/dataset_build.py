@@ -28,7 +28,7 @@ and so from every later build, and rows of it are dropped from the frozen held-o
 Splits are assigned by a salted hash of the group (`conv:<id>` or, for a teacher pair's rows,
 `synthetic:<pair id>`), so they are stable across rebuilds and a conversation never spans two splits.
 Teacher pairs are split one question at a time, not by document: each row carries its passage, and a
-document-level split kept whole documents out of training (docs/loop.md, session 7). The frozen held-out set
+document-level split kept whole documents out of training (docs/loop.md). The frozen held-out set
 is taken from the test split the first time there is enough data and reused afterwards; its groups
 are excluded from train and validation in every later build, whatever the split ratios.
 

@@ -413,7 +413,7 @@ def teacher_examples(pairs: Iterable[Any]) -> list[Example]:
             continue
         # Split by question, not by document: every row carries its passage, so a held-out question still
         # tests reading, and a document-level split kept whole documents (1 in 5, by their random ids) out
-        # of training (docs/loop.md, session 7: run Q lost the pricing document's pairs that way).
+        # of training (the loop bench once lost every pricing pair that way; CHANGELOG.md, 2026-11-23).
         prov = Provenance(source="teacher", origin="teacher", group=f"synthetic:{p.id}", doc_id=p.doc_id,
                           chunk_id=p.chunk_id, synthetic_id=p.id, adapter=None)
         prompt = (("user", p.question),)

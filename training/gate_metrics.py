@@ -268,8 +268,8 @@ def keyword_score(answer: str, groups: Sequence[Sequence[str]]) -> float:
 
 def grounded_prompt(item: DocQA, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict[str, str]]:
     """The question with its passage, exactly as the agent serves a question with a retrieved passage:
-    under its document's title (until session 8 the gate showed its source id there, so a model that had
-    learnt to copy titles into answers was never caught by this check)."""
+    under its document's title (with the source id there instead, a model that had learnt to copy titles
+    into answers would never be caught by this check)."""
     from assistant.prompt import Passage, render_turn
 
     return render_turn(system_prompt, [], item.question,

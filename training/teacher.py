@@ -523,7 +523,7 @@ class TeacherOptions:
     extract: bool = True
     # On a tie between a model answer and the extract, keep the extract. The judge reads the sentence
     # after the answering one as part of the answer, so a sample can borrow a number from it and still
-    # score as high (session 7, run R: "Team plan: 10 dollars per member." where the passage says 8 and
+    # score as high ("Team plan: 10 dollars per member." where the passage says 8 and
     # 10 is the next sentence's guest limit). The extract is the passage's own words.
     extract_wins_ties: bool = True
     # Whether a model sample may be the kept answer. `self_teacher` turns it off: on the embedded 135M model the

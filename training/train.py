@@ -144,7 +144,7 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
     elif device == "cuda":
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     else:
-        # Measured on this project's 2-core EPYC (avx512_bf16): a bf16 LoRA step is 1.8x faster than fp32
+        # On a CPU with avx512_bf16 a bf16 LoRA step is 1.8x faster than fp32
         # (docs/benchmarks.md, "Training job"). Without native bf16 instructions it is emulated: fp32.
         dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     if config.peft_method == "qlora":
@@ -284,7 +284,7 @@ def _wrap_peft(model: Any, config: TrainConfig) -> Any:
         path = Path(config.init_adapter)
         if not (path / "adapter_config.json").is_file():
             raise ValueError(f"init_adapter {path} is not a PEFT adapter folder (no adapter_config.json)")
-        pm = PeftModel.from_pretrained(model, path, is_trainable=True)  # P7: trainable, not inference mode
+        pm = PeftModel.from_pretrained(model, path, is_trainable=True)  # is_trainable: PEFT loads frozen otherwise
         got = pm.peft_config["default"].peft_type.value
         if got != wanted:
             raise ValueError(f"init_adapter {path} is a {got} adapter but peft_method={config.peft_method!r}")
@@ -449,7 +449,7 @@ def _common_args(config: TrainConfig, rt: RuntimeChoice, stage: str, work: Path,
     eval_rows = config.eval_batch_size if micro >= config.batch_size else min(config.eval_batch_size, micro)
     args: dict[str, Any] = dict(
         output_dir=str(work / stage), use_cpu=rt.device == "cpu", bf16=rt.dtype == "bfloat16", fp16=False,
-        activation_checkpointing=config.activation_checkpointing,  # P6: not the deprecated alias
+        activation_checkpointing=config.activation_checkpointing,  # gradient_checkpointing is the deprecated alias
         learning_rate=lr, num_train_epochs=epochs, max_steps=config.max_steps,
         per_device_train_batch_size=micro, per_device_eval_batch_size=eval_rows,
         gradient_accumulation_steps=config.grad_accum * (config.batch_size // micro),
@@ -596,7 +596,7 @@ def run_training(
 
     rt = resolve_runtime(config)
     if rt.device == "cpu":
-        torch.set_num_threads(config.threads)  # P1: share the 2-core box with the server
+        torch.set_num_threads(config.threads)  # torch's default team collapses when the server shares the cores
     from transformers import set_seed
 
     set_seed(config.seed)
