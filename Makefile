@@ -1,6 +1,6 @@
 # Developer loop. `make run` and `make test` are the two quick-start commands in README.md.
 SHELL := /bin/bash
-.PHONY: setup run test test-fast lint bench services docs
+.PHONY: setup run test test-fast lint bench services docs screenshots
 
 setup:
 	./scripts/setup.sh
@@ -19,6 +19,15 @@ test-fast: setup
 # Regenerate the docs made from the code: the CLI reference (a test checks it is current).
 docs: setup
 	.venv/bin/python scripts/cli_reference.py
+
+# The pictures in docs/: the browser tests write them into a temporary folder (chromium needed, see
+# scripts/services.sh; the chat and feedback pictures use the real embedded model), then they are copied.
+SHOTS ?= /tmp/assistant-screenshots
+screenshots: setup
+	rm -rf $(SHOTS) && mkdir -p $(SHOTS)
+	ASSISTANT_SCREENSHOTS=$(SHOTS) .venv/bin/python -m pytest -q -m "" tests/test_browser.py \
+		-k "screenshots_for_the_docs or fresh_install"
+	cp $(SHOTS)/*.png docs/
 
 lint: setup
 	.venv/bin/ruff check assistant memory training ui tests bench scripts

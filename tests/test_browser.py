@@ -27,6 +27,11 @@ pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Pictures for docs/ go to this folder (`make screenshots` sets it and copies them into docs/); a test
+# never writes a tracked file.
+SHOTS_ENV = "ASSISTANT_SCREENSHOTS"
+PHONE = (390, 844)
+DESKTOP = (1280, 1000)
 PAYLOAD = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> What is **LoRA**?'
 TIMEOUT = 60
 
@@ -109,6 +114,22 @@ def pick(driver, dropdown: str, value: str) -> None:
                       f"option {value}")
     option.click()
     wait_for(driver, lambda d: box.get_attribute("value") == value, f"{dropdown} = {value}")
+
+
+def shots_dir(tmp_path: Path) -> Path:
+    folder = Path(os.environ[SHOTS_ENV]) if os.environ.get(SHOTS_ENV) else tmp_path / "shots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def screenshot(driver, folder: Path, name: str) -> None:
+    """`<name>.png` at desktop width and `<name>-phone.png` at phone width."""
+    driver.save_screenshot(str(folder / f"{name}.png"))
+    driver.set_window_size(*PHONE)
+    time.sleep(0.5)  # the layout settles
+    driver.save_screenshot(str(folder / f"{name}-phone.png"))
+    driver.set_window_size(*DESKTOP)
+    time.sleep(0.3)
 
 
 def bot_texts(driver) -> list[str]:
@@ -330,13 +351,13 @@ def embedded_server(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerThread, browser):
+def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerThread, browser, tmp_path):
     d, store, url = browser, embedded_server.services.store, embedded_server.url
     alice = store.get_user_by_name("alice")
-    DOCS.mkdir(exist_ok=True)
+    shots = shots_dir(tmp_path)
     d.get(url)
     css(d, "input[type=password]")
-    d.save_screenshot(str(DOCS / "login.png"))
+    d.save_screenshot(str(shots / "login.png"))
     login(d, url, "alice", "alice-pass-1")
 
     css(d, "#message textarea").send_keys("Give me one tip for a first visit to Paris.")
@@ -348,7 +369,7 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
     wait_for(d, lambda d: "Adapter: v1" in text_of(d, "#chatbot"), "the details to open")
     d.execute_script("window.scrollTo(0, 0)")
-    d.save_screenshot(str(DOCS / "chat.png"))
+    d.save_screenshot(str(shots / "chat.png"))
 
     d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1].click()
     pick(d, "#reason", "unhelpful")
@@ -357,7 +378,7 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer",
              timeout=120)
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
-    d.save_screenshot(str(DOCS / "feedback.png"))
+    d.save_screenshot(str(shots / "feedback.png"))
     thumb = [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"]
     assert [(f.rating, f.message_id) for f in thumb] == [(-1, answer.id)]
 
@@ -413,6 +434,18 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     wait_for(d, lambda d: "Sources:" in text_of(d, "#chatbot") and "Pump" in text_of(d, "#chatbot"),
              "the cited source")
 
+    # ---- a memory learnt in chat is in the Memory tab when it is opened, without a reload
+    open_tab(d, "Memory")
+    assert "Rex" not in text_of(d, "#memory-table")
+    open_tab(d, "Chat")
+    css(d, "#message textarea").send_keys("Remember that my dog is called Rex.", Keys.ENTER)
+    eventually(lambda: [m for m in lt.list_memories(dana.id) if "Rex" in m.text], "the memory learnt in chat")
+    open_tab(d, "Memory")
+    wait_for(d, lambda d: "Rex" in text_of(d, "#memory-table"), "the new memory without a reload")
+    d.save_screenshot(str(tmp_path / "memory.png"))
+    for m in lt.list_memories(dana.id):
+        lt.forget(dana.id, m.id)
+
     # ---- memory: add, pick from the table, delete
     open_tab(d, "Memory")
     css(d, "#memory-new textarea").send_keys("I keep bees on my roof.", Keys.ENTER)
@@ -423,6 +456,14 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     cell.click()
     wait_for(d, lambda d: css(d, "#memory-text textarea").get_attribute("value") == mem.text, "the memory picked")
     click(d, "#memory-delete")
+    css(d, "#memory-delete-ask")  # a destructive action asks first: nothing is deleted yet
+    assert [m.id for m in lt.list_memories(dana.id)] == [mem.id]
+    click(d, "#memory-delete-no")
+    wait_for(d, lambda d: not d.find_elements(By.CSS_SELECTOR, "#memory-delete-yes")
+             or not d.find_element(By.CSS_SELECTOR, "#memory-delete-yes").is_displayed(), "the question gone")
+    assert [m.id for m in lt.list_memories(dana.id)] == [mem.id]
+    click(d, "#memory-delete")
+    click(d, "#memory-delete-yes")
     wait_for(d, lambda d: "Deleted" in text_of(d, "#memory-status"), "the delete notice")
     assert lt.list_memories(dana.id, include_history=True) == []
 
@@ -434,5 +475,130 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     wait_for(d, lambda d: css(d, "#doc-pick input").get_attribute("value").startswith("<b>Pump"),
              "the document picked")
     click(d, "#doc-delete")
+    css(d, "#doc-delete-ask")
+    assert len(kb.list_documents(dana)) == 1  # the first click only asks
+    click(d, "#doc-delete-yes")
     wait_for(d, lambda d: "Deleted the document" in text_of(d, "#doc-status"), "the delete notice")
     assert kb.list_documents(dana) == [] and kb.count_chunks() == 0
+
+
+# ------------------------------------------------------------------------------ a fresh install
+@pytest.fixture
+def fresh_server(tmp_path, tiny_model_dir, tiny_adapters):
+    """No users at all: what `make run` serves the first time."""
+    srv = start_server(tmp_path / "fresh-home", tiny_model_dir, tiny_adapters, with_ui=True, max_new_tokens=24)
+    srv.services.chat.set_serving("alpha")
+    yield srv
+    srv.stop()
+
+
+def _in_page_order(driver, texts: list[str]) -> list[int]:
+    """The vertical position of the first chat bubble showing each text (Markdown may reflow it)."""
+    bubbles = driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=user], #chatbot [data-testid=bot]")
+    out = []
+    for want in texts:
+        match = [b for b in bubbles if shows(b.text, want)]
+        assert match, f"no bubble shows {want!r}"
+        out.append(match[0].location["y"])
+    return out
+
+
+def test_a_fresh_install_in_korean_from_the_first_admin_to_an_answer_replaced_in_place(
+        fresh_server: ServerThread, browser, tmp_path):
+    """First-run admin creation, Enter to send (Shift+Enter for a second line), Korean text drawn with the
+    bundled font, a retrain refused up front with its reason, and regenerate-and-choose on an earlier
+    answer that keeps the conversation's order, after a reload too."""
+    d, store, url = browser, fresh_server.services.store, fresh_server.url
+    shots = shots_dir(tmp_path)
+
+    # ---- nobody has an account: the page offers to create the first admin
+    d.get(url)
+    css(d, "#setup-form")
+    assert d.current_url.endswith("/setup")
+    screenshot(d, shots, "setup")
+    css(d, "#username").send_keys("ada")
+    css(d, "#password").send_keys("ada-first-pass")
+    css(d, "#again").send_keys("ada-first-pass")
+    click(d, "#setup-submit")
+    css(d, "#setup-done")
+    [ada] = store.list_users()
+    assert (ada.username, ada.role) == ("ada", "admin")
+    click(d, "#setup-login")
+    css(d, "input[type=password]")
+    login(d, url, "ada", "ada-first-pass")
+    assert d.title == "Self-improving assistant" and "Self-improving assistant" in text_of(d, "#product")
+
+    # ---- Enter sends; Shift+Enter adds a line; Send is locked while the answer streams
+    d.execute_script("""
+        window.__locked = false;
+        new MutationObserver(() => {
+          const send = document.querySelector('#send');
+          const streaming = [...document.querySelectorAll('#chatbot [data-testid=bot]')]
+            .some(e => e.textContent.includes('▌'));
+          if (send && send.disabled && streaming) window.__locked = true;
+        }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});""")
+    box = css(d, "#message textarea")
+    box.send_keys("연차 휴가는 며칠인가요?")
+    box.send_keys(Keys.SHIFT + Keys.ENTER)
+    box.send_keys("출장비 정산 기한도 알려 주세요.")
+    assert store.list_conversations(ada.id) == []  # Shift+Enter sent nothing
+    box.send_keys(Keys.ENTER)
+    conv = eventually(lambda: store.list_conversations(ada.id), "the conversation")[0]
+    first_q = "연차 휴가는 며칠인가요?\n출장비 정산 기한도 알려 주세요."
+    a1 = eventually(lambda: [m for m in store.messages(conv.id) if m.role == "assistant"], "the first answer")[0]
+    assert store.messages(conv.id)[0].content == first_q
+    wait_for(d, lambda d: answer_shown(d, a1.content) and not any("▌" in t for t in bot_texts(d)), "answer 1")
+    assert d.execute_script("return window.__locked"), "Send was not locked while the answer streamed"
+    assert css(d, "#send").is_enabled()
+
+    # ---- Korean is drawn with the bundled font (the machine has no Korean font of its own)
+    user_bubble = css(d, "#chatbot [data-testid=user]")
+    assert "연차 휴가는 며칠인가요?" in user_bubble.text
+    wait_for(d, lambda d: d.execute_script(
+        "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),
+        "the bundled Hangul font to load")
+    screenshot(d, shots, "chat-korean")
+
+    # ---- a second turn, then regenerate-and-choose on the FIRST answer
+    css(d, "#message textarea").send_keys("Second question, in English.", Keys.ENTER)
+    a2 = eventually(lambda: [m for m in store.messages(conv.id) if m.role == "assistant"][1:], "answer 2")[0]
+    wait_for(d, lambda d: answer_shown(d, a2.content) and not any("▌" in t for t in bot_texts(d)), "answer 2")
+    first_bot = [b for b in d.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid=bot]")
+                 if shows(b.text, a1.content)][0]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", first_bot)
+    first_bot.click()  # selects the answer the feedback controls act on
+    wait_for(d, lambda d: f"Answer {a1.id}" in text_of(d, "#feedback-target"), "the first answer selected")
+    click(d, "#regenerate")
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
+    alt = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"], "the alternative")[0]
+    click(d, "#pick-b")
+    wait_for(d, lambda d: "you preferred B" in text_of(d, "#notice"), "the choice notice")
+    for when in ("after the choice", "after a reload"):
+        wait_for(d, lambda d: answer_shown(d, alt.content), f"the chosen answer {when}")
+        q1, chosen, q2, second = _in_page_order(d, [first_q, alt.content, "Second question, in English.",
+                                                    a2.content])
+        assert q1 < chosen < q2 < second, f"the conversation is out of order {when}"
+        d.refresh()
+        css(d, "#message textarea")
+    stored = [(m.role, m.id) for m in store.messages(conv.id) if m.status != "alternative"]
+    assert stored == [("user", stored[0][1]), ("assistant", alt.id), ("user", stored[2][1]), ("assistant", a2.id)]
+    assert alt.id > a2.id  # stored after the later question, shown (and sent to the model) in its place
+
+    # ---- the admin adds a person; a retrain with this little feedback is refused up front, with its reason
+    open_tab(d, "Admin")
+    css(d, "#person-name textarea, #person-name input").send_keys("bea")
+    css(d, "#person-password input").send_keys("bea-first-pass")
+    css(d, "#person-again input").send_keys("bea-first-pass")
+    click(d, "#person-add")
+    wait_for(d, lambda d: "bea" in text_of(d, "#person-note"), "the new person")
+    bea = store.get_user_by_name("bea")
+    assert bea is not None and bea.role == "user" and store.authenticate("bea", "bea-first-pass")
+    wait_for(d, lambda d: "Not ready to retrain" in text_of(d, "#readiness"), "the readiness check")
+    click(d, "#retrain-start")
+    wait_for(d, lambda d: "Not started." in text_of(d, "#job-status"), "the refusal")
+    assert "Training needs at least" in text_of(d, "#job-status")
+    assert "Error" not in text_of(d, "#job-status")
+    from training.jobs import runner_for
+    assert runner_for(fresh_server.services).list() == []  # nothing was started or recorded
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#readiness"))
+    screenshot(d, shots, "admin")

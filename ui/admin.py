@@ -327,7 +327,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
         "Cancel this retrain? It stops within seconds and the serving model stays as it is.",
         "Yes, cancel it", "Keep it running", "cancel")
     bar = gr.HTML(progress_html(0, ""))
-    status_md = gr.Markdown()
+    status_md = gr.Markdown(elem_id="job-status")
     curve = gr.LinePlot(None, x="step", y="value", color="series", title="Training loss", height=260)
     log_box = gr.Textbox(label="Log (tail)", lines=8, max_lines=16, autoscroll=True)
     timer = gr.Timer(2.0, active=False)

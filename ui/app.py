@@ -27,6 +27,7 @@ from memory.types import REASON_TAGS
 from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
 from ui.firstrun import SetupRedirect, mount_first_run
+from ui.fonts import FONT_CSS, mount_fonts
 from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
 from ui.render import safe_markdown
@@ -341,6 +342,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
 def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     """Mount the page at "/" behind a login checked against the user store."""
     first_run = mount_first_run(app, services)  # /setup passes the guard as a route of the host app
+    mount_fonts(app)  # so does /fonts: the login form shows Korean too
     host_routes = list(app.router.routes)  # the API, registered before the UI
     uploads = PageUploads(page_upload_dir(services))
     uploads.start()
@@ -352,12 +354,13 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     app = gr.mount_gradio_app(
         app, demo, path="/",
         auth=make_login(services.store, LoginThrottle()),
-        auth_message="Log in with your account. Accounts are created by an admin (assistant user add).",
+        auth_message="Log in with your account. An admin creates accounts in the page (Admin tab) or with "
+                     "assistant user add.",
         footer_links=[],  # no links out to gradio.app / API docs / settings
         run_history=False,  # its page offers connecting a hub bucket; nothing of ours goes there
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,
         max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
-        css=CSS,
+        css=CSS + FONT_CSS,
     )
     gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)
     quiet_queue(demo)
