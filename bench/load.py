@@ -1,6 +1,11 @@
 """Load: N concurrent API users chat and rate for a fixed time against `assistant serve`.
 
     .venv/bin/python bench/load.py [--users 50] [--duration 180] [--max-tokens 32] [--model DIR] [--url URL]
+                                   [--serving batched,sequential]
+
+With --serving naming both paths (the default), the whole run happens once per serving path, each
+against a fresh server and home, one after the other, and the table has a row per path plus the
+batched/sequential ratios.
 
 In: a server (started here as its own process with a fresh home, the embedded model and the
 knowledge base holding tests/data/docs; or an already running one with `--url` and `--keys-file`).
@@ -201,24 +206,12 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=50)
-    ap.add_argument("--duration", type=float, default=180.0, help="seconds of load")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--model", default=None, help="model folder (default: the embedded model, converted once)")
-    ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "assistant-bench-models")
-    ap.add_argument("--home", type=Path, default=None, help="fresh state folder (default: a temp folder)")
-    ap.add_argument("--url", default=None, help="load an already running server (needs --keys-file)")
-    ap.add_argument("--keys-file", type=Path, default=None, help="one API key per line, for --url")
-    ap.add_argument("--queue-max", type=int, default=None, help="server setting queue_max (default: its own)")
-    ap.add_argument("--queue-timeout", type=float, default=None, help="server setting queue_timeout_s")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
-    ap.add_argument("--json", type=Path, default=None, help="write every number here")
-    args = ap.parse_args(argv)
-
+def run_once(args: argparse.Namespace, serving: str | None) -> dict:
+    """One load run against a fresh server on serving path `serving` (None: the server's own setting)."""
     env = {**os.environ, "ASSISTANT_TORCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    if serving is not None:
+        env["ASSISTANT_SERVING"] = serving
     if args.queue_max is not None:
         env["ASSISTANT_QUEUE_MAX"] = str(args.queue_max)
     if args.queue_timeout is not None:
@@ -230,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--url needs --keys-file")
         url, keys, home = args.url.rstrip("/"), args.keys_file.read_text().split(), None
     else:
-        home = args.home or Path(tempfile.mkdtemp(prefix="assistant-load-")) / "home"
+        home = (args.home / (serving or "default") if args.home else
+                Path(tempfile.mkdtemp(prefix="assistant-load-")) / "home")
         model = args.model or str(prepare_model(args.model_cache))
         keys = setup_home(home, args.users)
         port = free_port()
@@ -238,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
     setup_s = time.perf_counter() - t_setup
     load_before = loadavg()
-    print(f"server ready at {url} after {setup_s:.0f} s; {args.users} users for {args.duration:.0f} s; "
-          f"load average {load_before}", file=sys.stderr)
+    print(f"[{serving or 'server default'}] server ready at {url} after {setup_s:.0f} s; {args.users} users for "
+          f"{args.duration:.0f} s; load average {load_before}", file=sys.stderr)
 
     tallies = [Tally() for _ in range(args.users)]
     deadline = time.time() + args.duration
@@ -266,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     checked = verify(home, merged.accepted, merged.ratings) if home is not None else None
-
-    def ms(x: float | None) -> str:
-        return "-" if x is None else f"{x:.1f}"
-
-    result = {
+    ok = not merged.errors and merged.busy_without_retry_after == 0 and bool(merged.accepted) and (
+        checked is None or (checked["answers_in_db"] == checked["answers_accepted"]
+                            and checked["ratings_in_db"] == checked["ratings_accepted"] and checked["integrity_ok"]))
+    return {
+        "serving": serving or "server default", "ok": ok,
         "users": args.users, "duration_s": args.duration, "wall_s": round(wall, 1), "max_tokens": args.max_tokens,
         "answers": len(merged.accepted), "ratings": len(merged.ratings), "busy_503": merged.busy,
         "busy_without_retry_after": merged.busy_without_retry_after, "rating_busy_503": merged.rating_busy,
@@ -283,29 +277,61 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before, "load_average_after": load_after, "verify": checked,
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
-    lat, ttft, qw = result["latency_s"], result["ttft_s"], result["queue_wait_s"]
-    print("\n| users | s | answers | ratings | 503 busy | errors | answers/min | tok/s | latency p50/p90/p99 s "
-          "| TTFT p50/p90/p99 s | queue wait p50/p90/p99 s | in DB (answers, ratings) | integrity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    db = f"{checked['answers_in_db']}/{checked['answers_accepted']}, {checked['ratings_in_db']}/" \
-         f"{checked['ratings_accepted']}" if checked else "-"
-    print(f"| {args.users} | {wall:.0f} | {len(merged.accepted)} | {len(merged.ratings)} | {merged.busy} "
-          f"| {len(merged.errors)} | {result['answers_per_min']} | {result['completion_tokens_per_s']} "
-          f"| {ms(lat['p50'])} / {ms(lat['p90'])} / {ms(lat['p99'])} | {ms(ttft['p50'])} / {ms(ttft['p90'])} / "
-          f"{ms(ttft['p99'])} | {ms(qw['p50'])} / {ms(qw['p90'])} / {ms(qw['p99'])} | {db} "
-          f"| {checked['integrity_ok'] if checked else '-'} |")
-    print(f"\nload average before {load_before}, after {load_after}; {result['machine']}; {result['date']}")
-    for e in merged.errors[:10]:
-        print("error:", e)
-    ok = not merged.errors and merged.busy_without_retry_after == 0 and merged.accepted and (
-        checked is None or (checked["answers_in_db"] == checked["answers_accepted"]
-                            and checked["ratings_in_db"] == checked["ratings_accepted"] and checked["integrity_ok"]))
-    return 0 if ok else 1
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=50)
+    ap.add_argument("--duration", type=float, default=180.0, help="seconds of load")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded model, converted once)")
+    ap.add_argument("--model-cache", type=Path, default=Path(tempfile.gettempdir()) / "assistant-bench-models")
+    ap.add_argument("--home", type=Path, default=None, help="fresh state folder (default: a temp folder)")
+    ap.add_argument("--url", default=None, help="load an already running server (needs --keys-file)")
+    ap.add_argument("--keys-file", type=Path, default=None, help="one API key per line, for --url")
+    ap.add_argument("--queue-max", type=int, default=None, help="server setting queue_max (default: its own)")
+    ap.add_argument("--queue-timeout", type=float, default=None, help="server setting queue_timeout_s")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--serving", default="batched,sequential",
+                    help="serving paths to run one after the other (server setting `serving`)")
+    ap.add_argument("--json", type=Path, default=None, help="write every number here")
+    args = ap.parse_args(argv)
+
+    paths: list[str | None] = [None] if args.url else args.serving.split(",")
+    results = [run_once(args, p) for p in paths]
+    command = "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "runs": results}, indent=2) + "\n")
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    print("\n| serving | users | s | answers | ratings | 503 busy | errors | answers/min | tok/s "
+          "| latency p50/p90/p99 s | TTFT p50/p90/p99 s | queue wait p50/p90/p99 s | in DB (answers, ratings) "
+          "| integrity |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        checked, lat, ttft, qw = r["verify"], r["latency_s"], r["ttft_s"], r["queue_wait_s"]
+        db = f"{checked['answers_in_db']}/{checked['answers_accepted']}, {checked['ratings_in_db']}/" \
+             f"{checked['ratings_accepted']}" if checked else "-"
+        print(f"| {r['serving']} | {r['users']} | {r['wall_s']:.0f} | {r['answers']} | {r['ratings']} "
+              f"| {r['busy_503']} | {r['errors']} | {r['answers_per_min']} | {r['completion_tokens_per_s']} "
+              f"| {ms(lat['p50'])} / {ms(lat['p90'])} / {ms(lat['p99'])} | {ms(ttft['p50'])} / {ms(ttft['p90'])} / "
+              f"{ms(ttft['p99'])} | {ms(qw['p50'])} / {ms(qw['p90'])} / {ms(qw['p99'])} | {db} "
+              f"| {checked['integrity_ok'] if checked else '-'} |")
+    by = {r["serving"]: r for r in results}
+    if "batched" in by and "sequential" in by:
+        b, q = by["batched"], by["sequential"]
+        apm = b["answers_per_min"] / q["answers_per_min"] if q["answers_per_min"] else float("inf")
+        p50 = (b["latency_s"]["p50"] or 0) / q["latency_s"]["p50"] if q["latency_s"]["p50"] else float("nan")
+        print(f"\nbatched vs sequential: answers/min {apm:.2f}x, latency p50 {p50:.2f}x")
+    for r in results:
+        print(f"[{r['serving']}] load average before {r['load_average_before']}, after {r['load_average_after']}; "
+              f"{r['machine']}; {r['date']}")
+        for e in r["error_samples"]:
+            print("error:", e)
+    return 0 if all(r["ok"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""The product's runtime on a GPU, in-process, beside raw `model.generate` in the same run.
+
+    python bench/serving_gpu.py [--shapes smollm2-135m,qwen2.5-0.5b] [--streams 1,8,32] [--tokens 128]
+
+Random weights of the SmolLM2-135M and Qwen2.5-0.5B shapes in bf16 (no download: the machine may have
+no network), a word-level tokenizer over the model's vocabulary (every id decodes), no end-of-text
+token (every answer runs to --tokens), and 8 random LoRA adapters (r16, all linear layers). For each
+shape and N in --streams:
+
+- raw `model.generate` of a static batch of N prompts (eager, dynamic cache), and with a static
+  cache + `torch.compile` (N = 1 and the largest N only: each batch size compiles anew);
+- `TransformersBackend` with serving=batched: N threads each ask for one greedy answer through
+  `backend.generate` (the same call the API makes), on the base model, all on one adapter, and spread
+  over 8 adapters; serving=sequential for N = 1.
+
+Prints one markdown table (aggregate generated tokens/s; wall time includes prefill).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+SHAPES = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                                   tie_word_embeddings=True, rope_theta=100000.0)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768,
+                                   tie_word_embeddings=True, rope_theta=1000000.0)),
+}
+PROMPT = [{"role": "user", "content": "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20"}]
+
+
+def word_tokenizer(vocab_size: int):
+    """Every id is a word "wN"; a plain chat template; no eos, so generation runs to max_new_tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import decoders as dec
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = dec.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0")
+    tok.chat_template = "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}w3"
+    return tok
+
+
+def build(shape: str, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    arch, cfg = SHAPES[shape]
+    cls, config_cls = (LlamaForCausalLM, LlamaConfig) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config)
+    torch.manual_seed(0)
+    config = config_cls(**cfg, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = cls(config).to(device=device, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    return model, word_tokenizer(cfg["vocab_size"])
+
+
+def make_adapters(model, out: Path, n: int) -> list[Path]:
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i in range(n):
+        pm = get_peft_model(copy.deepcopy(model).float().cpu(),
+                            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, w in pm.named_parameters():
+                if "lora_B" in name:
+                    w.copy_(torch.randn(w.shape, generator=g) * 0.002)
+        pm.save_pretrained(out / f"a{i}")
+        paths.append(out / f"a{i}")
+    return paths
+
+
+def timed(fn) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def raw(model, tok, n: int, tokens: int, compiled: bool) -> float:
+    import torch
+
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"].to(model.device).repeat(n, 1)
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+              do_sample=False, pad_token_id=0)
+    if compiled:
+        kw.update(cache_implementation="static")  # generate() compiles the forward for a static cache on CUDA
+    with torch.inference_mode():
+        model.generate(**{**kw, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up (compiles)
+        if compiled:
+            model.generate(**kw)
+        return n * tokens / timed(lambda: model.generate(**kw))
+
+
+def product(backend, n: int, tokens: int, adapters: list[str | None]) -> tuple[float, float]:
+    """Aggregate tok/s of N concurrent `backend.generate` calls, and their median time to first token."""
+    from assistant.runtime import GenerationSettings
+
+    gen = GenerationSettings(max_new_tokens=tokens, temperature=0.0, top_p=1.0)
+    results = [None] * n
+    barrier = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = backend.generate(PROMPT, adapters[i % len(adapters)], gen)
+
+    backend.generate(PROMPT, adapters[0], GenerationSettings(max_new_tokens=4, temperature=0.0, top_p=1.0))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+
+    def go() -> None:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    wall = timed(go)
+    done = sum(r.usage["completion_tokens"] for r in results)
+    assert done == n * tokens, (done, n * tokens)
+    ttft = sorted(r.first_token_s for r in results)[n // 2]
+    return done / wall, ttft
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from assistant.config import Settings
+    from assistant.runtime import TransformersBackend
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b")
+    ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    args = ap.parse_args(argv)
+    device = args.device
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{name} torch {torch.__version__}", flush=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        model, tok = build(shape, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = make_adapters(model, Path(tmp), args.adapters)
+            for n in args.streams:
+                rows.append((shape, "raw generate, eager", "-", n, raw(model, tok, n, args.tokens, False), None))
+                print(rows[-1], flush=True)
+            if not args.no_compile:
+                for n in sorted({args.streams[0], args.streams[-1]}):
+                    rows.append((shape, "raw generate, static cache + compile", "-", n,
+                                 raw(model, tok, n, args.tokens, True), None))
+                    print(rows[-1], flush=True)
+                torch._dynamo.reset()
+            for serving in ("batched", "sequential"):
+                settings = Settings.load(env={}, home=Path(tmp) / "home", serving=serving,
+                                         batch_max=max(args.streams), stream_interval_ms=40.0, queue_max=256)
+                backend = TransformersBackend(model, tok, settings, model_name=shape)
+                for i, p in enumerate(paths):
+                    backend.load_adapter(f"a{i}", p)
+                spreads = {"base": [None], "1 adapter": ["a0"], f"{args.adapters} adapters":
+                           [f"a{i}" for i in range(args.adapters)]}
+                for label, adapters in spreads.items():
+                    for n in args.streams if serving == "batched" else args.streams[:1]:
+                        tps, ttft = product(backend, n, args.tokens, adapters)
+                        rows.append((shape, f"runtime, {serving}", label, n, tps, ttft))
+                        print(rows[-1], flush=True)
+                for i in range(len(paths)):
+                    backend.unload_adapter(f"a{i}")
+                backend.close()
+                model = backend._base  # the PEFT wrapper is gone once the last adapter is unloaded
+        del model
+        torch.cuda.empty_cache()
+
+    print(f"\n{args.tokens} new tokens per stream, bf16, {name}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| shape | what | adapters | streams | tok/s (aggregate) | median TTFT s |")
+    print("|---|---|---|---|---|---|")
+    for shape, what, adapters, n, tps, ttft in rows:
+        print(f"| {shape} | {what} | {adapters} | {n} | {tps:,.0f} | {'-' if ttft is None else f'{ttft:.3f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
