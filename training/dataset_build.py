@@ -28,7 +28,7 @@ and so from every later build, and rows of it are dropped from the frozen held-o
 Splits are assigned by a salted hash of the group (`conv:<id>` or, for a teacher pair's rows,
 `synthetic:<pair id>`), so they are stable across rebuilds and a conversation never spans two splits.
 Teacher pairs are split one question at a time, not by document: each row carries its passage, and a
-document-level split kept whole documents out of training (docs/loop.md). The frozen held-out set
+document-level split kept whole documents out of training (CHANGELOG.md, 2026-11-23). The frozen held-out set
 is taken from the test split the first time there is enough data and reused afterwards; its groups
 are excluded from train and validation in every later build, whatever the split ratios.
 
@@ -121,7 +121,7 @@ class BuildOptions:
     synthetic_floor: int = 200  # teacher rows always allowed, so a fresh install can train on documents
     replay_path: Path | None = None  # None: the packaged general set (training/data/replay_general.jsonl)
     # Replay rows per train SFT row. At 0.1 a loop run's candidates lost 3 of the then 16 general questions to the
-    # users' style; 1.0 kept all 16 (docs/loop.md). The packaged set has 120 rows, none of them a question
+    # users' style; 1.0 kept all 16. The packaged set has 120 rows, none of them a question
     # of the gate's general suite.
     replay_ratio: float = 1.0
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
