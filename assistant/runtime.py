@@ -832,7 +832,7 @@ class TransformersBackend:
             if seed is not None:
                 torch.manual_seed(seed)  # global RNG, but only one generation runs at a time
             # inference_mode, not only generate()'s no_grad: no version counters or autograd checks
-            # on every small op, 3 % faster decoding on CPU for SmolLM2-135M (docs/benchmarks.md).
+            # on every small op, 3 % faster decoding on CPU for SmolLM2-135M (CHANGELOG.md, 2026-11-22).
             with torch.inference_mode(), model.disable_adapter() if base_only else contextlib.nullcontext():
                 model.generate(**kwargs)
             n = len(streamer.tokens)
