@@ -376,7 +376,7 @@ def page_upload_dir(services: Services) -> Path:
 # Gradio's queue polls for new events every 1 ms (10 ms for progress) on the server's event loop,
 # busy or idle: an idle server woke 923 times a second and used 2.1 % of a core (32 and 0.5 % with
 # these), and while streaming the event loop spent 1.0 ms of CPU per generated token instead of 0.35,
-# taking the GIL the generation thread needs between any two torch operations (docs/benchmarks.md).
+# taking the GIL the generation thread needs between any two torch operations (CHANGELOG.md, 2026-11-22).
 # Gradio uses these slower polls on Windows; a UI event waits at most this long to start.
 QUEUE_POLL_S = 0.05
 PROGRESS_POLL_S = 0.1
