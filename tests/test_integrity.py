@@ -238,6 +238,9 @@ def test_bad_feedback_and_titles_are_400s(world: World):
         r = world.client.patch(f"/v1/conversations/{cid}", content=json.dumps({"title": title}).encode(),
                                headers={**world.headers(), "Content-Type": "application/json"})
         assert r.status_code == 400, (title, r.text)
+    for title in ("nul\x00title", "\u200b\u2060"):  # the page's rename follows the same rule
+        with pytest.raises(h.UiError):
+            h.rename_conversation(world.services, world.users["alice"], cid, title)
     assert world.rows() == before
     assert world.store.get_conversation(cid, world.users["alice"].id).title == "Please rate me"
 

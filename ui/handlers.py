@@ -155,7 +155,11 @@ def rename_conversation(services: Services, user: User, conversation_id: int | N
         raise UiError("the new title is empty")
     if len(title) > 200:
         raise UiError(f"the title is {len(title)} characters; the limit is 200")
-    if not services.store.rename_conversation(int(conversation_id), user.id, title):
+    try:
+        renamed = services.store.rename_conversation(int(conversation_id), user.id, title)
+    except ValueError as e:  # the store's text rule (memory.text): NUL, a lone surrogate, nothing visible
+        raise UiError(str(e)) from e
+    if not renamed:
         raise _not_found("conversation")
     return title
 
