@@ -254,7 +254,7 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("POST", "/v1/admin/users/{user_id}/disable"): _admin(200, _throwaway("/disable")),
     ("POST", "/v1/admin/users/{user_id}/enable"): _admin(200, _throwaway("/enable")),
     ("DELETE", "/v1/admin/users/{user_id}"): _admin(200, _throwaway()),
-    ("PUT", "/v1/admin/users/{user_id}/password"): _admin(200, _throwaway("/password", {"password": "pw-2"})),
+    ("PUT", "/v1/admin/users/{user_id}/password"): _admin(200, _throwaway("/password", {"password": "pw-throwaway-2"})),
     ("GET", "/v1/admin/users/{user_id}/keys"): _admin(200, _throwaway("/keys")),
     ("POST", "/v1/admin/users/{user_id}/keys"): _admin(201, _throwaway("/keys", {"name": "laptop"})),
     ("DELETE", "/v1/admin/users/{user_id}/keys/{key_id}"): _admin(200, _throwaway("/keys", with_key=True)),

@@ -107,9 +107,11 @@ def test_refusals_write_nothing(server):
              ("DELETE", "/v1/admin/users/999999", None, 404, "not found"),
              ("PUT", "/v1/admin/users/999999/password", {"password": "x"}, 404, "not found"),
              ("DELETE", f"/v1/admin/users/{eve.id}/keys/999999", None, 404, "no API key"),
-             ("POST", "/v1/admin/users", {"username": "eve", "password": "pw"}, 400, "taken"),
-             ("POST", "/v1/admin/users", {"username": "bad name/..", "password": "pw"}, 400, "username"),
+             ("POST", "/v1/admin/users", {"username": "eve", "password": "pw-long-enough"}, 400, "taken"),
+             ("POST", "/v1/admin/users", {"username": "bad name/..", "password": "pw-long-enough"}, 400,
+              "username"),
              ("POST", "/v1/admin/users", {"username": "zed"}, 400, "password"),
+             ("POST", "/v1/admin/users", {"username": "zed", "password": "short"}, 400, "at least 8"),
              ("POST", "/v1/admin/users", {"username": "zed", "password": "pw", "role": "admin"}, 400, "role"),
              ("PUT", f"/v1/admin/users/{eve.id}/password", {"password": ""}, 400, "password"),
              ("POST", "/v1/admin/users/abc/disable", None, 400, "user_id")]

@@ -6,6 +6,7 @@ arguments. Out: plain dicts (JSON-ready); every change is written to the audit l
 (`admin_audit`: who, what, to which account, when). Errors from `assistant.actions.base`.
 
 Rules:
+- Passwords have at least `MIN_PASSWORD` characters, whichever way in sets them.
 - Only admins act here; an admin cannot disable, demote or delete their own account, and the last
   enabled admin cannot be disabled or deleted (someone must be able to log in and undo things).
 - A disabled user can neither log in nor use an API key; their data stays until they are deleted.
@@ -31,6 +32,16 @@ from training.synth import SyntheticPairs
 
 if TYPE_CHECKING:
     from memory.knowledge import KnowledgeBase
+
+
+MIN_PASSWORD = 8  # characters; the page's forms say so before they send
+
+
+def check_password(password: Any) -> str:
+    """A password an account may get (the store only refuses an empty one)."""
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        raise ValueError(f"the password needs at least {MIN_PASSWORD} characters")
+    return password
 
 
 def user_dict(u: User, keys: int | None = None) -> dict[str, Any]:
@@ -90,7 +101,7 @@ class UserAdmin:
                     key_name: str = "default") -> dict[str, Any]:
         """A new account and its first API key (the key is in the answer once and never again)."""
         actor = require_admin(actor)
-        user = self.store.create_user(username, password, role="admin" if admin else "user")
+        user = self.store.create_user(username, check_password(password), role="admin" if admin else "user")
         key = self.store.create_api_key(user.id, name=key_name)
         self._audit(actor, "user_add", user, role=user.role)
         return {"user": user_dict(user), "api_key": key}
@@ -108,7 +119,7 @@ class UserAdmin:
     def set_password(self, actor: Actor | None, user_id: int, password: str) -> dict[str, Any]:
         actor = require_admin(actor)
         target = self._user(user_id)
-        self.store.set_password(target.id, password)
+        self.store.set_password(target.id, check_password(password))
         self._audit(actor, "user_password", target)
         return user_dict(target)
 
