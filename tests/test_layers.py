@@ -1,4 +1,4 @@
-"""The one-way rule, checked on the source (README, "How the code is laid out").
+"""The one-way rule, checked on the source (README, "Layout").
 
     memory  <-  assistant core  <-  training  <-  actions and services  <-  the ways in
 
