@@ -373,7 +373,7 @@ def scrub_pii(text: str) -> Scrubbed:
     counts: Counter[str] = Counter()
     # Obfuscated forms first: a plain pass could take a piece of one (four digits of a spaced-out
     # token read as a card) and leave the rest behind.
-    if _MAYBE_OBFUSCATED.search(out):
+    if any(rx.search(out) for rx in _MAYBE_OBFUSCATED):
         out = _scrub_obfuscated(out, counts)
     out = _scrub_plain(out, counts)
     if not counts or not any(counts.values()):
@@ -426,10 +426,20 @@ _NOT_ADDRESS = frozenset(
     "are was were be been am best worst risk odds ease stake hand heart sea war peace rest large length will "
     "random face bay fault play lunch dinner breakfast dot at".split())
 # Cheap test for anything the glueing could act on; most texts have none and skip the pass.
-_MAYBE_OBFUSCATED = re.compile(
-    rf"(?i){_BRACKET_AT}|{_BRACKET_DOT}|[{_FORMAT_CHARS}]|\sdot\s|골뱅이|닷|{_KO_DIGIT_RUN.pattern}"
-    r"|(?<![^\W_])[^\W_]\s{1,3}[^\W_]\s{1,3}[^\W_](?![^\W_])|\s[@.\-_:/+=()]\s"
-    rf"|(?:{_DW})(?:[\s\-.]{{0,3}}(?:{_DW})){{3}}|\d(?:\s{{2,3}}|\t)\d")
+_EN_DW = "zero|oh|one|two|three|four|five|six|seven|eight|nine"
+_KO_DW = "[공영일이삼사오육륙칠팔구]"
+# Cheap tests for anything the glueing could act on, cheapest first; most texts match none and skip the
+# pass. (One alternation of all of them was slower than the sum of its parts.)
+_MAYBE_OBFUSCATED = (
+    re.compile(rf"[{_FORMAT_CHARS}]"),
+    re.compile(r"\s[@.\-_:/+=()]\s"),
+    re.compile(r"\d(?:\s{2,3}|\t)\d"),
+    re.compile(r"(?i)\sdot\s|골뱅이|닷"),
+    re.compile(rf"{_KO_DW}(?:[\s\-.]{{0,3}}{_KO_DW}){{3}}"),
+    re.compile(r"(?<![^\W_])[^\W_]\s{1,3}[^\W_]\s{1,3}[^\W_](?![^\W_])"),
+    re.compile(rf"(?i)\b(?:{_EN_DW})\b(?:[\s\-.]{{1,3}}(?:{_EN_DW})\b){{3}}"),
+    re.compile(rf"(?i){_BRACKET_AT}|{_BRACKET_DOT}"),
+)
 _CONTEXT = 32  # characters of the surrounding text the passes see (version numbers, "password =" ...)
 
 
@@ -578,11 +588,12 @@ def _windows(text: str) -> list[tuple[int, int]]:
     Only these are cut into chunks: a long message pays for the few places that may hide something.
     """
     out: list[tuple[int, int]] = []
-    for m in _MAYBE_OBFUSCATED.finditer(text):
-        lo, hi = max(0, m.start() - _WINDOW), min(len(text), m.end() + _WINDOW)
-        while 0 < lo < m.start() and not text[lo - 1].isspace():
+    hits = sorted((m.start(), m.end()) for rx in _MAYBE_OBFUSCATED for m in rx.finditer(text))
+    for m_start, m_end in hits:
+        lo, hi = max(0, m_start - _WINDOW), min(len(text), m_end + _WINDOW)
+        while 0 < lo < m_start and not text[lo - 1].isspace():
             lo += 1
-        while m.end() < hi < len(text) and not text[hi].isspace():
+        while m_end < hi < len(text) and not text[hi].isspace():
             hi -= 1
         if out and lo <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], hi))
