@@ -128,11 +128,16 @@ def _missing_sentences(train_rows: int, heldout_rows: int, frozen: bool, feedbac
     return out
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def _summary(feedback: dict[str, int], train_rows: int, heldout_rows: int, missing: list[str]) -> str:
     rated = feedback["thumbs_up"] + feedback["thumbs_down"]
-    have = (f"{rated} rated answers, {feedback['edits']} corrections, {feedback['pairs']} choices, "
-            f"{feedback['teacher_pairs']} teacher pairs in {feedback['conversations']} conversations: "
-            f"{train_rows} training examples and {heldout_rows} held-out examples")
+    have = (f"{_n(rated, 'rated answer')}, {_n(feedback['edits'], 'correction')}, "
+            f"{_n(feedback['pairs'], 'choice')}, {_n(feedback['teacher_pairs'], 'teacher pair')} in "
+            f"{_n(feedback['conversations'], 'conversation')}: {_n(train_rows, 'training example')} and "
+            f"{_n(heldout_rows, 'held-out example')}")
     if not missing:
         return f"Ready to retrain: {have}."
     return (f"Not ready to retrain: {have}; needs at least {MIN_TRAIN_ROWS} training and {MIN_HELDOUT_ROWS} "
