@@ -417,6 +417,7 @@ _DIGITISH_FIRST = frozenset("0123456789-.+()" + "".join(w[0] for w in _DIGIT_WOR
 _KO_DIGIT_RUN = re.compile(r"[공영일이삼사오육륙칠팔구]{8,}")
 _SEPARATORS = frozenset("@.-_:/+()=")
 _STRONG_SEPARATORS = frozenset("@.")
+_PUNCT_AROUND = ",;:!?\"'()[]{}<>"  # a sentence's punctuation next to a spelled-out address (not "." or "-")
 _LOCAL_LIKE = re.compile(r"[A-Za-z0-9._%+\-]+")
 _LABEL_LIKE = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _NOT_ADDRESS = frozenset(
@@ -501,7 +502,9 @@ def _edge_run(s: str, from_end: bool) -> int:
 
 
 def _address_word(c: _Chunk, pattern: re.Pattern[str]) -> bool:
-    return c.kind in ("plain", "digits") and bool(pattern.fullmatch(c.canon)) and c.canon.lower() not in _NOT_ADDRESS
+    """A word that can be part of an address: "kr," at the end of a sentence counts as "kr"."""
+    word = c.canon.strip(_PUNCT_AROUND)
+    return c.kind in ("plain", "digits") and bool(pattern.fullmatch(word)) and word.lower() not in _NOT_ADDRESS
 
 
 @dataclass
