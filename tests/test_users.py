@@ -145,12 +145,10 @@ def _everything_of(server: ServerThread, user_id: int, conv_ids: list[int], doc_
     return out
 
 
-def _dataset_rows_of(settings, conv_ids: list[int], doc_ids: list[str]) -> int:
-    n = 0
-    for snap in list_snapshots(settings):
-        for f in snap.rglob("*.jsonl"):
-            n += sum(1 for r in read_jsonl(f) if r.get("conversation_id") in conv_ids or r.get("doc_id") in doc_ids)
-    return n
+def _dataset_rows_of(folder, conv_ids: list[int], doc_ids: list[str]) -> int:
+    """Rows from these conversations or documents in every JSONL file under `folder`."""
+    return sum(1 for f in folder.rglob("*.jsonl") for r in read_jsonl(f)
+               if r.get("conversation_id") in conv_ids or r.get("doc_id") in doc_ids)
 
 
 def test_deleting_a_user_leaves_none_of_their_rows_or_files(server):
@@ -189,7 +187,7 @@ def test_deleting_a_user_leaves_none_of_their_rows_or_files(server):
     before = _everything_of(server, carol["id"], conv_ids, [private])
     assert all(before[t] > 0 for t in ("users", "api_keys", "conversations", "messages", "feedback", "memories",
                                        "memory_tombstones", "synthetic_pairs", "chunks")), before
-    assert _dataset_rows_of(settings, conv_ids, [private]) > 0
+    assert _dataset_rows_of(settings.datasets_dir, conv_ids, [private]) > 0
 
     r = root.delete(f"/v1/admin/users/{carol['id']}")
     assert r.status_code == 200, r.text
@@ -204,7 +202,8 @@ def test_deleting_a_user_leaves_none_of_their_rows_or_files(server):
     remaining = kb.collection.get(where={"owner_id": carol["id"]}, include=["metadatas"])["metadatas"]
     assert {m["doc_id"] for m in remaining} == {shared}  # the team's document stays, nothing private
     assert not (settings.uploads_dir / str(carol["id"])).exists()
-    assert _dataset_rows_of(settings, conv_ids, [private]) == 0
+    assert _dataset_rows_of(settings.datasets_dir, conv_ids, [private]) == 0  # snapshots and frozen held-out set
+    assert [p.name for p in list_snapshots(settings)] == done["snapshots_rewritten"]
     assert as_key(server, key).get("/v1/models").status_code == 401
     assert audit_actions(server, carol["id"])[-1] == "user_delete"
     assert root.delete(f"/v1/admin/users/{carol['id']}").status_code == 404
@@ -319,3 +318,25 @@ def test_readiness_is_one_call_for_the_api_the_cli_and_the_page(server, home):
     assert out.exit_code == 1, out.output  # an empty install is not ready, and says why
     assert json.loads(out.output)["missing"] and not json.loads(out.output)["ready"]
     assert "Not ready" in cli(home, "admin", "readiness").output
+
+
+def test_the_frozen_heldout_set_loses_a_deleted_users_rows_at_once(settings):
+    """Without waiting for the next build: the rows go, the counts, hashes and removal count follow."""
+    from training.forget import Deleted, purge_rows
+    from training.snapshots import write_json, write_jsonl
+
+    frozen = settings.datasets_dir / "heldout"
+    frozen.mkdir(parents=True)
+    rows = {"sft": [{"conversation_id": 7, "messages": []}, {"conversation_id": 8, "messages": []}],
+            "dpo": [{"conversation_id": 7, "prompt": []}], "kto": [{"doc_id": "dmine", "prompt": []}]}
+    hashes = {k: write_jsonl(frozen / f"{k}.jsonl", v) for k, v in rows.items()}
+    write_json(frozen / "meta.json", {"counts": {k: len(v) for k, v in rows.items()}, "hashes": hashes,
+                                      "removed_deleted": 1})
+    report = purge_rows(settings, Deleted(conversation_ids=frozenset({7}), doc_ids=frozenset({"dmine"})))
+    assert report.heldout == 3 and report.rows == 3 and report.snapshots == []
+    assert read_jsonl(frozen / "sft.jsonl") == [{"conversation_id": 8, "messages": []}]
+    assert read_jsonl(frozen / "dpo.jsonl") == [] and read_jsonl(frozen / "kto.jsonl") == []
+    meta = json.loads((frozen / "meta.json").read_text())
+    assert meta["counts"] == {"sft": 1, "dpo": 0, "kto": 0} and meta["removed_deleted"] == 4
+    assert meta["hashes"]["sft"] == write_jsonl(settings.home / "check.jsonl", [{"conversation_id": 8, "messages": []}])
+    assert purge_rows(settings, Deleted(conversation_ids=frozenset({7}))).rows == 0  # nothing left to take
