@@ -602,3 +602,35 @@ def test_a_fresh_install_in_korean_from_the_first_admin_to_an_answer_replaced_in
     assert runner_for(fresh_server.services).list() == []  # nothing was started or recorded
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#readiness"))
     screenshot(d, shots, "admin")
+
+
+@pytest.fixture
+def browser_ko(tmp_path):
+    """Chromium asking for Korean pages (navigator.language "ko")."""
+    os.environ["SE_OFFLINE"] = "true"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium-profile-ko'}", "--window-size=1280,1000", "--lang=ko"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {"intl.accept_languages": "ko,ko-KR"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko, tmp_path):
+    d = browser_ko
+    server.services.store.create_user("hana", "hana-pass-1")
+    login(d, server.url, "hana", "hana-pass-1")
+    assert d.execute_script("return navigator.language").startswith("ko")
+    tabs = wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                                  if b.text.strip()], "the tabs")
+    assert tabs[:4] == ["채팅", "문서", "기억", "계정"], tabs
+    assert css(d, "#send").text.strip() == "보내기"
+    assert "Enter로 보내기" in css(d, "#message textarea").get_attribute("placeholder")
+    wait_for(d, lambda d: d.execute_script(
+        "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),
+        "the bundled Hangul font to load")
+    screenshot(d, shots_dir(tmp_path), "chat-ko")

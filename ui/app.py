@@ -28,6 +28,7 @@ from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
 from ui.firstrun import SetupRedirect, mount_first_run
 from ui.fonts import FONT_CSS, mount_fonts
+from ui.i18n import I18N, T
 from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
 from ui.render import safe_markdown
@@ -80,64 +81,64 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
         with gr.Row(equal_height=True):
             gr.Markdown(f"### {PRODUCT}", elem_id="product")
             who = gr.Markdown(elem_id="whoami")
-            gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="logout")
+            gr.Button(T("log_out"), link="/logout", size="sm", scale=0, elem_id="logout")
 
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab(T("tab_chat"), id="chat"):
                 with gr.Row():
                     with gr.Column(scale=1, min_width=220):
-                        new_btn = gr.Button("+ New conversation", elem_id="new-chat")
-                        conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversations")
-                        with gr.Accordion("Rename or delete", open=False, elem_id="manage"):
-                            title_box = gr.Textbox(label="New title", elem_id="title-box")
+                        new_btn = gr.Button(T("new_chat"), elem_id="new-chat")
+                        conv_list = gr.Radio(label=T("conversations"), choices=[], elem_id="conversations")
+                        with gr.Accordion(T("rename_or_delete"), open=False, elem_id="manage"):
+                            title_box = gr.Textbox(label=T("new_title"), elem_id="title-box")
                             with gr.Row():
-                                rename_btn = gr.Button("Rename", size="sm", elem_id="rename")
-                                delete_btn = gr.Button("Delete", size="sm", variant="stop", elem_id="delete")
+                                rename_btn = gr.Button(T("rename"), size="sm", elem_id="rename")
+                                delete_btn = gr.Button(T("delete"), size="sm", variant="stop", elem_id="delete")
                             with gr.Row(visible=False) as confirm_row:
-                                really_btn = gr.Button("Yes, delete it and its feedback", size="sm",
+                                really_btn = gr.Button(T("delete_confirm"), size="sm",
                                                        variant="stop", elem_id="delete-confirm")
-                                cancel_btn = gr.Button("Keep it", size="sm", elem_id="delete-cancel")
-                        with gr.Accordion("Model", open=False):
-                            model_dd = gr.Dropdown(label="Model or adapter", choices=["assistant"],
+                                cancel_btn = gr.Button(T("keep_it"), size="sm", elem_id="delete-cancel")
+                        with gr.Accordion(T("model"), open=False):
+                            model_dd = gr.Dropdown(label=T("model_or_adapter"), choices=["assistant"],
                                                    value="assistant", elem_id="model",
-                                                   info="assistant = the adapter serving now")
+                                                   info=T("model_info"))
                     with gr.Column(scale=4):
                         chatbot = gr.Chatbot(label="Chat", show_label=False, height=460, elem_id="chatbot",
                                              sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
                                              buttons=["copy", "copy_all"],  # no "share" to a hub
-                                             placeholder="Ask anything. Answers stream in; Stop ends one early.")
+                                             placeholder=T("chat_placeholder"))
                         with gr.Row():
                             # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
                             msg = gr.Textbox(label="Message", show_label=False, lines=1, max_lines=10, scale=8,
-                                             placeholder="Message (Enter sends, Shift+Enter adds a line)",
+                                             placeholder=T("message_placeholder"),
                                              elem_id="message")
-                            send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                            stop_btn = gr.Button("Stop", scale=1, elem_id="stop")
+                            send_btn = gr.Button(T("send"), variant="primary", scale=1, elem_id="send")
+                            stop_btn = gr.Button(T("stop"), scale=1, elem_id="stop")
                         notice = gr.Markdown(elem_id="notice")
                         with gr.Group(elem_id="feedback-panel"):
                             target = gr.Markdown(elem_id="feedback-target")
                             with gr.Row():
-                                reason = gr.Dropdown(label="Reason (optional)", value="", elem_id="reason",
+                                reason = gr.Dropdown(label=T("reason"), value="", elem_id="reason",
                                                      choices=[("(none)", ""), *((t, t) for t in REASON_TAGS)])
-                                comment = gr.Textbox(label="Comment (optional)", elem_id="comment", scale=2)
-                                up_btn = gr.Button("Good answer", elem_id="thumb-up", scale=0)
-                                down_btn = gr.Button("Bad answer", elem_id="thumb-down", scale=0)
-                            with gr.Accordion("Edit this answer into the right one", open=False,
+                                comment = gr.Textbox(label=T("comment"), elem_id="comment", scale=2)
+                                up_btn = gr.Button(T("good_answer"), elem_id="thumb-up", scale=0)
+                                down_btn = gr.Button(T("bad_answer"), elem_id="thumb-down", scale=0)
+                            with gr.Accordion(T("edit_answer"), open=False,
                                               elem_id="edit-accordion"):
-                                edit_box = gr.Textbox(label="Corrected answer", lines=4, elem_id="edit-box")
-                                save_edit = gr.Button("Save correction", elem_id="save-edit")
-                            regen_btn = gr.Button("Regenerate and compare", elem_id="regenerate")
+                                edit_box = gr.Textbox(label=T("corrected_answer"), lines=4, elem_id="edit-box")
+                                save_edit = gr.Button(T("save_correction"), elem_id="save-edit")
+                            regen_btn = gr.Button(T("regenerate"), elem_id="regenerate")
                         with gr.Row(visible=False, elem_id="compare") as compare_row:
                             with gr.Column():
                                 a_md = gr.Markdown(elem_id="answer-a", elem_classes="compare-answer")
-                                pick_a = gr.Button("A is better", elem_id="pick-a", interactive=False)
+                                pick_a = gr.Button(T("a_better"), elem_id="pick-a", interactive=False)
                             with gr.Column():
                                 b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
-                                pick_b = gr.Button("B is better", elem_id="pick-b", interactive=False)
+                                pick_b = gr.Button(T("b_better"), elem_id="pick-b", interactive=False)
             build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
             build_account_tab(services)
-            with gr.Tab("Admin", id="admin", visible=False) as admin_tab:
+            with gr.Tab(T("tab_admin"), id="admin", visible=False) as admin_tab:
                 if importlib.util.find_spec("ui.admin") is not None:
                     from ui.admin import build_admin_tab
 
@@ -361,6 +362,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,
         max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
         css=CSS + FONT_CSS,
+        i18n=I18N,  # labels in the browser's language (English or Korean)
     )
     gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)
     quiet_queue(demo)

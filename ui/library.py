@@ -30,6 +30,7 @@ from assistant.actions.library import Library, Unavailable
 from memory.types import User
 from ui.confirm import confirm_step, hidden, shown
 from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.i18n import T as label
 from ui.render import excerpt, safe_markdown
 from ui.uploads import PageUploads, Received, UploadRefused
 
@@ -207,7 +208,7 @@ def _user(services: Services, request: gr.Request) -> User:
 
 
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
-    with gr.Tab("Documents", id="documents") as tab:
+    with gr.Tab(label("tab_documents"), id="documents") as tab:
         if services.knowledge is None:
             gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
             return
@@ -276,7 +277,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
 
 
 def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
-    with gr.Tab("Memory", id="memory") as tab:
+    with gr.Tab(label("tab_memory"), id="memory") as tab:
         if services.memories is None:
             gr.Markdown("Memory is not available: long-term memory is not attached to this server.")
             return

@@ -18,6 +18,7 @@ import pandas as pd
 from assistant.actions.users import UserAdmin
 from memory.types import User
 from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.i18n import T
 from ui.render import safe_markdown
 
 PRIVATE = {"api_visibility": "private"}
@@ -101,7 +102,7 @@ def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Ca
 
 def build_account_tab(services: Any) -> None:
     """A tab where the logged-in user changes their own password."""
-    with gr.Tab("Account", id="account"):
+    with gr.Tab(T("tab_account"), id="account"):
         gr.Markdown("Change your password.")
         old = gr.Textbox(label="Current password", type="password", elem_id="pw-old")
         new = gr.Textbox(label=f"New password (at least {MIN_PASSWORD} characters)", type="password",
