@@ -165,10 +165,14 @@ class BatchEngine:
     between two steps; both start the loop on `worker` when it is idle. The loop ends when there is
     nothing to do, so the worker thread is free for nothing else only while requests run."""
 
-    def __init__(self, host: ModelHost, worker: ThreadPoolExecutor, max_batch: int, eos_ids: list[int]) -> None:
+    def __init__(self, host: ModelHost, worker: ThreadPoolExecutor, max_batch: int, eos_ids: list[int],
+                 prefill_tokens: int = 1024) -> None:
         self.host = host
         self.worker = worker
         self.max_batch = max_batch
+        # Prompt tokens prefilled between two decode steps (at least one request): many long prompts
+        # arriving at once would otherwise stall every running stream for one long forward pass.
+        self.prefill_tokens = prefill_tokens
         self.eos_ids = frozenset(eos_ids)
         self._cond = threading.Condition()
         self._pending: deque[BatchRequest] = deque()
@@ -186,9 +190,10 @@ class BatchEngine:
         return len(self._pending)
 
     def submit(self, req: BatchRequest, max_waiting: int | None) -> bool:
-        """Queue `req`; False (nothing queued) when `max_waiting` requests already wait."""
+        """Queue `req`; False (nothing queued) when `max_waiting` requests already wait for a full batch."""
         with self._cond:
-            if max_waiting is not None and len(self._pending) >= max_waiting:
+            full = len(self.rows) + len(self._pending) >= self.max_batch
+            if max_waiting is not None and len(self._pending) >= max_waiting and full:
                 return False
             self._pending.append(req)
             self._kick()
@@ -245,11 +250,13 @@ class BatchEngine:
     def _admit(self) -> None:
         """Take waiting requests into the free places of the batch; all of them are prefilled together."""
         joining: list[BatchRequest] = []
+        budget = self.prefill_tokens
         while len(self.rows) + len(joining) < self.max_batch:
             with self._cond:
-                if not self._pending:
+                if not self._pending or (joining and len(self._pending[0].prompt) > budget):
                     break
                 req = self._pending.popleft()
+            budget -= len(req.prompt)
             req.queue_wait_s = time.perf_counter() - req.submitted
             try:
                 req.internal = self.host.resolve_adapter(req.adapter)

@@ -214,6 +214,34 @@ def test_back_pressure_counts_requests_waiting_outside_the_batch(tmp_path, tiny_
     assert r.queue_wait_s > 0 and r.usage["completion_tokens"] == GREEDY.max_new_tokens
 
 
+def test_a_refused_request_gets_503_and_writes_nothing(tmp_path, tiny_model_dir):
+    """Through the API: a full batch and no room to wait -> 503 with Retry-After, no conversation stored."""
+    from tests.helpers import start_server
+
+    srv = start_server(tmp_path, tiny_model_dir, serving="batched", batch_max=1, queue_max=0)
+    stop = threading.Event()
+    try:
+        store = srv.services.store
+        user = store.create_user("refused", "refused-password-1")
+        key = store.create_api_key(user.id)
+        forever = GenerationSettings(max_new_tokens=1500, temperature=0.0, top_p=1.0)
+        held = srv.services.backend.stream(QUESTION, None, forever, stop)  # takes the one place in the batch
+        next(held)
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "assistant", "max_tokens": 8, "messages": QUESTION})
+        assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+        assert r.json()["error"]["code"] == "server_busy"
+        assert store.list_conversations(user.id) == []
+        stop.set()
+        held.result()
+        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                        json={"model": "assistant", "max_tokens": 8, "messages": QUESTION})
+        assert ok.status_code == 200 and len(store.list_conversations(user.id)) == 1
+    finally:
+        stop.set()
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------ broken characters
 @pytest.mark.parametrize("text", ["안녕하세요, 반갑습니다. 오늘 날씨가 좋네요!", "Let's go 😀🎉 to the 바다 🌊."])
 def test_no_answer_ends_in_a_broken_character(tokenizer_dir, text):
