@@ -1,5 +1,5 @@
-"""HTTP routes for a user's documents, memories and conversation exports (`/v1/documents`, `/v1/memories`,
-`/v1/export/conversations`).
+"""HTTP routes for a user's documents, memories, conversation exports and own password (`/v1/documents`,
+`/v1/memories`, `/v1/export/conversations`, `/v1/account/password`).
 
 In: requests with a user's API key (`Authorization: Bearer sk-...`); the key acts for its user.
 Out: JSON in the shape the OpenAI client expects for errors (`{"error": {...}}`); an export can also
@@ -22,6 +22,7 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from assistant.actions import conversations as export_actions
+from assistant.actions.account import change_password
 from assistant.actions.base import Conflict, LoginRequired, TooLarge
 from assistant.actions.library import Library, Unavailable
 from assistant.api import ApiError, user_from_key
@@ -55,6 +56,13 @@ def call_action(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def example(body: Any, status: int = 200, media: str = "application/json") -> dict[int | str, dict[str, Any]]:
     """An OpenAPI response example for a route (`responses=example({...})`)."""
     return {status: {"content": {media: {"example": body}}}}
+
+
+class PasswordChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"current_password": "the old passphrase", "new_password": "a new passphrase"}]})
+    current_password: str = Field(min_length=1, max_length=1000)
+    new_password: str = Field(min_length=1, max_length=1000)
 
 
 class TextIn(BaseModel):
@@ -189,11 +197,20 @@ def export_routes(r: APIRouter) -> None:
         return _export(request.app.state.store, user, conversation_id, format)
 
 
+def account_routes(r: APIRouter) -> None:
+    @r.put("/v1/account/password", responses=example({"changed": True}),
+           summary="Change your own password (the current one is asked for); API keys stay valid")
+    def password(body: PasswordChangeIn, user: CurrentUser, request: Request) -> dict:
+        call_action(change_password, request.app.state.store, user, body.current_password, body.new_password)
+        return {"changed": True}
+
+
 def build_library_router() -> APIRouter:
     r = APIRouter()
     document_routes(r)
     memory_routes(r)
     export_routes(r)
+    account_routes(r)
     return r
 
 

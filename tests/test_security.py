@@ -260,6 +260,9 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("DELETE", "/v1/admin/users/{user_id}/keys/{key_id}"): _admin(200, _throwaway("/keys", with_key=True)),
     ("GET", "/v1/admin/audit"): _admin(200, _const("/v1/admin/audit")),
     ("GET", "/v1/admin/readiness"): _admin(200, _const("/v1/admin/readiness")),
+    # One's own password: the owner's current one is right (and kept), everyone else's is not.
+    ("PUT", "/v1/account/password"): Row(401, 200, 400, 400, _const("/v1/account/password", {
+        "current_password": PASSWORDS["alice"], "new_password": PASSWORDS["alice"]})),
 }
 
 

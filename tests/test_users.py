@@ -340,3 +340,26 @@ def test_the_frozen_heldout_set_loses_a_deleted_users_rows_at_once(settings):
     assert meta["counts"] == {"sft": 1, "dpo": 0, "kto": 0} and meta["removed_deleted"] == 4
     assert meta["hashes"]["sft"] == write_jsonl(settings.home / "check.jsonl", [{"conversation_id": 8, "messages": []}])
     assert purge_rows(settings, Deleted(conversation_ids=frozenset({7}))).rows == 0  # nothing left to take
+
+
+def test_a_user_changes_their_own_password(server):
+    store = server.services.store
+    user = store.create_user("fay", "pw-fay-old-1")
+    key = store.create_api_key(user.id)
+    fay = as_key(server, key)
+    audit_before = len(store.list_audit(1000))
+    for body, status, words in (({"current_password": "wrong-one-1", "new_password": "pw-fay-new-1"}, 400, "not right"),
+                                ({"current_password": "pw-fay-old-1", "new_password": "short"}, 400, "at least 8"),
+                                ({"current_password": "pw-fay-old-1"}, 400, "new_password"),
+                                ({"current_password": "pw-fay-old-1", "new_password": "pw-fay-new-1", "x": 1}, 400,
+                                 "x")):
+        r = fay.put("/v1/account/password", json=body)
+        assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    assert store.authenticate("fay", "pw-fay-old-1") is not None and len(store.list_audit(1000)) == audit_before
+    assert httpx.put(server.url + "/v1/account/password", json={}).status_code == 401
+    r = fay.put("/v1/account/password", json={"current_password": "pw-fay-old-1", "new_password": "pw-fay-new-1"})
+    assert r.status_code == 200, r.text
+    assert store.authenticate("fay", "pw-fay-old-1") is None and store.authenticate("fay", "pw-fay-new-1")
+    assert fay.get("/v1/models").status_code == 200  # the key still works
+    assert audit_actions(server, user.id) == ["user_password"]
+    assert store.list_audit(1, target_user_id=user.id)[0]["actor"] == "fay"
