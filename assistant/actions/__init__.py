@@ -11,6 +11,8 @@ everything of theirs).
     library.py        documents and long-term memories of one user (`Library`)
     users.py          accounts, API keys and the audit log, for admins (`UserAdmin`)
     conversations.py  a user's conversations exported as JSON or Markdown, with feedback
+    account.py        a user's own password
+    readiness.py      what a retrain would use now and what is missing, for admins
 
 Place in the one-way rule: these sit with the ways in, above `training` (a deleted document's
 teacher pairs and a deleted user's dataset rows are training data), and import nothing from the
