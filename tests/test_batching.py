@@ -29,7 +29,7 @@ from assistant.runtime import (
 )
 from tests.conftest import make_random_adapter
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(600)  # generous: the CI box may be shared; a hang still fails
 
 QUESTION = [{"role": "user", "content": "Tell me something about the sea."}]
 OTHER = [{"role": "user", "content": "What do you know about the mountains, the rivers and the long winters?"}]
@@ -70,7 +70,7 @@ def alone(tmp_path_factory, tiny_model_dir, three_adapters) -> dict[tuple[str | 
     out = {}
     for a in ADAPTERS:
         for p, msgs in enumerate((QUESTION, OTHER)):
-            for gen in (GREEDY, LONG, HOLD):
+            for gen in (GREEDY, LONG, HOLD) if a in ("alpha", "gamma") else (GREEDY, LONG):
                 out[(a, p, gen.max_new_tokens)] = b.generate(msgs, a, gen).text
     b.close()
     return out
