@@ -199,7 +199,8 @@ def _hash_key(key: str) -> str:
 
 
 def thread_order(msgs: list[Message]) -> list[Message]:
-    """Messages (in id order) as the conversation reads: each answer right after the question it answers.
+    """Messages (in id order; anything with id, role and parent_id) as the conversation reads: each answer
+    right after the question it answers.
 
     A second answer made by regenerate-and-choose on an earlier question is stored later than the
     questions that followed; by id alone the chosen one would move to the end of the conversation and

@@ -641,3 +641,24 @@ def test_cli_build_and_list(store, settings):
     bad = runner.invoke(app, ["build", *home, "--split", "0.5,0.5"])
     assert bad.exit_code == 2 and "three numbers" in bad.output
     assert [p.name for p in list_snapshots(settings)] == ["v0001", "v0002"]
+
+
+def test_an_answer_chosen_later_for_an_earlier_question_sits_in_its_place_in_later_prompts(store, settings):
+    """Regenerate-and-choose on the first answer after a second turn: the chosen answer is stored last,
+    but the second answer's training prompt shows it right after the first question."""
+    u = _user(store)
+    c = store.create_conversation(u.id, "two turns")
+    q1, a1 = store.add_turn(c.id, "Which port does the VPN client use?", "It uses some port, probably.")
+    _, a2 = store.add_turn(c.id, "And which protocol?", "The client speaks WireGuard over UDP.")
+    chosen = store.add_message(c.id, "assistant", "The VPN client uses port 51820.", parent_id=q1.id,
+                               status="alternative")
+    store.add_pair(u.id, a1.id, chosen.id, chosen.id)
+    store.set_message_status(chosen.id, "complete")
+    store.set_message_status(a1.id, "alternative")
+    store.add_thumb(u.id, a2.id, 1)
+    result = build_datasets(store, settings, BuildOptions(**ALL_IN_TRAIN))
+    [row] = [r for r in _rows(result.path, "sft", "train") if r["message_id"] == a2.id]
+    turns = [(m["role"], m["content"]) for m in row["messages"] if m["role"] != "system"]
+    assert turns[:2] == [("user", "Which port does the VPN client use?"),
+                         ("assistant", "The VPN client uses port 51820.")]
+    assert turns[-2:] == [("user", "And which protocol?"), ("assistant", "The client speaks WireGuard over UDP.")]

@@ -34,7 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from assistant.prompt import Passage, render_turn
-from memory.store import Store, conversations, feedback, messages
+from memory.store import Store, conversations, feedback, messages, thread_order
 
 # Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
 ANSWER_STATUSES = ("complete", "alternative")
@@ -184,6 +184,9 @@ def read_training_log(store: Store) -> TrainingLog:
             m = LogMessage(*row[:-2], imported=bool(row[-2]), sources=_cited(row[-1]))
             msgs[m.id] = m
             by_conv[m.conversation_id].append(m)
+        # Reading order, not id order: an answer chosen later for an earlier question (regenerate-and-
+        # choose) belongs right after that question in every later prompt.
+        by_conv = defaultdict(list, {c: thread_order(ms) for c, ms in by_conv.items()})
         max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
         owners = dict(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
                                    .where(conversations.c.id.in_(rated_conversations))).all())
