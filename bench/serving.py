@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -132,6 +133,7 @@ def run_path(path: str, model: str, adapters: list[Path], args: argparse.Namespa
 
     home = Path(tempfile.mkdtemp(prefix=f"assistant-serving-{path}-")) / "home"
     key = setup_home(home)
+    adapters = [Path(shutil.copytree(p, home / "adapters" / p.name)) for p in adapters]  # loads read only there
     env = {**os.environ, "ASSISTANT_TORCH_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
            "ASSISTANT_SERVING": path, "ASSISTANT_BATCH_MAX": str(max(args.streams)),
            "ASSISTANT_QUEUE_MAX": "64", "ASSISTANT_QUEUE_TIMEOUT_S": "600",

@@ -291,9 +291,22 @@ def test_lora_endpoints_refuse_non_admins(server, tiny_adapters):
     assert server.services.backend.adapters() == ["alpha"]
 
 
-def test_lora_endpoints_bad_input(server, tmp_path):
+def in_adapters_dir(server, src: Path | None, name: str) -> Path:
+    """A copy of `src` (None: an empty folder) in the server's adapters folder, where loads are read from."""
+    import shutil
+
+    dst = server.services.settings.adapters_dir / name
+    if src is None:
+        dst.mkdir(parents=True)
+    else:
+        shutil.copytree(src, dst)
+    return dst
+
+
+def test_lora_endpoints_bad_input(server):
     h = {"Authorization": f"Bearer {key_for(server, 'admin')}"}
-    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)}, headers=h)
+    empty = in_adapters_dir(server, None, "empty")
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(empty)}, headers=h)
     assert r.status_code == 409 and "cannot read adapter" in r.json()["error"]["message"]
     no_path = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x"}, headers=h)
     assert no_path.status_code in (400, 422)
@@ -317,13 +330,15 @@ def test_openai_backend_hot_swap_and_rollback_against_our_server(server, tiny_ad
     # the server builds its own prompt (system prompt, memory), so answers are compared with its own
     before = remote.generate(QUESTION, "alpha", gen).text
 
-    remote.load_adapter("v2", tiny_adapters["beta"])  # roll out under a new name
+    beta = in_adapters_dir(server, tiny_adapters["beta"], "beta")
+    alpha = in_adapters_dir(server, tiny_adapters["alpha"], "a")
+    remote.load_adapter("v2", beta)  # roll out under a new name
     assert remote.adapters() == ["alpha", "v2"] and local.has_adapter("v2")
     assert remote.generate(QUESTION, "v2", gen).text != before
     with pytest.raises(AdapterLoadError, match="already serves"):  # never replaced in place
-        remote.load_adapter("v2", tiny_adapters["alpha"])
+        remote.load_adapter("v2", alpha)
     with pytest.raises(AdapterLoadError, match="refused"):  # the server's refusal, nothing changed
-        remote.load_adapter("v3", tmp_path / "missing")
+        remote.load_adapter("v3", server.services.settings.adapters_dir / "missing")
     assert remote.adapters() == ["alpha", "v2"]
 
     whole_v2 = remote.generate(QUESTION, "v2", long).text
