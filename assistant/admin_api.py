@@ -242,6 +242,10 @@ class AdminActions:
         A name that is already served is refused, as vLLM does: roll out a new version under a new
         name, switch callers, then unload the old one (`runtime.OpenAIBackend` does exactly that)."""
         require_admin(user)
+        root = self.settings.adapters_dir.resolve()
+        if not Path(path).resolve().is_relative_to(root):
+            # An admin account is not a shell on the machine: only this server's own adapter folders load.
+            raise PermissionError(f"adapters load only from the adapters folder ({root})")
         backend = self.services.backend
         if backend.has_adapter(name):
             raise ValueError(f"the lora adapter {name!r} has already been loaded; use a new name")

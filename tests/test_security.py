@@ -209,6 +209,14 @@ def _admin(admin_status: int, make: Callable[[World], Call]) -> Row:
 MATRIX: dict[tuple[str, str], Row] = {
     ("GET", "/health"): Row(200, 200, 200, 200, _const("/health"), public=True),
     ("GET", "/openapi.json"): Row(200, 200, 200, 200, _const("/openapi.json"), public=True),
+    ("GET", "/fonts/{name}"): Row(200, 200, 200, 200, _const("/fonts/hangul-fallback.woff2"), public=True),
+    # The first-run form exists only while there is no account; here there are some.
+    ("GET", "/setup"): Row(404, 404, 404, 404, _const("/setup"), public=True),
+    ("POST", "/setup"): Row(404, 404, 404, 404, _const("/setup", {"username": "x", "password": "p" * 12}),
+                            public=True),
+    ("POST", "/v1/load_lora_adapter"): _admin(409, lambda w: Call("/v1/load_lora_adapter", {
+        "lora_name": f"matrix{time.time_ns()}", "lora_path": str(w.services.settings.adapters_dir / "missing")})),
+    ("POST", "/v1/unload_lora_adapter"): _admin(404, _const("/v1/unload_lora_adapter", {"lora_name": "no-such"})),
     ("GET", "/v1/models"): Row(401, 200, 200, 200, _const("/v1/models")),
     ("POST", "/v1/chat/completions"): Row(401, 200, 404, 404, _chat_in_owner_conversation),
     ("GET", "/v1/conversations"): Row(401, 200, 200, 200, _const("/v1/conversations")),
@@ -660,6 +668,7 @@ ADMIN_VIEWS: dict[str, Callable[[AdminActions, Any], Any]] = {
     "schedule_values": lambda a, u: adm.schedule_values(a, u),
     "save_schedule": lambda a, u: adm.save_schedule(a, u, False, "feedback", 50, 24.0, "03:00", 24.0, True, 5, False),
     "start_job": lambda a, u: adm.start_job(a, u, None, True, False, '{"no_such_option": 1}'),
+    "readiness_markdown": lambda a, u: adm.readiness_markdown(a, u),
 }
 
 
@@ -710,6 +719,8 @@ ADMIN_CALLS: dict[str, Callable[[AdminActions, Any], Any]] = {
     "rollback": lambda a, u: a.rollback(u),
     "get_schedule": lambda a, u: a.get_schedule(u),
     "set_schedule": lambda a, u: a.set_schedule(u, {"no_such_setting": 1}),
+    "load_lora_adapter": lambda a, u: a.load_lora_adapter(u, "bad name!", str(a.settings.adapters_dir / "no")),
+    "unload_lora_adapter": lambda a, u: a.unload_lora_adapter(u, "no-such-adapter"),
 }
 
 
@@ -1080,3 +1091,14 @@ def test_server_binds_where_told(tmp_path, tiny_model_dir, tiny_embedder_dir):
     env = product_env(tmp_path, None, ASSISTANT_EMBEDDER=str(tiny_embedder_dir))
     with serve_process(tmp_path / "home", env, "--model", str(tiny_model_dir), "--host", "0.0.0.0") as (proc, _):
         assert listening(proc.pid) == {"0.0.0.0"}
+
+
+def test_load_lora_adapter_reads_only_the_adapters_folder(world: World):
+    """An admin key is not a shell: a folder outside `<home>/adapters` is refused before it is opened."""
+    adapters = world.services.settings.adapters_dir
+    for path in ("/etc", str(ROOT), str(adapters / ".." / "chroma"), str(world.services.settings.home)):
+        r = world.client.post("/v1/load_lora_adapter", headers=world.headers("admin"),
+                              json={"lora_name": f"outside{time.time_ns()}", "lora_path": path})
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "adapters folder" in r.text
+    assert not any(n.startswith("outside") for n in world.services.backend.adapters())
