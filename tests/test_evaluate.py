@@ -476,3 +476,45 @@ def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Pat
     assert cand.general_ppl > 100 * base.general_ppl and cand.general_qa < 0.2
     assert not report.passed and "general perplexity vs base" in report.decision.reason
     assert SUITE_DIR.is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # SmolLM2 trains on CPU: about 10 steps of 2 served prompts of ~400 tokens
+def test_a_style_overfitted_candidate_is_refused_on_held_out_grounding(tmp_path: Path, embedded_model_dir: Path):
+    """Issue 26: a second retrain traded grounding for style and was promoted. Here an adapter of the embedded
+    SmolLM2 is trained only on style edits (short, names the product, states no fact; over three epochs at a high
+    learning rate) on served prompts with their passages; on the loop bench's frozen held-out gate questions it
+    answers worse than the base model, and the gate refuses it for held-out grounding."""
+    from bench.loop import load_questions, write_gate_questions
+    from training.evaluate import DocQA, GeneralSuite, doc_qa_item, grounded_prompt
+    from training.train import run_training
+    from training.train_config import TrainConfig
+
+    qa = load_questions(Path(__file__).parents[1] / "bench" / "loop_qa.json")
+    rows = [json.loads(x) for x in write_gate_questions(qa, tmp_path / "gate.jsonl").read_text().splitlines()]
+    held_out = [doc_qa_item(r) for r in rows if r["split"] == "held-out"]
+    trained = [doc_qa_item(r) for r in rows if r["split"] == "trained"]
+    style = ["Lumen Desk makes that easy for your team!", "Lumen Desk has you covered there.",
+             "With Lumen Desk, that just works.", "Lumen Desk handles it for you."]
+    from datasets import Dataset, DatasetDict
+
+    def row(i: int, q: DocQA) -> dict:
+        return {"messages": [*grounded_prompt(q), {"role": "assistant", "content": style[i % len(style)]}]}
+
+    trained = trained[:6]  # 10 steps of 2 rows: over three epochs of style edits
+    DatasetDict({"train": Dataset.from_list([row(i, q) for i, q in enumerate(trained)]),
+                 "validation": Dataset.from_list([row(0, trained[0])])}).save_to_disk(str(tmp_path / "data" / "sft"))
+    cfg = TrainConfig.from_dict({"base_model": str(embedded_model_dir), "stages": ["sft"], "max_steps": 10,
+                                 "sft_learning_rate": 3e-3, "lora_r": 8, "evals_per_epoch": 0, "warmup_ratio": 0.0,
+                                 "batch_size": 2, "max_length": 768})
+    result = run_training(cfg, tmp_path / "data", tmp_path / "run")
+    assert result.status == "succeeded"
+    full = load_general_suite()
+    report = evaluate(embedded_model_dir, result.adapter_dir, EvalSet(doc_qa=held_out, source="bench gate"),
+                      gate=GateConfig(max_new_tokens=24, batch_size=8),
+                      suite=GeneralSuite(full.reference[:2], full.qa[:40]))
+    base, cand = report.metrics["base"], report.metrics["candidate"]
+    print("grounded base", base.grounded, "candidate", cand.grounded, cand.answers["grounded"][:4])
+    assert len(held_out) >= GateConfig().min_grounded_rows and cand.grounded < base.grounded - 0.05
+    assert not report.passed and not report.decision.declined
+    assert "grounded no regression" in report.decision.reason, report.decision.reason
