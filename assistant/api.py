@@ -98,6 +98,28 @@ async def relay(items: Iterator[str], stop: Callable[[], None]) -> AsyncIterator
 
 
 # ---------------------------------------------------------------------------------------- schemas
+def example(body: Any, status: int = 200, media: str = "application/json") -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI response example for a route (`responses=example({...})`)."""
+    return {status: {"content": {media: {"example": body}}}}
+
+
+def examples(*bodies: dict[str, Any]) -> ConfigDict:
+    """Request examples for a body model's schema."""
+    return ConfigDict(json_schema_extra={"examples": list(bodies)})
+
+
+CHAT_EXAMPLE = {
+    "id": "chatcmpl-42", "object": "chat.completion", "created": 1796558400, "model": "assistant",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "The Team plan costs 8 dollars a month."},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 212, "completion_tokens": 11, "total_tokens": 223},
+    "conversation_id": 7, "message_id": 42, "adapter": "v0002",
+    "sources": [{"n": 1, "title": "Pricing", "snippet": "The Team plan costs 8 dollars a month per seat."}],
+    "memories": [], "queue_wait_s": 0.0}
+CONV_EXAMPLE = {"id": 7, "title": "Pricing question", "source": "api", "created_at": "2026-12-06T10:15:00+00:00",
+                "updated_at": "2026-12-06T10:16:00+00:00"}
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant"]
@@ -115,7 +137,9 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options (logprobs...) are ignored
+    model_config = ConfigDict(extra="ignore",  # unknown OpenAI options (logprobs...) are ignored
+                              **examples({"model": "assistant", "stream": False, "max_tokens": 64,
+                                          "messages": [{"role": "user", "content": "How much is the Team plan?"}]}))
     model: str = SERVING_ALIAS
     messages: list[ChatMessageIn] = Field(min_length=1)
     n: int | None = None  # one choice per request: anything else is refused, not silently ignored
@@ -130,6 +154,7 @@ class ChatCompletionIn(BaseModel):
 
 
 class ThumbIn(BaseModel):
+    model_config = examples({"message_id": 42, "rating": -1, "reason": "wrong", "comment": "It is 8, not 9."})
     message_id: int
     rating: StrictInt  # strict: JSON `true` is not the number 1
     reason: str | None = None
@@ -144,18 +169,21 @@ class ThumbIn(BaseModel):
 
 
 class EditIn(BaseModel):
+    model_config = examples({"message_id": 42, "corrected": "The Team plan costs 8 dollars a month per seat."})
     message_id: int
     # The store's limit, the same one the page uses (memory.store.MAX_CORRECTED_CHARS).
     corrected: str = Field(min_length=1, max_length=MAX_CORRECTED_CHARS)
 
 
 class PairIn(BaseModel):
+    model_config = examples({"message_id": 42, "other_message_id": 45, "chosen_message_id": 45})
     message_id: int
     other_message_id: int
     chosen_message_id: int
 
 
 class RenameIn(BaseModel):
+    model_config = examples({"title": "Pricing questions"})
     title: str = Field(min_length=1, max_length=MAX_TITLE)
 
 
@@ -189,7 +217,9 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 def build_router() -> APIRouter:
     r = APIRouter()
 
-    @r.get("/health")
+    @r.get("/health", summary="Liveness and warm-up",
+           responses=example({"status": "ok", "model": "smollm2-135m-instruct", "serving_adapter": "v0002",
+                              "queue_depth": 0, "warm": True}))
     def health(request: Request) -> dict:
         chat: ChatService = request.app.state.chat
         services = getattr(request.app.state, "services", None)
@@ -198,14 +228,18 @@ def build_router() -> APIRouter:
                 # answering already; false while the first answer would still wait for the warm-up
                 "warm": bool(services is None or services.warm.is_set())}
 
-    @r.get("/v1/models")
+    @r.get("/v1/models", summary="The models a request may name",
+           responses=example({"object": "list", "data": [{"id": "assistant", "object": "model",
+                                                          "created": 1796558400, "owned_by": "assistant",
+                                                          "adapter": "v0002"}]}))
     def models(user: CurrentUser, chat: Chat) -> dict:
         now = int(time.time())
         data = [{"id": name, "object": "model", "created": now, "owned_by": "assistant",
                  "adapter": chat.resolve_model(name)} for name in chat.model_names()]
         return {"object": "list", "data": data}
 
-    @r.post("/v1/chat/completions")
+    @r.post("/v1/chat/completions", summary="Chat (OpenAI-compatible, streamed with stream=true)",
+            responses=example(CHAT_EXAMPLE))
     def chat_completions(body: ChatCompletionIn, user: CurrentUser, chat: Chat):
         *history, last = body.messages
         if last.role != "user":
@@ -271,12 +305,15 @@ def build_router() -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -------------------------------------------------------------- conversations and feedback
-    @r.get("/v1/conversations")
+    @r.get("/v1/conversations", summary="Your conversations", responses=example({"data": [CONV_EXAMPLE]}))
     def list_conversations(user: CurrentUser, request: Request) -> dict:
         store: Store = request.app.state.store
         return {"data": [_conv(c) for c in store.list_conversations(user.id)]}
 
-    @r.get("/v1/conversations/{conversation_id}")
+    @r.get("/v1/conversations/{conversation_id}", summary="One of your conversations with its messages",
+           responses=example({**CONV_EXAMPLE, "messages": [
+               {"id": 41, "role": "user", "content": "How much is the Team plan?"},
+               {"id": 42, "role": "assistant", "content": "8 dollars a month."}]}))
     def get_conversation(conversation_id: int, user: CurrentUser, request: Request) -> dict:
         store: Store = request.app.state.store
         conv = store.get_conversation(conversation_id, user.id)
@@ -284,7 +321,8 @@ def build_router() -> APIRouter:
             raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
         return {**_conv(conv), "messages": [_msg(m) for m in store.messages(conv.id)]}
 
-    @r.patch("/v1/conversations/{conversation_id}")
+    @r.patch("/v1/conversations/{conversation_id}", summary="Rename a conversation",
+             responses=example({"id": 7, "title": "Pricing questions"}))
     def rename_conversation(conversation_id: int, body: RenameIn, user: CurrentUser, request: Request) -> dict:
         try:  # the store checks the text (memory.text): blank, NUL, lone surrogates are a 400
             renamed = request.app.state.store.rename_conversation(conversation_id, user.id, body.title)
@@ -294,13 +332,15 @@ def build_router() -> APIRouter:
             raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
         return {"id": conversation_id, "title": body.title.strip()}
 
-    @r.delete("/v1/conversations/{conversation_id}")
+    @r.delete("/v1/conversations/{conversation_id}", summary="Delete a conversation",
+              responses=example({"id": 7, "deleted": True}))
     def delete_conversation(conversation_id: int, user: CurrentUser, request: Request) -> dict:
         if not request.app.state.store.delete_conversation(conversation_id, user.id):
             raise ApiError(404, f"conversation {conversation_id} not found", "not_found")
         return {"id": conversation_id, "deleted": True}
 
-    @r.post("/v1/feedback/thumb")
+    @r.post("/v1/feedback/thumb", summary="Thumbs up or down on an answer",
+            responses=example({"id": 3, "kind": "thumb"}))
     def thumb(body: ThumbIn, user: CurrentUser, request: Request) -> dict:
         if body.reason is not None and body.reason not in REASON_TAGS:
             raise ApiError(400, f"reason must be one of {', '.join(REASON_TAGS)}", "invalid_request_error",
@@ -309,12 +349,13 @@ def build_router() -> APIRouter:
                        request)
         return {"id": fb.id, "kind": fb.kind}
 
-    @r.post("/v1/feedback/edit")
+    @r.post("/v1/feedback/edit", summary="Correct an answer", responses=example({"id": 4, "kind": "edit"}))
     def edit(body: EditIn, user: CurrentUser, request: Request) -> dict:
         fb = _feedback(lambda s: s.add_edit(user.id, body.message_id, body.corrected), request)
         return {"id": fb.id, "kind": fb.kind}
 
-    @r.post("/v1/feedback/pair")
+    @r.post("/v1/feedback/pair", summary="Choose the better of two answers",
+            responses=example({"id": 5, "kind": "pair"}))
     def pair(body: PairIn, user: CurrentUser, request: Request) -> dict:
         fb = _feedback(lambda s: s.add_pair(user.id, body.message_id, body.other_message_id,
                                             body.chosen_message_id), request)

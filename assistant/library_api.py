@@ -25,7 +25,7 @@ from assistant.actions import conversations as export_actions
 from assistant.actions.account import change_password
 from assistant.actions.base import Conflict, LoginRequired, TooLarge
 from assistant.actions.library import Library, Unavailable
-from assistant.api import ApiError, user_from_key
+from assistant.api import ApiError, example, user_from_key
 from memory.store import Store
 from memory.types import User
 
@@ -51,11 +51,6 @@ def call_action(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ApiError(503, str(e), "unavailable") from e
     except ValueError as e:
         raise ApiError(400, str(e), "invalid_request_error") from e
-
-
-def example(body: Any, status: int = 200, media: str = "application/json") -> dict[int | str, dict[str, Any]]:
-    """An OpenAPI response example for a route (`responses=example({...})`)."""
-    return {status: {"content": {media: {"example": body}}}}
 
 
 class PasswordChangeIn(BaseModel):

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from assistant.actions.readiness import readiness
 from assistant.actions.users import UserAdmin
-from assistant.api import ApiError, user_from_key
-from assistant.library_api import call_action, example
+from assistant.api import ApiError, example, user_from_key
+from assistant.library_api import call_action
 from memory.types import User
 
 
