@@ -356,9 +356,10 @@ def build_router() -> APIRouter:
 
     @r.post("/v1/feedback/pair", summary="Choose the better of two answers",
             responses=example({"id": 5, "kind": "pair"}))
-    def pair(body: PairIn, user: CurrentUser, request: Request) -> dict:
-        fb = _feedback(lambda s: s.add_pair(user.id, body.message_id, body.other_message_id,
-                                            body.chosen_message_id), request)
+    def pair(body: PairIn, user: CurrentUser, chat: Chat) -> dict:
+        # The same action as the page's "choose": the pair is stored and the chosen answer becomes the one
+        # the conversation continues from.
+        fb = chat.choose(user, body.message_id, body.other_message_id, body.chosen_message_id)
         return {"id": fb.id, "kind": fb.kind}
 
     return r

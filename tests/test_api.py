@@ -239,3 +239,20 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server):
         model="alpha", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
     assert again.choices[0].message.content
     assert server.services.chat.backend.queue_depth == 0
+
+
+def test_choosing_through_the_api_marks_the_answers_as_the_page_does(server, alice):
+    """One action for "this one is better": the pair is stored, the chosen answer is the one the
+    conversation continues from and the other becomes an alternative, whichever front end asked."""
+    user, key = alice
+    store = server.services.store
+    resp = client(server, key).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "Pick me"}], temperature=0, max_tokens=4)
+    mid = resp.model_extra["message_id"]
+    alt = server.services.chat.regenerate(user, mid).drain().assistant_message.id
+    r = httpx.post(server.url + "/v1/feedback/pair", headers={"Authorization": f"Bearer {key}"},
+                   json={"message_id": mid, "other_message_id": alt, "chosen_message_id": alt})
+    assert r.status_code == 200, r.text
+    status = {m.id: m.status for m in store.messages(resp.model_extra["conversation_id"])}
+    assert status[alt] == "complete" and status[mid] == "alternative"
+    assert [f.kind for f in store.feedback_for_message(mid)] == ["pair"]
