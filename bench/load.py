@@ -159,12 +159,12 @@ def user_loop(url: str, key: str, deadline: float, max_tokens: int, seed: int, t
 # ------------------------------------------------------------------------------------------ server
 
 
-def setup_home(home: Path, users: int) -> list[str]:
-    """Users with API keys, and the test documents ingested (shared) by an admin, in a fresh home."""
+def setup_home(home: Path, users: int) -> tuple[list[str], str]:
+    """Users with API keys and an admin's key, in a fresh home (the documents go in through the API once
+    the server runs: `upload_documents`)."""
     from argon2 import PasswordHasher
 
     from assistant.config import Settings
-    from memory.knowledge import KnowledgeBase
     from memory.store import Store
 
     settings = Settings.load(env={}, home=home)
@@ -173,15 +173,24 @@ def setup_home(home: Path, users: int) -> list[str]:
     store = Store.open(settings.db_url, password_hasher=PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
     keys = []
     admin = store.create_user("load-admin", "load-admin-password", role="admin")
+    admin_key = store.create_api_key(admin.id)
     for i in range(users):
         u = store.create_user(f"load{i:03d}", f"load-password-{i:03d}")
         keys.append(store.create_api_key(u.id))
-    kb = KnowledgeBase(settings)
-    for doc in sorted((ROOT / "tests" / "data" / "docs").glob("*.md")):
-        kb.ingest_path(admin, doc, scope="shared")
-    kb.close()
     store.close()
-    return keys
+    return keys, admin_key
+
+
+def upload_documents(url: str, admin_key: str) -> int:
+    """The test documents, shared with everyone, through `POST /v1/documents` as an operator would."""
+    import httpx
+
+    docs = sorted((ROOT / "tests" / "data" / "docs").glob("*.md"))
+    files = [("files", (d.name, d.read_bytes(), "text/markdown")) for d in docs]
+    r = httpx.post(url + "/v1/documents", headers={"Authorization": f"Bearer {admin_key}"}, files=files,
+                   data={"scope": "shared"}, timeout=600)
+    r.raise_for_status()
+    return len(r.json()["data"])
 
 
 def verify(home: Path, accepted: list[int], ratings: list[int]) -> dict:
@@ -226,10 +235,11 @@ def run_once(args: argparse.Namespace, serving: str | None) -> dict:
         home = (args.home / (serving or "default") if args.home else
                 Path(tempfile.mkdtemp(prefix="assistant-load-")) / "home")
         model = args.model or str(prepare_model(args.model_cache))
-        keys = setup_home(home, args.users)
+        keys, admin_key = setup_home(home, args.users)
         port = free_port()
         proc = start_server(home, model, port, env, timeout_s=300)
         url = f"http://127.0.0.1:{port}"
+        upload_documents(url, admin_key)
     setup_s = time.perf_counter() - t_setup
     load_before = loadavg()
     print(f"[{serving or 'server default'}] server ready at {url} after {setup_s:.0f} s; {args.users} users for "
