@@ -272,7 +272,7 @@ def test_kill_training_process_then_the_server_during_training(dep: Deployment):
     marked failed (interrupted) and its orphaned training process is stopped."""
     admin = dep.auth(admin=True)
     with dep.serve() as (proc, url):
-        seed_turns(url, dep.auth(), n=8)
+        seed_turns(url, dep.auth(), n=40)  # enough for the readiness check: 8 to train on, 2 held out
         before = dep.committed()
         job = start_training(url, admin)
         os.kill(job["pid"], signal.SIGKILL)
