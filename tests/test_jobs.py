@@ -231,7 +231,7 @@ def test_bad_options_are_refused_before_anything_is_recorded(services) -> None:
     for options, msg in (({"epochs": 3}, "unknown retrain options"), ({"train": {"lora_r": "8"}}, "lora_r"),
                          ({"train": {"base_model": "/etc"}}, "may not set"), ({"gate": {"x": 1}}, "unknown gate"),
                          ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last"),
-                         ({"teacher": {"candidates": 0}}, "candidates"),
+                         ({"teacher": {"candidates": -1}}, "candidates"),
                          ({"teacher": {"judge": 1}}, "unknown teacher")):
         with pytest.raises(ValueError, match=msg):
             runner.start(options)
