@@ -316,7 +316,7 @@ class UnloadLoraIn(BaseModel):
     lora_name: str = Field(min_length=1, max_length=128)
 
 
-def _api_admin(request: Request) -> User:
+def require_admin_key(request: Request) -> User:
     """401 without a valid key, 403 for a non-admin; runs before any body is looked at."""
     user = user_from_key(request)
     if not user.is_admin:
@@ -324,7 +324,7 @@ def _api_admin(request: Request) -> User:
     return user
 
 
-Admin = Annotated[User, Depends(_api_admin)]
+Admin = Annotated[User, Depends(require_admin_key)]
 
 
 def _actions(request: Request) -> AdminActions:
@@ -363,7 +363,7 @@ def body_example(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_admin_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/admin", dependencies=[Depends(_api_admin)])
+    r = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin_key)])
 
     @r.get("/counts", summary="What feedback and data there is", responses=example(
         {"conversations": 120, "messages": 480, "thumbs_up": 40, "thumbs_down": 12, "edits": 9, "pairs": 5}))
@@ -449,7 +449,7 @@ def build_admin_router() -> APIRouter:
 def build_lora_router() -> APIRouter:
     """vLLM's runtime LoRA endpoints (`/v1/load_lora_adapter`, `/v1/unload_lora_adapter`), admin only,
     so that `runtime.OpenAIBackend` drives this server as it drives vLLM. Plain-text answers, as vLLM."""
-    r = APIRouter(prefix="/v1", dependencies=[Depends(_api_admin)])
+    r = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)])
 
     @r.post("/load_lora_adapter", response_class=PlainTextResponse, summary="Load an adapter (vLLM's contract)",
             responses=example("Success: LoRA adapter 'v0003' added successfully.", media="text/plain"))

@@ -17,20 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from assistant.actions.readiness import readiness
 from assistant.actions.users import UserAdmin
-from assistant.api import ApiError, example, user_from_key
+from assistant.admin_api import Admin, require_admin_key
+from assistant.api import example
 from assistant.library_api import call_action
-from memory.types import User
-
-
-def _admin_user(request: Request) -> User:
-    """401 without a valid key, 403 for a non-admin."""
-    user = user_from_key(request)
-    if not user.is_admin:
-        raise ApiError(403, "this needs an admin account", "forbidden")
-    return user
-
-
-Admin = Annotated[User, Depends(_admin_user)]
 
 
 def _actions(request: Request) -> UserAdmin:
@@ -79,7 +68,7 @@ READINESS_EXAMPLE = {
 
 
 def build_users_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/admin", dependencies=[Depends(_admin_user)])
+    r = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin_key)])
 
     @r.get("/users", responses=example({"data": [{**USER_EXAMPLE, "api_keys": 1}]}), summary="Every account")
     def list_users(user: Admin, a: Actions) -> dict:
