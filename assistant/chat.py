@@ -259,13 +259,19 @@ class ChatService:
         if original.imported:
             raise InvalidRequest("that message was sent by the client as history, not answered here; "
                                  "only the server's answers can be regenerated", param="message_id")
-        earlier = [m for m in self.store.messages(original.conversation_id) if m.id < original.id]
-        question = next((m for m in reversed(earlier) if m.role == "user"), None)
-        if question is None:
+        # The question is the answer's parent, not the last question stored before it: an answer chosen
+        # in an earlier comparison is stored after later questions. The history is what reads before the
+        # question (thread order), so it is the same conversation the first answer was given in.
+        thread = self.store.messages(original.conversation_id)
+        at = next((i for i, m in enumerate(thread) if m.id == original.parent_id and m.role == "user"), None)
+        if at is None:  # no parent recorded: the last question stored before the answer
+            at = next((i for i in range(len(thread) - 1, -1, -1)
+                       if thread[i].id < original.id and thread[i].role == "user"), None)
+        if at is None:
             raise InvalidRequest("that answer has no question to regenerate from")
-        history = [{"role": m.role, "content": m.content} for m in earlier
-                   if m.id < question.id and m.role in ("user", "assistant")
-                   and m.status not in ("error", "alternative")]
+        question = thread[at]
+        history = [{"role": m.role, "content": m.content} for m in thread[:at]
+                   if m.role in ("user", "assistant") and m.status not in ("error", "alternative")]
         adapter = self.resolve_model(model) if model is not None else original.adapter
         temp = self.settings.temperature if temperature is None else temperature
         gen = self.generation_settings(TurnRequest(user=user, text=question.content, temperature=max(temp, 0.3),

@@ -38,17 +38,20 @@ def env(tmp_path_factory, tiny_model_dir, tiny_adapters):
     home = tmp_path_factory.mktemp("ui-home")
     services = open_services(home, tiny_model_dir, tiny_adapters)
     calls = {"n": 0}
+    prompts: list[list[dict]] = []
     real = services.backend.stream
 
-    def counted(*args, **kwargs):  # a spy on the real backend: how many generations started
+    def counted(messages, *args, **kwargs):  # a spy on the real backend: which generations started
         calls["n"] += 1
-        return real(*args, **kwargs)
+        prompts.append(list(messages))
+        return real(messages, *args, **kwargs)
 
     services.backend.stream = counted  # type: ignore[method-assign]
     alice = services.store.create_user("alice", "alice-pass-1")
     bob = services.store.create_user("bob", "bob-pass-1")
     admin = services.store.create_user("root", "root-pass-1", role="admin")
-    yield {"services": services, "alice": alice, "bob": bob, "admin": admin, "calls": calls, "home": home}
+    yield {"services": services, "alice": alice, "bob": bob, "admin": admin, "calls": calls, "home": home,
+           "prompts": prompts}
     services.close()
 
 
@@ -292,9 +295,25 @@ def test_choosing_a_new_answer_to_an_earlier_question_replaces_it_in_place(env):
     stored = [(m.role, m.id) for m in s.store.messages(cid, alice.id) if m.status != "alternative"]
     assert [r for r, _ in stored] == ["user", "assistant", "user", "assistant"]
     assert stored[1][1] == cmp.alternative_id and stored[3][1] == a2
-    # the chosen answer to an earlier question is not offered for another comparison (the wrong question)
-    with pytest.raises(h.UiError, match="earlier comparison"):
-        h.start_regenerate(s, alice, cmp.alternative_id)
+    # the chosen answer to an earlier question can be compared again: its own question (its parent) is
+    # regenerated, with only what reads before that question as history, and the pick stays in place
+    prompts = env["prompts"]
+    n = len(prompts)
+    again = h.start_regenerate(s, alice, cmp.alternative_id, model="beta")
+    cmp2 = list(h.stream_regenerate(s, alice, cmp.alternative_id, again))[-1]
+    assert s.store.get_message(cmp2.alternative_id).parent_id == stored[0][1]
+    sent = [m["content"] for m in prompts[n] if m["role"] != "system"]
+    assert sent == ["First question"], sent
+    h.choose(s, alice, cmp.alternative_id, cmp2.alternative_id, cmp2.alternative_id)
+    view = h.conversation_view(s, alice, cid)
+    answer_ids = [i for i, r in zip(view.row_ids, view.rows, strict=True) if r["role"] == "assistant"
+                  and not r.get("metadata")]
+    assert answer_ids == [cmp2.alternative_id, a2]
+    # regenerating the later answer sends the earlier question with the answer chosen for it
+    n = len(prompts)
+    list(h.stream_regenerate(s, alice, a2, h.start_regenerate(s, alice, a2, model="beta")))
+    sent = [m["content"] for m in prompts[n] if m["role"] != "system"]
+    assert sent == ["First question", cmp2.alternative_text, "Second question"], sent
     third = h.send(s, alice, cid, "Third question", model="alpha")
     assert [r["content"] for r in third.rows if not r.get("metadata")][-2] == "Third question"
 

@@ -332,23 +332,10 @@ def start_regenerate(services: Services, user: User, message_id: int | None, mod
     msg = _answer(services, user, message_id)
     if msg.status in HIDDEN_STATUSES:
         raise UiError("that answer was already replaced; compare from the current one")
-    _check_question_of(services, user, msg)
     try:
         return services.chat.regenerate(user, msg.id, model=model or None)
     except ChatError as e:
         raise UiError(e.message) from e
-
-
-def _check_question_of(services: Services, user: User, msg: Message) -> None:
-    """Refuse what the chat service would answer wrongly: it finds the question as the last one stored
-    before the answer, which is not this answer's question when it was itself chosen in an earlier
-    comparison after later questions were asked (its parent says which question it answers)."""
-    if msg.parent_id is None:
-        return
-    earlier = [m for m in services.store.messages(msg.conversation_id, user.id) if m.id < msg.id and m.role == "user"]
-    if earlier and max(m.id for m in earlier) != msg.parent_id:
-        raise UiError("this answer was picked in an earlier comparison after later questions; "
-                      "it can't be compared again")
 
 
 def stream_regenerate(services: Services, user: User, message_id: int, reply: Reply,
