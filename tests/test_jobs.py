@@ -405,3 +405,25 @@ def test_a_failed_childs_message_names_its_memory_and_drops_progress_bars() -> N
             "\rDropping fully truncated examples from train dataset: 100%|##| 42/42 [00:00<00:00, 3810.78 examples/s]",
             "Loading weights: 100%|##| 103/103 [00:00<00:00, 2587.74it/s]", "  warnings.warn("]
     assert _last_lines(tail) == "Traceback (most recent call last): | ValueError: the snapshot has no rows"
+
+
+def test_a_cancelled_child_that_does_not_stop_is_killed_within_seconds(tmp_path: Path) -> None:
+    """Cancel reaches a child stuck in one long step (it ignores SIGTERM, as a trainer finishing its
+    optimizer step does): it is killed after the grace period, so "cancel" takes effect within 10 s."""
+    from training.loop import CANCEL_GRACE_S, CycleHooks, run_child
+
+    ready = tmp_path / "ready"
+    code = (f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
+    asked: dict[str, float] = {}
+
+    def should_stop() -> bool:
+        if ready.exists() and "at" not in asked:
+            asked["at"] = time.monotonic()
+        return "at" in asked
+
+    done = run_child([sys.executable, "-c", code], threads=1, hooks=CycleHooks(should_stop=should_stop),
+                     on_json=lambda ev: None, cancel_file=tmp_path / "CANCEL")
+    took = time.monotonic() - asked["at"]
+    assert done.code == -signal.SIGKILL and (tmp_path / "CANCEL").exists()
+    assert CANCEL_GRACE_S <= took < 10, f"the child was stopped {took:.1f} s after the cancel"

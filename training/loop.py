@@ -152,8 +152,17 @@ class ChildExit:
     peak_rss_bytes: int | None = None
 
 
+# How long a cancelled child may take to stop on its own before it is killed. The trainer stops at the
+# end of an optimizer step, and one step of a real model on a CPU can take longer than an admin should
+# wait for "cancel" (a SmolLM2 step at a few tokens a second: tens of seconds); a cancelled training or
+# evaluation keeps nothing (the adapter is written only at the very end), so killing it loses nothing.
+# The job polls the store for a cancel every second and the watcher below every 0.5 s: a cancel takes
+# effect within about 7 s.
+CANCEL_GRACE_S = 5.0
+
+
 def run_child(cmd: list[str], *, threads: int, hooks: CycleHooks, on_json: Callable[[dict[str, Any]], None],
-              cancel_file: Path | None = None, kill_after_s: float = 30.0) -> ChildExit:
+              cancel_file: Path | None = None, kill_after_s: float = CANCEL_GRACE_S) -> ChildExit:
     """Run `cmd` in its own process group; JSON stdout lines go to `on_json`, stderr to `hooks.log_line`.
 
     Cancellation (``hooks.should_stop()``): create `cancel_file`, SIGTERM the group, SIGKILL it after
@@ -279,7 +288,11 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     if options.synth:
         phase("synth")
         t0 = time.perf_counter()
-        synth_info = _synth(services, options, lambda d, n: phase("synth", d / max(n, 1), done=d, total=n))
+        def synth_progress(done: int, total: int) -> None:
+            phase("synth", done / max(total, 1), done=done, total=total)
+            check_stop()  # between chunks: the pairs of the chunks done so far stay stored
+
+        synth_info = _synth(services, options, synth_progress)
         timings["synth"] = round(time.perf_counter() - t0, 2)
         check_stop()
 
