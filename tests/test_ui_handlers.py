@@ -19,7 +19,7 @@ from assistant.server import Services, build_services
 from tests.helpers import start_server
 from ui import handlers as h
 from ui.auth import LoginThrottle, make_login
-from ui.render import details_markdown, safe_markdown
+from ui.render import details_markdown, memory_note, safe_markdown
 
 PAYLOAD = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> **bold** & ![i](http://e.invalid/p.png)'
 
@@ -134,15 +134,22 @@ def test_details_show_adapter_settings_sources_memories_steps_escaped(env):
     conv = s.store.create_conversation(alice.id, "details")
     _, answer = s.store.add_turn(
         conv.id, "q", "a", adapter="alpha", generation={"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 8},
-        sources=[{"title": "<b>guide.md</b>", "chunk": 3, "score": 0.91, "text": "<script>x()</script>"}],
+        sources=[{"title": "<b>guide.md</b>", "chunk": 3, "score": 0.91, "text": "<script>x()</script>"},
+                 {"title": "leave.md", "score": 0.5, "snippet": "## Annual leave **15 days** a year"}],
         memories=[{"text": "likes <i>tea</i>"}],
-        steps=[{"tool": "search_documents", "args": {"q": "<x>"}, "result": "2 hits", "ms": 12.4}],
+        steps=[{"tool": "search_documents", "args": {"query": "<x>"}, "result": "2 hits", "ms": 12.4},
+               {"tool": "remember", "args": {"text": "I like tea"}, "result": "remembered: I like tea", "ms": 1}],
         status="stopped")
     md = details_markdown(answer)
     assert "**alpha**" in md and "temperature 0.2" in md and "top-p 0.9" in md and "max new tokens 8" in md
-    assert "&lt;b>guide.md&lt;/b>" in md and "score 0.910" in md and "&lt;script>" in md
-    assert "likes &lt;i>tea&lt;/i>" in md and "`search_documents`" in md and "(12 ms)" in md
+    assert "[1] **&lt;b>guide.md&lt;/b>**" in md and "&lt;script>" in md
+    # passages as words: no retrieval scores, no Markdown marks of the document's own
+    assert "score" not in md and "0.91" not in md and "“Annual leave 15 days a year”" in md and "##" not in md
+    assert "likes &lt;i>tea&lt;/i>" in md and "(12 ms)" in md
+    assert "1. Searched the documents for “&lt;x>”: 2 hits" in md and "2. Remembered “I like tea”" in md
+    assert "{" not in md  # no Python dicts
     assert "Stopped before the end." in md
+    assert memory_note(answer) == "Memory updated: remembered “I like tea”"
     assert "<script" not in md and "<b>" not in md and "<i>" not in md
     base = details_markdown(s.store.add_message(conv.id, "assistant", "b", adapter=None))
     assert "none (base model)" in base
@@ -161,6 +168,7 @@ def test_stop_ends_the_answer_early_and_keeps_what_was_said(env, tmp_path, tiny_
         final = list(views)[-1]
         msg = stored_answer(s2, final)
         assert msg.status == "stopped" and reply.finish_reason == "cancelled"
+        assert final.rows[-2]["content"].endswith("*Stopped before the end*")  # on the bubble, not only the details
         assert 0 < reply.completion_tokens < 400
         assert not active.stop(user, "session-1")  # finished streams are forgotten
     finally:
@@ -239,6 +247,7 @@ def test_edit_answer_is_stored_and_shown(env):
     again = h.conversation_view(s, alice, view.conversation_id)
     assert "Your correction" in again.rows[-1]["content"]
     assert "The capital of France is Paris." in again.rows[-1]["content"]
+    assert "*Corrected by you" in again.rows[-2]["content"]  # on the answer's bubble itself
     before = s.store.counts()
     with pytest.raises(h.UiError, match="empty"):
         h.edit_answer(s, alice, mid, "  ")
@@ -507,7 +516,7 @@ def test_documents_upload_with_progress_list_and_delete(agent_env, tmp_path):
     # the answer says which passage it used
     view = h.send(s, ann, None, "How do I restart the Zephyr-7 pump?")
     details = view.rows[-1]["content"]
-    assert "Sources:" in details and "Zephyr manual" in details and "`search_documents`" in details
+    assert "Sources:" in details and "Zephyr manual" in details and "Searched the documents for" in details
 
     from training.synth import SyntheticPairs
     from training.teacher import TeacherPair

@@ -23,7 +23,7 @@ from assistant.chat import ChatError, Reply, TurnRequest
 from assistant.runtime import GenerationError
 from memory.store import MAX_CORRECTED_CHARS
 from memory.types import REASON_TAGS, Feedback, Message, User
-from ui.render import DETAILS_TITLE, details_markdown, excerpt, safe_markdown
+from ui.render import DETAILS_TITLE, details_markdown, excerpt, memory_note, safe_markdown
 
 if TYPE_CHECKING:
     from assistant.services import Services
@@ -95,8 +95,13 @@ class ChatView:
         self.rows.append({"role": "user", "content": safe_markdown(text)})
         self.row_ids.append(None)
 
-    def add_answer(self, message_id: int | None, text: str, details: str | None = None) -> None:
-        self.rows.append({"role": "assistant", "content": safe_markdown(text)})
+    def add_answer(self, message_id: int | None, text: str, details: str | None = None,
+                   notes: list[str] | None = None) -> None:
+        """`notes` show on the bubble itself, under the answer ("Stopped", "Corrected", "Memory updated")."""
+        shown = safe_markdown(text)
+        if notes:
+            shown += "\n\n" + " · ".join(f"*{safe_markdown(n)}*" for n in notes)
+        self.rows.append({"role": "assistant", "content": shown})
         self.row_ids.append(message_id)
         if message_id is not None:
             self.answers[message_id] = text
@@ -141,7 +146,11 @@ def conversation_view(services: Services, user: User, conversation_id: int | Non
             if edits:
                 details += "\n\nYour correction (kept as the preferred answer):\n\n" + safe_markdown(
                     edits[-1].corrected or "")
-            view.add_answer(m.id, m.content, details)
+            notes = [n for n in (
+                "Stopped before the end" if m.status == "stopped" else None,
+                "Corrected by you (see the details for your version)" if edits else None,
+                memory_note(m)) if n]
+            view.add_answer(m.id, m.content, details, notes)
             # The Chatbot shows this per answer bubble, so a reload keeps the thumbs as they were.
             view.thumbs.append(None if not thumbs else "Like" if thumbs[-1].rating == 1 else "Dislike")
     return view

@@ -90,18 +90,28 @@ def _first(d: dict[str, Any], keys: Iterable[str]) -> Any:
     return None
 
 
+_MD_MARKS = re.compile(r"(^|\s)#{1,6}\s+|\*\*|__|`+|^\s*[-*>]\s+")
+
+
+def plain_snippet(text: str, limit: int = 240) -> str:
+    """A passage as plain words: no Markdown heading marks, emphasis or code ticks (a chunk of a .md
+    document starts with "## Heading"), on one line."""
+    flat = " ".join(_MD_MARKS.sub(r"\1", line) for line in str(text).splitlines())
+    return excerpt(flat, limit)
+
+
 def _fmt_source(i: int, s: dict[str, Any]) -> str:
+    """One cited passage: [n], its document, where in it, and its words (no retrieval score)."""
     name = _first(s, ("title", "document", "filename", "source", "name", "id")) or f"source {i}"
-    where = _first(s, ("page", "chunk", "location", "scope"))
-    score = s.get("score")
+    where = _first(s, ("page", "location"))
     text = _first(s, ("snippet", "text", "excerpt", "content"))
-    head = f"{i}. **{_escape_plain(str(name))}**"
+    head = f"[{i}] **{_escape_plain(plain_snippet(str(name), 120))}**"
     if where is not None:
         head += f" ({_escape_plain(str(where))})"
-    if isinstance(score, int | float):
-        head += f" · score {score:.3f}"
+    if s.get("scope") == "shared":
+        head += " · shared document"
     if text:
-        head += f"  \n   “{_escape_plain(excerpt(str(text), 240))}”"
+        head += f"  \n“{_escape_plain(plain_snippet(str(text)))}”"
     return head
 
 
@@ -110,19 +120,57 @@ def _fmt_memory(m: dict[str, Any]) -> str:
     return f"- {_escape_plain(excerpt(str(text), 240))}"
 
 
-def _fmt_step(i: int, st: dict[str, Any]) -> str:
-    tool = _first(st, ("tool", "name", "action")) or "step"
+# What each tool did, in words (the agent's steps are stored as tool, args, result).
+_STEP_WORDS = {
+    "search_documents": ("Searched the documents for", "query"),
+    "recall": ("Looked in your memories for", "query"),
+    "remember": ("Remembered", "text"),
+    "forget": ("Forgot", "what"),
+    "calculator": ("Calculated", "expression"),
+    "current_datetime": ("Checked the date and time", None),
+}
+
+
+def step_sentence(st: dict[str, Any]) -> str:
+    """One agent step as a sentence: "Searched the documents for “leave days”: 3 passages"."""
+    tool = str(_first(st, ("tool", "name", "action")) or "step")
     args = st.get("args", st.get("arguments"))
+    args = args if isinstance(args, dict) else {}
+    words, key = _STEP_WORDS.get(tool, (f"Used {tool.replace('_', ' ')}", None))
+    line = words
+    if key is not None and args.get(key) not in (None, ""):
+        line += f" “{excerpt(str(args[key]), 120)}”"
+    elif key is None and args and tool not in _STEP_WORDS:
+        line += " (" + ", ".join(f"{k}: {excerpt(str(v), 60)}" for k, v in args.items()) + ")"
+    if st.get("error"):
+        return line + f", which failed: {excerpt(str(st['error']), 160)}"
     result = _first(st, ("result", "output", "observation"))
+    if result not in (None, "") and tool not in ("remember", "forget"):
+        line += f": {plain_snippet(str(result), 160)}"
+    return line
+
+
+def _fmt_step(i: int, st: dict[str, Any]) -> str:
+    line = f"{i}. {_escape_plain(step_sentence(st))}"
     ms = _first(st, ("ms", "duration_ms", "elapsed_ms"))
-    line = f"{i}. `{str(tool).replace('`', '')}`"
-    if args not in (None, "", {}, []):
-        line += f" {_escape_plain(excerpt(str(args), 200))}"
-    if result not in (None, ""):
-        line += f" → {_escape_plain(excerpt(str(result), 200))}"
     if isinstance(ms, int | float):
         line += f" ({ms:.0f} ms)"
     return line
+
+
+def memory_note(message: Message) -> str | None:
+    """"Memory updated: ..." when answering this changed what the assistant keeps about the user."""
+    changed = [st for st in (message.steps or []) if isinstance(st, dict) and not st.get("error")
+               and st.get("tool") in ("remember", "forget")]
+    if not changed:
+        return None
+    parts = []
+    for st in changed:
+        args = st.get("args") if isinstance(st.get("args"), dict) else {}
+        what = args.get("text") if st["tool"] == "remember" else args.get("what")
+        verb = "remembered" if st["tool"] == "remember" else "forgot"
+        parts.append(f"{verb} “{excerpt(str(what or ''), 80)}”")
+    return "Memory updated: " + "; ".join(parts)
 
 
 def details_markdown(message: Message, corrected: bool = False, chosen_over: int | None = None) -> str:
