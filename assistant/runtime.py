@@ -50,6 +50,7 @@ from assistant.batching import Done as _Done
 from assistant.batching import Failed as _Failed
 from assistant.batching import PieceStreamer as _PieceStreamer
 from assistant.config import Settings
+from assistant.lora_gather import GatheredLora
 
 if TYPE_CHECKING:
     import torch
@@ -441,6 +442,7 @@ class TransformersBackend:
         self._refs: dict[str, int] = {}  # internal adapter name -> requests in the batch using it
         self._retired: dict[str, list[threading.Event]] = {}  # unloaded/replaced, deleted at 0 refs
         self._lora_on: bool | None = None  # LoRA layers enabled (None: unknown after a load or delete)
+        self._gather: GatheredLora | None = None  # mixed-adapter batches, while adapters are loaded
 
     @classmethod
     def from_settings(cls, settings: Settings, progress: bool = True) -> TransformersBackend:
@@ -554,7 +556,8 @@ class TransformersBackend:
 
     def route(self, internals: list[str | None]) -> tuple[Any, dict[str, Any]]:
         """The model and forward arguments for a batch whose rows use `internals` (None: base model).
-        One adapter for all rows: made active (no per-row routing cost); a mix: PEFT's `adapter_names`."""
+        One adapter for all rows: made active (no per-row routing cost); a mix: one gathered LoRA matmul
+        per layer (`assistant/lora_gather.py`), or PEFT's `adapter_names` for adapters it can't serve."""
         if self._peft is None:
             return self._base, {}
         kinds = set(internals)
@@ -568,6 +571,9 @@ class TransformersBackend:
                 self._peft.set_adapter(only, inference_mode=True)
                 self._active = only
             return self._peft, {}
+        if self._gather is not None and self._gather.supports(internals):
+            self._set_lora(False)  # the gathered hooks add every row's own LoRA to the base layers
+            return self._gather.forward_for(internals), {}
         return self._peft, {"adapter_names": [i if i is not None else "__base__" for i in internals]}
 
     def _set_lora(self, on: bool) -> None:
@@ -610,6 +616,8 @@ class TransformersBackend:
             if first:
                 self._peft = get_peft_model(self._base, config, adapter_name=internal)
                 self._active = internal
+                self._gather = GatheredLora(self._peft)
+            self._gather.invalidate()
             result = self._peft.load_adapter(str(path), adapter_name=internal, is_trainable=False,
                                              torch_device=str(self.device))
             missing = [k for k in result.missing_keys if internal in k]
@@ -629,7 +637,12 @@ class TransformersBackend:
         """Remove one PEFT adapter; the last one takes the LoRA layers with it (PEFT cannot run empty)."""
         if self._peft is None or internal not in self._peft.peft_config:
             return
+        if self._gather is not None:
+            self._gather.invalidate()
         if len(self._peft.peft_config) == 1:
+            if self._gather is not None:
+                self._gather.close()
+                self._gather = None
             self._base = self._peft.unload()
             self._peft = None
             self._active = None

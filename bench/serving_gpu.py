@@ -56,7 +56,7 @@ def word_tokenizer(vocab_size: int):
     return tok
 
 
-def build(shape: str, device: str):
+def build(shape: str, device: str, dtype: str = "bfloat16"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -64,7 +64,7 @@ def build(shape: str, device: str):
     cls, config_cls = (LlamaForCausalLM, LlamaConfig) if arch == "llama" else (Qwen2ForCausalLM, Qwen2Config)
     torch.manual_seed(0)
     config = config_cls(**cfg, bos_token_id=None, eos_token_id=None, pad_token_id=0)
-    model = cls(config).to(device=device, dtype=torch.bfloat16).eval()
+    model = cls(config).to(device=device, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None
     return model, word_tokenizer(cfg["vocab_size"])
 
@@ -156,14 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--device", default="cuda", help="cpu: a quick check of the script itself")
+    ap.add_argument("--device", default="cuda", help="cpu: the same cells on this machine's processor")
+    ap.add_argument("--dtype", default="bfloat16", help="float32 on a CPU without native bf16 (AVX2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = ap.parse_args(argv)
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"{name} torch {torch.__version__}", flush=True)
     rows = []
     for shape in args.shapes.split(","):
-        model, tok = build(shape, device)
+        model, tok = build(shape, device, args.dtype)
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_adapters(model, Path(tmp), args.adapters)
             for n in args.streams:
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         torch.cuda.empty_cache()
 
-    print(f"\n{args.tokens} new tokens per stream, bf16, {name}, "
+    print(f"\n{args.tokens} new tokens per stream, {args.dtype}, {name}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| shape | what | adapters | streams | tok/s (aggregate) | median TTFT s |")
     print("|---|---|---|---|---|---|")

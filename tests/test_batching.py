@@ -104,16 +104,37 @@ def test_the_equality_check_catches_swapped_adapters(batched, alone, monkeypatch
     real = batched.route
 
     def swapped(internals):
-        model, kwargs = real(internals)
-        if "adapter_names" in kwargs:
-            kwargs["adapter_names"] = kwargs["adapter_names"][::-1]
-        return model, kwargs
+        return real(internals[::-1])
 
     monkeypatch.setattr(batched, "route", swapped)
     jobs = [(QUESTION, a, GREEDY) for a in ADAPTERS]
     results = [g.result() for g in start_all(batched, jobs)]
     wrong = [r.text != alone[(a, 0, GREEDY.max_new_tokens)] for (_, a, _), r in zip(jobs, results, strict=True)]
     assert sum(wrong) >= 3
+
+
+def test_the_gathered_lora_matches_peft_adapter_names(batched):
+    """A mixed batch goes through one gathered LoRA matmul per layer (assistant/lora_gather.py): its logits
+    are PEFT's own `adapter_names` logits, row for row, and differ from the base model's."""
+    import torch
+
+    def compare() -> tuple[float, float]:
+        names = [batched.resolve_adapter(a) for a in ADAPTERS]
+        try:
+            ids = torch.tensor([[5, 9, 13, 2, 7]] * len(names))
+            model, kwargs = batched.route(names)
+            assert kwargs == {} and model is not batched._peft  # the gathered path, not adapter_names
+            gathered = model(input_ids=ids).logits
+            batched._set_lora(True)
+            peft = batched._peft(input_ids=ids, adapter_names=[n or "__base__" for n in names]).logits
+            return float((gathered - peft).abs().max()), float((peft[1:] - peft[0]).abs().max())
+        finally:
+            for n in names:
+                batched.release_adapter(n)
+
+    with torch.inference_mode():
+        diff, spread = batched._engine.call(compare)
+    assert diff < 1e-4 and spread > 1e-3, (diff, spread)
 
 
 def test_a_seeded_sampled_request_draws_the_same_in_a_batch(batched):
