@@ -197,7 +197,8 @@ def verify(home: Path, accepted: list[int], ratings: list[int]) -> dict:
     import sqlalchemy as sa
 
     from assistant.config import Settings
-    from memory.store import Store, feedback, messages
+    from memory.schema import feedback, messages
+    from memory.store import Store
 
     store = Store.open(Settings.load(env={}, home=home).db_url)
     try:

@@ -55,7 +55,7 @@ def seed_store(store, turns: int, per_conversation: int, seed: int = 0) -> dict[
     """Bulk-insert users, conversations, messages and feedback straight into the store's tables."""
 
     from memory.db import utcnow
-    from memory.store import conversations, feedback, messages, users
+    from memory.schema import conversations, feedback, messages, users
 
     rng = random.Random(seed)
     now = utcnow()

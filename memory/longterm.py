@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
-from memory.db import UTCDateTime, utcnow, write_transaction
+from memory.db import utcnow, write_transaction
 from memory.embedder import get_embedder
+from memory.schema import memories, memory_tombstones
 from memory.store import Store
 
 if TYPE_CHECKING:
@@ -46,32 +47,6 @@ SUPERSEDE_SIMILARITY = 0.8  # measured: short/long answers 0.86, German/English 
 RECALL_MIN_SCORE = 0.3
 FORGET_MIN_SCORE = 0.5
 MAX_NGRAM = 8
-
-metadata = sa.MetaData()
-sa.Table("users", metadata, sa.Column("id", sa.Integer, primary_key=True))
-memories = sa.Table(
-    "memories", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("text", sa.Text, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("slot", sa.String(120), nullable=True),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("superseded_by", sa.Integer, sa.ForeignKey("memories.id", ondelete="SET NULL"), nullable=True),
-    sa.Column("embedding", sa.LargeBinary, nullable=True),
-    sa.Column("embedder", sa.String(200), nullable=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
-tombstones = sa.Table(
-    "memory_tombstones", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("digest", sa.String(64), nullable=False),
-    sa.Column("forgotten_at", UTCDateTime, nullable=False),
-)
-
 
 @dataclass(frozen=True)
 class Memory:
@@ -241,6 +216,20 @@ def _ngram_digests(text: str) -> set[str]:
 def _row(r: Any) -> Memory:
     return Memory(id=r.id, user_id=r.user_id, text=r.text, kind=r.kind, slot=r.slot, source=r.source,
                   status=r.status, superseded_by=r.superseded_by, created_at=r.created_at, updated_at=r.updated_at)
+
+
+def _tombstone_digests(conn: Connection, user_id: int) -> set[str]:
+    q = sa.select(memory_tombstones.c.digest).where(memory_tombstones.c.user_id == user_id)
+    return set(conn.execute(q).scalars())
+
+
+def forgotten_digests(engine: Engine) -> dict[int, set[str]]:
+    """Per user, the digests of every phrase they told the assistant to forget (training-data hygiene)."""
+    out: dict[int, set[str]] = {}
+    with engine.connect() as conn:
+        for user_id, d in conn.execute(sa.select(memory_tombstones.c.user_id, memory_tombstones.c.digest)):
+            out.setdefault(int(user_id), set()).add(d)
+    return out
 
 
 def _check_text(text: Any) -> str:
@@ -441,15 +430,16 @@ class LongTermMemory:
             if cand:
                 phrases.add(cand.value)
         now = utcnow()
-        have = set(conn.execute(sa.select(tombstones.c.digest).where(tombstones.c.user_id == user_id)).scalars())
+        have = _tombstone_digests(conn, user_id)
         new = {digest(p) for p in phrases if normalise(p)} - have
         if new:
-            conn.execute(tombstones.insert(), [{"user_id": user_id, "digest": d, "forgotten_at": now} for d in new])
+            conn.execute(memory_tombstones.insert(),
+                         [{"user_id": user_id, "digest": d, "forgotten_at": now} for d in new])
 
     def contains_forgotten(self, user_id: int, text: str) -> bool:
         """Whether `text` mentions something this user told us to forget (for training-data hygiene)."""
         with self.engine.connect() as conn:
-            digests = set(conn.execute(sa.select(tombstones.c.digest).where(tombstones.c.user_id == user_id)).scalars())
+            digests = _tombstone_digests(conn, user_id)
         return bool(digests and digests & _ngram_digests(text))
 
     list = list_memories  # the name the Memory page and the brief use

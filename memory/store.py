@@ -27,7 +27,20 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy.engine import Connection, Engine
 
 from memory import migrations
-from memory.db import UTCDateTime, create_engine, is_sqlite, utcnow, write_transaction
+from memory.db import create_engine, is_sqlite, utcnow, write_transaction
+from memory.schema import (
+    MAX_ADAPTER,
+    MAX_KEY_NAME,
+    MAX_SOURCE,
+    MAX_TITLE,
+    MAX_USERNAME,
+    admin_audit,
+    api_keys,
+    conversations,
+    feedback,
+    messages,
+    users,
+)
 from memory.text import check_text, has_surrogate, text_problem
 from memory.types import REASON_TAGS, Conversation, Feedback, Message, MessageRole, Role, User
 
@@ -38,96 +51,12 @@ MESSAGE_ROLES: tuple[str, ...] = get_args(MessageRole)
 MESSAGE_STATUSES = ("complete", "stopped", "error", "alternative")
 MESSAGE_META_KEYS = ("adapter", "generation", "sources", "memories", "steps", "parent_id", "status", "imported")
 API_KEY_PREFIX_LEN = 10  # "sk-" + 7 characters: enough to tell keys apart in a list, useless to guess
-MAX_USERNAME = 64
-MAX_TITLE = 200
-MAX_SOURCE = 32
-MAX_KEY_NAME = 100
-MAX_ADAPTER = 200
 MAX_COMMENT = 4000
 # One limit for an edited answer, whichever way it comes in (API, page): generous next to the longest
 # answer the model may give (max_tokens_limit tokens), small enough to keep a dataset row sane.
 MAX_CORRECTED_CHARS = 32_000
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
-# ---------------------------------------------------------------------------------------------------
-# The current schema (what `memory.migrations` produces at the latest version). Queries use these;
-# tests/test_migrations.py checks they match the migrated database column for column.
-
-metadata = sa.MetaData()
-
-users = sa.Table(
-    "users", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("username", sa.String(MAX_USERNAME), nullable=False, unique=True),
-    sa.Column("password_hash", sa.String(255), nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    # added by migration 6: set while an admin has disabled the account
-    sa.Column("disabled_at", UTCDateTime, nullable=True),
-)
-api_keys = sa.Table(
-    "api_keys", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("name", sa.String(MAX_KEY_NAME), nullable=False),
-    sa.Column("prefix", sa.String(16), nullable=False),
-    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
-conversations = sa.Table(
-    "conversations", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("title", sa.String(MAX_TITLE), nullable=False),
-    sa.Column("source", sa.String(MAX_SOURCE), nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
-messages = sa.Table(
-    "messages", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("conversation_id", sa.Integer, sa.ForeignKey("conversations.id", ondelete="CASCADE"),
-              nullable=False),
-    sa.Column("role", sa.String(16), nullable=False),
-    sa.Column("content", sa.Text, nullable=False),
-    sa.Column("adapter", sa.String(MAX_ADAPTER), nullable=True),
-    sa.Column("generation", sa.JSON, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    # added by migration 2
-    sa.Column("sources", sa.JSON, nullable=False),
-    sa.Column("memories", sa.JSON, nullable=False),
-    sa.Column("steps", sa.JSON, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("parent_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="SET NULL"), nullable=True),
-    # added by migration 7: written by the client (history sent with a request), not by this server
-    sa.Column("imported", sa.Boolean, nullable=False, server_default=sa.false()),
-)
-feedback = sa.Table(
-    "feedback", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("rating", sa.Integer, nullable=True),
-    sa.Column("reason", sa.String(32), nullable=True),
-    sa.Column("comment", sa.Text, nullable=True),
-    sa.Column("corrected", sa.Text, nullable=True),
-    sa.Column("other_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
-              nullable=True),
-    sa.Column("chosen_message_id", sa.Integer, sa.ForeignKey("messages.id", ondelete="CASCADE"),
-              nullable=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
-admin_audit = sa.Table(
-    "admin_audit", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("actor", sa.String(100), nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),
-    sa.Column("target_user_id", sa.Integer, nullable=True),
-    sa.Column("target", sa.String(200), nullable=True),
-    sa.Column("detail", sa.JSON, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
 AUDIT_ACTIONS = ("user_add", "user_disable", "user_enable", "user_delete", "user_password", "key_add",
                  "key_revoke")
 

@@ -31,7 +31,8 @@ from fastapi.testclient import TestClient
 
 from assistant.config import Settings
 from assistant.server import Services, build_services, create_app
-from memory.store import MAX_CORRECTED_CHARS, feedback
+from memory.schema import feedback
+from memory.store import MAX_CORRECTED_CHARS
 from tests.helpers import count_calls
 from ui import handlers as h
 

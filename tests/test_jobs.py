@@ -21,8 +21,9 @@ import sqlalchemy as sa
 from assistant.config import Settings
 from assistant.server import build_services
 from memory.db import utcnow, write_transaction
+from memory.schema import training_jobs
 from tests.conftest import make_random_adapter
-from training.jobs import JobBusy, JobRunner, NotReady, runner_for, training_jobs
+from training.jobs import JobBusy, JobRunner, NotReady, runner_for
 from training.loop import CycleOptions, teacher_options
 from training.registry import Registry
 from training.scheduler import LoopSettings, LoopState, Scheduler, due, load_loop_settings, save_loop_settings

@@ -16,12 +16,9 @@ from memory.longterm import (
     LongTermMemory,
     extract_facts,
     forget_request,
-    memories,
-    metadata,
     remember_request,
-    tombstones,
 )
-from memory.migrations import migrate
+from memory.schema import memories, memory_tombstones
 
 
 @pytest.fixture
@@ -144,7 +141,7 @@ def test_forget_deletes_every_version_and_keeps_only_digests(mem: LongTermMemory
     assert texts == ["I live in Bergen."]
     assert [m.id for m in mem.list(alice.id, include_history=True)] == [keep.id]
     assert all("name" not in r.memory.text for r in mem.recall(alice.id, "what is my name", min_score=-1))
-    stones = rows(mem, tombstones)
+    stones = rows(mem, memory_tombstones)
     assert stones and all(re.fullmatch(r"[0-9a-f]{64}", s.digest) for s in stones)
     assert all(s.user_id == alice.id for s in stones)
     # what training-data hygiene asks: does a text mention something this user had forgotten?
@@ -182,20 +179,6 @@ def test_unknown_user_is_refused(mem: LongTermMemory):
     with pytest.raises(LookupError):
         mem.remember(999, "My name is Ghost.")
     assert rows(mem) == []
-
-
-def test_table_definitions_match_the_migration(settings: Settings):
-    from memory.db import create_engine
-
-    engine = create_engine(settings.db_url)
-    migrate(engine)
-    with engine.connect() as conn:
-        insp = sa.inspect(conn)
-        for table in (memories, tombstones):
-            assert {c["name"]: c["nullable"] for c in insp.get_columns(table.name)} == \
-                {c.name: c.nullable for c in table.columns}
-    assert set(metadata.tables) == {"users", "memories", "memory_tombstones"}
-    engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------- real vectors

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 import pytest
 import sqlalchemy as sa
 
-from memory import store as current
+from memory import schema
 from memory.db import UTCDateTime, create_engine, write_transaction
 from memory.migrations import (
     MIGRATIONS,
+    MIGRATIONS_TABLE,
     Migration,
     MigrationError,
     add_column,
@@ -84,11 +85,12 @@ def test_step_by_step(engine):
 
 
 def test_current_tables_match_migrated_schema(engine):
-    """The store's table definitions and the migrations describe the same schema."""
+    """memory.schema and the migrations describe the same tables, columns and foreign keys."""
     migrate(engine)
     with engine.connect() as conn:
         insp = sa.inspect(conn)
-        for table in current.metadata.sorted_tables:
+        assert set(insp.get_table_names()) - {MIGRATIONS_TABLE} == set(schema.metadata.tables)
+        for table in schema.metadata.sorted_tables:
             db_cols = {c["name"]: c["nullable"] for c in insp.get_columns(table.name)}
             code_cols = {c.name: c.nullable for c in table.columns}
             assert db_cols == code_cols, table.name
@@ -240,21 +242,3 @@ def test_concurrent_migrate_applies_each_version_once(db_url):
     eng = create_engine(db_url)
     assert current_version(eng) == LATEST
     eng.dispose()
-
-
-@pytest.mark.parametrize("module", ["memory.longterm", "training.jobs", "training.registry",
-                                    "training.scheduler", "training.synth"])
-def test_every_module_table_matches_the_migrated_schema(engine, module):
-    """Modules that query their own tables restate them; the migrations stay the source of truth."""
-    import importlib
-
-    mod = importlib.import_module(module)
-    meta = getattr(mod, "metadata", None) or mod._meta
-    migrate(engine)
-    with engine.connect() as conn:
-        insp = sa.inspect(conn)
-        for table in meta.sorted_tables:
-            db_cols = {c["name"]: c["nullable"] for c in insp.get_columns(table.name)}
-            code_cols = {c.name: c.nullable for c in table.columns}
-            # a module may name only the columns it uses (e.g. users.id as a foreign-key target)
-            assert {k: db_cols.get(k) for k in code_cols} == code_cols, f"{module}: {table.name}"

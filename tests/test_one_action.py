@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from assistant.actions.library import Library
 from assistant.cli import app as cli_app
 from memory.db import utcnow, write_transaction
+from memory.schema import synthetic_pairs
 from tests.helpers import ServerThread, start_server
-from training.synth import synthetic_pairs
 from ui import library as page
 from ui.uploads import Received
 

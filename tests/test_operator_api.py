@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 
 from memory.db import utcnow, write_transaction
+from memory.schema import synthetic_pairs
 from tests.helpers import ServerThread, start_server
-from training.synth import synthetic_pairs
 
 NOTES = b"# Lumen desk\n\nThe Lumen desk costs 80 euros and ships in two days from the Lyon warehouse.\n"
 

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from argon2 import PasswordHasher
 
-from memory import store as tables
+from memory import schema as tables
 from memory.db import write_transaction
 from memory.migrations import latest_version
 from memory.store import Store

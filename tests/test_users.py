@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from assistant.cli import app as cli_app
 from memory.db import utcnow, write_transaction
+from memory.schema import synthetic_pairs
 from memory.store import Store
 from tests.helpers import ServerThread, start_server
 from training.dataset_build import BuildOptions, build_datasets, list_snapshots
 from training.snapshots import read_jsonl
-from training.synth import synthetic_pairs
 
 runner = CliRunner()
 

@@ -52,7 +52,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from assistant.config import Settings
-from memory.store import Store, conversations, feedback, messages
+from memory.schema import conversations, feedback, messages, synthetic_pairs
+from memory.store import Store
 from training.dataset_sources import (
     Example,
     TrainingLog,
@@ -84,7 +85,7 @@ from training.snapshots import (
     write_jsonl,
     write_pointer,
 )
-from training.synth import SyntheticPairs, synthetic_pairs
+from training.synth import SyntheticPairs
 
 # The snapshot readers are re-exported: callers know them as training.dataset_build's.
 __all__ = [

@@ -34,7 +34,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from assistant.prompt import Passage, render_turn
-from memory.store import Store, conversations, feedback, messages, thread_order
+from memory import longterm
+from memory.schema import conversations, feedback, messages
+from memory.store import Store, thread_order
 
 # Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
 ANSWER_STATUSES = ("complete", "alternative")
@@ -242,24 +244,16 @@ def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
 
 def forgotten_digests(store: Store) -> dict[int, set[str]]:
     """Per user, the digests of phrases they told the assistant to forget (memory.longterm tombstones)."""
-    from memory.longterm import tombstones
-
-    out: dict[int, set[str]] = defaultdict(set)
-    with store.engine.connect() as conn:
-        for user_id, d in conn.execute(sa.select(tombstones.c.user_id, tombstones.c.digest)):
-            out[int(user_id)].add(d)
-    return dict(out)
+    return longterm.forgotten_digests(store.engine)
 
 
 def mentions_forgotten(texts: Iterable[str], digests: set[str]) -> bool:
     """Whether any word n-gram of `texts` is a forgotten phrase (the same hashing as memory.longterm)."""
-    from memory.longterm import MAX_NGRAM, digest, normalise
-
     for text in texts:
-        words = normalise(text).split()
-        for n in range(1, MAX_NGRAM + 1):
+        words = longterm.normalise(text).split()
+        for n in range(1, longterm.MAX_NGRAM + 1):
             for i in range(len(words) - n + 1):
-                if digest(" ".join(words[i:i + n])) in digests:
+                if longterm.digest(" ".join(words[i:i + n])) in digests:
                     return True
     return False
 

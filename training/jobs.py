@@ -35,7 +35,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from memory.db import UTCDateTime, utcnow, write_transaction
+from memory.db import utcnow, write_transaction
+from memory.schema import job_events, training_jobs
 from training.loop import (
     CycleCancelled,
     CycleFailed,
@@ -55,37 +56,6 @@ FINAL = ("succeeded", "failed", "cancelled")
 TRIGGERS = ("manual", "schedule", "cli", "bench")
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0  # a running job whose heartbeat is older than this has lost its runner
-
-# ------------------------------------------------------------------------------------------ tables
-# As migration 4 creates them (tests/test_jobs.py checks that they match).
-metadata = sa.MetaData()
-training_jobs = sa.Table(
-    "training_jobs", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("kind", sa.String(32), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("trigger", sa.String(32), nullable=False),
-    sa.Column("requested_by", sa.String(64), nullable=True),
-    sa.Column("params", sa.JSON, nullable=False),
-    sa.Column("progress", sa.JSON, nullable=False),
-    sa.Column("result", sa.JSON, nullable=False),
-    sa.Column("error", sa.Text, nullable=True),
-    sa.Column("pid", sa.Integer, nullable=True),
-    sa.Column("cancel_requested", sa.Boolean, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("started_at", UTCDateTime, nullable=True),
-    sa.Column("finished_at", UTCDateTime, nullable=True),
-    sa.Column("heartbeat_at", UTCDateTime, nullable=True),
-)
-job_events = sa.Table(
-    "job_events", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("job_id", sa.Integer, sa.ForeignKey("training_jobs.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("data", sa.JSON, nullable=False),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
-
 
 class JobBusy(RuntimeError):
     """Another job is queued or running."""

@@ -45,7 +45,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from assistant.config import Settings
-from memory.db import UTCDateTime, utcnow, write_transaction
+from memory.db import utcnow, write_transaction
+from memory.schema import adapter_serving, adapter_versions
 from memory.store import Store
 
 log = logging.getLogger("assistant.registry")
@@ -55,35 +56,6 @@ EVAL_SUBDIR = "eval"
 VERSION_FILE = "version.json"
 GATE_STATES = ("passed", "failed", "skipped")
 _NAME_RE = re.compile(r"^v\d{4,}$")
-
-# ------------------------------------------------------------------------------------------ tables
-# As migration 4 creates them (tests/test_registry.py checks that they match).
-metadata = sa.MetaData()
-adapter_versions = sa.Table(
-    "adapter_versions", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False, unique=True),
-    sa.Column("parent", sa.String(64), nullable=True),
-    sa.Column("files", sa.JSON, nullable=False),
-    sa.Column("gate", sa.String(16), nullable=False),
-    sa.Column("metrics", sa.JSON, nullable=False),
-    sa.Column("job_id", sa.Integer, nullable=True),
-    sa.Column("dataset", sa.String(200), nullable=True),
-    sa.Column("note", sa.Text, nullable=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("deleted_at", UTCDateTime, nullable=True),
-)
-adapter_serving = sa.Table(
-    "adapter_serving", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("action", sa.String(16), nullable=False),
-    sa.Column("version", sa.String(64), nullable=True),
-    sa.Column("previous", sa.String(64), nullable=True),
-    sa.Column("actor", sa.String(64), nullable=True),
-    sa.Column("reason", sa.Text, nullable=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
-
 
 class RegistryError(ValueError):
     """A registry request that cannot be done (unknown version, nothing to roll back to...)."""

@@ -27,25 +27,16 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
-from memory.db import UTCDateTime, utcnow, write_transaction
-from memory.store import feedback as feedback_table
-from training.jobs import JobBusy, NotReady, runner_for, training_jobs
+from memory.db import utcnow, write_transaction
+from memory.schema import feedback as feedback_table
+from memory.schema import loop_settings, training_jobs
+from training.jobs import JobBusy, NotReady, runner_for
 from training.loop import CycleOptions
 from training.registry import Registry
 
 log = logging.getLogger("assistant.scheduler")
 SETTINGS_KEY = "schedule"
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-
-metadata = sa.MetaData()
-loop_settings = sa.Table(
-    "loop_settings", metadata,
-    sa.Column("key", sa.String(64), primary_key=True),
-    sa.Column("value", sa.JSON, nullable=False),
-    sa.Column("updated_by", sa.String(64), nullable=True),
-    sa.Column("updated_at", UTCDateTime, nullable=False),
-)
-
 
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, dict):

@@ -22,31 +22,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from memory.db import UTCDateTime, utcnow, write_transaction
+from memory.db import utcnow, write_transaction
+from memory.schema import synthetic_pairs
 from memory.store import Store
 from training.teacher import Chunk, Teacher, TeacherPair
-
-# The table as migration 3 created it (memory/migrations.py is the source of truth for the schema).
-_meta = sa.MetaData()
-synthetic_pairs = sa.Table(
-    "synthetic_pairs", _meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("teacher", sa.String(200), nullable=False),
-    sa.Column("doc_id", sa.String(200), nullable=True),
-    sa.Column("chunk_id", sa.String(200), nullable=True),
-    sa.Column("chunk_sha256", sa.String(64), nullable=True),
-    sa.Column("question", sa.Text, nullable=False),
-    sa.Column("question_source", sa.String(16), nullable=False),
-    sa.Column("answer", sa.Text, nullable=False),
-    sa.Column("rejected", sa.Text, nullable=True),
-    sa.Column("accepted", sa.Boolean, nullable=False),
-    sa.Column("score", sa.Float, nullable=False),
-    sa.Column("rejected_score", sa.Float, nullable=True),
-    sa.Column("judge", sa.JSON, nullable=False),
-    sa.Column("target_message_id", sa.Integer, nullable=True),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-)
 
 PAIR_KINDS = ("doc", "repair")
 
