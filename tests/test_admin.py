@@ -201,7 +201,7 @@ def test_console_view_functions_refuse_non_admins(server, people, versions) -> N
         lambda u: ui_admin.adapters_view(actions, u), lambda u: ui_admin.report_view(actions, u, versions[0]),
         lambda u: ui_admin.report_view(actions, u, None), lambda u: ui_admin.schedule_values(actions, u),
         lambda u: ui_admin.save_schedule(actions, u, False, "feedback", 5, 1, "03:00", 24, True, 5, False),
-        lambda u: ui_admin.start_job(actions, u, 1, True, False, ""),
+        lambda u: ui_admin.start_job(actions, u, "sft,dpo", 1, None, None, None, None, None, True, False, ""),
         lambda u: actions.cancel_job(u, 1), lambda u: actions.promote(u, versions[0]), lambda u: actions.rollback(u),
         lambda u: actions.synth(u), lambda u: actions.build_dataset(u), lambda u: actions.list_adapters(u),
     ]
@@ -265,8 +265,8 @@ def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) 
     plot, md = run("admin_show_report", versions[0])
     assert plot.endswith("report.png") and md.startswith("# Evaluation")
 
-    extra = json.dumps(LONG)
-    started = run("admin_start", None, True, False, extra)
+    # the form's fields, with the expert options (JSON) on top: train until stopped
+    started = run("admin_start", "sft", 0, 2.0, 1e-4, 2e-5, 0.1, 8, True, False, json.dumps(LONG))
     job_id = started[0]
     assert started[5].active is True  # the timer starts polling
 
@@ -281,10 +281,13 @@ def test_console_handlers_drive_the_loop_for_an_admin(server, people, versions) 
         time.sleep(0.5)
     assert view is not None, "no training progress reached the console"
     bar, status, curve, _log, timer, _jobs = view
-    assert f"job #{job_id} running: train" in bar and set(curve["series"]) == {"sft loss"}
+    assert f"job #{job_id} running: Phase 2 of 4: training (sft, step" in bar and set(curve["series"]) == {"sft loss"}
     assert timer.active is True  # keeps polling while the job runs
-    run("admin_cancel", job_id)
-    assert runner_for(server.services).wait(job_id, 120).status == "cancelled"
+    asked = time.monotonic()
+    cancelling = run("admin_cancel", job_id)
+    assert "cancelling…" in cancelling[0] and "cancelling…" in cancelling[1]  # the bar and the status say so
+    assert runner_for(server.services).wait(job_id, 10).status == "cancelled"
+    assert time.monotonic() - asked < 10
     after = run("admin_watch", job_id)
     assert after[4].active is False and "cancelled" in after[1]
 
@@ -299,6 +302,35 @@ def test_job_states_say_what_happened_to_the_serving_model() -> None:
     assert ui_admin.job_outcome({"status": "failed"}) == "failed; nothing changed"
     assert ui_admin.plain_error("ValueError: split ratios must sum to 1") == "Split ratios must sum to 1"
     assert ui_admin.plain_error("training.loop.CycleFailed: no rows") == "No rows"
+
+
+def test_progress_names_the_phase_n_of_total_and_a_whole_job_eta() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    job = {"status": "running", "params": {}, "started_at": (now - timedelta(seconds=120)).isoformat(),
+           "progress": {"phase": "train", "fraction": 0.4, "step": 12, "max_steps": 40, "stage": "sft"}}
+    assert ui_admin.progress_text(job, now) == ("Phase 2 of 4: training (sft, step 12 of 40); "
+                                                "about 3 min left for the whole job")
+    job["params"] = {"synth": True}
+    job["progress"] = {"phase": "dataset", "fraction": 0.01, "done": 20, "total": 100}
+    assert ui_admin.progress_text(job, now) == ("Phase 2 of 5: building the dataset "
+                                                "(the base model answers general questions: 20 of 100)")
+    assert ui_admin.job_eta_s({**job, "status": "succeeded"}, now) is None
+
+
+def test_the_retrain_form_sends_its_fields_and_refuses_bad_ones_in_words() -> None:
+    options = ui_admin.retrain_options("sft,dpo", 0, None, None, None, None, None, True, False, "")
+    assert options["train"] == {"stages": ["sft", "dpo"], "sft_epochs": 2.0, "sft_learning_rate": 1e-4,
+                                "dpo_learning_rate": 2e-5, "dpo_beta": 0.1, "lora_r": 8}
+    options = ui_admin.retrain_options("sft", 20, 3, 5e-5, None, None, 16, False, False, '{"gate": {}}')
+    assert options["train"]["max_steps"] == 20 and options["train"]["lora_r"] == 16
+    assert options["gate"] == {} and options["auto_promote"] is False
+    for steps, epochs, words in ((-1, None, "max steps must be 0"), (0, 500, "sft epochs must be between")):
+        with pytest.raises(ValueError, match=words):
+            ui_admin.retrain_options("sft", steps, epochs, None, None, None, None, True, False, "")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        ui_admin.retrain_options("sft", 0, None, None, None, None, None, True, False, "[1]")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

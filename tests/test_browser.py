@@ -209,12 +209,14 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"],
                        "the thumb to be stored")[0]
     assert (thumb.rating, thumb.reason) == (-1, None)
+    css(d, "#feedback-popup")  # the thumb opens a small popup for a reason and a comment
     pick(d, "#reason", "wrong")
     css(d, "#comment textarea").send_keys("LoRA is a fine-tuning method, not a radio protocol.")
-    click(d, "#thumb-down")
+    click(d, "#feedback-save")
     thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id)
                                 if f.kind == "thumb" and f.reason == "wrong"], "the reason to be stored")[0]
     wait_for(d, lambda d: "reason: wrong" in text_of(d, "#notice"), "the saved notice")
+    wait_for(d, lambda d: not d.find_elements(By.CSS_SELECTOR, "#feedback-popup #reason"), "the popup to close")
     d.refresh()  # the thumb is shown again after a reload
     wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Disliked"]'),
              "the thumbs-down restored")
@@ -251,6 +253,28 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     wait_for(d, lambda d: answer_shown(d, alternative.content), "the chosen answer")
     assert not d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Disliked"]')  # B was not rated
     assert d.execute_script("return window.__pwned") is None
+
+    # ---- search the conversations, export one, and switch to dark mode (kept after a reload)
+    search = css(d, "#conv-search textarea, #conv-search input")
+    search.send_keys("zzqx-nowhere")
+    wait_for(d, lambda d: conv.title[:20] not in text_of(d, "#conversations"), "no match")
+    search.clear()
+    search.send_keys("lora")  # not in the title: found in the question's words
+    wait_for(d, lambda d: conv.title[:20] in text_of(d, "#conversations"), "the match by its words")
+    click(d, "#manage button")
+    click(d, "#export")
+    wait_for(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#export-files a")) == 2, "the export files")
+    names = re.sub(r"\s+", "", css(d, "#export-files").get_attribute("textContent"))  # shown cut short
+    assert f"conversation-{conv.id}.md" in names and f"conversation-{conv.id}.json" in names, names
+    exported = d.execute_async_script("""const done = arguments[0];
+        const a = [...document.querySelectorAll('#export-files a')].find(a => a.href.includes('.md'));
+        fetch(a.href).then(r => r.text()).then(done, e => done('failed: ' + e));""")
+    assert exported.startswith("# ") and "What is **LoRA**?" in exported and alternative.content in exported
+    click(d, "#theme-toggle")
+    assert d.execute_script("return document.body.classList.contains('dark')")
+    d.refresh()
+    css(d, "#message textarea")
+    wait_for(d, lambda d: d.execute_script("return document.body.classList.contains('dark')"), "dark after reload")
 
     # ---- the page loaded nothing from any other host
     resources = d.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
@@ -372,6 +396,7 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     d.save_screenshot(str(shots / "chat.png"))
 
     d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1].click()
+    css(d, "#feedback-popup")
     pick(d, "#reason", "unhelpful")
     css(d, "#comment textarea").send_keys("Too vague: name a place to start.")
     click(d, "#regenerate")
@@ -567,7 +592,8 @@ def test_a_fresh_install_in_korean_from_the_first_admin_to_an_answer_replaced_in
                  if shows(b.text, a1.content)][0]
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", first_bot)
     first_bot.click()  # selects the answer the feedback controls act on
-    wait_for(d, lambda d: f"Answer {a1.id}" in text_of(d, "#feedback-target"), "the first answer selected")
+    wait_for(d, lambda d: "Selected answer" in text_of(d, "#feedback-target") and shows(
+        text_of(d, "#feedback-target"), " ".join(a1.content.split()[:6])), "the first answer selected")
     click(d, "#regenerate")
     wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
     alt = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"], "the alternative")[0]

@@ -480,6 +480,10 @@ HANDLERS: dict[str, HRow] = {
     "conversation_choices": HRow(lambda w, u, r: h.conversation_choices(w.services, u), shared=True,
                                  check_other=lambda out, r: r["cid"] not in [c for _, c in out]),
     "conversation_view": HRow(lambda w, u, r: h.conversation_view(w.services, u, r["cid"])),
+    "search_conversations": HRow(lambda w, u, r: h.search_conversations(w.services, u, MARKER), shared=True,
+                                 check_other=lambda out, r: r["cid"] not in [c for _, c in out]),
+    "export_markdown": HRow(lambda w, u, r: h.export_markdown(w.services, u, r["cid"])),
+    "export_json": HRow(lambda w, u, r: h.export_json(w.services, u, r["cid"])),
     "rename_conversation": HRow(lambda w, u, r: h.rename_conversation(w.services, u, r["cid"], "new title")),
     "delete_conversation": HRow(lambda w, u, r: h.delete_conversation(w.services, u, r["cid"])),
     "start_turn": HRow(lambda w, u, r: h.start_turn(w.services, u, r["cid"], "next question").drain()),
@@ -540,6 +544,10 @@ def test_ui_handler_matrix(world: World, name: str):
         assert out is not None and out.rating == 1
     if name == "conversation_view":
         assert MARKER in json.dumps(out.rows)
+    if name in ("export_markdown", "export_json"):
+        assert MARKER in json.dumps(out, ensure_ascii=False)
+    if name == "search_conversations":
+        assert res["cid"] in [c for _, c in out]
 
 
 # ------------------------------------------------------------------------------------------ Documents and Memory pages

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from typing import Any
 
 import gradio as gr
@@ -28,6 +30,7 @@ from memory.types import User
 from training.jobs import NotReady
 from training.readiness import check_readiness
 from ui.confirm import confirm_step
+from ui.i18n import T
 from ui.people import build_people_section, people_frame
 
 GetUser = Callable[[gr.Request], User | None]
@@ -149,6 +152,61 @@ def progress_html(fraction: float, label: str) -> str:
             f'font-size:13px">{pct:.0f}% {label}</span></div>')
 
 
+PHASE_WORDS = {"starting": "starting", "synth": "asking the teacher for document pairs",
+               "dataset": "building the dataset", "train": "training", "evaluate": "evaluating the new model",
+               "register": "recording the result", "done": "done"}
+
+
+def job_phases(job: dict[str, Any]) -> list[str]:
+    """The phases this job goes through, in order (the teacher's only when it was asked for)."""
+    synth = bool((job.get("params") or {}).get("synth"))
+    return [p for p in ("synth", "dataset", "train", "evaluate", "register") if p != "synth" or synth]
+
+
+def job_eta_s(job: dict[str, Any], now: datetime | None = None) -> float | None:
+    """Seconds left for the whole job, from the time it has run and the share of the work done; None
+    until there is enough to go on (5 s and 2 %). The phases' shares are estimates (training.loop.PHASES)."""
+    fraction = float((job.get("progress") or {}).get("fraction") or 0)
+    started = job.get("started_at")
+    if job.get("status") != "running" or not started or fraction < 0.02 or fraction >= 1:
+        return None
+    began = datetime.fromisoformat(started)
+    elapsed = ((now or datetime.now(UTC)) - (began if began.tzinfo else began.replace(tzinfo=UTC))).total_seconds()
+    if elapsed < 5:
+        return None
+    return elapsed * (1 - fraction) / fraction
+
+
+def duration_words(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(5, round(seconds / 5) * 5):.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_text(job: dict[str, Any], now: datetime | None = None) -> str:
+    """Where a running job is, as one line: "Phase 3 of 4: training (sft, step 12 of 40); about 2 min left
+    for the whole job"."""
+    p = job.get("progress") or {}
+    phases = job_phases(job)
+    phase = p.get("phase") or "starting"
+    words = PHASE_WORDS.get(phase, phase)
+    head = f"Phase {phases.index(phase) + 1} of {len(phases)}: {words}" if phase in phases else words.capitalize()
+    detail = ""
+    if phase == "train" and p.get("step") is not None and p.get("max_steps"):
+        detail = f" ({p.get('stage') or 'train'}, step {p['step']} of {p['max_steps']})"
+    elif phase == "dataset" and p.get("total"):
+        detail = f" (the base model answers general questions: {p.get('done')} of {p['total']})"
+    elif phase == "synth" and p.get("total"):
+        detail = f" (chunk {p.get('done')} of {p['total']})"
+    elif phase == "evaluate" and p.get("check"):
+        detail = f" ({p.get('model') or 'model'}: {p['check']})"
+    eta = job_eta_s(job, now)
+    tail = f"; about {duration_words(eta)} left for the whole job" if eta is not None else ""
+    return head + detail + tail
+
+
 def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> dict[str, Any]:
     """Everything the progress panel shows for one job (the newest one when `job_id` is None)."""
     if job_id is None:
@@ -158,16 +216,19 @@ def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> di
         job_id = jobs[0]["id"]
     d = actions.job_detail(user, int(job_id), log_lines=80)
     j, p = d["job"], d["job"]["progress"]
-    step = f"step {p.get('step')}/{p.get('max_steps')} ({p.get('stage')})" if p.get("step") is not None else ""
-    eta = f", about {p['eta_s']:.0f} s left in this stage" if isinstance(p.get("eta_s"), int | float) else ""
     outcome = job_outcome(j)
-    label = f"job #{j['id']} running: {p.get('phase', '')} {step}" if j["status"] == "running" \
-        else f"job #{j['id']} {outcome}"
-    lines = [f"**Job #{j['id']}**: {outcome} ({j['trigger']}, by {j['requested_by'] or '-'}){eta}"]
+    if j["status"] == "running" and not j.get("cancel_requested"):
+        label = f"job #{j['id']} running: {progress_text(j)}"
+    else:
+        label = f"job #{j['id']} {outcome}"
+    by = "the schedule" if j["trigger"] == "schedule" else (j["requested_by"] or "-")
+    lines = [f"**Job #{j['id']}**: {outcome} (started by {by})"]
+    if j["status"] == "running" and not j.get("cancel_requested"):
+        lines.append(progress_text(j))
     if isinstance(p.get("loss"), int | float):
-        lines.append(f"loss {p['loss']:.4f}" + (f", eval loss {p['eval_loss']:.4f}"
+        lines.append(f"loss {p['loss']:.4f}" + (f", validation loss {p['eval_loss']:.4f}"
                                                   if isinstance(p.get("eval_loss"), int | float) else ""))
-    if j.get("error"):
+    if j.get("error") and j["status"] != "cancelled":
         lines.append(f"Why: {plain_error(j['error'])}")
     r = j.get("result") or {}
     if r:
@@ -234,16 +295,60 @@ def save_schedule(actions: AdminActions, user: User | None, *values: Any) -> str
     return f"Saved: {'on' if saved['enabled'] else 'off'}, mode {saved['mode']}."
 
 
-def start_job(actions: AdminActions, user: User | None, steps: float | None, auto_promote: bool, synth: bool,
-              extra_json: str) -> dict[str, Any]:
-    options: dict[str, Any] = json.loads(extra_json) if extra_json and extra_json.strip() else {}
-    if not isinstance(options, dict):
-        raise ValueError("extra options must be a JSON object")
-    options.setdefault("train", {})
+# The retrain form: the settings a first-time admin may want to change, each with its default (read
+# from TrainConfig, so the form follows the code) and a sentence of help. Everything else keeps the
+# defaults; experts can still pass any override as JSON in the closed "Expert options" box.
+STAGE_CHOICES = [("SFT, then DPO (recommended)", "sft,dpo"), ("SFT only", "sft"), ("DPO only", "dpo")]
+RETRAIN_FIELDS = ("stages", "max_steps", "sft_epochs", "sft_learning_rate", "dpo_learning_rate", "dpo_beta",
+                  "lora_r", "auto_promote", "synth", "extra")
+
+
+def train_default(name: str) -> Any:
+    """The default of a TrainConfig field (what a retrain uses when the form is left alone)."""
+    from training.train_config import TrainConfig
+
+    return next(f.default for f in fields(TrainConfig) if f.name == name)
+
+
+def _number(value: Any, name: str, kind: type, low: float, high: float) -> Any:
+    """A form number, checked: empty means the default; out of range is a sentence, not a traceback."""
+    if value is None or value == "":
+        return train_default(name)
+    number = kind(value)
+    if not low <= number <= high:
+        raise ValueError(f"{name.replace('_', ' ')} must be between {low:g} and {high:g}; it was {value:g}")
+    return number
+
+
+def start_job(actions: AdminActions, user: User | None, *values: Any) -> dict[str, Any]:
+    """Start a retrain from the form's values (RETRAIN_FIELDS order)."""
+    require_admin(user)
+    return actions.start_retrain(user, retrain_options(*values))
+
+
+def retrain_options(stages: str | None, max_steps: float | None, sft_epochs: float | None, sft_lr: float | None,
+                    dpo_lr: float | None, dpo_beta: float | None, lora_r: float | None, auto_promote: bool,
+                    synth: bool, extra_json: str = "") -> dict[str, Any]:
+    """The retrain's options from the form (RETRAIN_FIELDS order); ValueError says which field is wrong.
+    The expert options (JSON) go on top of the fields."""
+    extra: dict[str, Any] = json.loads(extra_json) if extra_json and extra_json.strip() else {}
+    if not isinstance(extra, dict):
+        raise ValueError("the expert options must be a JSON object, like {\"gate\": {}}")
+    train = {
+        "stages": [s for s in (stages or "sft,dpo").split(",") if s],
+        "sft_epochs": _number(sft_epochs, "sft_epochs", float, 0.1, 50),
+        "sft_learning_rate": _number(sft_lr, "sft_learning_rate", float, 1e-7, 1e-2),
+        "dpo_learning_rate": _number(dpo_lr, "dpo_learning_rate", float, 1e-8, 1e-2),
+        "dpo_beta": _number(dpo_beta, "dpo_beta", float, 0.01, 10),
+        "lora_r": _number(lora_r, "lora_r", int, 1, 256),
+    }
+    steps = 0 if max_steps is None else int(max_steps)
+    if steps < 0:
+        raise ValueError(f"max steps must be 0 (run the epochs) or more; it was {steps}")
     if steps:
-        options["train"]["max_steps"] = int(steps)
-    options.update(auto_promote=bool(auto_promote), synth=bool(synth))
-    return actions.start_retrain(user, options)
+        train["max_steps"] = steps
+    return {**extra, "train": {**train, **(extra.get("train") or {})},
+            "auto_promote": bool(auto_promote), "synth": bool(synth)}
 
 
 # ------------------------------------------------------------------------------------------ the tab
@@ -254,19 +359,14 @@ def _default_get_user(services: Any) -> GetUser:
     return get
 
 
-def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
-    """Build the console inside the current Blocks context (ui/app.py calls it inside its Admin tab)."""
-    if services.admin is None:
-        services.admin = AdminActions(services)
-    actions: AdminActions = services.admin
-    who = get_user or _default_get_user(services)
+Guard = Callable[[Callable[..., Any]], Callable[..., Any]]
 
+
+def make_guard(who: GetUser) -> Guard:
+    """Wrap a view function for Gradio: resolve the admin, run it; a refusal or bad input is a toast."""
     def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-        """Resolve the user, run the view function; a refusal or bad input becomes an error toast.
-
-        The request comes first: Gradio injects it by the annotation at its position and passes the
-        inputs after it. (No functools.wraps: Gradio would then read `fn`'s signature instead.)
-        """
+        # The request comes first: Gradio injects it by the annotation at its position and passes the
+        # inputs after it. (No functools.wraps: Gradio would then read `fn`'s signature instead.)
         def run(request: gr.Request, *args: Any) -> Any:
             try:
                 # Every console action is admin-only: refuse before looking at the inputs.
@@ -277,108 +377,306 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
                 raise gr.Error(plain_error(str(e)), print_exception=False) from e
         run.__name__ = f"admin_{fn.__name__}"
         return run
+    return guarded
 
+
+def ask_first(guarded: Guard, button: gr.Button, row: gr.Row, no_btn: gr.Button) -> None:
+    """The first click only shows the question; "no" hides it again (admins only, like the rest)."""
     def show_question(_user: User) -> gr.Row:
         return gr.Row(visible=True)
 
     def hide_question(_user: User) -> gr.Row:
         return gr.Row(visible=False)
 
-    def ask(button: gr.Button, row: gr.Row, no_btn: gr.Button) -> None:
-        """The first click only shows the question; "no" hides it again (admins only, like the rest)."""
-        button.click(guarded(show_question), None, [row], **PRIVATE)
-        no_btn.click(guarded(hide_question), None, [row], **PRIVATE)
+    button.click(guarded(show_question), None, [row], **PRIVATE)
+    no_btn.click(guarded(hide_question), None, [row], **PRIVATE)
 
-    gr.Markdown("## Self-improvement loop")
-    refresh = gr.Button("Refresh", size="sm")
-    with gr.Row():
-        with gr.Column(scale=1):
-            gr.Markdown("### Data")
-            counts_md = gr.Markdown()
-        with gr.Column(scale=2):
-            gr.Markdown("### Datasets")
-            with gr.Row():
-                ds_dd = gr.Dropdown(label="Snapshot", choices=[], interactive=True)
-                kind_dd = gr.Dropdown(["sft", "dpo", "kto"], value="sft", label="Kind")
-                split_dd = gr.Dropdown(["train", "validation", "test", "heldout"], value="train", label="Split")
-                build_btn = gr.Button("Build a new snapshot")
-            preview_note = gr.Markdown()
-            preview_df = gr.Dataframe(wrap=True, max_height=300, interactive=False)
-    with gr.Accordion("Synthetic pairs from documents (teacher)", open=False):
-        with gr.Row():
-            syn_chunks = gr.Number(8, label="Chunks at most", precision=0)
-            syn_q = gr.Number(2, label="Questions per chunk", precision=0)
-            syn_docs = gr.Textbox(label="Documents folder on the server (empty: the knowledge base)")
-            syn_btn = gr.Button("Generate")
-        syn_out = gr.Markdown()
 
-    gr.Markdown("### Retrain")
-    with gr.Row():
-        steps = gr.Number(0, label="Max steps per stage (0: run the configured epochs)", precision=0)
-        auto = gr.Checkbox(True, label="Promote if the gate passes")
-        synth_cb = gr.Checkbox(False, label="Generate synthetic pairs first")
-        extra = gr.Textbox(label="More options (JSON: train / gate / build overrides)", placeholder='{"gate": {}}')
-    ready_md = gr.Markdown(elem_id="readiness")
-    with gr.Row():
-        start_btn = gr.Button("Start retrain", variant="primary", elem_id="retrain-start")
-        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="retrain-cancel")
-        job_id = gr.Number(None, label="Job", precision=0, interactive=True)
-    cancel_row, cancel_yes, cancel_no = confirm_step(
-        "Cancel this retrain? It stops within seconds and the serving model stays as it is.",
-        "Yes, cancel it", "Keep it running", "cancel")
-    bar = gr.HTML(progress_html(0, ""))
-    status_md = gr.Markdown(elem_id="job-status")
+@dataclass
+class DataSection:
+    counts: gr.Markdown
+    datasets: gr.Dropdown
+    kind: gr.Dropdown
+    split: gr.Dropdown
+    build: gr.Button
+    note: gr.Markdown
+    preview: gr.Dataframe
+
+
+def data_section() -> DataSection:
+    with gr.Row(elem_classes="admin-form"):
+        with gr.Column(scale=1, min_width=260):
+            gr.Markdown(T("admin_data"))
+            counts = gr.Markdown(elem_classes="admin-table")
+        with gr.Column(scale=2, min_width=260):
+            gr.Markdown(T("admin_datasets"))
+            with gr.Row(elem_classes="admin-form"):
+                datasets = gr.Dropdown(label=T("admin_snapshot"), choices=[], interactive=True, min_width=140)
+                kind = gr.Dropdown(["sft", "dpo", "kto"], value="sft", label=T("admin_kind"), min_width=100)
+                split = gr.Dropdown(["train", "validation", "test", "heldout"], value="train",
+                                    label=T("admin_split"), min_width=120)
+                build = gr.Button(T("admin_build"), min_width=140)
+            note = gr.Markdown()
+            preview = gr.Dataframe(wrap=True, max_height=300, interactive=False, elem_classes="admin-table")
+    return DataSection(counts, datasets, kind, split, build, note, preview)
+
+
+def wire_data(actions: AdminActions, guarded: Guard, d: DataSection) -> None:
+    def show_preview(user, name, kind, split):
+        return preview_frame(actions, user, name, kind, split)
+
+    for comp in (d.datasets, d.kind, d.split):
+        comp.change(guarded(show_preview), [d.datasets, d.kind, d.split], [d.preview, d.note], **PRIVATE)
+
+    def build(user):
+        made = actions.build_dataset(user, {})
+        names = dataset_choices(actions, user)
+        return gr.Dropdown(choices=names, value=made["name"]), counts_markdown(actions, user)
+
+    d.build.click(guarded(build), None, [d.datasets, d.counts], **PRIVATE)
+
+
+def synth_section(actions: AdminActions, guarded: Guard) -> None:
+    with gr.Accordion(T("admin_synth"), open=False):
+        with gr.Row(elem_classes="admin-form"):
+            chunks = gr.Number(8, label=T("admin_synth_chunks"), precision=0, min_width=120)
+            questions = gr.Number(2, label=T("admin_synth_questions"), precision=0, min_width=120)
+            docs = gr.Textbox(label=T("admin_synth_docs"), min_width=200)
+            go = gr.Button(T("admin_synth_go"), min_width=120)
+        out = gr.Markdown()
+
+    def synth(user, n_chunks, n_questions, folder):
+        r = actions.synth(user, int(n_chunks or 8), int(n_questions or 2), folder.strip() or None)
+        return (f"{r['pairs']} pairs from {r['chunks']} chunks, {r['accepted']} accepted "
+                f"({r['dpo_pairs']} with a rejected answer), {r['seconds']:.0f} s.")
+
+    go.click(guarded(synth), [chunks, questions, docs], [out], **PRIVATE)
+
+
+@dataclass
+class RetrainSection:
+    form: list[gr.components.Component]  # RETRAIN_FIELDS order
+    readiness: gr.Markdown
+    start: gr.Button
+    cancel: gr.Button
+    job_id: gr.Number
+    confirm: tuple[gr.Row, gr.Button, gr.Button]
+    bar: gr.HTML
+    status: gr.Markdown
+    curve: gr.LinePlot
+    log: gr.Textbox
+    timer: gr.Timer
+    jobs: gr.Dataframe
+
+    @property
+    def watch_outputs(self) -> list[Any]:
+        return [self.bar, self.status, self.curve, self.log, self.timer, self.jobs]
+
+
+def retrain_form() -> list[gr.components.Component]:
+    """The retrain settings as fields with defaults and help (RETRAIN_FIELDS order)."""
+    with gr.Row(elem_classes="admin-form"):
+        stages = gr.Radio(STAGE_CHOICES, value="sft,dpo", label=T("admin_stages"), info=T("admin_stages_info"),
+                          elem_id="retrain-stages", min_width=260)
+        max_steps = gr.Number(0, label=T("admin_max_steps"), info=T("admin_max_steps_info"), precision=0,
+                              minimum=0, elem_id="retrain-max-steps", min_width=200)
+        epochs = gr.Number(train_default("sft_epochs"), label=T("admin_epochs"), info=T("admin_epochs_info"),
+                           minimum=0.1, elem_id="retrain-epochs", min_width=200)
+    with gr.Row(elem_classes="admin-form"):
+        sft_lr = gr.Number(train_default("sft_learning_rate"), label=T("admin_sft_lr"), info=T("admin_lr_info"),
+                           elem_id="retrain-sft-lr", min_width=200)
+        dpo_lr = gr.Number(train_default("dpo_learning_rate"), label=T("admin_dpo_lr"),
+                           info=T("admin_dpo_lr_info"), elem_id="retrain-dpo-lr", min_width=200)
+        beta = gr.Number(train_default("dpo_beta"), label=T("admin_beta"), info=T("admin_beta_info"),
+                         elem_id="retrain-beta", min_width=200)
+        rank = gr.Number(train_default("lora_r"), label=T("admin_rank"), info=T("admin_rank_info"), precision=0,
+                         elem_id="retrain-rank", min_width=200)
+    with gr.Row(elem_classes="admin-form"):
+        auto = gr.Checkbox(True, label=T("admin_auto_promote"), info=T("admin_auto_promote_info"),
+                           elem_id="retrain-auto", min_width=240)
+        synth = gr.Checkbox(False, label=T("admin_synth_first"), info=T("admin_synth_first_info"),
+                            elem_id="retrain-synth", min_width=240)
+    with gr.Accordion(T("admin_expert"), open=False):
+        extra = gr.Textbox(label=T("admin_expert_json"), placeholder='{"gate": {}, "build": {}}',
+                           elem_id="retrain-extra")
+    return [stages, max_steps, epochs, sft_lr, dpo_lr, beta, rank, auto, synth, extra]
+
+
+def retrain_section() -> RetrainSection:
+    gr.Markdown(T("admin_retrain"))
+    form = retrain_form()
+    readiness = gr.Markdown(elem_id="readiness")
+    with gr.Row(elem_classes="admin-form"):
+        start = gr.Button(T("admin_start"), variant="primary", elem_id="retrain-start", min_width=160)
+        cancel = gr.Button(T("admin_cancel"), variant="stop", elem_id="retrain-cancel", min_width=160)
+        job_id = gr.Number(None, label=T("admin_job"), precision=0, interactive=True, min_width=120)
+    confirm = confirm_step(T("admin_cancel_q"), T("admin_cancel_yes"), T("admin_cancel_no"), "cancel")
+    bar = gr.HTML(progress_html(0, ""), elem_id="job-bar")
+    status = gr.Markdown(elem_id="job-status")
     curve = gr.LinePlot(None, x="step", y="value", color="series", title="Training loss", height=260)
-    log_box = gr.Textbox(label="Log (tail)", lines=8, max_lines=16, autoscroll=True)
+    log = gr.Textbox(label=T("admin_log"), lines=8, max_lines=16, autoscroll=True, elem_id="job-log")
     timer = gr.Timer(2.0, active=False)
-    jobs_df = gr.Dataframe(headers=JOB_COLUMNS, label="Job history (select a row to watch it)", interactive=False)
+    jobs = gr.Dataframe(headers=JOB_COLUMNS, label=T("admin_jobs"), interactive=False, wrap=True,
+                        elem_id="jobs-table", elem_classes="admin-table")
+    return RetrainSection(form, readiness, start, cancel, job_id, confirm, bar, status, curve, log, timer, jobs)
 
-    gr.Markdown("### Adapters")
-    adapters_md = gr.Markdown()
-    adapters_df = gr.Dataframe(headers=ADAPTER_COLUMNS, interactive=False, wrap=True)
-    with gr.Row():
-        version_dd = gr.Dropdown(label="Version", choices=[], interactive=True)
-        force = gr.Checkbox(False, label="Force (gate failed)")
-        reason = gr.Textbox(label="Reason (recorded)")
-        promote_btn = gr.Button("Promote", variant="primary", elem_id="promote")
-        rollback_btn = gr.Button("Roll back", variant="stop", elem_id="rollback")
+
+def watch(actions: AdminActions, user: User, jid: float | None) -> tuple:
+    """The progress panel's outputs (RetrainSection.watch_outputs) for one job."""
+    view = job_view(actions, user, int(jid) if jid else None)
+    running = bool(view["job"] and view["job"]["status"] in ("queued", "running"))
+    return (view["bar"], view["status"], view["curve"], view["log"], gr.Timer(active=running),
+            jobs_rows(actions, user) if not running else gr.skip())
+
+
+def wire_retrain(actions: AdminActions, guarded: Guard, r: RetrainSection, who: GetUser) -> None:
+    def start(user, *values):
+        try:
+            job = start_job(actions, user, *values)
+        except NotReady as e:  # refused up front: say why where the job's status would be
+            skip = gr.skip()
+            return (skip, skip, "**Not started.** " + str(e), skip, skip, skip, skip,
+                    readiness_markdown(actions, user))
+        return (job["id"], *watch(actions, user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user),
+                readiness_markdown(actions, user))
+
+    r.start.click(guarded(start), r.form, [r.job_id, *r.watch_outputs, r.readiness], **PRIVATE)
+
+    def cancel(user, jid):
+        if not jid:
+            raise ValueError("no job selected")
+        actions.cancel_job(user, int(jid))
+        return (*watch(actions, user, jid), gr.Row(visible=False))
+
+    row, yes, no = r.confirm
+    ask_first(guarded, r.cancel, row, no)
+    yes.click(guarded(cancel), [r.job_id], [*r.watch_outputs, row], **PRIVATE)
+
+    def watch_job(user, jid):
+        return watch(actions, user, jid)
+
+    watch_job.__name__ = "watch"
+    r.timer.tick(guarded(watch_job), [r.job_id], r.watch_outputs, **PRIVATE)
+
+    def pick_job_event(frame: pd.DataFrame, evt: gr.SelectData, request: gr.Request):
+        try:
+            user = require_admin(who(request))
+        except PermissionError as e:
+            raise gr.Error(str(e), print_exception=False) from e
+        jid = int(frame.iloc[evt.index[0], 0])
+        return (jid, *watch(actions, user, jid))
+
+    r.jobs.select(pick_job_event, [r.jobs], [r.job_id, *r.watch_outputs], **PRIVATE)
+
+
+@dataclass
+class AdapterSection:
+    summary: gr.Markdown
+    table: gr.Dataframe
+    version: gr.Dropdown
+
+
+def adapter_section(actions: AdminActions, guarded: Guard) -> AdapterSection:
+    gr.Markdown(T("admin_adapters"))
+    summary = gr.Markdown()
+    table = gr.Dataframe(headers=ADAPTER_COLUMNS, interactive=False, wrap=True, elem_classes="admin-table")
+    with gr.Row(elem_classes="admin-form"):
+        version = gr.Dropdown(label=T("admin_version"), choices=[], interactive=True, min_width=160)
+        force = gr.Checkbox(False, label=T("admin_force"), min_width=160)
+        reason = gr.Textbox(label=T("admin_reason"), min_width=200)
+        promote_btn = gr.Button(T("admin_promote"), variant="primary", elem_id="promote", min_width=120)
+        rollback_btn = gr.Button(T("admin_rollback"), variant="stop", elem_id="rollback", min_width=120)
     promote_row, promote_yes, promote_no = confirm_step(
-        "Serve the chosen version to everyone now? Roll back returns to the current one.",
-        "Yes, promote it", "Not now", "promote")
+        T("admin_promote_q"), T("admin_promote_yes"), T("admin_not_now"), "promote")
     rollback_row, rollback_yes, rollback_no = confirm_step(
-        "Go back to the previous version for everyone now?", "Yes, roll back", "Not now", "rollback")
-    swap_md = gr.Markdown()
+        T("admin_rollback_q"), T("admin_rollback_yes"), T("admin_not_now"), "rollback")
+    swap = gr.Markdown()
 
-    gr.Markdown("### Evaluation reports side by side")
-    with gr.Row():
-        with gr.Column():
-            rep_a = gr.Dropdown(label="Report A", choices=[], interactive=True)
-            rep_a_img = gr.Image(type="filepath", show_label=False, interactive=False)
-            rep_a_md = gr.Markdown()
-        with gr.Column():
-            rep_b = gr.Dropdown(label="Report B", choices=[], interactive=True)
-            rep_b_img = gr.Image(type="filepath", show_label=False, interactive=False)
-            rep_b_md = gr.Markdown()
+    def swapped(user, r: dict[str, Any]):
+        adf, asum, _ = adapters_view(actions, user)
+        return (f"Now serving **{r['serving'] or 'the base model'}** (was {r['previous'] or 'the base model'}), "
+                f"switched in {r['seconds']:.2f} s.", adf, asum, gr.Row(visible=False))
 
-    gr.Markdown("### Schedule")
-    with gr.Row():
-        s_enabled = gr.Checkbox(label="Retrain automatically")
-        s_mode = gr.Radio(["feedback", "daily", "interval"], label="When")
-        s_min_fb = gr.Number(label="New feedback needed", precision=0)
-        s_interval = gr.Number(label="Least hours between retrains")
-    with gr.Row():
-        s_daily = gr.Textbox(label="Daily at (HH:MM, UTC)")
-        s_every = gr.Number(label="Every N hours")
-        s_auto = gr.Checkbox(label="Auto-promote")
-        s_keep = gr.Number(label="Versions kept", precision=0)
-        s_synth = gr.Checkbox(label="Synthetic pairs first")
-    with gr.Row():
-        s_save = gr.Button("Save schedule")
-        s_state = gr.Markdown()
-    schedule_inputs = [s_enabled, s_mode, s_min_fb, s_interval, s_daily, s_every, s_auto, s_keep, s_synth]
+    def promote(user, name, forced, why):
+        if not name:
+            raise ValueError("pick a version to promote")
+        return swapped(user, actions.promote(user, name, bool(forced), why or None))
+
+    def rollback(user, why):
+        return swapped(user, actions.rollback(user, why or None))
+
+    ask_first(guarded, promote_btn, promote_row, promote_no)
+    ask_first(guarded, rollback_btn, rollback_row, rollback_no)
+    promote_yes.click(guarded(promote), [version, force, reason], [swap, table, summary, promote_row], **PRIVATE)
+    rollback_yes.click(guarded(rollback), [reason], [swap, table, summary, rollback_row], **PRIVATE)
+    return AdapterSection(summary, table, version)
+
+
+def reports_section(actions: AdminActions, guarded: Guard) -> tuple[gr.Dropdown, gr.Dropdown]:
+    gr.Markdown(T("admin_reports"))
+
+    def show_report(user, name):
+        md, plot = report_view(actions, user, name)
+        return plot, md
+
+    pickers = []
+    with gr.Row(elem_classes="admin-form"):
+        for key in ("admin_report_a", "admin_report_b"):
+            with gr.Column(min_width=280):
+                pick = gr.Dropdown(label=T(key), choices=[], interactive=True)
+                img = gr.Image(type="filepath", show_label=False, interactive=False)
+                md = gr.Markdown()
+            pick.change(guarded(show_report), [pick], [img, md], **PRIVATE)
+            pickers.append(pick)
+    return pickers[0], pickers[1]
+
+
+def schedule_section(actions: AdminActions, guarded: Guard) -> tuple[list[gr.components.Component], gr.Markdown]:
+    gr.Markdown(T("admin_schedule"))
+    with gr.Row(elem_classes="admin-form"):
+        enabled = gr.Checkbox(label=T("admin_s_enabled"), min_width=160)
+        mode = gr.Radio(["feedback", "daily", "interval"], label=T("admin_s_mode"), min_width=240)
+        min_fb = gr.Number(label=T("admin_s_min_feedback"), precision=0, min_width=160)
+        interval = gr.Number(label=T("admin_s_interval"), min_width=160)
+    with gr.Row(elem_classes="admin-form"):
+        daily = gr.Textbox(label=T("admin_s_daily"), min_width=160)
+        every = gr.Number(label=T("admin_s_every"), min_width=140)
+        auto = gr.Checkbox(label=T("admin_auto_promote"), min_width=140)
+        keep = gr.Number(label=T("admin_s_keep"), precision=0, min_width=140)
+        synth = gr.Checkbox(label=T("admin_synth_first"), min_width=160)
+    with gr.Row(elem_classes="admin-form"):
+        save_btn = gr.Button(T("admin_s_save"), min_width=140)
+        state = gr.Markdown()
+    inputs = [enabled, mode, min_fb, interval, daily, every, auto, keep, synth]
+
+    def save(user, *values):
+        msg = save_schedule(actions, user, *values)
+        return f"{msg} {schedule_values(actions, user)[1]}"
+
+    save_btn.click(guarded(save), inputs, [state], **PRIVATE)
+    return inputs, state
+
+
+def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
+    """Build the console inside the current Blocks context (ui/app.py calls it inside its Admin tab)."""
+    if services.admin is None:
+        services.admin = AdminActions(services)
+    actions: AdminActions = services.admin
+    who = get_user or _default_get_user(services)
+    guarded = make_guard(who)
+
+    gr.Markdown(T("admin_heading"))
+    refresh = gr.Button(T("admin_refresh"), size="sm")
+    data = data_section()
+    wire_data(actions, guarded, data)
+    synth_section(actions, guarded)
+    retrain = retrain_section()
+    wire_retrain(actions, guarded, retrain, who)
+    adapters = adapter_section(actions, guarded)
+    rep_a, rep_b = reports_section(actions, guarded)
+    schedule_inputs, schedule_state = schedule_section(actions, guarded)
     people_df = build_people_section(services, guarded)
 
-    # ---------------------------------------------------------------- events
     def load_all(user: User | None, current_job: float | None):
         names = dataset_choices(actions, user)
         frame, note = preview_frame(actions, user, names[0] if names else None, "sft", "train")
@@ -395,113 +693,10 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
                 gr.Dropdown(choices=versions, value=versions[0] if versions else None),
                 *[settings[k] for k in SCHEDULE_FIELDS], state, people_frame(services, user))
 
-    all_outputs = [counts_md, ready_md, ds_dd, preview_df, preview_note, jobs_df, job_id, bar, status_md, curve,
-                   log_box, timer, adapters_df, adapters_md, rep_a, rep_b, version_dd, *schedule_inputs, s_state,
-                   people_df]
-    refresh.click(guarded(load_all), [job_id], all_outputs, **PRIVATE)
+    outputs = [data.counts, retrain.readiness, data.datasets, data.preview, data.note, retrain.jobs, retrain.job_id,
+               retrain.bar, retrain.status, retrain.curve, retrain.log, retrain.timer, adapters.table,
+               adapters.summary, rep_a, rep_b, adapters.version, *schedule_inputs, schedule_state, people_df]
+    refresh.click(guarded(load_all), [retrain.job_id], outputs, **PRIVATE)
     tab = gr.context.Context.block
     if isinstance(tab, gr.Tab):  # load when an admin opens the tab (ui/app.py builds us inside it)
-        tab.select(guarded(load_all), [job_id], all_outputs, **PRIVATE)
-
-    def show_preview(user, name, kind, split):
-        return preview_frame(actions, user, name, kind, split)
-
-    for comp in (ds_dd, kind_dd, split_dd):
-        comp.change(guarded(show_preview), [ds_dd, kind_dd, split_dd], [preview_df, preview_note], **PRIVATE)
-
-    def build(user):
-        made = actions.build_dataset(user, {})
-        names = dataset_choices(actions, user)
-        return gr.Dropdown(choices=names, value=made["name"]), counts_markdown(actions, user)
-
-    build_btn.click(guarded(build), None, [ds_dd, counts_md], **PRIVATE)
-
-    def synth(user, chunks, questions, docs):
-        r = actions.synth(user, int(chunks or 8), int(questions or 2), docs.strip() or None)
-        return (f"{r['pairs']} pairs from {r['chunks']} chunks, {r['accepted']} accepted "
-                f"({r['dpo_pairs']} with a rejected answer), {r['seconds']:.0f} s.")
-
-    syn_btn.click(guarded(synth), [syn_chunks, syn_q, syn_docs], [syn_out], **PRIVATE)
-
-    def watch(user, jid):
-        view = job_view(actions, user, int(jid) if jid else None)
-        running = bool(view["job"] and view["job"]["status"] in ("queued", "running"))
-        return (view["bar"], view["status"], view["curve"], view["log"], gr.Timer(active=running),
-                jobs_rows(actions, user) if not running else gr.skip())
-
-    watch_outputs = [bar, status_md, curve, log_box, timer, jobs_df]
-
-    def start(user, n, auto_promote, with_synth, more):
-        try:
-            job = start_job(actions, user, n, auto_promote, with_synth, more)
-        except NotReady as e:  # refused up front: say why where the job's status would be
-            skip = gr.skip()
-            return (skip, skip, "**Not started.** " + str(e), skip, skip, skip, skip,
-                    readiness_markdown(actions, user))
-        return (job["id"], *watch(user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user),
-                readiness_markdown(actions, user))
-
-    start_btn.click(guarded(start), [steps, auto, synth_cb, extra], [job_id, *watch_outputs, ready_md], **PRIVATE)
-
-    def cancel(user, jid):
-        if not jid:
-            raise ValueError("no job selected")
-        actions.cancel_job(user, int(jid))
-        return (*watch(user, jid), gr.Row(visible=False))
-
-    ask(cancel_btn, cancel_row, cancel_no)
-    cancel_yes.click(guarded(cancel), [job_id], [*watch_outputs, cancel_row], **PRIVATE)
-    timer.tick(guarded(watch), [job_id], watch_outputs, **PRIVATE)
-
-    def pick_job(user, frame: pd.DataFrame, evt: gr.SelectData):
-        require_admin(user)
-        jid = int(frame.iloc[evt.index[0], 0])
-        return (jid, *watch(user, jid))
-
-    def pick_job_event(frame: pd.DataFrame, evt: gr.SelectData, request: gr.Request):
-        try:
-            return pick_job(require_admin(who(request)), frame, evt)
-        except PermissionError as e:
-            raise gr.Error(str(e), print_exception=False) from e
-
-    jobs_df.select(pick_job_event, [jobs_df], [job_id, *watch_outputs], **PRIVATE)
-
-    def show_report(user, name):
-        md, plot = report_view(actions, user, name)
-        return plot, md
-
-    rep_a.change(guarded(show_report), [rep_a], [rep_a_img, rep_a_md], **PRIVATE)
-    rep_b.change(guarded(show_report), [rep_b], [rep_b_img, rep_b_md], **PRIVATE)
-
-    def swapped(user, r: dict[str, Any]):
-        adf, asum, _ = adapters_view(actions, user)
-        return (f"Now serving **{r['serving'] or 'the base model'}** (was {r['previous'] or 'the base model'}), "
-                f"switched in {r['seconds']:.2f} s.", adf, asum)
-
-    def promote(user, name, forced, why):
-        if not name:
-            raise ValueError("pick a version to promote")
-        return swapped(user, actions.promote(user, name, bool(forced), why or None))
-
-    def rollback(user, why):
-        return swapped(user, actions.rollback(user, why or None))
-
-    def hide(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def run(user, *args):
-            return (*fn(user, *args), gr.Row(visible=False))
-        run.__name__ = fn.__name__
-        return run
-
-    ask(promote_btn, promote_row, promote_no)
-    ask(rollback_btn, rollback_row, rollback_no)
-    promote_yes.click(guarded(hide(promote)), [version_dd, force, reason],
-                      [swap_md, adapters_df, adapters_md, promote_row], **PRIVATE)
-    rollback_yes.click(guarded(hide(rollback)), [reason], [swap_md, adapters_df, adapters_md, rollback_row],
-                       **PRIVATE)
-
-    def save(user, *values):
-        msg = save_schedule(actions, user, *values)
-        return f"{msg} {schedule_values(actions, user)[1]}"
-
-    s_save.click(guarded(save), schedule_inputs, [s_state], **PRIVATE)
-
+        tab.select(guarded(load_all), [retrain.job_id], outputs, **PRIVATE)

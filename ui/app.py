@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,22 @@ CSS = """
 #notice { color: var(--error-text-color); }
 .compare-answer { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
                   min-height: 80px; }
+#feedback-popup { max-width: 560px; padding: 8px; border: 1px solid var(--border-color-primary);
+                  border-radius: 8px; box-shadow: var(--shadow-drop-lg); }
+@media (max-width: 640px) {
+  /* on a phone the message box stays at the bottom of the screen while the chat scrolls */
+  #input-row { position: sticky; bottom: 0; z-index: 5; background: var(--background-fill-primary);
+               flex-wrap: nowrap; padding-bottom: 4px; }
+  #input-row button { min-width: 56px !important; }
+}
+/* the admin console: rows of fields wrap, and on a phone they stack; wide tables scroll sideways */
+.admin-form { flex-wrap: wrap; }
+.admin-table { overflow-x: auto; }
+@media (max-width: 640px) {
+  .admin-form { flex-direction: column; }
+  .admin-form > * { min-width: 100% !important; }
+  .admin-table table { font-size: 12px; }
+}
 """
 PRODUCT = "Self-improving assistant"  # the page's title and heading
 PRIVATE = {"api_visibility": "private"}  # the page is the only client of these events; the API is /v1
@@ -66,277 +85,408 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+@dataclass
+class ChatPage:
+    """The chat tab's components, so the small wiring functions below can share them."""
+
+    conv: gr.State  # current conversation id (None: a new chat)
+    view: gr.State  # ChatView: rows and the answer id behind each row
+    selected: gr.State  # answer id the feedback controls act on
+    rating: gr.State  # the thumb just given (+1 / -1), which the reason popup adds to
+    cmp: gr.State  # Comparison during regenerate-and-choose
+    new_btn: gr.Button
+    search: gr.Textbox
+    conv_list: gr.Radio
+    title_box: gr.Textbox
+    rename_btn: gr.Button
+    delete_btn: gr.Button
+    confirm_row: gr.Row
+    really_btn: gr.Button
+    cancel_btn: gr.Button
+    export_btn: gr.Button
+    export_files: gr.File
+    model_dd: gr.Dropdown
+    chatbot: gr.Chatbot
+    msg: gr.Textbox
+    send_btn: gr.Button
+    stop_btn: gr.Button
+    notice: gr.Markdown
+    target: gr.Markdown
+    popup: gr.Group
+    reason: gr.Dropdown
+    comment: gr.Textbox
+    save_reason: gr.Button
+    close_popup: gr.Button
+    edit_box: gr.Textbox
+    save_edit: gr.Button
+    regen_btn: gr.Button
+    compare_row: gr.Row
+    a_md: gr.Markdown
+    b_md: gr.Markdown
+    pick_a: gr.Button
+    pick_b: gr.Button
+
+    @property
+    def outputs(self) -> list[Any]:
+        """What `show` fills: the chat, the conversation, its view, the list and the selected answer."""
+        return [self.chatbot, self.conv, self.view, self.conv_list, self.selected, self.target, self.edit_box]
+
+
+# A dark-mode switch in the page itself (Gradio follows the system setting otherwise); the choice is kept
+# in the browser (localStorage) and applied again on every load.
+DARK_TOGGLE_JS = """() => {
+  const dark = !document.body.classList.contains('dark');
+  document.body.classList.toggle('dark', dark);
+  localStorage.setItem('assistant-theme', dark ? 'dark' : 'light');
+}"""
+DARK_RESTORE_JS = """() => {
+  const t = localStorage.getItem('assistant-theme');
+  if (t) document.body.classList.toggle('dark', t === 'dark');
+}"""
+
+
+def _header() -> gr.Markdown:
+    with gr.Row(equal_height=True, elem_id="header"):
+        gr.Markdown(f"### {PRODUCT}", elem_id="product")
+        who = gr.Markdown(elem_id="whoami")
+        gr.Button(T("dark_mode"), size="sm", scale=0, elem_id="theme-toggle").click(
+            None, js=DARK_TOGGLE_JS, **PRIVATE)
+        gr.Button(T("log_out"), link="/logout", size="sm", scale=0, elem_id="logout")
+    return who
+
+
+def _sidebar() -> dict[str, Any]:
+    """New chat, search, the conversation list, rename / delete / export, and the model: a sidebar that
+    can be folded away, and a drawer over the page on a phone (Gradio's Sidebar)."""
+    with gr.Sidebar(label=T("conversations"), open=True, width=300, elem_id="sidebar"):
+        new_btn = gr.Button(T("new_chat"), elem_id="new-chat")
+        search = gr.Textbox(show_label=False, placeholder=T("search_placeholder"), elem_id="conv-search",
+                            max_lines=1)
+        conv_list = gr.Radio(label=T("conversations"), choices=[], elem_id="conversations")
+        with gr.Accordion(T("rename_or_delete"), open=False, elem_id="manage"):
+            title_box = gr.Textbox(label=T("new_title"), elem_id="title-box")
+            with gr.Row():
+                rename_btn = gr.Button(T("rename"), size="sm", elem_id="rename")
+                delete_btn = gr.Button(T("delete"), size="sm", variant="stop", elem_id="delete")
+            with gr.Row(visible=False) as confirm_row:
+                really_btn = gr.Button(T("delete_confirm"), size="sm", variant="stop", elem_id="delete-confirm")
+                cancel_btn = gr.Button(T("keep_it"), size="sm", elem_id="delete-cancel")
+            export_btn = gr.Button(T("export"), size="sm", elem_id="export")
+            export_files = gr.File(label=T("export_files"), file_count="multiple", interactive=False,
+                                   visible=False, elem_id="export-files")
+        with gr.Accordion(T("model"), open=False):
+            model_dd = gr.Dropdown(label=T("model_or_adapter"), choices=["assistant"], value="assistant",
+                                   elem_id="model", info=T("model_info"))
+    return dict(new_btn=new_btn, search=search, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
+                delete_btn=delete_btn, confirm_row=confirm_row, really_btn=really_btn, cancel_btn=cancel_btn,
+                export_btn=export_btn, export_files=export_files, model_dd=model_dd)
+
+
+def _conversation_area() -> dict[str, Any]:
+    """The chat itself, the input row, the notice, the reason popup, correction, regenerate and compare."""
+    with gr.Column(scale=4, elem_id="chat-column"):
+        chatbot = gr.Chatbot(label="Chat", show_label=False, height=460, elem_id="chatbot",
+                             sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
+                             buttons=["copy", "copy_all"],  # no "share" to a hub
+                             placeholder=T("chat_placeholder"))
+        with gr.Row(elem_id="input-row"):
+            # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
+            msg = gr.Textbox(label="Message", show_label=False, lines=1, max_lines=10, scale=8,
+                             placeholder=T("message_placeholder"), elem_id="message")
+            send_btn = gr.Button(T("send"), variant="primary", scale=1, min_width=80, elem_id="send")
+            stop_btn = gr.Button(T("stop"), scale=1, min_width=80, elem_id="stop")
+        notice = gr.Markdown(elem_id="notice")
+        # A thumb opens this small popup for an optional reason and comment; the thumb itself is saved at once.
+        with gr.Group(visible=False, elem_id="feedback-popup") as popup:
+            gr.Markdown(T("why_rating"))
+            with gr.Row():
+                reason = gr.Dropdown(label=T("reason"), value="", elem_id="reason",
+                                     choices=[("(none)", ""), *((t, t) for t in REASON_TAGS)])
+                comment = gr.Textbox(label=T("comment"), elem_id="comment", scale=2)
+            with gr.Row():
+                save_reason = gr.Button(T("save_reason"), variant="primary", size="sm", elem_id="feedback-save")
+                close_popup = gr.Button(T("close"), size="sm", elem_id="feedback-close")
+        with gr.Group(elem_id="feedback-panel"):
+            target = gr.Markdown(elem_id="feedback-target")
+            with gr.Accordion(T("edit_answer"), open=False, elem_id="edit-accordion"):
+                edit_box = gr.Textbox(label=T("corrected_answer"), lines=4, elem_id="edit-box")
+                save_edit = gr.Button(T("save_correction"), elem_id="save-edit")
+            regen_btn = gr.Button(T("regenerate"), elem_id="regenerate")
+        with gr.Row(visible=False, elem_id="compare") as compare_row:
+            with gr.Column():
+                a_md = gr.Markdown(elem_id="answer-a", elem_classes="compare-answer")
+                pick_a = gr.Button(T("a_better"), elem_id="pick-a", interactive=False)
+            with gr.Column():
+                b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
+                pick_b = gr.Button(T("b_better"), elem_id="pick-b", interactive=False)
+    return dict(chatbot=chatbot, msg=msg, send_btn=send_btn, stop_btn=stop_btn, notice=notice, target=target,
+                popup=popup, reason=reason, comment=comment, save_reason=save_reason, close_popup=close_popup,
+                edit_box=edit_box, save_edit=save_edit, regen_btn=regen_btn, compare_row=compare_row, a_md=a_md,
+                b_md=b_md, pick_a=pick_a, pick_b=pick_b)
+
+
+def _chat_page() -> tuple[ChatPage, gr.Tabs]:
+    """The sidebar, then the tabs with the chat tab first (the other tabs go in after it)."""
+    states = dict(conv=gr.State(None), view=gr.State(None), selected=gr.State(None), rating=gr.State(None),
+                  cmp=gr.State(None))
+    side = _sidebar()
+    with gr.Tabs() as tabs, gr.Tab(T("tab_chat"), id="chat"):
+        area = _conversation_area()
+    return ChatPage(**states, **side, **area), tabs
+
+
+def _admin_tab(services: Services) -> gr.Tab:
+    with gr.Tab(T("tab_admin"), id="admin", visible=False) as admin_tab:
+        if importlib.util.find_spec("ui.admin") is not None:
+            from ui.admin import build_admin_tab
+
+            build_admin_tab(services)
+        else:
+            gr.Markdown("The admin console is not installed in this build.")
+    return admin_tab
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+def _feedback_outputs(view: h.ChatView, answer_id: int | None) -> tuple:
+    text = view.answers.get(answer_id, "") if answer_id is not None else ""
+    return answer_id, h.answer_summary(view, answer_id), text
+
+
+def _show(services: Services, view: h.ChatView, user, answer_id: int | None = None) -> tuple:
+    """Values for `ChatPage.outputs` showing `view`, with `answer_id` (default: the last) selected."""
+    answer_id = answer_id if answer_id in view.answers else view.last_answer_id
+    choices = h.conversation_choices(services, user)
+    return (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view.conversation_id, view,
+            gr.Radio(choices=choices, value=view.conversation_id), *_feedback_outputs(view, answer_id))
+
+
+def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
+    """Switch, new, search, rename, delete (asked first) and export. The sidebar shows on every tab:
+    opening a conversation goes to the chat tab."""
+    hide = gr.Row(visible=False)
+    fresh = [*p.outputs, p.notice, p.compare_row, p.popup, tabs]
+
+    @_guarded
+    def on_switch(cid, request: gr.Request):
+        user = _user(services, request)
+        return (*_show(services, h.conversation_view(services, user, cid), user), "", hide, gr.Group(visible=False),
+                gr.Tabs(selected="chat"))
+
+    p.conv_list.input(on_switch, [p.conv_list], fresh, **PRIVATE)
+
+    def on_new(request: gr.Request):
+        user = _user(services, request)
+        return (*_show(services, h.ChatView(None), user), "", hide, gr.Group(visible=False), gr.Tabs(selected="chat"))
+
+    p.new_btn.click(on_new, None, fresh, **PRIVATE)
+    # The Chatbot's own trash icon clears the view only: treat it as "new conversation" (nothing deleted).
+    p.chatbot.clear(on_new, None, fresh, **PRIVATE)
+
+    def on_search(query, cid, request: gr.Request):
+        user = _user(services, request)
+        return gr.Radio(choices=h.search_conversations(services, user, query), value=cid)
+
+    p.search.change(on_search, [p.search, p.conv], [p.conv_list], show_progress="hidden", **PRIVATE)
+
+    @_guarded
+    def on_rename(cid, title, request: gr.Request):
+        user = _user(services, request)
+        h.rename_conversation(services, user, cid, title)
+        return gr.Radio(choices=h.conversation_choices(services, user), value=cid), ""
+
+    p.rename_btn.click(on_rename, [p.conv, p.title_box], [p.conv_list, p.title_box], **PRIVATE)
+    # Deleting takes two clicks: the first only reveals the confirmation.
+    p.delete_btn.click(lambda: gr.Row(visible=True), None, [p.confirm_row], **PRIVATE)
+    p.cancel_btn.click(lambda: gr.Row(visible=False), None, [p.confirm_row], **PRIVATE)
+
+    @_guarded
+    def on_delete(cid, request: gr.Request):
+        user = _user(services, request)
+        h.delete_conversation(services, user, cid)
+        return (*_show(services, h.ChatView(None), user), "Conversation deleted.", hide)
+
+    p.really_btn.click(on_delete, [p.conv], [*p.outputs, p.notice, p.confirm_row], **PRIVATE)
+
+    @_guarded
+    def on_export(cid, request: gr.Request):
+        user = _user(services, request)
+        md, data = h.export_markdown(services, user, cid), h.export_json(services, user, cid)
+        folder = Path(tempfile.mkdtemp(prefix="export-"))
+        name = f"conversation-{int(cid)}"
+        (folder / f"{name}.md").write_text(md, encoding="utf-8")
+        (folder / f"{name}.json").write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        return gr.File(value=[str(folder / f"{name}.md"), str(folder / f"{name}.json")], visible=True)
+
+    p.export_btn.click(on_export, [p.conv], [p.export_files], **PRIVATE)
+
+
+def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None:
+    """Send (Enter or the button), streaming into the chat, and Stop."""
+    skip = gr.skip
+
+    def on_send(text, cid, model, request: gr.Request) -> Iterator[tuple]:
+        user = _user(services, request)
+        n = len(p.outputs)
+        ready, busy = gr.Button(interactive=True), gr.Button(interactive=False)
+        try:
+            reply = h.start_turn(services, user, cid, text, model)
+        except h.EmptyMessage:
+            yield (*(skip(),) * n, skip(), "", ready)
+            return
+        except h.UiError as e:
+            # The text stays in the box: a refused message loses nothing.
+            yield (*(skip(),) * n, skip(), safe_markdown(e.message), ready)
+            return
+        try:
+            for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or ""):
+                if view.row_ids and view.row_ids[-1] is None:  # still streaming
+                    yield (view.rows, *(skip(),) * (n - 1), "", "", busy)
+                else:
+                    yield (*_show(services, view, user), "", "", ready)
+        except h.UiError as e:  # failed mid-answer: put the question back so nothing is lost
+            yield (*(skip(),) * n, text, safe_markdown(e.message), ready)
+
+    # One event for Enter and the button: while an answer streams, neither starts another
+    # (trigger_mode "once"), and the button shows it is locked.
+    gr.on([p.msg.submit, p.send_btn.click], fn=on_send, inputs=[p.msg, p.conv, p.model_dd],
+          outputs=[*p.outputs, p.msg, p.notice, p.send_btn], trigger_mode="once",
+          concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
+
+    def on_stop(request: gr.Request):
+        user = _user(services, request)
+        active.stop(user, request.session_hash or "")
+
+    p.stop_btn.click(on_stop, None, None, concurrency_limit=None, **PRIVATE)
+
+
+def _wire_feedback(services: Services, p: ChatPage) -> None:
+    """Thumbs (with the reason popup), selecting an answer, and corrections."""
+    skip = gr.skip
+
+    def on_like(view, data: gr.LikeData, request: gr.Request):
+        user = _user(services, request)
+        if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
+                or view.row_ids[data.index] is None:
+            return skip(), skip(), skip(), skip(), skip(), "Wait until the answer is complete, then rate it."
+        answer_id = view.row_ids[data.index]
+        try:
+            if data.liked is True or data.liked is False:
+                rating = 1 if data.liked is True else -1
+                h.rate(services, user, answer_id, rating)
+                note = "Thumbs up saved." if rating > 0 else "Thumbs down saved."
+                return (*_feedback_outputs(view, answer_id), rating, gr.Group(visible=True), note)
+            h.clear_rating(services, user, answer_id)
+        except h.UiError as e:
+            return skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
+        return (*_feedback_outputs(view, answer_id), None, gr.Group(visible=False), "Rating withdrawn.")
+
+    p.chatbot.like(on_like, [p.view], [p.selected, p.target, p.edit_box, p.rating, p.popup, p.notice], **PRIVATE)
+
+    def on_select(view, data: gr.SelectData):
+        if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
+                or view.row_ids[data.index] is None:
+            return skip(), skip(), skip()
+        return _feedback_outputs(view, view.row_ids[data.index])
+
+    p.chatbot.select(on_select, [p.view], [p.selected, p.target, p.edit_box], **PRIVATE)
+
+    @_guarded
+    def on_reason(answer_id, rating, why, note, request: gr.Request):
+        user = _user(services, request)
+        if rating not in (1, -1):
+            raise h.UiError("rate the answer with a thumb first")
+        h.rate(services, user, answer_id, rating, why or None, note)
+        mark = "Thumbs up" if rating > 0 else "Thumbs down"
+        suffix = f" (reason: {why})" if why else ""
+        return f"{mark} saved{suffix}.", "", "", gr.Group(visible=False)
+
+    p.save_reason.click(on_reason, [p.selected, p.rating, p.reason, p.comment],
+                        [p.notice, p.comment, p.reason, p.popup], **PRIVATE)
+    p.close_popup.click(lambda: gr.Group(visible=False), None, [p.popup], **PRIVATE)
+
+    @_guarded
+    def on_edit(answer_id, corrected, cid, request: gr.Request):
+        user = _user(services, request)
+        h.edit_answer(services, user, answer_id, corrected)
+        view = h.conversation_view(services, user, cid)
+        return gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view, "Correction saved."
+
+    p.save_edit.click(on_edit, [p.selected, p.edit_box, p.conv], [p.chatbot, p.view, p.notice], **PRIVATE)
+
+
+def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -> None:
+    """A second answer to the selected answer's question, side by side, and the pick."""
+    skip = gr.skip
+
+    def on_regenerate(answer_id, model, request: gr.Request) -> Iterator[tuple]:
+        user = _user(services, request)
+        try:
+            reply = h.start_regenerate(services, user, answer_id, model)
+        except h.UiError as e:
+            yield skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
+            return
+        locked = gr.Button(interactive=False)
+        try:
+            for c in h.stream_regenerate(services, user, answer_id, reply, active, request.session_hash or ""):
+                ready = gr.Button(interactive=c.done and c.alternative_id is not None)
+                note = "" if not c.done else (
+                    "Which answer is better?" if c.alternative_id else "Stopped: nothing to compare.")
+                yield (gr.Row(visible=True), "**A** (current)\n\n" + safe_markdown(c.original_text),
+                       "**B** (new)\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
+                       c, ready if c.done else locked, ready if c.done else locked, note)
+        except h.UiError as e:
+            yield skip(), skip(), skip(), skip(), locked, locked, safe_markdown(e.message)
+
+    p.regen_btn.click(on_regenerate, [p.selected, p.model_dd],
+                      [p.compare_row, p.a_md, p.b_md, p.cmp, p.pick_a, p.pick_b, p.notice],
+                      concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
+
+    def chooser(pick_original: bool):
+        @_guarded
+        def on_choose(c, cid, request: gr.Request):
+            user = _user(services, request)
+            if c is None:
+                raise h.UiError("there is nothing to choose between yet")
+            chosen = c.original_id if pick_original else c.alternative_id
+            h.choose(services, user, c.original_id, c.alternative_id, chosen)
+            view = h.conversation_view(services, user, cid)
+            label = "A" if pick_original else "B"
+            return (*_show(services, view, user, chosen), gr.Row(visible=False), None,
+                    f"Saved: you preferred {label}.")
+        return on_choose
+
+    outputs = [*p.outputs, p.compare_row, p.cmp, p.notice]
+    p.pick_a.click(chooser(True), [p.cmp, p.conv], outputs, **PRIVATE)
+    p.pick_b.click(chooser(False), [p.cmp, p.conv], outputs, **PRIVATE)
+
+
 def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.Blocks:
     """The page. Separate from `mount_ui` so it can be inspected without serving it."""
     uploads = uploads or PageUploads(page_upload_dir(services))
     active = h.ActiveReplies()
-    skip = gr.skip
-
     with gr.Blocks(title=PRODUCT) as demo:
-        conv_state = gr.State(None)  # current conversation id (None: a new chat)
-        view_state = gr.State(None)  # ChatView: rows and the answer id behind each row
-        selected = gr.State(None)  # answer id the feedback controls act on
-        cmp_state = gr.State(None)  # Comparison during regenerate-and-choose
-
-        with gr.Row(equal_height=True):
-            gr.Markdown(f"### {PRODUCT}", elem_id="product")
-            who = gr.Markdown(elem_id="whoami")
-            gr.Button(T("log_out"), link="/logout", size="sm", scale=0, elem_id="logout")
-
-        with gr.Tabs():
-            with gr.Tab(T("tab_chat"), id="chat"):
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=220):
-                        new_btn = gr.Button(T("new_chat"), elem_id="new-chat")
-                        conv_list = gr.Radio(label=T("conversations"), choices=[], elem_id="conversations")
-                        with gr.Accordion(T("rename_or_delete"), open=False, elem_id="manage"):
-                            title_box = gr.Textbox(label=T("new_title"), elem_id="title-box")
-                            with gr.Row():
-                                rename_btn = gr.Button(T("rename"), size="sm", elem_id="rename")
-                                delete_btn = gr.Button(T("delete"), size="sm", variant="stop", elem_id="delete")
-                            with gr.Row(visible=False) as confirm_row:
-                                really_btn = gr.Button(T("delete_confirm"), size="sm",
-                                                       variant="stop", elem_id="delete-confirm")
-                                cancel_btn = gr.Button(T("keep_it"), size="sm", elem_id="delete-cancel")
-                        with gr.Accordion(T("model"), open=False):
-                            model_dd = gr.Dropdown(label=T("model_or_adapter"), choices=["assistant"],
-                                                   value="assistant", elem_id="model",
-                                                   info=T("model_info"))
-                    with gr.Column(scale=4):
-                        chatbot = gr.Chatbot(label="Chat", show_label=False, height=460, elem_id="chatbot",
-                                             sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
-                                             buttons=["copy", "copy_all"],  # no "share" to a hub
-                                             placeholder=T("chat_placeholder"))
-                        with gr.Row():
-                            # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
-                            msg = gr.Textbox(label="Message", show_label=False, lines=1, max_lines=10, scale=8,
-                                             placeholder=T("message_placeholder"),
-                                             elem_id="message")
-                            send_btn = gr.Button(T("send"), variant="primary", scale=1, elem_id="send")
-                            stop_btn = gr.Button(T("stop"), scale=1, elem_id="stop")
-                        notice = gr.Markdown(elem_id="notice")
-                        with gr.Group(elem_id="feedback-panel"):
-                            target = gr.Markdown(elem_id="feedback-target")
-                            with gr.Row():
-                                reason = gr.Dropdown(label=T("reason"), value="", elem_id="reason",
-                                                     choices=[("(none)", ""), *((t, t) for t in REASON_TAGS)])
-                                comment = gr.Textbox(label=T("comment"), elem_id="comment", scale=2)
-                                up_btn = gr.Button(T("good_answer"), elem_id="thumb-up", scale=0)
-                                down_btn = gr.Button(T("bad_answer"), elem_id="thumb-down", scale=0)
-                            with gr.Accordion(T("edit_answer"), open=False,
-                                              elem_id="edit-accordion"):
-                                edit_box = gr.Textbox(label=T("corrected_answer"), lines=4, elem_id="edit-box")
-                                save_edit = gr.Button(T("save_correction"), elem_id="save-edit")
-                            regen_btn = gr.Button(T("regenerate"), elem_id="regenerate")
-                        with gr.Row(visible=False, elem_id="compare") as compare_row:
-                            with gr.Column():
-                                a_md = gr.Markdown(elem_id="answer-a", elem_classes="compare-answer")
-                                pick_a = gr.Button(T("a_better"), elem_id="pick-a", interactive=False)
-                            with gr.Column():
-                                b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
-                                pick_b = gr.Button(T("b_better"), elem_id="pick-b", interactive=False)
+        who = _header()
+        page, tabs = _chat_page()
+        with tabs:
             build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
             build_account_tab(services)
-            with gr.Tab(T("tab_admin"), id="admin", visible=False) as admin_tab:
-                if importlib.util.find_spec("ui.admin") is not None:
-                    from ui.admin import build_admin_tab
+            admin_tab = _admin_tab(services)
 
-                    build_admin_tab(services)
-                else:
-                    gr.Markdown("The admin console is not installed in this build.")
-
-        # ---------------------------------------------------------------- helpers
-        def feedback_outputs(view: h.ChatView, answer_id: int | None) -> tuple:
-            text = view.answers.get(answer_id, "") if answer_id is not None else ""
-            return answer_id, h.answer_summary(view, answer_id), text
-
-        def show(view: h.ChatView, user, answer_id: int | None = None) -> tuple:
-            answer_id = answer_id if answer_id in view.answers else view.last_answer_id
-            choices = h.conversation_choices(services, user)
-            return (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view.conversation_id, view,
-                    gr.Radio(choices=choices, value=view.conversation_id), *feedback_outputs(view, answer_id))
-
-        chat_outputs = [chatbot, conv_state, view_state, conv_list, selected, target, edit_box]
-
-        # ---------------------------------------------------------------- load, conversations
         def on_load(request: gr.Request):
             user = _user(services, request)
             choices = h.conversation_choices(services, user)
             view = h.conversation_view(services, user, choices[0][1] if choices else None)
             models = h.model_choices(services)
-            return (h.whoami(user), *show(view, user), gr.Dropdown(choices=models, value=models[0]),
+            return (h.whoami(user), *_show(services, view, user), gr.Dropdown(choices=models, value=models[0]),
                     gr.Tab(visible=user.is_admin))
 
-        demo.load(on_load, None, [who, *chat_outputs, model_dd, admin_tab], **PRIVATE)
-
-        @_guarded
-        def on_switch(cid, request: gr.Request):
-            user = _user(services, request)
-            return (*show(h.conversation_view(services, user, cid), user), "", gr.Row(visible=False))
-
-        conv_list.input(on_switch, [conv_list], [*chat_outputs, notice, compare_row], **PRIVATE)
-
-        def on_new(request: gr.Request):
-            user = _user(services, request)
-            return (*show(h.ChatView(None), user), "", gr.Row(visible=False))
-
-        new_btn.click(on_new, None, [*chat_outputs, notice, compare_row], **PRIVATE)
-        # The Chatbot's own trash icon clears the view only: treat it as "new conversation" (nothing deleted).
-        chatbot.clear(on_new, None, [*chat_outputs, notice, compare_row], **PRIVATE)
-
-        @_guarded
-        def on_rename(cid, title, request: gr.Request):
-            user = _user(services, request)
-            h.rename_conversation(services, user, cid, title)
-            return gr.Radio(choices=h.conversation_choices(services, user), value=cid), ""
-
-        rename_btn.click(on_rename, [conv_state, title_box], [conv_list, title_box], **PRIVATE)
-
-        # Deleting takes two clicks: the first only reveals the confirmation.
-        delete_btn.click(lambda: gr.Row(visible=True), None, [confirm_row], **PRIVATE)
-        cancel_btn.click(lambda: gr.Row(visible=False), None, [confirm_row], **PRIVATE)
-
-        @_guarded
-        def on_delete(cid, request: gr.Request):
-            user = _user(services, request)
-            h.delete_conversation(services, user, cid)
-            return (*show(h.ChatView(None), user), "Conversation deleted.", gr.Row(visible=False))
-
-        really_btn.click(on_delete, [conv_state], [*chat_outputs, notice, confirm_row], **PRIVATE)
-
-        # ---------------------------------------------------------------- the turn
-        def on_send(text, cid, model, request: gr.Request) -> Iterator[tuple]:
-            user = _user(services, request)
-            n = len(chat_outputs)
-            ready, busy = gr.Button(interactive=True), gr.Button(interactive=False)
-            try:
-                reply = h.start_turn(services, user, cid, text, model)
-            except h.EmptyMessage:
-                yield (*(skip(),) * n, skip(), "", ready)
-                return
-            except h.UiError as e:
-                # The text stays in the box: a refused message loses nothing.
-                yield (*(skip(),) * n, skip(), safe_markdown(e.message), ready)
-                return
-            try:
-                for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or ""):
-                    if view.row_ids and view.row_ids[-1] is None:  # still streaming
-                        yield (view.rows, *(skip(),) * (n - 1), "", "", busy)
-                    else:
-                        yield (*show(view, user), "", "", ready)
-            except h.UiError as e:  # failed mid-answer: put the question back so nothing is lost
-                yield (*(skip(),) * n, text, safe_markdown(e.message), ready)
-
-        # One event for Enter and the button: while an answer streams, neither starts another
-        # (trigger_mode "once"), and the button shows it is locked.
-        gr.on([msg.submit, send_btn.click], fn=on_send, inputs=[msg, conv_state, model_dd],
-              outputs=[*chat_outputs, msg, notice, send_btn], trigger_mode="once",
-              concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
-
-        def on_stop(request: gr.Request):
-            user = _user(services, request)
-            active.stop(user, request.session_hash or "")
-
-        stop_btn.click(on_stop, None, None, concurrency_limit=None, **PRIVATE)
-
-        # ---------------------------------------------------------------- feedback
-        def on_like(view, data: gr.LikeData, request: gr.Request):
-            user = _user(services, request)
-            if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
-                    or view.row_ids[data.index] is None:
-                return skip(), skip(), skip(), "Wait until the answer is complete, then rate it."
-            answer_id = view.row_ids[data.index]
-            try:
-                if data.liked is True:
-                    h.rate(services, user, answer_id, 1)
-                    note = "Thumbs up saved. Add a reason or comment below if you like."
-                elif data.liked is False:
-                    h.rate(services, user, answer_id, -1)
-                    note = "Thumbs down saved. Pick a reason and press Bad answer to add it."
-                else:
-                    h.clear_rating(services, user, answer_id)
-                    note = "Rating withdrawn."
-            except h.UiError as e:
-                return skip(), skip(), skip(), safe_markdown(e.message)
-            return (*feedback_outputs(view, answer_id), note)
-
-        chatbot.like(on_like, [view_state], [selected, target, edit_box, notice], **PRIVATE)
-
-        def on_select(view, data: gr.SelectData):
-            if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
-                    or view.row_ids[data.index] is None:
-                return skip(), skip(), skip()
-            return feedback_outputs(view, view.row_ids[data.index])
-
-        chatbot.select(on_select, [view_state], [selected, target, edit_box], **PRIVATE)
-
-        def rater(rating: int):
-            @_guarded
-            def on_rate(answer_id, why, note, request: gr.Request):
-                user = _user(services, request)
-                h.rate(services, user, answer_id, rating, why or None, note)
-                mark = "Thumbs up" if rating > 0 else "Thumbs down"
-                suffix = f" (reason: {why})" if why else ""
-                return f"{mark} saved for answer {answer_id}{suffix}.", ""
-            return on_rate
-
-        up_btn.click(rater(1), [selected, reason, comment], [notice, comment], **PRIVATE)
-        down_btn.click(rater(-1), [selected, reason, comment], [notice, comment], **PRIVATE)
-
-        @_guarded
-        def on_edit(answer_id, corrected, cid, request: gr.Request):
-            user = _user(services, request)
-            h.edit_answer(services, user, answer_id, corrected)
-            view = h.conversation_view(services, user, cid)
-            return (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view,
-                    f"Correction saved for answer {answer_id}.")
-
-        save_edit.click(on_edit, [selected, edit_box, conv_state], [chatbot, view_state, notice], **PRIVATE)
-
-        # ---------------------------------------------------------------- regenerate and choose
-        def on_regenerate(answer_id, model, request: gr.Request) -> Iterator[tuple]:
-            user = _user(services, request)
-            try:
-                reply = h.start_regenerate(services, user, answer_id, model)
-            except h.UiError as e:
-                yield skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
-                return
-            locked = gr.Button(interactive=False)
-            try:
-                for c in h.stream_regenerate(services, user, answer_id, reply, active,
-                                             request.session_hash or ""):
-                    ready = gr.Button(interactive=c.done and c.alternative_id is not None)
-                    note = "" if not c.done else (
-                        "Which answer is better?" if c.alternative_id else "Stopped: nothing to compare.")
-                    yield (gr.Row(visible=True), "**A** (current)\n\n" + safe_markdown(c.original_text),
-                           "**B** (new)\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
-                           c, ready if c.done else locked, ready if c.done else locked, note)
-            except h.UiError as e:
-                yield skip(), skip(), skip(), skip(), locked, locked, safe_markdown(e.message)
-
-        regen_btn.click(on_regenerate, [selected, model_dd],
-                        [compare_row, a_md, b_md, cmp_state, pick_a, pick_b, notice],
-                        concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
-
-        def chooser(pick_original: bool):
-            @_guarded
-            def on_choose(c, cid, request: gr.Request):
-                user = _user(services, request)
-                if c is None:
-                    raise h.UiError("there is nothing to choose between yet")
-                chosen = c.original_id if pick_original else c.alternative_id
-                h.choose(services, user, c.original_id, c.alternative_id, chosen)
-                view = h.conversation_view(services, user, cid)
-                label = "A" if pick_original else "B"
-                return (*show(view, user, chosen), gr.Row(visible=False), None,
-                        f"Saved: you preferred {label} (answer {chosen}).")
-            return on_choose
-
-        pick_a.click(chooser(True), [cmp_state, conv_state], [*chat_outputs, compare_row, cmp_state, notice],
-                     **PRIVATE)
-        pick_b.click(chooser(False), [cmp_state, conv_state], [*chat_outputs, compare_row, cmp_state, notice],
-                     **PRIVATE)
+        demo.load(on_load, None, [who, *page.outputs, page.model_dd, admin_tab], **PRIVATE)
+        demo.load(None, js=DARK_RESTORE_JS, **PRIVATE)
+        _wire_conversations(services, page, tabs)
+        _wire_turn(services, page, active)
+        _wire_feedback(services, page)
+        _wire_regenerate(services, page, active)
     return demo
 
 

@@ -156,6 +156,60 @@ def conversation_view(services: Services, user: User, conversation_id: int | Non
     return view
 
 
+def search_conversations(services: Services, user: User, query: str | None) -> list[tuple[str, int]]:
+    """The sidebar's choices whose title or any message contains every word of `query` (any case);
+    all of them for an empty query. Only this user's conversations are looked at."""
+    words = (query or "").casefold().split()
+    choices = conversation_choices(services, user)
+    if not words:
+        return choices
+    kept = []
+    for label, cid in choices:
+        title = label.casefold()
+        if all(w in title for w in words):
+            kept.append((label, cid))
+            continue
+        text = " ".join(m.content for m in services.store.messages(cid, user.id)
+                        if m.status not in HIDDEN_STATUSES).casefold()
+        if all(w in text or w in title for w in words):
+            kept.append((label, cid))
+    return kept
+
+
+def _export_rows(services: Services, user: User, conversation_id: int | None) -> tuple[Any, list[Message]]:
+    if conversation_id is None:
+        raise UiError("choose a conversation first")
+    conv = services.store.get_conversation(int(conversation_id), user.id)
+    if conv is None:
+        raise _not_found("conversation")
+    msgs = [m for m in services.store.messages(conv.id, user.id)
+            if m.role in ("user", "assistant") and m.status not in HIDDEN_STATUSES]
+    return conv, msgs
+
+
+def export_markdown(services: Services, user: User, conversation_id: int | None) -> str:
+    """The conversation as Markdown: a heading, then each message under its speaker, in reading order."""
+    conv, msgs = _export_rows(services, user, conversation_id)
+    out = [f"# {conv.title}", "", f"Exported {conv.updated_at:%Y-%m-%d %H:%M} UTC", ""]
+    for m in msgs:
+        who = "You" if m.role == "user" else "Assistant" + (f" ({m.adapter})" if m.adapter else "")
+        out += [f"## {who}", "", m.content, ""]
+        if m.role == "assistant" and m.sources:
+            out += ["Sources: " + "; ".join(f"[{i}] {s.get('title') or s.get('doc_id') or 'document'}"
+                                          for i, s in enumerate(m.sources, 1) if isinstance(s, dict)), ""]
+    return "\n".join(out)
+
+
+def export_json(services: Services, user: User, conversation_id: int | None) -> dict[str, Any]:
+    """The conversation as plain data: title, times, and each message with what produced it."""
+    conv, msgs = _export_rows(services, user, conversation_id)
+    return {"id": conv.id, "title": conv.title, "created_at": conv.created_at.isoformat(),
+            "updated_at": conv.updated_at.isoformat(),
+            "messages": [{"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at.isoformat(),
+                          **({"adapter": m.adapter, "status": m.status, "sources": m.sources, "steps": m.steps}
+                             if m.role == "assistant" else {})} for m in msgs]}
+
+
 def rename_conversation(services: Services, user: User, conversation_id: int | None, title: str) -> str:
     if conversation_id is None:
         raise UiError("choose a conversation first")
@@ -386,7 +440,7 @@ def choose(services: Services, user: User, original_id: int | None, alternative_
 
 
 def answer_summary(view: ChatView, message_id: int | None) -> str:
-    """One line naming the answer the feedback controls act on."""
+    """One line quoting the answer the feedback controls act on (its words, not its id)."""
     if message_id is None or message_id not in view.answers:
         return "No answer selected yet: send a message, then rate, correct or regenerate its answer."
-    return f"Answer {message_id}: “{safe_markdown(excerpt(view.answers[message_id], 120))}”"
+    return f"Selected answer: “{safe_markdown(excerpt(view.answers[message_id], 120))}”"
