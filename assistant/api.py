@@ -235,7 +235,7 @@ def build_router() -> APIRouter:
     def models(user: CurrentUser, chat: Chat) -> dict:
         now = int(time.time())
         data = [{"id": name, "object": "model", "created": now, "owned_by": "assistant",
-                 "adapter": chat.resolve_model(name)} for name in chat.model_names()]
+                 "adapter": chat.resolve_model(name, user)} for name in chat.model_names(user)]
         return {"object": "list", "data": data}
 
     @r.post("/v1/chat/completions", summary="Chat (OpenAI-compatible, streamed with stream=true)",

@@ -11,6 +11,7 @@ and a rejected request leaves no trace.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from assistant.agent import Agent
 
 SERVING_ALIAS = "assistant"  # model name that always means "the adapter currently serving"
+# A personal adapter's version name (training/registry.py): u<user id>-vNNNN. Only its owner may be served it.
+_PERSONAL_NAME = re.compile(r"^u(\d+)-v\d{4,}$")
 # A seed is a signed 64-bit integer wherever it goes (torch, an OpenAI-compatible server, PostgreSQL).
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
@@ -132,6 +135,7 @@ class ChatService:
         self.backend = backend
         self.agent = agent
         self._serving: str | None = None
+        self._personal: dict[int, str] = {}  # user id -> their promoted personal adapter (training/personal.py)
         self._serving_lock = threading.Lock()
 
     # ------------------------------------------------------------------ adapters
@@ -146,20 +150,49 @@ class ChatService:
         with self._serving_lock:
             self._serving = adapter
 
-    def model_names(self) -> list[str]:
-        return [SERVING_ALIAS, self.backend.model_name, *self.backend.adapters()]
+    def set_personal(self, user_id: int, adapter: str | None) -> None:
+        """Serve `user_id` their own adapter from their next request on (None: the shared one again)."""
+        if adapter is not None and not self.backend.has_adapter(adapter):
+            raise ModelNotFound(f"adapter {adapter!r} is not loaded")
+        with self._serving_lock:
+            if adapter is None:
+                self._personal.pop(user_id, None)
+            else:
+                self._personal[user_id] = adapter
 
-    def resolve_model(self, model: str | None) -> str | None:
-        """Model name -> adapter name (None = base model). Unknown names are a 404."""
+    def personal_adapter(self, user_id: int) -> str | None:
+        with self._serving_lock:
+            return self._personal.get(user_id)
+
+    def personal_users(self) -> dict[int, str]:
+        with self._serving_lock:
+            return dict(self._personal)
+
+    @staticmethod
+    def visible_to(adapter: str, user: User | None) -> bool:
+        """A personal adapter is only ever named, listed or served for its owner."""
+        m = _PERSONAL_NAME.match(adapter)
+        return m is None or (user is not None and int(m.group(1)) == user.id)
+
+    def model_names(self, user: User | None = None) -> list[str]:
+        """The names `user` may ask for: the alias, the base model, shared adapters and their own."""
+        return [SERVING_ALIAS, self.backend.model_name,
+                *(a for a in self.backend.adapters() if self.visible_to(a, user))]
+
+    def resolve_model(self, model: str | None, user: User | None = None) -> str | None:
+        """Model name -> adapter name (None = base model). Unknown names are a 404, and so is another
+        user's personal adapter. The alias means `user`'s promoted personal adapter when they have one."""
         if model in (None, "", SERVING_ALIAS):
             with self._serving_lock:
+                if user is not None and user.id in self._personal:
+                    return self._personal[user.id]
                 return self._serving
         if model == self.backend.model_name:
             return None
-        if self.backend.has_adapter(model):
+        if self.backend.has_adapter(model) and self.visible_to(model, user):
             return model
         raise ModelNotFound(
-            f"model {model!r} does not exist; available: {', '.join(self.model_names())}", param="model"
+            f"model {model!r} does not exist; available: {', '.join(self.model_names(user))}", param="model"
         )
 
     # ------------------------------------------------------------------ validation
@@ -219,7 +252,7 @@ class ChatService:
     def reply(self, req: TurnRequest) -> Reply:
         """Validate everything, then start generating. Raises ChatError before any model call."""
         text = self.clean_text(req.text)
-        adapter = self.resolve_model(req.model)
+        adapter = self.resolve_model(req.model, req.user)
         gen = self.generation_settings(req)
         conversation: Conversation | None = None
         if req.conversation_id is not None:
@@ -272,7 +305,9 @@ class ChatService:
         question = thread[at]
         history = [{"role": m.role, "content": m.content} for m in thread[:at]
                    if m.role in ("user", "assistant") and m.status not in ("error", "alternative")]
-        adapter = self.resolve_model(model) if model is not None else original.adapter
+        adapter = self.resolve_model(model, user) if model is not None else original.adapter
+        if adapter is not None and model is None and not self.backend.has_adapter(adapter):
+            adapter = self.resolve_model(None, user)  # that adapter is gone (forgotten, pruned): serve today's
         temp = self.settings.temperature if temperature is None else temperature
         gen = self.generation_settings(TurnRequest(user=user, text=question.content, temperature=max(temp, 0.3),
                                                    seed=seed, max_tokens=original.generation.get("max_new_tokens")))

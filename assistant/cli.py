@@ -24,6 +24,7 @@ import typer
 from assistant.actions import conversations as export_actions
 from assistant.actions.base import Operator
 from assistant.actions.library import Library
+from assistant.actions.personal import PersonalActions
 from assistant.actions.users import UserAdmin
 from assistant.config import Settings
 from memory.documents import SUPPORTED
@@ -47,6 +48,9 @@ app.add_typer(memory_app, name="memory")
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(admin_app, name="admin")
+personal_app = typer.Typer(help="Personal adapters: each opted-in user's own adapter, trained on their own feedback.",
+                           no_args_is_help=True)
+app.add_typer(personal_app, name="personal")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="State directory (default ~/.assistant).")]
@@ -454,6 +458,124 @@ def chat(
         if reply.conversation is not None:
             conversation_id = reply.conversation.id
     services.close()
+
+
+# ------------------------------------------------------------------------------------------ personal adapters
+PersonalUserOpt = Annotated[str, typer.Option("--user", help="Whose personal adapter.")]
+
+
+def personal_actions(settings: Settings) -> PersonalActions:
+    """The personal-adapter actions over this home's store and registry (no model is loaded)."""
+    from types import SimpleNamespace
+
+    from training.registry import Registry
+
+    store = open_store(settings)
+    services = SimpleNamespace(settings=settings, store=store, registry=Registry(settings, store), backend=None,
+                               chat=None, knowledge=None, memories=None, jobs=None, scheduler=None, admin=None,
+                               close=lambda: None)
+    return PersonalActions(services)  # type: ignore[arg-type]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@personal_app.command("list")
+def personal_list(config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Every user who opted in or has a personal adapter: serving version, versions kept, disk use."""
+    settings = load_settings(config, home)
+    rows = act(personal_actions(settings).overview, operator())
+    show(rows, as_json, "\n".join(
+        f"{r['username']}\t{'opted in' if r['opted_in'] else 'opted out'}\tserving {r['serving'] or '-'}\t"
+        f"{r['versions']} versions\t{_mib(r['disk_bytes'])} of {_mib(r['disk_limit_bytes'])}" for r in rows)
+        or "no personal adapters")
+
+
+@personal_app.command("status")
+def personal_status(username: PersonalUserOpt, config: ConfigOpt = None, home: HomeOpt = None,
+                    as_json: JsonOpt = False) -> None:
+    """A user's personal adapter: opted in or not, the version serving them, and what the next retrain waits for."""
+    settings = load_settings(config, home)
+    st = act(personal_actions(settings).status, named_user(settings, username))
+    latest = st["latest"]
+    text = (f"{username}: {st['state']}; serving {st['serving'] or 'the shared adapter'}"
+            + (f"; newest {latest['name']} ({latest['gate']}: {latest['reason']})" if latest else "")
+            + "".join(f"\n- {m}" for m in st["readiness"]["missing"]))
+    show(st, as_json, text)
+
+
+@personal_app.command("opt-in")
+def personal_opt_in(username: PersonalUserOpt, config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Give a user a personal adapter: retrained on their own feedback and served to them alone."""
+    settings = load_settings(config, home)
+    st = act(personal_actions(settings).set_opt_in, named_user(settings, username), True)
+    typer.echo(f"{username}: {st['state']}")
+
+
+@personal_app.command("opt-out")
+def personal_opt_out(username: PersonalUserOpt, config: ConfigOpt = None, home: HomeOpt = None) -> None:
+    """Stop serving and training a user's personal adapter (it stays on disk until they forget it)."""
+    settings = load_settings(config, home)
+    st = act(personal_actions(settings).set_opt_in, named_user(settings, username), False)
+    typer.echo(f"{username}: {st['state']}")
+
+
+@personal_app.command("report")
+def personal_report(username: PersonalUserOpt, version: Annotated[str | None, typer.Option(
+        help="One of the user's versions (default: the newest).")] = None,
+                    config: ConfigOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The evaluation report of a user's personal version, as Markdown."""
+    settings = load_settings(config, home)
+    rep = act(personal_actions(settings).report, named_user(settings, username), version)
+    show(rep, as_json, rep["markdown"] or json.dumps(rep["report"], indent=2))
+
+
+@personal_app.command("forget")
+def personal_forget(
+    username: PersonalUserOpt,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Forget what the assistant learned from a user: delete their personal adapters and datasets, and leave their
+    feedback so far out of every later build (shared and personal)."""
+    settings = load_settings(config, home)
+    user = named_user(settings, username)
+    if not yes and not typer.confirm(f"delete {username!r}'s personal adapter and forget their feedback so far?"):
+        raise typer.Exit(1)
+    done = act(personal_actions(settings).forget, user)
+    show(done, as_json, f"forgot {username!r}: " + ", ".join(f"{k} {v}" for k, v in done["deleted"].items()))
+
+
+@personal_app.command("train")
+def personal_train(
+    username: str,
+    steps: Annotated[int | None, typer.Option(help="Cap on optimizer steps per stage (TrainConfig.max_steps).")] = None,
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a personal retrain of one user now, as a recorded job, and wait for its verdict."""
+    from training.jobs import runner_for
+
+    settings = load_settings(config, home)
+    actions = personal_actions(settings)
+    user = named_user(settings, username)
+    job = act(actions.train, operator(), user.id, {"train": {"max_steps": steps}} if steps else {})
+    typer.echo(f"job {job['id']} started", err=True)
+    runner = runner_for(actions.services)
+    try:
+        done = runner.wait(job["id"])
+    except KeyboardInterrupt:
+        runner.cancel(job["id"], by=operator().name)
+        done = runner.wait(job["id"])
+    result = done.result
+    show(done.to_dict(), as_json, f"job {done.id} {done.status}: " + (
+        f"{result.get('candidate')} {result.get('status')} ({result.get('reason')})" if result else str(done.error)))
+    if done.status != "succeeded":
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,15 @@ class Settings(BaseModel):
     # --- training ---
     train_threads: int = Field(1, description="torch threads for a CPU training process.")
 
+    # --- personal adapters (each opted-in user's own adapter, trained on their own feedback) ---
+    personal_adapters: bool = Field(False, description="Personal adapters for this installation: users may opt "
+                                    "in, and each opted-in user is served their own adapter. Off by default.")
+    personal_min_feedback: int = Field(20, ge=1, description="Feedback rows (ratings, edits, choices) a user needs "
+                                       "before their first personal retrain.")
+    personal_retrains_per_day: int = Field(1, ge=0, description="Personal retrains per user per day (UTC); 0 = none.")
+    personal_disk_mb: int = Field(200, ge=1, description="Disk one user's personal adapters and datasets may use, "
+                                  "in MiB; older versions are pruned past it, and no retrain starts while over.")
+
     # ------------------------------------------------------------------ derived paths
     @property
     def db_url(self) -> str:
@@ -103,6 +112,16 @@ class Settings(BaseModel):
     @property
     def datasets_dir(self) -> Path:
         return self.home / "datasets"
+
+    @property
+    def personal_adapters_dir(self) -> Path:
+        """One folder per user: `adapters/personal/<user_id>/u<user_id>-vNNNN/`."""
+        return self.adapters_dir / "personal"
+
+    @property
+    def personal_datasets_dir(self) -> Path:
+        """One folder per user: `datasets/personal/<user_id>/vNNNN/`."""
+        return self.datasets_dir / "personal"
 
     @property
     def jobs_dir(self) -> Path:

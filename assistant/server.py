@@ -14,11 +14,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from assistant.actions.library import Library
+from assistant.actions.personal import PersonalActions
 from assistant.actions.users import UserAdmin
 from assistant.admin_api import install_admin
 from assistant.api import create_api
 from assistant.config import Settings
 from assistant.library_api import install_library
+from assistant.personal_api import install_personal
 from assistant.services import OFFLINE_ENV, Services, attach_agent, build_services, quiet_network
 from assistant.users_api import install_users
 
@@ -41,6 +43,7 @@ def create_app(services: Services, with_ui: bool = True) -> FastAPI:
     knowledge = services.knowledge
     install_library(app, Library(services.settings, services.store, knowledge, services.memories))
     install_users(app, UserAdmin(services.settings, services.store, knowledge))  # /v1/admin/users, /v1/admin/audit
+    install_personal(app, PersonalActions(services))  # /v1/personal, /v1/admin/personal
     if with_ui:
         from ui.gradio_import import skip_stub_writing
 

@@ -437,7 +437,17 @@ class KnowledgeBase:
         only from shared documents (a user's private document must not reach an adapter everyone is
         served with), and only while the document exists (deleting it drops its passages).
         """
-        col = self.collection_for(visibility("shared", 0))
+        return self._chunks_in(visibility("shared", 0), chunk_ids)
+
+    def private_chunks(self, owner_id: int, chunk_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """(title, text) of the chunks among `chunk_ids` stored in `owner_id`'s own private documents.
+
+        For that user's personal adapter only (training/personal.py): it reads one collection, the owner's,
+        so another user's chunk id finds nothing here whatever the caller asks."""
+        return self._chunks_in(visibility("private", owner_id), chunk_ids)
+
+    def _chunks_in(self, vis: str, chunk_ids: list[str]) -> dict[str, tuple[str, str]]:
+        col = self.collection_for(vis)
         if col is None or not chunk_ids:
             return {}
         got = col.get(ids=sorted(set(chunk_ids)), include=["documents", "metadatas"])

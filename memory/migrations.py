@@ -306,6 +306,27 @@ def _m007_imported_messages(conn: Connection) -> None:
         "(SELECT 1 FROM messages AS answer WHERE answer.parent_id = messages.id)")
 
 
+def _m008_personal_adapters(conn: Connection) -> None:
+    """Personal adapters: the owner of an adapter version and of a serving event (NULL = the shared adapter),
+    and each user's choice to have one, with the feedback id up to which they asked it to forget them."""
+    add_column(conn, "adapter_versions", "owner_id", sa.Integer)
+    add_column(conn, "adapter_serving", "owner_id", sa.Integer)
+    conn.exec_driver_sql("CREATE INDEX ix_adapter_versions_owner ON adapter_versions (owner_id)")
+    conn.exec_driver_sql("CREATE INDEX ix_adapter_serving_owner ON adapter_serving (owner_id)")
+    m = sa.MetaData()
+    sa.Table("users", m, sa.Column("id", sa.Integer, primary_key=True))
+    sa.Table(
+        "personal_settings", m,
+        sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True,
+                  autoincrement=False),
+        sa.Column("opted_in", sa.Boolean, nullable=False),
+        # "Forget what you learned from me": their feedback up to this id is left out of every later build.
+        sa.Column("forgotten_through", sa.Integer, nullable=True),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+    )
+    m.tables["personal_settings"].create(conn)
+
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "initial schema", _m001_initial),
     Migration(2, "message sources, memories, steps, status, parent", _m002_message_context),
@@ -314,6 +335,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, "long-term memories and forgotten-memory tombstones", _m005_long_term_memory),
     Migration(6, "disabled users and the admin audit log", _m006_user_admin),
     Migration(7, "messages a client imported as history", _m007_imported_messages),
+    Migration(8, "personal adapters: owners of adapter versions and serving events, opt-in", _m008_personal_adapters),
     # Append new migrations here.
 ]
 

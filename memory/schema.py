@@ -188,6 +188,8 @@ adapter_versions = sa.Table(
     sa.Column("note", sa.Text, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("deleted_at", UTCDateTime, nullable=True),
+    # added by migration 8: the user a personal adapter belongs to (NULL = the shared adapter)
+    sa.Column("owner_id", sa.Integer, nullable=True),
 )
 adapter_serving = sa.Table(
     "adapter_serving", metadata,
@@ -198,6 +200,19 @@ adapter_serving = sa.Table(
     sa.Column("actor", sa.String(64), nullable=True),
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # added by migration 8: whose personal adapter the event switched (NULL = the shared adapter)
+    sa.Column("owner_id", sa.Integer, nullable=True),
+)
+
+# ------------------------------------------------------------------ personal adapters (training.personal)
+personal_settings = sa.Table(
+    "personal_settings", metadata,
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True,
+              autoincrement=False),
+    sa.Column("opted_in", sa.Boolean, nullable=False),
+    # "Forget what you learned from me": the user's feedback up to this id stays out of every later build.
+    sa.Column("forgotten_through", sa.Integer, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
 )
 
 # ------------------------------------------------------------------ loop settings (training.scheduler)

@@ -7,9 +7,9 @@
 - `training/`: datasets, teacher, training, gate, registry, jobs, scheduler.
 - actions and services: `assistant/actions/` (every action, once) and `assistant/services.py` (the
   server's parts, built from one `Settings`).
-- the ways in: the HTTP API (`assistant/api.py`, `admin_api.py`, `library_api.py`, `users_api.py`), the
-  command lines (`assistant/cli.py`, `training/cli.py`, `training/admin_cli.py`), the composition root
-  (`assistant/server.py`) and the page (`ui/`).
+- the ways in: the HTTP API (`assistant/api.py`, `admin_api.py`, `library_api.py`, `users_api.py`,
+  `personal_api.py`), the command lines (`assistant/cli.py`, `training/cli.py`, `training/admin_cli.py`), the
+  composition root (`assistant/server.py`) and the page (`ui/`).
 
 A module may import from its own layer or the layers below, never above, wherever the import sits
 (module level or inside a function); imports under `TYPE_CHECKING` are type names only and are left
@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("memory", "assistant", "training", "ui")
-WAYS_IN = {"assistant.api", "assistant.admin_api", "assistant.library_api", "assistant.users_api", "assistant.cli",
+WAYS_IN = {"assistant.api", "assistant.admin_api", "assistant.library_api", "assistant.users_api",
+           "assistant.personal_api", "assistant.cli",
            "assistant.server", "training.cli", "training.admin_cli"}
 LAYERS = ("memory", "assistant core", "training", "actions and services", "ways in")
 

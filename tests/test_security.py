@@ -199,6 +199,21 @@ def _throwaway(suffix: str = "", body: Any = None, with_key: bool = False) -> Ca
     return make
 
 
+def _owner_personal_report(w: World) -> Call:
+    """A personal version of the owner's, with its report: only the owner reads it (everyone else: 404)."""
+    from tests.conftest import make_random_adapter
+    from training.registry import Registry
+
+    owner = w.users["owner"]
+    folder = w.services.settings.home / f"matrix-personal-{time.time_ns()}"
+    make_random_adapter(Path(w.services.settings.model), folder / "adapter", seed=61)
+    (folder / "eval").mkdir()
+    (folder / "eval" / "report.json").write_text("{}")
+    name = Registry(w.services.settings, w.store, owner_id=owner.id).register(
+        folder / "adapter", gate="failed", report_dir=folder / "eval").name
+    return Call("/v1/personal/report", params={"version": name})
+
+
 def _admin(admin_status: int, make: Callable[[World], Call]) -> Row:
     # Every admin route: anonymous 401, any non-admin 403 (before the body is read), admin gets through.
     return Row(401, 403, 403, admin_status, make)
@@ -268,6 +283,14 @@ MATRIX: dict[tuple[str, str], Row] = {
     ("DELETE", "/v1/admin/users/{user_id}/keys/{key_id}"): _admin(200, _throwaway("/keys", with_key=True)),
     ("GET", "/v1/admin/audit"): _admin(200, _const("/v1/admin/audit")),
     ("GET", "/v1/admin/readiness"): _admin(200, _const("/v1/admin/readiness")),
+    # Personal adapters: each user's own (another's version reads as missing); the list and training: admins.
+    ("GET", "/v1/personal"): Row(401, 200, 200, 200, _const("/v1/personal")),
+    ("PUT", "/v1/personal"): Row(401, 200, 200, 200, _const("/v1/personal", {"opted_in": False})),
+    ("GET", "/v1/personal/report"): Row(401, 200, 404, 404, _owner_personal_report),
+    ("DELETE", "/v1/personal"): Row(401, 200, 200, 200, _const("/v1/personal")),
+    ("GET", "/v1/admin/personal"): _admin(200, _const("/v1/admin/personal")),
+    ("GET", "/v1/admin/personal/{user_id}"): _admin(404, _const("/v1/admin/personal/999999")),
+    ("POST", "/v1/admin/personal/{user_id}/train"): _admin(404, _const("/v1/admin/personal/999999/train", {})),
     # One's own password: the owner's current one is right (and kept), everyone else's is not.
     ("PUT", "/v1/account/password"): Row(401, 200, 400, 400, _const("/v1/account/password", {
         "current_password": PASSWORDS["alice"], "new_password": PASSWORDS["alice"]})),

@@ -46,6 +46,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from training.dataset_sources import (
 )
 from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
+from training.personal_data import PrivacyError, check_privacy, forget_marks, restrict_log
 from training.snapshots import (
     HELDOUT_DIR,
     KINDS,
@@ -318,6 +320,7 @@ def _row_texts(row: dict[str, Any]) -> list[str]:
             for m in row.get(col) or []]
 
 def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shared_chunks: Any | None = None,
+                  marks: dict[int, int] | None = None,
                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None:
     meta_path = root / "meta.json"
     if not meta_path.exists():
@@ -329,7 +332,9 @@ def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shar
         return None
     rows = {k: read_jsonl(root / f"{k}.jsonl") for k in KINDS}
     removed = 0
-    owners = _owners(store, {r["conversation_id"] for k in KINDS for r in rows[k]} - {None}) if forgotten else {}
+    marks = marks or {}
+    owners = (_owners(store, {r["conversation_id"] for k in KINDS for r in rows[k]} - {None})
+              if forgotten or marks else {})
     cited = sorted({c for k in KINDS for r in rows[k] for c in r.get("passage_ids") or []})
     stored = set(shared_chunks(cited)) if shared_chunks is not None and cited else set(cited)
     for k in KINDS:
@@ -340,6 +345,8 @@ def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shar
             owner = owners.get(r.get("conversation_id"))
             if alive[i] and owner in forgotten and mentions_forgotten(_row_texts(r), forgotten[owner]):
                 alive[i] = False
+            if alive[i] and owner in marks and (r.get("feedback_id") or 0) <= marks[owner]:
+                alive[i] = False  # "forget what you learned from me" (training/personal_data.py)
         if not all(alive):
             removed += alive.count(False)
             rows[k] = [r for r, ok in zip(rows[k], alive, strict=True) if ok]
@@ -388,6 +395,7 @@ class Gathered:
     filters: dict[str, FilterStats]
     forgotten: dict[int, set[str]]
     shared_chunks: Callable[[list[str]], dict[str, tuple[str, str]]] | None
+    marks: dict[int, int] = field(default_factory=dict)  # user id -> feedback id they had forgotten through
 
 
 def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
@@ -411,13 +419,16 @@ def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
 
 
 def gather_examples(store: Store, settings: Settings, options: BuildOptions, knowledge: Any | None = None,
-                    cleaning: Callable[[], None] | None = None) -> Gathered:
+                    cleaning: Callable[[], None] | None = None, owner_id: int | None = None) -> Gathered:
     """Read the store and the teacher's pairs, then scrub, filter and de-duplicate: the rows a build splits.
 
     Separate from `build_datasets` so the readiness check (training/readiness.py) counts exactly these.
+    `owner_id`: one user's personal build (their own conversations and private passages, no teacher
+    pairs; training/personal_data.py states the rule). Feedback a user had forgotten is never read.
     """
-    log = read_training_log(store)
-    syn = SyntheticPairs(store).list(accepted_only=True) if options.include_teacher else []
+    marks = forget_marks(store)
+    log = restrict_log(read_training_log(store), owner_id, marks)
+    syn = SyntheticPairs(store).list(accepted_only=True) if options.include_teacher and owner_id is None else []
     repairs: dict[int, list[Any]] = defaultdict(list)
     for p in syn:
         if p.kind == "repair" and p.target_message_id is not None:
@@ -425,7 +436,9 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
     skipped: Counter = Counter()
     examples = human_examples(log, repairs, options.context_messages, skipped) + teacher_examples(syn)
     shared_chunks = knowledge.shared_chunks if knowledge is not None else None
-    examples, context = with_serving_context(examples, log, settings.system_prompt, shared_chunks)
+    private_chunks = partial(knowledge.private_chunks, owner_id) if owner_id is not None and knowledge else None
+    examples, context = with_serving_context(examples, log, settings.system_prompt, shared_chunks, private_chunks)
+    check_privacy(examples, log, owner_id)
     examples, wrong_facts = drop_wrong_facts(examples)
     # A memory the user deleted must not come back through the messages it was learnt from: rows of
     # that user that mention a forgotten phrase are dropped (before scrubbing, on the text as said).
@@ -454,24 +467,30 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
             filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
         if wrong_facts[kind]:
             filters[kind].removed["contradicts_passage"] = wrong_facts[kind]
-    return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks)
+    return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks, marks)
 
 
 def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
-                   progress: ProgressFn | None = None, knowledge: Any | None = None) -> BuildResult:
+                   progress: ProgressFn | None = None, knowledge: Any | None = None,
+                   owner_id: int | None = None) -> BuildResult:
     """Read, clean, split and write one snapshot; see the module docstring for what goes where.
 
     `knowledge` (a `memory.knowledge.KnowledgeBase`) supplies the shared passages answers cited, so that
     training prompts are the served ones; without it rows carry the system prompt and no passages.
+    `owner_id`: that user's personal snapshot, written under ``<datasets_dir>/personal/<user_id>/`` with
+    its own frozen held-out set (training/personal_data.py says what it may hold).
     """
     options.validate()
     report = progress or (lambda _stage, _frac: None)
     started = time.perf_counter()
-    root = settings.datasets_dir
+    root = settings.datasets_dir if owner_id is None else settings.personal_datasets_dir / str(owner_id)
     root.mkdir(parents=True, exist_ok=True)
 
     report("reading the store", 0.0)
-    g = gather_examples(store, settings, options, knowledge, lambda: report("cleaning", 0.3))
+    try:
+        g = gather_examples(store, settings, options, knowledge, lambda: report("cleaning", 0.3), owner_id)
+    except PrivacyError as e:
+        raise BuildError(f"dataset build refused, nothing was written: {e}") from e
     log, syn, skipped, context, by_kind, filters = g.log, g.syn, g.skipped, g.context, g.by_kind, g.filters
     forgotten, shared_chunks = g.forgotten, g.shared_chunks
 
@@ -490,7 +509,8 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
     try:
         # Held-out: reuse the frozen set (minus deleted rows) or freeze it from this test split.
         heldout_root = root / HELDOUT_DIR
-        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store, forgotten, shared_chunks)
+        loaded = None if options.refreeze_heldout else _load_heldout(heldout_root, store, forgotten, shared_chunks,
+                                                                      g.marks)
         test_total = sum(len(split_rows[k]["test"]) for k in KINDS)
         if loaded is None and (test_total >= options.heldout_min_rows or options.refreeze_heldout) and test_total:
             loaded = _freeze_heldout(heldout_root, {k: [e.row() for e in split_rows[k]["test"]] for k in KINDS},
@@ -533,6 +553,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         report("manifest", 0.95)
         manifest = _manifest(version, options, log, syn, rows_out, heldout_rows, heldout_meta, filters, skipped,
                              caps, replay_info, hashes, time.perf_counter() - started)
+        manifest["owner_id"] = owner_id  # None: the shared adapter's; a user id: that user's personal adapter
         manifest["prompts"] = {
             "system_prompt": settings.system_prompt, "format": PROMPT_FORMAT,
             "passages": ("shared documents, re-read by chunk id" if knowledge is not None

@@ -206,12 +206,15 @@ def _cited(sources: Any) -> tuple[tuple[str, str], ...]:
 
 
 def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
-                         shared_chunks: Any | None) -> tuple[list[Example], Counter]:
+                         shared_chunks: Any | None, private_chunks: Any | None = None) -> tuple[list[Example], Counter]:
     """Give every example the serving system prompt and the shared passages its answer cited.
 
     `shared_chunks(chunk_ids) -> {chunk_id: (title, text)}` reads what is still stored in the shared
     documents (`memory.knowledge.KnowledgeBase.shared_chunks`); None leaves passages out. Teacher rows
     get the chunk they were written from. Returns the examples and counts for the manifest.
+    `private_chunks` (the same shape) is given only for one user's personal build
+    (training/personal_data.py): it reads that user's own private documents, so their cited private
+    passages go into their own rows; without it private passages are always left out.
     """
     wanted: dict[int, tuple[str, ...]] = {}  # example index -> cited chunk ids, in citation order
     stats: Counter = Counter()
@@ -221,20 +224,28 @@ def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
             continue
         m = log.messages.get(ex.prov.message_id or -1)
         if m is not None and m.sources:
-            shared = tuple(cid for cid, scope in m.sources if scope == "shared")
-            stats["private_passages_left_out"] += len(m.sources) - len(shared)
-            if shared:
-                wanted[i] = shared
+            usable = ("shared", "private") if private_chunks is not None else ("shared",)
+            cited = tuple(cid for cid, scope in m.sources if scope in usable)
+            stats["private_passages_left_out"] += len(m.sources) - len(cited)
+            if cited:
+                wanted[i] = cited
     found: dict[str, tuple[str, str]] = {}
-    if shared_chunks is not None and wanted:
-        found = shared_chunks(sorted({c for ids in wanted.values() for c in ids}))
+    scope_of: dict[str, str] = {}
+    ids_wanted = sorted({c for ids in wanted.values() for c in ids})
+    if private_chunks is not None and ids_wanted:
+        found.update(private_chunks(ids_wanted))
+        scope_of.update(dict.fromkeys(found, "private"))
+    if shared_chunks is not None and ids_wanted:
+        found.update(shared_chunks(ids_wanted))
     out = []
     for i, ex in enumerate(examples):
         ids = wanted.get(i, ())
         kept = tuple(c for c in ids if c in found)
         stats["passages_missing"] += len(ids) - len(kept)
         stats["rows_with_passages"] += bool(kept)
-        out.append(replace(ex, system=system, passages=tuple(Passage(found[c][0], "shared", found[c][1]) for c in kept),
+        stats["rows_with_private_passages"] += any(c in scope_of for c in kept)
+        out.append(replace(ex, system=system, passages=tuple(Passage(found[c][0], scope_of.get(c, "shared"),
+                                                                     found[c][1]) for c in kept),
                            passage_ids=kept))
     return out, stats
 

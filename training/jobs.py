@@ -46,6 +46,7 @@ from training.loop import (
     is_noise,
     run_cycle,
 )
+from training.personal import readiness as personal_readiness
 from training.readiness import Readiness, check_readiness
 from training.train_config import TrainConfig
 
@@ -251,6 +252,13 @@ class JobRunner:
     def check_ready(self, opts: CycleOptions) -> Readiness | None:
         """Refuse up front (`NotReady`) what would fail minutes in. Skipped for a given snapshot, and when
         the teacher adds pairs first (the rows it makes are not there yet to count)."""
+        if opts.user_id is not None:
+            personal = personal_readiness(self.services, opts.user_id)
+            if not personal.ready:
+                raise NotReady(Readiness(ready=False, feedback={"personal": personal.feedback}, rows={},
+                                         heldout_frozen=False, needs={"feedback": personal.needs},
+                                         missing=personal.missing, summary=" ".join(personal.missing)))
+            return None
         if opts.dataset is not None or opts.synth:
             return None
         stages = TrainConfig.from_dict({**opts.train, "base_model": "x"}).stages

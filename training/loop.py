@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from training.evaluate import GateConfig
+from training.personal import PERSONAL_GATE, enforce_disk
 from training.registry import Registry
 from training.train_config import TrainConfig
 
@@ -68,6 +69,7 @@ class CycleOptions:
     anchor_replay: bool = True  # replay answers by the base model itself (training/anchor.py)
     auto_promote: bool = True
     keep_last: int = 5  # adapter versions kept on disk (never the serving one or its parent)
+    user_id: int | None = None  # a personal retrain of this user (training/personal.py); None = the shared adapter
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CycleOptions:
@@ -97,6 +99,11 @@ class CycleOptions:
             raise ValueError(f"eval_doc_qa file {self.eval_doc_qa} does not exist")
         if self.dataset is not None and not (isinstance(self.dataset, str) and self.dataset.startswith("v")):
             raise ValueError(f"dataset must be a snapshot name like v0003, got {self.dataset!r}")
+        if self.user_id is not None:
+            if not isinstance(self.user_id, int) or isinstance(self.user_id, bool) or self.user_id < 1:
+                raise ValueError(f"user_id must be a user's id, got {self.user_id!r}")
+            if self.synth or self.eval_doc_qa:
+                raise ValueError("a personal retrain learns from its user's feedback only: no synth, no eval_doc_qa")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,7 +274,11 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     options.validate()
     hooks = hooks or CycleHooks()
     settings, store = services.settings, services.store
-    registry: Registry = services.registry
+    shared: Registry = services.registry
+    personal = options.user_id is not None
+    # A personal candidate is registered in its user's own registry; it starts from, and is judged against,
+    # the shared adapter serving now (training/personal.py).
+    registry = Registry(settings, store, owner_id=options.user_id) if personal else shared
     work = Path(work_dir or settings.jobs_dir / (f"job-{job_id}" if job_id else f"cycle-{int(time.time())}"))
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -322,11 +333,12 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     from assistant.models import prepare_model
 
     base_model = prepare_model(settings, progress=False)
-    parent = registry.serving()
-    parent_dir = registry.verify(parent).adapter_dir if parent else None
+    parent = shared.serving()
+    parent_dir = shared.verify(parent).adapter_dir if parent else None
+    from_parent = (options.continue_from_serving or personal) and parent_dir is not None
     train_cfg = TrainConfig.from_dict({
         "threads": settings.train_threads, **options.train, "base_model": str(base_model),
-        "init_adapter": str(parent_dir) if (options.continue_from_serving and parent_dir) else None})
+        "init_adapter": str(parent_dir) if from_parent else None})
     cfg_path = train_cfg.save(work / "train_config.json")
     train_out = work / "train"
     phase("train", max_steps=None)
@@ -371,9 +383,12 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
     # 4. evaluate (child process)
     phase("evaluate")
     t0 = time.perf_counter()
-    doc_qa = _doc_qa_file(services, snapshot, work, passage_for, options.eval_doc_qa)
+    # A personal candidate answers the shared gate's held-out document questions (the user's own data has none).
+    qa_from = _latest_shared_snapshot(settings) if personal else snapshot
+    doc_qa = _doc_qa_file(services, qa_from, work, passage_for, options.eval_doc_qa) if qa_from else None
     gate_path = work / "gate.json"
-    gate_path.write_text(json.dumps(GateConfig.from_dict(options.gate).to_dict(), indent=2), encoding="utf-8")
+    gate_cfg = GateConfig.from_dict({**(PERSONAL_GATE if personal else {}), **options.gate})
+    gate_path.write_text(json.dumps(gate_cfg.to_dict(), indent=2), encoding="utf-8")
     eval_out = work / "eval"
     verdict: dict[str, Any] = {}
     eval_error: list[str] = []
@@ -423,6 +438,8 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
         timings["promote"] = round(time.perf_counter() - t0, 3)
         promoted = True
     pruned = registry.prune(options.keep_last)
+    if personal:
+        pruned += enforce_disk(services, options.user_id)
     if pruned:
         hooks.event("log", {"message": f"pruned old adapter versions {pruned}"})
     status = "promoted" if promoted else ("registered" if passed else "rejected")
@@ -473,8 +490,9 @@ def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | 
              replay_path: Path | None = None) -> Path:
     from training.dataset_build import build_datasets
 
+    root = settings.datasets_dir if options.user_id is None else settings.personal_datasets_dir / str(options.user_id)
     if options.dataset:
-        path = settings.datasets_dir / options.dataset
+        path = root / options.dataset
         if not (path / "manifest.json").is_file():
             raise CycleFailed(f"dataset snapshot {options.dataset} does not exist in {settings.datasets_dir}")
         return path
@@ -482,7 +500,7 @@ def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | 
         opts = build_options(options.build)
         if replay_path is not None:
             opts = replace(opts, replay_path=replay_path)
-        result = build_datasets(store, settings, opts, knowledge=knowledge)
+        result = build_datasets(store, settings, opts, knowledge=knowledge, owner_id=options.user_id)
     except ValueError as e:
         raise CycleFailed(f"dataset build refused its options: {e}") from e
     return result.path
@@ -559,6 +577,12 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
 
 def _first_admin(store: Any) -> Any:
     return next((u for u in store.list_users() if u.is_admin), None)
+
+
+def _latest_shared_snapshot(settings: Any) -> Path | None:
+    from training.snapshots import latest_snapshot
+
+    return latest_snapshot(settings)
 
 
 def _doc_qa_file(services: Any, snapshot: Path, work: Path,

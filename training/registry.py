@@ -56,6 +56,13 @@ EVAL_SUBDIR = "eval"
 VERSION_FILE = "version.json"
 GATE_STATES = ("passed", "failed", "skipped")
 _NAME_RE = re.compile(r"^v\d{4,}$")
+_PERSONAL_NAME_RE = re.compile(r"^u(\d+)-v\d{4,}$")
+
+
+def personal_owner(name: str | None) -> int | None:
+    """The user a personal version name (``u<user_id>-vNNNN``) belongs to; None for a shared name."""
+    m = _PERSONAL_NAME_RE.match(name or "")
+    return int(m.group(1)) if m else None
 
 class RegistryError(ValueError):
     """A registry request that cannot be done (unknown version, nothing to roll back to...)."""
@@ -156,20 +163,43 @@ def _event(row: Any) -> ServingEvent:
 
 # ------------------------------------------------------------------------------------------ registry
 class Registry:
-    """Adapter versions on disk + their record in the store. Thread-safe within one process."""
+    """Adapter versions on disk + their record in the store. Thread-safe within one process.
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    `owner_id` None is the shared adapter everyone is served; a user id is that user's personal adapter
+    (training/personal.py): versions named ``u<user_id>-vNNNN`` under ``<adapters_dir>/personal/<user_id>/``,
+    rows and serving events recorded with that owner, and a promotion that points only that user's requests
+    at it (``chat.set_personal``). Each owner's versions, history and rollback stack are its own.
+    """
+
+    def __init__(self, settings: Settings, store: Store, owner_id: int | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.root = settings.adapters_dir
+        self.owner_id = owner_id
+        self.root = settings.adapters_dir if owner_id is None else settings.personal_adapters_dir / str(owner_id)
+        self._name_re = _NAME_RE if owner_id is None else re.compile(rf"^u{owner_id}-v\d{{4,}}$")
         self._lock = threading.RLock()
         # name -> monotonic time it stopped being needed (for the unload grace period)
         self._retired_at: dict[str, float] = {}
 
+    def _mine(self, table: sa.Table) -> Any:
+        """The WHERE clause that keeps this registry's rows (the shared adapter's, or one user's)."""
+        return table.c.owner_id.is_(None) if self.owner_id is None else table.c.owner_id == self.owner_id
+
+    def _point(self, chat: Any, name: str | None) -> None:
+        """Make the chat service serve `name` to this registry's users (everyone, or its owner)."""
+        if self.owner_id is None:
+            chat.set_serving(name)
+        else:
+            chat.set_personal(self.owner_id, name)
+
+    def _pointed(self, chat: Any) -> str | None:
+        return chat.serving_adapter if self.owner_id is None else chat.personal_adapter(self.owner_id)
+
     # ------------------------------------------------------------------ reading
     def get(self, name: str, *, include_deleted: bool = False) -> AdapterVersion:
         with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(adapter_versions).where(adapter_versions.c.name == name)).first()
+            row = conn.execute(sa.select(adapter_versions).where(adapter_versions.c.name == name,
+                                                                  self._mine(adapter_versions))).first()
         if row is None or (row.deleted_at is not None and not include_deleted):
             raise UnknownVersion(f"adapter version {name!r} does not exist"
                                 + (" (it was deleted)" if row is not None else ""))
@@ -177,7 +207,7 @@ class Registry:
 
     def list(self, *, include_deleted: bool = False) -> list[AdapterVersion]:
         """Newest first."""
-        q = sa.select(adapter_versions).order_by(adapter_versions.c.id.desc())
+        q = sa.select(adapter_versions).where(self._mine(adapter_versions)).order_by(adapter_versions.c.id.desc())
         if not include_deleted:
             q = q.where(adapter_versions.c.deleted_at.is_(None))
         with self.store.engine.connect() as conn:
@@ -185,7 +215,7 @@ class Registry:
 
     def history(self, limit: int | None = None) -> list[ServingEvent]:
         """Serving events, oldest first (the last `limit` when given)."""
-        q = sa.select(adapter_serving).order_by(adapter_serving.c.id.desc())
+        q = sa.select(adapter_serving).where(self._mine(adapter_serving)).order_by(adapter_serving.c.id.desc())
         if limit is not None:
             q = q.limit(limit)
         with self.store.engine.connect() as conn:
@@ -194,7 +224,7 @@ class Registry:
     def serving(self) -> str | None:
         """The recorded serving version (None = the base model)."""
         with self.store.engine.connect() as conn:
-            row = conn.execute(sa.select(adapter_serving.c.version)
+            row = conn.execute(sa.select(adapter_serving.c.version).where(self._mine(adapter_serving))
                                .order_by(adapter_serving.c.id.desc()).limit(1)).first()
         return row.version if row else None
 
@@ -202,7 +232,7 @@ class Registry:
         """Replay the history: promote pushes, rollback pops. Bottom is always the base model (None)."""
         stack: list[str | None] = [None]
         for action, version in conn.execute(sa.select(adapter_serving.c.action, adapter_serving.c.version)
-                                            .order_by(adapter_serving.c.id)):
+                                            .where(self._mine(adapter_serving)).order_by(adapter_serving.c.id)):
             if action == "promote":
                 stack.append(version)
             elif len(stack) > 1:
@@ -273,7 +303,7 @@ class Registry:
         except json.JSONDecodeError as e:
             raise RegistryError(f"{src}/adapter_config.json is not valid JSON: {e}") from e
         if parent is not None:
-            self.get(parent, include_deleted=True)
+            (self if self.owner_id is None else Registry(self.settings, self.store)).get(parent, include_deleted=True)
         metrics = dict(metrics or {})
         json.dumps(metrics, allow_nan=False)  # refuse NaN/inf before anything is written
 
@@ -290,8 +320,9 @@ class Registry:
             with self._lock, write_transaction(self.store.engine) as conn:
                 new_id = conn.execute(adapter_versions.insert().values(
                     name=f".pending-{staging.name}", parent=parent, files=files, gate=gate, metrics=metrics,
-                    job_id=job_id, dataset=dataset, note=note, created_at=created)).inserted_primary_key[0]
-                name = f"v{new_id:04d}"
+                    job_id=job_id, dataset=dataset, note=note, created_at=created,
+                    owner_id=self.owner_id)).inserted_primary_key[0]
+                name = f"v{new_id:04d}" if self.owner_id is None else f"u{self.owner_id}-v{new_id:04d}"
                 conn.execute(adapter_versions.update().where(adapter_versions.c.id == new_id).values(name=name))
                 _write_json(staging / VERSION_FILE, {
                     "name": name, "parent": parent, "gate": gate, "metrics": metrics, "job_id": job_id,
@@ -357,7 +388,7 @@ class Registry:
             loaded_now = True
         try:
             with write_transaction(self.store.engine) as conn:
-                previous = conn.execute(sa.select(adapter_serving.c.version)
+                previous = conn.execute(sa.select(adapter_serving.c.version).where(self._mine(adapter_serving))
                                         .order_by(adapter_serving.c.id.desc()).limit(1)).scalar()
                 if action == "rollback":
                     # Re-check inside the write lock: a concurrent promote may have moved the stack.
@@ -366,13 +397,13 @@ class Registry:
                         raise RegistryError("the serving version changed during the rollback; try again")
                 event_id = conn.execute(adapter_serving.insert().values(
                     action=action, version=name, previous=previous, actor=actor, reason=reason,
-                    created_at=utcnow())).inserted_primary_key[0]
+                    created_at=utcnow(), owner_id=self.owner_id)).inserted_primary_key[0]
         except BaseException:
             if loaded_now:
                 backend.unload_adapter(name)
             raise
         if chat is not None:
-            chat.set_serving(name)
+            self._point(chat, name)
         if previous is not None and previous != name:
             self._retired_at.setdefault(previous, time.monotonic())
         if name is not None:
@@ -396,14 +427,14 @@ class Registry:
                     v = self.verify(name)
                     if not services.backend.has_adapter(name):
                         services.backend.load_adapter(name, v.adapter_dir)
-                    services.chat.set_serving(name)
+                    self._point(services.chat, name)
                     return name
                 except Exception as e:  # noqa: BLE001 - any load failure: fall back, record it, keep going
                     log.error("serving adapter %s cannot be restored: %s", name, e)
                     self._switch("rollback", self._safe_rollback_target(), None, "system",
                                  f"{name} could not be loaded at start-up: {e}")
                     name = self.serving()
-            services.chat.set_serving(None)
+            self._point(services.chat, None)
             return None
 
     def _safe_rollback_target(self) -> str | None:
@@ -417,14 +448,14 @@ class Registry:
         promoted). Returns True when it switched."""
         with self._lock:
             recorded = self.serving()
-            if recorded == services.chat.serving_adapter:
+            if recorded == self._pointed(services.chat):
                 return False
             if recorded is not None:
                 v = self.verify(recorded)
                 if not services.backend.has_adapter(recorded):
                     services.backend.load_adapter(recorded, v.adapter_dir)
-            previous = services.chat.serving_adapter
-            services.chat.set_serving(recorded)
+            previous = self._pointed(services.chat)
+            self._point(services.chat, recorded)
             if previous is not None:
                 self._retired_at.setdefault(previous, time.monotonic())
             log.warning("sync: now serving %s (recorded elsewhere)", recorded or "the base model")
@@ -478,10 +509,42 @@ class Registry:
             return removed
         for p in self.root.iterdir():
             if p.is_dir() and (p.name.startswith((".staging-", ".deleted-"))
-                               or (_NAME_RE.match(p.name) and p.name not in known)):
+                               or (self._name_re.match(p.name) and p.name not in known)):
                 shutil.rmtree(p)
                 removed.append(p.name)
         return removed
+
+    def disk_bytes(self) -> int:
+        """Bytes this registry's folder holds on disk."""
+        return folder_bytes(self.root)
+
+    def delete_all(self, backend: Any = None) -> dict[str, int]:
+        """A personal registry only: unload, then delete every version (folders and rows) and its serving history.
+
+        For "forget what you learned from me" and for deleting a user; the shared registry refuses."""
+        if self.owner_id is None:
+            raise RegistryError("the shared adapter's versions are not deleted wholesale")
+        with self._lock:
+            names = [v.name for v in self.list(include_deleted=True)]
+            if backend is not None:
+                for name in names:
+                    if backend.has_adapter(name):
+                        backend.unload_adapter(name)
+            freed = self.disk_bytes()
+            with write_transaction(self.store.engine) as conn:
+                events = conn.execute(adapter_serving.delete().where(self._mine(adapter_serving))).rowcount
+                rows = conn.execute(adapter_versions.delete().where(self._mine(adapter_versions))).rowcount
+            if self.root.exists():
+                trash = self.root.with_name(f".deleted-{self.root.name}-{uuid.uuid4().hex[:6]}")
+                os.replace(self.root, trash)
+                shutil.rmtree(trash)
+            self._retired_at.clear()
+            return {"versions": int(rows), "serving_events": int(events), "bytes": freed}
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -32,6 +32,8 @@ from memory.schema import feedback as feedback_table
 from memory.schema import loop_settings, training_jobs
 from training.jobs import JobBusy, NotReady, runner_for
 from training.loop import CycleOptions
+from training.personal import cycle_options as personal_options
+from training.personal import next_personal, sync_personal
 from training.registry import Registry
 
 log = logging.getLogger("assistant.scheduler")
@@ -137,7 +139,10 @@ class LoopState:
 
 def loop_state(store: Any) -> LoopState:
     with store.engine.connect() as conn:
-        last = conn.execute(sa.select(sa.func.max(training_jobs.c.created_at))).scalar()
+        # The shared adapter's last job: personal retrains (training/personal.py) neither delay nor feed it.
+        last = next((r.created_at for r in conn.execute(
+            sa.select(training_jobs.c.created_at, training_jobs.c.params).order_by(training_jobs.c.id.desc()))
+            if (r.params or {}).get("user_id") is None), None)
         if last is not None and last.tzinfo is None:
             last = last.replace(tzinfo=UTC)  # aggregate results skip the column type on SQLite
         q = sa.select(sa.func.count()).select_from(feedback_table)
@@ -222,7 +227,29 @@ class Scheduler:
             except (JobBusy, NotReady) as e:  # not ready: the next tick asks again
                 out["started_job"] = None
                 out["reason"] = str(e)
+        busy = ("the shared retrain goes first" if out.get("started_job") is not None else
+                f"job {state.active_job} is running; one retrain at a time" if state.active_job is not None else None)
+        out["personal"] = self._personal_tick(now, busy)
         self.last_check = out
+        return out
+
+    def _personal_tick(self, now: datetime, busy: str | None) -> dict[str, Any]:
+        """Personal adapters: serve each user what the records say, then start one due personal retrain, behind
+        the shared one (only when no job runs and none just started), the user waiting longest first."""
+        out: dict[str, Any] = {"changed": {str(k): v for k, v in sync_personal(self.services).items()}}
+        if busy is not None:
+            out["reason"] = busy
+            return out
+        uid, why = next_personal(self.services, now)
+        out["reason"] = why
+        if uid is not None:
+            try:
+                job = runner_for(self.services).start(CycleOptions.from_dict(personal_options(uid)),
+                                                     requested_by="scheduler", trigger="schedule")
+                out["started_job"] = job.id
+                log.warning("scheduler started personal retrain job %s for user %s", job.id, uid)
+            except (JobBusy, NotReady) as e:
+                out["reason"] = str(e)
         return out
 
     @property
@@ -261,6 +288,7 @@ def start_loop(services: Any, *, poll_s: float = 30.0, start_thread: bool = True
     if recovered:
         log.warning("marked interrupted retrain jobs %s as failed", recovered)
     restore_serving(services)
+    sync_personal(services)  # each opted-in user's promoted personal adapter, loaded and served to them
     scheduler = services.scheduler
     if scheduler is None:
         scheduler = services.scheduler = Scheduler(services, poll_s=poll_s)

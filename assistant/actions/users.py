@@ -13,7 +13,8 @@ Rules:
 - Deleting a user deletes everything of theirs: their private documents (chunks and the teacher pairs
   made from them), conversations with messages and feedback, memories and forgotten-memory
   tombstones, API keys, their uploads folder (`uploads/<user id>/`), and their rows in every dataset
-  snapshot and the frozen held-out set (`training.forget`). Shared documents they added belong to the
+  snapshot and the frozen held-out set (`training.forget`), and their personal adapters with their datasets
+  and job folders (`training.personal`). Shared documents they added belong to the
   team and stay. The audit log keeps the line that says they were deleted.
 """
 
@@ -28,6 +29,7 @@ from assistant.config import Settings
 from memory.store import Store
 from memory.types import User
 from training.forget import Deleted, purge_rows
+from training.personal import delete_files as delete_personal
 from training.synth import SyntheticPairs
 
 if TYPE_CHECKING:
@@ -159,11 +161,12 @@ class UserAdmin:
         conversation_ids = frozenset(self.store.conversation_ids(target.id))
         docs = self._delete_private_documents(target)
         purged = purge_rows(self.settings, Deleted(conversation_ids=conversation_ids, doc_ids=frozenset(docs.ids)))
+        personal = delete_personal(self.settings, self.store, target.id)  # their adapters, datasets, job folders
         rows = self.store.delete_user(target.id)
         report = {**rows, "documents": len(docs.ids), "chunks": docs.chunks,
                   "synthetic_pairs_from_documents": docs.pairs, "upload_files": self._delete_uploads(target),
                   "dataset_rows": purged.rows, "snapshots_rewritten": purged.snapshots,
-                  "shared_documents_kept": docs.shared_kept}
+                  "shared_documents_kept": docs.shared_kept, **personal}
         self._audit(actor, "user_delete", target, **report)
         return {"user": user_dict(target), "deleted": report}
 

@@ -1,0 +1,152 @@
+"""Personal adapters in the page: a user's own (a tab) and every user's, with disk use (a section of the console).
+
+In: the server's services and the logged-in user. Out: `build_personal_tab` (opt in or out, the state and
+version of your own adapter, its evaluation report, and "Forget what you learned from me") and
+`build_personal_section` (inside the admin console: one line per user with their serving version, versions
+kept and disk use). The rules are the action layer's (`assistant.actions.personal.PersonalActions`, the same
+the API and the CLI use); the functions here turn its answers into Markdown and tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from assistant.actions.base import Conflict, NotFound
+from assistant.actions.personal import PersonalActions
+from memory.types import User
+from ui.handlers import NotLoggedIn, resolve_user
+from ui.render import safe_markdown
+
+PRIVATE = {"api_visibility": "private"}
+ADMIN_COLUMNS = ["name", "opted in", "serving", "versions", "newest", "gate", "disk"]
+STATE_WORDS = {
+    "off": "Personal adapters are off on this server; an admin can turn them on.",
+    "not opted in": "You have not asked for a personal adapter. Everyone shares one adapter.",
+    "training": "Your personal adapter is training now.",
+    "serving": "Your answers come from your personal adapter.",
+    "not served: did not beat the shared adapter": (
+        "Your newest personal adapter did not answer you better than the shared one, so you are served the "
+        "shared one. The report below says why."),
+    "waiting for feedback": "Rate, correct or choose answers: your personal adapter learns from that.",
+    "waiting for its turn": "You have given enough feedback; your personal retrain waits for its turn.",
+}
+
+
+def _actions(services: Any) -> PersonalActions:
+    return PersonalActions(services)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def status_markdown(services: Any, user: User) -> tuple[bool, str]:
+    """(opted in, what to show) for the user's own personal adapter."""
+    st = _actions(services).status(user)
+    lines = [f"**{STATE_WORDS.get(st['state'], st['state'])}**"]
+    if st["serving"]:
+        lines.append(f"Serving you: `{st['serving']}` (trained from the shared `{st['shared_serving'] or 'base'}`).")
+    latest = st["latest"]
+    if latest is not None and latest["name"] != st["serving"]:
+        lines.append(f"Newest: `{latest['name']}`, gate {latest['gate']}: {safe_markdown(latest['reason'] or '')}")
+    ready = st["readiness"]
+    if st["opted_in"]:
+        lines.append(f"Feedback it can learn from: {ready['feedback']} (a first retrain needs {ready['needs']}); "
+                     f"disk {_mib(ready['disk_bytes'])} of {_mib(ready['disk_limit_bytes'])}.")
+        lines += [f"- {safe_markdown(m)}" for m in ready["missing"] if "not asked" not in m]
+    return st["opted_in"], "\n\n".join(lines)
+
+
+def report_markdown(services: Any, user: User) -> str:
+    try:
+        rep = _actions(services).report(user)
+    except NotFound:
+        return "No evaluation report yet."
+    head = f"**`{rep['version']}`**: gate {rep['gate']}, {safe_markdown(rep['reason'] or '')}\n\n"
+    return head + safe_markdown(rep["markdown"] or "")
+
+
+def set_opt_in(services: Any, user: User, on: bool) -> str:
+    try:
+        _actions(services).set_opt_in(user, bool(on))
+    except Conflict as e:
+        return safe_markdown(str(e))
+    return "You now have a personal adapter: it trains once you have given enough feedback." if on else \
+        "You are served the shared adapter again. Your personal adapter stays until you ask to forget it."
+
+
+def forget(services: Any, user: User, sure: bool) -> str:
+    if not sure:
+        return "Tick the box first: this cannot be undone."
+    try:
+        done = _actions(services).forget(user)["deleted"]
+    except Conflict as e:
+        return safe_markdown(str(e))
+    return (f"Forgotten: {done['versions']} personal versions and their datasets deleted; your feedback so far "
+            "will not be used to train any adapter again.")
+
+
+def personal_frame(services: Any, admin: User) -> pd.DataFrame:
+    rows = [[r["username"], "yes" if r["opted_in"] else "no", r["serving"] or "-", r["versions"],
+             r["latest"] or "-", r["latest_gate"] or "-", f"{_mib(r['disk_bytes'])} / {_mib(r['disk_limit_bytes'])}"]
+            for r in _actions(services).overview(admin)]
+    return pd.DataFrame(rows, columns=ADMIN_COLUMNS)
+
+
+def _who(services: Any, request: gr.Request) -> User:
+    try:
+        return resolve_user(services, request.username)
+    except NotLoggedIn as e:
+        raise gr.Error(e.message) from e
+
+
+def build_personal_tab(services: Any) -> None:
+    """A tab where the logged-in user manages their own personal adapter."""
+    with gr.Tab("My assistant", id="personal") as tab:
+        gr.Markdown("Your own adapter learns from your ratings, corrections and choices, and only you are "
+                    "served it. Your private documents may go into it; never into anyone else's.")
+        opted = gr.Checkbox(False, label="Train and serve me my own adapter", elem_id="personal-opt")
+        note = gr.Markdown(elem_id="personal-note")
+        state = gr.Markdown(elem_id="personal-status")
+        with gr.Accordion("Evaluation report", open=False):
+            report = gr.Markdown(elem_id="personal-report")
+        with gr.Row():
+            sure = gr.Checkbox(False, label="I understand this cannot be undone", elem_id="personal-sure")
+            forget_btn = gr.Button("Forget what you learned from me", variant="stop", elem_id="personal-forget")
+
+    def load(request: gr.Request):
+        user = _who(services, request)
+        on, text = status_markdown(services, user)
+        return on, text, report_markdown(services, user)
+
+    def on_opt(on: bool, request: gr.Request):
+        user = _who(services, request)
+        msg = set_opt_in(services, user, on)
+        now_on, text = status_markdown(services, user)
+        return now_on, msg, text
+
+    def on_forget(ok: bool, request: gr.Request):
+        user = _who(services, request)
+        msg = forget(services, user, ok)
+        _, text = status_markdown(services, user)
+        return False, msg, text, report_markdown(services, user)
+
+    tab.select(load, None, [opted, state, report], **PRIVATE)
+    opted.input(on_opt, [opted], [opted, note, state], **PRIVATE)
+    forget_btn.click(on_forget, [sure], [sure, note, state, report], **PRIVATE)
+
+
+def build_personal_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
+    """Inside the admin console: every user's personal adapter with its disk use. `guard` is the console's."""
+    gr.Markdown("### Personal adapters")
+    show = gr.Button("Show personal adapters", size="sm", elem_id="personal-admin-refresh")
+    table = gr.Dataframe(headers=ADMIN_COLUMNS, interactive=False, elem_id="personal-admin-table")
+    def personal_adapters(admin: User) -> pd.DataFrame:
+        return personal_frame(services, admin)
+
+    show.click(guard(personal_adapters), None, [table], **PRIVATE)
+    return table
