@@ -626,7 +626,7 @@ def test_a_fresh_install_in_korean_from_the_first_admin_to_an_answer_replaced_in
     assert "Error" not in text_of(d, "#job-status")
     from training.jobs import runner_for
     assert runner_for(fresh_server.services).list() == []  # nothing was started or recorded
-    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#readiness"))
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#retrain-stages"))
     screenshot(d, shots, "admin")
 
 
@@ -648,7 +648,7 @@ def browser_ko(tmp_path):
 
 def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko, tmp_path):
     d = browser_ko
-    server.services.store.create_user("hana", "hana-pass-1")
+    server.services.store.create_user("hana", "hana-pass-1", role="admin")
     login(d, server.url, "hana", "hana-pass-1")
     assert d.execute_script("return navigator.language").startswith("ko")
     tabs = wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
@@ -660,3 +660,10 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
         "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),
         "the bundled Hangul font to load")
     screenshot(d, shots_dir(tmp_path), "chat-ko")
+    # the admin console speaks Korean too: its retrain form, with a sentence of help under each field
+    open_tab(d, "관리")
+    assert css(d, "#retrain-start").text.strip() == "재학습 시작"
+    wait_for(d, lambda d: "SFT 에포크" in text_of(d, "#retrain-epochs"), "the form's Korean labels")
+    assert "과적합" in text_of(d, "#retrain-epochs")  # the help text
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#retrain-stages"))
+    screenshot(d, shots_dir(tmp_path), "admin-ko")

@@ -3,13 +3,17 @@
 In: the server's services and `get_user(request) -> User | None` (default: the login session's
 username looked up in the store). Out: `build_admin_tab(services, get_user)` builds the components
 inside the caller's ``gr.Tab`` (ui/app.py's "Admin" tab): data counts and dataset preview, synthetic
-generation, start / cancel a retrain with a live progress bar and loss curve (refreshed by a
+generation, start / cancel a retrain (a form of fields with defaults and help) with a live progress
+bar (phase n of total, the whole job's ETA) and loss curve (refreshed by a
 ``gr.Timer`` that runs only while a job runs), job history and logs, two evaluation reports side by
 side, the adapter list with promote and roll back, and the schedule settings.
 
-The view functions below (`counts_markdown`, `jobs_rows`, `job_view`, ...) are plain functions of
-(actions, user, inputs) that call `assistant.admin_api.AdminActions`; every one of them raises
-PermissionError for a non-admin before reading anything, because a hidden tab is still callable.
+`build_admin_tab` puts together small section builders (`data_section`, `synth_section`,
+`retrain_section` with its `retrain_form`, `adapter_section`, `reports_section`, `schedule_section`)
+and their `wire_*` functions. The view functions below (`counts_markdown`, `jobs_rows`, `job_view`,
+...) are plain functions of (actions, user, inputs) that call `assistant.admin_api.AdminActions`;
+every one of them raises PermissionError for a non-admin before reading anything, because a hidden
+tab is still callable.
 The Gradio wiring turns those errors into an error toast.
 """
 
@@ -29,10 +33,10 @@ from assistant.admin_api import AdminActions, require_admin
 from memory.types import User
 from training.jobs import NotReady
 from training.readiness import check_readiness
+from training.train_config import TrainConfig
 from ui.confirm import confirm_step
 from ui.i18n import T
 from ui.people import build_people_section, people_frame
-from ui.personal import build_personal_section
 
 GetUser = Callable[[gr.Request], User | None]
 PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API is /v1/admin
@@ -299,15 +303,13 @@ def save_schedule(actions: AdminActions, user: User | None, *values: Any) -> str
 # The retrain form: the settings a first-time admin may want to change, each with its default (read
 # from TrainConfig, so the form follows the code) and a sentence of help. Everything else keeps the
 # defaults; experts can still pass any override as JSON in the closed "Expert options" box.
-STAGE_CHOICES = [("SFT, then DPO (recommended)", "sft,dpo"), ("SFT only", "sft"), ("DPO only", "dpo")]
+STAGE_CHOICES = [("admin_stages_both", "sft,dpo"), ("admin_stages_sft", "sft"), ("admin_stages_dpo", "dpo")]
 RETRAIN_FIELDS = ("stages", "max_steps", "sft_epochs", "sft_learning_rate", "dpo_learning_rate", "dpo_beta",
                   "lora_r", "auto_promote", "synth", "extra")
 
 
 def train_default(name: str) -> Any:
     """The default of a TrainConfig field (what a retrain uses when the form is left alone)."""
-    from training.train_config import TrainConfig
-
     return next(f.default for f in fields(TrainConfig) if f.name == name)
 
 
@@ -477,7 +479,8 @@ class RetrainSection:
 def retrain_form() -> list[gr.components.Component]:
     """The retrain settings as fields with defaults and help (RETRAIN_FIELDS order)."""
     with gr.Row(elem_classes="admin-form"):
-        stages = gr.Radio(STAGE_CHOICES, value="sft,dpo", label=T("admin_stages"), info=T("admin_stages_info"),
+        stages = gr.Radio([(T(key), value) for key, value in STAGE_CHOICES], value="sft,dpo",
+                          label=T("admin_stages"), info=T("admin_stages_info"),
                           elem_id="retrain-stages", min_width=260)
         max_steps = gr.Number(0, label=T("admin_max_steps"), info=T("admin_max_steps_info"), precision=0,
                               minimum=0, elem_id="retrain-max-steps", min_width=200)
@@ -677,7 +680,6 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
     rep_a, rep_b = reports_section(actions, guarded)
     schedule_inputs, schedule_state = schedule_section(actions, guarded)
     people_df = build_people_section(services, guarded)
-    build_personal_section(services, guarded)  # ui/personal.py: per-user adapters with disk use
 
     def load_all(user: User | None, current_job: float | None):
         names = dataset_choices(actions, user)

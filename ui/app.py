@@ -6,9 +6,11 @@ store) and `UiGuard` in front of every UI path. The wiring here stays thin: each
 logged-in user from the login session, calls a plain function in `ui.handlers`, and maps the result
 (or its `UiError`) onto components.
 
-Tabs: Chat (conversations, streaming, stop, feedback, regenerate-and-choose), Documents and Memory
-(when the knowledge base and long-term memory are attached to the services), and Admin (visible to
-admins only; filled by `ui.admin.build_admin_tab(services)` when that module exists).
+A sidebar (conversations: new, search, rename, delete, export; a drawer on a phone), then the tabs:
+Chat (streaming, stop, thumbs with a reason popup, corrections, regenerate-and-choose), Documents and
+Memory, Account, and Admin (visible to admins only; filled by `ui.admin.build_admin_tab(services)`).
+`build_blocks` only puts the parts together: each part is built by a small `_header` / `_sidebar` /
+`_conversation_area` function and wired by a `_wire_*` function over the `ChatPage` of components.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from ui.fonts import FONT_CSS, mount_fonts
 from ui.i18n import I18N, T
 from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
-from ui.personal import build_personal_tab
 from ui.render import safe_markdown
 from ui.uploads import PageUploads
 
@@ -47,17 +48,22 @@ CSS = """
 #feedback-popup { max-width: 560px; padding: 8px; border: 1px solid var(--border-color-primary);
                   border-radius: 8px; box-shadow: var(--shadow-drop-lg); }
 @media (max-width: 640px) {
-  /* on a phone the message box stays at the bottom of the screen while the chat scrolls */
+  /* on a phone the message box stays at the bottom of the screen: the chat takes what is left above it */
+  #chatbot { height: calc(100dvh - 250px) !important; min-height: 240px; }
   #input-row { position: sticky; bottom: 0; z-index: 5; background: var(--background-fill-primary);
                flex-wrap: nowrap; padding-bottom: 4px; }
   #input-row button { min-width: 56px !important; }
+  #header { flex-wrap: wrap; gap: 4px; }
+  #header > * { min-width: 0 !important; }
+  #product { flex: 1 1 100% !important; }
+  #theme-toggle, #logout { flex: 0 0 auto !important; }
 }
 /* the admin console: rows of fields wrap, and on a phone they stack; wide tables scroll sideways */
 .admin-form { flex-wrap: wrap; }
 .admin-table { overflow-x: auto; }
 @media (max-width: 640px) {
   .admin-form { flex-direction: column; }
-  .admin-form > * { min-width: 100% !important; }
+  .admin-form > * { min-width: 0 !important; width: 100% !important; flex: 1 1 auto !important; }
   .admin-table table { font-size: 12px; }
 }
 """
@@ -140,9 +146,19 @@ DARK_TOGGLE_JS = """() => {
   document.body.classList.toggle('dark', dark);
   localStorage.setItem('assistant-theme', dark ? 'dark' : 'light');
 }"""
-DARK_RESTORE_JS = """() => {
+# On load: the theme chosen before, and on a phone (or a window made that narrow) the sidebar folds away
+# into a drawer that its arrow opens over the page.
+PAGE_LOAD_JS = """() => {
   const t = localStorage.getItem('assistant-theme');
   if (t) document.body.classList.toggle('dark', t === 'dark');
+  const narrow = () => window.innerWidth < 700;
+  const fold = () => {
+    const open = document.querySelector('.sidebar.open .toggle-button');
+    if (narrow() && open) open.click();
+  };
+  setTimeout(fold, 0);
+  let was = narrow();
+  window.addEventListener('resize', () => { if (narrow() && !was) fold(); was = narrow(); });
 }"""
 
 
@@ -472,7 +488,6 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
             build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
             build_account_tab(services)
-            build_personal_tab(services)  # ui/personal.py: the user's own adapter
             admin_tab = _admin_tab(services)
 
         def on_load(request: gr.Request):
@@ -484,7 +499,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
                     gr.Tab(visible=user.is_admin))
 
         demo.load(on_load, None, [who, *page.outputs, page.model_dd, admin_tab], **PRIVATE)
-        demo.load(None, js=DARK_RESTORE_JS, **PRIVATE)
+        demo.load(None, js=PAGE_LOAD_JS, **PRIVATE)
         _wire_conversations(services, page, tabs)
         _wire_turn(services, page, active)
         _wire_feedback(services, page)

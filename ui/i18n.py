@@ -69,6 +69,9 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "admin_stages": ("What to train", "학습 단계"),
     "admin_stages_info": ("SFT learns from good and corrected answers; DPO from which of two answers was "
                           "preferred.", "SFT는 좋은 답변과 고친 답변에서, DPO는 두 답변 중 더 나은 쪽에서 배웁니다."),
+    "admin_stages_both": ("SFT, then DPO (recommended)", "SFT 후 DPO (권장)"),
+    "admin_stages_sft": ("SFT only", "SFT만"),
+    "admin_stages_dpo": ("DPO only", "DPO만"),
     "admin_max_steps": ("Max steps per stage", "단계별 최대 스텝"),
     "admin_max_steps_info": ("0 runs the epochs below; a small number (20) makes a quick trial run.",
                              "0이면 아래 에포크만큼 학습합니다. 작은 값(20)은 빠른 시험 실행입니다."),
