@@ -17,12 +17,35 @@ a time for every running request, with a left-padded `DynamicCache`:
 - A finished or cancelled row leaves the batch at once; columns that are padding for every remaining
   row are cut off.
 
+On CUDA (setting `cuda_graphs`, on by default) the decode step instead runs in a `SlotCache`: a
+transformers `StaticCache` of `batch_max` slots and L columns that never moves, so the step has fixed
+shapes and addresses and is captured once as a CUDA graph and replayed (the eager step is bound by
+kernel launches on a GPU):
+
+- One shared write column `c`: every slot writes its next token's K/V at column c; each row has its
+  own positions and its own row of an additive [slots, 1, 1, L] attention mask (the model takes a 4-D
+  mask as given). A joining row is prefilled as above and its K/V copied into a free slot at columns
+  [c - len, c); a finished row's slot is just closed and freed. Idle slots attend to column c only.
+- When c reaches L the cache rolls left by the smallest start column of the live rows, or, while that
+  frees little, doubles L (from `SlotSpec.min_len` up to the model's context): a new cache and a new
+  graph, the stored columns kept. A row that would pass the largest L ends with "length".
+- With any adapter in the batch every row goes through the gathered LoRA path
+  (`assistant/lora_gather.py`; slot 0 is the base model) with each slot's LoRA slot in a tensor
+  updated in place, so one graph serves any mix of adapters (a batch of base rows only has a graph
+  without LoRA work). Loading or deleting an adapter changes the host's key for the forward and the
+  graphs are captured again before the next step. A mix only PEFT can serve (a LoRA variant) runs
+  the same step eagerly. With `SlotSpec.compile` (the backend's default on CUDA) the captured forward
+  goes through `torch.compile` first: fused kernels, about twice the single-stream speed
+  (docs/benchmarks.md, "On a GPU"), at the price of compiling at the first steps after start and
+  after an adapter load or unload.
+
 All model work (prefill, decode, adapter loads and deletes) runs in `BatchEngine`'s loop on the
 backend's one generation thread: adapter changes run between two steps, never during one.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import random
 import threading
@@ -37,6 +60,7 @@ if TYPE_CHECKING:
     import torch
 
 FinishReason = Literal["stop", "length", "cancelled"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +163,7 @@ class BatchRequest:
     length: int = 0  # tokens of this row in the cache
     last: int = 0  # the token to feed next
     generator: Any = None
+    slot: int = -1  # its slot in the `SlotCache`, when the engine has one
 
     @property
     def greedy(self) -> bool:
@@ -158,6 +183,187 @@ class ModelHost(Protocol):
     def release_adapter(self, internal: str | None) -> None: ...
     def route(self, internals: list[str | None]) -> tuple[Any, dict[str, Any]]: ...
     def new_cache(self) -> Any: ...
+    def new_static_cache(self, batch: int, length: int) -> Any: ...
+    def slot_route(self, internals: list[str | None], rows: Any, compiled: bool = False
+                   ) -> tuple[Any, dict[str, Any], list[int] | None, Any]: ...
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """The slot cache's sizes (see the module docstring)."""
+
+    max_len: int  # the longest row, prompt and answer: the model's context
+    min_len: int = 256  # the first L; it doubles as rows need more, up to max_len
+    graphs: bool = True  # capture the decode step as a CUDA graph (False: run it eagerly, e.g. on CPU)
+    compile: bool = False  # the captured forward through torch.compile (fused kernels; the backend's default)
+
+
+class SlotCache:
+    """A `StaticCache` of `batch` slots and `length` columns, the additive attention mask and the step's
+    inputs, all at fixed addresses; the decode step, captured as a CUDA graph when it can be."""
+
+    def __init__(self, host: ModelHost, batch: int, spec: SlotSpec) -> None:
+        self.host, self.batch, self.spec = host, batch, spec
+        self.free = list(range(batch))
+        self.c = 0  # the write column of the next step
+        self.length = 0  # L: columns of the cache (0: none yet)
+        self.cache: Any = None
+        self.bias: Any = None  # [batch, 1, 1, L]: 0 where a slot attends, the dtype's minimum elsewhere
+        self.inp: Any = None  # [3, batch]: each slot's next token, its position, its LoRA slot
+        # (forward's key, L) -> (CUDAGraph, its logits), or None where capturing failed
+        self.graphs: dict[Any, tuple[Any, Any] | None] = {}
+        self.captures = 0  # graphs captured, and rolls to the left, so far
+        self.rolls = 0
+
+    def _alloc(self, length: int) -> None:
+        import torch
+
+        cache = self.host.new_static_cache(self.batch, length)
+        keys = cache.layers[0].keys
+        bias = torch.full((self.batch, 1, 1, length), torch.finfo(keys.dtype).min, dtype=keys.dtype,
+                          device=keys.device)
+        if self.cache is not None:  # keep what is stored
+            for new, old in zip(cache.layers, self.cache.layers, strict=True):
+                new.keys[:, :, :self.length].copy_(old.keys)
+                new.values[:, :, :self.length].copy_(old.values)
+            bias[..., :self.length].copy_(self.bias)
+        else:
+            self.inp = torch.zeros((3, self.batch), dtype=torch.long, device=keys.device)
+        self.cache, self.bias, self.length = cache, bias, length
+        self.graphs = {}  # they read and write the old tensors
+        self._set_write()
+
+    def fit(self, need: int) -> None:
+        """Make L at least `need` (at most max_len): the next doubling of min_len."""
+        if need <= self.length:
+            return
+        length = max(self.spec.min_len, 1)
+        while length < need:
+            length *= 2
+        self._alloc(min(length, self.spec.max_len))
+
+    def grow(self) -> None:
+        self.fit(self.length + 1)
+
+    def _set_write(self) -> None:
+        for layer in self.cache.layers:  # StaticCache writes each update at its own running count
+            layer.cumulative_length.fill_(self.c)
+
+    def shift(self, n: int) -> None:
+        """Move every column n to the left (n < 0: to the right); the columns that come in are closed."""
+        import torch
+
+        for layer in self.cache.layers:
+            for t in (layer.keys, layer.values):
+                t.copy_(torch.roll(t, -n, dims=2))
+        self.bias.copy_(torch.roll(self.bias, -n, dims=3))
+        closed = self.bias[..., self.length - n:] if n > 0 else self.bias[..., :-n]
+        closed.fill_(torch.finfo(self.bias.dtype).min)
+        self.c -= n
+        self.rolls += n > 0
+        self._set_write()
+
+    def clear(self) -> None:
+        """No live rows: every slot free, the write column back at 0."""
+        import torch
+
+        self.free = list(range(self.batch))
+        self.c = 0
+        if self.cache is not None:
+            self.bias.fill_(torch.finfo(self.bias.dtype).min)
+            self._set_write()
+
+    def place(self, reqs: list[BatchRequest], cache: Any, width: int, alone: bool) -> None:
+        """Copy the joining rows' prefilled K/V (`cache`, left-padded to `width`) into free slots, each
+        ending at column c. `alone`: no row is running, so c starts afresh."""
+        import torch
+
+        if alone:
+            self.clear()
+        longest = max(r.length for r in reqs)
+        self.fit(max(min(r.length + r.max_new, self.spec.max_len) for r in reqs))
+        self.fit(longest + 1)
+        if self.c < longest:
+            self.shift(self.c - longest)
+        c = self.c
+        for r in reqs:
+            r.slot = self.free.pop(0)
+        dst_s, dst_c, src_r, src_c = [], [], [], []
+        for i, r in enumerate(reqs):
+            dst_s += [r.slot] * r.length
+            dst_c += range(c - r.length, c)
+            src_r += [i] * r.length
+            src_c += range(width - r.length, width)
+        device = self.bias.device
+        dst_s_t, dst_c_t, src_r_t, src_c_t = (torch.tensor(x, device=device) for x in (dst_s, dst_c, src_r, src_c))
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys[dst_s_t, :, dst_c_t] = theirs.keys[src_r_t, :, src_c_t].to(mine.keys.dtype)
+            mine.values[dst_s_t, :, dst_c_t] = theirs.values[src_r_t, :, src_c_t].to(mine.values.dtype)
+        cols = torch.arange(self.length, device=device)
+        start = torch.tensor([c - r.length for r in reqs], device=device)
+        opened = (cols[None, :] >= start[:, None]) & (cols[None, :] < c)
+        rows = torch.tensor([r.slot for r in reqs], device=device)
+        self.bias[rows, 0, 0] = torch.where(opened, 0.0, torch.finfo(self.bias.dtype).min).to(self.bias.dtype)
+
+    def release(self, r: BatchRequest) -> None:
+        import torch
+
+        if r.slot >= 0:
+            self.bias[r.slot].fill_(torch.finfo(self.bias.dtype).min)
+            self.free.append(r.slot)
+            r.slot = -1
+
+    def step(self, rows: list[BatchRequest]) -> torch.Tensor:
+        """One decode step of every slot; the logits [batch, vocab] (row r at r.slot)."""
+        import torch
+
+        internals: list[str | None] = [None] * self.batch
+        tokens, positions = [0] * self.batch, [0] * self.batch
+        for r in rows:
+            internals[r.slot], tokens[r.slot], positions[r.slot] = r.internal, r.last, r.length
+        graphs = self.spec.graphs and self.bias.device.type == "cuda"
+        forward, kwargs, lora, key = self.host.slot_route(internals, self.inp[2], graphs and self.spec.compile)
+        self.inp.copy_(torch.tensor([tokens, positions, lora or [0] * self.batch]))
+        self.bias[..., self.c] = 0  # the column written now: every slot attends to it
+        args = dict(input_ids=self.inp[0].unsqueeze(1), attention_mask=self.bias,
+                    position_ids=self.inp[1].unsqueeze(1), past_key_values=self.cache, use_cache=True,
+                    logits_to_keep=1, **kwargs)
+        graph = None
+        if graphs and key is not None:
+            if any(k[0][1:] != key[1:] for k in self.graphs):  # another model version: those are stale
+                self.graphs = {}
+            if (key, self.length) not in self.graphs:
+                self.graphs[(key, self.length)] = self._capture(forward, args)
+            graph = self.graphs[(key, self.length)]
+        if graph is not None:
+            graph[0].replay()
+            logits = graph[1]
+        else:
+            logits = forward(**args).logits[:, -1, :]
+        self.c += 1
+        return logits
+
+    def _capture(self, forward: Any, args: dict[str, Any]) -> tuple[Any, Any] | None:
+        import torch
+
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up off the capture (allocator, kernels' first launch)
+                for _ in range(2):
+                    forward(**args)
+                    self._set_write()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
+                logits = forward(**args).logits[:, -1, :]
+            self.captures += 1
+            return graph, logits
+        except Exception:  # serve eagerly rather than not at all
+            log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly")
+            return None
+        finally:
+            self._set_write()
 
 
 class BatchEngine:
@@ -166,7 +372,7 @@ class BatchEngine:
     nothing to do, so the worker thread is free for nothing else only while requests run."""
 
     def __init__(self, host: ModelHost, worker: ThreadPoolExecutor, max_batch: int, eos_ids: list[int],
-                 prefill_tokens: int = 1024) -> None:
+                 prefill_tokens: int = 1024, slots: SlotSpec | None = None) -> None:
         self.host = host
         self.worker = worker
         self.max_batch = max_batch
@@ -181,6 +387,7 @@ class BatchEngine:
         self.rows: list[BatchRequest] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
+        self.slots = SlotCache(host, max_batch, slots) if slots is not None else None
         self.steps = 0  # decode steps run, and rows summed over them (mean batch = row_steps / steps)
         self.row_steps = 0
 
@@ -246,6 +453,8 @@ class BatchEngine:
                     for r in self.rows:
                         self._end(r, Failed(e))
                     self.rows, self._cache, self._mask = [], None, None
+                    if self.slots is not None:
+                        self.slots.clear()
 
     def _admit(self) -> None:
         """Take waiting requests into the free places of the batch; all of them are prefilled together."""
@@ -265,7 +474,10 @@ class BatchEngine:
                 req.admitted.set()
                 continue
             req.admitted.set()
-            if req.stopped:
+            if self.slots is not None and len(req.prompt) >= self.slots.spec.max_len:
+                self._end(req, Failed(ValueError(f"the prompt ({len(req.prompt)} tokens) leaves no room in the "
+                                                 f"cache of {self.slots.spec.max_len}")))
+            elif req.stopped:
                 self._end(req, Done(0, "cancelled"))
             else:
                 joining.append(req)
@@ -300,7 +512,9 @@ class BatchEngine:
         model, kwargs = self.host.route([r.internal for r in reqs])
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-        if self._cache is None:
+        if self.slots is not None:
+            self.slots.place(reqs, cache, width, alone=not self.rows)
+        elif self._cache is None:
             self._cache, self._mask = cache, mask
         else:  # left-pad the narrower of (batch, new rows) and stack them
             assert self._mask is not None
@@ -313,12 +527,14 @@ class BatchEngine:
         self.rows.extend(reqs)
         return out.logits[:, -1, :]
 
-    def _next_tokens(self, rows: list[BatchRequest], logits: torch.Tensor) -> None:
-        """Each row's next token from its logits; a row whose sampling fails leaves with the error."""
+    def _next_tokens(self, rows: list[BatchRequest], logits: torch.Tensor, at: list[int] | None = None) -> None:
+        """Each row's next token from its logits (row i's at `at[i]`, default i); a row whose sampling
+        fails leaves with the error."""
         greedy = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
+            j = at[i] if at is not None else i
             try:
-                r.last = self._choose(r, logits[i], greedy[i])
+                r.last = self._choose(r, logits[j], greedy[j])
             except BaseException as e:  # e.g. NaN logits from a broken adapter: only this request fails
                 self._remove(r, Failed(e))
                 continue
@@ -329,7 +545,18 @@ class BatchEngine:
 
         for r in [r for r in self.rows if r.stopped]:
             self._remove(r, Done(len(r.streamer.tokens), "cancelled"))
+        if self.slots is not None:
+            self._make_room()
         if not self.rows:
+            return
+        if self.slots is not None:
+            logits = self.slots.step(self.rows)
+            self.steps += 1
+            self.row_steps += len(self.rows)
+            for r in self.rows:
+                r.length += 1
+            rows = list(self.rows)
+            self._next_tokens(rows, logits, [r.slot for r in rows])
             return
         assert self._mask is not None
         device = self.host.device
@@ -344,6 +571,21 @@ class BatchEngine:
         for r in self.rows:  # all first: `_remove` computes the padding from every row's length
             r.length += 1
         self._next_tokens(list(self.rows), out.logits[:, -1, :])
+
+    def _make_room(self) -> None:
+        """Before a step at column L: roll the slot cache left by the smallest start column, or double L
+        while that frees less than a quarter; at the largest L rows that fill it end ("length")."""
+        slots = self.slots
+        assert slots is not None
+        while self.rows and slots.c >= slots.length:
+            start = min(slots.c - r.length for r in self.rows)
+            if slots.length < slots.spec.max_len and start < slots.length // 4:
+                slots.grow()
+            elif start > 0:
+                slots.shift(start)
+            else:
+                for r in [r for r in self.rows if r.length >= slots.c]:
+                    self._remove(r, Done(len(r.streamer.tokens), "length"))
 
     def _choose(self, r: BatchRequest, logits: torch.Tensor, greedy: int | None) -> int:
         import torch
@@ -371,7 +613,11 @@ class BatchEngine:
             self._remove(r, Done(n, "length"))
 
     def _remove(self, r: BatchRequest, outcome: Done | Failed) -> None:
-        if r in self.rows:
+        if self.slots is not None:
+            if r in self.rows:
+                self.rows = [x for x in self.rows if x is not r]
+                self.slots.release(r)
+        elif r in self.rows:
             keep = [i for i, x in enumerate(self.rows) if x is not r]
             self.rows = [self.rows[i] for i in keep]
             if not self.rows:

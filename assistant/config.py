@@ -66,6 +66,9 @@ class Settings(BaseModel):
         "batched", description="batched: requests decode together, each on its own adapter (continuous "
         "batching); sequential: one whole generation at a time.")
     batch_max: int = Field(16, ge=1, description="Most requests decoded together when serving=batched.")
+    cuda_graphs: bool = Field(True, description="On CUDA, serving=batched decodes in a static slot cache, each "
+                              "step one CUDA graph of the torch.compile'd forward; false = the eager step with a "
+                              "growing cache. No effect on CPU.")
 
     # --- knowledge and memory ---
     embedder: str = Field(EMBEDDED_EMBEDDER, description="sentence-transformers model: embedded, hub id or folder.")

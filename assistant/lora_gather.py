@@ -47,18 +47,29 @@ class GatheredLora:
         self._rebuild()
         return all(i is None or i in self.plain for i in internals)
 
+    def slots_for(self, internals: list[str | None]) -> list[int]:
+        """Each row's slot in the stacks (0: the base model)."""
+        self._rebuild()
+        return [self.slots[i] if i is not None else 0 for i in internals]
+
     def forward_for(self, internals: list[str | None]) -> Callable[..., Any]:
         """A callable like the model's forward that serves each row with its own adapter."""
         import torch
 
-        self._rebuild()
+        slots = self.slots_for(internals)
         device = next(iter(self._stacks.values()))[0].device if self._stacks else None
-        rows = torch.tensor([self.slots[i] if i is not None else 0 for i in internals], device=device)
+        return self.forward_with(torch.tensor(slots, device=device))
+
+    def forward_with(self, rows: Any, model: Any = None) -> Callable[..., Any]:
+        """The same with the rows' slots given as a tensor, read at every call: the slot cache keeps one
+        tensor and updates it in place, so one captured CUDA graph serves any mix of adapters. `model`:
+        the PEFT model to call (default: the PEFT model itself; the slot cache may pass it compiled)."""
+        model = model if model is not None else self.peft
 
         def forward(**kwargs: Any) -> Any:
             self._rows = rows
             try:
-                return self.peft(**kwargs)
+                return model(**kwargs)
             finally:
                 self._rows = None
 

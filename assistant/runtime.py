@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, runtime_checkable
 
-from assistant.batching import BatchEngine, BatchRequest, clean_text
+from assistant.batching import BatchEngine, BatchRequest, SlotSpec, clean_text
 from assistant.batching import Done as _Done
 from assistant.batching import Failed as _Failed
 from assistant.batching import PieceStreamer as _PieceStreamer
@@ -407,7 +407,7 @@ class TransformersBackend:
     """The base model and its LoRA adapters in this process (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: Settings, model_name: str | None = None,
-                 worker: ThreadPoolExecutor | None = None) -> None:
+                 worker: ThreadPoolExecutor | None = None, slots: SlotSpec | None = None) -> None:
         self.model_name = model_name or settings.served_model_name
         self.settings = settings
         self.tokenizer = tokenizer
@@ -437,21 +437,28 @@ class TransformersBackend:
         self._eos_ids = sorted(eos_ids)
         # serving=batched: every generation goes through the batch engine on the generation thread;
         # the state below is only touched there (resolve/release/route, adapter commands).
-        self._engine = BatchEngine(self, self._worker, settings.batch_max, self._eos_ids) \
+        # On CUDA the decode step runs in a static slot cache as a CUDA graph (`cuda_graphs`); `slots`
+        # forces that path elsewhere (tests: on CPU, eagerly, with a small cache).
+        if slots is None and self.device.type == "cuda" and settings.cuda_graphs:
+            slots = SlotSpec(max_len=self.context_length or 4096, compile=True)
+        self._engine = BatchEngine(self, self._worker, settings.batch_max, self._eos_ids, slots=slots) \
             if settings.serving == "batched" else None
+        self._model_version = 0  # changes whenever the model's modules do (an adapter loaded or deleted)
+        self._compiled_for: tuple[Any, Any] = (None, None)  # (model, version) and its torch.compile wrapper
         self._refs: dict[str, int] = {}  # internal adapter name -> requests in the batch using it
         self._retired: dict[str, list[threading.Event]] = {}  # unloaded/replaced, deleted at 0 refs
         self._lora_on: bool | None = None  # LoRA layers enabled (None: unknown after a load or delete)
         self._gather: GatheredLora | None = None  # mixed-adapter batches, while adapters are loaded
 
     @classmethod
-    def from_settings(cls, settings: Settings, progress: bool = True) -> TransformersBackend:
+    def from_settings(cls, settings: Settings, progress: bool = True, slots: SlotSpec | None = None
+                      ) -> TransformersBackend:
         from assistant.models import load_model, prepare_model
 
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         # on the generation thread (see __init__), conversion included
         loaded = worker.submit(lambda: load_model(settings, prepare_model(settings, progress=progress))).result()
-        return cls(loaded.model, loaded.tokenizer, settings, worker=worker)
+        return cls(loaded.model, loaded.tokenizer, settings, worker=worker, slots=slots)
 
     def close(self) -> None:
         """Stop the generation thread after the generation in flight (if any). Optional: it also
@@ -554,6 +561,48 @@ class TransformersBackend:
 
         return DynamicCache(config=self._base.config)
 
+    def new_static_cache(self, batch: int, length: int) -> Any:
+        from transformers import StaticCache
+
+        config = self._base.config.get_text_config(decoder=True)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        cache = StaticCache(config=config, max_cache_len=length)
+        cache.early_initialization(batch, config.num_key_value_heads, head_dim, self._base.dtype, self.device)
+        return cache
+
+    def slot_route(self, internals: list[str | None], rows: Any, compiled: bool = False
+                   ) -> tuple[Any, dict[str, Any], list[int] | None, Any]:
+        """For the slot cache's step (every slot; None: base model or idle): (forward, kwargs, each row's
+        LoRA slot, key). With any adapter in the batch the forward reads the LoRA slots from `rows` at
+        every call: every row goes through the gathered LoRA path (slot 0: the base model, PEFT's own
+        LoRA off), so one captured graph serves any mix; a batch of base rows only runs without LoRA
+        work. `key` names the forward: it changes with every adapter load or delete. `compiled`: the
+        model through `torch.compile` (one per key). A mix only PEFT's `adapter_names` can serve gives
+        (model, kwargs, None, None): run eagerly."""
+        lora = [0] * len(internals)
+        if self._peft is None:
+            return self._compiled(self._base, compiled), {}, lora, ("base", self._model_version, compiled)
+        if all(i is None for i in internals):
+            self._set_lora(False)
+            return self._compiled(self._peft, compiled), {}, lora, ("base", self._model_version, compiled)
+        if self._gather is not None and self._gather.supports(internals):
+            self._set_lora(False)
+            lora = self._gather.slots_for(internals)
+            forward = self._gather.forward_with(rows, self._compiled(self._peft, compiled))
+            return forward, {}, lora, ("gathered", self._model_version, compiled)
+        model, kwargs = self.route(internals)
+        return model, kwargs, None, None
+
+    def _compiled(self, model: Any, on: bool) -> Any:
+        if not on:
+            return model
+        import torch
+
+        key = (id(model), self._model_version)
+        if self._compiled_for[0] != key:
+            self._compiled_for = (key, torch.compile(model, dynamic=False))
+        return self._compiled_for[1]
+
     def route(self, internals: list[str | None]) -> tuple[Any, dict[str, Any]]:
         """The model and forward arguments for a batch whose rows use `internals` (None: base model).
         One adapter for all rows: made active (no per-row routing cost); a mix: one gathered LoRA matmul
@@ -612,6 +661,7 @@ class TransformersBackend:
         from peft import get_peft_model
 
         first = self._peft is None
+        self._model_version += 1
         try:
             if first:
                 self._peft = get_peft_model(self._base, config, adapter_name=internal)
@@ -637,6 +687,7 @@ class TransformersBackend:
         """Remove one PEFT adapter; the last one takes the LoRA layers with it (PEFT cannot run empty)."""
         if self._peft is None or internal not in self._peft.peft_config:
             return
+        self._model_version += 1
         if self._gather is not None:
             self._gather.invalidate()
         if len(self._peft.peft_config) == 1:

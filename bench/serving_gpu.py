@@ -1,6 +1,6 @@
 """The product's runtime on a GPU, in-process, beside raw `model.generate` in the same run.
 
-    python bench/serving_gpu.py [--shapes smollm2-135m,qwen2.5-0.5b] [--streams 1,8,32] [--tokens 128]
+    python -m bench.serving_gpu [--shapes smollm2-135m,qwen2.5-0.5b] [--streams 1,8,32] [--tokens 128]
 
 Random weights of the SmolLM2-135M and Qwen2.5-0.5B shapes in bf16 (no download: the machine may have
 no network), a word-level tokenizer over the model's vocabulary (every id decodes), no end-of-text
@@ -11,7 +11,11 @@ shape and N in --streams:
   cache + `torch.compile` (N = 1 and the largest N only: each batch size compiles anew);
 - `TransformersBackend` with serving=batched: N threads each ask for one greedy answer through
   `backend.generate` (the same call the API makes), on the base model, all on one adapter, and spread
-  over 8 adapters; serving=sequential for N = 1.
+  over 8 adapters; serving=sequential for N = 1. `--modes` picks the batched engines: `compiled` (the
+  default on CUDA: static slot cache, each decode step one CUDA graph of the torch.compile'd forward),
+  `graphs` (the same without torch.compile), `eager` (cuda_graphs=false: growing cache, eager step).
+- `--check`: before timing, 8 greedy answers over 8 adapters from each batched engine, token for
+  token against the eager engine's (bf16 on a GPU: near-ties may part; a broken cache parts at once).
 
 Prints one markdown table (aggregate generated tokens/s; wall time includes prefill).
 """
@@ -19,6 +23,7 @@ Prints one markdown table (aggregate generated tokens/s; wall time includes pref
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -27,8 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 SHAPES = {
     "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
@@ -89,6 +92,22 @@ def make_adapters(model, out: Path, n: int) -> list[Path]:
     return paths
 
 
+def engine(model, tok, tmp: str, mode: str, batch: int, shape: str, paths: list[Path]):
+    """A TransformersBackend over `model` with the 8 adapters loaded, serving in `mode`."""
+    from assistant.batching import SlotSpec
+    from assistant.config import Settings
+    from assistant.runtime import TransformersBackend
+
+    settings = Settings.load(env={}, home=Path(tmp) / "home", serving="sequential" if mode == "sequential" else
+                             "batched", cuda_graphs=mode in ("graphs", "compiled"), batch_max=batch,
+                             stream_interval_ms=40.0, queue_max=256)
+    slots = SlotSpec(max_len=model.config.max_position_embeddings, compile=False) if mode == "graphs" else None
+    backend = TransformersBackend(model, tok, settings, model_name=shape, slots=slots)
+    for i, p in enumerate(paths):
+        backend.load_adapter(f"a{i}", p)
+    return backend
+
+
 def timed(fn) -> float:
     import torch
 
@@ -144,18 +163,35 @@ def product(backend, n: int, tokens: int, adapters: list[str | None]) -> tuple[f
     return done / wall, ttft
 
 
+def agreement(backend, reference, tokens: int, adapters: list[str | None]) -> tuple[int, int, int]:
+    """(answers equal, leading tokens equal summed over answers, tokens compared) for 8 mixed greedy answers."""
+    from assistant.runtime import GenerationSettings
+
+    gen = GenerationSettings(max_new_tokens=tokens, temperature=0.0, top_p=1.0)
+    same = lead = 0
+    for i in range(8):
+        a = adapters[i % len(adapters)]
+        mine, ref = (b.generate(PROMPT, a, gen).text.split() for b in (backend, reference))
+        same += mine == ref
+        lead += next((j for j, (x, y) in enumerate(zip(mine, ref, strict=False)) if x != y),
+                     min(len(mine), len(ref)))
+    return same, lead, 8 * tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
-
-    from assistant.config import Settings
-    from assistant.runtime import TransformersBackend
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="smollm2-135m,qwen2.5-0.5b")
     ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="no raw generate with static cache + compile")
+    ap.add_argument("--raw-streams", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="streams for raw eager generate (default: --streams)")
+    ap.add_argument("--modes", default="compiled,graphs,eager,sequential",
+                    help="runtime engines: compiled (the default), graphs, eager (batched) and sequential")
+    ap.add_argument("--check", action="store_true", help="compare answers of each batched engine with eager's")
     ap.add_argument("--device", default="cuda", help="cpu: the same cells on this machine's processor")
     ap.add_argument("--dtype", default="bfloat16", help="float32 on a CPU without native bf16 (AVX2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
@@ -170,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = build(shape, device, args.dtype)
         with tempfile.TemporaryDirectory() as tmp:
             paths = make_adapters(model, Path(tmp), args.adapters)
-            for n in args.streams:
+            for n in args.raw_streams if args.raw_streams is not None else args.streams:
                 rows.append((shape, "raw generate, eager", "-", n, raw(model, tok, n, args.tokens, False), None))
                 print(rows[-1], flush=True)
             if not args.no_compile:
@@ -179,23 +215,38 @@ def main(argv: list[str] | None = None) -> int:
                                  raw(model, tok, n, args.tokens, True), None))
                     print(rows[-1], flush=True)
                 torch._dynamo.reset()
-            for serving in ("batched", "sequential"):
-                settings = Settings.load(env={}, home=Path(tmp) / "home", serving=serving,
-                                         batch_max=max(args.streams), stream_interval_ms=40.0, queue_max=256)
-                backend = TransformersBackend(model, tok, settings, model_name=shape)
-                for i, p in enumerate(paths):
-                    backend.load_adapter(f"a{i}", p)
-                spreads = {"base": [None], "1 adapter": ["a0"], f"{args.adapters} adapters":
-                           [f"a{i}" for i in range(args.adapters)]}
-                for label, adapters in spreads.items():
-                    for n in args.streams if serving == "batched" else args.streams[:1]:
+            modes = args.modes.split(",")
+            names = [f"a{i}" for i in range(args.adapters)]
+            spreads = {"base": [None], "1 adapter": ["a0"], f"{args.adapters} adapters": names}
+            reference = None
+            if args.check:  # the eager engine's answers, on its own copy of the model
+                reference = engine(copy.deepcopy(model), tok, tmp, "eager", max(args.streams), shape, paths)
+            for mode in modes:
+                t0 = time.perf_counter()
+                backend = engine(model, tok, tmp, mode, max(args.streams), shape, paths)
+                label = {"graphs": "runtime, batched, slot cache + CUDA graphs",
+                         "compiled": "runtime, batched, slot cache + CUDA graphs + compile",
+                         "eager": "runtime, batched, eager (cuda_graphs=false)"}.get(mode, f"runtime, {mode}")
+                if reference is not None and mode != "sequential":
+                    print(f"check {mode}: (same answers, equal leading tokens, tokens) =",
+                          agreement(backend, reference, 16, [None, *names]), flush=True)
+                for spread, adapters in spreads.items():
+                    for n in args.streams if mode != "sequential" else args.streams[:1]:
                         tps, ttft = product(backend, n, args.tokens, adapters)
-                        rows.append((shape, f"runtime, {serving}", label, n, tps, ttft))
+                        rows.append((shape, label, spread, n, tps, ttft))
                         print(rows[-1], flush=True)
-                for i in range(len(paths)):
-                    backend.unload_adapter(f"a{i}")
+                slots = backend._engine.slots if backend._engine is not None else None
+                if slots is not None:
+                    print(f"{mode}: L={slots.length} graphs captured={slots.captures} rolls={slots.rolls} "
+                          f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
+                for name in names:
+                    backend.unload_adapter(name)
                 backend.close()
                 model = backend._base  # the PEFT wrapper is gone once the last adapter is unloaded
+                torch._dynamo.reset()
+            if reference is not None:
+                reference.close()
+                del reference
         del model
         torch.cuda.empty_cache()
 

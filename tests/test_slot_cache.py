@@ -1,0 +1,144 @@
+"""The static slot cache of batched serving (assistant/batching.py, `SlotCache`), forced on for the CPU
+without CUDA graphs and with a small cache: every request of a mixed batch (3 adapters and the base
+model, greedy) gets exactly the tokens the one-at-a-time path gives it alone, with rows that join late,
+rows that finish early, a roll of the cache at column L, and a row cut ("length") at the largest L.
+On CUDA the same step is replayed as a CUDA graph (bench/serving_gpu.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from assistant.batching import SlotSpec
+from assistant.config import Settings
+from assistant.runtime import GenerationSettings, TransformersBackend
+from tests.conftest import make_random_adapter
+
+pytestmark = pytest.mark.timeout(300)
+
+QUESTION = [{"role": "user", "content": "Tell me something about the sea."}]
+OTHER = [{"role": "user", "content": "What do you know about the mountains, the rivers and the long winters?"}]
+SHORT = GenerationSettings(max_new_tokens=10, temperature=0.0, top_p=1.0)
+LONG = GenerationSettings(max_new_tokens=40, temperature=0.0, top_p=1.0)
+ADAPTERS = (None, "alpha", "beta", "gamma")
+
+
+def settings_for(home: Path, model_dir: Path, **overrides) -> Settings:
+    return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, stream_interval_ms=0.0,
+                         **overrides)
+
+
+@pytest.fixture(scope="module")
+def three_adapters(tiny_model_dir, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
+    return {**tiny_adapters, "gamma": make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("g") / "gamma", 3)}
+
+
+def slot_backend(home: Path, model_dir: Path, adapters: dict[str, Path], spec: SlotSpec) -> TransformersBackend:
+    b = TransformersBackend.from_settings(settings_for(home, model_dir, serving="batched", batch_max=8),
+                                          progress=False, slots=spec)
+    for name, path in adapters.items():
+        b.load_adapter(name, path)
+    return b
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, tiny_model_dir, three_adapters) -> dict[tuple[str | None, int, int], str]:
+    """The one-at-a-time path's answers (another model copy): (adapter, prompt, tokens) -> text."""
+    b = TransformersBackend.from_settings(settings_for(tmp_path_factory.mktemp("alone"), tiny_model_dir,
+                                                       serving="sequential"), progress=False)
+    for name, path in three_adapters.items():
+        b.load_adapter(name, path)
+    out = {(a, p, gen.max_new_tokens): b.generate(msgs, a, gen).text
+           for a in ADAPTERS for p, msgs in enumerate((QUESTION, OTHER)) for gen in (SHORT, LONG)}
+    b.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def lengths(alone, tmp_path_factory, tiny_model_dir) -> tuple[int, int]:
+    b = TransformersBackend.from_settings(settings_for(tmp_path_factory.mktemp("n"), tiny_model_dir), progress=False)
+    n = b.count_tokens(QUESTION), b.count_tokens(OTHER)
+    b.close()
+    assert n[1] > n[0]  # the waves below rely on it
+    return n
+
+
+def wait_for(cond, seconds: float = 30.0) -> None:
+    deadline = time.time() + seconds
+    while not cond():
+        assert time.time() < deadline
+        time.sleep(0.001)
+
+
+def test_late_joiners_early_finishers_and_a_roll_give_every_request_its_answer_alone(
+        tmp_path, tiny_model_dir, three_adapters, alone, lengths):
+    n_q, _ = lengths
+    # Wide enough for one LONG answer on QUESTION, not for the same answer started 3+ columns later:
+    # the second wave (starting after 3 steps of the first) must roll the cache to finish.
+    spec = SlotSpec(max_len=n_q + LONG.max_new_tokens + 1, min_len=16, graphs=False)
+    b = slot_backend(tmp_path, tiny_model_dir, three_adapters, spec)
+    engine, slots = b._engine, b._engine.slots
+    assert slots is not None
+    first = [(OTHER, a, SHORT) for a in ADAPTERS]  # finish early
+    gens = [b.stream(m, a, g) for m, a, g in first]
+    wait_for(lambda: engine.steps >= 3)
+    second = [(QUESTION, a, LONG) for a in ADAPTERS]  # join late, run past column L
+    gens += [b.stream(m, a, g) for m, a, g in second]
+    assert len(engine.rows) >= 6  # they share the batch
+    results = [g.result() for g in gens]
+    for (msgs, a, gen), r in zip(first + second, results, strict=True):
+        assert r.text == alone[(a, 0 if msgs is QUESTION else 1, gen.max_new_tokens)], (a, gen.max_new_tokens)
+        assert r.finish_reason == "length" and r.usage["completion_tokens"] == gen.max_new_tokens
+    assert slots.length == spec.max_len and slots.rolls >= 1  # grown to the largest L, then rolled
+    assert len({r.text for r in results[4:]}) == 4  # four adapters, four answers
+    assert not engine.rows and sorted(slots.free) == list(range(8))
+    # the slots are reused: the batch, now empty, serves the same answers again
+    again = [b.stream(QUESTION, a, SHORT) for a in ADAPTERS]
+    assert [g.result().text for g in again] == [alone[(a, 0, SHORT.max_new_tokens)] for a in ADAPTERS]
+    b.close()
+
+
+def test_a_row_that_fills_the_largest_cache_ends_with_length(tmp_path, tiny_model_dir, three_adapters, alone,
+                                                              lengths):
+    n_q, n_o = lengths
+    spec = SlotSpec(max_len=n_o + 12, min_len=16, graphs=False)
+    b = slot_backend(tmp_path, tiny_model_dir, three_adapters, spec)
+    cut, short = b.stream(OTHER, "gamma", LONG), b.stream(QUESTION, "alpha", SHORT)
+    r, s = cut.result(), short.result()
+    assert r.finish_reason == "length" and r.usage["completion_tokens"] == spec.max_len - n_o + 1
+    assert alone[("gamma", 1, LONG.max_new_tokens)].startswith(r.text) and r.text
+    assert s.text == alone[("alpha", 0, SHORT.max_new_tokens)]
+    b.close()
+
+
+def test_the_equality_check_catches_swapped_lora_slots(tmp_path, tiny_model_dir, three_adapters, alone, monkeypatch):
+    """The tests above can fail: give each slot its neighbour's LoRA weights and the answers change."""
+    b = slot_backend(tmp_path, tiny_model_dir, three_adapters, SlotSpec(max_len=256, min_len=16, graphs=False))
+    real = b.slot_route
+
+    def swapped(internals, rows, compiled=False):
+        forward, kwargs, lora, key = real(internals, rows, compiled)
+        return forward, kwargs, lora[::-1] if lora else lora, key
+
+    monkeypatch.setattr(b, "slot_route", swapped)
+    gens = [b.stream(QUESTION, a, SHORT) for a in ADAPTERS]
+    wrong = [g.result().text != alone[(a, 0, SHORT.max_new_tokens)] for a, g in zip(ADAPTERS, gens, strict=True)]
+    assert sum(wrong) >= 3
+    b.close()
+
+
+def test_an_adapter_loaded_mid_batch_serves_at_once(tmp_path, tiny_model_dir, three_adapters, alone):
+    """Loading an adapter between two steps changes the step's model (on CUDA: a new graph); the row
+    already running keeps its answer and the new adapter's first request gets its own."""
+    b = slot_backend(tmp_path, tiny_model_dir, {"alpha": three_adapters["alpha"]},
+                     SlotSpec(max_len=256, min_len=16, graphs=False))
+    running = b.stream(OTHER, "alpha", LONG)
+    head = next(running)
+    b.load_adapter("gamma", three_adapters["gamma"])
+    late = b.stream(QUESTION, "gamma", SHORT)
+    assert late.result().text == alone[("gamma", 0, SHORT.max_new_tokens)]
+    assert head + "".join(running) == alone[("alpha", 1, LONG.max_new_tokens)]
+    b.close()
