@@ -142,3 +142,15 @@ def test_an_adapter_loaded_mid_batch_serves_at_once(tmp_path, tiny_model_dir, th
     assert late.result().text == alone[("gamma", 0, SHORT.max_new_tokens)]
     assert head + "".join(running) == alone[("alpha", 1, LONG.max_new_tokens)]
     b.close()
+
+
+def test_the_cpu_keeps_the_eager_step_whatever_cuda_graphs_says(tmp_path, tiny_model_dir):
+    """`cuda_graphs` (on by default) turns the slot cache on for CUDA only; a CPU backend keeps the
+    growing cache and eager step that the rest of the suite tests."""
+    for on in (True, False):
+        settings = settings_for(tmp_path, tiny_model_dir, serving="batched", cuda_graphs=on)
+        assert settings.cuda_graphs is on
+        b = TransformersBackend.from_settings(settings, progress=False)
+        assert b.device.type == "cpu" and b._engine is not None and b._engine.slots is None
+        b.close()
+    assert Settings.load(env={}, home=tmp_path).cuda_graphs is True
