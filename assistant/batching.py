@@ -486,6 +486,8 @@ class BatchEngine:
                 logits = self._prefill(joining)
             except BaseException as e:  # only the joining requests fail; the running batch is untouched
                 for r in joining:
+                    if self.slots is not None and r.slot >= 0:
+                        self.slots.release(r)
                     self._end(r, Failed(e))
                 return
             self._next_tokens(joining, logits)
