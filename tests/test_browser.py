@@ -655,6 +655,18 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
                                   if b.text.strip()], "the tabs")
     assert tabs[:4] == ["채팅", "문서", "기억", "계정"], tabs
     assert css(d, "#send").text.strip() == "보내기"
+    # the header's switch changes the page's language in place, the browser keeps it, and it switches back
+    def first_tab(want: str) -> None:
+        wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+                               if b.text.strip()][:1] == [want], f"the tabs showing {want}")
+
+    click(d, "#lang-toggle")
+    first_tab("Chat")
+    d.refresh()
+    first_tab("Chat")
+    assert css(d, "#lang-toggle").text.strip() == "한국어"
+    click(d, "#lang-toggle")
+    first_tab("채팅")
     assert "Enter로 보내기" in css(d, "#message textarea").get_attribute("placeholder")
     wait_for(d, lambda d: d.execute_script(
         "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),

@@ -56,7 +56,7 @@ CSS = """
   #header { flex-wrap: wrap; gap: 4px; }
   #header > * { min-width: 0 !important; }
   #product { flex: 1 1 100% !important; }
-  #theme-toggle, #logout { flex: 0 0 auto !important; }
+  #theme-toggle, #lang-toggle, #logout { flex: 0 0 auto !important; }
 }
 /* the admin console: rows of fields wrap, and on a phone they stack; wide tables scroll sideways */
 .admin-form { flex-wrap: wrap; }
@@ -146,9 +146,28 @@ DARK_TOGGLE_JS = """() => {
   document.body.classList.toggle('dark', dark);
   localStorage.setItem('assistant-theme', dark ? 'dark' : 'light');
 }"""
+# The language switch. Gradio picks the page's language from the browser's when the page starts; the
+# header's button switches it in place through Gradio's own `changeLocale` (exported by its core module,
+# which the page has already loaded), and the choice is kept in the browser for the next visit.
+SET_LANGUAGE_JS = """async (lang) => {
+  const url = performance.getEntriesByType('resource').map(e => e.name)
+    .find(n => /\\/assets\\/core-[^/]*\\.js$/.test(n));
+  if (!url) return;
+  const core = await import(url);
+  if (typeof core.changeLocale === 'function') core.changeLocale(lang);
+}"""
+LANGUAGE_TOGGLE_JS = """() => {
+  const korean = (document.documentElement.lang || '').toLowerCase().startsWith('ko');
+  localStorage.setItem('assistant-lang', korean ? 'en' : 'ko');
+  (""" + SET_LANGUAGE_JS + """)(korean ? 'en' : 'ko');
+}"""
+
+
 # On load: the theme chosen before, and on a phone (or a window made that narrow) the sidebar folds away
 # into a drawer that its arrow opens over the page.
 PAGE_LOAD_JS = """() => {
+  const lang = localStorage.getItem('assistant-lang');
+  if (lang && !(document.documentElement.lang || '').startsWith(lang)) (""" + SET_LANGUAGE_JS + """)(lang);
   const t = localStorage.getItem('assistant-theme');
   if (t) document.body.classList.toggle('dark', t === 'dark');
   const narrow = () => window.innerWidth < 700;
@@ -166,6 +185,8 @@ def _header() -> gr.Markdown:
     with gr.Row(equal_height=True, elem_id="header"):
         gr.Markdown(f"### {PRODUCT}", elem_id="product")
         who = gr.Markdown(elem_id="whoami")
+        gr.Button(T("other_language"), size="sm", scale=0, elem_id="lang-toggle").click(
+            None, js=LANGUAGE_TOGGLE_JS, **PRIVATE)
         gr.Button(T("dark_mode"), size="sm", scale=0, elem_id="theme-toggle").click(
             None, js=DARK_TOGGLE_JS, **PRIVATE)
         gr.Button(T("log_out"), link="/logout", size="sm", scale=0, elem_id="logout")
@@ -529,7 +550,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,
         max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
         css=CSS + FONT_CSS,
-        i18n=I18N,  # labels in the browser's language (English or Korean)
+        i18n=I18N,  # labels in the browser's language (English or Korean), or the one the switch chose
     )
     gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)
     quiet_queue(demo)

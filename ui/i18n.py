@@ -2,8 +2,8 @@
 
 `T(key)` goes where a component takes a label, a placeholder or a button text; `I18N` is passed to
 `gr.mount_gradio_app`, and the browser shows the language it asks for (Korean for `ko`, English
-otherwise). Text the server writes at run time (notices, tables, the admin console's reports) is
-English for now.
+otherwise), or the one chosen with the header's switch (ui/app.py). Text the server writes at run time
+(notices, tables, the admin console's reports) is English for now.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
                    "**이유는요?** (선택: 다음 재학습에 도움이 됩니다)"),
     "save_reason": ("Save", "저장"),
     "close": ("Close", "닫기"),
+    "other_language": ("한국어", "English"),  # the switch names the language it switches to
     "dark_mode": ("◐ Dark mode", "◐ 어두운 화면"),
     "search_placeholder": ("Search conversations", "대화 검색"),
     "export": ("Export (Markdown and JSON)", "내보내기 (Markdown, JSON)"),
@@ -141,3 +142,4 @@ def T(key: str):  # noqa: N802, ANN201 - short on purpose: it wraps every label 
     if key not in STRINGS:
         raise KeyError(f"no label {key!r} in ui.i18n.STRINGS")
     return I18N(key)
+
