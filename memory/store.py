@@ -19,6 +19,9 @@ import hashlib
 import json
 import re
 import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, get_args
 
 import sqlalchemy as sa
@@ -59,6 +62,23 @@ _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
 
 AUDIT_ACTIONS = ("user_add", "user_disable", "user_enable", "user_delete", "user_password", "key_add",
                  "key_revoke")
+_IN_BATCH = 900  # ids per IN (...) clause: under SQLite's bound-parameter limit
+
+
+@dataclass(frozen=True)
+class FeedbackLog:
+    """What a dataset build reads, in one read: all feedback and the conversations that have any.
+
+    Rows are plain tuples in the column order named below, so a build of 100k turns stays cheap.
+    """
+
+    # (id, message_id, kind, rating, corrected, other_message_id, chosen_message_id), by id
+    feedback: list[tuple[Any, ...]]
+    # (id, conversation_id, role, content, adapter, parent_id, status, imported, sources) of the user and
+    # assistant messages of conversations with feedback, by conversation then id
+    messages: list[tuple[Any, ...]]
+    max_message_id: int  # the highest message id in the store, rated or not
+    owners: dict[int, int]  # conversation id -> user id, for the conversations in `messages`
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,6 +708,79 @@ class Store:
             query = query.limit(limit)
         with self.engine.connect() as conn:
             return [_feedback(r) for r in conn.execute(query)]
+
+    def count_feedback(self, *, user_id: int | None = None, since: datetime | None = None,
+                       after_id: int | None = None) -> int:
+        """Feedback rows: all of them, or only one user's, created after `since`, with an id above `after_id`."""
+        query = sa.select(sa.func.count()).select_from(feedback).where(*self._feedback_filter(user_id, since, after_id))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def newest_feedback_id(self, user_id: int | None = None) -> int | None:
+        """The highest feedback id (of one user's feedback, with `user_id`); None when there is none."""
+        query = sa.select(sa.func.max(feedback.c.id)).where(*self._feedback_filter(user_id, None, None))
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    @staticmethod
+    def _feedback_filter(user_id: int | None, since: datetime | None, after_id: int | None) -> list[Any]:
+        where = []
+        if user_id is not None:
+            where.append(feedback.c.user_id == user_id)
+        if since is not None:
+            where.append(feedback.c.created_at > since)
+        if after_id is not None:
+            where.append(feedback.c.id > after_id)
+        return where
+
+    # ----------------------------------------------------------------------------------- training
+
+    def read_feedback_log(self) -> FeedbackLog:
+        """Bulk, read-only, in one transaction: all feedback and the user/assistant messages of conversations
+        that have feedback. Two queries instead of one per conversation. Only the columns a dataset may
+        use are read: `memories` and `steps` deliberately not."""
+        rated_conversations = (
+            sa.select(messages.c.conversation_id)
+            .join(feedback, feedback.c.message_id == messages.c.id)
+            .distinct()
+        )
+        fb_cols = (feedback.c.id, feedback.c.message_id, feedback.c.kind, feedback.c.rating, feedback.c.corrected,
+                   feedback.c.other_message_id, feedback.c.chosen_message_id)
+        msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
+                    messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.imported,
+                    messages.c.sources)
+        with self.engine.connect() as conn:
+            fb = [tuple(r) for r in conn.execute(sa.select(*fb_cols).order_by(feedback.c.id))]
+            msgs = [tuple(r) for r in conn.execute(
+                sa.select(*msg_cols)
+                .where(messages.c.conversation_id.in_(rated_conversations))
+                .where(messages.c.role.in_(("user", "assistant")))
+                .order_by(messages.c.conversation_id, messages.c.id)
+            )]
+            max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
+            owners = dict(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
+                                       .where(conversations.c.id.in_(rated_conversations))).all())
+        return FeedbackLog(feedback=fb, messages=msgs, max_message_id=int(max_msg), owners=owners)
+
+    def existing_message_ids(self, ids: Iterable[int]) -> set[int]:
+        """Which of `ids` are still stored messages (of any user)."""
+        wanted = sorted(set(ids))
+        alive: set[int] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), _IN_BATCH):
+                batch = wanted[i:i + _IN_BATCH]
+                alive |= set(conn.execute(sa.select(messages.c.id).where(messages.c.id.in_(batch))).scalars())
+        return alive
+
+    def conversation_owners(self, conversation_ids: Iterable[int]) -> dict[int, int]:
+        """conversation id -> user id, for those of `conversation_ids` that still exist."""
+        wanted = sorted(set(conversation_ids))
+        out: dict[int, int] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(wanted), _IN_BATCH):
+                out.update(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
+                                        .where(conversations.c.id.in_(wanted[i:i + _IN_BATCH]))).all())
+        return out
 
     # ----------------------------------------------------------------------------------- admin
 

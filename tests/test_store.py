@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 
 from memory import schema as tables
-from memory.db import write_transaction
+from memory.db import utcnow, write_transaction
 from memory.migrations import latest_version
-from memory.store import Store
+from memory.store import FeedbackLog, Store
 from memory.types import REASON_TAGS
 from tests.conftest import fast_password_hasher
 
@@ -454,6 +454,41 @@ def test_counts(store, alice, bob):
     store.add_pair(alice.id, a2.id, a3.id, a3.id)
     assert store.counts() == {"users": 2, "conversations": 2, "messages": 8, "thumbs_up": 1,
                               "thumbs_down": 2, "edits": 2, "pairs": 1}
+
+
+def test_the_reads_training_uses(store, alice, bob):
+    """The store functions a dataset build and the retraining loop read through, on real rows."""
+    assert store.count_feedback() == 0 and store.newest_feedback_id() is None
+    assert store.read_feedback_log() == FeedbackLog(feedback=[], messages=[], max_message_id=0, owners={})
+    rated, (a1, a2) = chat(store, alice, n_turns=2)
+    unrated, (u1,) = chat(store, alice)
+    bobs, (b1,) = chat(store, bob)
+    f1 = store.add_thumb(alice.id, a1.id, 1)
+    cut = utcnow()
+    f2 = store.add_edit(alice.id, a2.id, "fixed")
+    f3 = store.add_thumb(bob.id, b1.id, -1)
+
+    assert store.count_feedback() == 3 and store.count_feedback(user_id=alice.id) == 2
+    assert store.count_feedback(since=cut) == 2 and store.count_feedback(user_id=bob.id, since=cut) == 1
+    assert store.count_feedback(user_id=alice.id, after_id=f1.id) == 1
+    assert store.newest_feedback_id() == f3.id and store.newest_feedback_id(alice.id) == f2.id
+
+    log = store.read_feedback_log()
+    assert [f[:3] for f in log.feedback] == [(f1.id, a1.id, "thumb"), (f2.id, a2.id, "edit"), (f3.id, b1.id, "thumb")]
+    assert log.feedback[1][4] == "fixed"
+    # only the conversations with feedback, user and assistant messages, by conversation then id
+    assert [(m[0], m[1], m[2]) for m in log.messages] == [
+        (m.id, rated.id, m.role) for m in store.messages(rated.id)] + [
+        (m.id, bobs.id, m.role) for m in store.messages(bobs.id)]
+    assert log.owners == {rated.id: alice.id, bobs.id: bob.id} and log.max_message_id == b1.id
+
+    assert store.existing_message_ids([a1.id, u1.id, 10**9]) == {a1.id, u1.id}
+    assert store.existing_message_ids(range(1, 2000)) == {m.id for c in (rated, unrated, bobs)
+                                                          for m in store.messages(c.id)}
+    assert store.conversation_owners([rated.id, bobs.id, 10**9]) == {rated.id: alice.id, bobs.id: bob.id}
+    store.delete_conversation(rated.id, alice.id)
+    assert store.existing_message_ids([a1.id, u1.id]) == {u1.id}
+    assert store.conversation_owners(range(1, 2000)) == {unrated.id: alice.id, bobs.id: bob.id}
 
 
 # ------------------------------------------------------------------------------------------ engine

@@ -50,10 +50,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from assistant.config import Settings
-from memory.schema import conversations, feedback, messages, synthetic_pairs
 from memory.store import Store
 from training.dataset_sources import (
     Example,
@@ -290,28 +287,13 @@ def _heldout_exists(store: Store, rows: list[dict[str, Any]]) -> list[bool]:
     """Which frozen rows still have every message / synthetic pair they came from."""
     msg_ids = {r[k] for r in rows for k in ("message_id", "other_message_id") if r.get(k) is not None}
     syn_ids = {r["synthetic_id"] for r in rows if r.get("synthetic_id") is not None}
-    alive_msgs: set[int] = set()
-    with store.engine.connect() as conn:
-        ids = sorted(msg_ids)
-        for i in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
-            alive_msgs |= set(conn.execute(sa.select(messages.c.id).where(messages.c.id.in_(ids[i:i + 900])))
-                              .scalars())
+    alive_msgs = store.existing_message_ids(msg_ids)
     alive_syn = SyntheticPairs(store).existing_ids(syn_ids)
     out = []
     for r in rows:
         ok = all(r.get(k) is None or r[k] in alive_msgs for k in ("message_id", "other_message_id"))
         ok = ok and (r.get("synthetic_id") is None or r["synthetic_id"] in alive_syn)
         out.append(ok)
-    return out
-
-
-def _owners(store: Store, conversation_ids: set[int]) -> dict[int, int]:
-    ids = sorted(conversation_ids)
-    out: dict[int, int] = {}
-    with store.engine.connect() as conn:
-        for i in range(0, len(ids), 900):
-            out.update(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
-                                    .where(conversations.c.id.in_(ids[i:i + 900]))).all())
     return out
 
 
@@ -333,7 +315,7 @@ def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shar
     rows = {k: read_jsonl(root / f"{k}.jsonl") for k in KINDS}
     removed = 0
     marks = marks or {}
-    owners = (_owners(store, {r["conversation_id"] for k in KINDS for r in rows[k]} - {None})
+    owners = (store.conversation_owners({r["conversation_id"] for k in KINDS for r in rows[k]} - {None})
               if forgotten or marks else {})
     cited = sorted({c for k in KINDS for r in rows[k] for c in r.get("passage_ids") or []})
     stored = set(shared_chunks(cited)) if shared_chunks is not None and cited else set(cited)
@@ -655,8 +637,5 @@ def _manifest(version: str, options: BuildOptions, log: TrainingLog, syn: list[A
 
 def store_summary(store: Store) -> dict[str, int]:
     """Small summary for CLIs and the admin view: conversations, feedback and teacher pairs."""
-    with store.engine.connect() as conn:
-        n_conv = conn.execute(sa.select(sa.func.count()).select_from(conversations)).scalar_one()
-        n_fb = conn.execute(sa.select(sa.func.count()).select_from(feedback)).scalar_one()
-        n_syn = conn.execute(sa.select(sa.func.count()).select_from(synthetic_pairs)).scalar_one()
-    return {"conversations": int(n_conv), "feedback": int(n_fb), "synthetic_pairs": int(n_syn)}
+    return {"conversations": store.counts()["conversations"], "feedback": store.count_feedback(),
+            "synthetic_pairs": SyntheticPairs(store).counts()["total"]}

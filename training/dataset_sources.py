@@ -31,11 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from assistant.prompt import Passage, render_turn
 from memory import longterm
-from memory.schema import conversations, feedback, messages
 from memory.store import Store, thread_order
 
 # Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
@@ -156,44 +153,24 @@ class TrainingLog:
 
 
 def read_training_log(store: Store) -> TrainingLog:
-    """Bulk, read-only: all feedback and the user/assistant messages of conversations that have feedback.
-
-    Two queries instead of one per conversation, so 100k logged turns read in seconds. Only the
-    columns a dataset may use are selected: of `sources` only chunk ids and scopes; `memories` and
-    `steps` deliberately not.
+    """Bulk, read-only: all feedback and the user/assistant messages of conversations that have feedback
+    (`Store.read_feedback_log`), so 100k logged turns read in seconds. Of `sources` only chunk ids and
+    scopes are kept.
     """
-    fb_cols = (feedback.c.id, feedback.c.message_id, feedback.c.kind, feedback.c.rating, feedback.c.corrected,
-               feedback.c.other_message_id, feedback.c.chosen_message_id)
-    rated_conversations = (
-        sa.select(messages.c.conversation_id)
-        .join(feedback, feedback.c.message_id == messages.c.id)
-        .distinct()
-    )
-    msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
-                messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.imported,
-                messages.c.sources)
-    with store.engine.connect() as conn:
-        fb = [LogFeedback(*row) for row in conn.execute(sa.select(*fb_cols).order_by(feedback.c.id))]
-        rows = conn.execute(
-            sa.select(*msg_cols)
-            .where(messages.c.conversation_id.in_(rated_conversations))
-            .where(messages.c.role.in_(("user", "assistant")))
-            .order_by(messages.c.conversation_id, messages.c.id)
-        )
-        msgs: dict[int, LogMessage] = {}
-        by_conv: dict[int, list[LogMessage]] = defaultdict(list)
-        for row in rows:
-            m = LogMessage(*row[:-2], imported=bool(row[-2]), sources=_cited(row[-1]))
-            msgs[m.id] = m
-            by_conv[m.conversation_id].append(m)
-        # Reading order, not id order: an answer chosen later for an earlier question (regenerate-and-
-        # choose) belongs right after that question in every later prompt.
-        by_conv = defaultdict(list, {c: thread_order(ms) for c, ms in by_conv.items()})
-        max_msg = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar() or 0
-        owners = dict(conn.execute(sa.select(conversations.c.id, conversations.c.user_id)
-                                   .where(conversations.c.id.in_(rated_conversations))).all())
+    log = store.read_feedback_log()
+    fb = [LogFeedback(*row) for row in log.feedback]
+    msgs: dict[int, LogMessage] = {}
+    by_conv: dict[int, list[LogMessage]] = defaultdict(list)
+    for row in log.messages:
+        m = LogMessage(*row[:-2], imported=bool(row[-2]), sources=_cited(row[-1]))
+        msgs[m.id] = m
+        by_conv[m.conversation_id].append(m)
+    # Reading order, not id order: an answer chosen later for an earlier question (regenerate-and-
+    # choose) belongs right after that question in every later prompt.
+    by_conv = defaultdict(list, {c: thread_order(ms) for c, ms in by_conv.items()})
     return TrainingLog(messages=msgs, by_conversation=dict(by_conv), feedback=fb,
-                       max_feedback_id=fb[-1].id if fb else 0, max_message_id=int(max_msg), owners=owners)
+                       max_feedback_id=fb[-1].id if fb else 0, max_message_id=log.max_message_id,
+                       owners=log.owners)
 
 
 def _cited(sources: Any) -> tuple[tuple[str, str], ...]:

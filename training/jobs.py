@@ -37,6 +37,7 @@ import sqlalchemy as sa
 
 from memory.db import utcnow, write_transaction
 from memory.schema import job_events, training_jobs
+from memory.store import Store
 from training.loop import (
     CycleCancelled,
     CycleFailed,
@@ -430,6 +431,20 @@ def _kill_orphan(pid: int) -> None:
     if "training.train" in cmdline or "training.evaluate" in cmdline:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def job_history(store: Store) -> list[tuple[datetime, dict[str, Any]]]:
+    """(created_at, params) of every job, newest first: what the automatic loop's rules look at."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(training_jobs.c.created_at, training_jobs.c.params)
+                            .order_by(training_jobs.c.id.desc()))
+        return [(r.created_at, r.params or {}) for r in rows]
+
+
+def active_job_id(store: Store) -> int | None:
+    """The queued or running job's id, if any."""
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(training_jobs.c.id).where(training_jobs.c.status.in_(ACTIVE))).scalar()
 
 
 def runner_for(services: Any) -> JobRunner:

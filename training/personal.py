@@ -37,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from memory.db import utcnow, write_transaction
-from memory.schema import feedback, training_jobs
+from memory.schema import training_jobs
 from training.personal_data import (
     feedback_count,
     mark_forgotten,
@@ -177,10 +177,7 @@ def _has_new_feedback(services: Any, user_id: int, since: datetime | None) -> bo
     """Feedback arrived since the user's last personal retrain started (none yet: any feedback)."""
     if since is None:
         return True
-    with services.store.engine.connect() as conn:
-        n = conn.execute(sa.select(sa.func.count()).select_from(feedback)
-                         .where(feedback.c.user_id == user_id, feedback.c.created_at > since)).scalar_one()
-    return int(n) > 0
+    return services.store.count_feedback(user_id=user_id, since=since) > 0
 
 
 def cycle_options(user_id: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

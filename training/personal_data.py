@@ -27,7 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from memory.db import utcnow, write_transaction
-from memory.schema import feedback, personal_settings
+from memory.schema import personal_settings
 from memory.store import Store
 from training.dataset_sources import Example, TrainingLog
 
@@ -71,9 +71,7 @@ def opted_in_users(store: Store) -> list[int]:
 
 def mark_forgotten(store: Store, user_id: int) -> int:
     """Record the user's newest feedback id: everything up to it stays out of later builds. Returns it."""
-    with store.engine.connect() as conn:
-        newest = conn.execute(sa.select(sa.func.max(feedback.c.id)).where(feedback.c.user_id == user_id)).scalar()
-    newest = int(newest or 0)
+    newest = store.newest_feedback_id(user_id) or 0
     _upsert(store, user_id, forgotten_through=newest)
     return newest
 
@@ -88,11 +86,7 @@ def forget_marks(store: Store) -> dict[int, int]:
 
 def feedback_count(store: Store, user_id: int, after: int | None = None) -> int:
     """Feedback rows the user gave (after feedback id `after`, when given)."""
-    q = sa.select(sa.func.count()).select_from(feedback).where(feedback.c.user_id == user_id)
-    if after is not None:
-        q = q.where(feedback.c.id > after)
-    with store.engine.connect() as conn:
-        return int(conn.execute(q).scalar_one())
+    return store.count_feedback(user_id=user_id, after_id=after)
 
 
 # ------------------------------------------------------------------------------------------ the log

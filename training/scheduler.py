@@ -28,9 +28,9 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 from memory.db import utcnow, write_transaction
-from memory.schema import feedback as feedback_table
-from memory.schema import loop_settings, training_jobs
-from training.jobs import JobBusy, NotReady, runner_for
+from memory.schema import loop_settings
+from memory.store import Store
+from training.jobs import JobBusy, NotReady, active_job_id, job_history, runner_for
 from training.loop import CycleOptions
 from training.personal import cycle_options as personal_options
 from training.personal import next_personal, sync_personal
@@ -137,21 +137,12 @@ class LoopState:
     active_job: int | None
 
 
-def loop_state(store: Any) -> LoopState:
-    with store.engine.connect() as conn:
-        # The shared adapter's last job: personal retrains (training/personal.py) neither delay nor feed it.
-        last = next((r.created_at for r in conn.execute(
-            sa.select(training_jobs.c.created_at, training_jobs.c.params).order_by(training_jobs.c.id.desc()))
-            if (r.params or {}).get("user_id") is None), None)
-        if last is not None and last.tzinfo is None:
-            last = last.replace(tzinfo=UTC)  # aggregate results skip the column type on SQLite
-        q = sa.select(sa.func.count()).select_from(feedback_table)
-        if last is not None:
-            q = q.where(feedback_table.c.created_at > last)
-        n = conn.execute(q).scalar_one()
-        active = conn.execute(sa.select(training_jobs.c.id)
-                              .where(training_jobs.c.status.in_(("queued", "running")))).scalar()
-    return LoopState(last, int(n), active)
+def loop_state(store: Store) -> LoopState:
+    # The shared adapter's last job: personal retrains (training/personal.py) neither delay nor feed it.
+    last = next((at for at, params in job_history(store) if params.get("user_id") is None), None)
+    if last is not None and last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    return LoopState(last, store.count_feedback(since=last), active_job_id(store))
 
 
 def due(ls: LoopSettings, state: LoopState, now: datetime) -> tuple[bool, str]:
