@@ -51,12 +51,14 @@ log = logging.getLogger("assistant.personal")
 
 # What a personal cycle uses unless the caller overrides it. A user's data is small (tens of rows), so held-out
 # loss and preference accuracy are judged from two items, without a significance test (none can be significant
-# at that size: the report says what each check can see). The general suite and grounding keep their lines.
+# at that size: the report says what each check can see). The general suite keeps its lines, and grounding on the
+# shared gate's held-out document questions is judged from one question: a personal adapter may not answer them
+# worse than the shared one (declining to decide below a minimum would keep every personal adapter out).
 PERSONAL_GATE: dict[str, Any] = {
     "target_metrics": ["val_loss", "pref_accuracy", "grounded"],
     "gain_metrics": ["pref_accuracy", "val_loss"],
     "gain_significance": 0.0,
-    "min_sft_rows": 2, "min_pair_rows": 2, "min_liked_correct_rows": 2, "min_grounded_rows": 4,
+    "min_sft_rows": 2, "min_pair_rows": 2, "min_liked_correct_rows": 2, "min_grounded_rows": 1,
 }
 PERSONAL_BUILD: dict[str, Any] = {"split_ratios": [0.7, 0.1, 0.2], "heldout_min_rows": 8, "replay_ratio": 0.5}
 PERSONAL_KEEP = 2  # personal versions kept on disk per user (the serving one is always kept)
@@ -202,10 +204,14 @@ def sync_personal(services: Any) -> dict[int, str | None]:
 
     on = services.settings.personal_adapters
     wanted: dict[int, str] = {}
+    current = chat.personal_users()
     for uid in opted_in_users(services.store) if on else []:
         reg = registry_for(services, uid)
         name = reg.serving()
         if name is None:
+            continue
+        if current.get(uid) == name and backend.has_adapter(name):
+            wanted[uid] = name  # verified when it was loaded; not hashed again every tick
             continue
         try:
             v = reg.verify(name)
@@ -215,7 +221,6 @@ def sync_personal(services: Any) -> dict[int, str | None]:
         except Exception as e:  # noqa: BLE001 - a broken personal adapter: the user gets the shared one
             log.error("personal adapter %s of user %s cannot be served: %s", name, uid, e)
     changes: dict[int, str | None] = {}
-    current = chat.personal_users()
     for uid, name in wanted.items():
         if current.get(uid) != name:
             chat.set_personal(uid, name)

@@ -1,0 +1,304 @@
+"""Personal adapters, measured: do users with conflicting tastes each get what they like from their own adapter?
+
+    .venv/bin/python -m bench.personal [--model DIR] [--threads 1] [--asks 16] [--json FILE]
+
+What happens, in one process through the product's own parts (`build_services`, `ChatService`, the job runner,
+`assistant.actions.personal`):
+
+1. A fresh home with personal adapters on. An admin adds the Lumen Desk documents (tests/data/docs) as shared
+   documents. Four users opt in, each with a HIDDEN preference, and the four conflict:
+   - short: answers under 15 words;
+   - bullets: a bulleted list (at least two lines that start with "- ", "* " or "1.");
+   - follow-up: the answer ends with a question to them;
+   - brand: the answer opens with the product's name (the question file's `product`, "Lumen Desk").
+2. The users ask the question file's `trained` questions (`ask`), served by the base model with retrieval
+   (greedy; the served answer is logged for each user as their own turn). Each user rates every answer by their
+   preference: a liked answer gets a thumbs up; a disliked one a thumbs down and an edit into the answer they
+   wanted (the question's `ideal` answer, reshaped to their taste).
+3. An admin retrains the shared adapter on everyone's feedback (one job), and it is promoted even when the gate
+   declines (the bench compares against it; the report gives the gate's verdict).
+4. Each user's personal retrain runs as a job (`PersonalActions.train`: from the shared adapter's weights, on their
+   own feedback plus shared replay, judged by the personal gate). Its time is reported.
+5. Examiners ask the held-out paraphrases (`heldout`, never asked in training) greedily with retrieval, once under
+   the base model, once under the shared adapter, and once per user under that user's personal candidate (served
+   or not: the report says which the gate served).
+
+Reported per user: like rate under base, shared and personal; grounded accuracy with retrieval (an answer holds one
+alternative of every key-fact group); the gate's general-ability score (general_qa: base, shared, personal) and
+the time of each personal retrain. A markdown table goes to stdout, every number to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+QA_FILE = Path(__file__).with_name("loop_qa.json")
+DOCS = ROOT / "tests" / "data" / "docs"
+BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S", re.M)
+
+
+# ------------------------------------------------------------------------------------------ the users' tastes
+def words(text: str) -> int:
+    return len(re.findall(r"\S+", text))
+
+
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+
+
+def likes_short(answer: str, product: str) -> bool:
+    return 0 < words(answer) < 15
+
+
+def likes_bullets(answer: str, product: str) -> bool:
+    return len(BULLET.findall(answer)) >= 2
+
+
+def likes_follow_up(answer: str, product: str) -> bool:
+    return answer.rstrip().endswith("?")
+
+
+def likes_brand(answer: str, product: str) -> bool:
+    return answer.lstrip(" *#\"'").lower().startswith(product.lower())
+
+
+def edit_short(ideal: str, product: str) -> str:
+    first = sentences(ideal)[0] if sentences(ideal) else ideal
+    w = first.split()
+    return first if len(w) < 15 else " ".join(w[:13]).rstrip(",;:") + "."
+
+
+def edit_bullets(ideal: str, product: str) -> str:
+    parts = sentences(ideal)
+    if len(parts) < 2:
+        parts = [p.strip() for p in re.split(r",\s+|\s+and\s+", ideal.rstrip(".")) if p.strip()]
+    if len(parts) < 2:
+        parts = [ideal.rstrip("."), f"Source: the {product} documents"]
+    return "\n".join(f"- {p.rstrip('.')}" for p in parts)
+
+
+def edit_follow_up(ideal: str, product: str) -> str:
+    return ideal.rstrip() + " Would you like to know more about it?"
+
+
+def edit_brand(ideal: str, product: str) -> str:
+    return ideal if likes_brand(ideal, product) else f"{product}: {ideal[0].lower() + ideal[1:]}"
+
+
+TASTES: dict[str, tuple[Callable[[str, str], bool], Callable[[str, str], str]]] = {
+    "short": (likes_short, edit_short),
+    "bullets": (likes_bullets, edit_bullets),
+    "follow_up": (likes_follow_up, edit_follow_up),
+    "brand": (likes_brand, edit_brand),
+}
+
+
+def grounded(answer: str, keys: list[list[str]]) -> bool:
+    low = answer.lower()
+    return all(any(alt.lower() in low for alt in group) for group in keys)
+
+
+# ------------------------------------------------------------------------------------------ asking
+def ask_all(services: Any, user: Any, questions: list[str], model: str = "assistant", max_tokens: int = 80,
+            log: bool = True) -> list[Any]:
+    """Greedy answers to `questions` as `user`, started together (they share the batch), drained in threads."""
+    from assistant.chat import TurnRequest
+
+    replies = [services.chat.reply(TurnRequest(user=user, text=q, model=model, temperature=0.0,
+                                               max_tokens=max_tokens, source="bench")) for q in questions]
+    threads = [threading.Thread(target=r.drain) for r in replies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if not log:  # examiners' answers are not kept as anyone's conversations
+        for r in replies:
+            if r.conversation is not None:
+                services.store.delete_conversation(r.conversation.id, user.id)
+    return replies
+
+
+def like_rate(answers: list[str], taste: str, product: str) -> float:
+    likes = TASTES[taste][0]
+    return round(sum(likes(a, product) for a in answers) / max(len(answers), 1), 3)
+
+
+def grounded_rate(answers: list[str], facts: list[dict[str, Any]]) -> float:
+    return round(sum(grounded(a, f["keys"]) for a, f in zip(answers, facts, strict=True)) / max(len(facts), 1), 3)
+
+
+def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
+    if not report:
+        return None
+    m = (report.get("metrics") or {}).get(which) or {}
+    v = m.get("general_qa")
+    return round(float(v), 3) if isinstance(v, int | float) else None
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run(model: str | None, threads: int, asks: int, home: Path) -> dict[str, Any]:
+    from assistant.actions.base import Operator
+    from assistant.actions.personal import PersonalActions
+    from assistant.config import Settings
+    from assistant.services import build_services
+    from training.jobs import runner_for
+    from training.registry import Registry
+
+    qa = json.loads(QA_FILE.read_text(encoding="utf-8"))
+    product = qa.get("product") or "Lumen Desk"
+    facts = qa["trained"][:asks]
+    overrides: dict[str, Any] = {"home": home, "torch_threads": threads, "train_threads": threads,
+                                 "personal_adapters": True, "personal_min_feedback": min(8, asks),
+                                 "personal_retrains_per_day": 10}
+    if model:
+        overrides["model"] = model
+    settings = Settings.load(env={}, **overrides)
+    services = build_services(settings)
+    t_start = time.perf_counter()
+    out: dict[str, Any] = {"machine": {"cpu": _cpu(), "threads": threads, "python": platform.python_version()},
+                           "model": settings.model, "asks": len(facts), "users": {}}
+    try:
+        store = services.store
+        admin = store.create_user("admin", "bench-admin-pw", role="admin")
+        for doc in sorted(DOCS.glob("*.md")):
+            services.knowledge.ingest(admin, doc.name, doc.read_bytes(), scope="shared")
+        actions = PersonalActions(services)
+        users = {taste: store.create_user(f"user-{taste}", f"bench-{taste}-pw") for taste in TASTES}
+        for u in users.values():
+            actions.set_opt_in(u, True)
+
+        # 2. chat under the base model (one greedy answer per question, logged for each user), rate, edit
+        t0 = time.perf_counter()
+        asker = store.create_user("asker", "bench-asker-pw")
+        served = ask_all(services, asker, [f["ask"] for f in facts], log=False)
+        for taste, u in users.items():
+            likes, edit = TASTES[taste]
+            for f, r in zip(facts, served, strict=True):
+                conv = store.create_conversation(u.id, f["id"], source="bench")
+                _, a = store.add_turn(conv.id, f["ask"], r.text, adapter=r.adapter, sources=r.sources)
+                if likes(r.text, product):
+                    store.add_thumb(u.id, a.id, 1)
+                else:
+                    store.add_thumb(u.id, a.id, -1)
+                    store.add_edit(u.id, a.id, edit(f["ideal"], product))
+        out["chat_s"] = round(time.perf_counter() - t0, 1)
+        out["training_like_rate_base"] = {t: like_rate([r.text for r in served], t, product) for t in TASTES}
+
+        # 5a. the examiners' held-out answers under the base model
+        examiner = store.create_user("examiner", "bench-examiner-pw")
+        held = [f["heldout"] for f in facts]
+        base_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
+
+        # 3. the shared retrain, promoted for the comparison whatever the gate said
+        runner = runner_for(services)
+        t0 = time.perf_counter()
+        job = runner.start({"auto_promote": True, "build": {"split_ratios": [0.7, 0.1, 0.2]}}, requested_by="bench",
+                           trigger="bench")
+        job = runner.wait(job.id)
+        if job.status != "succeeded":
+            raise RuntimeError(f"shared retrain {job.status}: {job.error}")
+        shared_name = job.result["candidate"]
+        shared_reg = Registry(settings, store)
+        if shared_reg.serving() != shared_name:
+            shared_reg.promote(shared_name, services, actor="bench", force=True,
+                               reason="bench: compared whatever the gate said")
+        shared_report = shared_reg.get(shared_name).report()
+        out["shared"] = {"version": shared_name, "seconds": round(time.perf_counter() - t0, 1),
+                         "gate_passed": job.result["passed"], "reason": job.result["reason"],
+                         "timings": job.result["timings"], "general_qa_base": general_qa(shared_report, "base"),
+                         "general_qa": general_qa(shared_report, "candidate")}
+        shared_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
+
+        # 4. one personal retrain per user, then 5b. their held-out answers under their personal candidate
+        operator = Operator("bench")
+        for taste, u in users.items():
+            t0 = time.perf_counter()
+            pj = actions.train(operator, u.id, {})
+            pj = runner.wait(pj["id"])
+            seconds = round(time.perf_counter() - t0, 1)
+            row: dict[str, Any] = {"job": pj.id, "status": pj.status, "seconds": seconds, "error": pj.error}
+            if pj.status == "succeeded":
+                name = pj.result["candidate"]
+                reg = Registry(settings, store, owner_id=u.id)
+                v = reg.get(name)
+                if not services.backend.has_adapter(name):  # a refused candidate is measured too
+                    services.backend.load_adapter(name, v.adapter_dir)
+                answers = [r.text for r in ask_all(services, u, held, model=name, log=False)]
+                rep = v.report()
+                row.update(version=name, served=reg.serving() == name, gate_passed=pj.result["passed"],
+                           reason=pj.result["reason"], timings=pj.result["timings"],
+                           general_qa=general_qa(rep, "candidate"),
+                           like_personal=like_rate(answers, taste, product),
+                           grounded_personal=grounded_rate(answers, facts), samples=answers[:3])
+            row.update(like_base=like_rate(base_answers, taste, product),
+                       like_shared=like_rate(shared_answers, taste, product))
+            out["users"][taste] = row
+        out["grounded_base"] = grounded_rate(base_answers, facts)
+        out["grounded_shared"] = grounded_rate(shared_answers, facts)
+        out["samples"] = {"base": base_answers[:3], "shared": shared_answers[:3]}
+    finally:
+        out["total_s"] = round(time.perf_counter() - t_start, 1)
+        services.close()
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def table(res: dict[str, Any]) -> str:
+    lines = ["| user (taste) | like: base | shared | personal | gain vs base | vs shared | grounded: personal "
+             "| general_qa: personal | retrain s | served |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for taste, r in res["users"].items():
+        p = r.get("like_personal")
+        gain = f"{100 * (p - r['like_base']):+.1f}" if p is not None else "-"
+        vs = f"{100 * (p - r['like_shared']):+.1f}" if p is not None else "-"
+        lines.append(f"| {taste} | {100 * r['like_base']:.1f} | {100 * r['like_shared']:.1f} | "
+                     f"{'-' if p is None else f'{100 * p:.1f}'} | {gain} | {vs} | "
+                     f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} | {r['seconds']} | "
+                     f"{r.get('served', '-')} |")
+    sh = res.get("shared", {})
+    lines.append("")
+    lines.append(f"grounded with retrieval: base {res.get('grounded_base')}, shared {res.get('grounded_shared')}; "
+                 f"general_qa: base {sh.get('general_qa_base')}, shared {sh.get('general_qa')}; "
+                 f"shared retrain {sh.get('seconds')} s (gate passed: {sh.get('gate_passed')}); "
+                 f"total {res.get('total_s')} s")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for serving and training")
+    ap.add_argument("--asks", type=int, default=16, help="questions each user asks (at most the file's 16)")
+    ap.add_argument("--home", type=Path, default=None, help="state folder (default: a fresh temporary one)")
+    ap.add_argument("--json", type=Path, default=None, help="write every number here")
+    ns = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    home = ns.home or Path(tempfile.mkdtemp(prefix="bench-personal-"))
+    res = run(ns.model, ns.threads, ns.asks, home)
+    if ns.json:
+        ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
