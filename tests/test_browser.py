@@ -215,7 +215,7 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     click(d, "#feedback-save")
     thumb = eventually(lambda: [f for f in store.feedback_for_message(answer.id)
                                 if f.kind == "thumb" and f.reason == "wrong"], "the reason to be stored")[0]
-    wait_for(d, lambda d: "reason: wrong" in text_of(d, "#notice"), "the saved notice")
+    wait_for(d, lambda d: "saved with your reason" in text_of(d, "#notice"), "the saved notice")
     wait_for(d, lambda d: not d.find_elements(By.CSS_SELECTOR, "#feedback-popup #reason"), "the popup to close")
     d.refresh()  # the thumb is shown again after a reload
     wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Disliked"]'),

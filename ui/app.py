@@ -341,7 +341,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
     def on_delete(cid, request: gr.Request):
         user = _user(services, request)
         h.delete_conversation(services, user, cid)
-        return (*_show(services, h.ChatView(None), user), "Conversation deleted.", hide)
+        return (*_show(services, h.ChatView(None), user), T("note_deleted"), hide)
 
     p.really_btn.click(on_delete, [p.conv], [*p.outputs, p.notice, p.confirm_row], **PRIVATE)
 
@@ -405,18 +405,18 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
         user = _user(services, request)
         if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
                 or view.row_ids[data.index] is None:
-            return skip(), skip(), skip(), skip(), skip(), "Wait until the answer is complete, then rate it."
+            return skip(), skip(), skip(), skip(), skip(), T("note_wait_to_rate")
         answer_id = view.row_ids[data.index]
         try:
             if data.liked is True or data.liked is False:
                 rating = 1 if data.liked is True else -1
                 h.rate(services, user, answer_id, rating)
-                note = "Thumbs up saved." if rating > 0 else "Thumbs down saved."
+                note = T("note_thumb_up" if rating > 0 else "note_thumb_down")
                 return (*_feedback_outputs(view, answer_id), rating, gr.Group(visible=True), note)
             h.clear_rating(services, user, answer_id)
         except h.UiError as e:
             return skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
-        return (*_feedback_outputs(view, answer_id), None, gr.Group(visible=False), "Rating withdrawn.")
+        return (*_feedback_outputs(view, answer_id), None, gr.Group(visible=False), T("note_withdrawn"))
 
     p.chatbot.like(on_like, [p.view], [p.selected, p.target, p.edit_box, p.rating, p.popup, p.notice], **PRIVATE)
 
@@ -434,9 +434,8 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
         if rating not in (1, -1):
             raise h.UiError("rate the answer with a thumb first")
         h.rate(services, user, answer_id, rating, why or None, note)
-        mark = "Thumbs up" if rating > 0 else "Thumbs down"
-        suffix = f" (reason: {why})" if why else ""
-        return f"{mark} saved{suffix}.", "", "", gr.Group(visible=False)
+        return T("note_reason_saved" if why or note else "note_thumb_up" if rating > 0 else "note_thumb_down"), \
+            "", "", gr.Group(visible=False)
 
     p.save_reason.click(on_reason, [p.selected, p.rating, p.reason, p.comment],
                         [p.notice, p.comment, p.reason, p.popup], **PRIVATE)
@@ -447,7 +446,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
         user = _user(services, request)
         h.edit_answer(services, user, answer_id, corrected)
         view = h.conversation_view(services, user, cid)
-        return gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view, "Correction saved."
+        return gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view, T("note_corrected")
 
     p.save_edit.click(on_edit, [p.selected, p.edit_box, p.conv], [p.chatbot, p.view, p.notice], **PRIVATE)
 
@@ -468,7 +467,7 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
             for c in h.stream_regenerate(services, user, answer_id, reply, active, request.session_hash or ""):
                 ready = gr.Button(interactive=c.done and c.alternative_id is not None)
                 note = "" if not c.done else (
-                    "Which answer is better?" if c.alternative_id else "Stopped: nothing to compare.")
+                    T("note_which_better") if c.alternative_id else T("note_nothing_to_compare"))
                 yield (gr.Row(visible=True), "**A** (current)\n\n" + safe_markdown(c.original_text),
                        "**B** (new)\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
                        c, ready if c.done else locked, ready if c.done else locked, note)
@@ -488,9 +487,8 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
             chosen = c.original_id if pick_original else c.alternative_id
             h.choose(services, user, c.original_id, c.alternative_id, chosen)
             view = h.conversation_view(services, user, cid)
-            label = "A" if pick_original else "B"
             return (*_show(services, view, user, chosen), gr.Row(visible=False), None,
-                    f"Saved: you preferred {label}.")
+                    T("note_preferred_a" if pick_original else "note_preferred_b"))
         return on_choose
 
     outputs = [*p.outputs, p.compare_row, p.cmp, p.notice]

@@ -51,6 +51,18 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "regenerate": ("Regenerate and compare", "다시 생성해서 비교하기"),
     "a_better": ("A is better", "A가 더 좋음"),
     "b_better": ("B is better", "B가 더 좋음"),
+    # notices (whole sentences: a notice is translated as a whole in the browser)
+    "note_deleted": ("Conversation deleted.", "대화를 삭제했습니다."),
+    "note_wait_to_rate": ("Wait until the answer is complete, then rate it.", "답변이 끝난 뒤에 평가해 주세요."),
+    "note_thumb_up": ("Thumbs up saved.", "좋아요를 저장했습니다."),
+    "note_thumb_down": ("Thumbs down saved.", "싫어요를 저장했습니다."),
+    "note_withdrawn": ("Rating withdrawn.", "평가를 취소했습니다."),
+    "note_reason_saved": ("Rating saved with your reason.", "이유와 함께 평가를 저장했습니다."),
+    "note_corrected": ("Correction saved.", "고친 답변을 저장했습니다."),
+    "note_which_better": ("Which answer is better?", "어느 답변이 더 좋은가요?"),
+    "note_nothing_to_compare": ("Stopped: nothing to compare.", "중지되어 비교할 답변이 없습니다."),
+    "note_preferred_a": ("Saved: you preferred A.", "저장했습니다: A를 선택했습니다."),
+    "note_preferred_b": ("Saved: you preferred B.", "저장했습니다: B를 선택했습니다."),
     # the admin console
     "admin_heading": ("## Self-improvement loop", "## 자기 개선 루프"),
     "admin_refresh": ("Refresh", "새로 고침"),
