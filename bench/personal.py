@@ -147,7 +147,9 @@ def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run(model: str | None, threads: int, asks: int, home: Path) -> dict[str, Any]:
+def run(model: str | None, threads: int, asks: int, home: Path,
+        saved: Callable[[dict[str, Any]], None] = lambda _res: None) -> dict[str, Any]:
+    """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers."""
     from assistant.actions.base import Operator
     from assistant.actions.personal import PersonalActions
     from assistant.config import Settings
@@ -219,6 +221,9 @@ def run(model: str | None, threads: int, asks: int, home: Path) -> dict[str, Any
                          "timings": job.result["timings"], "general_qa_base": general_qa(shared_report, "base"),
                          "general_qa": general_qa(shared_report, "candidate")}
         shared_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
+        out["grounded_base"] = grounded_rate(base_answers, facts)
+        out["grounded_shared"] = grounded_rate(shared_answers, facts)
+        saved(out)
 
         # 4. one personal retrain per user, then 5b. their held-out answers under their personal candidate
         operator = Operator("bench")
@@ -244,6 +249,7 @@ def run(model: str | None, threads: int, asks: int, home: Path) -> dict[str, Any
             row.update(like_base=like_rate(base_answers, taste, product),
                        like_shared=like_rate(shared_answers, taste, product))
             out["users"][taste] = row
+            saved(out)
         out["grounded_base"] = grounded_rate(base_answers, facts)
         out["grounded_shared"] = grounded_rate(shared_answers, facts)
         out["samples"] = {"base": base_answers[:3], "shared": shared_answers[:3]}
@@ -294,9 +300,12 @@ def main() -> None:
     ns = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     home = ns.home or Path(tempfile.mkdtemp(prefix="bench-personal-"))
-    res = run(ns.model, ns.threads, ns.asks, home)
-    if ns.json:
-        ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
+    def save(res: dict[str, Any]) -> None:
+        if ns.json:
+            ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
+
+    res = run(ns.model, ns.threads, ns.asks, home, save)
+    save(res)
     print(table(res))
 
 
