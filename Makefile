@@ -11,7 +11,7 @@ run: setup
 
 # Installs and starts PostgreSQL (and chromium for the browser tests) when it can, then runs everything.
 test: setup
-	. ./scripts/services.sh && { .venv/bin/python -m pytest -q -ra -m ""; rc=$$?; assistant_stop_services; exit $$rc; }
+	. ./scripts/services.sh && { .venv/bin/python -m pytest -q -ra -m "" -n 2 --dist loadfile --durations=15; rc=$$?; assistant_stop_services; exit $$rc; }
 
 test-fast: setup
 	.venv/bin/python -m pytest -q
@@ -39,15 +39,15 @@ lint: setup
 BENCH_OUT ?= /tmp/assistant-bench
 bench: setup
 	mkdir -p $(BENCH_OUT)
-	.venv/bin/python bench/chat_latency.py
-	.venv/bin/python bench/retrieval.py quality
-	.venv/bin/python bench/retrieval.py scale
-	.venv/bin/python bench/training_data.py
-	.venv/bin/python bench/cycle.py --docs-out $(BENCH_OUT) --json $(BENCH_OUT)/cycle.json
-	.venv/bin/python bench/load.py --json $(BENCH_OUT)/load.json
-	.venv/bin/python bench/loop.py --json $(BENCH_OUT)/loop.json
+	.venv/bin/python -m bench.chat_latency
+	.venv/bin/python -m bench.retrieval quality
+	.venv/bin/python -m bench.retrieval scale
+	.venv/bin/python -m bench.training_data
+	.venv/bin/python -m bench.cycle --docs-out $(BENCH_OUT) --json $(BENCH_OUT)/cycle.json
+	.venv/bin/python -m bench.load --json $(BENCH_OUT)/load.json
+	.venv/bin/python -m bench.loop --json $(BENCH_OUT)/loop.json
 	if nvidia-smi -L >/dev/null 2>&1; then \
-		.venv/bin/python bench/train_throughput.py gpu --out $(BENCH_OUT)/train; \
+		.venv/bin/python -m bench.train_throughput gpu --out $(BENCH_OUT)/train; \
 	else \
-		.venv/bin/python bench/train_throughput.py cpu --out $(BENCH_OUT)/train; \
+		.venv/bin/python -m bench.train_throughput cpu --out $(BENCH_OUT)/train; \
 	fi

@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one torch/OpenMP thread each (and in the servers they
+    # start), or the two collapse each other's speed.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from assistant.config import Settings  # noqa: E402
 
@@ -209,8 +213,14 @@ def tiny_embedder_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_model_dir(tmp_path_factory) -> Path:
-    """The embedded SmolLM2-135M-Instruct, hash-checked and converted once per test session (~40 s),
+    """The embedded SmolLM2-135M-Instruct, hash-checked and converted once per test run (~40 s),
     for the few `slow` tests that need the real model."""
+    from filelock import FileLock
+
     from assistant.models import prepare_model
 
-    return prepare_model(Settings.load(env={}, home=tmp_path_factory.mktemp("embedded-model")), progress=False)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by this run's workers: the first converts, the others wait and reuse it
+    with FileLock(str(root / "embedded-model.lock")):
+        return prepare_model(Settings.load(env={}, home=root / "embedded-model"), progress=False)

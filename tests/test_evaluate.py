@@ -462,6 +462,7 @@ def test_cli_bad_input_exits_2_with_a_json_error(learnable_dir: Path, adapters, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the whole general suite, twice, on the real model with one torch thread
 def test_general_suite_on_the_embedded_model_and_a_wrecked_adapter(tmp_path: Path, embedded_model_dir: Path):
     """SmolLM2 answers the shipped questions; an adapter with large random weights fails the
     forgetting guard against the base model (and the held-out checks)."""
