@@ -52,7 +52,7 @@ CSS = """
   #chatbot { height: calc(100dvh - 250px) !important; min-height: 240px; }
   #input-row { position: sticky; bottom: 0; z-index: 5; background: var(--background-fill-primary);
                flex-wrap: nowrap; padding-bottom: 4px; }
-  #input-row button { min-width: 56px !important; }
+  #input-row button { min-width: 56px !important; white-space: nowrap; padding-left: 8px; padding-right: 8px; }
   #header { flex-wrap: wrap; gap: 4px; }
   #header > * { min-width: 0 !important; }
   #product { flex: 1 1 100% !important; }
@@ -185,11 +185,11 @@ def _header() -> gr.Markdown:
     with gr.Row(equal_height=True, elem_id="header"):
         gr.Markdown(f"### {PRODUCT}", elem_id="product")
         who = gr.Markdown(elem_id="whoami")
-        gr.Button(T("other_language"), size="sm", scale=0, elem_id="lang-toggle").click(
+        gr.Button(T("other_language"), size="sm", scale=0, min_width=80, elem_id="lang-toggle").click(
             None, js=LANGUAGE_TOGGLE_JS, **PRIVATE)
-        gr.Button(T("dark_mode"), size="sm", scale=0, elem_id="theme-toggle").click(
+        gr.Button(T("dark_mode"), size="sm", scale=0, min_width=110, elem_id="theme-toggle").click(
             None, js=DARK_TOGGLE_JS, **PRIVATE)
-        gr.Button(T("log_out"), link="/logout", size="sm", scale=0, elem_id="logout")
+        gr.Button(T("log_out"), link="/logout", size="sm", scale=0, min_width=80, elem_id="logout")
     return who
 
 
@@ -287,7 +287,8 @@ def _admin_tab(services: Services) -> gr.Tab:
 # ---------------------------------------------------------------------------------------------- wiring
 def _feedback_outputs(view: h.ChatView, answer_id: int | None) -> tuple:
     text = view.answers.get(answer_id, "") if answer_id is not None else ""
-    return answer_id, h.answer_summary(view, answer_id), text
+    summary = h.answer_summary(view, answer_id) if answer_id in view.answers else T("no_answer_selected")
+    return answer_id, summary, text
 
 
 def _show(services: Services, view: h.ChatView, user, answer_id: int | None = None) -> tuple:

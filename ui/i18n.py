@@ -52,6 +52,8 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "a_better": ("A is better", "A가 더 좋음"),
     "b_better": ("B is better", "B가 더 좋음"),
     # notices (whole sentences: a notice is translated as a whole in the browser)
+    "no_answer_selected": ("No answer selected yet: send a message, then rate, correct or regenerate its answer.",
+                           "아직 선택한 답변이 없습니다. 메시지를 보낸 뒤 답변을 평가하거나 고치거나 다시 생성하세요."),
     "note_deleted": ("Conversation deleted.", "대화를 삭제했습니다."),
     "note_wait_to_rate": ("Wait until the answer is complete, then rate it.", "답변이 끝난 뒤에 평가해 주세요."),
     "note_thumb_up": ("Thumbs up saved.", "좋아요를 저장했습니다."),
