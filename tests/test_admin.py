@@ -302,6 +302,9 @@ def test_job_states_say_what_happened_to_the_serving_model() -> None:
     assert ui_admin.job_outcome({"status": "failed"}) == "failed; nothing changed"
     assert ui_admin.plain_error("ValueError: split ratios must sum to 1") == "Split ratios must sum to 1"
     assert ui_admin.plain_error("training.loop.CycleFailed: no rows") == "No rows"
+    assert ui_admin.plain_error(
+        "training failed (exit code 1): Traceback (most recent call last): | ValueError: the snapshot "
+        "/srv/home/datasets/v0003 has no rows") == "Training failed (exit code 1): the snapshot v0003 has no rows"
 
 
 def test_progress_names_the_phase_n_of_total_and_a_whole_job_eta() -> None:

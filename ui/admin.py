@@ -143,9 +143,17 @@ def jobs_rows(actions: AdminActions, user: User | None, limit: int = 30) -> pd.D
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
+_EXCEPTION_NAME = re.compile(r"(^|[:|(]\s*)(?:[A-Za-z_][\w.]*(?:Error|Exception|Failed|Busy|NotFound|Ready)):\s*")
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):\s*\|?\s*")
+_PATH = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+([\w.-]+)")
+
+
 def plain_error(message: str) -> str:
-    """An error as a sentence for the page: no leading exception class name ("ValueError: ...")."""
-    text = re.sub(r"^\s*(?:[A-Za-z_][\w.]*(?:Error|Exception|Failed|Busy|NotFound|Ready)):\s*", "", message or "")
+    """An error as a sentence for the page: no exception class names ("ValueError: ..."), no traceback
+    header, and a file or folder named by its last part instead of a full path on the server."""
+    text = _TRACEBACK.sub("", message or "")
+    text = _EXCEPTION_NAME.sub(r"\1", text)
+    text = _PATH.sub(r"\1", text).strip()
     return text[:1].upper() + text[1:] if text else ""
 
 
