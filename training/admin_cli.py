@@ -22,12 +22,15 @@ import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from assistant.config import Settings
 from training.registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from training.jobs import Job, JobRunner
 
 app = typer.Typer(help="Retrain, evaluate, promote and roll back adapters; jobs and schedule.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -126,7 +129,7 @@ def train(
         raise typer.Exit(1)
 
 
-def _follow(runner: Any, job_id: int, quiet: bool) -> Any:
+def _follow(runner: JobRunner, job_id: int, quiet: bool) -> Job:
     """Wait for the job, printing phases and training progress on stderr."""
     seen = 0
     while runner.running_here(job_id):
@@ -150,7 +153,7 @@ def _num(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, int | float) else "-"
 
 
-def _job_text(job: Any) -> str:
+def _job_text(job: Job) -> str:
     lines = [f"job {job.id}: {job.status} ({job.trigger}, by {job.requested_by or '-'}, "
              f"created {job.created_at:%Y-%m-%d %H:%M:%S})"]
     p = job.progress

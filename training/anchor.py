@@ -25,9 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.teacher import content_words, numbers
+
+if TYPE_CHECKING:
+    from assistant.runtime import Backend
 
 ANCHOR_FORMAT = 2  # bump when the way answers are made or checked changes (invalidates caches); 2: batched
 MAX_NEW_TOKENS = 96
@@ -73,7 +76,7 @@ def _cache_key(model_name: str, replay_path: Path, system_prompt: str) -> str:
     return h.hexdigest()[:16]
 
 
-def anchored_replay(backend: Any, replay_path: Path, system_prompt: str, cache_dir: Path, *,
+def anchored_replay(backend: Backend, replay_path: Path, system_prompt: str, cache_dir: Path, *,
                     progress: Callable[[int, int], None] | None = None) -> AnchorReport:
     """The replay file with base-model answers where they agree with the reference (cached)."""
     from assistant.prompt import render_turn

@@ -48,11 +48,12 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assistant.config import Settings
 from memory.store import Store
 from training.dataset_sources import (
+    ChunkReader,
     Example,
     TrainingLog,
     forgotten_digests,
@@ -85,6 +86,9 @@ from training.snapshots import (
     write_pointer,
 )
 from training.synth import SyntheticPairs
+
+if TYPE_CHECKING:
+    from memory.knowledge import KnowledgeBase
 
 # The snapshot readers are re-exported: callers know them as training.dataset_build's.
 __all__ = [
@@ -301,7 +305,7 @@ def _row_texts(row: dict[str, Any]) -> list[str]:
     return [m["content"] for col in ("messages", "prompt", "chosen", "rejected", "completion")
             for m in row.get(col) or []]
 
-def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shared_chunks: Any | None = None,
+def _load_heldout(root: Path, store: Store, forgotten: dict[int, set[str]], shared_chunks: ChunkReader | None = None,
                   marks: dict[int, int] | None = None,
                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]] | None:
     meta_path = root / "meta.json"
@@ -376,7 +380,7 @@ class Gathered:
     by_kind: dict[str, list[Example]]
     filters: dict[str, FilterStats]
     forgotten: dict[int, set[str]]
-    shared_chunks: Callable[[list[str]], dict[str, tuple[str, str]]] | None
+    shared_chunks: ChunkReader | None
     marks: dict[int, int] = field(default_factory=dict)  # user id -> feedback id they had forgotten through
 
 
@@ -400,7 +404,7 @@ def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
     return kept, dropped
 
 
-def gather_examples(store: Store, settings: Settings, options: BuildOptions, knowledge: Any | None = None,
+def gather_examples(store: Store, settings: Settings, options: BuildOptions, knowledge: KnowledgeBase | None = None,
                     cleaning: Callable[[], None] | None = None, owner_id: int | None = None) -> Gathered:
     """Read the store and the teacher's pairs, then scrub, filter and de-duplicate: the rows a build splits.
 
@@ -453,7 +457,7 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
 
 
 def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
-                   progress: ProgressFn | None = None, knowledge: Any | None = None,
+                   progress: ProgressFn | None = None, knowledge: KnowledgeBase | None = None,
                    owner_id: int | None = None) -> BuildResult:
     """Read, clean, split and write one snapshot; see the module docstring for what goes where.
 

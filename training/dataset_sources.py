@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from assistant.prompt import Passage, render_turn
 from memory import longterm
 from memory.store import Store, thread_order
 
+# Reads stored chunks by id: {chunk_id: (title, text)} of those still there (KnowledgeBase.shared_chunks).
+ChunkReader = Callable[[list[str]], dict[str, tuple[str, str]]]
 # Answers that may be trained on: finished ones, including a regenerated "alternative" (memory/store.py).
 ANSWER_STATUSES = ("complete", "alternative")
 # What the chat service leaves out of the history it sends the model (assistant/chat.py), so a
@@ -182,8 +184,8 @@ def _cited(sources: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def with_serving_context(examples: list[Example], log: TrainingLog, system: str,
-                         shared_chunks: Any | None, private_chunks: Any | None = None) -> tuple[list[Example], Counter]:
+def with_serving_context(examples: list[Example], log: TrainingLog, system: str, shared_chunks: ChunkReader | None,
+                         private_chunks: ChunkReader | None = None) -> tuple[list[Example], Counter]:
     """Give every example the serving system prompt and the shared passages its answer cited.
 
     `shared_chunks(chunk_ids) -> {chunk_id: (title, text)}` reads what is still stored in the shared

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -50,6 +50,9 @@ from training.loop import (
 from training.personal import readiness as personal_readiness
 from training.readiness import Readiness, check_readiness
 from training.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from assistant.services import Services
 
 log = logging.getLogger("assistant.jobs")
 JOB_KIND = "retrain"
@@ -139,7 +142,7 @@ def _json_safe(data: dict[str, Any]) -> dict[str, Any]:
 class JobRunner:
     """Starts cycles as jobs and answers questions about them. One per process (`services.jobs`)."""
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self.services = services
         self.store = services.store
         self.settings = services.settings
@@ -447,7 +450,7 @@ def active_job_id(store: Store) -> int | None:
         return conn.execute(sa.select(training_jobs.c.id).where(training_jobs.c.status.in_(ACTIVE))).scalar()
 
 
-def runner_for(services: Any) -> JobRunner:
+def runner_for(services: Services) -> JobRunner:
     """The process's job runner (created once, kept in ``services.jobs``)."""
     runner = services.jobs
     if runner is None:

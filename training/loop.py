@@ -30,12 +30,20 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.evaluate import GateConfig
 from training.personal import PERSONAL_GATE, enforce_disk
 from training.registry import Registry
 from training.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from assistant.config import Settings
+    from assistant.services import Services
+    from memory.knowledge import KnowledgeBase
+    from memory.store import Store
+    from memory.types import User
+    from training.registry import AdapterVersion
 
 log = logging.getLogger("assistant.loop")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +269,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the cycle
-def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: CycleHooks | None = None,
+def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks: CycleHooks | None = None,
               job_id: int | None = None, actor: str | None = None, work_dir: Path | None = None,
               passage_for: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None) -> CycleResult:
     """Build -> synth (optional) -> train -> evaluate -> register -> promote/reject. See module docstring.
@@ -450,7 +458,7 @@ def run_cycle(services: Any, options: CycleOptions | None = None, *, hooks: Cycl
 
 
 # ------------------------------------------------------------------------------------------ steps
-def _serving_precision(settings: Any) -> tuple[str, str]:
+def _serving_precision(settings: Settings) -> tuple[str, str]:
     """Device and dtype the server generates with: the gate judges the candidate as it will serve."""
     import torch
 
@@ -472,7 +480,7 @@ def _check_evaluable(snapshot: Path) -> None:
             "Collect feedback in a few more conversations: held-out examples come from whole conversations.") from e
 
 
-def _anchor(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> Any:
+def _anchor(services: Services, options: CycleOptions, progress: Callable[[int, int], None]) -> Any:
     """`training.anchor.AnchorReport` for this cycle's replay, or None (no backend, no replay, or off)."""
     from training.anchor import anchored_replay
     from training.dataset_build import DEFAULT_REPLAY
@@ -486,7 +494,7 @@ def _anchor(services: Any, options: CycleOptions, progress: Callable[[int, int],
                            progress=progress)
 
 
-def _dataset(settings: Any, store: Any, options: CycleOptions, knowledge: Any | None = None,
+def _dataset(settings: Settings, store: Store, options: CycleOptions, knowledge: KnowledgeBase | None = None,
              replay_path: Path | None = None) -> Path:
     from training.dataset_build import build_datasets
 
@@ -548,7 +556,7 @@ def teacher_options(overrides: dict[str, Any] | None) -> Any:
     return TeacherOptions(**data)
 
 
-def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
+def _synth(services: Services, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
     from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
     from training.teacher import self_teacher
 
@@ -575,17 +583,17 @@ def _synth(services: Any, options: CycleOptions, progress: Callable[[int, int], 
             "seconds": round(report.seconds, 2)}
 
 
-def _first_admin(store: Any) -> Any:
+def _first_admin(store: Store) -> User | None:
     return next((u for u in store.list_users() if u.is_admin), None)
 
 
-def _latest_shared_snapshot(settings: Any) -> Path | None:
+def _latest_shared_snapshot(settings: Settings) -> Path | None:
     from training.snapshots import latest_snapshot
 
     return latest_snapshot(settings)
 
 
-def _doc_qa_file(services: Any, snapshot: Path, work: Path,
+def _doc_qa_file(services: Services, snapshot: Path, work: Path,
                  passage_for: Callable[[dict[str, Any]], tuple[str, str] | None] | None,
                  extra: str | None = None) -> Path | None:
     """Held-out teacher rows (document questions) with their source passage and title, then the curated
@@ -622,7 +630,7 @@ def _doc_qa_file(services: Any, snapshot: Path, work: Path,
     return path
 
 
-def _kb_passages(services: Any) -> Callable[[dict[str, Any]], tuple[str, str] | None] | None:
+def _kb_passages(services: Services) -> Callable[[dict[str, Any]], tuple[str, str] | None] | None:
     kb = services.knowledge
     if kb is None:
         return None
@@ -643,7 +651,7 @@ def folder_passages(folder: Path | str) -> Callable[[dict[str, Any]], tuple[str,
     return lambda row: by_id.get((str(row.get("doc_id")), str(row.get("chunk_id"))))
 
 
-def _retitle_report(version: Any) -> None:
+def _retitle_report(version: AdapterVersion) -> None:
     """The report was written before the candidate had a version name; put the name in."""
     p = version.eval_dir / "report.json"
     if not p.is_file():

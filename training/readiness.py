@@ -22,7 +22,7 @@ rows, which are not feedback. The rules:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.dataset_build import (
     SMALL_DATA_MIN_GROUPS,
@@ -32,6 +32,14 @@ from training.dataset_build import (
     heldout_frozen,
 )
 from training.snapshots import HELDOUT_DIR, read_jsonl
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from assistant.config import Settings
+    from memory.knowledge import KnowledgeBase
+    from memory.store import Store
+    from training.dataset_build import Gathered
 
 MIN_TRAIN_ROWS = 8
 MIN_HELDOUT_ROWS = 2
@@ -54,8 +62,9 @@ class Readiness:
         return asdict(self)
 
 
-def check_readiness(store: Any, settings: Any, build: dict[str, Any] | BuildOptions | None = None,
-                    stages: list[str] | tuple[str, ...] = ("sft", "dpo"), knowledge: Any | None = None) -> Readiness:
+def check_readiness(store: Store, settings: Settings, build: dict[str, Any] | BuildOptions | None = None,
+                    stages: list[str] | tuple[str, ...] = ("sft", "dpo"),
+                    knowledge: KnowledgeBase | None = None) -> Readiness:
     """Count what a retrain with these options would train and be judged on; see the module docstring."""
     options = build if isinstance(build, BuildOptions) else _build_options(build)
     root = settings.datasets_dir
@@ -91,7 +100,7 @@ def _build_options(overrides: dict[str, Any] | None) -> BuildOptions:
     return build_options(overrides)
 
 
-def _frozen_rows(root: Any) -> dict[str, list[dict[str, Any]]]:
+def _frozen_rows(root: Path) -> dict[str, list[dict[str, Any]]]:
     """The frozen held-out rows as stored (read only: deleted rows drop out at the next build)."""
     out = {}
     for kind in TRAINED_KINDS:
@@ -100,7 +109,7 @@ def _frozen_rows(root: Any) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def _feedback_counts(gathered: Any) -> dict[str, int]:
+def _feedback_counts(gathered: Gathered) -> dict[str, int]:
     fb = gathered.log.feedback
     thumbs = [f for f in fb if f.kind == "thumb"]
     return {"thumbs_up": sum(1 for f in thumbs if (f.rating or 0) > 0),

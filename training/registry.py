@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -48,6 +48,12 @@ from assistant.config import Settings
 from memory.db import utcnow, write_transaction
 from memory.schema import adapter_serving, adapter_versions
 from memory.store import Store
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+    from assistant.runtime import Backend
+    from assistant.services import Services
 
 log = logging.getLogger("assistant.registry")
 
@@ -228,7 +234,7 @@ class Registry:
                                .order_by(adapter_serving.c.id.desc()).limit(1)).first()
         return row.version if row else None
 
-    def _stack(self, conn: Any) -> list[str | None]:
+    def _stack(self, conn: Connection) -> list[str | None]:
         """Replay the history: promote pushes, rollback pops. Bottom is always the base model (None)."""
         stack: list[str | None] = [None]
         for action, version in conn.execute(sa.select(adapter_serving.c.action, adapter_serving.c.version)
@@ -352,8 +358,8 @@ class Registry:
         return self.get(name)
 
     # ------------------------------------------------------------------ serving
-    def promote(self, name: str, services: Any = None, *, actor: str | None = None, reason: str | None = None,
-                force: bool = False) -> SwapResult:
+    def promote(self, name: str, services: Services | None = None, *, actor: str | None = None,
+                reason: str | None = None, force: bool = False) -> SwapResult:
         """Make `name` the serving version: verify, load beside the current one, record, switch.
 
         `services` (with `.backend` and `.chat`) is the running server's; without it only the record
@@ -368,7 +374,7 @@ class Registry:
             self.verify(v)
             return self._switch("promote", name, services, actor, reason)
 
-    def rollback(self, services: Any = None, *, actor: str | None = None,
+    def rollback(self, services: Services | None = None, *, actor: str | None = None,
                  reason: str | None = None) -> SwapResult:
         """Serve whatever served before the current version (see the module docstring)."""
         with self._lock:
@@ -377,7 +383,7 @@ class Registry:
                 self.verify(target)
             return self._switch("rollback", target, services, actor, reason)
 
-    def _switch(self, action: str, name: str | None, services: Any, actor: str | None,
+    def _switch(self, action: str, name: str | None, services: Services | None, actor: str | None,
                 reason: str | None) -> SwapResult:
         t0 = time.perf_counter()
         backend = getattr(services, "backend", None)
@@ -413,7 +419,7 @@ class Registry:
         return SwapResult(version=name, previous=previous, event_id=event_id, loaded=chat is not None,
                           seconds=round(time.perf_counter() - t0, 3))
 
-    def restore_serving(self, services: Any) -> str | None:
+    def restore_serving(self, services: Services) -> str | None:
         """Start-up: load the recorded serving version into the backend and point the chat at it.
 
         A serving version that fails verification is not loaded: the registry rolls back (recorded,
@@ -443,7 +449,7 @@ class Registry:
         except RegistryError:
             return None
 
-    def sync_serving(self, services: Any) -> bool:
+    def sync_serving(self, services: Services) -> bool:
         """Make the running server serve what the store records (a CLI or another process may have
         promoted). Returns True when it switched."""
         with self._lock:
@@ -461,7 +467,7 @@ class Registry:
             log.warning("sync: now serving %s (recorded elsewhere)", recorded or "the base model")
             return True
 
-    def unload_retired(self, backend: Any, grace_s: float) -> list[str]:
+    def unload_retired(self, backend: Backend, grace_s: float) -> list[str]:
         """Unload registry versions that are neither serving nor the rollback target and stopped being
         needed more than `grace_s` ago (requests that resolved them before the switch have finished)."""
         with self._lock:
@@ -518,7 +524,7 @@ class Registry:
         """Bytes this registry's folder holds on disk."""
         return folder_bytes(self.root)
 
-    def delete_all(self, backend: Any = None) -> dict[str, int]:
+    def delete_all(self, backend: Backend | None = None) -> dict[str, int]:
         """A personal registry only: unload, then delete every version (folders and rows) and its serving history.
 
         For "forget what you learned from me" and for deleting a user; the shared registry refuses."""
@@ -551,7 +557,7 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def restore_serving(services: Any) -> str | None:
+def restore_serving(services: Services) -> str | None:
     """Server start-up hook: load and serve the recorded serving version (see `Registry.restore_serving`).
 
     Uses ``services.registry``, the one the admin routes share.

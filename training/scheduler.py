@@ -23,7 +23,7 @@ import re
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
@@ -35,6 +35,9 @@ from training.loop import CycleOptions
 from training.personal import cycle_options as personal_options
 from training.personal import next_personal, sync_personal
 from training.registry import Registry
+
+if TYPE_CHECKING:
+    from assistant.services import Services
 
 log = logging.getLogger("assistant.scheduler")
 SETTINGS_KEY = "schedule"
@@ -108,13 +111,13 @@ class LoopSettings:
         return {f.name: f.metadata["help"] for f in fields(cls)}
 
 
-def load_loop_settings(store: Any) -> LoopSettings:
+def load_loop_settings(store: Store) -> LoopSettings:
     with store.engine.connect() as conn:
         value = conn.execute(sa.select(loop_settings.c.value).where(loop_settings.c.key == SETTINGS_KEY)).scalar()
     return LoopSettings.from_dict(value) if value else LoopSettings()
 
 
-def save_loop_settings(store: Any, changes: dict[str, Any], by: str | None = None) -> LoopSettings:
+def save_loop_settings(store: Store, changes: dict[str, Any], by: str | None = None) -> LoopSettings:
     """Apply `changes` to the stored settings; ValueError (nothing saved) when the result is invalid."""
     if not isinstance(changes, dict):
         raise ValueError("schedule changes must be an object")
@@ -181,7 +184,7 @@ def _hours(d: timedelta) -> str:
 class Scheduler:
     """Ticks every `poll_s` seconds: sync serving, unload retired adapters, start a due retrain."""
 
-    def __init__(self, services: Any, poll_s: float = 30.0, unload_grace_s: float | None = None) -> None:
+    def __init__(self, services: Services, poll_s: float = 30.0, unload_grace_s: float | None = None) -> None:
         self.services = services
         self.poll_s = poll_s
         s = services.settings
@@ -268,7 +271,7 @@ class Scheduler:
                 log.exception("scheduler tick failed; trying again in %.0f s", self.poll_s)
 
 
-def start_loop(services: Any, *, poll_s: float = 30.0, start_thread: bool = True) -> Scheduler:
+def start_loop(services: Services, *, poll_s: float = 30.0, start_thread: bool = True) -> Scheduler:
     """Server start-up: recover jobs a crash left running, restore the serving adapter, start the scheduler.
 
     Keeps the job runner and scheduler in ``services.jobs`` and ``services.scheduler``.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -26,6 +26,10 @@ from memory.db import utcnow, write_transaction
 from memory.schema import synthetic_pairs
 from memory.store import Store
 from training.teacher import Chunk, Teacher, TeacherPair
+
+if TYPE_CHECKING:
+    from memory.knowledge import KnowledgeBase
+    from memory.types import User
 
 PAIR_KINDS = ("doc", "repair")
 
@@ -198,7 +202,7 @@ def chunks_from_folder(folder: Path, *, max_chars: int = 900, root: Path | None 
     return out
 
 
-def chunks_from_knowledge(kb: Any, user: Any, doc_ids: Iterable[str] | None = None) -> list[Chunk]:
+def chunks_from_knowledge(kb: KnowledgeBase, user: User, doc_ids: Iterable[str] | None = None) -> list[Chunk]:
     """Chunks of the documents `user` can read in a `memory.knowledge.KnowledgeBase`.
 
     Reads the chunk texts straight from the knowledge base's chroma collection (documents and their

@@ -33,9 +33,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from training.hygiene import quality_problem
+
+if TYPE_CHECKING:
+    from assistant.runtime import Backend
 
 # ---------------------------------------------------------------------------------------------- records
 
@@ -412,7 +415,7 @@ class TeacherModel(Protocol):
 class BackendTeacherModel:
     """The serving runtime backend (`assistant.runtime`), optionally with one of its adapters."""
 
-    def __init__(self, backend: Any, adapter: str | None = None, name: str | None = None) -> None:
+    def __init__(self, backend: Backend, adapter: str | None = None, name: str | None = None) -> None:
         self.backend = backend
         self.adapter = adapter
         base = getattr(backend, "model_name", "serving-model")
@@ -646,7 +649,7 @@ class GroundedTeacher:
         return [self.answer(q, chunk, source) for q, source in self.questions(chunk, questions)]
 
 
-def self_teacher(backend: Any, adapter: str | None = None,
+def self_teacher(backend: Backend, adapter: str | None = None,
                  options: TeacherOptions = TeacherOptions()) -> GroundedTeacher:
     """The embedded default: the serving model with the passage in context. The kept answer is the passage's
     own sentence (the extract); the model's judged samples are only the DPO pairs' rejected side
