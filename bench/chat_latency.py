@@ -10,7 +10,7 @@ paths feed the model the same tokens, which the script checks (prompt tokens, an
 Each path gets one untimed warm-up request first (the server's is reported on its own line), sent once
 /health says the server is warm. Prints a table; paste it into docs/benchmarks.md.
 
-    .venv/bin/python bench/chat_latency.py [--threads 2] [--max-tokens 64] [--repeats 3] [--stream-interval-ms MS ...]
+    .venv/bin/python -m bench.chat_latency [--threads 2] [--max-tokens 64] [--repeats 3] [--stream-interval-ms MS ...]
 """
 
 from __future__ import annotations

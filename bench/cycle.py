@@ -1,6 +1,6 @@
 """The whole self-improvement cycle on this CPU with the embedded model (SmolLM2-135M), timed.
 
-    .venv/bin/python bench/cycle.py [--model DIR] [--home DIR] [--conversations 120] [--no-synth] [--docs-out docs]
+    .venv/bin/python -m bench.cycle [--model DIR] [--home DIR] [--conversations 120] [--no-synth] [--docs-out docs]
 
 What it does, through the product's own code paths:
 1. a fresh home; the services of a server (`build_services`: store, model backend, knowledge base);
@@ -34,10 +34,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as `python bench/cycle.py`, Python puts bench/ first on the path; the project root goes there instead
-# (so `import training` works without an install and no bench script can shadow a package).
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"),
             ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Chile", "Santiago"), ("Kenya", "Nairobi"),
             ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Greece", "Athens"),

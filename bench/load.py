@@ -1,6 +1,6 @@
 """Load: N concurrent API users chat and rate for a fixed time against `assistant serve`.
 
-    .venv/bin/python bench/load.py [--users 50] [--duration 180] [--max-tokens 32] [--model DIR] [--url URL]
+    .venv/bin/python -m bench.load [--users 50] [--duration 180] [--max-tokens 32] [--model DIR] [--url URL]
                                    [--serving batched,sequential]
 
 With --serving naming both paths (the default), the whole run happens once per serving path, each
@@ -39,11 +39,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# `python bench/load.py` puts bench/ first on the path, where bench/datasets.py would shadow `datasets`.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.server_process import free_port, prepare_model, start_server
 
-from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QUESTIONS = [
     "What does Lumen Desk do?",
@@ -311,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths: list[str | None] = [None] if args.url else args.serving.split(",")
     results = [run_once(args, p) for p in paths]
-    command = "python bench/load.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.load " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.json:
         args.json.write_text(json.dumps({"command": command, "runs": results}, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """The self-improvement benchmark: does the loop make the assistant measurably better for its users?
 
-    .venv/bin/python bench/loop.py [--docs DIR --questions FILE] [--cycles 2] [--model DIR] [--gpu] [--out docs]
+    .venv/bin/python -m bench.loop [--docs DIR --questions FILE] [--cycles 2] [--model DIR] [--gpu] [--out docs]
         [--json FILE]
 
 Document sets (each a folder of documents and a question file; the default is the first):
@@ -66,11 +66,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.server_process import free_port, prepare_model, start_server
+from training.fact_check import unsupported_facts
 
-from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
-from training.fact_check import unsupported_facts  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 QA_FILE = Path(__file__).with_name("loop_qa.json")
 DOCS = ROOT / "tests" / "data" / "docs"

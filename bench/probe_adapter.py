@@ -1,6 +1,6 @@
 """Serve one adapter of a finished `bench/loop.py` home (in a copy) and measure it as the bench does.
 
-    .venv/bin/python bench/probe_adapter.py HOME VERSION OUT.json [--model DIR]
+    .venv/bin/python -m bench.probe_adapter HOME VERSION OUT.json [--model DIR]
 
 For an adapter the gate refused: the copy force-promotes it (`assistant admin promote --force`), starts
 `assistant serve`, runs the bench's user session (like rate) and its examiners (grounded with retrieval)
@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.loop import QA_FILE, Api, examine, share, user_session
+from bench.server_process import free_port, start_server
 
-from bench.loop import QA_FILE, Api, examine, share, user_session  # noqa: E402
-from bench.server_process import free_port, start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:

@@ -1,9 +1,9 @@
 """Retrieval benchmark: quality on the labelled set, ingest throughput, query latency at 10k/100k chunks.
 
-    .venv/bin/python bench/retrieval.py quality            # recall@k / MRR: hybrid vs dense vs lexical
-    .venv/bin/python bench/retrieval.py quality --korean   # the same on the Korean questions only
-    .venv/bin/python bench/retrieval.py scale [--sizes 10000 100000] [--real 5000] [--queries 200]
-    .venv/bin/python bench/retrieval.py router [--margin 0 0.03] [--verbose]   # tune the agent's relevance filter
+    .venv/bin/python -m bench.retrieval quality            # recall@k / MRR: hybrid vs dense vs lexical
+    .venv/bin/python -m bench.retrieval quality --korean   # the same on the Korean questions only
+    .venv/bin/python -m bench.retrieval scale [--sizes 10000 100000] [--real 5000] [--queries 200]
+    .venv/bin/python -m bench.retrieval router [--margin 0 0.03] [--verbose]   # tune the agent's relevance filter
 
 `quality` ingests tests/data/retrieval/docs into a fresh knowledge base through the real path and
 asks every question of tests/data/retrieval/queries.jsonl; a question counts as found at k when one
@@ -580,10 +580,6 @@ def main() -> None:
     sc.add_argument("--embedder", default=None, help="settings.embedder (default: the embedded fp32 model)")
     sc.add_argument("--cache", default=None, help="folder to cache real-pool embeddings between runs")
     args = p.parse_args()
-    # `python bench/retrieval.py` puts bench/ first on sys.path, where a sibling script (bench/datasets.py)
-    # would shadow the `datasets` library that sentence-transformers imports; use the repository root instead.
-    sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != ROOT / "bench"]
-    sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     {"quality": quality, "router": router, "scale": scale}[args.cmd](args)

@@ -1,6 +1,6 @@
 """Start-up shared by the benchmarks that drive `assistant serve` as a separate process (load.py, loop.py).
 
-Imported as `bench.server_process`: those scripts put the project root first on `sys.path`.
+Imported as `bench.server_process` by the benchmarks, which run as modules from the repository root.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Serving throughput through the real API: concurrent streams, one adapter or spread over 4, batched vs one at a time.
 
-    .venv/bin/python bench/serving.py [--streams 1,4,8,16] [--max-tokens 32] [--rounds 2]
+    .venv/bin/python -m bench.serving [--streams 1,4,8,16] [--max-tokens 32] [--rounds 2]
                                       [--paths batched,sequential] [--threads 2] [--no-raw]
 
 For each serving path (`serving=batched`, the default, and `serving=sequential`, one generation at a
@@ -31,10 +31,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from bench.server_process import free_port, prepare_model, start_server
 
-from bench.server_process import free_port, prepare_model, start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 QUESTION = "Write a short story about a lighthouse keeper and a storm."
 N_ADAPTERS = 4

@@ -12,8 +12,8 @@ the attention mask is not trivial. The loss is a full-vocabulary log-softmax ove
 SFT's and DPO's token log-probabilities are. This is what set `micro_batch_size`'s CPU default of 1
 (training/train_config.py): memory grows by about a row's worth for every row in the pass.
 
-    python bench/train_memory.py --model MODEL_DIR [--threads 2] [--json OUT.json]
-    python bench/train_memory.py --model MODEL_DIR --variants sdpa:0:1:1000 eager:0:1:1000
+    python -m bench.train_memory --model MODEL_DIR [--threads 2] [--json OUT.json]
+    python -m bench.train_memory --model MODEL_DIR --variants sdpa:0:1:1000 eager:0:1:1000
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
           "| GB per row |")
     print("|---|---|---|---|---|---|---|---|")
     for variant in ns.variants:
-        proc = subprocess.run([sys.executable, __file__, "--model", ns.model, "--threads", str(ns.threads),
-                               "--dtype", ns.dtype, "--child", variant],
-                              capture_output=True, text=True, env=env, check=False)
+        proc = subprocess.run([sys.executable, "-m", "bench.train_memory", "--model", ns.model,
+                               "--threads", str(ns.threads), "--dtype", ns.dtype, "--child", variant],
+                              capture_output=True, text=True, env=env, check=False,
+                              cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
             # A negative code is the signal that ended the child (-9: SIGKILL, the kernel's OOM killer's).
             tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:]

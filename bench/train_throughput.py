@@ -11,10 +11,10 @@ max_steps and measurement switches set) and LoRA r=16 on all linear layers; the 
 
 Commands (docs/benchmarks.md records what they printed):
 
-    python bench/train_throughput.py gpu --out OUT            # 1 GPU: stock vs optimised, + checks
-    python bench/train_throughput.py scaling --out OUT        # optimised on 1 GPU vs 2 GPUs (DDP)
-    python bench/train_throughput.py verify --tokenizer DIR --out OUT [--gpus 2]   # SFT->DPO via the CLI
-    python bench/train_throughput.py cpu --out OUT            # embedded-model shape, 1 thread, fp32 vs bf16
+    python -m bench.train_throughput gpu --out OUT            # 1 GPU: stock vs optimised, + checks
+    python -m bench.train_throughput scaling --out OUT        # optimised on 1 GPU vs 2 GPUs (DDP)
+    python -m bench.train_throughput verify --tokenizer DIR --out OUT [--gpus 2]   # SFT->DPO via the CLI
+    python -m bench.train_throughput cpu --out OUT            # embedded-model shape, 1 thread, fp32 vs bf16
 
 How FLOPs are counted (LoRA): per trained token, frozen matmul weights N cost 2N forward + 2N for the
 input gradient (their weight gradient is never computed): 4N; LoRA weights n cost 6n; attention costs
@@ -165,7 +165,7 @@ def run_variant(v: Variant, model: Path, data: Path, work: Path, warmup: int, ti
     if v.gpus == 1:  # one process seeing several GPUs would make Trainer use nn.DataParallel (TRL refuses)
         env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if v.kind == "stock":
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_stock", "--model", str(model), "--data", str(data),
+        cmd = [sys.executable, "-m", "bench.train_throughput", "_stock", "--model", str(model), "--data", str(data),
                "--steps", str(v.steps), "--work", str(work)]
     else:
         cfg_path = work / "cfg.json"
@@ -628,9 +628,6 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--steps", type=int, required=True)
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Run as a script, bench/ is sys.path[0]; keep bench scripts from shadowing installed packages.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != here]
     return {"gpu": gpu_main, "scaling": scaling_main, "cpu": cpu_main, "cpu-ab": cpu_ab_main, "verify": verify_main,
             "_stock": stock_main}[ns.mode](ns)
 

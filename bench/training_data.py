@@ -7,9 +7,9 @@
 2. Teacher: the self-teacher on the embedded SmolLM2-135M (the serving runtime backend, 1 thread)
    over the documents in tests/data/docs; pairs per minute and accepted pairs per minute.
 
-    .venv/bin/python bench/training_data.py                       # both (teacher part takes a few minutes)
-    .venv/bin/python bench/training_data.py --skip-teacher --turns 100000
-    .venv/bin/python bench/training_data.py --skip-build --questions 3 --candidates 4 --dump /tmp/pairs.json
+    .venv/bin/python -m bench.training_data                       # both (teacher part takes a few minutes)
+    .venv/bin/python -m bench.training_data --skip-teacher --turns 100000
+    .venv/bin/python -m bench.training_data --skip-build --questions 3 --candidates 4 --dump /tmp/pairs.json
 
 Prints a JSON summary and a markdown table to paste into docs/benchmarks.md.
 """
@@ -21,16 +21,12 @@ import json
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this file's folder comes first on sys.path and this file would shadow the
-# `datasets` package that the build imports; the repository root goes there instead.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 WORDS = ("account adapter answer backup battery billing browser budget cable calendar camera chart client "
          "cloud config cursor dashboard database deadline desk device driver editor email export filter "
          "folder font garden guest history holiday invoice keyboard laptop layout library license login "
