@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from assistant.actions.base import AdminRequired, LoginRequired
 from assistant.api import ApiError, example, examples, user_from_key
+from assistant.library_api import call_action
 from memory.types import User
-from training.jobs import JobBusy, JobNotFound, runner_for
-from training.registry import CorruptAdapter, Registry, RegistryError, UnknownVersion
+from training.jobs import runner_for
+from training.registry import Registry, RegistryError
 from training.scheduler import LoopSettings, due, load_loop_settings, loop_state, save_loop_settings
 
 _SNAPSHOT_RE = re.compile(r"^v\d{4,}$")
@@ -334,26 +335,6 @@ def _actions(request: Request) -> AdminActions:
 Actions = Annotated[AdminActions, Depends(_actions)]
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run an action and turn its exceptions into API errors (nothing was changed when it raises)."""
-    try:
-        return fn(*args, **kwargs)
-    except LoginRequired as e:
-        raise ApiError(401, str(e), "invalid_api_key") from e
-    except PermissionError as e:
-        raise ApiError(403, str(e), "forbidden") from e
-    except JobBusy as e:
-        raise ApiError(409, str(e), "job_running") from e
-    except CorruptAdapter as e:
-        raise ApiError(409, str(e), "adapter_corrupt") from e
-    except (JobNotFound, UnknownVersion, LookupError) as e:
-        raise ApiError(404, str(e).strip("'\""), "not_found") from e
-    except ValueError as e:
-        raise ApiError(400, str(e), "invalid_request_error") from e
-    except RuntimeError as e:  # a backend that cannot load an adapter, a build that failed
-        raise ApiError(409, f"{type(e).__name__}: {e}", "conflict") from e
-
-
 JOB_EXAMPLE = {"id": 3, "state": "running", "phase": "sft", "progress": 0.4}
 
 
@@ -368,80 +349,80 @@ def build_admin_router() -> APIRouter:
     @r.get("/counts", summary="What feedback and data there is", responses=example(
         {"conversations": 120, "messages": 480, "thumbs_up": 40, "thumbs_down": 12, "edits": 9, "pairs": 5}))
     def counts(user: Admin, a: Actions) -> dict:
-        return _call(a.counts, user)
+        return call_action(a.counts, user)
 
     @r.get("/datasets", summary="Dataset snapshots", responses=example({"data": [{"name": "v0004", "rows": 212}]}))
     def datasets(user: Admin, a: Actions) -> dict:
-        return {"data": _call(a.list_datasets, user)}
+        return {"data": call_action(a.list_datasets, user)}
 
     @r.post("/datasets", summary="Build a dataset snapshot", responses=example({"name": "v0005", "rows": 230}))
     def build(body: BuildIn, user: Admin, a: Actions) -> dict:
-        return _call(a.build_dataset, user, body.options)
+        return call_action(a.build_dataset, user, body.options)
 
     @r.get("/datasets/{name}/preview", summary="Rows of a snapshot",
            responses=example({"rows": [{"messages": [{"role": "user", "content": "Hi"}]}], "total": 212}))
     def preview(name: str, user: Admin, a: Actions, kind: str = "sft", split: str = "train", limit: int = 20,
                 offset: int = 0) -> dict:
-        return _call(a.preview_dataset, user, name, kind, split, limit, offset)
+        return call_action(a.preview_dataset, user, name, kind, split, limit, offset)
 
     @r.post("/synth", summary="Teacher pairs from the documents", responses=example({"accepted": 12, "rejected": 3}))
     def synth(body: SynthIn, user: Admin, a: Actions) -> dict:
-        return _call(a.synth, user, body.max_chunks, body.questions_per_chunk, body.docs)
+        return call_action(a.synth, user, body.max_chunks, body.questions_per_chunk, body.docs)
 
     @r.post("/jobs", status_code=202, summary="Start a retrain",
            openapi_extra=body_example({"stages": ["sft", "dpo"]}),
            responses=example({"id": 3, "state": "queued"}, 202))
     def start(body: dict[str, Any], user: Admin, a: Actions) -> dict:
-        return _call(a.start_retrain, user, body)
+        return call_action(a.start_retrain, user, body)
 
     @r.get("/jobs", summary="Retraining jobs", responses=example({"data": [JOB_EXAMPLE]}))
     def jobs(user: Admin, a: Actions, limit: int = 20) -> dict:
-        return {"data": _call(a.list_jobs, user, limit)}
+        return {"data": call_action(a.list_jobs, user, limit)}
 
     @r.get("/jobs/{job_id}", summary="One job with its progress events and log",
            responses=example({**JOB_EXAMPLE, "events": [], "log": []}))
     def job(job_id: int, user: Admin, a: Actions, since_event: int = 0, log_lines: int = 200) -> dict:
-        return _call(a.job_detail, user, job_id, since_event, log_lines)
+        return call_action(a.job_detail, user, job_id, since_event, log_lines)
 
     @r.post("/jobs/{job_id}/cancel", summary="Cancel a job", responses=example({"id": 3, "state": "cancelling"}))
     def cancel(job_id: int, user: Admin, a: Actions) -> dict:
-        return _call(a.cancel_job, user, job_id)
+        return call_action(a.cancel_job, user, job_id)
 
     @r.get("/adapters", summary="Adapter versions and the serving one",
            responses=example({"serving": "v0002", "versions": [{"name": "v0002", "gate": "passed"}]}))
     def adapters(user: Admin, a: Actions) -> dict:
-        return _call(a.list_adapters, user)
+        return call_action(a.list_adapters, user)
 
     @r.get("/adapters/{name}/report", summary="A candidate's evaluation report",
            responses=example({"name": "v0003", "passed": False, "reason": "held-out grounding fell 0.08"}))
     def report(name: str, user: Admin, a: Actions) -> dict:
-        return _call(a.report, user, name)
+        return call_action(a.report, user, name)
 
     @r.get("/adapters/{name}/report.png", summary="The report's plot", response_class=FileResponse,
            responses=example("(PNG bytes)", media="image/png"))
     def report_png(name: str, user: Admin, a: Actions) -> FileResponse:
-        return FileResponse(_call(a.report_plot, user, name), media_type="image/png")
+        return FileResponse(call_action(a.report_plot, user, name), media_type="image/png")
 
     @r.post("/adapters/{name}/promote", summary="Serve this version",
             responses=example({"serving": "v0003", "previous": "v0002"}))
     def promote(name: str, body: PromoteIn, user: Admin, a: Actions) -> dict:
-        return _call(a.promote, user, name, body.force, body.reason)
+        return call_action(a.promote, user, name, body.force, body.reason)
 
     @r.post("/rollback", summary="Serve the previous version again",
             responses=example({"serving": "v0002", "previous": "v0003"}))
     def rollback(body: RollbackIn, user: Admin, a: Actions) -> dict:
-        return _call(a.rollback, user, body.reason)
+        return call_action(a.rollback, user, body.reason)
 
     @r.get("/schedule", summary="Automatic retraining settings",
            responses=example({"enabled": False, "trigger": "feedback", "min_feedback": 50}))
     def get_schedule(user: Admin, a: Actions) -> dict:
-        return _call(a.get_schedule, user)
+        return call_action(a.get_schedule, user)
 
     @r.put("/schedule", summary="Change automatic retraining",
            openapi_extra=body_example({"enabled": True}),
            responses=example({"settings": {"enabled": True, "trigger": "feedback", "min_feedback": 50}}))
     def set_schedule(body: dict[str, Any], user: Admin, a: Actions) -> dict:
-        return {"settings": _call(a.set_schedule, user, body)}
+        return {"settings": call_action(a.set_schedule, user, body)}
 
     return r
 
@@ -454,12 +435,12 @@ def build_lora_router() -> APIRouter:
     @r.post("/load_lora_adapter", response_class=PlainTextResponse, summary="Load an adapter (vLLM's contract)",
             responses=example("Success: LoRA adapter 'v0003' added successfully.", media="text/plain"))
     def load_lora(body: LoadLoraIn, user: Admin, a: Actions) -> str:
-        return _call(a.load_lora_adapter, user, body.lora_name, body.lora_path)
+        return call_action(a.load_lora_adapter, user, body.lora_name, body.lora_path)
 
     @r.post("/unload_lora_adapter", response_class=PlainTextResponse, summary="Unload an adapter",
             responses=example("Success: LoRA adapter 'v0001' removed successfully.", media="text/plain"))
     def unload_lora(body: UnloadLoraIn, user: Admin, a: Actions) -> str:
-        return _call(a.unload_lora_adapter, user, body.lora_name)
+        return call_action(a.unload_lora_adapter, user, body.lora_name)
 
     return r
 

@@ -28,20 +28,31 @@ from assistant.actions.library import Library, Unavailable
 from assistant.api import ApiError, example, user_from_key
 from memory.store import Store
 from memory.types import User
+from training.jobs import JobBusy
+from training.registry import CorruptAdapter
 
 T = TypeVar("T")
 CurrentUser = Annotated[User, Depends(user_from_key)]
 
 
 def call_action(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run an action and turn its exceptions into API errors (nothing was changed when it raises)."""
+    """Run an action and turn its exceptions into API errors (nothing was changed when it raises).
+
+    The one mapping from an action's exceptions to HTTP answers, for every router (documents and
+    memories, account, users, admin, personal adapters). Order matters: the specific classes come
+    before the built-in ones they subclass.
+    """
     try:
         return fn(*args, **kwargs)
     except LoginRequired as e:
         raise ApiError(401, str(e), "invalid_api_key") from e
     except PermissionError as e:
         raise ApiError(403, str(e), "forbidden") from e
-    except LookupError as e:  # NotFound, and the store's own LookupErrors
+    except JobBusy as e:
+        raise ApiError(409, str(e), "job_running") from e
+    except CorruptAdapter as e:
+        raise ApiError(409, str(e), "adapter_corrupt") from e
+    except LookupError as e:  # NotFound, unknown jobs and versions, and the store's own LookupErrors
         raise ApiError(404, str(e).strip("'\""), "not_found") from e
     except Conflict as e:
         raise ApiError(409, str(e), "conflict") from e
@@ -51,6 +62,8 @@ def call_action(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ApiError(503, str(e), "unavailable") from e
     except ValueError as e:
         raise ApiError(400, str(e), "invalid_request_error") from e
+    except RuntimeError as e:  # a backend that cannot load an adapter, a build that failed
+        raise ApiError(409, f"{type(e).__name__}: {e}", "conflict") from e
 
 
 class PasswordChangeIn(BaseModel):
