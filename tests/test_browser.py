@@ -458,6 +458,12 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
     wait_for(d, lambda d: "Sources:" in text_of(d, "#chatbot") and "Pump" in text_of(d, "#chatbot"),
              "the cited source")
+    # the bubble lists the cited passage as "[1] <b>Pump</b> manual" (as text), which opens to its words
+    citation = css(d, "#chatbot details.citation summary")
+    assert citation.text.startswith("[1]") and "<b>Pump</b> manual" in citation.text
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", citation)
+    citation.click()
+    wait_for(d, lambda d: "blue reset key twice" in css(d, "#chatbot details.citation").text, "the passage")
 
     # ---- a memory learnt in chat is in the Memory tab when it is opened, without a reload
     open_tab(d, "Memory")
@@ -465,6 +471,7 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     open_tab(d, "Chat")
     css(d, "#message textarea").send_keys("Remember that my dog is called Rex.", Keys.ENTER)
     eventually(lambda: [m for m in lt.list_memories(dana.id) if "Rex" in m.text], "the memory learnt in chat")
+    wait_for(d, lambda d: "Memory updated: remembered" in text_of(d, "#chatbot"), "the note on the bubble")
     open_tab(d, "Memory")
     wait_for(d, lambda d: "Rex" in text_of(d, "#memory-table"), "the new memory without a reload")
     d.save_screenshot(str(tmp_path / "memory.png"))

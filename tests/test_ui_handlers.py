@@ -150,6 +150,11 @@ def test_details_show_adapter_settings_sources_memories_steps_escaped(env):
     assert "{" not in md  # no Python dicts
     assert "Stopped before the end." in md
     assert memory_note(answer) == "Memory updated: remembered “I like tea”"
+    # on the bubble itself: each cited passage in a closed box "[n] document" that opens to its words
+    bubble = h.conversation_view(s, alice, conv.id).rows[1]["content"]
+    assert '<details class="citation"><summary>[1] &lt;b>guide.md&lt;/b></summary>\n\n&lt;script>x()' in bubble
+    assert "<summary>[2] leave.md</summary>\n\nAnnual leave 15 days a year\n\n</details>" in bubble
+    assert "<script" not in bubble and "<b>" not in bubble
     assert "<script" not in md and "<b>" not in md and "<i>" not in md
     base = details_markdown(s.store.add_message(conv.id, "assistant", "b", adapter=None))
     assert "none (base model)" in base

@@ -23,7 +23,7 @@ from assistant.chat import ChatError, Reply, TurnRequest
 from assistant.runtime import GenerationError
 from memory.store import MAX_CORRECTED_CHARS
 from memory.types import REASON_TAGS, Feedback, Message, User
-from ui.render import DETAILS_TITLE, details_markdown, excerpt, memory_note, safe_markdown
+from ui.render import DETAILS_TITLE, citations_markdown, details_markdown, excerpt, memory_note, safe_markdown
 
 if TYPE_CHECKING:
     from assistant.services import Services
@@ -96,9 +96,12 @@ class ChatView:
         self.row_ids.append(None)
 
     def add_answer(self, message_id: int | None, text: str, details: str | None = None,
-                   notes: list[str] | None = None) -> None:
-        """`notes` show on the bubble itself, under the answer ("Stopped", "Corrected", "Memory updated")."""
+                   notes: list[str] | None = None, sources: list[dict[str, Any]] | None = None) -> None:
+        """`notes` show on the bubble itself, under the answer ("Stopped", "Corrected", "Memory updated"),
+        and so do the cited `sources`, each opening to its passage."""
         shown = safe_markdown(text)
+        if sources:
+            shown += "\n\n" + citations_markdown(sources)
         if notes:
             shown += "\n\n" + " · ".join(f"*{safe_markdown(n)}*" for n in notes)
         self.rows.append({"role": "assistant", "content": shown})
@@ -150,7 +153,7 @@ def conversation_view(services: Services, user: User, conversation_id: int | Non
                 "Stopped before the end" if m.status == "stopped" else None,
                 "Corrected by you (see the details for your version)" if edits else None,
                 memory_note(m)) if n]
-            view.add_answer(m.id, m.content, details, notes)
+            view.add_answer(m.id, m.content, details, notes, m.sources)
             # The Chatbot shows this per answer bubble, so a reload keeps the thumbs as they were.
             view.thumbs.append(None if not thumbs else "Like" if thumbs[-1].rating == 1 else "Dislike")
     return view

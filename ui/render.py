@@ -158,6 +158,20 @@ def _fmt_step(i: int, st: dict[str, Any]) -> str:
     return line
 
 
+def citations_markdown(sources: list[dict[str, Any]]) -> str:
+    """The passages an answer cites, on its bubble: one closed box per source, "[n] document", that
+    opens to the passage's words ([n] is how the prompt numbers them, so an answer's "[1]" is the first)."""
+    boxes = []
+    for i, src in enumerate(sources, 1):
+        if not isinstance(src, dict):
+            continue
+        name = _first(src, ("title", "document", "filename", "source", "name", "id")) or f"source {i}"
+        text = _first(src, ("snippet", "text", "excerpt", "content")) or ""
+        boxes.append(f'<details class="citation"><summary>[{i}] {_escape_plain(plain_snippet(str(name), 80))}'
+                     f"</summary>\n\n{_escape_plain(plain_snippet(str(text), 400))}\n\n</details>")
+    return "\n".join(boxes)
+
+
 def memory_note(message: Message) -> str | None:
     """"Memory updated: ..." when answering this changed what the assistant keeps about the user."""
     changed = [st for st in (message.steps or []) if isinstance(st, dict) and not st.get("error")
