@@ -52,6 +52,7 @@ from memory.store import Store
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from assistant.chat import ChatService
     from assistant.runtime import Backend
     from assistant.services import Services
 
@@ -191,14 +192,14 @@ class Registry:
         """The WHERE clause that keeps this registry's rows (the shared adapter's, or one user's)."""
         return table.c.owner_id.is_(None) if self.owner_id is None else table.c.owner_id == self.owner_id
 
-    def _point(self, chat: Any, name: str | None) -> None:
+    def _point(self, chat: ChatService, name: str | None) -> None:
         """Make the chat service serve `name` to this registry's users (everyone, or its owner)."""
         if self.owner_id is None:
             chat.set_serving(name)
         else:
             chat.set_personal(self.owner_id, name)
 
-    def _pointed(self, chat: Any) -> str | None:
+    def _pointed(self, chat: ChatService) -> str | None:
         return chat.serving_adapter if self.owner_id is None else chat.personal_adapter(self.owner_id)
 
     # ------------------------------------------------------------------ reading
