@@ -129,6 +129,26 @@ def _base_cache_key(base_model: Path, suite: GeneralSuite, gate: GateConfig, sys
     return h.hexdigest()[:24]
 
 
+def _read_general(path: Path | None, suite: GeneralSuite) -> dict[str, Any] | None:
+    """Kept general-suite results, or None: no cache, none kept yet, or a damaged file (measured again)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        return known if len(known["answers"]) == len(suite.qa) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_general(path: Path | None, mm: ModelMetrics) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"general_ppl": mm.general_ppl, "answers": mm.answers["general_qa"]}), encoding="utf-8")
+    tmp.replace(path)
+
+
 def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *,
              baseline: Path | str | None = None, baseline_name: str | None = None,
              candidate_name: str | None = None, gate: GateConfig | None = None,
@@ -139,7 +159,8 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
 
     `base_cache`: a folder where the base model's general-suite answers are kept between evaluations
     (they are the same for every candidate of the same base model, suite and settings; about 30 s a
-    retrain on the 2-core box)."""
+    retrain on the 2-core box), and the baseline adapter's too (the same for every candidate judged against
+    that adapter: every personal retrain trained from one shared version, training/personal.py)."""
     import torch
 
     t0 = time.perf_counter()
@@ -157,28 +178,24 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
     scorer = Scorer(model, tok, gate, system_prompt)
     metrics: dict[str, ModelMetrics] = {}
     # The base model only runs the general suite when a serving adapter is the baseline.
-    cache_file = None
-    known = None
+    cache_file = baseline_file = None
     if base_cache is not None:
         key = _base_cache_key(Path(base_model), suite, gate, system_prompt, device, dtype)
         cache_file = Path(base_cache) / f"base-general-{key}.json"
-        if cache_file.is_file():
-            try:
-                known = json.loads(cache_file.read_text(encoding="utf-8"))
-                if len(known["answers"]) != len(suite.qa):
-                    known = None
-            except (ValueError, KeyError, TypeError):
-                known = None  # a damaged cache file is measured again and rewritten
+        if baseline is not None:  # the adapter's files with everything the base model's answers depend on
+            adapter_key = _base_cache_key(Path(baseline), suite, gate, system_prompt, device, dtype)
+            baseline_file = Path(base_cache) / f"adapter-general-{key}-{adapter_key}.json"
+    known = _read_general(cache_file, suite)
     metrics["base"] = measure(scorer, "base", None, None, es, suite, emit, held_out=baseline is None,
                               general=known)
-    if cache_file is not None and known is None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"general_ppl": metrics["base"].general_ppl,
-                                   "answers": metrics["base"].answers["general_qa"]}), encoding="utf-8")
-        tmp.replace(cache_file)
+    if known is None:
+        _write_general(cache_file, metrics["base"])
     if baseline is not None:
-        metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit)
+        known_baseline = _read_general(baseline_file, suite)
+        metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit,
+                                      general=known_baseline)
+        if known_baseline is None:
+            _write_general(baseline_file, metrics["baseline"])
     metrics["candidate"] = measure(scorer, "candidate", "candidate", candidate_name or str(candidate), es, suite,
                                    emit)
     base_ref = metrics["base"]
