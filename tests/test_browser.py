@@ -662,6 +662,13 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
                                   if b.text.strip()], "the tabs")
     assert tabs[:4] == ["채팅", "문서", "기억", "계정"], tabs
     assert css(d, "#send").text.strip() == "보내기"
+    # a line the server writes (the key translated, the name kept) and the account tab's form
+    wait_for(d, lambda d: "관리자로 로그인: hana" in text_of(d, "#whoami"), "the Korean signed-in line")
+    open_tab(d, "계정")
+    wait_for(d, lambda d: css(d, "#pw-change").text.strip() == "비밀번호 바꾸기", "the account tab in Korean")
+    assert "현재 비밀번호" in text_of(d, "#pw-old")
+    screenshot(d, shots_dir(tmp_path), "account-ko")
+    open_tab(d, "채팅")
     # the header's switch changes the page's language in place, the browser keeps it, and it switches back
     def first_tab(want: str) -> None:
         wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")

@@ -19,6 +19,7 @@ from assistant.server import Services, build_services
 from tests.helpers import start_server
 from ui import handlers as h
 from ui.auth import LoginThrottle, make_login
+from ui.i18n import STRINGS, T
 from ui.render import details_markdown, memory_note, safe_markdown
 
 PAYLOAD = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> **bold** & ![i](http://e.invalid/p.png)'
@@ -367,7 +368,9 @@ def test_users_roles_and_login(env):
     assert h.require_admin(s, "root") == admin
     with pytest.raises(h.UiError, match="admin"):
         h.require_admin(s, "alice")
-    assert h.whoami(admin) == "Signed in as **root** (admin)"
+    # the words are a translation key the browser fills in (English or Korean); the name follows them
+    assert h.whoami(admin) == str(T("signed_in_admin")) + " **root**"
+    assert STRINGS["signed_in_admin"] == ("Signed in as admin:", "관리자로 로그인:")
 
 
 def test_login_checks_the_store_and_throttles_guessing(env):

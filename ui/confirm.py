@@ -8,10 +8,12 @@ JavaScript and the browser test can press the buttons.
 
 from __future__ import annotations
 
+from typing import Any
+
 import gradio as gr
 
 
-def confirm_step(question: str, yes: str, no: str, name: str) -> tuple[gr.Row, gr.Button, gr.Button]:
+def confirm_step(question: Any, yes: Any, no: Any, name: str) -> tuple[gr.Row, gr.Button, gr.Button]:
     """The row (hidden) and its two buttons; element ids are `<name>-ask`, `<name>-yes`, `<name>-no`."""
     with gr.Row(visible=False, elem_id=f"{name}-ask", elem_classes="confirm-row") as row:
         gr.Markdown(question)

@@ -23,6 +23,7 @@ from assistant.chat import ChatError, Reply, TurnRequest
 from assistant.runtime import GenerationError
 from memory.store import MAX_CORRECTED_CHARS
 from memory.types import REASON_TAGS, Feedback, Message, User
+from ui.i18n import T
 from ui.render import DETAILS_TITLE, citations_markdown, details_markdown, excerpt, memory_note, safe_markdown
 
 if TYPE_CHECKING:
@@ -71,8 +72,8 @@ def require_admin(services: Services, username: str | None) -> User:
 
 
 def whoami(user: User) -> str:
-    role = "admin" if user.is_admin else "user"
-    return f"Signed in as **{safe_markdown(user.username)}** ({role})"
+    """The header's line, e.g. "Signed in as admin: **root**" (the words in the browser's language)."""
+    return T("signed_in_admin" if user.is_admin else "signed_in_user") + f" **{safe_markdown(user.username)}**"
 
 
 # ------------------------------------------------------------------------------------------ views

@@ -3,7 +3,9 @@
 `T(key)` goes where a component takes a label, a placeholder or a button text; `I18N` is passed to
 `gr.mount_gradio_app`, and the browser shows the language it asks for (Korean for `ko`, English
 otherwise), or the one chosen with the header's switch (ui/app.py). Text the server writes at run time
-(notices, tables, the admin console's reports) is English for now.
+goes through `T` too: a sentence with a value in it is `T(key) + " value"` (the browser translates
+the key and keeps the rest), so the value comes last. Table headings and the admin console's reports
+are English for now.
 """
 
 from __future__ import annotations
@@ -146,6 +148,63 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "admin_s_every": ("Every N hours", "N시간마다"),
     "admin_s_keep": ("Versions kept", "보관할 버전 수"),
     "admin_s_save": ("Save schedule", "일정 저장"),
+    # the header, the Account tab and the admin console's People section
+    "signed_in_admin": ("Signed in as admin:", "관리자로 로그인:"),
+    "signed_in_user": ("Signed in as user:", "사용자로 로그인:"),
+    "pw_intro": ("Change your password.", "비밀번호를 바꿉니다."),
+    "pw_current": ("Current password", "현재 비밀번호"),
+    "pw_new": ("New password (at least 8 characters)", "새 비밀번호 (8자 이상)"),
+    "pw_again": ("New password again", "새 비밀번호 다시 입력"),
+    "pw_change": ("Change password", "비밀번호 바꾸기"),
+    "pw_changed": ("Password changed. Use the new one the next time you log in.",
+                   "비밀번호를 바꿨습니다. 다음 로그인부터 새 비밀번호를 쓰세요."),
+    "pw_wrong": ("The current password is not right.", "현재 비밀번호가 맞지 않습니다."),
+    "pw_short": ("The new password needs at least 8 characters.", "새 비밀번호는 8자 이상이어야 합니다."),
+    "pw_differ": ("The two new passwords are not the same.", "두 새 비밀번호가 같지 않습니다."),
+    "people_heading": ("### People", "### 사용자"),
+    "person_name": ("User name", "사용자 이름"),
+    "person_password": ("Password (at least 8 characters)", "비밀번호 (8자 이상)"),
+    "person_again": ("Password again", "비밀번호 다시 입력"),
+    "person_admin": ("Admin", "관리자"),
+    "person_add": ("Add person", "사용자 추가"),
+    # the Documents tab
+    "doc_unavailable": ("Documents are not available: the knowledge base is not attached to this server.",
+                        "문서를 쓸 수 없습니다: 이 서버에 지식 베이스가 연결되어 있지 않습니다."),
+    "doc_intro": ("Upload text, Markdown, PDF or HTML files. Answers cite the passages they used under "
+                  "*How this was answered*. Largest file:",
+                  "텍스트, Markdown, PDF, HTML 파일을 올리세요. 답변은 사용한 구절을 "
+                  "*How this was answered* 아래에 인용합니다. 파일당 최대 크기:"),
+    "doc_files": ("Files", "파일"),
+    "doc_only_me": ("Only me", "나만"),
+    "doc_team": ("Team (shared)", "팀 (공유)"),
+    "doc_who": ("Who may see them", "볼 수 있는 사람"),
+    "doc_add": ("Add documents", "문서 추가"),
+    "doc_pick": ("Document", "문서"),
+    "doc_delete": ("Delete document", "문서 삭제"),
+    "doc_delete_q": ("Delete this document? Answers stop citing it, and its passages leave every later "
+                     "training set.", "이 문서를 삭제할까요? 답변에서 더 이상 인용되지 않고, 이후 학습 데이터에서도 "
+                     "빠집니다."),
+    "yes_delete": ("Yes, delete it", "네, 삭제합니다"),
+    "doc_deleted": ("Deleted the document and its chunks:", "문서와 그 청크를 삭제했습니다. 청크 수:"),
+    # the Memory tab
+    "mem_unavailable": ("Memory is not available: long-term memory is not attached to this server.",
+                        "기억을 쓸 수 없습니다: 이 서버에 장기 기억이 연결되어 있지 않습니다."),
+    "mem_intro": ("What the assistant remembers about you across conversations. Edit or delete anything; a "
+                  "deleted memory is never used again, in answers or in training.",
+                  "어시스턴트가 대화를 넘어 기억하는 내용입니다. 무엇이든 고치거나 지울 수 있으며, 지운 기억은 "
+                  "답변에도 학습에도 다시 쓰이지 않습니다."),
+    "mem_new": ("Add something to remember", "기억할 내용 추가"),
+    "mem_add": ("Remember", "기억하기"),
+    "mem_pick": ("Memory", "기억"),
+    "mem_text": ("Text", "내용"),
+    "mem_save": ("Save change", "변경 저장"),
+    "mem_delete": ("Delete memory", "기억 삭제"),
+    "mem_delete_q": ("Delete this memory and its older versions? It is never used again, in answers or in "
+                     "training.", "이 기억과 이전 버전을 삭제할까요? 답변에도 학습에도 다시 쓰이지 않습니다."),
+    "mem_remembered": ("Remembered:", "기억했습니다:"),
+    "mem_saved": ("Saved; the old version is kept as history and no longer used.",
+                  "저장했습니다. 이전 버전은 기록으로 남고 더 이상 쓰이지 않습니다."),
+    "mem_deleted": ("Deleted. Versions removed:", "삭제했습니다. 지운 버전 수:"),
 }
 
 I18N = gr.I18n(en={k: v[0] for k, v in STRINGS.items()}, ko={k: v[1] for k, v in STRINGS.items()})

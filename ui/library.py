@@ -210,25 +210,23 @@ def _user(services: Services, request: gr.Request) -> User:
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
     with gr.Tab(label("tab_documents"), id="documents") as tab:
         if services.knowledge is None:
-            gr.Markdown("Documents are not available: the knowledge base is not attached to this server.")
+            gr.Markdown(label("doc_unavailable"))
             return
         limit = services.settings.upload_max_bytes
-        gr.Markdown(f"Upload text, Markdown, PDF or HTML files (up to {_size(limit)} each). Answers cite the "
-                    "passages they used under *How this was answered*.")
-        files = gr.File(label="Files", file_count="multiple", file_types=FILE_TYPES, elem_id="doc-files")
+        gr.Markdown(label("doc_intro") + f" {_size(limit)}.")
+        files = gr.File(label=label("doc_files"), file_count="multiple", file_types=FILE_TYPES, elem_id="doc-files")
         with gr.Row():
-            scope = gr.Radio([("Only me", "private"), ("Team (shared)", "shared")], value="private",
-                             label="Who may see them", visible=False, elem_id="doc-scope")
-            upload_btn = gr.Button("Add documents", variant="primary", elem_id="doc-upload")
+            scope = gr.Radio([(label("doc_only_me"), "private"), (label("doc_team"), "shared")], value="private",
+                             label=label("doc_who"), visible=False, elem_id="doc-scope")
+            upload_btn = gr.Button(label("doc_add"), variant="primary", elem_id="doc-upload")
         status = gr.Markdown(elem_id="doc-status")
         table = gr.Dataframe(headers=DOC_HEADERS, datatype="str", interactive=False, elem_id="doc-table",
                              wrap=True)
         with gr.Row():
-            pick = gr.Dropdown(label="Document", choices=[], elem_id="doc-pick", scale=3)
-            delete_btn = gr.Button("Delete document", variant="stop", elem_id="doc-delete", scale=1)
-        ask_row, yes_btn, no_btn = confirm_step(
-            "Delete this document? Answers stop citing it, and its passages leave every later training set.",
-            "Yes, delete it", "Keep it", "doc-delete")
+            pick = gr.Dropdown(label=label("doc_pick"), choices=[], elem_id="doc-pick", scale=3)
+            delete_btn = gr.Button(label("doc_delete"), variant="stop", elem_id="doc-delete", scale=1)
+        ask_row, yes_btn, no_btn = confirm_step(label("doc_delete_q"), label("yes_delete"), label("keep_it"),
+                                                "doc-delete")
 
     def refresh(user: User, chosen: str | None = None) -> tuple:
         choices = document_choices(services, user)
@@ -263,7 +261,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
             n = delete_document(services, user, doc_id)
         except UiError as e:
             return gr.skip(), gr.skip(), safe_markdown(e.message), hidden()
-        return (*refresh(user), f"Deleted the document and its {n} chunks.", hidden())
+        return (*refresh(user), label("doc_deleted") + f" {n}.", hidden())
 
     delete_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
     no_btn.click(hidden, None, [ask_row], **PRIVATE)
@@ -279,23 +277,21 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
 def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
     with gr.Tab(label("tab_memory"), id="memory") as tab:
         if services.memories is None:
-            gr.Markdown("Memory is not available: long-term memory is not attached to this server.")
+            gr.Markdown(label("mem_unavailable"))
             return
-        gr.Markdown("What the assistant remembers about you across conversations. Edit or delete anything; "
-                    "a deleted memory is never used again, in answers or in training.")
+        gr.Markdown(label("mem_intro"))
         table = gr.Dataframe(headers=MEMORY_HEADERS, datatype="str", interactive=False, elem_id="memory-table",
                              wrap=True)
         with gr.Row():
-            new_text = gr.Textbox(label="Add something to remember", elem_id="memory-new", scale=4)
-            add_btn = gr.Button("Remember", elem_id="memory-add", scale=1)
-        pick = gr.Dropdown(label="Memory", choices=[], elem_id="memory-pick")
-        edit_box = gr.Textbox(label="Text", elem_id="memory-text")
+            new_text = gr.Textbox(label=label("mem_new"), elem_id="memory-new", scale=4)
+            add_btn = gr.Button(label("mem_add"), elem_id="memory-add", scale=1)
+        pick = gr.Dropdown(label=label("mem_pick"), choices=[], elem_id="memory-pick")
+        edit_box = gr.Textbox(label=label("mem_text"), elem_id="memory-text")
         with gr.Row():
-            save_btn = gr.Button("Save change", elem_id="memory-save")
-            forget_btn = gr.Button("Delete memory", variant="stop", elem_id="memory-delete")
-        ask_row, yes_btn, no_btn = confirm_step(
-            "Delete this memory and its older versions? It is never used again, in answers or in training.",
-            "Yes, delete it", "Keep it", "memory-delete")
+            save_btn = gr.Button(label("mem_save"), elem_id="memory-save")
+            forget_btn = gr.Button(label("mem_delete"), variant="stop", elem_id="memory-delete")
+        ask_row, yes_btn, no_btn = confirm_step(label("mem_delete_q"), label("yes_delete"), label("keep_it"),
+                                                "memory-delete")
         status = gr.Markdown(elem_id="memory-status")
 
     def refresh(user: User, chosen: int | None = None) -> tuple:
@@ -341,15 +337,15 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
 
     def do_add(user: User, _memory_id: Any, text: str):
         m = add_memory(services, user, text)
-        return f"Remembered: “{safe_markdown(excerpt(m.text, 120))}”", None
+        return label("mem_remembered") + f" “{safe_markdown(excerpt(m.text, 120))}”", None
 
     def do_save(user: User, memory_id: Any, text: str):
         m = edit_memory(services, user, memory_id, text)
-        return "Saved; the old version is kept as history and no longer used.", m.id
+        return label("mem_saved"), m.id
 
     def do_forget(user: User, memory_id: Any, _text: str):
         n = forget_memory(services, user, memory_id)
-        return f"Deleted ({n} version{'s' if n != 1 else ''}).", None
+        return label("mem_deleted") + f" {n}.", None
 
     outputs = [table, pick, new_text, edit_box, status]
     add_btn.click(act(do_add), [pick, new_text], outputs, **PRIVATE)

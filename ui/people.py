@@ -38,12 +38,12 @@ def _password(new: str, again: str) -> str:
     return new
 
 
-def change_own_password(services: Any, user: User, old: str, new: str, again: str) -> str:
+def change_own_password(services: Any, user: User, old: str, new: str, again: str) -> Any:
     """Check the current password, then replace it. Sessions stay logged in; the next login needs the new one."""
     if services.store.authenticate(user.username, old or "") is None:
         raise UiError("the current password is not right")
     services.store.set_password(user.id, _password(new, again))
-    return "Password changed. Use the new one the next time you log in."
+    return T("pw_changed")
 
 
 def add_person(services: Any, admin: User, username: str, password: str, again: str, is_admin: bool) -> str:
@@ -68,6 +68,17 @@ def people_frame(services: Any, admin: User) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PEOPLE_COLUMNS)
 
 
+# The account form's refusals, in the browser's language; any other refusal is shown as it is.
+_REFUSALS = {f"the new password needs at least {MIN_PASSWORD} characters": "pw_short",
+             "the two new passwords are not the same": "pw_differ",
+             "the current password is not right": "pw_wrong"}
+
+
+def _sentence(message: str) -> Any:
+    key = _REFUSALS.get(message)
+    return T(key) if key else safe_markdown(message[:1].upper() + message[1:] + ".")
+
+
 def _who(services: Any, request: gr.Request) -> User:
     try:
         return resolve_user(services, request.username)
@@ -78,15 +89,15 @@ def _who(services: Any, request: gr.Request) -> User:
 def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
     """Inside the admin console; returns the table so the console's refresh can fill it. `guard` is the
     console's: it resolves the admin (refusing anyone else first) and turns errors into a toast."""
-    gr.Markdown("### People")
+    gr.Markdown(T("people_heading"))
     table = gr.Dataframe(headers=PEOPLE_COLUMNS, interactive=False, elem_id="people-table")
     with gr.Row():
-        name = gr.Textbox(label="User name", elem_id="person-name")
-        pw = gr.Textbox(label=f"Password (at least {MIN_PASSWORD} characters)", type="password",
+        name = gr.Textbox(label=T("person_name"), elem_id="person-name")
+        pw = gr.Textbox(label=T("person_password"), type="password",
                         elem_id="person-password")
-        again = gr.Textbox(label="Password again", type="password", elem_id="person-again")
-        make_admin = gr.Checkbox(False, label="Admin", elem_id="person-admin")
-        add_btn = gr.Button("Add person", elem_id="person-add")
+        again = gr.Textbox(label=T("person_again"), type="password", elem_id="person-again")
+        make_admin = gr.Checkbox(False, label=T("person_admin"), elem_id="person-admin")
+        add_btn = gr.Button(T("person_add"), elem_id="person-add")
     note = gr.Markdown(elem_id="person-note")
 
     def add(admin: User, username: str, password: str, password2: str, is_admin: bool) -> tuple:
@@ -103,12 +114,12 @@ def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Ca
 def build_account_tab(services: Any) -> None:
     """A tab where the logged-in user changes their own password."""
     with gr.Tab(T("tab_account"), id="account"):
-        gr.Markdown("Change your password.")
-        old = gr.Textbox(label="Current password", type="password", elem_id="pw-old")
-        new = gr.Textbox(label=f"New password (at least {MIN_PASSWORD} characters)", type="password",
+        gr.Markdown(T("pw_intro"))
+        old = gr.Textbox(label=T("pw_current"), type="password", elem_id="pw-old")
+        new = gr.Textbox(label=T("pw_new"), type="password",
                          elem_id="pw-new")
-        again = gr.Textbox(label="New password again", type="password", elem_id="pw-again")
-        change = gr.Button("Change password", elem_id="pw-change")
+        again = gr.Textbox(label=T("pw_again"), type="password", elem_id="pw-again")
+        change = gr.Button(T("pw_change"), elem_id="pw-change")
         note = gr.Markdown(elem_id="pw-note")
 
     def on_change(current, password, password2, request: gr.Request):
@@ -116,6 +127,6 @@ def build_account_tab(services: Any) -> None:
         try:
             return "", "", "", change_own_password(services, user, current, password, password2)
         except UiError as e:
-            return gr.skip(), gr.skip(), gr.skip(), safe_markdown(e.message[:1].upper() + e.message[1:] + ".")
+            return gr.skip(), gr.skip(), gr.skip(), _sentence(e.message)
 
     change.click(on_change, [old, new, again], [old, new, again, note], **PRIVATE)
