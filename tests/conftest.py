@@ -162,6 +162,18 @@ def pg_url():
 
 
 @pytest.fixture(scope="session")
+def three_adapters(tmp_path_factory, tiny_model_dir: Path, tiny_adapters: dict[str, Path]) -> dict[str, Path]:
+    """alpha and beta, plus a third random adapter: with the base model, four ways to answer."""
+    return {**tiny_adapters, "gamma": make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("g") / "gamma", 3)}
+
+
+def tiny_settings(home: Path, model_dir: Path, **overrides) -> Settings:
+    """Settings for an in-process backend of a tiny model: one torch thread, every token streamed at once."""
+    return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, stream_interval_ms=0.0,
+                         **overrides)
+
+
+@pytest.fixture(scope="session")
 def learnable_tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
     """The tiny Llama with larger initial weights (std 0.3), so a LoRA adapter can really move its loss.
 

@@ -27,7 +27,7 @@ from assistant.runtime import (
     UnknownAdapter,
     make_backend,
 )
-from tests.conftest import make_random_adapter
+from tests.conftest import tiny_settings
 
 pytestmark = pytest.mark.timeout(600)  # generous: the CI box may be shared; a hang still fails
 
@@ -39,18 +39,10 @@ HOLD = GenerationSettings(max_new_tokens=300, temperature=0.0, top_p=1.0)  # sti
 ADAPTERS = (None, "alpha", "beta", "gamma")
 
 
-def settings_for(home: Path, model_dir: Path, **overrides) -> Settings:
-    return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, stream_interval_ms=0.0,
-                         **overrides)
-
-
-@pytest.fixture(scope="module")
-def three_adapters(tiny_model_dir, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
-    return {**tiny_adapters, "gamma": make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("g") / "gamma", 3)}
 
 
 def backend_with(home: Path, model_dir: Path, adapters: dict[str, Path], **overrides) -> TransformersBackend:
-    b = make_backend(settings_for(home, model_dir, **overrides), progress=False)
+    b = make_backend(tiny_settings(home, model_dir, **overrides), progress=False)
     assert isinstance(b, TransformersBackend)
     for name, path in adapters.items():
         b.load_adapter(name, path)

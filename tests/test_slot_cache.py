@@ -15,7 +15,7 @@ import pytest
 from assistant.batching import SlotSpec
 from assistant.config import Settings
 from assistant.runtime import GenerationSettings, TransformersBackend
-from tests.conftest import make_random_adapter
+from tests.conftest import tiny_settings
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -26,18 +26,10 @@ LONG = GenerationSettings(max_new_tokens=40, temperature=0.0, top_p=1.0)
 ADAPTERS = (None, "alpha", "beta", "gamma")
 
 
-def settings_for(home: Path, model_dir: Path, **overrides) -> Settings:
-    return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, stream_interval_ms=0.0,
-                         **overrides)
-
-
-@pytest.fixture(scope="module")
-def three_adapters(tiny_model_dir, tiny_adapters, tmp_path_factory) -> dict[str, Path]:
-    return {**tiny_adapters, "gamma": make_random_adapter(tiny_model_dir, tmp_path_factory.mktemp("g") / "gamma", 3)}
 
 
 def slot_backend(home: Path, model_dir: Path, adapters: dict[str, Path], spec: SlotSpec) -> TransformersBackend:
-    b = TransformersBackend.from_settings(settings_for(home, model_dir, serving="batched", batch_max=8),
+    b = TransformersBackend.from_settings(tiny_settings(home, model_dir, serving="batched", batch_max=8),
                                           progress=False, slots=spec)
     for name, path in adapters.items():
         b.load_adapter(name, path)
@@ -47,7 +39,7 @@ def slot_backend(home: Path, model_dir: Path, adapters: dict[str, Path], spec: S
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory, tiny_model_dir, three_adapters) -> dict[tuple[str | None, int, int], str]:
     """The one-at-a-time path's answers (another model copy): (adapter, prompt, tokens) -> text."""
-    b = TransformersBackend.from_settings(settings_for(tmp_path_factory.mktemp("alone"), tiny_model_dir,
+    b = TransformersBackend.from_settings(tiny_settings(tmp_path_factory.mktemp("alone"), tiny_model_dir,
                                                        serving="sequential"), progress=False)
     for name, path in three_adapters.items():
         b.load_adapter(name, path)
@@ -59,7 +51,7 @@ def alone(tmp_path_factory, tiny_model_dir, three_adapters) -> dict[tuple[str | 
 
 @pytest.fixture(scope="module")
 def lengths(alone, tmp_path_factory, tiny_model_dir) -> tuple[int, int]:
-    b = TransformersBackend.from_settings(settings_for(tmp_path_factory.mktemp("n"), tiny_model_dir), progress=False)
+    b = TransformersBackend.from_settings(tiny_settings(tmp_path_factory.mktemp("n"), tiny_model_dir), progress=False)
     n = b.count_tokens(QUESTION), b.count_tokens(OTHER)
     b.close()
     assert n[1] > n[0]  # the waves below rely on it
@@ -148,7 +140,7 @@ def test_the_cpu_keeps_the_eager_step_whatever_cuda_graphs_says(tmp_path, tiny_m
     """`cuda_graphs` (on by default) turns the slot cache on for CUDA only; a CPU backend keeps the
     growing cache and eager step that the rest of the suite tests."""
     for on in (True, False):
-        settings = settings_for(tmp_path, tiny_model_dir, serving="batched", cuda_graphs=on)
+        settings = tiny_settings(tmp_path, tiny_model_dir, serving="batched", cuda_graphs=on)
         assert settings.cuda_graphs is on
         b = TransformersBackend.from_settings(settings, progress=False)
         assert b.device.type == "cpu" and b._engine is not None and b._engine.slots is None
