@@ -327,8 +327,16 @@ def test_stop_button_ends_the_answer(stop_server: ServerThread, browser):
     carol = store.get_user_by_name("carol")
     login(d, stop_server.url, "carol", "carol-pass-1")
     css(d, "#message textarea").send_keys("Please talk for a very long time.")
+    # the answer bubble shows animated typing dots until its first token (they are gone within ms here:
+    # an observer notes them as they appear)
+    d.execute_script("""window.typingDots = null;
+      new MutationObserver(() => { const e = document.querySelector('#chatbot .typing-dots');
+        if (e && !window.typingDots) window.typingDots = [e.querySelectorAll('i').length,
+          getComputedStyle(e.querySelector('i')).animationName]; })
+        .observe(document.querySelector('#chatbot'), {childList: true, subtree: true});""")
     click(d, "#send")
     wait_for(d, lambda d: any("▌" in t for t in bot_texts(d)), "the answer to start streaming")
+    assert d.execute_script("return window.typingDots") == [3, "typing-dot"]
     click(d, "#stop")
     answer = eventually(lambda: [m for c in store.list_conversations(carol.id) for m in store.messages(c.id)
                                  if m.role == "assistant"], "the stopped answer to be stored")[0]

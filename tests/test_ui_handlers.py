@@ -67,7 +67,10 @@ def test_turn_streams_then_shows_stored_rows(env):
     views = list(h.stream_turn(s, alice, None, "Hello there", reply))
     partial, final = views[:-1], views[-1]
     assert partial, "the answer should arrive in pieces"
-    assert all(v.rows[-1]["content"].endswith("▌") and v.row_ids[-1] is None for v in partial)
+    # before the first token the bubble shows the typing dots, then the answer so far with a cursor
+    assert partial[0].rows[-1]["content"] == h.TYPING and partial[0].rows[-2]["content"] == "Hello there"
+    assert len(partial) > 1 and all(v.rows[-1]["content"].endswith("▌") for v in partial[1:])
+    assert all(v.row_ids[-1] is None for v in partial)
     assert final.conversation_id is not None
     msgs = s.store.messages(final.conversation_id, alice.id)
     assert [m.role for m in msgs] == ["user", "assistant"]

@@ -67,6 +67,8 @@ CSS = """
   .admin-table table { font-size: 12px; }
 }
 """
+# The typing dots on an answer bubble before its first token (ui/handlers.py TYPING).
+TYPING_CSS = (Path(__file__).parent / "static" / "typing.css").read_text(encoding="utf-8")
 PRODUCT = "Self-improving assistant"  # the page's title and heading
 PRIVATE = {"api_visibility": "private"}  # the page is the only client of these events; the API is /v1
 
@@ -548,7 +550,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
         run_history=False,  # its page offers connecting a hub bucket; nothing of ours goes there
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,
         max_file_size=services.settings.upload_max_bytes,  # refused before it is written to disk
-        css=CSS + FONT_CSS,
+        css=CSS + TYPING_CSS + FONT_CSS,
         i18n=I18N,  # labels in the browser's language (English or Korean), or the one the switch chose
     )
     gradio_sub_app(app).uploaded_file_dir = str(uploads.folder)

@@ -287,6 +287,10 @@ def start_turn(services: Services, user: User, conversation_id: int | None, text
         raise UiError(e.message) from e
 
 
+# The answer bubble before its first token: three dots that ui/static/typing.css animates.
+TYPING = '<span class="typing-dots" title="…"><i></i><i></i><i></i></span>'
+
+
 def stream_turn(services: Services, user: User, conversation_id: int | None, text: str, reply: Reply,
                 active: ActiveReplies | None = None, session: str = "") -> Iterator[ChatView]:
     """Views while the answer streams in; the last one is re-read from the store (with ids)."""
@@ -295,12 +299,17 @@ def stream_turn(services: Services, user: User, conversation_id: int | None, tex
         active.start(user, session, reply)
     try:
         partial = ""
-        # The question shows at once, with a cursor as the typing indicator until the first token.
+        # The question shows at once, with the typing dots on the answer bubble until the first token,
+        # then the answer so far with a cursor.
         for piece in itertools.chain([""], reply):
             partial += piece
             view = ChatView(base.conversation_id, list(base.rows), list(base.row_ids), dict(base.answers))
             view.add_user(text)
-            view.add_answer(None, partial + " ▌")
+            if partial:
+                view.add_answer(None, partial + " ▌")
+            else:
+                view.rows.append({"role": "assistant", "content": TYPING})
+                view.row_ids.append(None)
             yield view
     except ChatError as e:
         raise UiError(e.message) from e
