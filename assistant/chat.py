@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from assistant.config import Settings
 from assistant.runtime import Backend, BackendBusy, GenerationError, GenerationSettings, InvalidMessages
+from assistant.titles import conversation_title
 from memory.store import Store
 from memory.text import text_problem
 from memory.types import Conversation, Message, User
@@ -410,7 +411,7 @@ class ChatService:
         meta = {"adapter": reply.adapter, "generation": reply.generation, "sources": reply.sources,
                     "memories": reply.memories, "steps": reply.steps, "status": status}
         if conversation is None:
-            title = " ".join(text.split())[:60]
+            title = conversation_title(text, reply.text)  # a few words, e.g. "Reset my password"
             conversation = self.store.create_conversation(req.user.id, title=title, source=req.source)
             # The system prompt is in `generation`. The rest is the client's own writing: stored as
             # imported, so it is never rated as an answer nor trained on.

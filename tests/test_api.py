@@ -52,6 +52,17 @@ def test_models_lists_base_alias_and_adapters(server, alice):
     assert {"alpha", "beta"} <= set(ids)
 
 
+def test_a_new_conversation_is_titled_from_its_first_question(server, alice):
+    user, key = alice
+    question = "Hi! Can you explain how refunds work for the Pro plan in Europe?"
+    resp = client(server, key).chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=4)
+    cid = resp.model_extra["conversation_id"]
+    assert server.services.store.get_conversation(cid, user.id).title == "Explain how refunds work for the Pro…"
+    listed = httpx.get(server.url + "/v1/conversations", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert [c["title"] for c in listed if c["id"] == cid] == ["Explain how refunds work for the Pro…"]
+
+
 def test_non_streaming_chat_is_logged(server, alice):
     user, key = alice
     resp = client(server, key).chat.completions.create(

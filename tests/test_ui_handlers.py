@@ -76,6 +76,8 @@ def test_turn_streams_then_shows_stored_rows(env):
     assert [m.role for m in msgs] == ["user", "assistant"]
     assert msgs[1].content == reply.text and msgs[1].adapter == "alpha"
     assert s.store.get_conversation(final.conversation_id, alice.id).source == "ui"
+    # titled like the API titles it (assistant/titles.py): "Hello there" is a greeting, kept as it is
+    assert s.store.get_conversation(final.conversation_id, alice.id).title == "Hello there"
     # user row, answer row, collapsed "how this was answered" row, both mapped to the answer id
     assert final.row_ids == [None, msgs[1].id, msgs[1].id]
     details = final.rows[2]
