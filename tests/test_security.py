@@ -698,8 +698,10 @@ ADMIN_VIEWS: dict[str, Callable[[AdminActions, Any], Any]] = {
     "report_view": lambda a, u: adm.report_view(a, u, None),
     "schedule_values": lambda a, u: adm.schedule_values(a, u),
     "save_schedule": lambda a, u: adm.save_schedule(a, u, False, "feedback", 50, 24.0, "03:00", 24.0, True, 5, False),
-    "start_job": lambda a, u: adm.start_job(a, u, None, True, False, '{"no_such_option": 1}'),
+    "start_job": lambda a, u: adm.start_job(a, u, "sft,dpo", 0, None, None, None, None, None, True, False,
+                                           '{"no_such_option": 1}'),
     "readiness_markdown": lambda a, u: adm.readiness_markdown(a, u),
+    "watch": lambda a, u: adm.watch(a, u, None),
 }
 
 
