@@ -37,6 +37,7 @@ from training.train_config import TrainConfig
 from ui.confirm import confirm_step
 from ui.i18n import T
 from ui.people import build_people_section, people_frame
+from ui.personal import build_personal_section
 
 GetUser = Callable[[gr.Request], User | None]
 PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API is /v1/admin
@@ -688,6 +689,7 @@ def build_admin_tab(services: Any, get_user: GetUser | None = None) -> None:
     rep_a, rep_b = reports_section(actions, guarded)
     schedule_inputs, schedule_state = schedule_section(actions, guarded)
     people_df = build_people_section(services, guarded)
+    build_personal_section(services, guarded)  # ui/personal.py: per-user adapters with disk use
 
     def load_all(user: User | None, current_job: float | None):
         names = dataset_choices(actions, user)

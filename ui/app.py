@@ -36,6 +36,7 @@ from ui.fonts import FONT_CSS, mount_fonts
 from ui.i18n import I18N, T
 from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
+from ui.personal import build_personal_tab
 from ui.render import safe_markdown
 from ui.uploads import PageUploads
 
@@ -510,6 +511,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
             build_documents_tab(services, demo, uploads)
             build_memory_tab(services, demo)
             build_account_tab(services)
+            build_personal_tab(services)  # ui/personal.py: the user's own adapter
             admin_tab = _admin_tab(services)
 
         def on_load(request: gr.Request):
