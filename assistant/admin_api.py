@@ -247,6 +247,10 @@ class AdminActions:
         if not Path(path).resolve().is_relative_to(root):
             # An admin account is not a shell on the machine: only this server's own adapter folders load.
             raise PermissionError(f"adapters load only from the adapters folder ({root})")
+        if Path(path).resolve().is_relative_to(self.settings.personal_adapters_dir.resolve()):
+            # A personal adapter may hold its owner's private documents: only its owner is ever served it,
+            # by the chat service, never under a name anyone can ask for.
+            raise PermissionError("a user's personal adapter can't be loaded under a shared name")
         backend = self.services.backend
         if backend.has_adapter(name):
             raise ValueError(f"the lora adapter {name!r} has already been loaded; use a new name")

@@ -316,8 +316,16 @@ def in_adapters_dir(server, src: Path | None, name: str) -> Path:
     return dst
 
 
-def test_lora_endpoints_bad_input(server):
+def test_lora_endpoints_bad_input(server, tiny_adapters):
     h = {"Authorization": f"Bearer {key_for(server, 'admin')}"}
+    personal = server.services.settings.personal_adapters_dir / "7" / "u7-v0001"
+    personal.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(tiny_adapters["beta"], personal)
+    r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "mine", "lora_path": str(personal)},
+                   headers=h)
+    assert r.status_code == 403 and "personal adapter" in r.json()["error"]["message"], r.text
     empty = in_adapters_dir(server, None, "empty")
     r = httpx.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(empty)}, headers=h)
     assert r.status_code == 409 and "cannot read adapter" in r.json()["error"]["message"]
