@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"{name} torch {torch.__version__}", flush=True)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{device_name} torch {torch.__version__}", flush=True)
     rows = []
     for shape in args.shapes.split(","):
         model, tok = build(shape, device, args.dtype)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         del model
         torch.cuda.empty_cache()
 
-    print(f"\n{args.tokens} new tokens per stream, {args.dtype}, {name}, "
+    print(f"\n{args.tokens} new tokens per stream, {args.dtype}, {device_name}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| shape | what | adapters | streams | tok/s (aggregate) | median TTFT s |")
     print("|---|---|---|---|---|---|")
