@@ -243,11 +243,11 @@ class AdminActions:
         A name that is already served is refused, as vLLM does: roll out a new version under a new
         name, switch callers, then unload the old one (`runtime.OpenAIBackend` does exactly that)."""
         require_admin(user)
-        root = self.settings.adapters_dir.resolve()
-        if not Path(path).resolve().is_relative_to(root):
+        root, folder = self.settings.adapters_dir.resolve(), Path(path).resolve()
+        if not folder.is_relative_to(root):
             # An admin account is not a shell on the machine: only this server's own adapter folders load.
             raise PermissionError(f"adapters load only from the adapters folder ({root})")
-        if Path(path).resolve().is_relative_to(self.settings.personal_adapters_dir.resolve()):
+        if folder.is_relative_to(self.settings.personal_adapters_dir.resolve()):
             # A personal adapter may hold its owner's private documents: only its owner is ever served it,
             # by the chat service, never under a name anyone can ask for.
             raise PermissionError("a user's personal adapter can't be loaded under a shared name")
