@@ -439,6 +439,20 @@ class KnowledgeBase:
         """
         return self._chunks_in(visibility("shared", 0), chunk_ids)
 
+    def all_shared_chunks(self) -> list[tuple[str, str, str, str]]:
+        """(chunk_id, doc_id, title, text) of every chunk of the shared documents, by chunk id.
+
+        For the dataset builder's distractor passages and "not in the documents" rows
+        (training/passage_rows.py): it reads the shared collection only, so no private chunk is ever among them.
+        """
+        col = self.collection_for(visibility("shared", 0))
+        if col is None:
+            return []
+        got = col.get(include=["documents", "metadatas"])
+        rows = [(str(cid), str((meta or {}).get("doc_id") or ""), str((meta or {}).get("title") or ""), text or "")
+                for cid, text, meta in zip(got["ids"], got["documents"], got["metadatas"], strict=True)]
+        return sorted(rows)
+
     def private_chunks(self, owner_id: int, chunk_ids: list[str]) -> dict[str, tuple[str, str]]:
         """(title, text) of the chunks among `chunk_ids` stored in `owner_id`'s own private documents.
 

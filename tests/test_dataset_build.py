@@ -662,3 +662,86 @@ def test_an_answer_chosen_later_for_an_earlier_question_sits_in_its_place_in_lat
     assert turns[:2] == [("user", "Which port does the VPN client use?"),
                          ("assistant", "The VPN client uses port 51820.")]
     assert turns[-2:] == [("user", "And which protocol?"), ("assistant", "The client speaks WireGuard over UDP.")]
+
+
+# --------------------------------------------------------------------------------------- passages (issue 26)
+
+LIBRARY = {"plans.md": b"# Plans\n\nThe LUMEN-77 plan costs 8 dollars per member per month.",
+           "boats.md": b"# Boats\n\nThe harbour ferry leaves pier 4 every 20 minutes.",
+           "garden.md": b"# Garden\n\nTomatoes are watered at dawn in the north greenhouse.",
+           "trains.md": b"# Trains\n\nThe night train to Ostend departs from platform 9."}
+PRIVATE_DIARY = b"# Diary\n\nPRIVATE-MARKER-31: my LUMEN-77 invoice is overdue and the ferry was late."
+
+
+def _library(store, kb):
+    """Four shared documents and one private one; alice asked two questions about the plans, citing the plans'
+    chunk (and, once, her private diary), and a teacher pair cites the boats' chunk with a citation mark."""
+    alice = _user(store)
+    docs = {name: kb.ingest(alice, name, data, scope="shared") for name, data in LIBRARY.items()}
+    diary = kb.ingest(alice, "diary.md", PRIVATE_DIARY, scope="private")
+    chunk = {name: kb.document_chunks(alice, d.doc_id)[0] for name, d in docs.items()}
+    private = kb.document_chunks(alice, diary.doc_id)[0]
+    plans = {"doc_id": docs["plans.md"].doc_id, "chunk_id": chunk["plans.md"].chunk_id, "scope": "shared"}
+    for question, answer, sources in (
+            ("What does the LUMEN-77 plan cost?", "It costs 8 dollars per member per month.", [plans]),
+            ("How much is LUMEN-77 a month?", "8 dollars a member, every month.",
+             [plans, {"doc_id": diary.doc_id, "chunk_id": private.chunk_id, "scope": "private"}])):
+        c = store.create_conversation(alice.id, question)
+        _, a = store.add_turn(c.id, question, answer, sources=sources)
+        store.add_thumb(alice.id, a.id, 1)
+    pair = TeacherPair(doc_id=docs["boats.md"].doc_id, chunk_id=chunk["boats.md"].chunk_id, chunk_sha256="0" * 64,
+                       question="How often does the harbour ferry leave?", question_source="template",
+                       answer="Every 20 minutes, from pier 4 [1].", accepted=True, score=0.9, teacher="test-teacher")
+    SyntheticPairs(store).add(pair)
+    return alice, docs, chunk
+
+
+def test_distractor_passages_shuffle_other_shared_documents_in(store, settings, tiny_embedder_dir):
+    """RAFT-style rows: every grounded train SFT row shows its own passage among N passages of other shared
+    documents, in a stable order; a private chunk never appears; the answer's "[1]" follows its passage."""
+    from memory.knowledge import KnowledgeBase
+
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        alice, docs, chunk = _library(store, kb)
+        doc_of = {c.chunk_id: name for name, c in chunk.items()}
+        plain = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
+        assert {len(r["passage_ids"]) for r in _rows(plain.path, "sft", "train")} == {1}  # off: rows as served
+
+        options = BuildOptions(**ALL_IN_TRAIN, distractor_passages=2)
+        built = build_datasets(store, s, options, knowledge=kb)
+        rows = _rows(built.path, "sft", "train")
+        assert len(rows) == 3 and built.manifest["passage_rows"]["distractors"]["rows"] == 3
+        for r in rows:
+            own = chunk["boats.md" if r["source"] == "teacher" else "plans.md"]
+            ids = r["passage_ids"]
+            assert len(ids) == 3 and own.chunk_id in ids and len(set(ids)) == 3
+            assert [doc_of[c] for c in ids].count(doc_of[own.chunk_id]) == 1  # no other chunk of its own document
+            turn = r["messages"][-2]["content"]
+            assert turn.count("(shared document)") == 3 and own.text.splitlines()[-1] in turn
+            for cid in ids:  # every passage shown is the shared chunk named, in the order named
+                assert kb.shared_chunks([cid])[cid][1].splitlines()[-1] in turn
+            assert turn.index(kb.shared_chunks([ids[0]])[ids[0]][1][-20:]) < turn.index(
+                kb.shared_chunks([ids[2]])[ids[2]][1][-20:])
+            if r["source"] == "teacher":
+                place = ids.index(own.chunk_id) + 1
+                assert r["messages"][-1]["content"] == f"Every 20 minutes, from pier 4 [{place}]."
+        # the passages differ between rows, but not between builds: the choice is a salted hash
+        again = build_datasets(store, s, options, knowledge=kb)
+        assert [(r["passage_ids"], r["messages"]) for r in _rows(again.path, "sft", "train")] == [
+            (r["passage_ids"], r["messages"]) for r in rows]
+        salted = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN, distractor_passages=2, split_salt="other"),
+                                knowledge=kb)
+        assert sorted(map(tuple, (r["passage_ids"] for r in _rows(salted.path, "sft", "train")))) != sorted(
+            map(tuple, (r["passage_ids"] for r in rows)))
+        for data in _all_bytes(s.datasets_dir).values():
+            assert b"PRIVATE-MARKER-31" not in data
+        # validation and test rows stay as served: the gate judges the prompts users send
+        held = build_datasets(store, s, BuildOptions(split_ratios=(0.01, 0.0, 0.99), replay_ratio=0.0,
+                                                     heldout_min_rows=10_000, distractor_passages=2), knowledge=kb)
+        assert {len(r["passage_ids"]) for r in _rows(held.path, "sft", "test")} == {1}
+    finally:
+        kb.close()
+    with pytest.raises(ValueError, match="distractor_passages"):
+        BuildOptions(distractor_passages=-1).validate()

@@ -66,6 +66,7 @@ from training.dataset_sources import (
 )
 from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
+from training.passage_rows import PoolReader, SharedPool, with_distractors
 from training.personal_data import PrivacyError, check_privacy, forget_marks, restrict_log
 from training.snapshots import (
     HELDOUT_DIR,
@@ -109,6 +110,8 @@ class BuildError(RuntimeError):
 
 # 2: the serving system prompt in every row and cited shared passages in the user turn (assistant.prompt).
 PROMPT_FORMAT = 2
+# Retrieval serves a handful of passages (settings.top_k); more distractors than that is no served prompt.
+MAX_DISTRACTORS = 8
 
 # ---------------------------------------------------------------------------------------------- options
 
@@ -128,6 +131,9 @@ class BuildOptions:
     # users' style; 1.0 kept all 16. The packaged set has 120 rows, none of them a question
     # of the gate's general suite.
     replay_ratio: float = 1.0
+    # RAFT-style rows (training/passage_rows.py): each grounded train SFT row also shows this many passages of other
+    # shared documents, shuffled in with its own. 0: the rows as served. Off by default until a loop run measured it.
+    distractor_passages: int = 0
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
     heldout_max_per_kind: int = 500
     refreeze_heldout: bool = False  # an explicit admin decision: evaluation results stop being comparable
@@ -138,6 +144,10 @@ class BuildOptions:
             raise ValueError(f"split_ratios must be three non-negative numbers summing to 1 with train > 0, got {r}")
         if not 0.0 <= self.max_synthetic_share <= 1.0:
             raise ValueError(f"max_synthetic_share must be in [0, 1], got {self.max_synthetic_share}")
+        if (not isinstance(self.distractor_passages, int) or isinstance(self.distractor_passages, bool)
+                or not 0 <= self.distractor_passages <= MAX_DISTRACTORS):
+            raise ValueError(f"distractor_passages must be a whole number from 0 to {MAX_DISTRACTORS}, "
+                             f"got {self.distractor_passages!r}")
         if self.replay_ratio < 0:
             raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if self.context_messages < 0 or self.synthetic_floor < 0 or self.heldout_max_per_kind < 0:
@@ -382,6 +392,7 @@ class Gathered:
     forgotten: dict[int, set[str]]
     shared_chunks: ChunkReader | None
     marks: dict[int, int] = field(default_factory=dict)  # user id -> feedback id they had forgotten through
+    shared_pool: PoolReader | None = None  # every shared chunk, for distractor passages
 
 
 def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
@@ -453,7 +464,8 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
             filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
         if wrong_facts[kind]:
             filters[kind].removed["contradicts_passage"] = wrong_facts[kind]
-    return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks, marks)
+    pool = knowledge.all_shared_chunks if knowledge is not None else None
+    return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks, marks, pool)
 
 
 def build_datasets(store: Store, settings: Settings, options: BuildOptions = BuildOptions(),
@@ -518,6 +530,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                     filters[kind].removed["heldout_group_excluded"] += before - len(split_rows[kind][s])
 
         caps = {k: _cap_synthetic(split_rows[k], options, filters[k]) for k in KINDS}
+        passage_info = _passage_rows(split_rows["sft"], options, filters["sft"], g, owner_id)
         replay_info = _add_replay(split_rows["sft"], options, filters["sft"], settings.system_prompt)
 
         report("writing", 0.7)
@@ -539,6 +552,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         report("manifest", 0.95)
         manifest = _manifest(version, options, log, syn, rows_out, heldout_rows, heldout_meta, filters, skipped,
                              caps, replay_info, hashes, time.perf_counter() - started)
+        manifest["passage_rows"] = passage_info
         manifest["owner_id"] = owner_id  # None: the shared adapter's; a user id: that user's personal adapter
         manifest["prompts"] = {
             "system_prompt": settings.system_prompt, "format": PROMPT_FORMAT,
@@ -574,6 +588,27 @@ def _cap_synthetic(splits: dict[str, list[Example]], options: BuildOptions, stat
         info["removed"] = len(teacher) - allowed
         stats.removed["synthetic_cap"] += info["removed"]
     return info
+
+
+def _passage_rows(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats, g: Gathered,
+                  owner_id: int | None) -> dict[str, Any]:
+    """Distractor passages in the train split's grounded SFT rows (training/passage_rows.py); the manifest's
+    `passage_rows`. Validation and test rows stay as served: the gate judges the prompts users send."""
+    info: dict[str, Any] = {"distractors": {"per_row": options.distractor_passages, "rows": 0}}
+    if options.distractor_passages == 0:
+        return info
+    pool = SharedPool.read(g.shared_pool)
+    salt = options.split_salt + "/passages"
+    fraction = partial(_salted_fraction, salt)
+    splits["train"], info["distractors"] = with_distractors(splits["train"], pool, options.distractor_passages,
+                                                            fraction)
+    stats.pii.update(pool.pii)
+    check_privacy(splits["train"], g.log, owner_id)
+    return info
+
+
+def _salted_fraction(salt: str, key: str) -> float:
+    return group_fraction(key, salt)
 
 
 def _add_replay(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats,
