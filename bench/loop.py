@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.server_process import free_port, prepare_model, start_server
-from training.fact_check import unsupported_facts
+from training.fact_check import abstains, unsupported_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,13 +75,6 @@ QA_FILE = Path(__file__).with_name("loop_qa.json")
 DOCS = ROOT / "tests" / "data" / "docs"
 DOC_SUFFIXES = (".md", ".txt", ".html", ".pdf")
 PRODUCT = "lumen desk"  # the hidden preference's name when the question file names none ("product")
-# An honest answer to a question the documents cannot answer says so; anything else states something invented.
-_ABSTAINS = re.compile(
-    r"\b(?:(?:do|does|did)(?: not|n't) (?:know|say|mention|specify|state|contain|include|cover|have|list)|"
-    r"not (?:mentioned|stated|specified|listed|given|included|covered|available|sure|in the (?:documents?|passages?|"
-    r"data|text))|no (?:information|mention|details?|data)|(?:can ?not|can't|couldn't|could not|unable to) "
-    r"(?:find|tell|say|answer|determine)|unknown|isn't (?:mentioned|stated|specified)|i'm not sure|"
-    r"i am not sure)\b", re.I)
 PHRASINGS = ["{q}", "Quick question: {q}", "{q} Thanks!", "Hi! {q}"]
 
 
@@ -104,11 +97,6 @@ def grounded(answer: str, keys: list[list[str]], documents: str = "", question: 
     if not all(any(alt.lower() in text for alt in group) for group in keys):
         return False
     return not (documents and unsupported_facts(answer, documents, question))
-
-
-def abstains(answer: str) -> bool:
-    """The answer says that it does not know, or that the documents do not say."""
-    return bool(_ABSTAINS.search(answer))
 
 
 def judge(group: str, fact: dict, answer: str, documents: str) -> bool:

@@ -745,3 +745,51 @@ def test_distractor_passages_shuffle_other_shared_documents_in(store, settings, 
         kb.close()
     with pytest.raises(ValueError, match="distractor_passages"):
         BuildOptions(distractor_passages=-1).validate()
+
+
+def test_abstain_rows_pair_a_question_with_passages_that_do_not_hold_its_answer(store, settings, tiny_embedder_dir):
+    """Honest rows: a grounded question with other shared documents' passages only, answered with a sentence the
+    loop bench counts as "the documents do not say"; never a private chunk, as many passages as a grounded row."""
+    from bench.loop import abstains as bench_abstains
+    from memory.knowledge import KnowledgeBase
+    from training.fact_check import ABSTAIN_ANSWER, abstains
+
+    assert abstains(ABSTAIN_ANSWER) and bench_abstains(ABSTAIN_ANSWER)
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        alice, docs, chunk = _library(store, kb)
+        doc_of = {c.chunk_id: name for name, c in chunk.items()}
+        built = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN, abstain_rows=1.0), knowledge=kb)
+        rows = _rows(built.path, "sft", "train")
+        honest = [r for r in rows if r["origin"] == "abstain"]
+        grounded = [r for r in rows if r["origin"] != "abstain"]
+        assert len(grounded) == 3 and len(honest) == 3
+        assert built.manifest["passage_rows"]["abstain"]["added"] == 3
+        assert built.manifest["by_source"]["sft"]["train"]["human:abstain"] == 2
+        questions = {r["messages"][-2]["content"].rsplit("My question: ", 1)[-1]: r for r in grounded}
+        for r in honest:
+            assert r["messages"][-1]["content"] == ABSTAIN_ANSWER
+            source = questions[r["messages"][-2]["content"].rsplit("My question: ", 1)[-1]]
+            own = doc_of[source["passage_ids"][0]]
+            assert len(r["passage_ids"]) == 1 and doc_of[r["passage_ids"][0]] != own
+            assert (r["source"], r["group"], r["message_id"]) == (source["source"], source["group"],
+                                                                  source["message_id"])
+        # with distractors, an honest row shows as many passages as a grounded one, all of other documents
+        both = BuildOptions(**ALL_IN_TRAIN, abstain_rows=0.5, distractor_passages=2)
+        mixed = build_datasets(store, s, both, knowledge=kb)
+        rows = _rows(mixed.path, "sft", "train")
+        honest = [r for r in rows if r["origin"] == "abstain"]
+        assert len(honest) == 2 and {len(r["passage_ids"]) for r in rows} == {3}
+        for r in honest:
+            question = r["messages"][-2]["content"].rsplit("My question: ", 1)[-1]
+            own = "boats.md" if "ferry" in question else "plans.md"
+            assert sorted(doc_of[c] for c in r["passage_ids"]) == sorted(set(LIBRARY) - {own})
+        again = build_datasets(store, s, both, knowledge=kb)
+        assert _rows(again.path, "sft", "train") == rows
+        for data in _all_bytes(s.datasets_dir).values():
+            assert b"PRIVATE-MARKER-31" not in data
+    finally:
+        kb.close()
+    with pytest.raises(ValueError, match="abstain_rows"):
+        BuildOptions(abstain_rows=1.5).validate()

@@ -66,7 +66,7 @@ from training.dataset_sources import (
 )
 from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
-from training.passage_rows import PoolReader, SharedPool, with_distractors
+from training.passage_rows import PoolReader, SharedPool, abstain_examples, with_distractors
 from training.personal_data import PrivacyError, check_privacy, forget_marks, restrict_log
 from training.snapshots import (
     HELDOUT_DIR,
@@ -134,6 +134,9 @@ class BuildOptions:
     # RAFT-style rows (training/passage_rows.py): each grounded train SFT row also shows this many passages of other
     # shared documents, shuffled in with its own. 0: the rows as served. Off by default until a loop run measured it.
     distractor_passages: int = 0
+    # Honest "not in the documents" rows (training/passage_rows.py), per grounded train SFT row: its question with
+    # other shared documents' passages only, answered "The documents I have do not say." Off until measured.
+    abstain_rows: float = 0.0
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
     heldout_max_per_kind: int = 500
     refreeze_heldout: bool = False  # an explicit admin decision: evaluation results stop being comparable
@@ -148,6 +151,8 @@ class BuildOptions:
                 or not 0 <= self.distractor_passages <= MAX_DISTRACTORS):
             raise ValueError(f"distractor_passages must be a whole number from 0 to {MAX_DISTRACTORS}, "
                              f"got {self.distractor_passages!r}")
+        if not 0.0 <= self.abstain_rows <= 1.0:
+            raise ValueError(f"abstain_rows must be in [0, 1], got {self.abstain_rows}")
         if self.replay_ratio < 0:
             raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if self.context_messages < 0 or self.synthetic_floor < 0 or self.heldout_max_per_kind < 0:
@@ -592,16 +597,21 @@ def _cap_synthetic(splits: dict[str, list[Example]], options: BuildOptions, stat
 
 def _passage_rows(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats, g: Gathered,
                   owner_id: int | None) -> dict[str, Any]:
-    """Distractor passages in the train split's grounded SFT rows (training/passage_rows.py); the manifest's
-    `passage_rows`. Validation and test rows stay as served: the gate judges the prompts users send."""
-    info: dict[str, Any] = {"distractors": {"per_row": options.distractor_passages, "rows": 0}}
-    if options.distractor_passages == 0:
+    """Distractor passages in the train split's grounded SFT rows and "not in the documents" rows beside them
+    (training/passage_rows.py); the manifest's `passage_rows`. Validation and test rows stay as served: the gate
+    judges the prompts users send."""
+    info: dict[str, Any] = {"distractors": {"per_row": options.distractor_passages, "rows": 0},
+                            "abstain": {"share": options.abstain_rows, "added": 0}}
+    if options.distractor_passages == 0 and options.abstain_rows == 0:
         return info
     pool = SharedPool.read(g.shared_pool)
-    salt = options.split_salt + "/passages"
-    fraction = partial(_salted_fraction, salt)
-    splits["train"], info["distractors"] = with_distractors(splits["train"], pool, options.distractor_passages,
-                                                            fraction)
+    fraction = partial(_salted_fraction, options.split_salt + "/passages")
+    train = splits["train"]
+    # As many passages as a grounded row shows, so the number of passages does not give the answer away.
+    abstain, info["abstain"] = abstain_examples(train, pool, options.abstain_rows, options.distractor_passages,
+                                                fraction)
+    train, info["distractors"] = with_distractors(train, pool, options.distractor_passages, fraction)
+    splits["train"] = sorted(train + abstain, key=lambda e: _row_order(e, options.split_salt))
     stats.pii.update(pool.pii)
     check_privacy(splits["train"], g.log, owner_id)
     return info

@@ -73,6 +73,23 @@ def unsupported_facts(answer: str, passages: str, question: str = "") -> list[st
     return sorted(f.removeprefix("letter:") for f in facts_of(answer) if not _covered(f, source_facts, source))
 
 
+# An honest answer to a question the documents cannot answer says so; anything else states something invented.
+# The loop bench (bench/loop.py) judges unanswerable questions with these patterns, and the dataset builder's
+# "not in the documents" rows (training/passage_rows.py) answer `ABSTAIN_ANSWER`, which they match.
+ABSTAINS = re.compile(
+    r"\b(?:(?:do|does|did)(?: not|n't) (?:know|say|mention|specify|state|contain|include|cover|have|list)|"
+    r"not (?:mentioned|stated|specified|listed|given|included|covered|available|sure|in the (?:documents?|passages?|"
+    r"data|text))|no (?:information|mention|details?|data)|(?:can ?not|can't|couldn't|could not|unable to) "
+    r"(?:find|tell|say|answer|determine)|unknown|isn't (?:mentioned|stated|specified)|i'm not sure|"
+    r"i am not sure)\b", re.I)
+ABSTAIN_ANSWER = "The documents I have do not say."
+
+
+def abstains(answer: str) -> bool:
+    """The answer says that it does not know, or that the documents do not say."""
+    return bool(ABSTAINS.search(answer))
+
+
 def contradicts(answer: str, passages: str, question: str = "") -> bool:
     """True when there are passages and the answer states a number, code or named letter they do not hold."""
     return bool(passages.strip()) and bool(unsupported_facts(answer, passages, question))

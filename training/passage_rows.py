@@ -33,6 +33,7 @@ from typing import Any
 
 from assistant.prompt import Passage
 from training.dataset_sources import Example
+from training.fact_check import ABSTAIN_ANSWER
 from training.hygiene import Scrubbed, scrub_pii
 
 # Every shared chunk as (chunk_id, doc_id, title, text): KnowledgeBase.all_shared_chunks.
@@ -135,3 +136,29 @@ def with_distractors(rows: list[Example], pool: SharedPool, n: int, fraction: Ha
         info["passages_added"] += len(extra)
     return out, info
 
+
+
+def abstain_examples(rows: list[Example], pool: SharedPool, share: float, distractors: int,
+                     fraction: HashFn) -> tuple[list[Example], dict]:
+    """New rows for `share` of the grounded SFT rows: the same question, other documents' passages only (as many
+    as the row shows with its `distractors`), answered `ABSTAIN_ANSWER`. The rows are chosen by a stable hash."""
+    base = [ex for ex in rows if grounded(ex)]
+    wanted = int(round(share * len(base)))
+    info: dict[str, Any] = {"share": share, "grounded_rows": len(base), "requested": wanted, "added": 0,
+                            "no_other_document": 0, "answer": ABSTAIN_ANSWER}
+    if wanted == 0:
+        return [], info
+    doc_of = pool.doc_of()
+    out = []
+    for ex in sorted(base, key=lambda e: fraction(f"abstain|{row_key(e)}")):
+        if len(out) == wanted:
+            break
+        others = _others(ex, pool, doc_of, len(ex.passages) + distractors, fraction, "abstain")
+        if not others:
+            info["no_other_document"] += 1
+            continue
+        out.append(replace(ex, completion=ABSTAIN_ANSWER, passages=tuple(pool.passage(c) for c in others),
+                           passage_ids=tuple(c.chunk_id for c in others),
+                           prov=replace(ex.prov, origin="abstain")))
+    info["added"] = len(out)
+    return out, info
