@@ -72,7 +72,7 @@ class FeedbackLog:
     Rows are plain tuples in the column order named below, so a build of 100k turns stays cheap.
     """
 
-    # (id, message_id, kind, rating, corrected, other_message_id, chosen_message_id), by id
+    # (id, message_id, kind, rating, corrected, other_message_id, chosen_message_id, reason), by id
     feedback: list[tuple[Any, ...]]
     # (id, conversation_id, role, content, adapter, parent_id, status, imported, sources) of the user and
     # assistant messages of conversations with feedback, by conversation then id
@@ -745,7 +745,7 @@ class Store:
             .distinct()
         )
         fb_cols = (feedback.c.id, feedback.c.message_id, feedback.c.kind, feedback.c.rating, feedback.c.corrected,
-                   feedback.c.other_message_id, feedback.c.chosen_message_id)
+                   feedback.c.other_message_id, feedback.c.chosen_message_id, feedback.c.reason)
         msg_cols = (messages.c.id, messages.c.conversation_id, messages.c.role, messages.c.content,
                     messages.c.adapter, messages.c.parent_id, messages.c.status, messages.c.imported,
                     messages.c.sources)

@@ -793,3 +793,52 @@ def test_abstain_rows_pair_a_question_with_passages_that_do_not_hold_its_answer(
         kb.close()
     with pytest.raises(ValueError, match="abstain_rows"):
         BuildOptions(abstain_rows=1.5).validate()
+
+
+def test_style_rows_are_capped_against_grounded_rows(store, settings, tiny_embedder_dir):
+    """max_style_share: users' SFT rows of answers given the reason "style" (edited or liked for it) keep to that
+    share of style plus grounded train rows; the rest of the build is untouched and the manifest says what went."""
+    from memory.knowledge import KnowledgeBase
+
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        alice, _, _ = _library(store, kb)  # three grounded rows: two liked answers and a teacher pair
+        topics = ["the office kettle", "the bicycle shed", "the printer queue", "the parking rota", "the fire door"]
+        style_ids = set()
+        for i, topic in enumerate(topics):
+            c = store.create_conversation(alice.id, topic)
+            _, a = store.add_turn(c.id, f"Tell me about {topic}.", f"Here is a long ramble about {topic} ...")
+            style_ids.add(a.id)
+            if i == 0:  # liked for its style
+                store.add_thumb(alice.id, a.id, 1, reason="style")
+            else:  # rated down for its style and restyled
+                store.add_thumb(alice.id, a.id, -1, reason="style")
+                store.add_edit(alice.id, a.id, f"Lumen Desk: {topic} is covered in the handbook.")
+
+        def build(share: float):
+            built = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN, max_style_share=share), knowledge=kb)
+            rows = _rows(built.path, "sft", "train")
+            return built, [r for r in rows if r["message_id"] in style_ids], [r for r in rows
+                                                                               if r["message_id"] not in style_ids]
+
+        whole, style, other = build(1.0)
+        assert len(style) == 5 and len(other) == 3
+        assert whole.manifest["style_cap"] == {"share": 1.0, "style_rows": 5, "grounded_rows": 3, "allowed": 5,
+                                               "removed": 0}
+        chosen = {}
+        for share, kept in ((0.5, 3), (0.25, 1), (0.0, 0)):
+            built, capped, rest = build(share)
+            chosen[share] = [r["message_id"] for r in capped]
+            assert len(capped) == kept and rest == other  # only style rows go
+            assert {r["message_id"] for r in capped} <= style_ids
+            assert built.manifest["style_cap"]["removed"] == 5 - kept
+            removed = {f["name"]: f["removed"] for f in built.manifest["filters"]["sft"]}
+            assert removed.get("style_cap", 0) == 5 - kept
+            assert built.counts("dpo")["train"] == whole.counts("dpo")["train"]  # SFT rows only
+        assert [r["message_id"] for r in build(0.25)[1]] == chosen[0.25]  # a stable choice
+        assert set(chosen[0.25]) < set(chosen[0.5])
+    finally:
+        kb.close()
+    with pytest.raises(ValueError, match="max_style_share"):
+        BuildOptions(max_style_share=-0.1).validate()

@@ -137,6 +137,9 @@ class BuildOptions:
     # Honest "not in the documents" rows (training/passage_rows.py), per grounded train SFT row: its question with
     # other shared documents' passages only, answered "The documents I have do not say." Off until measured.
     abstain_rows: float = 0.0
+    # Style rows (users' SFT rows of answers whose feedback gave the reason "style": restyling edits, likes for the
+    # style) at most this share of style plus grounded rows in train. 1.0: no cap. Off until measured.
+    max_style_share: float = 1.0
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
     heldout_max_per_kind: int = 500
     refreeze_heldout: bool = False  # an explicit admin decision: evaluation results stop being comparable
@@ -151,6 +154,8 @@ class BuildOptions:
                 or not 0 <= self.distractor_passages <= MAX_DISTRACTORS):
             raise ValueError(f"distractor_passages must be a whole number from 0 to {MAX_DISTRACTORS}, "
                              f"got {self.distractor_passages!r}")
+        if not 0.0 <= self.max_style_share <= 1.0:
+            raise ValueError(f"max_style_share must be in [0, 1], got {self.max_style_share}")
         if not 0.0 <= self.abstain_rows <= 1.0:
             raise ValueError(f"abstain_rows must be in [0, 1], got {self.abstain_rows}")
         if self.replay_ratio < 0:
@@ -535,6 +540,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                     filters[kind].removed["heldout_group_excluded"] += before - len(split_rows[kind][s])
 
         caps = {k: _cap_synthetic(split_rows[k], options, filters[k]) for k in KINDS}
+        style_info = _cap_style(split_rows["sft"], options, filters["sft"], g.log)
         passage_info = _passage_rows(split_rows["sft"], options, filters["sft"], g, owner_id)
         replay_info = _add_replay(split_rows["sft"], options, filters["sft"], settings.system_prompt)
 
@@ -558,6 +564,7 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         manifest = _manifest(version, options, log, syn, rows_out, heldout_rows, heldout_meta, filters, skipped,
                              caps, replay_info, hashes, time.perf_counter() - started)
         manifest["passage_rows"] = passage_info
+        manifest["style_cap"] = style_info
         manifest["owner_id"] = owner_id  # None: the shared adapter's; a user id: that user's personal adapter
         manifest["prompts"] = {
             "system_prompt": settings.system_prompt, "format": PROMPT_FORMAT,
@@ -592,6 +599,34 @@ def _cap_synthetic(splits: dict[str, list[Example]], options: BuildOptions, stat
         splits["train"] = [e for e in train if e.prov.source != "teacher" or id(e) in keep]
         info["removed"] = len(teacher) - allowed
         stats.removed["synthetic_cap"] += info["removed"]
+    return info
+
+
+def _cap_style(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats,
+               log: TrainingLog) -> dict[str, Any]:
+    """Keep style rows in the SFT train split to at most `max_style_share` of style plus grounded rows.
+
+    A style row: a user's SFT row of an answer whose feedback gave the reason "style" (rated down for its style and
+    edited, or liked for it). A grounded row: any other SFT row whose prompt quotes passages. A loop run that
+    learnt the users' style traded grounding for it (issue 26); the cap keeps reading the passages the larger part.
+    """
+    style_ids = {f.message_id for f in log.feedback if f.reason == "style"}
+    train = splits["train"]
+
+    def is_style(e: Example) -> bool:
+        return e.prov.source == "human" and e.prov.message_id in style_ids
+
+    style = [e for e in train if is_style(e)]
+    grounded = sum(1 for e in train if e.passages and not is_style(e))
+    share = options.max_style_share
+    allowed = len(style) if share >= 1.0 else int(share / (1 - share) * grounded)
+    info = {"share": share, "style_rows": len(style), "grounded_rows": grounded,
+            "allowed": min(allowed, len(style)), "removed": 0}
+    if len(style) > allowed:
+        keep = {id(e) for e in sorted(style, key=lambda e: _row_order(e, options.split_salt + "/style"))[:allowed]}
+        splits["train"] = [e for e in train if not is_style(e) or id(e) in keep]
+        info["removed"] = len(style) - allowed
+        stats.removed["style_cap"] += info["removed"]
     return info
 
 

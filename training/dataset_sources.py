@@ -137,6 +137,7 @@ class LogFeedback:
     corrected: str | None
     other_message_id: int | None
     chosen_message_id: int | None
+    reason: str | None = None  # a thumb's reason tag (memory.types.REASON_TAGS): "style" marks style feedback
 
 
 @dataclass
