@@ -668,7 +668,7 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     assert d.execute_script("return navigator.language").startswith("ko")
     tabs = wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
                                   if b.text.strip()], "the tabs")
-    assert tabs[:4] == ["채팅", "문서", "기억", "계정"], tabs
+    assert tabs[:5] == ["채팅", "문서", "기억", "계정", "나의 어시스턴트"], tabs
     assert css(d, "#send").text.strip() == "보내기"
     # a line the server writes (the key translated, the name kept) and the account tab's form
     wait_for(d, lambda d: "관리자로 로그인: hana" in text_of(d, "#whoami"), "the Korean signed-in line")
@@ -693,11 +693,17 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     wait_for(d, lambda d: d.execute_script(
         "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),
         "the bundled Hangul font to load")
+    # what the server writes is in the page's language too: the chat's line about the selected answer
+    wait_for(d, lambda d: "아직 선택한 답변이 없습니다" in text_of(d, "#feedback-target"), "the line in Korean")
     screenshot(d, shots_dir(tmp_path), "chat-ko")
-    # the admin console speaks Korean too: its retrain form, with a sentence of help under each field
+    # the admin console speaks Korean too: its retrain form, with a sentence of help under each field, the
+    # readiness check and the tables' headings
     open_tab(d, "관리")
     assert css(d, "#retrain-start").text.strip() == "재학습 시작"
     wait_for(d, lambda d: "SFT 에포크" in text_of(d, "#retrain-epochs"), "the form's Korean labels")
     assert "과적합" in text_of(d, "#retrain-epochs")  # the help text
+    wait_for(d, lambda d: "재학습할 수" in text_of(d, "#readiness") and "예시를 쓰는 방법" in text_of(d, "#readiness"),
+             "the readiness check in Korean")
+    assert "결과" in text_of(d, "#jobs-table") and "Not ready" not in text_of(d, "#readiness")
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#retrain-stages"))
     screenshot(d, shots_dir(tmp_path), "admin-ko")

@@ -32,10 +32,10 @@ import pandas as pd
 from assistant.admin_api import AdminActions, require_admin
 from memory.types import User
 from training.jobs import NotReady
-from training.readiness import check_readiness
+from training.readiness import SMALL_DATA_MIN_GROUPS, Readiness, check_readiness
 from training.train_config import TrainConfig
 from ui.confirm import confirm_step
-from ui.i18n import T
+from ui.i18n import T, current_language, page_language, speaking, tr
 from ui.people import build_people_section, people_frame
 from ui.personal import build_personal_section
 
@@ -44,34 +44,60 @@ PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API 
 JOB_COLUMNS = ["id", "outcome", "trigger", "by", "phase", "progress %", "candidate", "why", "created"]
 ADAPTER_COLUMNS = ["name", "serving", "gate", "parent", "dataset", "val_loss", "pref_acc", "grounded",
                    "general_ppl", "general_qa", "created", "note"]
+# The tables' headings in the page's language (ui/i18n.py keys, in the columns' order).
+JOB_HEADINGS = ["jc_id", "jc_outcome", "jc_trigger", "jc_by", "jc_phase", "jc_progress", "jc_candidate", "jc_why",
+                "jc_created"]
+ADAPTER_HEADINGS = ["ac_name", "ac_serving", "ac_gate", "ac_parent", "ac_dataset", "ac_val_loss", "ac_pref_acc",
+                    "ac_grounded", "ac_general_ppl", "ac_general_qa", "ac_created", "ac_note"]
+
+
+def headings(keys: list[str]) -> list[str]:
+    return [tr(k) for k in keys]
 
 
 # ------------------------------------------------------------------------------------------ view functions
 def counts_markdown(actions: AdminActions, user: User | None) -> str:
     c = actions.counts(user)
     active = c.get("active_job")
-    rows = [("users", c.get("users")), ("conversations", c.get("conversations")), ("messages", c.get("messages")),
-            ("thumbs up / down", f"{c.get('thumbs_up')} / {c.get('thumbs_down')}"), ("edits", c.get("edits")),
-            ("regenerate-and-choose pairs", c.get("pairs")), ("teacher pairs", c.get("synthetic_pairs")),
-            ("new feedback since the last job", c.get("new_feedback_since_last_job")),
-            ("dataset snapshots", c.get("datasets")), ("adapter versions", c.get("adapter_versions")),
-            ("serving", c.get("serving") or "base model"),
-            ("running job", f"#{active['id']} ({active['progress'].get('phase')})" if active else "none")]
-    return "| what | how many |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    rows = [("c_users", c.get("users")), ("c_conversations", c.get("conversations")),
+            ("c_messages", c.get("messages")), ("c_thumbs", f"{c.get('thumbs_up')} / {c.get('thumbs_down')}"),
+            ("c_edits", c.get("edits")), ("c_pairs", c.get("pairs")), ("c_teacher_pairs", c.get("synthetic_pairs")),
+            ("c_new_feedback", c.get("new_feedback_since_last_job")), ("c_datasets", c.get("datasets")),
+            ("c_adapters", c.get("adapter_versions")), ("c_serving", c.get("serving") or tr("c_base_model")),
+            ("c_running_job", f"#{active['id']} ({active['progress'].get('phase')})" if active else tr("c_none"))]
+    return (f"| {tr('c_what')} | {tr('c_how_many')} |\n|---|---|\n"
+            + "\n".join(f"| {tr(k)} | {v} |" for k, v in rows))
 
 
-SPLIT_RULES = (
-    "How examples are used: whole conversations go to training (8 in 10), to validation (1 in 10, to stop "
-    "training before it overfits) or to testing (1 in 10, never trained on). With only a few conversations, "
-    "one in ten, and at least one once three have feedback, is kept for testing. When 20 test examples "
-    "exist they are frozen as the held-out set that every later model is judged on.")
+def readiness_sentences(r: Readiness, stages: tuple[str, ...] = ("sft", "dpo")) -> tuple[str, list[str]]:
+    """The readiness check's summary and what is missing, in the page's language: in English its own
+    sentences (training/readiness.py, as the API says them); otherwise put together from its counts by the
+    same rules."""
+    if current_language() == "en":
+        return r.summary, list(r.missing)
+    train = sum(r.rows[s]["train"] for s in stages if s in r.rows)
+    heldout = r.rows["sft"]["heldout"] + r.rows["dpo"]["heldout"]
+    f, need_train, need_heldout = r.feedback, r.needs["train_rows"], r.needs["heldout_rows"]
+    have = tr("r_have", rated=f["thumbs_up"] + f["thumbs_down"], edits=f["edits"], pairs=f["pairs"],
+              teacher=f["teacher_pairs"], conversations=f["conversations"], train=train, heldout=heldout)
+    missing = []
+    if train < need_train:
+        missing.append(tr("r_need_train", need=need_train, have=train))
+    if heldout < need_heldout:
+        hint = tr("r_hint_few", groups=SMALL_DATA_MIN_GROUPS) if f["conversations"] < 10 else tr("r_hint_more")
+        missing.append(tr("r_need_heldout", need=need_heldout, have=heldout,
+                          where=tr("r_where_frozen" if r.heldout_frozen else "r_where_aside"), hint=hint))
+    summary = tr("r_not_ready", have=have, train=need_train, heldout=need_heldout) if missing \
+        else tr("r_ready", have=have)
+    return summary, missing
 
 
 def readiness_markdown(actions: AdminActions, user: User | None) -> str:
     """What a retrain would have now and what it still needs (training/readiness.py), in sentences."""
     require_admin(user)
     r = check_readiness(actions.store, actions.settings, knowledge=actions.services.knowledge)
-    lines = [f"**{r.summary}**", *[f"- {m}" for m in r.missing], "", SPLIT_RULES]
+    summary, missing = readiness_sentences(r)
+    lines = [f"**{summary}**", *[f"- {m}" for m in missing], "", tr("r_split_rules")]
     return "\n".join(lines)
 
 
@@ -83,7 +109,7 @@ def preview_frame(actions: AdminActions, user: User | None, name: str | None, ki
                   limit: int = 20) -> tuple[pd.DataFrame, str]:
     if not name:
         require_admin(user)
-        return pd.DataFrame(columns=["prompt", "answer", "source", "origin"]), "No dataset yet: build one."
+        return pd.DataFrame(columns=["prompt", "answer", "source", "origin"]), tr("no_dataset")
     p = actions.preview_dataset(user, name, kind, split, int(limit))
     rows = []
     for r in p["rows"]:
@@ -97,7 +123,8 @@ def preview_frame(actions: AdminActions, user: User | None, name: str | None, ki
         else:
             rows.append({"prompt": _last(r.get("prompt") or [], "user"), "completion": _content(r.get("completion")),
                          "label": r.get("label"), "source": r.get("source")})
-    return pd.DataFrame(rows), f"{name} {kind}/{split}: showing {len(rows)} of {p['total']} rows"
+    return pd.DataFrame(rows), tr("preview_note", name=name, kind=kind, split=split, shown=len(rows),
+                                  total=p["total"])
 
 
 def _last(msgs: list[dict], role: str) -> str:
@@ -112,26 +139,24 @@ def _content(value: Any) -> str:
 
 # A job that ran to its end "succeeded" in the store whatever the gate decided; read next to a
 # "rejected" candidate that looked like a promotion. The page says what happened to the serving model.
-OUTCOMES = {
-    "promoted": "finished: the new model passed the evaluation and now serves",
-    "registered": "finished: the new model passed the evaluation; promote it below to serve it",
-    "rejected": "finished: the new model did worse in the evaluation and was not used; nothing changed",
-}
+OUTCOMES = {"promoted": "o_promoted", "registered": "o_registered", "rejected": "o_rejected"}  # ui/i18n.py keys
 
 
 def job_outcome(job: dict[str, Any]) -> str:
     """A job's state in words, the gate's decision included (never just "succeeded")."""
     status = job.get("status")
     if status == "queued":
-        return "cancelling…" if job.get("cancel_requested") else "waiting to start"
+        return tr("o_cancelling" if job.get("cancel_requested") else "o_waiting")
     if status == "running":
-        return "cancelling…" if job.get("cancel_requested") else "running"
+        return tr("o_cancelling" if job.get("cancel_requested") else "o_running")
     if status == "succeeded":
         decision = (job.get("result") or {}).get("status")
-        return OUTCOMES.get(decision, f"finished: {decision or 'no decision'}")
+        if decision in OUTCOMES:
+            return tr(OUTCOMES[decision])
+        return tr("o_finished", decision=decision or tr("o_no_decision"))
     if status == "cancelled":
-        return "cancelled; nothing changed"
-    return "failed; nothing changed"
+        return tr("o_cancelled")
+    return tr("o_failed")
 
 
 def jobs_rows(actions: AdminActions, user: User | None, limit: int = 30) -> pd.DataFrame:
@@ -141,7 +166,7 @@ def jobs_rows(actions: AdminActions, user: User | None, limit: int = 30) -> pd.D
         rows.append([j["id"], job_outcome(j), j["trigger"], j["requested_by"], j["progress"].get("phase"),
                      round(100 * float(j["progress"].get("fraction") or 0)), r.get("candidate"),
                      r.get("reason") or plain_error(j.get("error") or "")[:160], (j["created_at"] or "")[:19]])
-    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+    return pd.DataFrame(rows, columns=headings(JOB_HEADINGS))
 
 
 _EXCEPTION_NAME = re.compile(r"(^|[:|(]\s*)(?:[A-Za-z_][\w.]*(?:Error|Exception|Failed|Busy|NotFound|Ready)):\s*")
@@ -166,9 +191,7 @@ def progress_html(fraction: float, label: str) -> str:
             f'font-size:13px">{pct:.0f}% {label}</span></div>')
 
 
-PHASE_WORDS = {"starting": "starting", "synth": "asking the teacher for document pairs",
-               "dataset": "building the dataset", "train": "training", "evaluate": "evaluating the new model",
-               "register": "recording the result", "done": "done"}
+PHASE_WORDS = {p: f"ph_{p}" for p in ("starting", "synth", "dataset", "train", "evaluate", "register", "done")}
 
 
 def job_phases(job: dict[str, Any]) -> list[str]:
@@ -193,10 +216,10 @@ def job_eta_s(job: dict[str, Any], now: datetime | None = None) -> float | None:
 
 def duration_words(seconds: float) -> str:
     if seconds < 90:
-        return f"{max(5, round(seconds / 5) * 5):.0f} s"
+        return tr("p_seconds", n=f"{max(5, round(seconds / 5) * 5):.0f}")
     if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return tr("p_minutes", n=f"{seconds / 60:.0f}")
+    return tr("p_hours", n=f"{seconds / 3600:.1f}")
 
 
 def progress_text(job: dict[str, Any], now: datetime | None = None) -> str:
@@ -205,19 +228,20 @@ def progress_text(job: dict[str, Any], now: datetime | None = None) -> str:
     p = job.get("progress") or {}
     phases = job_phases(job)
     phase = p.get("phase") or "starting"
-    words = PHASE_WORDS.get(phase, phase)
-    head = f"Phase {phases.index(phase) + 1} of {len(phases)}: {words}" if phase in phases else words.capitalize()
+    words = tr(PHASE_WORDS[phase]) if phase in PHASE_WORDS else phase
+    head = tr("p_phase", n=phases.index(phase) + 1, total=len(phases), words=words) if phase in phases \
+        else words[:1].upper() + words[1:]
     detail = ""
     if phase == "train" and p.get("step") is not None and p.get("max_steps"):
-        detail = f" ({p.get('stage') or 'train'}, step {p['step']} of {p['max_steps']})"
+        detail = tr("p_train", stage=p.get("stage") or "train", step=p["step"], total=p["max_steps"])
     elif phase == "dataset" and p.get("total"):
-        detail = f" (the base model answers general questions: {p.get('done')} of {p['total']})"
+        detail = tr("p_dataset", done=p.get("done"), total=p["total"])
     elif phase == "synth" and p.get("total"):
-        detail = f" (chunk {p.get('done')} of {p['total']})"
+        detail = tr("p_synth", done=p.get("done"), total=p["total"])
     elif phase == "evaluate" and p.get("check"):
-        detail = f" ({p.get('model') or 'model'}: {p['check']})"
+        detail = tr("p_evaluate", model=p.get("model") or "model", check=p["check"])
     eta = job_eta_s(job, now)
-    tail = f"; about {duration_words(eta)} left for the whole job" if eta is not None else ""
+    tail = tr("p_eta", eta=duration_words(eta)) if eta is not None else ""
     return head + detail + tail
 
 
@@ -226,27 +250,27 @@ def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> di
     if job_id is None:
         jobs = actions.list_jobs(user, 1)
         if not jobs:
-            return {"job": None, "bar": progress_html(0, "no job yet"), "status": "", "curve": _curve([]), "log": ""}
+            return {"job": None, "bar": progress_html(0, tr("j_no_job")), "status": "", "curve": _curve([]), "log": ""}
         job_id = jobs[0]["id"]
     d = actions.job_detail(user, int(job_id), log_lines=80)
     j, p = d["job"], d["job"]["progress"]
     outcome = job_outcome(j)
     if j["status"] == "running" and not j.get("cancel_requested"):
-        label = f"job #{j['id']} running: {progress_text(j)}"
+        label = tr("j_running", id=j["id"], progress=progress_text(j))
     else:
-        label = f"job #{j['id']} {outcome}"
-    by = "the schedule" if j["trigger"] == "schedule" else (j["requested_by"] or "-")
-    lines = [f"**Job #{j['id']}**: {outcome} (started by {by})"]
+        label = tr("j_label", id=j["id"], outcome=outcome)
+    by = tr("j_schedule") if j["trigger"] == "schedule" else (j["requested_by"] or "-")
+    lines = [tr("j_head", id=j["id"], outcome=outcome, by=by)]
     if j["status"] == "running" and not j.get("cancel_requested"):
         lines.append(progress_text(j))
     if isinstance(p.get("loss"), int | float):
-        lines.append(f"loss {p['loss']:.4f}" + (f", validation loss {p['eval_loss']:.4f}"
-                                                  if isinstance(p.get("eval_loss"), int | float) else ""))
+        lines.append(tr("j_val_loss", loss=f"{p['loss']:.4f}", val=f"{p['eval_loss']:.4f}")
+                     if isinstance(p.get("eval_loss"), int | float) else tr("j_loss", loss=f"{p['loss']:.4f}"))
     if j.get("error") and j["status"] != "cancelled":
-        lines.append(f"Why: {plain_error(j['error'])}")
+        lines.append(tr("j_why", why=plain_error(j["error"])))
     r = j.get("result") or {}
     if r:
-        lines.append(f"New model {r.get('candidate')}: {r.get('reason')}")
+        lines.append(tr("j_result", candidate=r.get("candidate"), reason=r.get("reason")))
     return {"job": j, "bar": progress_html(float(p.get("fraction") or 0), label), "status": "\n\n".join(lines),
             "curve": _curve(d["loss_curve"]), "log": d["log"]}
 
@@ -267,31 +291,32 @@ def adapters_view(actions: AdminActions, user: User | None) -> tuple[pd.DataFram
     rows = []
     for v in a["versions"]:
         m = v["metrics"]
-        rows.append([v["name"], "serving" if v["serving"] else "", v["gate"], v["parent"] or "", v["dataset"] or "",
+        rows.append([v["name"], tr("ac_serving") if v["serving"] else "", v["gate"], v["parent"] or "",
+                     v["dataset"] or "",
                      m.get("val_loss"), m.get("pref_accuracy"), m.get("grounded"), m.get("general_ppl"),
                      m.get("general_qa"), v["created_at"][:19], (v["note"] or "")[:100]])
-    back = (a["rollback_target"] or "the base model") if a["can_roll_back"] else "nothing"
-    summary = f"Serving **{a['serving'] or 'the base model'}**; roll back goes to **{back}**."
+    back = (a["rollback_target"] or tr("a_base")) if a["can_roll_back"] else tr("a_nothing")
+    summary = tr("a_summary", serving=a["serving"] or tr("a_base"), back=back)
     if a["history"]:
         h = a["history"][-1]
-        summary += (f" Last change: {h['action']} to {h['version'] or 'base'} by {h['actor'] or '-'} "
-                    f"({h['created_at'][:19]}).")
-    return pd.DataFrame(rows, columns=ADAPTER_COLUMNS), summary, [v["name"] for v in a["versions"]]
+        summary += tr("a_last_change", action=h["action"], version=h["version"] or tr("a_base"),
+                      actor=h["actor"] or "-", when=h["created_at"][:19])
+    return pd.DataFrame(rows, columns=headings(ADAPTER_HEADINGS)), summary, [v["name"] for v in a["versions"]]
 
 
 def report_view(actions: AdminActions, user: User | None, name: str | None) -> tuple[str, str | None]:
     if not name:
         require_admin(user)
-        return "Pick a version.", None
+        return tr("a_pick_version"), None
     r = actions.report(user, name)
-    return r["markdown"] or f"{name} has no evaluation report.", r["plot"]
+    return r["markdown"] or tr("a_no_report", name=name), r["plot"]
 
 
 def schedule_values(actions: AdminActions, user: User | None) -> tuple[dict[str, Any], str]:
     s = actions.get_schedule(user)
-    state = f"Now: **{'due' if s['due'] else 'not due'}** — {s['reason']}."
+    state = tr("s_state", due=tr("s_due" if s["due"] else "s_not_due"), reason=s["reason"])
     if not s["scheduler_running"]:
-        state += " (The scheduler thread is not running in this process.)"
+        state += tr("s_not_running")
     return s["settings"], state
 
 
@@ -306,7 +331,7 @@ def save_schedule(actions: AdminActions, user: User | None, *values: Any) -> str
     for k in ("min_interval_hours", "every_hours"):
         changes[k] = float(changes[k])
     saved = actions.set_schedule(user, changes)
-    return f"Saved: {'on' if saved['enabled'] else 'off'}, mode {saved['mode']}."
+    return tr("s_saved", state=tr("s_on" if saved["enabled"] else "s_off"), mode=saved["mode"])
 
 
 # The retrain form: the settings a first-time admin may want to change, each with its default (read
@@ -381,8 +406,10 @@ def make_guard(who: GetUser) -> Guard:
         # inputs after it. (No functools.wraps: Gradio would then read `fn`'s signature instead.)
         def run(request: gr.Request, *args: Any) -> Any:
             try:
-                # Every console action is admin-only: refuse before looking at the inputs.
-                return fn(require_admin(who(request)), *args)
+                # Every console action is admin-only: refuse before looking at the inputs. What it writes
+                # is in the page's language.
+                with speaking(page_language(request)):
+                    return fn(require_admin(who(request)), *args)
             except PermissionError as e:
                 raise gr.Error(str(e), print_exception=False) from e
             except (ValueError, LookupError, RuntimeError) as e:
@@ -459,8 +486,8 @@ def synth_section(actions: AdminActions, guarded: Guard) -> None:
 
     def synth(user, n_chunks, n_questions, folder):
         r = actions.synth(user, int(n_chunks or 8), int(n_questions or 2), folder.strip() or None)
-        return (f"{r['pairs']} pairs from {r['chunks']} chunks, {r['accepted']} accepted "
-                f"({r['dpo_pairs']} with a rejected answer), {r['seconds']:.0f} s.")
+        return tr("synth_done", pairs=r["pairs"], chunks=r["chunks"], accepted=r["accepted"], dpo=r["dpo_pairs"],
+                  seconds=f"{r['seconds']:.0f}")
 
     go.click(guarded(synth), [chunks, questions, docs], [out], **PRIVATE)
 
@@ -526,7 +553,7 @@ def retrain_section() -> RetrainSection:
     confirm = confirm_step(T("admin_cancel_q"), T("admin_cancel_yes"), T("admin_cancel_no"), "cancel")
     bar = gr.HTML(progress_html(0, ""), elem_id="job-bar")
     status = gr.Markdown(elem_id="job-status")
-    curve = gr.LinePlot(None, x="step", y="value", color="series", title="Training loss", height=260)
+    curve = gr.LinePlot(None, x="step", y="value", color="series", title=T("admin_loss_title"), height=260)
     log = gr.Textbox(label=T("admin_log"), lines=8, max_lines=16, autoscroll=True, elem_id="job-log")
     timer = gr.Timer(2.0, active=False)
     jobs = gr.Dataframe(headers=JOB_COLUMNS, label=T("admin_jobs"), interactive=False, wrap=True,
@@ -548,7 +575,8 @@ def wire_retrain(actions: AdminActions, guarded: Guard, r: RetrainSection, who: 
             job = start_job(actions, user, *values)
         except NotReady as e:  # refused up front: say why where the job's status would be
             skip = gr.skip()
-            return (skip, skip, "**Not started.** " + str(e), skip, skip, skip, skip,
+            return (skip, skip, tr("not_started", why=" ".join(readiness_sentences(e.readiness)[1]) or str(e)),
+                    skip, skip, skip, skip,
                     readiness_markdown(actions, user))
         return (job["id"], *watch(actions, user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user),
                 readiness_markdown(actions, user))
@@ -577,7 +605,8 @@ def wire_retrain(actions: AdminActions, guarded: Guard, r: RetrainSection, who: 
         except PermissionError as e:
             raise gr.Error(str(e), print_exception=False) from e
         jid = int(frame.iloc[evt.index[0], 0])
-        return (jid, *watch(actions, user, jid))
+        with speaking(page_language(request)):
+            return (jid, *watch(actions, user, jid))
 
     r.jobs.select(pick_job_event, [r.jobs], [r.job_id, *r.watch_outputs], **PRIVATE)
 
@@ -607,8 +636,8 @@ def adapter_section(actions: AdminActions, guarded: Guard) -> AdapterSection:
 
     def swapped(user, r: dict[str, Any]):
         adf, asum, _ = adapters_view(actions, user)
-        return (f"Now serving **{r['serving'] or 'the base model'}** (was {r['previous'] or 'the base model'}), "
-                f"switched in {r['seconds']:.2f} s.", adf, asum, gr.Row(visible=False))
+        return (tr("a_swapped", serving=r["serving"] or tr("a_base"), previous=r["previous"] or tr("a_base"),
+                   seconds=f"{r['seconds']:.2f}"), adf, asum, gr.Row(visible=False))
 
     def promote(user, name, forced, why):
         if not name:
@@ -648,7 +677,8 @@ def schedule_section(actions: AdminActions, guarded: Guard) -> tuple[list[gr.com
     gr.Markdown(T("admin_schedule"))
     with gr.Row(elem_classes="admin-form"):
         enabled = gr.Checkbox(label=T("admin_s_enabled"), min_width=160)
-        mode = gr.Radio(["feedback", "daily", "interval"], label=T("admin_s_mode"), min_width=240)
+        mode = gr.Radio([(T(f"admin_s_mode_{m}"), m) for m in ("feedback", "daily", "interval")],
+                        label=T("admin_s_mode"), min_width=240)
         min_fb = gr.Number(label=T("admin_s_min_feedback"), precision=0, min_width=160)
         interval = gr.Number(label=T("admin_s_interval"), min_width=160)
     with gr.Row(elem_classes="admin-form"):

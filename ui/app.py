@@ -33,7 +33,7 @@ from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
 from ui.firstrun import SetupRedirect, mount_first_run
 from ui.fonts import FONT_CSS, mount_fonts
-from ui.i18n import I18N, T
+from ui.i18n import I18N, LANG_COOKIE, T, page_language, tr
 from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
 from ui.personal import build_personal_tab
@@ -153,16 +153,18 @@ DARK_TOGGLE_JS = """() => {
 # header's button switches it in place through Gradio's own `changeLocale` (exported by its core module,
 # which the page has already loaded), and the choice is kept in the browser for the next visit.
 SET_LANGUAGE_JS = """async (lang) => {
+  document.cookie = '""" + LANG_COOKIE + """=' + lang + '; path=/; max-age=31536000; SameSite=Lax';
   const url = performance.getEntriesByType('resource').map(e => e.name)
     .find(n => /\\/assets\\/core-[^/]*\\.js$/.test(n));
   if (!url) return;
   const core = await import(url);
   if (typeof core.changeLocale === 'function') core.changeLocale(lang);
 }"""
-LANGUAGE_TOGGLE_JS = """() => {
+LANGUAGE_TOGGLE_JS = """(...args) => {
   const korean = (document.documentElement.lang || '').toLowerCase().startsWith('ko');
   localStorage.setItem('assistant-lang', korean ? 'en' : 'ko');
   (""" + SET_LANGUAGE_JS + """)(korean ? 'en' : 'ko');
+  return args;
 }"""
 
 
@@ -184,16 +186,17 @@ PAGE_LOAD_JS = """() => {
 }"""
 
 
-def _header() -> gr.Markdown:
+def _header() -> tuple[gr.Markdown, gr.Button]:
+    """The product's name, who is logged in, the language and dark-mode switches and Log out. The
+    language switch is wired in `build_blocks`: it also redraws the text the server wrote."""
     with gr.Row(equal_height=True, elem_id="header"):
         gr.Markdown(f"### {PRODUCT}", elem_id="product")
         who = gr.Markdown(elem_id="whoami")
-        gr.Button(T("other_language"), size="sm", scale=0, min_width=80, elem_id="lang-toggle").click(
-            None, js=LANGUAGE_TOGGLE_JS, **PRIVATE)
+        lang_btn = gr.Button(T("other_language"), size="sm", scale=0, min_width=80, elem_id="lang-toggle")
         gr.Button(T("dark_mode"), size="sm", scale=0, min_width=110, elem_id="theme-toggle").click(
             None, js=DARK_TOGGLE_JS, **PRIVATE)
         gr.Button(T("log_out"), link="/logout", size="sm", scale=0, min_width=80, elem_id="logout")
-    return who
+    return who, lang_btn
 
 
 def _sidebar() -> dict[str, Any]:
@@ -226,13 +229,13 @@ def _sidebar() -> dict[str, Any]:
 def _conversation_area() -> dict[str, Any]:
     """The chat itself, the input row, the notice, the reason popup, correction, regenerate and compare."""
     with gr.Column(scale=4, elem_id="chat-column"):
-        chatbot = gr.Chatbot(label="Chat", show_label=False, height=460, elem_id="chatbot",
+        chatbot = gr.Chatbot(label=T("tab_chat"), show_label=False, height=460, elem_id="chatbot",
                              sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
                              buttons=["copy", "copy_all"],  # no "share" to a hub
                              placeholder=T("chat_placeholder"))
         with gr.Row(elem_id="input-row"):
             # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
-            msg = gr.Textbox(label="Message", show_label=False, lines=1, max_lines=10, scale=8,
+            msg = gr.Textbox(label=T("message"), show_label=False, lines=1, max_lines=10, scale=8,
                              placeholder=T("message_placeholder"), elem_id="message")
             send_btn = gr.Button(T("send"), variant="primary", scale=1, min_width=80, elem_id="send")
             stop_btn = gr.Button(T("stop"), scale=1, min_width=80, elem_id="stop")
@@ -241,8 +244,7 @@ def _conversation_area() -> dict[str, Any]:
         with gr.Group(visible=False, elem_id="feedback-popup") as popup:
             gr.Markdown(T("why_rating"))
             with gr.Row():
-                reason = gr.Dropdown(label=T("reason"), value="", elem_id="reason",
-                                     choices=[("(none)", ""), *((t, t) for t in REASON_TAGS)])
+                reason = gr.Dropdown(label=T("reason"), value="", elem_id="reason", choices=reason_choices("en"))
                 comment = gr.Textbox(label=T("comment"), elem_id="comment", scale=2)
             with gr.Row():
                 save_reason = gr.Button(T("save_reason"), variant="primary", size="sm", elem_id="feedback-save")
@@ -283,15 +285,19 @@ def _admin_tab(services: Services) -> gr.Tab:
 
             build_admin_tab(services)
         else:
-            gr.Markdown("The admin console is not installed in this build.")
+            gr.Markdown(T("admin_missing"))
     return admin_tab
 
 
 # ---------------------------------------------------------------------------------------------- wiring
+def reason_choices(lang: str) -> list[tuple[str, str]]:
+    """The reason popup's choices: (label in the page's language, the stored tag)."""
+    return [(tr("reason_none", lang), ""), *((tr(f"reason_{t}", lang), t) for t in REASON_TAGS)]
+
+
 def _feedback_outputs(view: h.ChatView, answer_id: int | None) -> tuple:
     text = view.answers.get(answer_id, "") if answer_id is not None else ""
-    summary = h.answer_summary(view, answer_id) if answer_id in view.answers else T("no_answer_selected")
-    return answer_id, summary, text
+    return answer_id, h.answer_summary(view, answer_id), text
 
 
 def _show(services: Services, view: h.ChatView, user, answer_id: int | None = None) -> tuple:
@@ -311,14 +317,16 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
     @_guarded
     def on_switch(cid, request: gr.Request):
         user = _user(services, request)
-        return (*_show(services, h.conversation_view(services, user, cid), user), "", hide, gr.Group(visible=False),
+        view = h.conversation_view(services, user, cid, page_language(request))
+        return (*_show(services, view, user), "", hide, gr.Group(visible=False),
                 gr.Tabs(selected="chat"))
 
     p.conv_list.input(on_switch, [p.conv_list], fresh, **PRIVATE)
 
     def on_new(request: gr.Request):
         user = _user(services, request)
-        return (*_show(services, h.ChatView(None), user), "", hide, gr.Group(visible=False), gr.Tabs(selected="chat"))
+        return (*_show(services, h.ChatView(None, lang=page_language(request)), user), "", hide,
+                gr.Group(visible=False), gr.Tabs(selected="chat"))
 
     p.new_btn.click(on_new, None, fresh, **PRIVATE)
     # The Chatbot's own trash icon clears the view only: treat it as "new conversation" (nothing deleted).
@@ -345,7 +353,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
     def on_delete(cid, request: gr.Request):
         user = _user(services, request)
         h.delete_conversation(services, user, cid)
-        return (*_show(services, h.ChatView(None), user), T("note_deleted"), hide)
+        return (*_show(services, h.ChatView(None, lang=page_language(request)), user), T("note_deleted"), hide)
 
     p.really_btn.click(on_delete, [p.conv], [*p.outputs, p.notice, p.confirm_row], **PRIVATE)
 
@@ -380,7 +388,8 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
             yield (*(skip(),) * n, skip(), safe_markdown(e.message), ready)
             return
         try:
-            for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or ""):
+            for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or "",
+                                      page_language(request)):
                 if view.row_ids and view.row_ids[-1] is None:  # still streaming
                     yield (view.rows, *(skip(),) * (n - 1), "", "", busy)
                 else:
@@ -436,7 +445,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
     def on_reason(answer_id, rating, why, note, request: gr.Request):
         user = _user(services, request)
         if rating not in (1, -1):
-            raise h.UiError("rate the answer with a thumb first")
+            raise h.UiError(tr("rate_first", page_language(request)))
         h.rate(services, user, answer_id, rating, why or None, note)
         return T("note_reason_saved" if why or note else "note_thumb_up" if rating > 0 else "note_thumb_down"), \
             "", "", gr.Group(visible=False)
@@ -449,7 +458,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
     def on_edit(answer_id, corrected, cid, request: gr.Request):
         user = _user(services, request)
         h.edit_answer(services, user, answer_id, corrected)
-        view = h.conversation_view(services, user, cid)
+        view = h.conversation_view(services, user, cid, page_language(request))
         return gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view, T("note_corrected")
 
     p.save_edit.click(on_edit, [p.selected, p.edit_box, p.conv], [p.chatbot, p.view, p.notice], **PRIVATE)
@@ -467,13 +476,14 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
             yield skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
             return
         locked = gr.Button(interactive=False)
+        lang = page_language(request)
         try:
             for c in h.stream_regenerate(services, user, answer_id, reply, active, request.session_hash or ""):
                 ready = gr.Button(interactive=c.done and c.alternative_id is not None)
                 note = "" if not c.done else (
                     T("note_which_better") if c.alternative_id else T("note_nothing_to_compare"))
-                yield (gr.Row(visible=True), "**A** (current)\n\n" + safe_markdown(c.original_text),
-                       "**B** (new)\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
+                yield (gr.Row(visible=True), tr("cmp_current", lang) + "\n\n" + safe_markdown(c.original_text),
+                       tr("cmp_new", lang) + "\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
                        c, ready if c.done else locked, ready if c.done else locked, note)
         except h.UiError as e:
             yield skip(), skip(), skip(), skip(), locked, locked, safe_markdown(e.message)
@@ -486,11 +496,12 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
         @_guarded
         def on_choose(c, cid, request: gr.Request):
             user = _user(services, request)
+            lang = page_language(request)
             if c is None:
-                raise h.UiError("there is nothing to choose between yet")
+                raise h.UiError(tr("nothing_to_choose", lang))
             chosen = c.original_id if pick_original else c.alternative_id
             h.choose(services, user, c.original_id, c.alternative_id, chosen)
-            view = h.conversation_view(services, user, cid)
+            view = h.conversation_view(services, user, cid, lang)
             return (*_show(services, view, user, chosen), gr.Row(visible=False), None,
                     T("note_preferred_a" if pick_original else "note_preferred_b"))
         return on_choose
@@ -505,7 +516,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
     uploads = uploads or PageUploads(page_upload_dir(services))
     active = h.ActiveReplies()
     with gr.Blocks(title=PRODUCT) as demo:
-        who = _header()
+        who, lang_btn = _header()
         page, tabs = _chat_page()
         with tabs:
             build_documents_tab(services, demo, uploads)
@@ -516,13 +527,26 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
 
         def on_load(request: gr.Request):
             user = _user(services, request)
+            lang = page_language(request)
             choices = h.conversation_choices(services, user)
-            view = h.conversation_view(services, user, choices[0][1] if choices else None)
+            view = h.conversation_view(services, user, choices[0][1] if choices else None, lang)
             models = h.model_choices(services)
             return (h.whoami(user), *_show(services, view, user), gr.Dropdown(choices=models, value=models[0]),
-                    gr.Tab(visible=user.is_admin))
+                    gr.Tab(visible=user.is_admin), gr.Dropdown(choices=reason_choices(lang)))
 
-        demo.load(on_load, None, [who, *page.outputs, page.model_dd, admin_tab], **PRIVATE)
+        demo.load(on_load, None, [who, *page.outputs, page.model_dd, admin_tab, page.reason], **PRIVATE)
+
+        # The switch sets the language (and its cookie) in the browser first, then the text the server
+        # wrote (the bubbles' notes and details, the reasons) is drawn again in that language.
+        @_guarded
+        def on_language(cid, selected, request: gr.Request):
+            user = _user(services, request)
+            lang = page_language(request)
+            view = h.conversation_view(services, user, cid, lang)
+            return (*_show(services, view, user, selected), gr.Dropdown(choices=reason_choices(lang)))
+
+        lang_btn.click(on_language, [page.conv, page.selected], [*page.outputs, page.reason],
+                       js=LANGUAGE_TOGGLE_JS, **PRIVATE)
         demo.load(None, js=PAGE_LOAD_JS, **PRIVATE)
         _wire_conversations(services, page, tabs)
         _wire_turn(services, page, active)

@@ -23,8 +23,8 @@ from assistant.chat import ChatError, Reply, TurnRequest
 from assistant.runtime import GenerationError
 from memory.store import MAX_CORRECTED_CHARS
 from memory.types import REASON_TAGS, Feedback, Message, User
-from ui.i18n import T
-from ui.render import DETAILS_TITLE, citations_markdown, details_markdown, excerpt, memory_note, safe_markdown
+from ui.i18n import T, current_language, tr
+from ui.render import citations_markdown, details_markdown, details_title, excerpt, memory_note, safe_markdown
 
 if TYPE_CHECKING:
     from assistant.services import Services
@@ -86,6 +86,7 @@ class ChatView:
     row_ids: list[int | None] = field(default_factory=list)  # answer id per row (None: user rows)
     answers: dict[int, str] = field(default_factory=dict)  # answer id -> its raw text (for editing)
     thumbs: list[str | None] = field(default_factory=list)  # per answer: "Like", "Dislike" or None
+    lang: str = "en"  # the page's language ("en" or "ko") for the notes and details on the bubbles
 
     @property
     def last_answer_id(self) -> int | None:
@@ -102,7 +103,7 @@ class ChatView:
         and so do the cited `sources`, each opening to its passage."""
         shown = safe_markdown(text)
         if sources:
-            shown += "\n\n" + citations_markdown(sources)
+            shown += "\n\n" + citations_markdown(sources, self.lang)
         if notes:
             shown += "\n\n" + " · ".join(f"*{safe_markdown(n)}*" for n in notes)
         self.rows.append({"role": "assistant", "content": shown})
@@ -112,7 +113,7 @@ class ChatView:
         if details is not None:
             # A metadata row renders as a collapsed box right under the answer (same bubble group).
             self.rows.append({"role": "assistant", "content": details,
-                              "metadata": {"title": DETAILS_TITLE, "status": "done"}})
+                              "metadata": {"title": details_title(self.lang), "status": "done"}})
             self.row_ids.append(message_id)
 
 
@@ -130,9 +131,12 @@ def _own_feedback(services: Services, user: User, answer: Message) -> list[Feedb
             if f.user_id == user.id and f.message_id == answer.id]
 
 
-def conversation_view(services: Services, user: User, conversation_id: int | None) -> ChatView:
-    """The stored conversation as the page shows it (the answers it continues from)."""
-    view = ChatView(conversation_id=conversation_id)
+def conversation_view(services: Services, user: User, conversation_id: int | None,
+                      lang: str | None = None) -> ChatView:
+    """The stored conversation as the page shows it (the answers it continues from), its notes and
+    details in `lang` (default: the current page's language)."""
+    lang = lang or current_language()
+    view = ChatView(conversation_id=conversation_id, lang=lang)
     if conversation_id is None:
         return view
     try:
@@ -146,14 +150,13 @@ def conversation_view(services: Services, user: User, conversation_id: int | Non
             own = _own_feedback(services, user, m)
             edits = [f for f in own if f.kind == "edit"]
             thumbs = [f for f in own if f.kind == "thumb"]
-            details = details_markdown(m)
+            details = details_markdown(m, lang=lang)
             if edits:
-                details += "\n\nYour correction (kept as the preferred answer):\n\n" + safe_markdown(
-                    edits[-1].corrected or "")
+                details += "\n\n" + tr("your_correction", lang) + "\n\n" + safe_markdown(edits[-1].corrected or "")
             notes = [n for n in (
-                "Stopped before the end" if m.status == "stopped" else None,
-                "Corrected by you (see the details for your version)" if edits else None,
-                memory_note(m)) if n]
+                tr("bubble_stopped", lang) if m.status == "stopped" else None,
+                tr("bubble_corrected", lang) if edits else None,
+                memory_note(m, lang)) if n]
             view.add_answer(m.id, m.content, details, notes, m.sources)
             # The Chatbot shows this per answer bubble, so a reload keeps the thumbs as they were.
             view.thumbs.append(None if not thumbs else "Like" if thumbs[-1].rating == 1 else "Dislike")
@@ -292,9 +295,9 @@ TYPING = '<span class="typing-dots" title="…"><i></i><i></i><i></i></span>'
 
 
 def stream_turn(services: Services, user: User, conversation_id: int | None, text: str, reply: Reply,
-                active: ActiveReplies | None = None, session: str = "") -> Iterator[ChatView]:
+                active: ActiveReplies | None = None, session: str = "", lang: str | None = None) -> Iterator[ChatView]:
     """Views while the answer streams in; the last one is re-read from the store (with ids)."""
-    base = conversation_view(services, user, conversation_id)
+    base = conversation_view(services, user, conversation_id, lang)
     if active is not None:
         active.start(user, session, reply)
     try:
@@ -303,7 +306,8 @@ def stream_turn(services: Services, user: User, conversation_id: int | None, tex
         # then the answer so far with a cursor.
         for piece in itertools.chain([""], reply):
             partial += piece
-            view = ChatView(base.conversation_id, list(base.rows), list(base.row_ids), dict(base.answers))
+            view = ChatView(base.conversation_id, list(base.rows), list(base.row_ids), dict(base.answers),
+                            lang=base.lang)
             view.add_user(text)
             if partial:
                 view.add_answer(None, partial + " ▌")
@@ -319,7 +323,7 @@ def stream_turn(services: Services, user: User, conversation_id: int | None, tex
         if active is not None:
             active.finish(user, session, reply)
     conv = reply.conversation.id if reply.conversation is not None else conversation_id
-    yield conversation_view(services, user, conv)
+    yield conversation_view(services, user, conv, base.lang)
 
 
 def send(services: Services, user: User, conversation_id: int | None, text: str,
@@ -453,7 +457,8 @@ def choose(services: Services, user: User, original_id: int | None, alternative_
 
 
 def answer_summary(view: ChatView, message_id: int | None) -> str:
-    """One line quoting the answer the feedback controls act on (its words, not its id)."""
+    """One line quoting the answer the feedback controls act on (its words, not its id), in the view's
+    language."""
     if message_id is None or message_id not in view.answers:
-        return "No answer selected yet: send a message, then rate, correct or regenerate its answer."
-    return f"Selected answer: “{safe_markdown(excerpt(view.answers[message_id], 120))}”"
+        return tr("no_answer_selected", view.lang)
+    return tr("selected_answer", view.lang, text=safe_markdown(excerpt(view.answers[message_id], 120)))

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import gradio as gr
+import pandas as pd
 
 from assistant.actions.library import Library, Unavailable
 from memory.types import User
 from ui.confirm import confirm_step, hidden, shown
 from ui.handlers import NotLoggedIn, UiError, resolve_user
 from ui.i18n import T as label
+from ui.i18n import page_language, tr
 from ui.render import excerpt, safe_markdown
 from ui.uploads import PageUploads, Received, UploadRefused
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 
 DOC_HEADERS = ["Title", "File", "Type", "Visible to", "Chunks", "Size", "Added", "Id"]
 MEMORY_HEADERS = ["Id", "What I remember", "Kind", "From", "Updated"]
+# The same headings in the page's language (ui/i18n.py keys).
+DOC_HEADINGS = ["doc_col_title", "doc_col_file", "doc_col_type", "doc_col_visible", "doc_col_chunks", "doc_col_size",
+                "doc_col_added", "doc_col_id"]
+MEMORY_HEADINGS = ["mem_col_id", "mem_col_text", "mem_col_kind", "mem_col_from", "mem_col_updated"]
 FILE_TYPES = [".txt", ".md", ".markdown", ".pdf", ".html", ".htm"]
 PRIVATE = {"api_visibility": "private"}
 T = TypeVar("T")
@@ -72,11 +78,11 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} kB"
 
 
-def document_rows(services: Services, user: User) -> list[list[Any]]:
+def document_rows(services: Services, user: User, lang: str | None = None) -> list[list[Any]]:
     rows = []
     for d in _act(library(services).list_documents, user):
         added = datetime.fromtimestamp(d.created_at, tz=UTC).strftime("%Y-%m-%d %H:%M")
-        who = "team" if d.scope == "shared" else "only me"
+        who = tr("doc_team_short" if d.scope == "shared" else "doc_only_me_short", lang)
         rows.append([d.title, d.filename, d.kind, who, d.chunks, _size(d.size), added, d.doc_id])
     return rows
 
@@ -99,7 +105,8 @@ class UploadResult:
 
 
 def upload_documents(services: Services, user: User, files: Sequence[Received] | None, scope: str = "private",
-                     progress: Callable[[float, str], None] | None = None) -> list[UploadResult]:
+                     progress: Callable[[float, str], None] | None = None,
+                     lang: str | None = None) -> list[UploadResult]:
     """Ingest each received file (its name and bytes, never a path); a refused file gets its reason and
     the rest still go in."""
     lib = library(services)
@@ -120,7 +127,8 @@ def upload_documents(services: Services, user: User, files: Sequence[Received] |
         except ValueError as e:  # IngestError, too large, already there
             results.append(UploadResult(f.filename, False, str(e)))
             continue
-        results.append(UploadResult(f.filename, True, f"added as '{info.title}' ({info.chunks} chunks)", info))
+        results.append(UploadResult(f.filename, True, tr("doc_added_as", lang, title=info.title, chunks=info.chunks),
+                                    info))
     report(1.0, "done")
     return results
 
@@ -228,30 +236,32 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         ask_row, yes_btn, no_btn = confirm_step(label("doc_delete_q"), label("yes_delete"), label("keep_it"),
                                                 "doc-delete")
 
-    def refresh(user: User, chosen: str | None = None) -> tuple:
+    def refresh(user: User, lang: str, chosen: str | None = None) -> tuple:
         choices = document_choices(services, user)
         keep = chosen if chosen in [c for _, c in choices] else None
-        return document_rows(services, user), gr.Dropdown(choices=choices, value=keep)
+        rows = pd.DataFrame(document_rows(services, user, lang), columns=[tr(k, lang) for k in DOC_HEADINGS])
+        return rows, gr.Dropdown(choices=choices, value=keep)
 
     def on_load(request: gr.Request):
         user = _user(services, request)
-        return (*refresh(user), gr.Radio(visible=user.is_admin))
+        return (*refresh(user, page_language(request)), gr.Radio(visible=user.is_admin))
 
     demo.load(on_load, None, [table, pick, scope], **PRIVATE)
     tab.select(on_load, None, [table, pick, scope], **PRIVATE)  # opened again: the list as it is now
 
     def on_upload(paths, where, request: gr.Request, progress=gr.Progress()):
         user = _user(services, request)
+        lang = page_language(request)
         received, refused = receive_uploads(uploads, user, paths)
         if not received:
             return gr.skip(), gr.skip(), safe_markdown(
                 upload_summary(refused) if refused else "choose one or more files first"), None
         try:
             results = upload_documents(services, user, received, where or "private",
-                                       lambda f, m: progress(f, desc=m))
+                                       lambda f, m: progress(f, desc=m), lang)
         except UiError as e:
             return gr.skip(), gr.skip(), safe_markdown(e.message), None
-        return (*refresh(user), upload_summary(refused + results), None)
+        return (*refresh(user, lang), upload_summary(refused + results), None)
 
     upload_btn.click(on_upload, [files, scope], [table, pick, status, files], **PRIVATE)
 
@@ -261,7 +271,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
             n = delete_document(services, user, doc_id)
         except UiError as e:
             return gr.skip(), gr.skip(), safe_markdown(e.message), hidden()
-        return (*refresh(user), label("doc_deleted") + f" {n}.", hidden())
+        return (*refresh(user, page_language(request)), label("doc_deleted") + f" {n}.", hidden())
 
     delete_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
     no_btn.click(hidden, None, [ask_row], **PRIVATE)
@@ -294,13 +304,14 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
                                                 "memory-delete")
         status = gr.Markdown(elem_id="memory-status")
 
-    def refresh(user: User, chosen: int | None = None) -> tuple:
+    def refresh(user: User, lang: str, chosen: int | None = None) -> tuple:
         choices = memory_choices(services, user)
         keep = chosen if chosen in [c for _, c in choices] else None
-        return memory_rows(services, user), gr.Dropdown(choices=choices, value=keep)
+        rows = pd.DataFrame(memory_rows(services, user), columns=[tr(k, lang) for k in MEMORY_HEADINGS])
+        return rows, gr.Dropdown(choices=choices, value=keep)
 
     def on_load(request: gr.Request):
-        return refresh(_user(services, request))
+        return refresh(_user(services, request), page_language(request))
 
     demo.load(on_load, None, [table, pick], **PRIVATE)
     # Memories learnt in chat ("remember that...") appear when the tab is opened, without a reload.
@@ -332,7 +343,7 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
             except UiError as e:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(e.message)
             shown = memory_text(services, user, chosen) if chosen is not None else ""
-            return (*refresh(user, chosen), "", shown, note)
+            return (*refresh(user, page_language(request), chosen), "", shown, note)
         return run
 
     def do_add(user: User, _memory_id: Any, text: str):

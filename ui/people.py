@@ -18,12 +18,13 @@ import pandas as pd
 from assistant.actions.users import UserAdmin
 from memory.types import User
 from ui.handlers import NotLoggedIn, UiError, resolve_user
-from ui.i18n import T
+from ui.i18n import T, tr
 from ui.render import safe_markdown
 
 PRIVATE = {"api_visibility": "private"}
 MIN_PASSWORD = 8
 PEOPLE_COLUMNS = ["name", "role", "status", "since"]
+PEOPLE_HEADINGS = ["pc_name", "pc_role", "pc_state", "pc_created"]  # the same in the page's language (i18n keys)
 
 
 def _accounts(services: Any) -> UserAdmin:
@@ -55,17 +56,17 @@ def add_person(services: Any, admin: User, username: str, password: str, again: 
                                                admin=bool(is_admin))
     except (ValueError, LookupError) as e:
         raise UiError(str(e)) from e
-    role = "an admin" if is_admin else "a user"
-    return (f"**{safe_markdown(made['user']['username'])}** can now log in as {role}. Their API key, shown only "
-            f"now: `{made['api_key']}`")
+    role = tr("role_an_admin" if is_admin else "role_a_user")
+    return tr("p_added", name=safe_markdown(made["user"]["username"]), role=role, key=made["api_key"])
 
 
 def people_frame(services: Any, admin: User) -> pd.DataFrame:
     if not admin.is_admin:
         raise UiError("this needs an admin account")
-    rows = [[u.username, u.role, "disabled" if u.disabled else "active",
-             u.created_at.strftime("%Y-%m-%d")] for u in services.store.list_users()]
-    return pd.DataFrame(rows, columns=PEOPLE_COLUMNS)
+    rows = [[u.username, tr("role_admin" if u.role == "admin" else "role_user"),
+             tr("p_disabled" if u.disabled else "p_active"), u.created_at.strftime("%Y-%m-%d")]
+            for u in services.store.list_users()]
+    return pd.DataFrame(rows, columns=[tr(k) for k in PEOPLE_HEADINGS])
 
 
 # The account form's refusals, in the browser's language; any other refusal is shown as it is.

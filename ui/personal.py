@@ -19,20 +19,20 @@ from assistant.actions.base import Conflict, NotFound
 from assistant.actions.personal import PersonalActions
 from memory.types import User
 from ui.handlers import NotLoggedIn, resolve_user
+from ui.i18n import T, page_language, speaking, tr
 from ui.render import safe_markdown
 
 PRIVATE = {"api_visibility": "private"}
 ADMIN_COLUMNS = ["name", "opted in", "serving", "versions", "newest", "gate", "disk"]
-STATE_WORDS = {
-    "off": "Personal adapters are off on this server; an admin can turn them on.",
-    "not opted in": "You have not asked for a personal adapter. Everyone shares one adapter.",
-    "training": "Your personal adapter is training now.",
-    "serving": "Your answers come from your personal adapter.",
-    "not served: did not beat the shared adapter": (
-        "Your newest personal adapter did not answer you better than the shared one, so you are served the "
-        "shared one. The report below says why."),
-    "waiting for feedback": "Rate, correct or choose answers: your personal adapter learns from that.",
-    "waiting for its turn": "You have given enough feedback; your personal retrain waits for its turn.",
+ADMIN_HEADINGS = ["pa_name", "pa_opted", "pa_serving", "pa_versions", "pa_newest", "pa_gate", "pa_disk"]  # i18n keys
+STATE_WORDS = {  # the action layer's state -> its sentence (a ui/i18n.py key)
+    "off": "my_off",
+    "not opted in": "my_not_opted",
+    "training": "my_training",
+    "serving": "my_serving",
+    "not served: did not beat the shared adapter": "my_not_served",
+    "waiting for feedback": "my_waiting_feedback",
+    "waiting for its turn": "my_waiting_turn",
 }
 
 
@@ -47,16 +47,18 @@ def _mib(n: int) -> str:
 def status_markdown(services: Any, user: User) -> tuple[bool, str]:
     """(opted in, what to show) for the user's own personal adapter."""
     st = _actions(services).status(user)
-    lines = [f"**{STATE_WORDS.get(st['state'], st['state'])}**"]
+    state = st["state"]
+    lines = [f"**{tr(STATE_WORDS[state]) if state in STATE_WORDS else state}**"]
     if st["serving"]:
-        lines.append(f"Serving you: `{st['serving']}` (trained from the shared `{st['shared_serving'] or 'base'}`).")
+        lines.append(tr("my_serving_you", serving=st["serving"], shared=st["shared_serving"] or "base"))
     latest = st["latest"]
     if latest is not None and latest["name"] != st["serving"]:
-        lines.append(f"Newest: `{latest['name']}`, gate {latest['gate']}: {safe_markdown(latest['reason'] or '')}")
+        lines.append(tr("my_newest", name=latest["name"], gate=latest["gate"],
+                        reason=safe_markdown(latest["reason"] or "")))
     ready = st["readiness"]
     if st["opted_in"]:
-        lines.append(f"Feedback it can learn from: {ready['feedback']} (a first retrain needs {ready['needs']}); "
-                     f"disk {_mib(ready['disk_bytes'])} of {_mib(ready['disk_limit_bytes'])}.")
+        lines.append(tr("my_feedback", feedback=ready["feedback"], needs=ready["needs"],
+                        used=_mib(ready["disk_bytes"]), limit=_mib(ready["disk_limit_bytes"])))
         lines += [f"- {safe_markdown(m)}" for m in ready["missing"] if "not asked" not in m]
     return st["opted_in"], "\n\n".join(lines)
 
@@ -65,8 +67,9 @@ def report_markdown(services: Any, user: User) -> str:
     try:
         rep = _actions(services).report(user)
     except NotFound:
-        return "No evaluation report yet."
-    head = f"**`{rep['version']}`**: gate {rep['gate']}, {safe_markdown(rep['reason'] or '')}\n\n"
+        return tr("my_no_report")
+    head = tr("my_report_head", version=rep["version"], gate=rep["gate"], reason=safe_markdown(rep["reason"] or ""))
+    head += "\n\n"
     return head + safe_markdown(rep["markdown"] or "")
 
 
@@ -75,26 +78,24 @@ def set_opt_in(services: Any, user: User, on: bool) -> str:
         _actions(services).set_opt_in(user, bool(on))
     except Conflict as e:
         return safe_markdown(str(e))
-    return "You now have a personal adapter: it trains once you have given enough feedback." if on else \
-        "You are served the shared adapter again. Your personal adapter stays until you ask to forget it."
+    return tr("my_opted_in" if on else "my_opted_out")
 
 
 def forget(services: Any, user: User, sure: bool) -> str:
     if not sure:
-        return "Tick the box first: this cannot be undone."
+        return tr("my_tick_first")
     try:
         done = _actions(services).forget(user)["deleted"]
     except Conflict as e:
         return safe_markdown(str(e))
-    return (f"Forgotten: {done['versions']} personal versions and their datasets deleted; your feedback so far "
-            "will not be used to train any adapter again.")
+    return tr("my_forgotten", versions=done["versions"])
 
 
 def personal_frame(services: Any, admin: User) -> pd.DataFrame:
-    rows = [[r["username"], "yes" if r["opted_in"] else "no", r["serving"] or "-", r["versions"],
+    rows = [[r["username"], tr("yes" if r["opted_in"] else "no"), r["serving"] or "-", r["versions"],
              r["latest"] or "-", r["latest_gate"] or "-", f"{_mib(r['disk_bytes'])} / {_mib(r['disk_limit_bytes'])}"]
             for r in _actions(services).overview(admin)]
-    return pd.DataFrame(rows, columns=ADMIN_COLUMNS)
+    return pd.DataFrame(rows, columns=[tr(k) for k in ADMIN_HEADINGS])
 
 
 def _who(services: Any, request: gr.Request) -> User:
@@ -106,34 +107,36 @@ def _who(services: Any, request: gr.Request) -> User:
 
 def build_personal_tab(services: Any) -> None:
     """A tab where the logged-in user manages their own personal adapter."""
-    with gr.Tab("My assistant", id="personal") as tab:
-        gr.Markdown("Your own adapter learns from your ratings, corrections and choices, and only you are "
-                    "served it. Your private documents may go into it; never into anyone else's.")
-        opted = gr.Checkbox(False, label="Train and serve me my own adapter", elem_id="personal-opt")
+    with gr.Tab(T("tab_personal"), id="personal") as tab:
+        gr.Markdown(T("my_intro"))
+        opted = gr.Checkbox(False, label=T("my_opt"), elem_id="personal-opt")
         note = gr.Markdown(elem_id="personal-note")
         state = gr.Markdown(elem_id="personal-status")
-        with gr.Accordion("Evaluation report", open=False):
+        with gr.Accordion(T("my_report"), open=False):
             report = gr.Markdown(elem_id="personal-report")
         with gr.Row():
-            sure = gr.Checkbox(False, label="I understand this cannot be undone", elem_id="personal-sure")
-            forget_btn = gr.Button("Forget what you learned from me", variant="stop", elem_id="personal-forget")
+            sure = gr.Checkbox(False, label=T("my_sure"), elem_id="personal-sure")
+            forget_btn = gr.Button(T("my_forget"), variant="stop", elem_id="personal-forget")
 
     def load(request: gr.Request):
         user = _who(services, request)
-        on, text = status_markdown(services, user)
-        return on, text, report_markdown(services, user)
+        with speaking(page_language(request)):
+            on, text = status_markdown(services, user)
+            return on, text, report_markdown(services, user)
 
     def on_opt(on: bool, request: gr.Request):
         user = _who(services, request)
-        msg = set_opt_in(services, user, on)
-        now_on, text = status_markdown(services, user)
-        return now_on, msg, text
+        with speaking(page_language(request)):
+            msg = set_opt_in(services, user, on)
+            now_on, text = status_markdown(services, user)
+            return now_on, msg, text
 
     def on_forget(ok: bool, request: gr.Request):
         user = _who(services, request)
-        msg = forget(services, user, ok)
-        _, text = status_markdown(services, user)
-        return False, msg, text, report_markdown(services, user)
+        with speaking(page_language(request)):
+            msg = forget(services, user, ok)
+            _, text = status_markdown(services, user)
+            return False, msg, text, report_markdown(services, user)
 
     tab.select(load, None, [opted, state, report], **PRIVATE)
     opted.input(on_opt, [opted], [opted, note, state], **PRIVATE)
@@ -142,8 +145,8 @@ def build_personal_tab(services: Any) -> None:
 
 def build_personal_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
     """Inside the admin console: every user's personal adapter with its disk use. `guard` is the console's."""
-    gr.Markdown("### Personal adapters")
-    show = gr.Button("Show personal adapters", size="sm", elem_id="personal-admin-refresh")
+    gr.Markdown(T("pa_heading"))
+    show = gr.Button(T("pa_show"), size="sm", elem_id="personal-admin-refresh")
     table = gr.Dataframe(headers=ADMIN_COLUMNS, interactive=False, elem_id="personal-admin-table")
     def personal_adapters(admin: User) -> pd.DataFrame:
         return personal_frame(services, admin)

@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from memory.types import Message
+from ui.i18n import tr
 
-DETAILS_TITLE = "How this was answered"
+DETAILS_TITLE = "How this was answered"  # in English; details_title(lang) in the page's language
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _TICKS = re.compile(r"`+")
 
@@ -76,11 +77,16 @@ def excerpt(text: str, limit: int = 160) -> str:
 
 
 # ------------------------------------------------------------------------------------ transparency
-def _fmt_generation(gen: dict[str, Any]) -> str:
-    labels = (("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max new tokens"),
-              ("seed", "seed"))
-    parts = [f"{label} {gen[key]}" for key, label in labels if gen.get(key) is not None]
-    return " · ".join(parts) if parts else "defaults"
+def details_title(lang: str | None = None) -> str:
+    """The title of the collapsed box under an answer."""
+    return tr("details_title", lang)
+
+
+def _fmt_generation(gen: dict[str, Any], lang: str | None = None) -> str:
+    labels = (("temperature", "d_temperature"), ("top_p", "d_top_p"), ("max_new_tokens", "d_max_new_tokens"),
+              ("seed", "d_seed"))
+    parts = [f"{tr(label, lang)} {gen[key]}" for key, label in labels if gen.get(key) is not None]
+    return " · ".join(parts) if parts else tr("d_defaults", lang)
 
 
 def _first(d: dict[str, Any], keys: Iterable[str]) -> Any:
@@ -100,16 +106,16 @@ def plain_snippet(text: str, limit: int = 240) -> str:
     return excerpt(flat, limit)
 
 
-def _fmt_source(i: int, s: dict[str, Any]) -> str:
+def _fmt_source(i: int, s: dict[str, Any], lang: str | None = None) -> str:
     """One cited passage: [n], its document, where in it, and its words (no retrieval score)."""
-    name = _first(s, ("title", "document", "filename", "source", "name", "id")) or f"source {i}"
+    name = _first(s, ("title", "document", "filename", "source", "name", "id")) or tr("d_source_n", lang, n=i)
     where = _first(s, ("page", "location"))
     text = _first(s, ("snippet", "text", "excerpt", "content"))
     head = f"[{i}] **{_escape_plain(plain_snippet(str(name), 120))}**"
     if where is not None:
         head += f" ({_escape_plain(str(where))})"
     if s.get("scope") == "shared":
-        head += " · shared document"
+        head += " · " + tr("d_shared_document", lang)
     if text:
         head += f"  \n“{_escape_plain(plain_snippet(str(text)))}”"
     return head
@@ -120,59 +126,60 @@ def _fmt_memory(m: dict[str, Any]) -> str:
     return f"- {_escape_plain(excerpt(str(text), 240))}"
 
 
-# What each tool did, in words (the agent's steps are stored as tool, args, result).
+# What each tool did, in words (the agent's steps are stored as tool, args, result): the text's key in
+# ui/i18n.py and the argument it names.
 _STEP_WORDS = {
-    "search_documents": ("Searched the documents for", "query"),
-    "recall": ("Looked in your memories for", "query"),
-    "remember": ("Remembered", "text"),
-    "forget": ("Forgot", "what"),
-    "calculator": ("Calculated", "expression"),
-    "current_datetime": ("Checked the date and time", None),
+    "search_documents": ("step_search_documents", "query"),
+    "recall": ("step_recall", "query"),
+    "remember": ("step_remember", "text"),
+    "forget": ("step_forget", "what"),
+    "calculator": ("step_calculator", "expression"),
+    "current_datetime": ("step_current_datetime", None),
 }
 
 
-def step_sentence(st: dict[str, Any]) -> str:
+def step_sentence(st: dict[str, Any], lang: str | None = None) -> str:
     """One agent step as a sentence: "Searched the documents for “leave days”: 3 passages"."""
     tool = str(_first(st, ("tool", "name", "action")) or "step")
     args = st.get("args", st.get("arguments"))
     args = args if isinstance(args, dict) else {}
-    words, key = _STEP_WORDS.get(tool, (f"Used {tool.replace('_', ' ')}", None))
-    line = words
+    words_key, key = _STEP_WORDS.get(tool, (None, None))
+    line = tr(words_key, lang) if words_key else tr("step_used", lang, tool=tool.replace("_", " "))
     if key is not None and args.get(key) not in (None, ""):
         line += f" “{excerpt(str(args[key]), 120)}”"
     elif key is None and args and tool not in _STEP_WORDS:
         line += " (" + ", ".join(f"{k}: {excerpt(str(v), 60)}" for k, v in args.items()) + ")"
     if st.get("error"):
-        return line + f", which failed: {excerpt(str(st['error']), 160)}"
+        return tr("step_failed", lang, step=line, error=excerpt(str(st["error"]), 160))
     result = _first(st, ("result", "output", "observation"))
     if result not in (None, "") and tool not in ("remember", "forget"):
         line += f": {plain_snippet(str(result), 160)}"
     return line
 
 
-def _fmt_step(i: int, st: dict[str, Any]) -> str:
-    line = f"{i}. {_escape_plain(step_sentence(st))}"
+def _fmt_step(i: int, st: dict[str, Any], lang: str | None = None) -> str:
+    line = f"{i}. {_escape_plain(step_sentence(st, lang))}"
     ms = _first(st, ("ms", "duration_ms", "elapsed_ms"))
     if isinstance(ms, int | float):
         line += f" ({ms:.0f} ms)"
     return line
 
 
-def citations_markdown(sources: list[dict[str, Any]]) -> str:
+def citations_markdown(sources: list[dict[str, Any]], lang: str | None = None) -> str:
     """The passages an answer cites, on its bubble: one closed box per source, "[n] document", that
     opens to the passage's words ([n] is how the prompt numbers them, so an answer's "[1]" is the first)."""
     boxes = []
     for i, src in enumerate(sources, 1):
         if not isinstance(src, dict):
             continue
-        name = _first(src, ("title", "document", "filename", "source", "name", "id")) or f"source {i}"
+        name = _first(src, ("title", "document", "filename", "source", "name", "id")) or tr("d_source_n", lang, n=i)
         text = _first(src, ("snippet", "text", "excerpt", "content")) or ""
         boxes.append(f'<details class="citation"><summary>[{i}] {_escape_plain(plain_snippet(str(name), 80))}'
                      f"</summary>\n\n{_escape_plain(plain_snippet(str(text), 400))}\n\n</details>")
     return "\n".join(boxes)
 
 
-def memory_note(message: Message) -> str | None:
+def memory_note(message: Message, lang: str | None = None) -> str | None:
     """"Memory updated: ..." when answering this changed what the assistant keeps about the user."""
     changed = [st for st in (message.steps or []) if isinstance(st, dict) and not st.get("error")
                and st.get("tool") in ("remember", "forget")]
@@ -182,32 +189,34 @@ def memory_note(message: Message) -> str | None:
     for st in changed:
         args = st.get("args") if isinstance(st.get("args"), dict) else {}
         what = args.get("text") if st["tool"] == "remember" else args.get("what")
-        verb = "remembered" if st["tool"] == "remember" else "forgot"
-        parts.append(f"{verb} “{excerpt(str(what or ''), 80)}”")
-    return "Memory updated: " + "; ".join(parts)
+        key = "memory_remembered" if st["tool"] == "remember" else "memory_forgot"
+        parts.append(tr(key, lang, text=excerpt(str(what or ""), 80)))
+    return tr("memory_updated", lang, what="; ".join(parts))
 
 
-def details_markdown(message: Message, corrected: bool = False, chosen_over: int | None = None) -> str:
+def details_markdown(message: Message, corrected: bool = False, chosen_over: int | None = None,
+                     lang: str | None = None) -> str:
     """The collapsible "how this was answered" text for one stored answer."""
     gen = message.generation or {}
-    adapter = f"**{_escape_plain(message.adapter)}**" if message.adapter else "none (base model)"
+    adapter = f"**{_escape_plain(message.adapter)}**" if message.adapter else tr("d_no_adapter", lang)
     base = gen.get("base_model")
-    lines = [f"Adapter: {adapter}" + (f" on {_escape_plain(str(base))}" if base else ""),
-             f"Generation: {_fmt_generation(gen)}",
-             f"Message id: {message.id}"]
+    lines = [tr("d_adapter_on", lang, adapter=adapter, base=_escape_plain(str(base))) if base
+             else tr("d_adapter", lang, adapter=adapter),
+             tr("d_generation", lang, params=_fmt_generation(gen, lang)),
+             tr("d_message_id", lang, id=message.id)]
     if message.status == "stopped":
-        lines.append("Stopped before the end.")
+        lines.append(tr("d_stopped", lang))
     if corrected:
-        lines.append("You corrected this answer; the original is kept as the rejected example.")
+        lines.append(tr("d_corrected", lang))
     if chosen_over is not None:
-        lines.append(f"You preferred this answer over answer {chosen_over}.")
+        lines.append(tr("d_preferred", lang, other=chosen_over))
     if message.sources:
-        lines.append("Sources:\n" + "\n".join(_fmt_source(i, s) for i, s in enumerate(message.sources, 1)
-                                               if isinstance(s, dict)))
+        lines.append(tr("d_sources", lang) + "\n" + "\n".join(
+            _fmt_source(i, s, lang) for i, s in enumerate(message.sources, 1) if isinstance(s, dict)))
     if message.memories:
-        lines.append("Memories used:\n" + "\n".join(_fmt_memory(m) for m in message.memories
-                                                    if isinstance(m, dict)))
+        lines.append(tr("d_memories", lang) + "\n" + "\n".join(
+            _fmt_memory(m) for m in message.memories if isinstance(m, dict)))
     if message.steps:
-        lines.append("Steps:\n" + "\n".join(_fmt_step(i, st) for i, st in enumerate(message.steps, 1)
-                                            if isinstance(st, dict)))
+        lines.append(tr("d_steps", lang) + "\n" + "\n".join(
+            _fmt_step(i, st, lang) for i, st in enumerate(message.steps, 1) if isinstance(st, dict)))
     return "\n\n".join(lines)
