@@ -435,7 +435,8 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
             "train": train,
             # General replay rows guard against forgetting (at the default 0.1 the first run's candidates
             # lost 3 of the then 16 general questions and the gate refused them).
-            "build": {"replay_ratio": args.replay},
+            "build": {"replay_ratio": args.replay, "distractor_passages": args.distractors,
+                      "abstain_rows": args.abstain, "max_style_share": args.style_cap},
             # Bounded gate on CPU: fewer held-out rows and shorter answers than the defaults.
             # Batches of 16: the 120 general questions take about 24 s a model instead of 34 s at 8.
             "gate": {"max_new_tokens": 32, "max_sft": 16, "max_pairs": 16, "max_doc_qa": 24, "batch_size": 16},
@@ -501,7 +502,7 @@ def plot(rows: list[CycleRow], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=Path, default=DOCS,
                     help="folder of the team's documents (.md .txt .html .pdf), ingested as shared documents")
@@ -528,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest teacher sample in tokens; the extract usually wins anyway")
     ap.add_argument("--replay", type=float, default=2.0,
                     help="general replay rows per SFT row (build option)")
+    ap.add_argument("--distractors", type=int, default=0,
+                    help="other documents' passages shown with each grounded SFT row (RAFT-style; 0 = off)")
+    ap.add_argument("--abstain", type=float, default=0.0,
+                    help="'the documents do not say' rows per grounded SFT row (0 = off)")
+    ap.add_argument("--style-cap", type=float, default=1.0,
+                    help="largest share of style-labelled SFT rows against grounded ones (1.0 = no cap)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
     ap.add_argument("--promote-rejected", action="store_true",
@@ -543,7 +550,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=ROOT / "docs", help="where loop.png goes")
     ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
 
     qa = load_questions(args.questions)
     qa["_documents"] = documents_text(args.docs)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from assistant.admin_api import AdminActions
 from tests.helpers import ServerThread, start_server
+from training.dataset_build import read_manifest
 from training.jobs import runner_for
 from training.registry import Registry
 from training.scheduler import load_loop_settings
@@ -151,6 +152,13 @@ def test_admin_data_schedule_and_jobs(server, people) -> None:
     assert call(server, "GET", "/v1/admin/datasets/../../etc/preview", key).status_code == 404
     assert call(server, "GET", "/v1/admin/datasets/x1/preview", key).status_code == 400
     assert call(server, "POST", "/v1/admin/datasets", key, {"options": {"bogus": 1}}).status_code == 400
+    rows = {"distractor_passages": 2, "abstain_rows": 0.5, "max_style_share": 0.5}
+    built = call(server, "POST", "/v1/admin/datasets", key, {"options": {"replay_ratio": 0.0, **rows}})
+    assert built.status_code == 200, built.text
+    options = read_manifest(server.services.settings.datasets_dir / built.json()["name"])["options"]
+    assert {k: options[k] for k in rows} == rows
+    bad = call(server, "POST", "/v1/admin/datasets", key, {"options": {"abstain_rows": 3}})
+    assert bad.status_code == 400 and "abstain_rows" in bad.json()["error"]["message"]
 
     sched = call(server, "PUT", "/v1/admin/schedule", key, {"enabled": True, "mode": "daily", "daily_at": "02:00"})
     assert sched.status_code == 200 and sched.json()["settings"]["daily_at"] == "02:00"

@@ -631,15 +631,20 @@ def test_cli_build_and_list(store, settings):
     out = runner.invoke(app, ["build", *home, "--split", "1,0,0", "--replay-ratio", "0"])
     assert out.exit_code == 0, out.output
     assert "v0001:" in out.output and "dpo: train 4, validation 0, test 0" in out.output
-    out = runner.invoke(app, ["build", *home, "--json", "--no-teacher", "--replay-ratio", "0"])
+    out = runner.invoke(app, ["build", *home, "--json", "--no-teacher", "--replay-ratio", "0", "--distractors", "2",
+                              "--abstain-rows", "0.25", "--max-style-share", "0.5"])
     assert out.exit_code == 0, out.output
     manifest = json.loads(out.output[out.output.index("{"):])
     assert manifest["version"] == "v0002" and manifest["inputs"]["teacher_pairs_accepted"] == 0
+    chosen = [manifest["options"][k] for k in ("distractor_passages", "abstain_rows", "max_style_share")]
+    assert chosen == [2, 0.25, 0.5]
     assert "teacher:teacher" not in manifest["by_source"]["dpo"]["train"]
     listing = runner.invoke(app, ["list", *home])
     assert listing.exit_code == 0 and "v0002 (latest)" in listing.output and "v0001" in listing.output
     bad = runner.invoke(app, ["build", *home, "--split", "0.5,0.5"])
     assert bad.exit_code == 2 and "three numbers" in bad.output
+    bad = runner.invoke(app, ["build", *home, "--distractors", "-1"])
+    assert bad.exit_code == 2 and "distractor_passages" in bad.output
     assert [p.name for p in list_snapshots(settings)] == ["v0001", "v0002"]
 
 

@@ -233,12 +233,17 @@ def test_bad_options_are_refused_before_anything_is_recorded(services) -> None:
                          ({"train": {"base_model": "/etc"}}, "may not set"), ({"gate": {"x": 1}}, "unknown gate"),
                          ({"build": {"split_ratios": [1, 1]}}, "split_ratios"), ({"keep_last": 0}, "keep_last"),
                          ({"teacher": {"candidates": -1}}, "candidates"),
-                         ({"teacher": {"judge": 1}}, "unknown teacher")):
+                         ({"teacher": {"judge": 1}}, "unknown teacher"),
+                         ({"build": {"distractor_passages": 2.5}}, "distractor_passages"),
+                         ({"build": {"abstain_rows": 2}}, "abstain_rows"),
+                         ({"build": {"max_style_share": -1}}, "max_style_share")):
         with pytest.raises(ValueError, match=msg):
             runner.start(options)
     assert runner.list() == []
     assert CycleOptions.from_dict({"train": {"max_steps": 3}}).train == {"max_steps": 3}
     assert teacher_options(CycleOptions.from_dict({"teacher": {"candidates": 2}}).teacher).candidates == 2
+    rows = {"distractor_passages": 3, "abstain_rows": 0.2, "max_style_share": 0.4}  # issue 26's candidates
+    assert CycleOptions.from_dict({"build": rows}).build == rows
 
 
 # ---------------------------------------------------------------------------------------------- schedule rules

@@ -13,6 +13,8 @@ from bench.loop import (
     DOCS,
     QA_FILE,
     abstains,
+    arguments,
+    cycle_options,
     document_paths,
     documents_text,
     grounded,
@@ -23,6 +25,7 @@ from bench.loop import (
 )
 from training.fact_check import unsupported_facts
 from training.gate_config import GateConfig
+from training.loop import build_options
 
 BENCH = Path(__file__).parents[1] / "bench"
 SETS = [(DOCS, QA_FILE), (BENCH / "docsets" / "hanbit", BENCH / "docsets" / "hanbit.json"),
@@ -67,3 +70,15 @@ def test_an_invented_fact_or_answer_counts_as_wrong() -> None:
         assert abstains(honest) and judge("unanswerable", unanswerable, honest, docs), honest
     for invented in ("Lumen Desk Enterprise costs 25 dollars.", "The Enterprise plan costs 8 dollars per member."):
         assert not judge("unanswerable", unanswerable, invented, docs), invented
+
+
+def test_the_training_data_flags_reach_the_retrain_job(tmp_path: Path) -> None:
+    """--distractors / --abstain / --style-cap go into the admin job's build options, which the builder accepts;
+    left out, the job builds today's rows."""
+    args = arguments().parse_args(["--distractors", "2", "--abstain", "0.25", "--style-cap", "0.5"])
+    build = cycle_options(1, args, tmp_path / "gate.jsonl")["build"]
+    assert build == {"replay_ratio": 2.0, "distractor_passages": 2, "abstain_rows": 0.25, "max_style_share": 0.5}
+    opts = build_options(build)
+    assert (opts.distractor_passages, opts.abstain_rows, opts.max_style_share) == (2, 0.25, 0.5)
+    plain = build_options(cycle_options(1, arguments().parse_args([]), tmp_path / "gate.jsonl")["build"])
+    assert (plain.distractor_passages, plain.abstain_rows, plain.max_style_share) == (0, 0.0, 1.0)

@@ -79,6 +79,12 @@ def build(
     replay: Annotated[Path | None, typer.Option(help="JSONL of general {'messages': [...]} rows.")] = None,
     replay_ratio: Annotated[float, typer.Option(help="Replay rows per train SFT row.")] = 1.0,
     near_dup: Annotated[float, typer.Option(help="Near-duplicate Jaccard threshold.")] = 0.85,
+    distractors: Annotated[int, typer.Option(
+        help="Other shared documents' passages shown with each grounded train SFT row (off until measured).")] = 0,
+    abstain_rows: Annotated[float, typer.Option(
+        help="'Not in the documents' rows per grounded train SFT row (off until measured).")] = 0.0,
+    max_style_share: Annotated[float, typer.Option(
+        help="Largest share of style-labelled rows against grounded rows in train (1.0: no cap).")] = 1.0,
     heldout_min_rows: Annotated[int, typer.Option(help="Freeze the held-out set at this many test rows.")] = 20,
     refreeze_heldout: Annotated[bool, typer.Option(help="Replace the frozen held-out set (breaks comparisons).")]
     = False,
@@ -96,7 +102,9 @@ def build(
         options = BuildOptions(split_ratios=_ratios(split), include_teacher=teacher,
                                max_synthetic_share=synthetic_share, synthetic_floor=synthetic_floor,
                                replay_path=replay, replay_ratio=replay_ratio, near_dup_threshold=near_dup,
-                               heldout_min_rows=heldout_min_rows, refreeze_heldout=refreeze_heldout)
+                               heldout_min_rows=heldout_min_rows, refreeze_heldout=refreeze_heldout,
+                               distractor_passages=distractors, abstain_rows=abstain_rows,
+                               max_style_share=max_style_share)
         options.validate()
     except ValueError as e:
         raise _fail(str(e), 2) from e

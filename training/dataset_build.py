@@ -66,7 +66,7 @@ from training.dataset_sources import (
 )
 from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
-from training.passage_rows import PoolReader, SharedPool, abstain_examples, with_distractors
+from training.passage_rows import PoolReader, SharedPool, abstain_examples, grounded, with_distractors
 from training.personal_data import PrivacyError, check_privacy, forget_marks, restrict_log
 from training.snapshots import (
     HELDOUT_DIR,
@@ -617,10 +617,10 @@ def _cap_style(splits: dict[str, list[Example]], options: BuildOptions, stats: F
         return e.prov.source == "human" and e.prov.message_id in style_ids
 
     style = [e for e in train if is_style(e)]
-    grounded = sum(1 for e in train if e.passages and not is_style(e))
+    n_grounded = sum(1 for e in train if e.passages and not is_style(e))
     share = options.max_style_share
-    allowed = len(style) if share >= 1.0 else int(share / (1 - share) * grounded)
-    info = {"share": share, "style_rows": len(style), "grounded_rows": grounded,
+    allowed = len(style) if share >= 1.0 else int(share / (1 - share) * n_grounded)
+    info = {"share": share, "style_rows": len(style), "grounded_rows": n_grounded,
             "allowed": min(allowed, len(style)), "removed": 0}
     if len(style) > allowed:
         keep = {id(e) for e in sorted(style, key=lambda e: _row_order(e, options.split_salt + "/style"))[:allowed]}
@@ -637,7 +637,7 @@ def _passage_rows(splits: dict[str, list[Example]], options: BuildOptions, stats
     judges the prompts users send."""
     info: dict[str, Any] = {"distractors": {"per_row": options.distractor_passages, "rows": 0},
                             "abstain": {"share": options.abstain_rows, "added": 0}}
-    if options.distractor_passages == 0 and options.abstain_rows == 0:
+    if (options.distractor_passages == 0 and options.abstain_rows == 0) or not any(map(grounded, splits["train"])):
         return info
     pool = SharedPool.read(g.shared_pool)
     fraction = partial(_salted_fraction, options.split_salt + "/passages")
