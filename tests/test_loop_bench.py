@@ -64,6 +64,10 @@ def test_an_invented_fact_or_answer_counts_as_wrong() -> None:
     assert grounded("Lumen Desk Team costs 8 dollars.", keys, docs, "How much is the Team plan?")
     assert not grounded("Lumen Desk Team costs 8 dollars, or 12 dollars a year.", keys, docs, "")
     assert not grounded("It costs 10 dollars.", keys, docs, "")
+    # a citation of a passage by its number, as the served prompt asks, is no fact; a number in brackets still is
+    assert grounded("Lumen Desk Team costs 8 dollars [1].", keys, docs, "") and not unsupported_facts(
+        "It costs 8 dollars [1][3].", docs)
+    assert unsupported_facts("It costs 8 dollars [plan 12].", docs) == ["12"]
     unanswerable = {"id": "x", "heldout": "How much does the Enterprise plan cost?"}
     for honest in ("The documents do not say.", "I don't know.", "There is no information about an Enterprise plan.",
                    "I cannot find that in the documents."):

@@ -24,6 +24,8 @@ _LETTER = re.compile(r"(?<=[a-z] )[A-Z]\b(?!['’])")  # "assembly point A", "ga
 _WORD_NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
                  "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11", "twelve": "12",
                  "fifteen": "15", "twenty": "20", "thirty": "30", "forty": "40", "fifty": "50", "hundred": "100"}
+# "[2]": a citation of the second passage, as the served prompt asks for (assistant/prompt.py), not a fact.
+_CITATION = re.compile(r"\[\d+\]")
 _WORD_NUMBER = re.compile(r"\b(" + "|".join(_WORD_NUMBERS) + r")\b", re.I)
 
 
@@ -70,7 +72,8 @@ def unsupported_facts(answer: str, passages: str, question: str = "") -> list[st
     """The answer's numbers, codes and named letters that neither the passages nor the question hold."""
     source = passages + "\n" + question
     source_facts = facts_of(source)
-    return sorted(f.removeprefix("letter:") for f in facts_of(answer) if not _covered(f, source_facts, source))
+    claimed = facts_of(_CITATION.sub(" ", answer))
+    return sorted(f.removeprefix("letter:") for f in claimed if not _covered(f, source_facts, source))
 
 
 # An honest answer to a question the documents cannot answer says so; anything else states something invented.
