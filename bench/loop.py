@@ -425,7 +425,10 @@ def write_gate_questions(qa: dict, path: Path, docs_dir: Path = DOCS) -> Path:
 def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) -> dict:
     train = {"sft_learning_rate": args.lr, "sft_epochs": args.epochs, "dpo_learning_rate": args.dpo_lr,
              "dpo_sft_weight": args.dpo_sft_weight,
-             "batch_size": 4, "max_length": 1024, "evals_per_epoch": 1, "early_stopping_patience": 2,
+             # A distractor adds up to a chunk (200 tokens by default) to prompts of up to ~1000 tokens, and a
+             # row longer than max_length loses its end, where the answer is.
+             "batch_size": 4, "max_length": 1024 + 256 * args.distractors, "evals_per_epoch": 1,
+             "early_stopping_patience": 2,
              "stages": ["sft", "dpo"] if args.dpo else ["sft"]}
     if args.gpu:
         train["device"] = "cuda"

@@ -81,6 +81,7 @@ def test_the_training_data_flags_reach_the_retrain_job(tmp_path: Path) -> None:
     left out, the job builds today's rows."""
     args = arguments().parse_args(["--distractors", "2", "--abstain", "0.25", "--style-cap", "0.5"])
     build = cycle_options(1, args, tmp_path / "gate.jsonl")["build"]
+    assert cycle_options(1, args, tmp_path / "gate.jsonl")["train"]["max_length"] == 1024 + 2 * 256  # room for them
     assert build == {"replay_ratio": 2.0, "distractor_passages": 2, "abstain_rows": 0.25, "max_style_share": 0.5}
     opts = build_options(build)
     assert (opts.distractor_passages, opts.abstain_rows, opts.max_style_share) == (2, 0.25, 0.5)
