@@ -26,6 +26,10 @@ kernel launches on a GPU):
   own positions and its own row of an additive [slots, 1, 1, L] attention mask (the model takes a 4-D
   mask as given). A joining row is prefilled as above and its K/V copied into a free slot at columns
   [c - len, c); a finished row's slot is just closed and freed. Idle slots attend to column c only.
+- Each step starts before the host has read the one before (`BatchEngine._slot_step`): a greedy row's
+  input is that step's argmax, taken on the GPU, and the host reads every row's token with one copy,
+  streams text and ends finished rows while the next step runs. A sampled row, a full cache, joining
+  requests and adapter changes read the step in flight first.
 - When c reaches L the cache rolls left by the smallest start column of the live rows, or, while that
   frees little, doubles L (from `SlotSpec.min_len` up to the model's context): a new cache and a new
   graph, the stored columns kept. A row that would pass the largest L ends with "length".
@@ -48,6 +52,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -82,17 +87,31 @@ def clean_text(tokenizer: Any, tokens: list[int], final: bool) -> str | None:
     answer cut at max_tokens, or cancelled) the incomplete character is dropped, so no stored or
     streamed answer ends in a broken character.
     """
-    text = tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    decode = _decoder(tokenizer)
+    text = decode(tokens)
     if not text.endswith("\ufffd"):
         return text
     if not final:
         return None
     # Drop whole trailing tokens until the text decodes cleanly: only bytes of the cut character go.
     for cut in range(1, min(len(tokens), 4) + 1):
-        shorter = tokenizer.decode(tokens[:-cut], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        shorter = decode(tokens[:-cut])
         if not shorter.endswith("\ufffd"):
             return shorter
     return text.rstrip("\ufffd")
+
+
+def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)`; for a plain
+    fast tokenizer its Rust decoder is called directly: the same string without transformers' check of
+    every id (`to_py_obj`), which cost about as much as the decoding itself while streaming 32 answers."""
+    fast = sys.modules.get("transformers.tokenization_utils_tokenizers")
+    base = getattr(fast, "TokenizersBackend", None)
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if (base is not None and isinstance(tokenizer, base) and type(tokenizer).decode is base.decode
+            and type(tokenizer)._decode is base._decode and rust is not None):
+        return lambda tokens: rust.decode(tokens, skip_special_tokens=True)
+    return lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class PieceStreamer:
@@ -115,6 +134,7 @@ class PieceStreamer:
         self.sent = 0
         self.last_sent = 0.0
         self.prompt_seen = False
+        self.ended = False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() first passes the prompt
@@ -124,12 +144,21 @@ class PieceStreamer:
             self.add(token)
 
     def add(self, token: int) -> None:
+        if self.push(token):
+            self._emit(final=False)
+
+    def push(self, token: int) -> bool:
+        """Take `token` without sending anything; True when a piece is due (`flush` sends it)."""
         self.tokens.append(token)
-        if self.sent and time.perf_counter() - self.last_sent < self.interval_s:
-            return
-        self._emit(final=False)
+        return not self.sent or time.perf_counter() - self.last_sent >= self.interval_s
+
+    def flush(self) -> None:
+        """Send what is new (a due piece that `push` held back), unless the answer has ended."""
+        if not self.ended:
+            self._emit(final=False)
 
     def end(self) -> None:
+        self.ended = True
         self._emit(final=True)
 
     def _emit(self, final: bool) -> None:
@@ -164,6 +193,7 @@ class BatchRequest:
     last: int = 0  # the token to feed next
     generator: Any = None
     slot: int = -1  # its slot in the `SlotCache`, when the engine has one
+    launched: int = -1  # the last slot-cache step that decoded it
 
     @property
     def greedy(self) -> bool:
@@ -210,10 +240,20 @@ class SlotCache:
         self.cache: Any = None
         self.bias: Any = None  # [batch, 1, 1, L]: 0 where a slot attends, the dtype's minimum elsewhere
         self.inp: Any = None  # [3, batch]: each slot's next token, its position, its LoRA slot
-        # (forward's key, L) -> (CUDAGraph, its logits), or None where capturing failed
-        self.graphs: dict[Any, tuple[Any, Any] | None] = {}
+        # (forward's key, L) -> (CUDAGraph, its logits, their argmax), or None where capturing failed
+        self.graphs: dict[Any, tuple[Any, Any, Any] | None] = {}
         self.captures = 0  # graphs captured, and rolls to the left, so far
         self.rolls = 0
+        self.logits: Any = None  # the last step's logits [batch, vocab] and each slot's argmax [batch]
+        self.greedy: Any = None
+        # Two sets of buffers, used by turns, so that one step can run while the host reads the last:
+        # on CUDA the inputs are staged in pinned memory and the argmaxes come back into pinned memory,
+        # neither blocking; `_done[k]` is recorded after that copy.
+        self._k = 1
+        self._out: list[Any] = [None, None]
+        self._stage: list[Any] = []
+        self._host_greedy: list[Any] = []
+        self._done: list[Any] = []
 
     def _alloc(self, length: int) -> None:
         import torch
@@ -228,7 +268,11 @@ class SlotCache:
                 new.values[:, :, :self.length].copy_(old.values)
             bias[..., :self.length].copy_(self.bias)
         else:
-            self.inp = torch.zeros((3, self.batch), dtype=torch.long, device=keys.device)
+            self.inp = torch.zeros((4, self.batch), dtype=torch.long, device=keys.device)
+            if keys.device.type == "cuda":
+                self._stage = [torch.zeros((4, self.batch), dtype=torch.long, pin_memory=True) for _ in range(2)]
+                self._host_greedy = [torch.zeros(self.batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+                self._done = [torch.cuda.Event() for _ in range(2)]
         self.cache, self.bias, self.length = cache, bias, length
         self.graphs = {}  # they read and write the old tensors
         self._set_write()
@@ -313,37 +357,68 @@ class SlotCache:
             self.free.append(r.slot)
             r.slot = -1
 
-    def step(self, rows: list[BatchRequest]) -> torch.Tensor:
-        """One decode step of every slot; the logits [batch, vocab] (row r at r.slot)."""
+    def step(self, rows: list[BatchRequest], fed: list[bool] | None = None) -> int:
+        """Start one decode step of every slot and return its turn k; `tokens(k)` waits for its argmaxes.
+        `fed[i]`: row i's input is the argmax of the step before, still on the GPU (its host `last` is
+        not known yet), so this step can start before the host has read that one. After it `logits`
+        holds the logits [batch, vocab] and `greedy` each slot's argmax (row r at r.slot).
+
+        On CUDA the host does little per step: one pinned copy of the inputs in, the graph (the argmax
+        inside it), one pinned copy of the argmaxes out, none of them waiting for the GPU."""
         import torch
 
         internals: list[str | None] = [None] * self.batch
-        tokens, positions = [0] * self.batch, [0] * self.batch
-        for r in rows:
+        tokens, positions, from_gpu = [0] * self.batch, [0] * self.batch, [0] * self.batch
+        for i, r in enumerate(rows):
             internals[r.slot], tokens[r.slot], positions[r.slot] = r.internal, r.last, r.length
+            if fed is not None and fed[i]:
+                from_gpu[r.slot] = 1
         graphs = self.spec.graphs and self.bias.device.type == "cuda"
         forward, kwargs, lora, key = self.host.slot_route(internals, self.inp[2], graphs and self.spec.compile)
-        self.inp.copy_(torch.tensor([tokens, positions, lora or [0] * self.batch]))
+        inputs = [tokens, positions, lora or [0] * self.batch, from_gpu]
+        k = self._k = self._k ^ 1
+        if self._stage:
+            self._done[k].synchronize()  # the step that used these buffers two steps ago has finished
+            self._stage[k].numpy()[:] = inputs
+            self.inp.copy_(self._stage[k], non_blocking=True)
+        else:
+            self.inp.copy_(torch.tensor(inputs))
+        if fed is not None and any(fed):
+            self.inp[0].copy_(torch.where(self.inp[3] != 0, self.greedy, self.inp[0]))
         self.bias[..., self.c] = 0  # the column written now: every slot attends to it
         args = dict(input_ids=self.inp[0].unsqueeze(1), attention_mask=self.bias,
                     position_ids=self.inp[1].unsqueeze(1), past_key_values=self.cache, use_cache=True,
                     logits_to_keep=1, **kwargs)
         graph = None
         if graphs and key is not None:
-            if any(k[0][1:] != key[1:] for k in self.graphs):  # another model version: those are stale
+            if any(k_[0][1:] != key[1:] for k_ in self.graphs):  # another model version: those are stale
                 self.graphs = {}
             if (key, self.length) not in self.graphs:
                 self.graphs[(key, self.length)] = self._capture(forward, args)
             graph = self.graphs[(key, self.length)]
         if graph is not None:
             graph[0].replay()
-            logits = graph[1]
+            self.logits, self.greedy = graph[1], graph[2]
         else:
-            logits = forward(**args).logits[:, -1, :]
+            self.logits = forward(**args).logits[:, -1, :]
+            self.greedy = self.logits.argmax(dim=-1)
+        if self._done:
+            self._host_greedy[k].copy_(self.greedy, non_blocking=True)
+            self._done[k].record()
+        else:
+            self._out[k] = self.greedy
         self.c += 1
-        return logits
+        return k
 
-    def _capture(self, forward: Any, args: dict[str, Any]) -> tuple[Any, Any] | None:
+    def tokens(self, k: int) -> list[int]:
+        """Each slot's argmax of the step of turn k, once the GPU has finished it (it waits without the
+        GIL, so the consumers' threads run meanwhile)."""
+        if not self._done:
+            return self._out[k].tolist()
+        self._done[k].synchronize()
+        return self._host_greedy[k].tolist()
+
+    def _capture(self, forward: Any, args: dict[str, Any]) -> tuple[Any, Any, Any] | None:
         import torch
 
         try:
@@ -357,8 +432,9 @@ class SlotCache:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA
                 logits = forward(**args).logits[:, -1, :]
+                greedy = logits.argmax(dim=-1)
             self.captures += 1
-            return graph, logits
+            return graph, logits, greedy
         except Exception:  # serve eagerly rather than not at all
             log.exception("capturing the decode step as a CUDA graph failed; decoding eagerly")
             return None
@@ -390,6 +466,12 @@ class BatchEngine:
         self.slots = SlotCache(host, max_batch, slots) if slots is not None else None
         self.steps = 0  # decode steps run, and rows summed over them (mean batch = row_steps / steps)
         self.row_steps = 0
+        self.wait_s = 0.0  # time the loop spent waiting for the GPU's tokens (the slot cache's steps)
+        self.prefills = 0  # prefill passes (one per group of joining requests) and their time
+        self.prefill_s = 0.0
+        self._due: list[BatchRequest] = []  # rows with a text piece held back until the next step runs
+        # The slot cache's step in flight whose tokens the host has not read yet: (its rows, its turn).
+        self._inflight: tuple[list[BatchRequest], int] | None = None
 
     # ------------------------------------------------------------------ callers' side
     @property
@@ -437,9 +519,15 @@ class BatchEngine:
                 with self._cond:
                     if not self._pending and not self._commands and not self.rows:
                         self._running = False
+                        self._due, self._inflight = [], None  # rows that have all ended, their text sent
                         return
                     commands = list(self._commands)
                     self._commands.clear()
+                try:
+                    if commands:  # adapter changes see no step in flight
+                        self._drain()
+                except BaseException as e:
+                    self._fail_all(e)
                 for fn, fut in commands:
                     try:
                         fut.set_result(fn())
@@ -450,11 +538,14 @@ class BatchEngine:
                     if self.rows:
                         self._step()
                 except BaseException as e:  # a failed forward pass fails the whole batch, never hangs it
-                    for r in self.rows:
-                        self._end(r, Failed(e))
-                    self.rows, self._cache, self._mask = [], None, None
-                    if self.slots is not None:
-                        self.slots.clear()
+                    self._fail_all(e)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for r in self.rows:
+            self._end(r, Failed(e))
+        self.rows, self._cache, self._mask, self._inflight = [], None, None, None
+        if self.slots is not None:
+            self.slots.clear()
 
     def _admit(self) -> None:
         """Take waiting requests into the free places of the batch; all of them are prefilled together."""
@@ -483,7 +574,11 @@ class BatchEngine:
                 joining.append(req)
         if joining:
             try:
+                self._drain()  # the cache is placed into and may grow: no step in flight
+                started = time.perf_counter()
                 logits = self._prefill(joining)
+                self.prefills += 1
+                self.prefill_s += time.perf_counter() - started
             except BaseException as e:  # only the joining requests fail; the running batch is untouched
                 for r in joining:
                     if self.slots is not None and r.slot >= 0:
@@ -529,17 +624,22 @@ class BatchEngine:
         self.rows.extend(reqs)
         return out.logits[:, -1, :]
 
-    def _next_tokens(self, rows: list[BatchRequest], logits: torch.Tensor, at: list[int] | None = None) -> None:
-        """Each row's next token from its logits (row i's at `at[i]`, default i); a row whose sampling
-        fails leaves with the error."""
-        greedy = logits.argmax(dim=-1).tolist()
+    def _next_tokens(self, rows: list[BatchRequest], logits: torch.Tensor, at: list[int] | None = None,
+                     greedy: list[int] | None = None) -> None:
+        """Each row's next token from its logits (row i's at `at[i]`, default i; `greedy`: every row's
+        argmax, when already known); a row whose sampling fails leaves with the error."""
+        if greedy is None:
+            greedy = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
             j = at[i] if at is not None else i
-            try:
-                r.last = self._choose(r, logits[j], greedy[j])
-            except BaseException as e:  # e.g. NaN logits from a broken adapter: only this request fails
-                self._remove(r, Failed(e))
-                continue
+            if r.greedy:
+                r.last = greedy[j]
+            else:
+                try:
+                    r.last = self._choose(r, logits[j], greedy[j])
+                except BaseException as e:  # e.g. NaN logits from a broken adapter: only this request fails
+                    self._remove(r, Failed(e))
+                    continue
             self._after_token(r)
 
     def _step(self) -> None:
@@ -548,17 +648,9 @@ class BatchEngine:
         for r in [r for r in self.rows if r.stopped]:
             self._remove(r, Done(len(r.streamer.tokens), "cancelled"))
         if self.slots is not None:
-            self._make_room()
-        if not self.rows:
+            self._slot_step()
             return
-        if self.slots is not None:
-            logits = self.slots.step(self.rows)
-            self.steps += 1
-            self.row_steps += len(self.rows)
-            for r in self.rows:
-                r.length += 1
-            rows = list(self.rows)
-            self._next_tokens(rows, logits, [r.slot for r in rows])
+        if not self.rows:
             return
         assert self._mask is not None
         device = self.host.device
@@ -573,6 +665,51 @@ class BatchEngine:
         for r in self.rows:  # all first: `_remove` computes the padding from every row's length
             r.length += 1
         self._next_tokens(list(self.rows), out.logits[:, -1, :])
+
+    def _slot_step(self) -> None:
+        """One step of the slot cache, started before the host reads the step before it: greedy rows
+        take their next input from that step's argmax on the GPU, and the host reads its tokens, streams
+        text and ends finished rows while this step runs (a row that ended there has run one step for
+        nothing, in a slot the batch computes anyway). Sampled rows, a full cache and adapter changes
+        read the step in flight first."""
+        slots = self.slots
+        assert slots is not None
+        if self._inflight is not None and (slots.c >= slots.length or not all(r.greedy for r in self.rows)):
+            self._drain()
+        self._make_room()
+        if not self.rows:
+            self._inflight = None  # all cancelled: what was in flight no longer matters
+            return
+        rows = list(self.rows)
+        previous = self._inflight
+        fed = [r.launched == self.steps for r in rows] if previous is not None else None
+        k = slots.step(rows, fed)
+        self.steps += 1
+        self.row_steps += len(rows)
+        for r in rows:
+            r.length += 1
+            r.launched = self.steps
+        self._inflight = (rows, k)
+        self._flush()  # text of the tokens read before, while the GPU runs
+        if previous is not None:
+            self._read(*previous)
+
+    def _read(self, rows: list[BatchRequest], k: int) -> None:
+        """The tokens of the slot-cache step of turn k, for its rows still in the batch."""
+        slots = self.slots
+        assert slots is not None
+        t = time.perf_counter()
+        greedy = slots.tokens(k)
+        self.wait_s += time.perf_counter() - t
+        live = [r for r in rows if r.slot >= 0]
+        self._next_tokens(live, slots.logits, [r.slot for r in live], greedy)
+
+    def _drain(self) -> None:
+        """Read the slot-cache step in flight, if any."""
+        if self._inflight is not None:
+            rows, k = self._inflight
+            self._inflight = None
+            self._read(rows, k)
 
     def _make_room(self) -> None:
         """Before a step at column L: roll the slot cache left by the smallest start column, or double L
@@ -607,12 +744,21 @@ class BatchEngine:
         return int(torch.multinomial(scores.softmax(-1), 1, generator=r.generator))
 
     def _after_token(self, r: BatchRequest) -> None:
-        r.streamer.add(r.last)
+        if self.slots is None:
+            r.streamer.add(r.last)
+        elif r.streamer.push(r.last):  # sent by `_flush` once the next step is on its way
+            self._due.append(r)
         n = len(r.streamer.tokens)
         if r.last in self.eos_ids:
             self._remove(r, Done(n, "stop"))
         elif n >= r.max_new:
             self._remove(r, Done(n, "length"))
+
+    def _flush(self) -> None:
+        """Send the text pieces held back by `_after_token` (an ended row has sent all of its text)."""
+        due, self._due = self._due, []
+        for r in due:
+            r.streamer.flush()
 
     def _remove(self, r: BatchRequest, outcome: Done | Failed) -> None:
         if self.slots is not None:
@@ -637,6 +783,8 @@ class BatchEngine:
     def _end(self, r: BatchRequest, outcome: Done | Failed) -> None:
         if isinstance(outcome, Done):
             r.streamer.end()
+        else:
+            r.streamer.ended = True  # nothing more to send after the failure
         self.host.release_adapter(r.internal)
         r.internal = None
         r.out.put(outcome)

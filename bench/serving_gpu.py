@@ -14,8 +14,9 @@ shape and N in --streams:
   over 8 adapters; serving=sequential for N = 1. `--modes` picks the batched engines: `compiled` (the
   default on CUDA: static slot cache, each decode step one CUDA graph of the torch.compile'd forward),
   `graphs` (the same without torch.compile), `eager` (cuda_graphs=false: growing cache, eager step).
-- `--check`: before timing, 8 greedy answers over 8 adapters from each batched engine, token for
-  token against the eager engine's (bf16 on a GPU: near-ties may part; a broken cache parts at once).
+- `--check`: before timing, 8 greedy answers over 8 adapters from each batched engine, asked
+  together, token for token against the eager engine's, asked one at a time (bf16 on a GPU:
+  near-ties may part; a broken cache parts at once).
 
 Prints one markdown table (aggregate generated tokens/s; wall time includes prefill).
 """
@@ -156,11 +157,62 @@ def product(backend, n: int, tokens: int, adapters: list[str | None]) -> tuple[f
         for t in threads:
             t.join()
 
+    eng = backend._engine
+    before = (eng.steps, getattr(eng, "wait_s", 0.0), getattr(eng, "prefills", 0), getattr(eng, "prefill_s", 0.0)) \
+        if eng is not None else (0, 0.0, 0, 0.0)
     wall = timed(go)
     done = sum(r.usage["completion_tokens"] for r in results)
     assert done == n * tokens, (done, n * tokens)
     ttft = sorted(r.first_token_s for r in results)[n // 2]
+    if eng is not None and eng.slots is not None and eng.steps > before[0]:
+        steps = eng.steps - before[0]
+        wait = getattr(eng, "wait_s", 0.0) - before[1]
+        prefills = getattr(eng, "prefills", 0) - before[2]
+        prefill_s = getattr(eng, "prefill_s", 0.0) - before[3]
+        print(f"  {n} streams: {wall * 1e3:.0f} ms: {prefills} prefills {prefill_s * 1e3:.0f} ms, {steps} steps "
+              f"{(wall - prefill_s) / steps * 1e3:.2f} ms each (the rest of the wall time over the steps), of which "
+              f"{wait / steps * 1e3:.2f} ms waiting for the GPU's tokens; graph replay alone "
+              f"{replay_ms(eng.slots, adapters != [None]):.2f} ms", flush=True)
     return done / wall, ttft
+
+
+def replay_ms(slots, gathered: bool) -> float:
+    """The GPU time of one decode step: its captured graph (base rows only, or the gathered LoRA one)
+    replayed alone, back to back (ms); nan without one. Only between requests: the replays write K/V
+    at columns 0-52 of every slot."""
+    import torch
+
+    graphs = [g for k, g in slots.graphs.items() if g is not None and (k[0][0] == "gathered") == gathered]
+    if not graphs or not torch.cuda.is_available():
+        return float("nan")
+    try:
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            return _replay_ms(slots, graphs[-1][0])
+    except Exception as e:  # a measurement aid: never the end of the run
+        print(f"  (timing the replay failed: {e!r})", flush=True)
+        return float("nan")
+
+
+def _replay_ms(slots, graph) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def column0() -> None:
+        for layer in slots.cache.layers:
+            layer.cumulative_length.fill_(0)
+
+    for _ in range(3):
+        column0()
+        graph.replay()
+    column0()  # the 50 replays write columns 0-49 (L >= 256)
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    slots._set_write()
+    return start.elapsed_time(end) / 50
 
 
 def agreement(backend, reference, tokens: int, adapters: list[str | None]) -> tuple[int, int, int]:
@@ -169,9 +221,19 @@ def agreement(backend, reference, tokens: int, adapters: list[str | None]) -> tu
 
     gen = GenerationSettings(max_new_tokens=tokens, temperature=0.0, top_p=1.0)
     same = lead = 0
+    answers: list = [None] * 8
+
+    def one(i: int) -> None:  # together, as one batch; the reference's one at a time
+        answers[i] = backend.generate(PROMPT, adapters[i % len(adapters)], gen).text.split()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     for i in range(8):
         a = adapters[i % len(adapters)]
-        mine, ref = (b.generate(PROMPT, a, gen).text.split() for b in (backend, reference))
+        mine, ref = answers[i], reference.generate(PROMPT, a, gen).text.split()
         same += mine == ref
         lead += next((j for j, (x, y) in enumerate(zip(mine, ref, strict=False)) if x != y),
                      min(len(mine), len(ref)))
@@ -237,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                         print(rows[-1], flush=True)
                 slots = backend._engine.slots if backend._engine is not None else None
                 if slots is not None:
+                    counters = torch._dynamo.utils.counters
                     print(f"{mode}: L={slots.length} graphs captured={slots.captures} rolls={slots.rolls} "
-                          f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
+                          f"({time.perf_counter() - t0:.0f} s in all); torch.compile: {dict(counters['stats'])}, "
+                          f"graph breaks {sum(counters['graph_break'].values())}", flush=True)
                 for name in names:
                     backend.unload_adapter(name)
                 backend.close()
