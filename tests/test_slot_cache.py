@@ -136,6 +136,48 @@ def test_an_adapter_loaded_mid_batch_serves_at_once(tmp_path, tiny_model_dir, th
     b.close()
 
 
+def test_sampled_rows_beside_greedy_ones_in_the_slot_cache(tmp_path, tiny_model_dir, three_adapters, alone):
+    """Greedy rows start each step before the host has read the last (their input comes from the GPU's
+    argmax); a sampled row makes the engine read first. A seeded row draws the same alone and beside
+    greedy rows that come and go, and the greedy rows keep their answers alone."""
+    b = slot_backend(tmp_path, tiny_model_dir, three_adapters, SlotSpec(max_len=256, min_len=16, graphs=False))
+    sampled = GenerationSettings(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7)
+    first = b.generate(QUESTION, "beta", sampled).text
+    greedy = [b.stream(OTHER, "alpha", LONG), b.stream(QUESTION, None, SHORT)]
+    wait_for(lambda: b._engine.steps >= 2)
+    mixed = b.stream(QUESTION, "beta", sampled)  # joins running greedy rows, outlives the short one
+    assert mixed.result().text == first
+    assert [g.result().text for g in greedy] == [alone[("alpha", 1, LONG.max_new_tokens)],
+                                                 alone[(None, 0, SHORT.max_new_tokens)]]
+    assert b.generate(QUESTION, "beta", GenerationSettings(max_new_tokens=20, temperature=0.9, top_p=0.9,
+                                                           seed=8)).text != first
+    b.close()
+
+
+def test_the_streaming_decoder_gives_the_tokenizers_text(tokenizer_dir):
+    """Streaming calls the fast tokenizer's Rust decoder directly: the same text as `decode`, for every
+    prefix (cut characters included) and with special tokens skipped."""
+    from transformers import AutoTokenizer
+
+    from assistant.batching import _decoder, clean_text
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok.encode("Hello 안녕하세요 🙂, sea!") + [tok.eos_token_id] + tok.encode(" end")
+    decode = _decoder(tok)
+    assert decode.__name__ == "<lambda>" and "rust" in decode.__code__.co_freevars  # the direct path
+    for n in range(len(ids) + 1):
+        want = tok.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert decode(ids[:n]) == want
+        assert clean_text(tok, ids[:n], final=True) == clean_text(_SlowDecode(tok), ids[:n], final=True)
+
+
+class _SlowDecode:
+    """A tokenizer that only has `decode`: the path every other tokenizer takes."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
 def test_the_cpu_keeps_the_eager_step_whatever_cuda_graphs_says(tmp_path, tiny_model_dir):
     """`cuda_graphs` (on by default) turns the slot cache on for CUDA only; a CPU backend keeps the
     growing cache and eager step that the rest of the suite tests."""
