@@ -26,7 +26,7 @@ SHOTS ?= /tmp/assistant-screenshots
 screenshots: setup
 	rm -rf $(SHOTS) && mkdir -p $(SHOTS)
 	ASSISTANT_SCREENSHOTS=$(SHOTS) .venv/bin/python -m pytest -q -m "" tests/test_browser.py \
-		-k "screenshots_for_the_docs or fresh_install or browsers_language"
+		-k "screenshots_for_the_docs or fresh_install or browsers_language or documents_and_memory_pages"
 	cp $(SHOTS)/*.png docs/
 
 lint: setup

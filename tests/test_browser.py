@@ -235,16 +235,16 @@ def test_chat_feedback_regenerate_reload(server: ServerThread, browser, tmp_path
     # ---- regenerate and choose
     click(d, "#regenerate")
     css(d, "#compare")
-    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#cmp-keep").is_enabled(), "the second answer")
     alternative = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"],
                              "the alternative to be stored")[0]
-    assert shows(text_of(d, "#answer-b"), alternative.content)
+    assert answer_shown(d, alternative.content) and "‹ 2/2 ›" in text_of(d, "#chatbot")
     d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
     d.save_screenshot(str(shots / "feedback.png"))
-    click(d, "#pick-b")
+    click(d, "#cmp-keep")
     pair = eventually(lambda: [f for f in store.feedback_for_message(answer.id) if f.kind == "pair"],
                       "the choice to be stored")[0]
-    wait_for(d, lambda d: "you preferred B" in text_of(d, "#notice"), "the choice notice")
+    wait_for(d, lambda d: "you kept the new answer" in text_of(d, "#notice"), "the choice notice")
 
     # ---- reload: the conversation is in the sidebar and shows the chosen answer
     d.refresh()
@@ -389,7 +389,7 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     shots = shots_dir(tmp_path)
     d.get(url)
     css(d, "input[type=password]")
-    d.save_screenshot(str(shots / "login.png"))
+    screenshot(d, shots, "login")
     login(d, url, "alice", "alice-pass-1")
 
     css(d, "#message textarea").send_keys("Give me one tip for a first visit to Paris.")
@@ -401,17 +401,17 @@ def test_screenshots_for_the_docs_on_the_embedded_model(embedded_server: ServerT
     d.find_element(By.CSS_SELECTOR, "#chatbot .thought-group .title").click()
     wait_for(d, lambda d: "Adapter: v1" in text_of(d, "#chatbot"), "the details to open")
     d.execute_script("window.scrollTo(0, 0)")
-    d.save_screenshot(str(shots / "chat.png"))
+    screenshot(d, shots, "chat")
 
     d.find_elements(By.CSS_SELECTOR, '#chatbot button[aria-label="Dislike"]')[-1].click()
     css(d, "#feedback-popup")
     pick(d, "#reason", "unhelpful")
     css(d, "#comment textarea").send_keys("Too vague: name a place to start.")
     click(d, "#regenerate")
-    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer",
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#cmp-keep").is_enabled(), "the second answer",
              timeout=120)
-    d.execute_script("arguments[0].scrollIntoView({block: 'start'});", css(d, "#message"))
-    d.save_screenshot(str(shots / "feedback.png"))
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", css(d, "#compare"))
+    screenshot(d, shots, "feedback")
     thumb = [f for f in store.feedback_for_message(answer.id) if f.kind == "thumb"]
     assert [(f.rating, f.message_id) for f in thumb] == [(-1, answer.id)]
 
@@ -454,7 +454,7 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     assert not d.find_elements(By.CSS_SELECTOR, "#doc-table b")
     [info] = kb.list_documents(dana)
     assert (info.filename, info.scope, info.owner_id) == ("pump.md", "private", dana.id)
-    d.save_screenshot(str(tmp_path / "documents.png"))
+    screenshot(d, shots_dir(tmp_path), "documents")
 
     # ---- an answer that used it says so under "how this was answered"
     open_tab(d, "Chat")
@@ -482,7 +482,17 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     wait_for(d, lambda d: "Memory updated: remembered" in text_of(d, "#chatbot"), "the note on the bubble")
     open_tab(d, "Memory")
     wait_for(d, lambda d: "Rex" in text_of(d, "#memory-table"), "the new memory without a reload")
-    d.save_screenshot(str(tmp_path / "memory.png"))
+    screenshot(d, shots_dir(tmp_path), "memory")
+    # the same two pages in Korean (the header's switch), for the docs
+    click(d, "#lang-toggle")
+    open_tab(d, "기억")
+    wait_for(d, lambda d: "기억하는 내용" in text_of(d, "#memory-table") and "Rex" in text_of(d, "#memory-table"),
+             "the memory table in Korean")
+    screenshot(d, shots_dir(tmp_path), "memory-ko")
+    open_tab(d, "문서")
+    wait_for(d, lambda d: "나만" in text_of(d, "#doc-table"), "the document table in Korean")
+    screenshot(d, shots_dir(tmp_path), "documents-ko")
+    click(d, "#lang-toggle")
     for m in lt.list_memories(dana.id):
         lt.forget(dana.id, m.id)
 
@@ -610,10 +620,32 @@ def test_a_fresh_install_in_korean_from_the_first_admin_to_an_answer_replaced_in
     wait_for(d, lambda d: "Selected answer" in text_of(d, "#feedback-target") and shows(
         text_of(d, "#feedback-target"), " ".join(a1.content.split()[:6])), "the first answer selected")
     click(d, "#regenerate")
-    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#pick-b").is_enabled(), "the second answer")
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#cmp-keep").is_enabled(), "the second answer")
     alt = eventually(lambda: [m for m in store.messages(conv.id) if m.status == "alternative"], "the alternative")[0]
-    click(d, "#pick-b")
-    wait_for(d, lambda d: "you preferred B" in text_of(d, "#notice"), "the choice notice")
+    # the arrows ‹ › switch the first answer's own bubble between the new answer (2/2) and the old one (1/2)
+    def bubble_order(want: str, mark: str) -> bool:
+        try:
+            q1, shown, q2 = _in_page_order(d, [first_q, want, "Second question, in English."])
+        except AssertionError:  # not drawn yet
+            return False
+        return q1 < shown < q2 and mark in [b.text for b in d.find_elements(
+            By.CSS_SELECTOR, "#chatbot [data-testid=bot]") if shows(b.text, want)][0]
+
+    wait_for(d, lambda d: bubble_order(alt.content, "‹ 2/2 ›"), "the new answer in the first answer's bubble")
+    screenshot(d, shots, "regenerate")
+    click(d, "#cmp-prev")
+    wait_for(d, lambda d: bubble_order(a1.content, "‹ 1/2 ›") and "1/2" in text_of(d, "#cmp-pos"), "back to 1/2")
+    assert not answer_shown(d, alt.content)
+    click(d, "#cmp-next")
+    wait_for(d, lambda d: bubble_order(alt.content, "‹ 2/2 ›"), "2/2 again")
+    assert not [f for f in store.feedback_for_message(a1.id) if f.kind == "pair"]  # nothing stored by looking
+    click(d, "#cmp-keep")
+    wait_for(d, lambda d: "you kept the new answer" in text_of(d, "#notice"), "the choice notice")
+    pair = eventually(lambda: [f for f in store.feedback_for_message(a1.id) if f.kind == "pair"], "the pair")[0]
+    assert (pair.message_id, pair.other_message_id, pair.chosen_message_id) == (a1.id, alt.id, alt.id)
+    wait_for(d, lambda d: not any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "#compare")),
+             "the arrows to go")
+    assert "‹ 2/2 ›" not in text_of(d, "#chatbot")
     for when in ("after the choice", "after a reload"):
         wait_for(d, lambda d: answer_shown(d, alt.content), f"the chosen answer {when}")
         q1, chosen, q2, second = _in_page_order(d, [first_q, alt.content, "Second question, in English.",
@@ -664,6 +696,9 @@ def browser_ko(tmp_path):
 def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko, tmp_path):
     d = browser_ko
     server.services.store.create_user("hana", "hana-pass-1", role="admin")
+    d.get(server.url)
+    css(d, "input[type=password]")
+    screenshot(d, shots_dir(tmp_path), "login-ko")
     login(d, server.url, "hana", "hana-pass-1")
     assert d.execute_script("return navigator.language").startswith("ko")
     tabs = wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
@@ -687,6 +722,14 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     d.refresh()
     first_tab("Chat")
     assert css(d, "#lang-toggle").text.strip() == "한국어"
+    # (pictures for the docs: the Account and My assistant tabs in English)
+    open_tab(d, "Account")
+    css(d, "#pw-change")
+    screenshot(d, shots_dir(tmp_path), "account")
+    open_tab(d, "My assistant")
+    wait_for(d, lambda d: "adapter" in text_of(d, "#personal-status"), "the personal adapter's state")
+    screenshot(d, shots_dir(tmp_path), "personal")
+    open_tab(d, "Chat")
     click(d, "#lang-toggle")
     first_tab("채팅")
     assert "Enter로 보내기" in css(d, "#message textarea").get_attribute("placeholder")
@@ -696,6 +739,10 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     # what the server writes is in the page's language too: the chat's line about the selected answer
     wait_for(d, lambda d: "아직 선택한 답변이 없습니다" in text_of(d, "#feedback-target"), "the line in Korean")
     screenshot(d, shots_dir(tmp_path), "chat-ko")
+    open_tab(d, "나의 어시스턴트")
+    wait_for(d, lambda d: "어댑터" in text_of(d, "#personal-status"), "My assistant in Korean")
+    assert not re.search(r"[A-Za-z]{5,}", text_of(d, "#personal-status"))
+    screenshot(d, shots_dir(tmp_path), "personal-ko")
     # the admin console speaks Korean too: its retrain form, with a sentence of help under each field, the
     # readiness check and the tables' headings
     open_tab(d, "관리")

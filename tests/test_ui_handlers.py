@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -280,6 +281,16 @@ def test_regenerate_and_choose_stores_a_pair_and_continues_from_the_choice(env):
     assert alt.status == "alternative" and alt.adapter == "beta" and alt.content == cmp.alternative_text
     # before choosing, the conversation still shows the original
     assert h.conversation_view(s, alice, view.conversation_id).last_answer_id == original
+    # the page's ‹ n/2 › arrows: the original's bubble shows the new answer (2/2) or the old one (1/2), the
+    # rows staying as many (a click still names the same row), and "keep" chooses the one on show
+    row = view.row_ids.index(original)
+    new_rows, old_rows = h.compared_rows(view, cmp), h.compared_rows(view, replace(cmp, showing=1))
+    assert len(new_rows) == len(old_rows) == len(view.rows)
+    assert new_rows[row]["content"] == safe_markdown(cmp.alternative_text) + "\n\n**‹ 2/2 ›**"
+    assert old_rows[row]["content"] == view.rows[row]["content"] + "\n\n**‹ 1/2 ›**"
+    assert [r for i, r in enumerate(new_rows) if i != row] == [r for i, r in enumerate(view.rows) if i != row]
+    assert "▌" in h.compared_rows(view, steps[0])[row]["content"]  # still streaming into the bubble
+    assert (cmp.shown_id, replace(cmp, showing=1).shown_id) == (cmp.alternative_id, original)
     fb = h.choose(s, alice, original, cmp.alternative_id, cmp.alternative_id)
     assert (fb.kind, fb.message_id, fb.other_message_id, fb.chosen_message_id) == (
         "pair", original, cmp.alternative_id, cmp.alternative_id)

@@ -20,7 +20,7 @@ import importlib.util
 import json
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ CSS = """
 #conversations label { white-space: normal; overflow-wrap: anywhere; }
 #notice:empty { display: none; }
 #notice { color: var(--error-text-color); }
-.compare-answer { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px;
-                  min-height: 80px; }
+#compare { align-items: center; gap: 6px; flex-wrap: nowrap; }
+#compare > * { min-width: 0 !important; }
+#cmp-pos { flex: 1 1 auto !important; }
 #feedback-popup { max-width: 560px; padding: 8px; border: 1px solid var(--border-color-primary);
                   border-radius: 8px; box-shadow: var(--shadow-drop-lg); }
 @media (max-width: 640px) {
@@ -130,11 +131,11 @@ class ChatPage:
     edit_box: gr.Textbox
     save_edit: gr.Button
     regen_btn: gr.Button
-    compare_row: gr.Row
-    a_md: gr.Markdown
-    b_md: gr.Markdown
-    pick_a: gr.Button
-    pick_b: gr.Button
+    compare_row: gr.Row  # ‹ n/2 › under the chat while an answer is compared with its regenerated one
+    prev_btn: gr.Button
+    pos_md: gr.Markdown
+    next_btn: gr.Button
+    keep_btn: gr.Button
 
     @property
     def outputs(self) -> list[Any]:
@@ -233,6 +234,14 @@ def _conversation_area() -> dict[str, Any]:
                              sanitize_html=True, allow_tags=False, feedback_options=("Like", "Dislike"),
                              buttons=["copy", "copy_all"],  # no "share" to a hub
                              placeholder=T("chat_placeholder"))
+        # Regenerate-and-choose: the compared answer's bubble shows one answer at a time, marked ‹ n/2 ›;
+        # these arrows, right under the chat, switch it, and "keep" stores the choice.
+        with gr.Row(visible=False, elem_id="compare") as compare_row:
+            prev_btn = gr.Button("‹", size="sm", scale=0, min_width=44, elem_id="cmp-prev", interactive=False)
+            pos_md = gr.Markdown(elem_id="cmp-pos")
+            next_btn = gr.Button("›", size="sm", scale=0, min_width=44, elem_id="cmp-next", interactive=False)
+            keep_btn = gr.Button(T("cmp_keep"), size="sm", scale=0, min_width=120, variant="primary",
+                                 elem_id="cmp-keep", interactive=False)
         with gr.Row(elem_id="input-row"):
             # lines=1: Gradio sends on Enter, and Shift+Enter adds a line (the box grows).
             msg = gr.Textbox(label=T("message"), show_label=False, lines=1, max_lines=10, scale=8,
@@ -255,17 +264,10 @@ def _conversation_area() -> dict[str, Any]:
                 edit_box = gr.Textbox(label=T("corrected_answer"), lines=4, elem_id="edit-box")
                 save_edit = gr.Button(T("save_correction"), elem_id="save-edit")
             regen_btn = gr.Button(T("regenerate"), elem_id="regenerate")
-        with gr.Row(visible=False, elem_id="compare") as compare_row:
-            with gr.Column():
-                a_md = gr.Markdown(elem_id="answer-a", elem_classes="compare-answer")
-                pick_a = gr.Button(T("a_better"), elem_id="pick-a", interactive=False)
-            with gr.Column():
-                b_md = gr.Markdown(elem_id="answer-b", elem_classes="compare-answer")
-                pick_b = gr.Button(T("b_better"), elem_id="pick-b", interactive=False)
     return dict(chatbot=chatbot, msg=msg, send_btn=send_btn, stop_btn=stop_btn, notice=notice, target=target,
                 popup=popup, reason=reason, comment=comment, save_reason=save_reason, close_popup=close_popup,
-                edit_box=edit_box, save_edit=save_edit, regen_btn=regen_btn, compare_row=compare_row, a_md=a_md,
-                b_md=b_md, pick_a=pick_a, pick_b=pick_b)
+                edit_box=edit_box, save_edit=save_edit, regen_btn=regen_btn, compare_row=compare_row,
+                prev_btn=prev_btn, pos_md=pos_md, next_btn=next_btn, keep_btn=keep_btn)
 
 
 def _chat_page() -> tuple[ChatPage, gr.Tabs]:
@@ -464,51 +466,70 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
     p.save_edit.click(on_edit, [p.selected, p.edit_box, p.conv], [p.chatbot, p.view, p.notice], **PRIVATE)
 
 
+def _compared(view: h.ChatView, c: h.Comparison, lang: str) -> tuple:
+    """The chat with the compared bubble showing answer `c.showing` of 2, and the line between the arrows."""
+    where = tr("cmp_new" if c.showing == 2 else "cmp_original", lang)
+    return (gr.Chatbot(value=h.compared_rows(view, c), feedback_value=view.thumbs),
+            f"**{c.showing}/2** · {where}")
+
+
 def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -> None:
-    """A second answer to the selected answer's question, side by side, and the pick."""
+    """A second answer to the selected answer's question, streamed into that answer's bubble; the arrows
+    ‹ › under the chat switch the bubble between the two (1/2 the one before, 2/2 the new one), and "keep"
+    stores the pair with the one on show as the chosen answer."""
     skip = gr.skip
 
-    def on_regenerate(answer_id, model, request: gr.Request) -> Iterator[tuple]:
+    def on_regenerate(answer_id, model, view, request: gr.Request) -> Iterator[tuple]:
         user = _user(services, request)
+        lang = page_language(request)
+        view = view or h.ChatView(None, lang=lang)
         try:
             reply = h.start_regenerate(services, user, answer_id, model)
         except h.UiError as e:
-            yield skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
+            yield skip(), skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
             return
         locked = gr.Button(interactive=False)
-        lang = page_language(request)
         try:
             for c in h.stream_regenerate(services, user, answer_id, reply, active, request.session_hash or ""):
-                ready = gr.Button(interactive=c.done and c.alternative_id is not None)
-                note = "" if not c.done else (
-                    T("note_which_better") if c.alternative_id else T("note_nothing_to_compare"))
-                yield (gr.Row(visible=True), tr("cmp_current", lang) + "\n\n" + safe_markdown(c.original_text),
-                       tr("cmp_new", lang) + "\n\n" + safe_markdown(c.alternative_text + ("" if c.done else " ▌")),
-                       c, ready if c.done else locked, ready if c.done else locked, note)
+                ok = c.done and c.alternative_id is not None
+                note = "" if not c.done else (T("note_which_better") if ok else T("note_nothing_to_compare"))
+                yield (*_compared(view, c, lang), gr.Row(visible=True), c,
+                       gr.Button(interactive=ok), locked, gr.Button(interactive=ok), note)
         except h.UiError as e:
-            yield skip(), skip(), skip(), skip(), locked, locked, safe_markdown(e.message)
+            yield (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), skip(), gr.Row(visible=False), None,
+                   locked, locked, locked, safe_markdown(e.message))
 
-    p.regen_btn.click(on_regenerate, [p.selected, p.model_dd],
-                      [p.compare_row, p.a_md, p.b_md, p.cmp, p.pick_a, p.pick_b, p.notice],
+    arrows = [p.prev_btn, p.next_btn, p.keep_btn]
+    p.regen_btn.click(on_regenerate, [p.selected, p.model_dd, p.view],
+                      [p.chatbot, p.pos_md, p.compare_row, p.cmp, *arrows, p.notice],
                       concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
 
-    def chooser(pick_original: bool):
-        @_guarded
-        def on_choose(c, cid, request: gr.Request):
-            user = _user(services, request)
-            lang = page_language(request)
-            if c is None:
-                raise h.UiError(tr("nothing_to_choose", lang))
-            chosen = c.original_id if pick_original else c.alternative_id
-            h.choose(services, user, c.original_id, c.alternative_id, chosen)
-            view = h.conversation_view(services, user, cid, lang)
-            return (*_show(services, view, user, chosen), gr.Row(visible=False), None,
-                    T("note_preferred_a" if pick_original else "note_preferred_b"))
-        return on_choose
+    def switcher(showing: int):
+        def on_arrow(c, view, request: gr.Request):
+            if c is None or view is None or not c.done or c.alternative_id is None:
+                return skip(), skip(), skip(), skip(), skip()
+            c = replace(c, showing=showing)
+            return (*_compared(view, c, page_language(request)), c, gr.Button(interactive=showing == 2),
+                    gr.Button(interactive=showing == 1))
+        return on_arrow
 
-    outputs = [*p.outputs, p.compare_row, p.cmp, p.notice]
-    p.pick_a.click(chooser(True), [p.cmp, p.conv], outputs, **PRIVATE)
-    p.pick_b.click(chooser(False), [p.cmp, p.conv], outputs, **PRIVATE)
+    p.prev_btn.click(switcher(1), [p.cmp, p.view], [p.chatbot, p.pos_md, p.cmp, p.prev_btn, p.next_btn],
+                     show_progress="hidden", **PRIVATE)
+    p.next_btn.click(switcher(2), [p.cmp, p.view], [p.chatbot, p.pos_md, p.cmp, p.prev_btn, p.next_btn],
+                     show_progress="hidden", **PRIVATE)
+
+    @_guarded
+    def on_keep(c, cid, request: gr.Request):
+        user = _user(services, request)
+        lang = page_language(request)
+        if c is None or c.alternative_id is None:
+            raise h.UiError(tr("nothing_to_choose", lang))
+        h.choose(services, user, c.original_id, c.alternative_id, c.shown_id)
+        view = h.conversation_view(services, user, cid, lang)
+        return (*_show(services, view, user, c.shown_id), gr.Row(visible=False), None,
+                T("note_kept_new" if c.showing == 2 else "note_kept_original"))
+
+    p.keep_btn.click(on_keep, [p.cmp, p.conv], [*p.outputs, p.compare_row, p.cmp, p.notice], **PRIVATE)
 
 
 def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.Blocks:

@@ -398,13 +398,37 @@ def edit_answer(services: Services, user: User, message_id: int | None, correcte
 
 @dataclass
 class Comparison:
-    """Two answers to the same question, side by side."""
+    """Two answers to the same question: the original (1 of 2) and the regenerated one (2 of 2), shown in
+    turn in the original's bubble."""
 
     original_id: int
     original_text: str
     alternative_text: str = ""
     alternative_id: int | None = None  # set once the alternative is complete and stored
     done: bool = False
+    showing: int = 2  # which one the bubble shows: 1 the original, 2 the new one
+
+    @property
+    def shown_id(self) -> int | None:
+        """The answer on show, which "keep this one" chooses."""
+        return self.original_id if self.showing == 1 else self.alternative_id
+
+
+def compared_rows(view: ChatView, cmp: Comparison) -> list[dict[str, Any]]:
+    """The chat's rows with the compared answer's bubble showing answer `cmp.showing` of 2, marked
+    "‹ n/2 ›" (the page's arrows under the chat switch it). The rows stay as many as in `view`, so a
+    click or a thumb still names the same row; the other answers are as stored."""
+    rows = [dict(r) for r in view.rows]
+    for i, (row, answer_id) in enumerate(zip(rows, view.row_ids, strict=True)):
+        if answer_id != cmp.original_id or "metadata" in row:
+            continue
+        if cmp.showing == 2:
+            text = safe_markdown(cmp.alternative_text) + ("" if cmp.done else " ▌")
+        else:
+            text = row["content"]
+        rows[i] = {**row, "content": f"{text}\n\n**‹ {cmp.showing}/2 ›**"}
+        break
+    return rows
 
 
 def start_regenerate(services: Services, user: User, message_id: int | None, model: str | None = None) -> Reply:
