@@ -485,13 +485,14 @@ def test_documents_and_memory_pages(agent_server: ServerThread, browser, tmp_pat
     screenshot(d, shots_dir(tmp_path), "memory")
     # the same two pages in Korean (the header's switch), for the docs
     click(d, "#lang-toggle")
+    # a tab's table is drawn in the page's language when the tab is opened (the Memory tab is open now)
+    open_tab(d, "문서")
+    wait_for(d, lambda d: "나만" in text_of(d, "#doc-table"), "the document table in Korean")
+    screenshot(d, shots_dir(tmp_path), "documents-ko")
     open_tab(d, "기억")
     wait_for(d, lambda d: "기억하는 내용" in text_of(d, "#memory-table") and "Rex" in text_of(d, "#memory-table"),
              "the memory table in Korean")
     screenshot(d, shots_dir(tmp_path), "memory-ko")
-    open_tab(d, "문서")
-    wait_for(d, lambda d: "나만" in text_of(d, "#doc-table"), "the document table in Korean")
-    screenshot(d, shots_dir(tmp_path), "documents-ko")
     click(d, "#lang-toggle")
     for m in lt.list_memories(dana.id):
         lt.forget(dana.id, m.id)
@@ -722,14 +723,6 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     d.refresh()
     first_tab("Chat")
     assert css(d, "#lang-toggle").text.strip() == "한국어"
-    # (pictures for the docs: the Account and My assistant tabs in English)
-    open_tab(d, "Account")
-    css(d, "#pw-change")
-    screenshot(d, shots_dir(tmp_path), "account")
-    open_tab(d, "My assistant")
-    wait_for(d, lambda d: "adapter" in text_of(d, "#personal-status"), "the personal adapter's state")
-    screenshot(d, shots_dir(tmp_path), "personal")
-    open_tab(d, "Chat")
     click(d, "#lang-toggle")
     first_tab("채팅")
     assert "Enter로 보내기" in css(d, "#message textarea").get_attribute("placeholder")

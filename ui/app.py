@@ -45,7 +45,8 @@ CSS = """
 #notice:empty { display: none; }
 #notice { color: var(--error-text-color); }
 #compare { align-items: center; gap: 6px; flex-wrap: nowrap; }
-#compare > * { min-width: 0 !important; }
+#compare #cmp-pos { min-width: 0 !important; flex: 1 1 auto; }
+#compare button { flex: 0 0 auto; white-space: nowrap; }
 #cmp-pos { flex: 1 1 auto !important; }
 #feedback-popup { max-width: 560px; padding: 8px; border: 1px solid var(--border-color-primary);
                   border-radius: 8px; box-shadow: var(--shadow-drop-lg); }
