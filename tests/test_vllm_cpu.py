@@ -52,7 +52,7 @@ def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     with torch.no_grad():
         for name, w in pm.named_parameters():
             if "lora_B" in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.01)
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
     pm.save_pretrained(out)
     return out
 
