@@ -83,8 +83,10 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir: Path) -> Path:
     return out
 
 
-def make_random_adapter(model_dir: Path, out: Path, seed: int, r: int = 4) -> Path:
-    """A LoRA adapter with random (non-zero) B matrices, so it really changes the output."""
+def make_random_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, scale: float = 0.5,
+                        only_b: bool = False) -> Path:
+    """A LoRA adapter with random (non-zero) B matrices, so it really changes the output. `only_b` keeps PEFT's
+    own A and randomises B alone (with a small `scale`: a real model's answer changes without turning into noise)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -96,8 +98,8 @@ def make_random_adapter(model_dir: Path, out: Path, seed: int, r: int = 4) -> Pa
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if ("lora_B" if only_b else "lora_") in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     pm.save_pretrained(out)
     return out
 

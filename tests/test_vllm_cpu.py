@@ -24,6 +24,7 @@ import pytest
 
 from assistant.config import Settings
 from assistant.runtime import AdapterLoadError, GenerationSettings, UnknownAdapter, make_backend
+from tests.conftest import make_random_adapter
 
 VLLM_PYTHON = os.environ.get("ASSISTANT_TEST_VLLM_PYTHON")
 if not VLLM_PYTHON:
@@ -39,24 +40,6 @@ GEN = GenerationSettings(max_new_tokens=12, temperature=0.0, top_p=1.0)
 LONG = GenerationSettings(max_new_tokens=48, temperature=0.0, top_p=1.0)
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
-    """A rank-8 LoRA on every linear layer with random B (A keeps PEFT's own init): it changes the
-    greedy answer of the real model without turning it into noise."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, w in pm.named_parameters():
-            if "lora_B" in name:
-                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
-    pm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     if os.environ.get("ASSISTANT_TEST_VLLM_MODEL"):
@@ -70,7 +53,9 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, model_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm-adapters")
-    return {name: make_adapter(model_dir, root / name, seed) for seed, name in enumerate(("alpha", "beta"))}
+    # rank 8, PEFT's own A and a small random B: the real model's greedy answer changes without turning into noise
+    return {name: make_random_adapter(model_dir, root / name, seed, r=8, scale=0.1, only_b=True)
+            for seed, name in enumerate(("alpha", "beta"))}
 
 
 @pytest.fixture(scope="module")
