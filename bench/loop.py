@@ -422,6 +422,23 @@ def write_gate_questions(qa: dict, path: Path, docs_dir: Path = DOCS) -> Path:
     return path
 
 
+def server_inputs(qa: dict, home: Path, args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
+    """Write the gate's questions and return them with the server's environment.
+
+    The job options name the questions file, a server file, so the server is told that its folder is the one
+    folder an admin's options may read (`synth_docs_dir`; the admin API refuses any other path with 403)."""
+    inputs = home.parent / "bench-inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    gate_questions = write_gate_questions(qa, inputs / "gate_questions.jsonl", args.docs)
+    env = {**os.environ, "ASSISTANT_TRAIN_THREADS": str(args.train_threads), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "ASSISTANT_SYNTH_DOCS_DIR": str(inputs)}
+    if args.threads:
+        env.update(ASSISTANT_TORCH_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    if args.gpu:
+        env["ASSISTANT_DEVICE"] = "cuda"
+    return gate_questions, env
+
+
 def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) -> dict:
     train = {"sft_learning_rate": args.lr, "sft_epochs": args.epochs, "dpo_learning_rate": args.dpo_lr,
              "dpo_sft_weight": args.dpo_sft_weight,
@@ -566,13 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     home = args.home or Path(tempfile.mkdtemp(prefix="assistant-loop-")) / "home"
     model = args.model or str(prepare_model(args.model_cache))
     keys = setup_home(home, args.users)
-    gate_questions = write_gate_questions(qa, home.parent / "gate_questions.jsonl", args.docs)
-    env = {**os.environ, "ASSISTANT_TRAIN_THREADS": str(args.train_threads), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    if args.threads:
-        env.update(ASSISTANT_TORCH_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    if args.gpu:
-        env["ASSISTANT_DEVICE"] = "cuda"
+    gate_questions, env = server_inputs(qa, home, args)
     port = free_port()
     proc = start_server(home, model, port, env)
     url = f"http://127.0.0.1:{port}"

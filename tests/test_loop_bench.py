@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from assistant.config import Settings
 from bench.loop import (
     DOCS,
     QA_FILE,
@@ -21,11 +22,13 @@ from bench.loop import (
     judge,
     liked,
     load_questions,
+    server_inputs,
     write_gate_questions,
 )
 from training.fact_check import unsupported_facts
 from training.gate_config import GateConfig
 from training.loop import build_options
+from training.synth import allowed_docs_file
 
 BENCH = Path(__file__).parents[1] / "bench"
 SETS = [(DOCS, QA_FILE), (BENCH / "docsets" / "hanbit", BENCH / "docsets" / "hanbit.json"),
@@ -87,3 +90,15 @@ def test_the_training_data_flags_reach_the_retrain_job(tmp_path: Path) -> None:
     assert (opts.distractor_passages, opts.abstain_rows, opts.max_style_share) == (2, 0.25, 0.5)
     plain = build_options(cycle_options(1, arguments().parse_args([]), tmp_path / "gate.jsonl")["build"])
     assert (plain.distractor_passages, plain.abstain_rows, plain.max_style_share) == (0, 0.0, 1.0)
+
+
+def test_the_server_may_read_the_gate_questions_the_jobs_name(tmp_path: Path) -> None:
+    """The retrain job's options name the gate's question file, a server file; the admin API reads only files under
+    `synth_docs_dir`, so the bench's server must be started with that folder (a run once failed its first job
+    with a 403 here)."""
+    args = arguments().parse_args([])
+    gate_file, env = server_inputs(load_questions(QA_FILE), tmp_path / "home", args)
+    named = cycle_options(1, args, gate_file)["eval_doc_qa"]
+    settings = Settings.load(env={k: v for k, v in env.items() if k.startswith("ASSISTANT_")}, home=tmp_path / "home")
+    assert allowed_docs_file(settings.synth_docs_dir, named) == gate_file.resolve()
+    assert gate_file.read_text().count("\n") >= GateConfig().min_grounded_rows
