@@ -26,6 +26,12 @@ kernel launches on a GPU):
   own positions and its own row of an additive [slots, 1, 1, L] attention mask (the model takes a 4-D
   mask as given). A joining row is prefilled as above and its K/V copied into a free slot at columns
   [c - len, c); a finished row's slot is just closed and freed. Idle slots attend to column c only.
+- With `SlotSpec.bucketed_prefill` (the backend's default on CUDA) the joining rows are prefilled
+  together in a shape bucket instead (rows and width padded to powers of two, `SlotCache.prefill`):
+  the step's forward uncompiled, every row on its own LoRA slot, into a small static cache, as one
+  CUDA graph per bucket captured the first time a width is needed (for every row count at once), then
+  copied into their slots. An eager prefill pass is bound by kernel launches (45 ms for one 24-token
+  prompt on an H100); a bucket's replay took 6 to 13 ms there (docs/benchmarks.md, "On a GPU").
 - Each step starts before the host has read the one before (`BatchEngine._slot_step`): a greedy row's
   input is that step's argmax, taken on the GPU, and the host reads every row's token with one copy,
   streams text and ends finished rows while the next step runs. A sampled row, a full cache, joining
@@ -226,6 +232,21 @@ class SlotSpec:
     min_len: int = 256  # the first L; it doubles as rows need more, up to max_len
     graphs: bool = True  # capture the decode step as a CUDA graph (False: run it eagerly, e.g. on CPU)
     compile: bool = False  # the captured forward through torch.compile (fused kernels; the backend's default)
+    # Prefill joining rows through the step's forward (uncompiled) in padded shape buckets, each bucket
+    # captured as a CUDA graph where `graphs` holds on CUDA (eagerly elsewhere; the backend's default on CUDA).
+    bucketed_prefill: bool = False
+    bucket_tokens: int = 2048  # rows x width of the largest bucket; a larger group prefills eagerly as before
+
+
+@dataclass
+class _Bucket:
+    """One prefill shape: `rows` prompts left-padded to `width` columns. `inp` [rows, width + 2]: each row's
+    token ids, then its first real column (`width`: a padding row) and its LoRA slot."""
+
+    rows: int
+    width: int
+    cache: Any  # a StaticCache [rows, heads, width, dim]; its tensors are views of storage all buckets share
+    inp: Any
 
 
 class SlotCache:
@@ -254,6 +275,14 @@ class SlotCache:
         self._stage: list[Any] = []
         self._host_greedy: list[Any] = []
         self._done: list[Any] = []
+        # `SlotSpec.bucketed_prefill`: shape buckets, their graphs ((key, rows, width) -> (CUDAGraph, logits),
+        # or None where capturing failed), the K/V storage they share and the memory pool of their graphs
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self.prefill_graphs: dict[Any, tuple[Any, Any] | None] = {}
+        self.prefill_captures = 0
+        self.bucket_prefills = 0  # prefills that went through a bucket
+        self._shared_kv: list[Any] = []
+        self._pool: Any = None
 
     def _alloc(self, length: int) -> None:
         import torch
@@ -317,9 +346,11 @@ class SlotCache:
             self.bias.fill_(torch.finfo(self.bias.dtype).min)
             self._set_write()
 
-    def place(self, reqs: list[BatchRequest], cache: Any, width: int, alone: bool) -> None:
+    def place(self, reqs: list[BatchRequest], cache: Any, width: int, alone: bool, block: bool = False) -> None:
         """Copy the joining rows' prefilled K/V (`cache`, left-padded to `width`) into free slots, each
-        ending at column c. `alone`: no row is running, so c starts afresh."""
+        ending at column c. `alone`: no row is running, so c starts afresh. `block`: copy each row's last
+        `longest` columns whole, padding included (one copy a layer; the padding lands in columns its slot
+        keeps closed, so it must be finite: the bucketed prefill's is)."""
         import torch
 
         if alone:
@@ -332,22 +363,140 @@ class SlotCache:
         c = self.c
         for r in reqs:
             r.slot = self.free.pop(0)
-        dst_s, dst_c, src_r, src_c = [], [], [], []
-        for i, r in enumerate(reqs):
-            dst_s += [r.slot] * r.length
-            dst_c += range(c - r.length, c)
-            src_r += [i] * r.length
-            src_c += range(width - r.length, width)
         device = self.bias.device
-        dst_s_t, dst_c_t, src_r_t, src_c_t = (torch.tensor(x, device=device) for x in (dst_s, dst_c, src_r, src_c))
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys[dst_s_t, :, dst_c_t] = theirs.keys[src_r_t, :, src_c_t].to(mine.keys.dtype)
-            mine.values[dst_s_t, :, dst_c_t] = theirs.values[src_r_t, :, src_c_t].to(mine.values.dtype)
+        if block:
+            slots = torch.tensor([r.slot for r in reqs], device=device)
+            n = len(reqs)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys[slots, :, c - longest:c] = theirs.keys[:n, :, width - longest:width]
+                mine.values[slots, :, c - longest:c] = theirs.values[:n, :, width - longest:width]
+        else:
+            dst_s, dst_c, src_r, src_c = [], [], [], []
+            for i, r in enumerate(reqs):
+                dst_s += [r.slot] * r.length
+                dst_c += range(c - r.length, c)
+                src_r += [i] * r.length
+                src_c += range(width - r.length, width)
+            dst_s_t, dst_c_t, src_r_t, src_c_t = (torch.tensor(x, device=device) for x in (dst_s, dst_c, src_r, src_c))
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys[dst_s_t, :, dst_c_t] = theirs.keys[src_r_t, :, src_c_t].to(mine.keys.dtype)
+                mine.values[dst_s_t, :, dst_c_t] = theirs.values[src_r_t, :, src_c_t].to(mine.values.dtype)
         cols = torch.arange(self.length, device=device)
         start = torch.tensor([c - r.length for r in reqs], device=device)
         opened = (cols[None, :] >= start[:, None]) & (cols[None, :] < c)
         rows = torch.tensor([r.slot for r in reqs], device=device)
         self.bias[rows, 0, 0] = torch.where(opened, 0.0, torch.finfo(self.bias.dtype).min).to(self.bias.dtype)
+
+    def prefill(self, reqs: list[BatchRequest], alone: bool) -> torch.Tensor | None:
+        """`SlotSpec.bucketed_prefill`: one forward pass over the joining rows' prompts, padded to a shape
+        bucket (rows and width each to a power of two), through the step's forward uncompiled (every row
+        on its own LoRA slot), into the bucket's own static cache, then `place`d; the bucket's pass is a
+        CUDA graph where the decode step is one. Returns each row's last logits, or None where this path
+        does not serve the group (a mix only PEFT can serve; a group over `bucket_tokens` on CUDA)."""
+        import torch
+
+        n, longest = len(reqs), max(r.length for r in reqs)
+        rows, width = _power_of_two(n, 1), _power_of_two(longest, 16)
+        graphs = self.spec.graphs and self.host.device.type == "cuda"
+        if graphs and rows * width > self.spec.bucket_tokens:
+            return None
+        internals = [r.internal for r in reqs] + [None] * (rows - n)
+        b = self._bucket(rows, width)
+        forward, kwargs, lora, key = self.host.slot_route(internals, b.inp[:, width + 1])
+        if key is None:
+            return None
+        graph = None
+        if graphs:
+            if any(k[0][1:] != key[1:] for k in self.prefill_graphs):  # another model version
+                self.prefill_graphs = {}
+            if (key, rows, width) not in self.prefill_graphs:
+                self._capture_buckets(key, internals, width)
+            graph = self.prefill_graphs.get((key, rows, width))
+        inp = [[0] * (width - r.length) + r.prompt + [width - r.length, s]
+               for r, s in zip(reqs, lora or [0] * n, strict=False)]
+        inp += [[0] * width + [width, 0]] * (rows - n)
+        b.inp.copy_(torch.tensor(inp))
+        if graph is not None:
+            graph[0].replay()
+            logits = graph[1][:n].clone()  # the graphs share a memory pool: the next replay may reuse it
+        else:
+            logits = self._bucket_forward(b, forward, kwargs)[:n]
+        self.place(reqs, b.cache, width, alone, block=True)
+        self.bucket_prefills += 1
+        return logits
+
+    def _bucket(self, rows: int, width: int) -> _Bucket:
+        import torch
+
+        b = self._buckets.get((rows, width))
+        if b is None:
+            cache = self.host.new_static_cache(rows, width)
+            if rows * width <= self.spec.bucket_tokens:  # one prefill at a time: all buckets share K/V storage
+                if not self._shared_kv:
+                    self._shared_kv = [
+                        (torch.empty(self.spec.bucket_tokens * layer.keys[0, :, 0].numel(), dtype=layer.keys.dtype,
+                                     device=layer.keys.device),
+                         torch.empty(self.spec.bucket_tokens * layer.values[0, :, 0].numel(),
+                                     dtype=layer.values.dtype, device=layer.values.device))
+                        for layer in cache.layers]
+                for layer, (k, v) in zip(cache.layers, self._shared_kv, strict=True):
+                    layer.keys = k[:layer.keys.numel()].view(layer.keys.shape)
+                    layer.values = v[:layer.values.numel()].view(layer.values.shape)
+            inp = torch.zeros((rows, width + 2), dtype=torch.long, device=cache.layers[0].keys.device)
+            b = self._buckets[(rows, width)] = _Bucket(rows, width, cache, inp)
+        return b
+
+    def _bucket_forward(self, b: _Bucket, forward: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The prefill pass of bucket `b` from its `inp`, all on the device (so a graph can hold it): each
+        row's positions count from its first real column; its queries see its real columns up to their
+        own, and a padding query sees itself (finite values in every column `place` copies)."""
+        import torch
+
+        for layer in b.cache.layers:  # StaticCache writes at its running count: here from column 0
+            layer.cumulative_length.zero_()
+        width, keys = b.width, b.cache.layers[0].keys
+        ids, start = b.inp[:, :width], b.inp[:, width]
+        cols = torch.arange(width, device=keys.device)
+        seen = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] >= start[:, None, None])
+        seen |= torch.eye(width, dtype=torch.bool, device=keys.device)
+        mask = torch.zeros(seen.shape, dtype=keys.dtype, device=keys.device)
+        mask.masked_fill_(~seen, torch.finfo(keys.dtype).min)
+        out = forward(input_ids=ids, attention_mask=mask.unsqueeze(1),
+                      position_ids=(cols[None, :] - start[:, None]).clamp(min=0), past_key_values=b.cache,
+                      use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :]
+
+    def _capture_buckets(self, key: Any, internals: list[str | None], width: int) -> None:
+        """Capture the prefill graph of every row bucket of this width (up to the batch, within
+        `bucket_tokens`) for `key`: later groups of any size find theirs ready, so no capture lands in the
+        middle of serving a wave of requests."""
+        import torch
+
+        like = next((i for i in internals if i is not None), None)  # a row that gives the same key
+        rows = 1
+        while rows <= _power_of_two(self.batch, 1) and rows * width <= self.spec.bucket_tokens:
+            if (key, rows, width) not in self.prefill_graphs:
+                b = self._bucket(rows, width)
+                forward, kwargs, _, got = self.host.slot_route([like] * rows, b.inp[:, width + 1])
+                graph = None
+                if got == key:
+                    try:
+                        if self._pool is None:
+                            self._pool = torch.cuda.graph_pool_handle()
+                        stream = torch.cuda.Stream()
+                        stream.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(stream):  # warm up off the capture
+                            self._bucket_forward(b, forward, kwargs)
+                        torch.cuda.current_stream().wait_stream(stream)
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+                            logits = self._bucket_forward(b, forward, kwargs)
+                        graph = (g, logits)
+                        self.prefill_captures += 1
+                    except Exception:  # prefill eagerly rather than not at all
+                        log.exception("capturing the prefill of %d x %d as a CUDA graph failed", rows, width)
+                self.prefill_graphs[(key, rows, width)] = graph
+            rows *= 2
 
     def release(self, r: BatchRequest) -> None:
         import torch
@@ -594,16 +743,22 @@ class BatchEngine:
         import torch.nn.functional as F
 
         device = self.host.device
+        for r in reqs:
+            r.length = len(r.prompt)
+            if not r.greedy:
+                r.generator = torch.Generator(device=device)
+                r.generator.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+        if self.slots is not None and self.slots.spec.bucketed_prefill:
+            logits = self.slots.prefill(reqs, alone=not self.rows)
+            if logits is not None:
+                self.rows.extend(reqs)
+                return logits
         width = max(len(r.prompt) for r in reqs)
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
         mask = torch.zeros((len(reqs), width), dtype=torch.long)
         for i, r in enumerate(reqs):
             ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
             mask[i, width - len(r.prompt):] = 1
-            r.length = len(r.prompt)
-            if not r.greedy:
-                r.generator = torch.Generator(device=device)
-                r.generator.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
         ids, mask = ids.to(device), mask.to(device)
         cache = self.host.new_cache()
         model, kwargs = self.host.route([r.internal for r in reqs])
@@ -788,6 +943,14 @@ class BatchEngine:
         self.host.release_adapter(r.internal)
         r.internal = None
         r.out.put(outcome)
+
+
+def _power_of_two(n: int, least: int) -> int:
+    """The smallest power of two >= max(n, least)."""
+    p = least
+    while p < n:
+        p *= 2
+    return p
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -437,10 +437,11 @@ class TransformersBackend:
         self._eos_ids = sorted(eos_ids)
         # serving=batched: every generation goes through the batch engine on the generation thread;
         # the state below is only touched there (resolve/release/route, adapter commands).
-        # On CUDA the decode step runs in a static slot cache as a CUDA graph (`cuda_graphs`); `slots`
+        # On CUDA the decode step runs in a static slot cache as a CUDA graph (`cuda_graphs`), and joining
+        # prompts are prefilled in shape buckets, each one captured graph (`SlotSpec.bucketed_prefill`); `slots`
         # forces that path elsewhere (tests: on CPU, eagerly, with a small cache).
         if slots is None and self.device.type == "cuda" and settings.cuda_graphs:
-            slots = SlotSpec(max_len=self.context_length or 4096, compile=True)
+            slots = SlotSpec(max_len=self.context_length or 4096, compile=True, bucketed_prefill=True)
         self._engine = BatchEngine(self, self._worker, settings.batch_max, self._eos_ids, slots=slots) \
             if settings.serving == "batched" else None
         self._model_version = 0  # changes whenever the model's modules do (an adapter loaded or deleted)

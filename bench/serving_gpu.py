@@ -14,6 +14,9 @@ shape and N in --streams:
   over 8 adapters; serving=sequential for N = 1. `--modes` picks the batched engines: `compiled` (the
   default on CUDA: static slot cache, each decode step one CUDA graph of the torch.compile'd forward),
   `graphs` (the same without torch.compile), `eager` (cuda_graphs=false: growing cache, eager step).
+  `--prefills` picks the prefill of the slot-cache engines: `bucketed` (the default on CUDA: joining
+  prompts padded to a shape bucket, each bucket one captured CUDA graph) and/or `eager` (one eager
+  forward pass per group of joining prompts, the engine before), each its own row of the table.
 - `--check`: before timing, 8 greedy answers over 8 adapters from each batched engine, asked
   together, token for token against the eager engine's, asked one at a time (bf16 on a GPU:
   near-ties may part; a broken cache parts at once).
@@ -93,8 +96,9 @@ def make_adapters(model, out: Path, n: int) -> list[Path]:
     return paths
 
 
-def engine(model, tok, tmp: str, mode: str, batch: int, shape: str, paths: list[Path]):
-    """A TransformersBackend over `model` with the 8 adapters loaded, serving in `mode`."""
+def engine(model, tok, tmp: str, mode: str, batch: int, shape: str, paths: list[Path], bucketed: bool = True):
+    """A TransformersBackend over `model` with the 8 adapters loaded, serving in `mode` (`bucketed`: the
+    slot-cache engines' prefill in captured shape buckets)."""
     from assistant.batching import SlotSpec
     from assistant.config import Settings
     from assistant.runtime import TransformersBackend
@@ -102,7 +106,8 @@ def engine(model, tok, tmp: str, mode: str, batch: int, shape: str, paths: list[
     settings = Settings.load(env={}, home=Path(tmp) / "home", serving="sequential" if mode == "sequential" else
                              "batched", cuda_graphs=mode in ("graphs", "compiled"), batch_max=batch,
                              stream_interval_ms=40.0, queue_max=256)
-    slots = SlotSpec(max_len=model.config.max_position_embeddings, compile=False) if mode == "graphs" else None
+    slots = SlotSpec(max_len=model.config.max_position_embeddings, compile=mode == "compiled",
+                     bucketed_prefill=bucketed) if mode in ("graphs", "compiled") else None
     backend = TransformersBackend(model, tok, settings, model_name=shape, slots=slots)
     for i, p in enumerate(paths):
         backend.load_adapter(f"a{i}", p)
@@ -160,6 +165,7 @@ def product(backend, n: int, tokens: int, adapters: list[str | None]) -> tuple[f
     eng = backend._engine
     before = (eng.steps, getattr(eng, "wait_s", 0.0), getattr(eng, "prefills", 0), getattr(eng, "prefill_s", 0.0)) \
         if eng is not None else (0, 0.0, 0, 0.0)
+    captures = eng.slots.prefill_captures if eng is not None and eng.slots is not None else 0
     wall = timed(go)
     done = sum(r.usage["completion_tokens"] for r in results)
     assert done == n * tokens, (done, n * tokens)
@@ -172,7 +178,8 @@ def product(backend, n: int, tokens: int, adapters: list[str | None]) -> tuple[f
         print(f"  {n} streams: {wall * 1e3:.0f} ms: {prefills} prefills {prefill_s * 1e3:.0f} ms, {steps} steps "
               f"{(wall - prefill_s) / steps * 1e3:.2f} ms each (the rest of the wall time over the steps), of which "
               f"{wait / steps * 1e3:.2f} ms waiting for the GPU's tokens; graph replay alone "
-              f"{replay_ms(eng.slots, adapters != [None]):.2f} ms", flush=True)
+              f"{replay_ms(eng.slots, adapters != [None]):.2f} ms; prefill graphs captured meanwhile: "
+              f"{eng.slots.prefill_captures - captures}", flush=True)
     return done / wall, ttft
 
 
@@ -253,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="streams for raw eager generate (default: --streams)")
     ap.add_argument("--modes", default="compiled,graphs,eager,sequential",
                     help="runtime engines: compiled (the default), graphs, eager (batched) and sequential")
+    ap.add_argument("--prefills", default="bucketed",
+                    help="prefill of the slot-cache engines: bucketed (the default), eager, or both")
     ap.add_argument("--check", action="store_true", help="compare answers of each batched engine with eager's")
     ap.add_argument("--device", default="cuda", help="cpu: the same cells on this machine's processor")
     ap.add_argument("--dtype", default="bfloat16", help="float32 on a CPU without native bf16 (AVX2)")
@@ -283,13 +292,18 @@ def main(argv: list[str] | None = None) -> int:
             reference = None
             if args.check:  # the eager engine's answers, on its own copy of the model
                 reference = engine(copy.deepcopy(model), tok, tmp, "eager", max(args.streams), shape, paths)
-            for mode in modes:
+            runs = [(m, p == "bucketed") for m in modes
+                    for p in (args.prefills.split(",") if m in ("graphs", "compiled") else ["eager"])]
+            for mode, bucketed in runs:
                 t0 = time.perf_counter()
-                backend = engine(model, tok, tmp, mode, max(args.streams), shape, paths)
+                backend = engine(model, tok, tmp, mode, max(args.streams), shape, paths, bucketed)
                 label = {"graphs": "runtime, batched, slot cache + CUDA graphs",
                          "compiled": "runtime, batched, slot cache + CUDA graphs + compile",
                          "eager": "runtime, batched, eager (cuda_graphs=false)"}.get(mode, f"runtime, {mode}")
-                if reference is not None and mode != "sequential":
+                if mode in ("graphs", "compiled"):
+                    label += ", prefill " + ("in captured buckets" if bucketed else "eager")
+                    mode = f"{mode}/{'bucketed' if bucketed else 'eager'} prefill"
+                if reference is not None and not mode.startswith("sequential"):
                     print(f"check {mode}: (same answers, equal leading tokens, tokens) =",
                           agreement(backend, reference, 16, [None, *names]), flush=True)
                 for spread, adapters in spreads.items():
@@ -300,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 slots = backend._engine.slots if backend._engine is not None else None
                 if slots is not None:
                     counters = torch._dynamo.utils.counters
-                    print(f"{mode}: L={slots.length} graphs captured={slots.captures} rolls={slots.rolls} "
+                    print(f"{mode}: L={slots.length} graphs captured={slots.captures} (prefill buckets: "
+                          f"{slots.prefill_captures}, {sorted(slots._buckets)}) rolls={slots.rolls} "
                           f"({time.perf_counter() - t0:.0f} s in all); torch.compile: {dict(counters['stats'])}, "
                           f"graph breaks {sum(counters['graph_break'].values())}", flush=True)
                 for name in names:

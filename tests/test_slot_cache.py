@@ -7,6 +7,7 @@ On CUDA the same step is replayed as a CUDA graph (bench/serving_gpu.py, docs/be
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +91,48 @@ def test_late_joiners_early_finishers_and_a_roll_give_every_request_its_answer_a
     # the slots are reused: the batch, now empty, serves the same answers again
     again = [b.stream(QUESTION, a, SHORT) for a in ADAPTERS]
     assert [g.result().text for g in again] == [alone[(a, 0, SHORT.max_new_tokens)] for a in ADAPTERS]
+    b.close()
+
+
+def test_the_bucketed_prefill_gives_every_request_its_answer_alone(tmp_path, tiny_model_dir, three_adapters, alone,
+                                                                   lengths):
+    """`SlotSpec.bucketed_prefill` (the default on CUDA, where each bucket is a captured graph; here eager):
+    a group of joining prompts is padded to a bucket of rows and width (powers of two), prefilled with each
+    row's LoRA slot and copied into the slot cache whole. Two groups, the second joining a running batch:
+    every answer is the one the request gets alone."""
+    n_q, n_o = lengths
+    b = slot_backend(tmp_path, tiny_model_dir, three_adapters,
+                     SlotSpec(max_len=256, min_len=16, graphs=False, bucketed_prefill=True))
+    engine, slots = b._engine, b._engine.slots
+    assert slots is not None
+    asked = [(OTHER, "alpha", LONG), (QUESTION, "beta", LONG), (QUESTION, None, LONG),  # 3 rows: a bucket of 4
+             (OTHER, "gamma", SHORT), (QUESTION, "alpha", SHORT)]  # join the running batch: a bucket of 2
+    results: list = [None] * len(asked)
+
+    def ask(i: int) -> None:
+        msgs, a, gen = asked[i]
+        results[i] = b.generate(msgs, a, gen)
+
+    threads = []
+    for wave in (range(3), range(3, 5)):  # each wave waits while the engine is held, then joins as one group
+        gate = threading.Event()
+        held = threading.Thread(target=engine.call, args=(gate.wait,))
+        held.start()
+        wait_for(lambda: engine._running and not engine._commands)
+        threads += [threading.Thread(target=ask, args=(i,)) for i in wave]
+        for t in threads[-len(wave):]:
+            t.start()
+        wait_for(lambda n=len(wave): engine.waiting == n)
+        gate.set()
+        held.join()
+        wait_for(lambda n=len(threads): len(engine.rows) == n or engine.steps >= 3)
+    for t in threads:
+        t.join()
+    for (msgs, a, gen), r in zip(asked, results, strict=True):
+        assert r.text == alone[(a, 0 if msgs is QUESTION else 1, gen.max_new_tokens)], (a, gen.max_new_tokens)
+    assert engine.prefills == slots.bucket_prefills == 2
+    assert sorted(slots._buckets) == [(2, max(16, 1 << (n_o - 1).bit_length())),
+                                      (4, max(16, 1 << (n_o - 1).bit_length()))]
     b.close()
 
 
