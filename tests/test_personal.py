@@ -25,11 +25,21 @@ from tests.conftest import make_random_adapter
 from tests.helpers import start_server
 from tests.test_jobs import CAPITALS, QUICK
 from training.dataset_build import BuildOptions, build_datasets
+from training.evaluate import load_eval_set
 from training.jobs import NotReady, runner_for
 from training.loop import CycleOptions
-from training.personal import PERSONAL_BUILD, cycle_options, next_personal, registry_for, sync_personal
+from training.personal import (
+    PERSONAL_BUILD,
+    PERSONAL_GATE,
+    cycle_options,
+    next_personal,
+    registry_for,
+    sync_personal,
+)
+from training.personal_data import HELDOUT_FLOOR
 from training.registry import Registry
 from training.scheduler import Scheduler
+from training.snapshots import read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.timeout(900)
 ALL_IN_TRAIN = dict(split_ratios=(1.0, 0.0, 0.0), replay_ratio=0.0)
@@ -48,6 +58,26 @@ def _feedback(store, user, n: int, tag: str = "") -> list[int]:
         _, a = store.add_turn(conv.id, f"What is the capital of {country}?{tag}", "I am not sure about that.")
         out.append(store.add_edit(user.id, a.id, f"The capital of {country} is {city}.{tag}").id)
     return out
+
+
+def _mixed_feedback(store, user, n: int, tag: str = "", per_conversation: int = 4) -> None:
+    """Exactly `n` feedback rows, one per question, in conversations of `per_conversation` questions: every other
+    answer edited into the right one (SFT + DPO rows), the others liked as they were (SFT + KTO rows)."""
+    conv = None
+    for i, (country, city) in enumerate(CAPITALS[:n]):
+        if i % per_conversation == 0:
+            conv = store.create_conversation(user.id, f"capitals {i}")
+        if i % 2 == 0:
+            _, a = store.add_turn(conv.id, f"And the capital of {country}?{tag}", f"Maybe a city in {country}.{tag}")
+            store.add_edit(user.id, a.id, f"The capital of {country} is {city}.{tag}")
+        else:
+            _, a = store.add_turn(conv.id, f"And the capital of {country}?{tag}", f"It is {city}.{tag}")
+            store.add_thumb(user.id, a.id, 1)
+
+
+def _assistant_texts(row: dict) -> set[str]:
+    return {m["content"] for col in ("messages", "prompt", "chosen", "rejected", "completion")
+            for m in row.get(col) or [] if m["role"] == "assistant"}
 
 
 @pytest.fixture
@@ -110,6 +140,46 @@ def test_private_data_reaches_only_its_owners_adapter(store, settings, tiny_embe
         kb.close()
 
 
+# ------------------------------------------------------------------------------------------ the split
+def test_a_personal_split_holds_out_what_the_gate_needs_and_never_trains_on_it(store, settings) -> None:
+    """A user with exactly the feedback a first personal retrain needs, in multi-question conversations: the
+    held-out part reaches the floor of answers and pairs (by conversation it was one conversation, and the gate
+    declined), no train row of a conversation holds an answer its held-out rows score, and a rebuild reuses the
+    frozen set unless it was grouped by conversation."""
+    bob = store.create_user("bob", "pw-bob")
+    _mixed_feedback(store, bob, settings.personal_min_feedback)  # the default: 20 questions in 5 conversations
+    assert store.count_feedback(user_id=bob.id) == settings.personal_min_feedback == 20
+    opts = BuildOptions(**{**PERSONAL_BUILD, "split_ratios": tuple(PERSONAL_BUILD["split_ratios"]),
+                           "replay_ratio": 0.0})
+    first = build_datasets(store, settings, opts, owner_id=bob.id)
+    split = first.manifest["personal_split"]
+    assert split["held_out_sft"] >= HELDOUT_FLOOR and split["held_out_pairs"] >= HELDOUT_FLOOR
+    assert split["held_out_questions"] <= settings.personal_min_feedback // 2
+    sizes = load_eval_set(first.path).sizes()
+    assert sizes["sft"] >= PERSONAL_GATE["min_sft_rows"] and sizes["pairs"] >= PERSONAL_GATE["min_pair_rows"]
+    held = {k: read_jsonl(first.path / "heldout" / f"{k}.jsonl") for k in ("sft", "dpo", "kto")}
+    train = {k: read_jsonl(first.path / "jsonl" / f"{k}.train.jsonl") for k in ("sft", "dpo", "kto")}
+    assert first.manifest["heldout"]["frozen"] and all(r["group"].startswith("turn:") for r in held["sft"])
+    scored: dict[int, set[str]] = {}
+    for r in (r for rows in held.values() for r in rows):
+        scored.setdefault(r["conversation_id"], set()).update(_assistant_texts(r))
+    trained = [(r["conversation_id"], _assistant_texts(r)) for rows in train.values() for r in rows]
+    assert trained and not [c for c, texts in trained if texts & scored.get(c, set())]
+    split_convs = {c for c, _ in trained} & set(scored)  # a conversation split between the two...
+    dropped = {f["name"]: f["removed"] for f in first.manifest["filters"]["sft"]}.get("heldout_answer_in_context")
+    assert split_convs and dropped  # ...whose earlier answers the held-out rows score were left out of training
+    assert first.manifest["counts"]["dpo"]["train"] == 0  # fewer than MIN_DPO_PAIRS: no DPO stage
+
+    again = build_datasets(store, settings, opts, owner_id=bob.id)
+    assert again.manifest["heldout"]["frozen_by_build"] == first.version  # reused
+    heldout_sft = settings.personal_datasets_dir / str(bob.id) / "heldout" / "sft.jsonl"
+    old = [{**r, "group": f"conv:{r['conversation_id']}"} for r in read_jsonl(heldout_sft)]
+    write_jsonl(heldout_sft, old)  # a set frozen before the split by question
+    third = build_datasets(store, settings, opts, owner_id=bob.id)
+    assert third.manifest["heldout"]["frozen_by_build"] == third.version
+    assert third.manifest["personal_split"]["held_out_pairs"] >= HELDOUT_FLOOR
+
+
 # ------------------------------------------------------------------------------------------ the cycle
 def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_only_its_user(services, tmp_path):
     store, settings = services.store, services.settings
@@ -117,7 +187,9 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     shared = Registry(settings, store)
     v1 = shared.register(make_random_adapter(Path(settings.model), tmp_path / "shared", seed=5), gate="passed").name
     shared.promote(v1, services)
-    _feedback(store, bob, 24, " Bob")
+    # exactly what a first retrain needs, one question per conversation as in bench/personal.py: split by
+    # conversation, that held out one answer and no pair, and the gate declined every first personal candidate
+    _mixed_feedback(store, bob, settings.personal_min_feedback, " Bob", per_conversation=1)
     _feedback(store, alice, 4)
     actions = PersonalActions(services)
 
@@ -130,13 +202,14 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     st = actions.set_opt_in(bob, True)
     assert st["opted_in"] and st["state"] == "waiting for its turn" and st["readiness"]["ready"]
     assert next_personal(services)[0] == bob.id
-    # quick: no replay (anchoring it to the base model means 120 generations), a small general suite
+    # quick: no replay (anchoring it to the base model means 120 generations), short general answers; the personal
+    # gate's own checks otherwise
     quick = {"train": {**QUICK, "stages": ["sft"]}, "build": {"replay_ratio": 0.0}, "anchor_replay": False,
-             "gate": {"gain_metrics": ["val_loss"], "min_val_loss_gain": 0.0, "max_new_tokens": 8}}
+             "gate": {"max_new_tokens": 8}}
     job = actions.train(OPERATOR, bob.id, quick)
     job = runner_for(services).wait(job["id"], timeout=600)
     assert job.status == "succeeded", job.error
-    print("personal cycle timings", job.result["timings"])
+    print("personal cycle timings", job.result["timings"], "gate:", job.result["reason"])
     assert job.params["user_id"] == bob.id and job.params["build"] == {**PERSONAL_BUILD, "replay_ratio": 0.0}
     result = job.result
     name = result["candidate"]
@@ -154,6 +227,13 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     assert '"owner_id": ' + str(bob.id) in manifest
     report = actions.report(bob)
     assert report["version"] == name and report["report"]["baseline"] == v1 and report["reason"]
+    # the gate decided (promoted, or refused with a reason), on held-out data it can judge, and says what it can see
+    decision = report["report"]["decision"]
+    assert not decision["declined"] and not result["reason"].startswith("declined"), result["reason"]
+    assert not decision["too_small"] and {"val_loss", "pref_accuracy"} <= {c["metric"] for c in decision["checks"]}
+    assert any(p.startswith("pref_accuracy on ") for p in decision["power"])
+    assert any(p.startswith("general_qa on 40 questions") for p in decision["power"])
+    assert len(report["report"]["metrics"]["candidate"]["general_qa_scores"]) == 40  # the personal subset
     if result["passed"]:
         assert result["status"] == "promoted" and mine.serving() == name
         assert services.chat.personal_adapter(bob.id) == name

@@ -67,7 +67,17 @@ from training.dataset_sources import (
 from training.fact_check import contradicts
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
 from training.passage_rows import PoolReader, SharedPool, abstain_examples, grounded, with_distractors
-from training.personal_data import PrivacyError, check_privacy, forget_marks, restrict_log
+from training.personal_data import (
+    PrivacyError,
+    by_question,
+    check_privacy,
+    drop_few_pairs,
+    drop_heldout_context,
+    forget_marks,
+    heldout_outdated,
+    personal_splits,
+    restrict_log,
+)
 from training.snapshots import (
     HELDOUT_DIR,
     KINDS,
@@ -504,8 +514,17 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
 
     report("splitting", 0.5)
     split_rows: dict[str, dict[str, list[Example]]] = {k: {s: [] for s in SPLITS} for k in KINDS}
-    splits = assign_splits({ex.prov.group for kind in KINDS for ex in by_kind[kind]}, options,
-                           frozen=heldout_frozen(root, options))
+    personal_split: dict[str, Any] | None = None
+    if owner_id is None:
+        splits = assign_splits({ex.prov.group for kind in KINDS for ex in by_kind[kind]}, options,
+                               frozen=heldout_frozen(root, options))
+    else:  # by question, with a held-out floor (training/personal_data.py)
+        by_kind = by_question(by_kind, log)
+        if not options.refreeze_heldout and heldout_outdated(root / HELDOUT_DIR):
+            options = replace(options, refreeze_heldout=True)
+        splits, personal_split = personal_splits(by_kind, options.split_ratios,
+                                                 partial(_salted_fraction, options.split_salt),
+                                                 frozen=heldout_frozen(root, options))
     for kind in KINDS:
         for ex in by_kind[kind]:
             split_rows[kind][splits[ex.prov.group]].append(ex)
@@ -538,6 +557,14 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
                 split_rows[kind][s] = [e for e in split_rows[kind][s] if not held_out(e)]
                 if before - len(split_rows[kind][s]):
                     filters[kind].removed["heldout_group_excluded"] += before - len(split_rows[kind][s])
+        if personal_split is not None:
+            scored = {k: heldout_rows[k] + [e.row() for e in split_rows[k]["test"]] for k in KINDS}  # what is judged
+            for kind, n in drop_heldout_context(split_rows, scored).items():
+                if n:
+                    filters[kind].removed["heldout_answer_in_context"] += n
+            personal_split["dpo_pairs_below_minimum"] = drop_few_pairs(split_rows)
+            if personal_split["dpo_pairs_below_minimum"]:
+                filters["dpo"].removed["too_few_pairs_for_dpo"] += personal_split["dpo_pairs_below_minimum"]
 
         caps = {k: _cap_synthetic(split_rows[k], options, filters[k]) for k in KINDS}
         style_info = _cap_style(split_rows["sft"], options, filters["sft"], g.log)
@@ -566,6 +593,8 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
         manifest["passage_rows"] = passage_info
         manifest["style_cap"] = style_info
         manifest["owner_id"] = owner_id  # None: the shared adapter's; a user id: that user's personal adapter
+        if personal_split is not None:
+            manifest["personal_split"] = personal_split
         manifest["prompts"] = {
             "system_prompt": settings.system_prompt, "format": PROMPT_FORMAT,
             "passages": ("shared documents, re-read by chunk id" if knowledge is not None

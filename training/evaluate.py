@@ -28,7 +28,8 @@ Metrics, each measured for the candidate and the baseline (the general suite for
   language, time and units, everyday objects, people and history), none of them in the training replay
   set. It was written as a fair test, not picked for what the base model knows: SmolLM2-135M answers
   about half of them (0.51-0.56 over the prompts and answer lengths measured). So a candidate can lose
-  some questions and win others; the score is the net.
+  some questions and win others; the score is the net. `GateConfig.max_general` asks a subset spread over the
+  suite instead (the personal gate asks 40: training/personal.py), and the report's power lines say so.
 
 The decision (`decide`, a pure function of the numbers), in order: a measure on fewer held-out items than its
 ``min_*_rows`` is not judged (the report lists it); a regression beyond a tolerance refuses the candidate, and
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -91,8 +93,8 @@ from training.gate_report import LABELS, EvalReport, plot_report, render_markdow
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "LABELS", "SUITE_DIR", "TARGET_METRICS", "Check", "Completion", "DocQA",
            "EvalDataError", "EvalReport", "EvalSet", "GateConfig", "GateDecision", "GeneralQA", "GeneralSuite",
            "ModelMetrics", "PrefPair", "Progress", "Scorer", "decide", "doc_qa_item", "evaluate", "fact_score",
-           "grounded_prompt", "key_facts", "keyword_score", "load_eval_set", "load_general_suite", "main", "measure",
-           "plot_report", "read_jsonl", "render_markdown", "sign_test"]
+           "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score", "load_eval_set",
+           "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown", "sign_test"]
 
 
 def load_models(base_model: Path, candidate: Path, baseline: Path | None, device: str = "cpu",
@@ -127,6 +129,22 @@ def _base_cache_key(base_model: Path, suite: GeneralSuite, gate: GateConfig, sys
              torch.__version__, transformers.__version__, "1"]
     h.update("\0".join(parts).encode())
     return h.hexdigest()[:24]
+
+
+def general_subset(suite: GeneralSuite, n: int) -> GeneralSuite:
+    """At most `n` of the suite's questions (0: all), spread evenly over it: the shipped suite is ordered by area,
+    so its first questions would all be geography."""
+    if not n or n >= len(suite.qa):
+        return suite
+    return GeneralSuite(suite.reference, [suite.qa[i * len(suite.qa) // n] for i in range(n)])
+
+
+def general_power(n: int, gate: GateConfig) -> str:
+    """What the forgetting guard can see on `n` general questions (a subset of the suite: the personal gate)."""
+    one = 100 / n
+    k = math.floor(gate.general_qa_tolerance * n + 1e-9) + 1
+    return (f"general_qa on {n} questions (a subset of the suite): one question is {one:.1f} points; a net loss of "
+            f"{k} or more ({k * one:.1f} points) against the base model is refused.")
 
 
 def _read_general(path: Path | None, suite: GeneralSuite) -> dict[str, Any] | None:
@@ -166,7 +184,8 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
     t0 = time.perf_counter()
     gate = gate or GateConfig()
     gate.validate()
-    suite = suite or load_general_suite()
+    full = suite or load_general_suite()
+    suite = general_subset(full, gate.max_general)  # the personal gate asks a subset (training/personal.py)
     emit = progress or (lambda _e: None)
     for what, p in (("base model", base_model), ("candidate adapter", candidate), ("baseline adapter", baseline)):
         if p is not None and not Path(p).is_dir():
@@ -207,6 +226,8 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
                                               "available": eval_set.sizes()},
         gate=gate, metrics=metrics, decision=decision, seconds=round(time.perf_counter() - t0, 2),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), samples=samples(metrics, es, suite, gate.samples))
+    if len(suite.qa) < len(full.qa):
+        decision.power.append(general_power(len(suite.qa), gate))
     if baseline is None:
         # With no serving adapter the base model is the baseline; the report shows it once.
         report.metrics = {"base": base_ref, "candidate": metrics["candidate"]}

@@ -83,6 +83,9 @@ class GateConfig:
     max_sft: int = _f(64, "Held-out conversations scored at most (first ones; bounds CPU time).")
     max_pairs: int = _f(64, "Held-out preference pairs scored at most.")
     max_doc_qa: int = _f(24, "Document questions answered at most, held-out and trained ones each.")
+    max_general: int = _f(
+        0, "General-suite questions asked at most, spread evenly over the suite (every third of the shipped 120 "
+        "for 40): 0 = all. The personal gate asks 40 (training/personal.py), to bound a personal retrain's time.")
     batch_size: int = _f(8, "Sequences per forward pass / generation batch.")
     max_length: int = _f(1024, "Longest scored sequence in tokens (longer prompts are cut from the left).")
     samples: int = _f(4, "Answers per check shown side by side in the report.")

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from memory.db import utcnow, write_transaction
 from memory.schema import training_jobs
 from training.personal_data import (
+    HELDOUT_FLOOR,
     feedback_count,
     mark_forgotten,
     opted_in_users,
@@ -49,18 +50,28 @@ from training.registry import Registry, RegistryError, UnknownVersion, folder_by
 
 log = logging.getLogger("assistant.personal")
 
-# What a personal cycle uses unless the caller overrides it. A user's data is small (tens of rows), so held-out
-# loss and preference accuracy are judged from two items, without a significance test (none can be significant
-# at that size: the report says what each check can see). The general suite keeps its lines, and grounding on the
-# shared gate's held-out document questions is judged from one question: a personal adapter may not answer them
-# worse than the shared one (declining to decide below a minimum would keep every personal adapter out).
+# What a personal cycle uses unless the caller overrides it (docs/personal.md, "Design choices", says why).
+# - Held-out: a personal build splits by question with a floor (training/personal_data.py): once a user has the
+#   feedback a first retrain needs, the held-out part holds HELDOUT_FLOOR answers and pairs (when the user gave
+#   any), and the gate judges held-out loss and preference accuracy from one fewer, so it decides instead of
+#   declining. No significance test (none can be significant at that size: the report says what each check can see).
+# - Grounding on the shared gate's held-out document questions is judged from one question: a personal adapter may
+#   not answer them worse than the shared one (declining below a minimum would keep every personal adapter out).
+# - General suite: 40 of the 120 questions, spread over its areas (min_general_rows is 40); the base model's and the
+#   shared adapter's answers to them are kept between evaluations (training/evaluate.py), so a candidate answers
+#   40, not 120. At 40 one question is 0.025: the tolerance keeps the shared gate's rule, a net loss of one question
+#   passes and two do not.
+# - No validation split: early stopping on one or two rows is noise, so they train instead and the trainer runs no
+#   evaluation passes; no DPO stage on fewer than MIN_DPO_PAIRS pairs (training/personal_data.py).
 PERSONAL_GATE: dict[str, Any] = {
     "target_metrics": ["val_loss", "pref_accuracy", "grounded"],
     "gain_metrics": ["pref_accuracy", "val_loss"],
     "gain_significance": 0.0,
-    "min_sft_rows": 2, "min_pair_rows": 2, "min_liked_correct_rows": 2, "min_grounded_rows": 1,
+    "min_sft_rows": HELDOUT_FLOOR - 1, "min_pair_rows": HELDOUT_FLOOR - 1, "min_liked_correct_rows": HELDOUT_FLOOR - 1,
+    "min_grounded_rows": 1,
+    "max_general": 40, "general_qa_tolerance": 0.025,
 }
-PERSONAL_BUILD: dict[str, Any] = {"split_ratios": [0.7, 0.1, 0.2], "heldout_min_rows": 8, "replay_ratio": 0.5}
+PERSONAL_BUILD: dict[str, Any] = {"split_ratios": [0.8, 0.0, 0.2], "heldout_min_rows": 1, "replay_ratio": 0.5}
 PERSONAL_KEEP = 2  # personal versions kept on disk per user (the serving one is always kept)
 
 
