@@ -30,8 +30,9 @@ kernel launches on a GPU):
   together in a shape bucket instead (rows and width padded to powers of two, `SlotCache.prefill`):
   the step's forward uncompiled, every row on its own LoRA slot, into a small static cache, as one
   CUDA graph per bucket captured the first time a width is needed (for every row count at once), then
-  copied into their slots. An eager prefill pass is bound by kernel launches (45 ms for one 24-token
-  prompt on an H100); a bucket's replay took 6 to 13 ms there (docs/benchmarks.md, "On a GPU").
+  copied into their slots. An eager prefill pass is bound by kernel launches (42 ms for one request
+  of the bench's on an H100); a bucketed one, placing included, 6 to 14 ms there (docs/benchmarks.md,
+  "On a GPU").
 - Each step starts before the host has read the one before (`BatchEngine._slot_step`): a greedy row's
   input is that step's argmax, taken on the GPU, and the host reads every row's token with one copy,
   streams text and ends finished rows while the next step runs. A sampled row, a full cache, joining
