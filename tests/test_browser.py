@@ -699,6 +699,9 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     server.services.store.create_user("hana", "hana-pass-1", role="admin")
     d.get(server.url)
     css(d, "input[type=password]")
+    # the login form's note (ours, next to Gradio's own Korean labels) is in the browser's language too
+    wait_for(d, lambda d: "계정으로 로그인하세요" in d.find_element(By.TAG_NAME, "body").text, "the Korean login note")
+    assert "Log in with your account" not in d.find_element(By.TAG_NAME, "body").text
     screenshot(d, shots_dir(tmp_path), "login-ko")
     login(d, server.url, "hana", "hana-pass-1")
     assert d.execute_script("return navigator.language").startswith("ko")
@@ -713,18 +716,30 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     assert "현재 비밀번호" in text_of(d, "#pw-old")
     screenshot(d, shots_dir(tmp_path), "account-ko")
     open_tab(d, "채팅")
-    # the header's switch changes the page's language in place, the browser keeps it, and it switches back
-    def first_tab(want: str) -> None:
-        wait_for(d, lambda d: [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
-                               if b.text.strip()][:1] == [want], f"the tabs showing {want}")
+    # the header's switch changes the page's language in place, every tab's label included (not only the
+    # open one's), the browser keeps it over a reload, and it switches back
+    def tab_names(d) -> list[str]:
+        return [b.text.strip() for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip()]
 
+    def all_tabs(want: list[str]) -> None:
+        try:
+            wait_for(d, lambda d: tab_names(d) == want, f"the tabs showing {want}")
+        except TimeoutException as e:
+            raise AssertionError(f"the tabs show {tab_names(d)}, not {want}") from e
+
+    english = ["Chat", "Documents", "Memory", "Account", "My assistant", "Admin"]  # hana is an admin
+    korean = ["채팅", "문서", "기억", "계정", "나의 어시스턴트", "관리"]
+    all_tabs(korean)
     click(d, "#lang-toggle")
-    first_tab("Chat")
+    all_tabs(english)
     d.refresh()
-    first_tab("Chat")
+    all_tabs(english)
     assert css(d, "#lang-toggle").text.strip() == "한국어"
+    open_tab(d, "Account")  # a tab opened after the switch is drawn in English too
+    wait_for(d, lambda d: css(d, "#pw-change").text.strip() == "Change password", "the account tab in English")
+    open_tab(d, "Chat")
     click(d, "#lang-toggle")
-    first_tab("채팅")
+    all_tabs(korean)
     assert "Enter로 보내기" in css(d, "#message textarea").get_attribute("placeholder")
     wait_for(d, lambda d: d.execute_script(
         "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),

@@ -38,6 +38,7 @@ from ui.confirm import confirm_step
 from ui.i18n import T, current_language, page_language, speaking, tr
 from ui.people import build_people_section, people_frame
 from ui.personal import build_personal_section
+from ui.sentences import gate_reason, report_markdown, say
 
 GetUser = Callable[[gr.Request], User | None]
 PRIVATE = {"api_visibility": "private"}  # the page is the only client; the API is /v1/admin
@@ -165,7 +166,8 @@ def jobs_rows(actions: AdminActions, user: User | None, limit: int = 30) -> pd.D
         r = j.get("result") or {}
         rows.append([j["id"], job_outcome(j), j["trigger"], j["requested_by"], j["progress"].get("phase"),
                      round(100 * float(j["progress"].get("fraction") or 0)), r.get("candidate"),
-                     r.get("reason") or plain_error(j.get("error") or "")[:160], (j["created_at"] or "")[:19]])
+                     gate_reason(r.get("reason")) or say(plain_error(j.get("error") or ""))[:160],
+                     (j["created_at"] or "")[:19]])
     return pd.DataFrame(rows, columns=headings(JOB_HEADINGS))
 
 
@@ -267,10 +269,10 @@ def job_view(actions: AdminActions, user: User | None, job_id: int | None) -> di
         lines.append(tr("j_val_loss", loss=f"{p['loss']:.4f}", val=f"{p['eval_loss']:.4f}")
                      if isinstance(p.get("eval_loss"), int | float) else tr("j_loss", loss=f"{p['loss']:.4f}"))
     if j.get("error") and j["status"] != "cancelled":
-        lines.append(tr("j_why", why=plain_error(j["error"])))
+        lines.append(tr("j_why", why=say(plain_error(j["error"]))))
     r = j.get("result") or {}
     if r:
-        lines.append(tr("j_result", candidate=r.get("candidate"), reason=r.get("reason")))
+        lines.append(tr("j_result", candidate=r.get("candidate"), reason=gate_reason(r.get("reason"))))
     return {"job": j, "bar": progress_html(float(p.get("fraction") or 0), label), "status": "\n\n".join(lines),
             "curve": _curve(d["loss_curve"]), "log": d["log"]}
 
@@ -286,15 +288,19 @@ def _curve(points: list[dict]) -> pd.DataFrame | None:
     return pd.DataFrame([{"step": p["step"], "value": p["value"], "series": p["series"]} for p in points])
 
 
+GATE_WORDS = {"passed": "gs_passed", "failed": "gs_failed", "skipped": "gs_skipped"}  # ui/i18n.py keys
+
+
 def adapters_view(actions: AdminActions, user: User | None) -> tuple[pd.DataFrame, str, list[str]]:
     a = actions.list_adapters(user)
     rows = []
     for v in a["versions"]:
         m = v["metrics"]
-        rows.append([v["name"], tr("ac_serving") if v["serving"] else "", v["gate"], v["parent"] or "",
+        gate = tr(GATE_WORDS[v["gate"]]) if v["gate"] in GATE_WORDS else v["gate"]
+        rows.append([v["name"], tr("ac_serving") if v["serving"] else "", gate, v["parent"] or "",
                      v["dataset"] or "",
                      m.get("val_loss"), m.get("pref_accuracy"), m.get("grounded"), m.get("general_ppl"),
-                     m.get("general_qa"), v["created_at"][:19], (v["note"] or "")[:100]])
+                     m.get("general_qa"), v["created_at"][:19], gate_reason(v["note"])[:100]])
     back = (a["rollback_target"] or tr("a_base")) if a["can_roll_back"] else tr("a_nothing")
     summary = tr("a_summary", serving=a["serving"] or tr("a_base"), back=back)
     if a["history"]:
@@ -309,7 +315,7 @@ def report_view(actions: AdminActions, user: User | None, name: str | None) -> t
         require_admin(user)
         return tr("a_pick_version"), None
     r = actions.report(user, name)
-    return r["markdown"] or tr("a_no_report", name=name), r["plot"]
+    return report_markdown(r["markdown"]) or tr("a_no_report", name=name), r["plot"]
 
 
 def schedule_values(actions: AdminActions, user: User | None) -> tuple[dict[str, Any], str]:
@@ -411,9 +417,9 @@ def make_guard(who: GetUser) -> Guard:
                 with speaking(page_language(request)):
                     return fn(require_admin(who(request)), *args)
             except PermissionError as e:
-                raise gr.Error(str(e), print_exception=False) from e
+                raise gr.Error(say(str(e), page_language(request)), print_exception=False) from e
             except (ValueError, LookupError, RuntimeError) as e:
-                raise gr.Error(plain_error(str(e)), print_exception=False) from e
+                raise gr.Error(say(plain_error(str(e)), page_language(request)), print_exception=False) from e
         run.__name__ = f"admin_{fn.__name__}"
         return run
     return guarded
@@ -575,7 +581,7 @@ def wire_retrain(actions: AdminActions, guarded: Guard, r: RetrainSection, who: 
             job = start_job(actions, user, *values)
         except NotReady as e:  # refused up front: say why where the job's status would be
             skip = gr.skip()
-            return (skip, skip, tr("not_started", why=" ".join(readiness_sentences(e.readiness)[1]) or str(e)),
+            return (skip, skip, tr("not_started", why=" ".join(readiness_sentences(e.readiness)[1]) or say(str(e))),
                     skip, skip, skip, skip,
                     readiness_markdown(actions, user))
         return (job["id"], *watch(actions, user, job["id"])[:4], gr.Timer(active=True), jobs_rows(actions, user),
@@ -603,7 +609,7 @@ def wire_retrain(actions: AdminActions, guarded: Guard, r: RetrainSection, who: 
         try:
             user = require_admin(who(request))
         except PermissionError as e:
-            raise gr.Error(str(e), print_exception=False) from e
+            raise gr.Error(say(str(e), page_language(request)), print_exception=False) from e
         jid = int(frame.iloc[evt.index[0], 0])
         with speaking(page_language(request)):
             return (jid, *watch(actions, user, jid))

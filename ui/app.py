@@ -38,6 +38,7 @@ from ui.library import build_documents_tab, build_memory_tab
 from ui.people import build_account_tab
 from ui.personal import build_personal_tab
 from ui.render import safe_markdown
+from ui.sentences import say
 from ui.uploads import PageUploads
 
 CSS = """
@@ -80,11 +81,11 @@ def _user(services: Services, request: gr.Request):
     try:
         return h.resolve_user(services, request.username)
     except h.NotLoggedIn as e:
-        raise gr.Error(e.message) from e
+        raise gr.Error(say(e.message, page_language(request))) from e
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a handler's UiError into Gradio's error toast (nothing was changed).
+    """Turn a handler's UiError into Gradio's error toast (nothing was changed), in the page's language.
 
     `functools.wraps` matters: Gradio reads the signature (through __wrapped__) to inject gr.Request.
     """
@@ -93,7 +94,8 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except h.UiError as e:
-            raise gr.Error(e.message, print_exception=False) from e
+            request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
+            raise gr.Error(say(e.message, page_language(request)), print_exception=False) from e
     return run
 
 
@@ -153,28 +155,48 @@ DARK_TOGGLE_JS = """() => {
 }"""
 # The language switch. Gradio picks the page's language from the browser's when the page starts; the
 # header's button switches it in place through Gradio's own `changeLocale` (exported by its core module,
-# which the page has already loaded), and the choice is kept in the browser for the next visit.
+# which the page has already loaded), and the choice is kept in the browser for the next visit (and in a
+# cookie, so the server writes in it too). `changeLocale` returns before the new language is in place (it
+# may load Gradio's own texts for it first): this waits until the page says it (<html lang>), so the
+# server's answer to the same event is drawn in the new language.
+#
+# Tab labels need the server's answer: Gradio 6.31 draws a tab's label from a list the Tabs component
+# fills once, translated when the page is built, and translates it again only when that tab is updated
+# (or drawn, which only the open tab is); `changeLocale` alone relabelled the open tab and left the
+# others in the language the page started in, also after a reload. So the switch's event and the page's
+# load event send every tab its label again (`tab_labels`), after the language is in place.
 SET_LANGUAGE_JS = """async (lang) => {
   document.cookie = '""" + LANG_COOKIE + """=' + lang + '; path=/; max-age=31536000; SameSite=Lax';
+  const speaks = () => (document.documentElement.lang || '').toLowerCase().startsWith(lang);
+  if (speaks()) return;
   const url = performance.getEntriesByType('resource').map(e => e.name)
     .find(n => /\\/assets\\/core-[^/]*\\.js$/.test(n));
   if (!url) return;
   const core = await import(url);
-  if (typeof core.changeLocale === 'function') core.changeLocale(lang);
+  if (typeof core.changeLocale !== 'function') return;
+  core.changeLocale(lang);
+  for (let i = 0; i < 150 && !speaks(); i++) await new Promise(r => setTimeout(r, 20));
 }"""
-LANGUAGE_TOGGLE_JS = """(...args) => {
-  const korean = (document.documentElement.lang || '').toLowerCase().startsWith('ko');
-  localStorage.setItem('assistant-lang', korean ? 'en' : 'ko');
-  (""" + SET_LANGUAGE_JS + """)(korean ? 'en' : 'ko');
+LANGUAGE_TOGGLE_JS = """async (...args) => {
+  const lang = (document.documentElement.lang || '').toLowerCase().startsWith('ko') ? 'en' : 'ko';
+  localStorage.setItem('assistant-lang', lang);
+  try { await (""" + SET_LANGUAGE_JS + """)(lang); } catch (e) { console.error(e); }
   return args;
+}"""
+# Before the page's load event asks the server: the language chosen before (the server's texts and the
+# tab labels it sends are drawn in it).
+LOAD_LANGUAGE_JS = """async () => {
+  const lang = localStorage.getItem('assistant-lang');
+  if (lang === 'en' || lang === 'ko') {
+    try { await (""" + SET_LANGUAGE_JS + """)(lang); } catch (e) { console.error(e); }
+  }
+  return [];
 }"""
 
 
 # On load: the theme chosen before, and on a phone (or a window made that narrow) the sidebar folds away
 # into a drawer that its arrow opens over the page.
 PAGE_LOAD_JS = """() => {
-  const lang = localStorage.getItem('assistant-lang');
-  if (lang && !(document.documentElement.lang || '').startsWith(lang)) (""" + SET_LANGUAGE_JS + """)(lang);
   const t = localStorage.getItem('assistant-theme');
   if (t) document.body.classList.toggle('dark', t === 'dark');
   const narrow = () => window.innerWidth < 700;
@@ -279,6 +301,13 @@ def _chat_page() -> tuple[ChatPage, gr.Tabs]:
     with gr.Tabs() as tabs, gr.Tab(T("tab_chat"), id="chat"):
         area = _conversation_area()
     return ChatPage(**states, **side, **area), tabs
+
+
+def tab_labels(tab_items: list[gr.Tab], visible: dict[gr.Tab, bool] | None = None) -> list[gr.Tab]:
+    """An update for each tab giving its label again (a `T` key: the browser draws it in the page's
+    language; see SET_LANGUAGE_JS for why), and for the tabs in `visible`, whether it shows."""
+    visible = visible or {}
+    return [gr.Tab(label=t.label, visible=visible[t]) if t in visible else gr.Tab(label=t.label) for t in tab_items]
 
 
 def _admin_tab(services: Services) -> gr.Tab:
@@ -388,7 +417,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
             return
         except h.UiError as e:
             # The text stays in the box: a refused message loses nothing.
-            yield (*(skip(),) * n, skip(), safe_markdown(e.message), ready)
+            yield (*(skip(),) * n, skip(), safe_markdown(say(e.message, page_language(request))), ready)
             return
         try:
             for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or "",
@@ -398,7 +427,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
                 else:
                     yield (*_show(services, view, user), "", "", ready)
         except h.UiError as e:  # failed mid-answer: put the question back so nothing is lost
-            yield (*(skip(),) * n, text, safe_markdown(e.message), ready)
+            yield (*(skip(),) * n, text, safe_markdown(say(e.message, page_language(request))), ready)
 
     # One event for Enter and the button: while an answer streams, neither starts another
     # (trigger_mode "once"), and the button shows it is locked.
@@ -431,7 +460,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
                 return (*_feedback_outputs(view, answer_id), rating, gr.Group(visible=True), note)
             h.clear_rating(services, user, answer_id)
         except h.UiError as e:
-            return skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
+            return skip(), skip(), skip(), skip(), skip(), safe_markdown(say(e.message, page_language(request)))
         return (*_feedback_outputs(view, answer_id), None, gr.Group(visible=False), T("note_withdrawn"))
 
     p.chatbot.like(on_like, [p.view], [p.selected, p.target, p.edit_box, p.rating, p.popup, p.notice], **PRIVATE)
@@ -487,7 +516,7 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
         try:
             reply = h.start_regenerate(services, user, answer_id, model)
         except h.UiError as e:
-            yield skip(), skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(e.message)
+            yield skip(), skip(), skip(), skip(), skip(), skip(), skip(), safe_markdown(say(e.message, lang))
             return
         locked = gr.Button(interactive=False)
         try:
@@ -498,7 +527,7 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
                        gr.Button(interactive=ok), locked, gr.Button(interactive=ok), note)
         except h.UiError as e:
             yield (gr.Chatbot(value=view.rows, feedback_value=view.thumbs), skip(), gr.Row(visible=False), None,
-                   locked, locked, locked, safe_markdown(e.message))
+                   locked, locked, locked, safe_markdown(say(e.message, lang)))
 
     arrows = [p.prev_btn, p.next_btn, p.keep_btn]
     p.regen_btn.click(on_regenerate, [p.selected, p.model_dd, p.view],
@@ -533,11 +562,26 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
     p.keep_btn.click(on_keep, [p.cmp, p.conv], [*p.outputs, p.compare_row, p.cmp, p.notice], **PRIVATE)
 
 
+class Page(gr.Blocks):
+    """The page's Blocks. Its login note (Gradio's `auth_message`, which Gradio reads for every logged-out
+    page load) is given as a ui/i18n.py key and comes out in the language of the request being answered
+    (`ui.auth.UiGuard` sets it for the login form's requests)."""
+
+    @property
+    def auth_message(self) -> str | None:  # type: ignore[override]
+        key = getattr(self, "_auth_message_key", None)
+        return tr(key) if key else None
+
+    @auth_message.setter
+    def auth_message(self, key: str | None) -> None:
+        self._auth_message_key = key
+
+
 def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.Blocks:
     """The page. Separate from `mount_ui` so it can be inspected without serving it."""
     uploads = uploads or PageUploads(page_upload_dir(services))
     active = h.ActiveReplies()
-    with gr.Blocks(title=PRODUCT) as demo:
+    with Page(title=PRODUCT) as demo:
         who, lang_btn = _header()
         page, tabs = _chat_page()
         with tabs:
@@ -546,6 +590,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
             build_account_tab(services)
             build_personal_tab(services)  # ui/personal.py: the user's own adapter
             admin_tab = _admin_tab(services)
+        tab_items = [c for c in tabs.children if isinstance(c, gr.Tab)]
 
         def on_load(request: gr.Request):
             user = _user(services, request)
@@ -553,21 +598,24 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
             choices = h.conversation_choices(services, user)
             view = h.conversation_view(services, user, choices[0][1] if choices else None, lang)
             models = h.model_choices(services)
+            labels = tab_labels(tab_items, {admin_tab: user.is_admin})
             return (h.whoami(user), *_show(services, view, user), gr.Dropdown(choices=models, value=models[0]),
-                    gr.Tab(visible=user.is_admin), gr.Dropdown(choices=reason_choices(lang)))
+                    *labels, gr.Dropdown(choices=reason_choices(lang)))
 
-        demo.load(on_load, None, [who, *page.outputs, page.model_dd, admin_tab, page.reason], **PRIVATE)
+        demo.load(on_load, None, [who, *page.outputs, page.model_dd, *tab_items, page.reason],
+                  js=LOAD_LANGUAGE_JS, **PRIVATE)
 
         # The switch sets the language (and its cookie) in the browser first, then the text the server
-        # wrote (the bubbles' notes and details, the reasons) is drawn again in that language.
+        # wrote (the bubbles' notes and details, the reasons) and the tabs' labels are drawn again in it.
         @_guarded
         def on_language(cid, selected, request: gr.Request):
             user = _user(services, request)
             lang = page_language(request)
             view = h.conversation_view(services, user, cid, lang)
-            return (*_show(services, view, user, selected), gr.Dropdown(choices=reason_choices(lang)))
+            return (*_show(services, view, user, selected), gr.Dropdown(choices=reason_choices(lang)),
+                    *tab_labels(tab_items))
 
-        lang_btn.click(on_language, [page.conv, page.selected], [*page.outputs, page.reason],
+        lang_btn.click(on_language, [page.conv, page.selected], [*page.outputs, page.reason, *tab_items],
                        js=LANGUAGE_TOGGLE_JS, **PRIVATE)
         demo.load(None, js=PAGE_LOAD_JS, **PRIVATE)
         _wire_conversations(services, page, tabs)
@@ -592,8 +640,7 @@ def mount_ui(app: FastAPI, services: Services) -> FastAPI:
     app = gr.mount_gradio_app(
         app, demo, path="/",
         auth=make_login(services.store, LoginThrottle()),
-        auth_message="Log in with your account. An admin creates accounts in the page (Admin tab) or with "
-                     "assistant user add.",
+        auth_message="login_note",  # a key: Page.auth_message says it in the login form's language
         footer_links=[],  # no links out to gradio.app / API docs / settings
         run_history=False,  # its page offers connecting a hub bucket; nothing of ours goes there
         ssr_mode=False, pwa=False, mcp_server=False, show_error=True,

@@ -36,10 +36,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import anyio
+from starlette.requests import Request
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from memory.store import Store
+from ui.i18n import page_language, speaking
 from ui.uploads import PageUploads, file_payloads
 
 # Paths the login page needs before anyone is logged in. "/" serves the login form to strangers
@@ -173,7 +175,9 @@ class UiGuard:
         if path in PUBLIC_EXACT or path.startswith(PUBLIC_PREFIXES):
             token = CLIENT.set((scope.get("client") or ("",))[0]) if path.rstrip("/").endswith("/login") else None
             try:
-                await self.app(scope, receive, send)
+                # the login form's note is in the browser's language (ui.app.Page.auth_message)
+                with speaking(page_language(Request(scope))):
+                    await self.app(scope, receive, send)
             finally:
                 if token is not None:
                     CLIENT.reset(token)

@@ -10,6 +10,9 @@ start-up (its token is random and lives only in this process). Each form carries
 so another web site cannot post it from a visitor's browser. Once any user exists the form answers
 404 and the link is dead; later accounts are created by an admin in the page or with
 `assistant user add`.
+
+The form speaks the browser's language like the page (`ui.i18n.page_language`: the header switch's
+cookie, else the browser's first language), its texts in `ui/i18n.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ui.i18n import page_language, tr
+from ui.sentences import say
+
 PRODUCT = "Self-improving assistant"
 MIN_PASSWORD = 8
 NONCE_TTL_S = 3600.0
@@ -40,6 +46,17 @@ def _loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host or "").is_loopback
     except ValueError:
         return False
+
+
+class SetupRefused(ValueError):
+    """A sentence for the form: a ui/i18n.py key and its values (English as the exception's text)."""
+
+    def __init__(self, key: str, **values: Any) -> None:
+        super().__init__(tr(key, "en", **values))
+        self.key, self.values = key, values
+
+    def say(self, lang: str) -> str:
+        return tr(self.key, lang, **self.values)
 
 
 class FirstRun:
@@ -78,20 +95,20 @@ class FirstRun:
         return n
 
     def create_admin(self, nonce: str, username: str, password: str, again: str) -> Any:
-        """The first admin; ValueError with a sentence for the form when something is wrong."""
+        """The first admin; SetupRefused (a ValueError) with a sentence for the form when something is wrong."""
         with self._lock:
             if self._nonces.pop(nonce or "", 0.0) < time.monotonic():
-                raise ValueError("This form has expired. Load the page again.")
+                raise SetupRefused("fr_expired")
             if not self.needed():
                 raise PermissionError("an account exists already")
             if len(password or "") < MIN_PASSWORD:
-                raise ValueError(f"The password needs at least {MIN_PASSWORD} characters.")
+                raise SetupRefused("fr_short", n=MIN_PASSWORD)
             if password != again:
-                raise ValueError("The two passwords are not the same.")
+                raise SetupRefused("fr_differ")
             try:
                 user = self.store.create_user((username or "").strip(), password, role="admin")
             except ValueError as e:
-                raise ValueError(f"That name can't be used: {e}.") from e
+                raise SetupRefused("fr_bad_name", why=str(e).rstrip(".")) from e
             self._done = True
             return user
 
@@ -111,10 +128,10 @@ class SetupRedirect:
         await self.app(scope, receive, send)
 
 
-def _page(body: str, status: int = 200) -> HTMLResponse:
+def _page(body: str, lang: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(status_code=status, content=f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Set up · {PRODUCT}</title>
+<html lang="{lang}"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{tr("fr_title", lang)} · {PRODUCT}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 28rem; margin: 3rem auto; padding: 0 1rem; color: #1f2937; }}
 h1 {{ font-size: 1.4rem; }} label {{ display: block; margin-top: 1rem; font-weight: 600; }}
@@ -125,22 +142,22 @@ button {{ margin-top: 1.5rem; padding: .6rem 1.2rem; font-size: 1rem; background
 </style></head><body>{body}</body></html>""")
 
 
-def _form(fr: FirstRun, token: str, error: str = "", username: str = "") -> HTMLResponse:
+def _form(fr: FirstRun, token: str, lang: str, error: str = "", username: str = "") -> HTMLResponse:
     err = f'<p class="error" id="setup-error">{html.escape(error)}</p>' if error else ""
     return _page(f"""<h1>{PRODUCT}</h1>
-<p>Nobody has an account yet. Create the first administrator: it can then add other people in the page.</p>
+<p>{tr("fr_intro", lang)}</p>
 {err}
 <form method="post" action="/setup" id="setup-form">
 <input type="hidden" name="nonce" value="{fr.nonce()}"><input type="hidden" name="token" value="{html.escape(token)}">
-<label for="username">Your user name</label>
+<label for="username">{tr("fr_username", lang)}</label>
 <input id="username" name="username" autocomplete="username" required value="{html.escape(username)}">
-<label for="password">Password (at least {MIN_PASSWORD} characters)</label>
+<label for="password">{tr("fr_password", lang, n=MIN_PASSWORD)}</label>
 <input id="password" name="password" type="password" autocomplete="new-password" required>
-<label for="again">The same password again</label>
+<label for="again">{tr("fr_again", lang)}</label>
 <input id="again" name="again" type="password" autocomplete="new-password" required>
-<button type="submit" id="setup-submit">Create the administrator</button>
+<button type="submit" id="setup-submit">{tr("fr_submit", lang)}</button>
 </form>
-<p class="note">This page disappears once the first account exists.</p>""")
+<p class="note">{tr("fr_note", lang)}</p>""", lang)
 
 
 def mount_first_run(app: FastAPI, services: Any) -> FirstRun:
@@ -149,31 +166,36 @@ def mount_first_run(app: FastAPI, services: Any) -> FirstRun:
 
     @app.get("/setup", include_in_schema=False)
     def setup_form(request: Request, token: str = "") -> Response:
+        lang = page_language(request)
         if not fr.needed():
-            return _page("<h1>Not found</h1>", 404)
+            return _page(f"<h1>{tr('fr_not_found', lang)}</h1>", lang, 404)
         if not fr.allowed(request.client.host if request.client else None, token):
-            return _page("<h1>Setup link needed</h1><p>Open the setup link the server printed when it "
-                         "started, or open this page on the server's own machine.</p>", 403)
-        return _form(fr, token)
+            return _page(f"<h1>{tr('fr_link_needed', lang)}</h1><p>{tr('fr_link_help', lang)}</p>", lang, 403)
+        return _form(fr, token, lang)
 
     @app.post("/setup", include_in_schema=False)
     async def setup_submit(request: Request) -> Response:
         form = await request.form()
+        lang = page_language(request)
         token = str(form.get("token") or "")
         if not fr.needed():
-            return _page("<h1>Not found</h1>", 404)
+            return _page(f"<h1>{tr('fr_not_found', lang)}</h1>", lang, 404)
         if not fr.allowed(request.client.host if request.client else None, token):
-            return _page("<h1>Setup link needed</h1>", 403)
+            return _page(f"<h1>{tr('fr_link_needed', lang)}</h1>", lang, 403)
         username = str(form.get("username") or "")
         try:
             user = fr.create_admin(str(form.get("nonce") or ""), username, str(form.get("password") or ""),
                                    str(form.get("again") or ""))
         except PermissionError:
-            return _page("<h1>Not found</h1>", 404)
-        except ValueError as e:
-            return _form(fr, token, str(e), username)
-        return _page(f"""<h1>{PRODUCT}</h1><p id="setup-done">The administrator <b>{html.escape(user.username)}</b>
-exists. Log in with that name and password.</p><p><a href="/" id="setup-login">Log in</a></p>""")
+            return _page(f"<h1>{tr('fr_not_found', lang)}</h1>", lang, 404)
+        except SetupRefused as e:
+            if e.key == "fr_bad_name":  # the store's reason, in the page's language where it is a known one
+                return _form(fr, token, lang, tr("fr_bad_name", lang, why=say(e.values["why"], lang).rstrip(".")),
+                             username)
+            return _form(fr, token, lang, e.say(lang), username)
+        done = tr("fr_done", lang, name=html.escape(user.username))
+        return _page(f"""<h1>{PRODUCT}</h1><p id="setup-done">{done}</p>
+<p><a href="/" id="setup-login">{tr("fr_log_in", lang)}</a></p>""", lang)
 
     if fr.needed():
         print(f"No account exists yet. Create the first administrator in the browser: {fr.link()}",

@@ -34,6 +34,7 @@ from ui.handlers import NotLoggedIn, UiError, resolve_user
 from ui.i18n import T as label
 from ui.i18n import page_language, tr
 from ui.render import excerpt, safe_markdown
+from ui.sentences import say
 from ui.uploads import PageUploads, Received, UploadRefused
 
 if TYPE_CHECKING:
@@ -146,9 +147,10 @@ def receive_uploads(uploads: PageUploads, user: User, paths: Sequence[str] | Non
     return received, refused
 
 
-def upload_summary(results: list[UploadResult]) -> str:
-    lines = [f"- {'✓' if r.ok else '✗'} **{safe_markdown(r.filename)}**: {safe_markdown(r.message)}"
-             for r in results]
+def upload_summary(results: list[UploadResult], lang: str | None = None) -> str:
+    """One line a file; a refusal in the page's language."""
+    lines = [f"- {'✓' if r.ok else '✗'} **{safe_markdown(r.filename)}**: "
+             f"{safe_markdown(r.message if r.ok else say(r.message, lang))}" for r in results]
     return "\n".join(lines)
 
 
@@ -212,7 +214,7 @@ def _user(services: Services, request: gr.Request) -> User:
     try:
         return resolve_user(services, request.username)
     except NotLoggedIn as e:
-        raise gr.Error(e.message) from e
+        raise gr.Error(say(e.message, page_language(request))) from e
 
 
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
@@ -255,13 +257,13 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         received, refused = receive_uploads(uploads, user, paths)
         if not received:
             return gr.skip(), gr.skip(), safe_markdown(
-                upload_summary(refused) if refused else "choose one or more files first"), None
+                upload_summary(refused, lang) if refused else say("choose one or more files first", lang)), None
         try:
             results = upload_documents(services, user, received, where or "private",
                                        lambda f, m: progress(f, desc=m), lang)
         except UiError as e:
-            return gr.skip(), gr.skip(), safe_markdown(e.message), None
-        return (*refresh(user, lang), upload_summary(refused + results), None)
+            return gr.skip(), gr.skip(), safe_markdown(say(e.message, lang)), None
+        return (*refresh(user, lang), upload_summary(refused + results, lang), None)
 
     upload_btn.click(on_upload, [files, scope], [table, pick, status, files], **PRIVATE)
 
@@ -270,7 +272,7 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         try:
             n = delete_document(services, user, doc_id)
         except UiError as e:
-            return gr.skip(), gr.skip(), safe_markdown(e.message), hidden()
+            return gr.skip(), gr.skip(), safe_markdown(say(e.message, page_language(request))), hidden()
         return (*refresh(user, page_language(request)), label("doc_deleted") + f" {n}.", hidden())
 
     delete_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
@@ -322,7 +324,7 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
         try:
             return memory_text(services, user, memory_id), ""
         except UiError as e:
-            return "", safe_markdown(e.message)
+            return "", safe_markdown(say(e.message, page_language(request)))
 
     pick.input(on_pick, [pick], [edit_box, status], **PRIVATE)
 
@@ -341,7 +343,7 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
             try:
                 note, chosen = action(user, memory_id, text)
             except UiError as e:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(e.message)
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(say(e.message, page_language(request)))
             shown = memory_text(services, user, chosen) if chosen is not None else ""
             return (*refresh(user, page_language(request), chosen), "", shown, note)
         return run

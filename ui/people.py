@@ -18,8 +18,9 @@ import pandas as pd
 from assistant.actions.users import UserAdmin
 from memory.types import User
 from ui.handlers import NotLoggedIn, UiError, resolve_user
-from ui.i18n import T, tr
+from ui.i18n import T, page_language, tr
 from ui.render import safe_markdown
+from ui.sentences import say
 
 PRIVATE = {"api_visibility": "private"}
 MIN_PASSWORD = 8
@@ -75,16 +76,19 @@ _REFUSALS = {f"the new password needs at least {MIN_PASSWORD} characters": "pw_s
              "the current password is not right": "pw_wrong"}
 
 
-def _sentence(message: str) -> Any:
+def _sentence(message: str, lang: str) -> Any:
     key = _REFUSALS.get(message)
-    return T(key) if key else safe_markdown(message[:1].upper() + message[1:] + ".")
+    if key:
+        return T(key)
+    message = say(message, lang)
+    return safe_markdown(message[:1].upper() + message[1:] + ("" if message.endswith(".") else "."))
 
 
 def _who(services: Any, request: gr.Request) -> User:
     try:
         return resolve_user(services, request.username)
     except NotLoggedIn as e:
-        raise gr.Error(e.message) from e
+        raise gr.Error(say(e.message, page_language(request))) from e
 
 
 def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
@@ -128,6 +132,6 @@ def build_account_tab(services: Any) -> None:
         try:
             return "", "", "", change_own_password(services, user, current, password, password2)
         except UiError as e:
-            return gr.skip(), gr.skip(), gr.skip(), _sentence(e.message)
+            return gr.skip(), gr.skip(), gr.skip(), _sentence(e.message, page_language(request))
 
     change.click(on_change, [old, new, again], [old, new, again, note], **PRIVATE)

@@ -18,9 +18,11 @@ import pandas as pd
 from assistant.actions.base import Conflict, NotFound
 from assistant.actions.personal import PersonalActions
 from memory.types import User
+from ui import sentences
 from ui.handlers import NotLoggedIn, resolve_user
 from ui.i18n import T, page_language, speaking, tr
 from ui.render import safe_markdown
+from ui.sentences import gate_reason, say
 
 PRIVATE = {"api_visibility": "private"}
 ADMIN_COLUMNS = ["name", "opted in", "serving", "versions", "newest", "gate", "disk"]
@@ -54,7 +56,7 @@ def status_markdown(services: Any, user: User) -> tuple[bool, str]:
     latest = st["latest"]
     if latest is not None and latest["name"] != st["serving"]:
         lines.append(tr("my_newest", name=latest["name"], gate=latest["gate"],
-                        reason=safe_markdown(latest["reason"] or "")))
+                        reason=safe_markdown(gate_reason(latest["reason"]))))
     ready = st["readiness"]
     if st["opted_in"]:
         lines.append(tr("my_feedback", feedback=ready["feedback"], needs=ready["needs"],
@@ -68,16 +70,17 @@ def report_markdown(services: Any, user: User) -> str:
         rep = _actions(services).report(user)
     except NotFound:
         return tr("my_no_report")
-    head = tr("my_report_head", version=rep["version"], gate=rep["gate"], reason=safe_markdown(rep["reason"] or ""))
+    head = tr("my_report_head", version=rep["version"], gate=rep["gate"],
+              reason=safe_markdown(gate_reason(rep["reason"])))
     head += "\n\n"
-    return head + safe_markdown(rep["markdown"] or "")
+    return head + safe_markdown(sentences.report_markdown(rep["markdown"]))
 
 
 def set_opt_in(services: Any, user: User, on: bool) -> str:
     try:
         _actions(services).set_opt_in(user, bool(on))
     except Conflict as e:
-        return safe_markdown(str(e))
+        return safe_markdown(say(str(e)))
     return tr("my_opted_in" if on else "my_opted_out")
 
 
@@ -87,7 +90,7 @@ def forget(services: Any, user: User, sure: bool) -> str:
     try:
         done = _actions(services).forget(user)["deleted"]
     except Conflict as e:
-        return safe_markdown(str(e))
+        return safe_markdown(say(str(e)))
     return tr("my_forgotten", versions=done["versions"])
 
 
@@ -102,7 +105,7 @@ def _who(services: Any, request: gr.Request) -> User:
     try:
         return resolve_user(services, request.username)
     except NotLoggedIn as e:
-        raise gr.Error(e.message) from e
+        raise gr.Error(say(e.message, page_language(request))) from e
 
 
 def build_personal_tab(services: Any) -> None:
