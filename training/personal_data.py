@@ -247,7 +247,8 @@ def drop_few_pairs(split_rows: dict[str, dict[str, list[Example]]]) -> int:
 
 def heldout_outdated(heldout_dir: Path) -> bool:
     """Whether a user's frozen held-out set must be chosen again: grouped by conversation (before the split by
-    question), or holding fewer answers or pairs than the floor (rows deleted since) while it holds any."""
+    question), or holding fewer answers or pairs than the floor (rows deleted since, or a user with fewer pairs than
+    the floor: then it is chosen again at every build, from the same hashed order)."""
     meta = heldout_dir / "meta.json"
     if not meta.is_file():
         return False
