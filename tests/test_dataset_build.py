@@ -617,6 +617,30 @@ def test_built_datasets_train_one_step_in_trl(store, settings, tiny_model_dir):
         assert lora_b and any(p.detach().abs().sum() > 0 for p in lora_b), f"{kind}: the step changed nothing"
 
 
+def test_only_the_last_answer_of_a_conversation_row_is_trained(tiny_model_dir):
+    """A multi-turn SFT row carries the conversation's history as it was served, earlier answers included (some
+    disliked or edited): assistant-only loss must score the row's own answer alone, with the text unchanged."""
+    from transformers import AutoTokenizer
+
+    from training.chat_template import renders_identically, training_template_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stock = tok.chat_template
+    template = training_template_for(tok)
+    assert template is not None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "First question?"},
+                {"role": "assistant", "content": "A disliked old answer."},
+                {"role": "user", "content": "Second question?"}, {"role": "assistant", "content": "The target answer."}]
+    tok.chat_template = template
+    out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    trained = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
+    assert trained == "The target answer.<|im_end|>"
+    tok.chat_template = stock
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        tok.apply_chat_template(messages, tokenize=False, chat_template=template))
+    assert renders_identically(tok, template, [messages, messages[:3]])
+
+
 # --------------------------------------------------------------------------------------- CLI
 
 

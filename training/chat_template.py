@@ -4,7 +4,8 @@ TRL's ``assistant_only_loss=True`` needs a chat template whose assistant turns a
 ``{% generation %} ... {% endgeneration %}``. SmolLM2's stock template has none and TRL cannot patch it (it
 patches only a list of known templates), so this module carries a training twin of it that renders byte-identical text
 (``renders_identically`` checks that) and marks ``<assistant text><|im_end|>`` as the trained span, so the
-model also learns to stop.
+model also learns to stop. Only the LAST assistant turn is marked: earlier ones are the conversation's history
+as it was served (answers the user disliked or edited among them), context for the answer, never targets.
 
 In: a tokenizer. Out: the template to train with (``training_template_for``), or None when the
 tokenizer's own template already has the markers or is not one we know (then TRL tries its own patches).
@@ -22,7 +23,7 @@ SMOLLM2_TRAINING_TEMPLATE = (
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\n" + SMOLLM2_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
     "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
     "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{{ '\\n' }}"
     "{% else %}"
