@@ -40,7 +40,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
                 allow_module_level=True)
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -73,7 +73,9 @@ def browser(tmp_path):
 
 def wait_for(driver, condition: Callable[[Any], Any], what: str, timeout: float = TIMEOUT) -> Any:
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+        # A redrawn element (the page relabels its tabs after a load or a language switch) is looked up again.
+        return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         page = driver.find_element(By.TAG_NAME, "body").text
         raise AssertionError(f"timed out waiting for {what}; the page ends with:\n{page[-1500:]}") from None
@@ -429,9 +431,12 @@ def agent_server(tmp_path, tiny_model_dir):
 
 
 def open_tab(driver, name: str) -> None:
-    tab = wait_for(driver, lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]")
-                                      if b.text.strip() == name], f"the {name} tab")[0]
-    tab.click()
+    def click(d: Any) -> bool:  # found and clicked in one go, so a tab redrawn in between is found again
+        tabs = [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == name]
+        if tabs:
+            tabs[0].click()
+        return bool(tabs)
+    wait_for(driver, click, f"the {name} tab")
 
 
 @pytest.mark.slow  # the real MiniLM embedder
@@ -702,6 +707,11 @@ def test_the_page_speaks_the_browsers_language(server: ServerThread, browser_ko,
     # the login form's note (ours, next to Gradio's own Korean labels) is in the browser's language too
     wait_for(d, lambda d: "계정으로 로그인하세요" in d.find_element(By.TAG_NAME, "body").text, "the Korean login note")
     assert "Log in with your account" not in d.find_element(By.TAG_NAME, "body").text
+    # the login form is drawn without the page's css: the note brings the bundled Hangul font, which the browser
+    # loads for the Korean text (else it shows as empty boxes where no Korean font is installed, as here)
+    wait_for(d, lambda d: d.execute_script(
+        "return [...document.fonts].some(f => f.family.includes('Hangul Fallback') && f.status === 'loaded')"),
+        "the Hangul font on the login form")
     screenshot(d, shots_dir(tmp_path), "login-ko")
     login(d, server.url, "hana", "hana-pass-1")
     assert d.execute_script("return navigator.language").startswith("ko")

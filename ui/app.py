@@ -16,6 +16,7 @@ Memory, Account, and Admin (visible to admins only; filled by `ui.admin.build_ad
 from __future__ import annotations
 
 import functools
+import html
 import importlib.util
 import json
 import tempfile
@@ -569,8 +570,10 @@ class Page(gr.Blocks):
 
     @property
     def auth_message(self) -> str | None:  # type: ignore[override]
+        # The login form is drawn without the page's css, so the note (shown as HTML) carries the bundled Hangul
+        # font's declaration: without it the form's Korean shows as empty boxes on a machine with no Korean font.
         key = getattr(self, "_auth_message_key", None)
-        return tr(key) if key else None
+        return f"{html.escape(tr(key))}<style>{FONT_CSS}</style>" if key else None
 
     @auth_message.setter
     def auth_message(self, key: str | None) -> None:
