@@ -32,6 +32,7 @@ from assistant.services import Services
 from memory.types import REASON_TAGS
 from ui import handlers as h
 from ui.auth import LoginThrottle, UiGuard, gradio_sub_app, make_login
+from ui.errors import error_text, page_user
 from ui.firstrun import SetupRedirect, mount_first_run
 from ui.fonts import FONT_CSS, mount_fonts
 from ui.i18n import I18N, LANG_COOKIE, T, page_language, tr
@@ -78,13 +79,6 @@ PRODUCT = "Self-improving assistant"  # the page's title and heading
 PRIVATE = {"api_visibility": "private"}  # the page is the only client of these events; the API is /v1
 
 
-def _user(services: Services, request: gr.Request):
-    try:
-        return h.resolve_user(services, request.username)
-    except h.NotLoggedIn as e:
-        raise gr.Error(say(e.message, page_language(request))) from e
-
-
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a handler's UiError into Gradio's error toast (nothing was changed), in the page's language.
 
@@ -96,7 +90,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except h.UiError as e:
             request = next((a for a in [*args, *kwargs.values()] if isinstance(a, gr.Request)), None)
-            raise gr.Error(say(e.message, page_language(request)), print_exception=False) from e
+            raise gr.Error(error_text(e.message, request), print_exception=False) from e
     return run
 
 
@@ -349,7 +343,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
 
     @_guarded
     def on_switch(cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         view = h.conversation_view(services, user, cid, page_language(request))
         return (*_show(services, view, user), "", hide, gr.Group(visible=False),
                 gr.Tabs(selected="chat"))
@@ -357,7 +351,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
     p.conv_list.input(on_switch, [p.conv_list], fresh, **PRIVATE)
 
     def on_new(request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         return (*_show(services, h.ChatView(None, lang=page_language(request)), user), "", hide,
                 gr.Group(visible=False), gr.Tabs(selected="chat"))
 
@@ -366,14 +360,14 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
     p.chatbot.clear(on_new, None, fresh, **PRIVATE)
 
     def on_search(query, cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         return gr.Radio(choices=h.search_conversations(services, user, query), value=cid)
 
     p.search.change(on_search, [p.search, p.conv], [p.conv_list], show_progress="hidden", **PRIVATE)
 
     @_guarded
     def on_rename(cid, title, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         h.rename_conversation(services, user, cid, title)
         return gr.Radio(choices=h.conversation_choices(services, user), value=cid), ""
 
@@ -384,7 +378,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
 
     @_guarded
     def on_delete(cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         h.delete_conversation(services, user, cid)
         return (*_show(services, h.ChatView(None, lang=page_language(request)), user), T("note_deleted"), hide)
 
@@ -392,7 +386,7 @@ def _wire_conversations(services: Services, p: ChatPage, tabs: gr.Tabs) -> None:
 
     @_guarded
     def on_export(cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         md, data = h.export_markdown(services, user, cid), h.export_json(services, user, cid)
         folder = Path(tempfile.mkdtemp(prefix="export-"))
         name = f"conversation-{int(cid)}"
@@ -408,7 +402,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
     skip = gr.skip
 
     def on_send(text, cid, model, request: gr.Request) -> Iterator[tuple]:
-        user = _user(services, request)
+        user = page_user(services, request)
         n = len(p.outputs)
         ready, busy = gr.Button(interactive=True), gr.Button(interactive=False)
         try:
@@ -418,7 +412,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
             return
         except h.UiError as e:
             # The text stays in the box: a refused message loses nothing.
-            yield (*(skip(),) * n, skip(), safe_markdown(say(e.message, page_language(request))), ready)
+            yield (*(skip(),) * n, skip(), safe_markdown(error_text(e.message, request)), ready)
             return
         try:
             for view in h.stream_turn(services, user, cid, text, reply, active, request.session_hash or "",
@@ -428,7 +422,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
                 else:
                     yield (*_show(services, view, user), "", "", ready)
         except h.UiError as e:  # failed mid-answer: put the question back so nothing is lost
-            yield (*(skip(),) * n, text, safe_markdown(say(e.message, page_language(request))), ready)
+            yield (*(skip(),) * n, text, safe_markdown(error_text(e.message, request)), ready)
 
     # One event for Enter and the button: while an answer streams, neither starts another
     # (trigger_mode "once"), and the button shows it is locked.
@@ -437,7 +431,7 @@ def _wire_turn(services: Services, p: ChatPage, active: h.ActiveReplies) -> None
           concurrency_limit=services.settings.queue_max, show_progress="hidden", **PRIVATE)
 
     def on_stop(request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         active.stop(user, request.session_hash or "")
 
     p.stop_btn.click(on_stop, None, None, concurrency_limit=None, **PRIVATE)
@@ -448,7 +442,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
     skip = gr.skip
 
     def on_like(view, data: gr.LikeData, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         if view is None or not isinstance(data.index, int) or data.index >= len(view.row_ids) \
                 or view.row_ids[data.index] is None:
             return skip(), skip(), skip(), skip(), skip(), T("note_wait_to_rate")
@@ -461,7 +455,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
                 return (*_feedback_outputs(view, answer_id), rating, gr.Group(visible=True), note)
             h.clear_rating(services, user, answer_id)
         except h.UiError as e:
-            return skip(), skip(), skip(), skip(), skip(), safe_markdown(say(e.message, page_language(request)))
+            return skip(), skip(), skip(), skip(), skip(), safe_markdown(error_text(e.message, request))
         return (*_feedback_outputs(view, answer_id), None, gr.Group(visible=False), T("note_withdrawn"))
 
     p.chatbot.like(on_like, [p.view], [p.selected, p.target, p.edit_box, p.rating, p.popup, p.notice], **PRIVATE)
@@ -476,7 +470,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
 
     @_guarded
     def on_reason(answer_id, rating, why, note, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         if rating not in (1, -1):
             raise h.UiError(tr("rate_first", page_language(request)))
         h.rate(services, user, answer_id, rating, why or None, note)
@@ -489,7 +483,7 @@ def _wire_feedback(services: Services, p: ChatPage) -> None:
 
     @_guarded
     def on_edit(answer_id, corrected, cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         h.edit_answer(services, user, answer_id, corrected)
         view = h.conversation_view(services, user, cid, page_language(request))
         return gr.Chatbot(value=view.rows, feedback_value=view.thumbs), view, T("note_corrected")
@@ -511,7 +505,7 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
     skip = gr.skip
 
     def on_regenerate(answer_id, model, view, request: gr.Request) -> Iterator[tuple]:
-        user = _user(services, request)
+        user = page_user(services, request)
         lang = page_language(request)
         view = view or h.ChatView(None, lang=lang)
         try:
@@ -551,7 +545,7 @@ def _wire_regenerate(services: Services, p: ChatPage, active: h.ActiveReplies) -
 
     @_guarded
     def on_keep(c, cid, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         lang = page_language(request)
         if c is None or c.alternative_id is None:
             raise h.UiError(tr("nothing_to_choose", lang))
@@ -596,7 +590,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
         tab_items = [c for c in tabs.children if isinstance(c, gr.Tab)]
 
         def on_load(request: gr.Request):
-            user = _user(services, request)
+            user = page_user(services, request)
             lang = page_language(request)
             choices = h.conversation_choices(services, user)
             view = h.conversation_view(services, user, choices[0][1] if choices else None, lang)
@@ -612,7 +606,7 @@ def build_blocks(services: Services, uploads: PageUploads | None = None) -> gr.B
         # wrote (the bubbles' notes and details, the reasons) and the tabs' labels are drawn again in it.
         @_guarded
         def on_language(cid, selected, request: gr.Request):
-            user = _user(services, request)
+            user = page_user(services, request)
             lang = page_language(request)
             view = h.conversation_view(services, user, cid, lang)
             return (*_show(services, view, user, selected), gr.Dropdown(choices=reason_choices(lang)),

@@ -30,7 +30,8 @@ import pandas as pd
 from assistant.actions.library import Library, Unavailable
 from memory.types import User
 from ui.confirm import confirm_step, hidden, shown
-from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.errors import error_text, page_user
+from ui.handlers import UiError
 from ui.i18n import T as label
 from ui.i18n import page_language, tr
 from ui.render import excerpt, safe_markdown
@@ -210,13 +211,6 @@ def forget_memory(services: Services, user: User, memory_id: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ wiring
-def _user(services: Services, request: gr.Request) -> User:
-    try:
-        return resolve_user(services, request.username)
-    except NotLoggedIn as e:
-        raise gr.Error(say(e.message, page_language(request))) from e
-
-
 def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUploads) -> None:
     with gr.Tab(label("tab_documents"), id="documents") as tab:
         if services.knowledge is None:
@@ -245,14 +239,14 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
         return rows, gr.Dropdown(choices=choices, value=keep)
 
     def on_load(request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         return (*refresh(user, page_language(request)), gr.Radio(visible=user.is_admin))
 
     demo.load(on_load, None, [table, pick, scope], **PRIVATE)
     tab.select(on_load, None, [table, pick, scope], **PRIVATE)  # opened again: the list as it is now
 
     def on_upload(paths, where, request: gr.Request, progress=gr.Progress()):
-        user = _user(services, request)
+        user = page_user(services, request)
         lang = page_language(request)
         received, refused = receive_uploads(uploads, user, paths)
         if not received:
@@ -268,11 +262,11 @@ def build_documents_tab(services: Services, demo: gr.Blocks, uploads: PageUpload
     upload_btn.click(on_upload, [files, scope], [table, pick, status, files], **PRIVATE)
 
     def on_delete(doc_id, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         try:
             n = delete_document(services, user, doc_id)
         except UiError as e:
-            return gr.skip(), gr.skip(), safe_markdown(say(e.message, page_language(request))), hidden()
+            return gr.skip(), gr.skip(), safe_markdown(error_text(e.message, request)), hidden()
         return (*refresh(user, page_language(request)), label("doc_deleted") + f" {n}.", hidden())
 
     delete_btn.click(shown, None, [ask_row], **PRIVATE)  # the first click only asks
@@ -313,18 +307,18 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
         return rows, gr.Dropdown(choices=choices, value=keep)
 
     def on_load(request: gr.Request):
-        return refresh(_user(services, request), page_language(request))
+        return refresh(page_user(services, request), page_language(request))
 
     demo.load(on_load, None, [table, pick], **PRIVATE)
     # Memories learnt in chat ("remember that...") appear when the tab is opened, without a reload.
     tab.select(on_load, None, [table, pick], **PRIVATE)
 
     def on_pick(memory_id, request: gr.Request):
-        user = _user(services, request)
+        user = page_user(services, request)
         try:
             return memory_text(services, user, memory_id), ""
         except UiError as e:
-            return "", safe_markdown(say(e.message, page_language(request)))
+            return "", safe_markdown(error_text(e.message, request))
 
     pick.input(on_pick, [pick], [edit_box, status], **PRIVATE)
 
@@ -339,11 +333,11 @@ def build_memory_tab(services: Services, demo: gr.Blocks) -> None:
 
     def act(action: Callable[[User, Any, Any], tuple[str, int | None]]):
         def run(memory_id, text, request: gr.Request):
-            user = _user(services, request)
+            user = page_user(services, request)
             try:
                 note, chosen = action(user, memory_id, text)
             except UiError as e:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(say(e.message, page_language(request)))
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), safe_markdown(error_text(e.message, request))
             shown = memory_text(services, user, chosen) if chosen is not None else ""
             return (*refresh(user, page_language(request), chosen), "", shown, note)
         return run

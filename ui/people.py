@@ -17,7 +17,8 @@ import pandas as pd
 
 from assistant.actions.users import UserAdmin
 from memory.types import User
-from ui.handlers import NotLoggedIn, UiError, resolve_user
+from ui.errors import page_user
+from ui.handlers import UiError
 from ui.i18n import T, page_language, tr
 from ui.render import safe_markdown
 from ui.sentences import say
@@ -84,13 +85,6 @@ def _sentence(message: str, lang: str) -> Any:
     return safe_markdown(message[:1].upper() + message[1:] + ("" if message.endswith(".") else "."))
 
 
-def _who(services: Any, request: gr.Request) -> User:
-    try:
-        return resolve_user(services, request.username)
-    except NotLoggedIn as e:
-        raise gr.Error(say(e.message, page_language(request))) from e
-
-
 def build_people_section(services: Any, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> gr.Dataframe:
     """Inside the admin console; returns the table so the console's refresh can fill it. `guard` is the
     console's: it resolves the admin (refusing anyone else first) and turns errors into a toast."""
@@ -128,7 +122,7 @@ def build_account_tab(services: Any) -> None:
         note = gr.Markdown(elem_id="pw-note")
 
     def on_change(current, password, password2, request: gr.Request):
-        user = _who(services, request)
+        user = page_user(services, request)
         try:
             return "", "", "", change_own_password(services, user, current, password, password2)
         except UiError as e:

@@ -19,7 +19,7 @@ from assistant.actions.base import Conflict, NotFound
 from assistant.actions.personal import PersonalActions
 from memory.types import User
 from ui import sentences
-from ui.handlers import NotLoggedIn, resolve_user
+from ui.errors import page_user
 from ui.i18n import T, page_language, speaking, tr
 from ui.render import safe_markdown
 from ui.sentences import gate_reason, say
@@ -101,13 +101,6 @@ def personal_frame(services: Any, admin: User) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[tr(k) for k in ADMIN_HEADINGS])
 
 
-def _who(services: Any, request: gr.Request) -> User:
-    try:
-        return resolve_user(services, request.username)
-    except NotLoggedIn as e:
-        raise gr.Error(say(e.message, page_language(request))) from e
-
-
 def build_personal_tab(services: Any) -> None:
     """A tab where the logged-in user manages their own personal adapter."""
     with gr.Tab(T("tab_personal"), id="personal") as tab:
@@ -122,20 +115,20 @@ def build_personal_tab(services: Any) -> None:
             forget_btn = gr.Button(T("my_forget"), variant="stop", elem_id="personal-forget")
 
     def load(request: gr.Request):
-        user = _who(services, request)
+        user = page_user(services, request)
         with speaking(page_language(request)):
             on, text = status_markdown(services, user)
             return on, text, report_markdown(services, user)
 
     def on_opt(on: bool, request: gr.Request):
-        user = _who(services, request)
+        user = page_user(services, request)
         with speaking(page_language(request)):
             msg = set_opt_in(services, user, on)
             now_on, text = status_markdown(services, user)
             return now_on, msg, text
 
     def on_forget(ok: bool, request: gr.Request):
-        user = _who(services, request)
+        user = page_user(services, request)
         with speaking(page_language(request)):
             msg = forget(services, user, ok)
             _, text = status_markdown(services, user)
