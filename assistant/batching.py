@@ -628,11 +628,19 @@ class BatchEngine:
     def waiting(self) -> int:
         return len(self._pending)
 
+    def full(self, max_waiting: int | None) -> bool:
+        """Whether a request submitted now would be refused: `max_waiting` already wait for a full batch."""
+        with self._cond:
+            return self._full(max_waiting)
+
+    def _full(self, max_waiting: int | None) -> bool:
+        busy = len(self.rows) + len(self._pending) >= self.max_batch
+        return max_waiting is not None and len(self._pending) >= max_waiting and busy
+
     def submit(self, req: BatchRequest, max_waiting: int | None) -> bool:
         """Queue `req`; False (nothing queued) when `max_waiting` requests already wait for a full batch."""
         with self._cond:
-            full = len(self.rows) + len(self._pending) >= self.max_batch
-            if max_waiting is not None and len(self._pending) >= max_waiting and full:
+            if self._full(max_waiting):
                 return False
             self._pending.append(req)
             self._kick()

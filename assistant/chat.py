@@ -255,6 +255,7 @@ class ChatService:
         text = self.clean_text(req.text)
         adapter = self.resolve_model(req.model, req.user)
         gen = self.generation_settings(req)
+        self._refuse_if_busy()
         conversation: Conversation | None = None
         if req.conversation_id is not None:
             conversation = self.store.get_conversation(req.conversation_id, req.user.id)
@@ -293,6 +294,7 @@ class ChatService:
         if original.imported:
             raise InvalidRequest("that message was sent by the client as history, not answered here; "
                                  "only the server's answers can be regenerated", param="message_id")
+        self._refuse_if_busy()
         # The question is the answer's parent, not the last question stored before it: an answer chosen
         # in an earlier comparison is stored after later questions. The history is what reads before the
         # question (thread order), so it is the same conversation the first answer was given in.
@@ -367,6 +369,14 @@ class ChatService:
             else:
                 prompt.insert(0, {"role": "system", "content": client_system})
         return prompt, sources, memories, steps
+
+    def _refuse_if_busy(self) -> None:
+        """Back-pressure before the turn's own work: a request the model's queue would refuse is refused
+        before retrieval, memory recall and the prompt (under load most requests are refused, and that
+        work would take the CPU from the ones being answered). `_start` checks again."""
+        why = self.backend.busy()
+        if why is not None:
+            raise Busy(why)
 
     def _start(self, prompt: list[dict], adapter: str | None, gen: GenerationSettings, cancel):
         try:

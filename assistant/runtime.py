@@ -157,6 +157,7 @@ class Backend(Protocol):
                cancel: threading.Event | None = None) -> Generation: ...
     def generate(self, messages: list[dict], adapter: str | None, gen: GenerationSettings) -> GenerationResult: ...
     def count_tokens(self, messages: list[dict]) -> int: ...
+    def busy(self) -> str | None: ...
 
 
 class Generation:
@@ -301,6 +302,12 @@ class _Gate:
     @property
     def waiting(self) -> int:
         return len(self._queue) - self._priority_waiting
+
+    def full(self, max_waiting: int | None) -> bool:
+        """Whether `acquire` would refuse at once now."""
+        with self._cond:
+            free = not self._busy and not self._queue
+            return not free and max_waiting is not None and self.waiting >= max_waiting
 
     def acquire(self, timeout: float | None, max_waiting: int | None = None,
                 abort: threading.Event | None = None, priority: bool = False) -> float | None:
@@ -470,6 +477,14 @@ class TransformersBackend:
     @property
     def queue_depth(self) -> int:
         return self._engine.waiting if self._engine is not None else self._gate.waiting
+
+    def busy(self) -> str | None:
+        """Why a request would be refused at once now (the queue is full), else None. A cheap look that
+        callers take before doing a request's own work (retrieval, the prompt), so that a refusal costs
+        nothing; `stream` still decides for itself."""
+        limit = self.settings.queue_max
+        full = self._engine.full(limit) if self._engine is not None else self._gate.full(limit)
+        return f"{self.queue_depth} requests are already waiting for the model (limit {limit})" if full else None
 
     def adapters(self) -> list[str]:
         with self._meta_lock:
@@ -978,6 +993,9 @@ class OpenAIBackend:
     """
 
     queue_depth = 0
+
+    def busy(self) -> str | None:
+        return None  # the server answers 429/503 itself
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
         import openai

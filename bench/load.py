@@ -77,6 +77,7 @@ class Tally:
     ttft: list[float] = field(default_factory=list)  # streamed: request start -> first content piece
     queue_wait: list[float] = field(default_factory=list)  # the server's own count of seconds queued
     completion_tokens: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)  # each answer's prompt, as the server counted it
     busy: int = 0  # 503 server_busy (intended back-pressure)
     busy_without_retry_after: int = 0
     rating_busy: int = 0
@@ -113,12 +114,16 @@ def user_loop(url: str, key: str, deadline: float, max_tokens: int, seed: int, t
                 if first is not None:
                     tally.ttft.append(first)
                 tally.completion_tokens += final.usage.completion_tokens if final.usage else 0
+                if final.usage:
+                    tally.prompt_tokens.append(final.usage.prompt_tokens)
             else:
                 resp = client.chat.completions.create(
                     model="assistant", messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
                     extra_body=extra)
                 extra_out = resp.model_extra or {}
                 tally.completion_tokens += resp.usage.completion_tokens if resp.usage else 0
+                if resp.usage:
+                    tally.prompt_tokens.append(resp.usage.prompt_tokens)
         except openai.APIStatusError as e:
             if e.status_code == 503 and "server_busy" in str(e.body):
                 tally.busy += 1
@@ -258,7 +263,7 @@ def run_once(args: argparse.Namespace, serving: str | None) -> dict:
 
     merged = Tally()
     for t in tallies:
-        for name in ("accepted", "ratings", "latency", "ttft", "queue_wait", "errors"):
+        for name in ("accepted", "ratings", "latency", "ttft", "queue_wait", "errors", "prompt_tokens"):
             getattr(merged, name).extend(getattr(t, name))
         merged.completion_tokens += t.completion_tokens
         merged.busy += t.busy
@@ -283,6 +288,7 @@ def run_once(args: argparse.Namespace, serving: str | None) -> dict:
         "latency_s": {q: pct(merged.latency, v) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
         "ttft_s": {q: pct(merged.ttft, v) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
         "queue_wait_s": {q: pct(merged.queue_wait, v) for q, v in (("p50", .5), ("p90", .9), ("p99", .99))},
+        "prompt_tokens": {q: pct(merged.prompt_tokens, v) for q, v in (("p10", .1), ("p50", .5), ("p90", .9))},
         "load_average_before": load_before, "load_average_after": load_after, "verify": checked,
         "machine": f"{platform.node()} {os.cpu_count()} CPUs",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -318,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n| serving | users | s | answers | ratings | 503 busy | errors | answers/min | tok/s "
           "| latency p50/p90/p99 s | TTFT p50/p90/p99 s | queue wait p50/p90/p99 s | in DB (answers, ratings) "
-          "| integrity |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| integrity | prompt tokens p10/p50/p90 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         checked, lat, ttft, qw = r["verify"], r["latency_s"], r["ttft_s"], r["queue_wait_s"]
         db = f"{checked['answers_in_db']}/{checked['answers_accepted']}, {checked['ratings_in_db']}/" \
@@ -328,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
               f"| {r['busy_503']} | {r['errors']} | {r['answers_per_min']} | {r['completion_tokens_per_s']} "
               f"| {ms(lat['p50'])} / {ms(lat['p90'])} / {ms(lat['p99'])} | {ms(ttft['p50'])} / {ms(ttft['p90'])} / "
               f"{ms(ttft['p99'])} | {ms(qw['p50'])} / {ms(qw['p90'])} / {ms(qw['p99'])} | {db} "
-              f"| {checked['integrity_ok'] if checked else '-'} |")
+              f"| {checked['integrity_ok'] if checked else '-'} "
+              f"| {' / '.join(str(r['prompt_tokens'][q]) for q in ('p10', 'p50', 'p90'))} |")
     by = {r["serving"]: r for r in results}
     if "batched" in by and "sequential" in by:
         b, q = by["batched"], by["sequential"]

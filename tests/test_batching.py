@@ -255,6 +255,38 @@ def test_a_refused_request_gets_503_and_writes_nothing(tmp_path, tiny_model_dir)
         srv.stop()
 
 
+@pytest.mark.parametrize("serving", ["batched", "sequential"])
+def test_a_refused_request_does_none_of_its_turn(tmp_path, tiny_model_dir, serving):
+    """Back-pressure comes before the turn's own work: a "remember that ..." refused with 503 stores no
+    memory (the agent's remember step runs while the prompt is built), and a refused question neither
+    retrieves nor writes; once the model is free the same request is answered and remembered."""
+    from tests.helpers import start_server
+
+    srv = start_server(tmp_path, tiny_model_dir, with_agent=True, serving=serving, batch_max=1, queue_max=0)
+    stop = threading.Event()
+    try:
+        store, memories = srv.services.store, srv.services.memories
+        user = store.create_user("refused", "refused-password-1")
+        key = store.create_api_key(user.id)
+        forever = GenerationSettings(max_new_tokens=1500, temperature=0.0, top_p=1.0)
+        held = srv.services.backend.stream(QUESTION, None, forever, stop)  # takes the model
+        next(held)
+        ask = [{"role": "user", "content": "Remember that my favourite colour is green."}]
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": "assistant", "max_tokens": 4, "messages": ask})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy", r.text
+        assert memories.list_memories(user.id) == [] and store.list_conversations(user.id) == []
+        stop.set()
+        held.result()
+        ok = httpx.post(srv.url + "/v1/chat/completions", timeout=60, headers={"Authorization": f"Bearer {key}"},
+                        json={"model": "assistant", "max_tokens": 4, "messages": ask})
+        assert ok.status_code == 200, ok.text
+        assert [m.text for m in memories.list_memories(user.id)] == ["My favourite colour is green."]
+    finally:
+        stop.set()
+        srv.stop()
+
+
 # ------------------------------------------------------------------------------------ broken characters
 @pytest.mark.parametrize("text", ["안녕하세요, 반갑습니다. 오늘 날씨가 좋네요!", "Let's go 😀🎉 to the 바다 🌊."])
 def test_no_answer_ends_in_a_broken_character(tokenizer_dir, text):
