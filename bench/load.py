@@ -229,6 +229,8 @@ def run_once(args: argparse.Namespace, serving: str | None) -> dict:
         env["ASSISTANT_QUEUE_MAX"] = str(args.queue_max)
     if args.queue_timeout is not None:
         env["ASSISTANT_QUEUE_TIMEOUT_S"] = str(args.queue_timeout)
+    if args.batch_max is not None:
+        env["ASSISTANT_BATCH_MAX"] = str(args.batch_max)
     proc = None
     t_setup = time.perf_counter()
     if args.url:
@@ -307,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keys-file", type=Path, default=None, help="one API key per line, for --url")
     ap.add_argument("--queue-max", type=int, default=None, help="server setting queue_max (default: its own)")
     ap.add_argument("--queue-timeout", type=float, default=None, help="server setting queue_timeout_s")
+    ap.add_argument("--batch-max", type=int, default=None, help="server setting batch_max (default: its own)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--serving", default="batched,sequential",
                     help="serving paths to run one after the other (server setting `serving`)")

@@ -148,7 +148,7 @@ def run_path(path: str, model: str, adapters: list[Path], args: argparse.Namespa
                            headers={"Authorization": f"Bearer {key}"}, timeout=120)
             r.raise_for_status()
         api_cell(url, key, 1, 1, 1, 8)  # warm-up
-        for spread in (1, N_ADAPTERS):
+        for spread in args.spreads:
             for n in args.streams:
                 cell = api_cell(url, key, n, spread, args.rounds, args.max_tokens)
                 cells[f"{spread}/{n}"] = cell
@@ -180,7 +180,7 @@ def raw_generate(model_dir: str, adapters: list[Path], args: argparse.Namespace)
     out = {}
     with torch.inference_mode():
         model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)  # warm-up
-        for spread in (1, N_ADAPTERS):
+        for spread in args.spreads:
             for n in args.streams:
                 batch = ids.repeat(n, 1)
                 kwargs = {"adapter_names": [f"a{i % spread}" for i in range(n)]} if spread > 1 else {}
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--spreads", type=lambda s: [int(x) for x in s.split(",")], default=[1, N_ADAPTERS],
+                    help=f"adapters the streams are spread over: 1 and/or {N_ADAPTERS}")
     ap.add_argument("--rounds", type=int, default=2, help="streamed requests per stream, one after another")
     ap.add_argument("--paths", default="batched,sequential")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server and of raw generate")
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for cell_key, v in raw.items():
         spread, n = cell_key.split("/")
         print(f"| raw generate | {spread} | {n} | {v:.1f} | - | 100% | - | - | - | - |")
-    if "batched" in results:
+    if "batched" in results and N_ADAPTERS in args.spreads and 1 in args.spreads:
         b = results["batched"]
         mixed = [b[f"{N_ADAPTERS}/{n}"]["tok_s"] / b[f"1/{n}"]["tok_s"] for n in args.streams if n >= N_ADAPTERS]
         if mixed:
