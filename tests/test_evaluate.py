@@ -89,6 +89,18 @@ def test_a_significant_grounded_gain_without_regression_passes() -> None:
     assert any("a net loss of 2 or more (8.3 points) is refused" in n for n in d.power), d.power
 
 
+def test_without_a_significance_test_the_reason_does_not_claim_one() -> None:
+    """The personal gate runs with gain_significance 0: its verdict says "above its minimum", not "significant"."""
+    serving_q = scores(10, 14)
+    base = mm("base", None, **GENERAL)
+    serving = mm("baseline", val_loss=1.5, **grounding(serving_q), **GENERAL)
+    cand = mm("candidate", val_loss=1.52, **grounding(flip(serving_q, win=range(10, 12))), **GENERAL)
+    d = decide(cand, serving, base, GateConfig(min_sft_rows=0, gain_significance=0.0))
+    assert d.passed and d.reason == "gain above its minimum on grounded; no regression beyond tolerance", d.reason
+    same = decide(serving, serving, base, GateConfig(min_sft_rows=0, gain_significance=0.0))
+    assert not same.passed and same.reason == "no gain above its minimum on grounded", same.reason
+
+
 def test_held_out_loss_alone_is_no_reason_to_promote() -> None:
     # Issue 26: both promotions of a loop run rested on held-out loss over 2-3 conversations.
     serving_q = scores(12, 12)

@@ -235,6 +235,8 @@ def decide(candidate: ModelMetrics, baseline: ModelMetrics, base: ModelMetrics, 
     if not candidates:
         return verdict(False, "declined to decide: no gain metric has enough held-out data ("
                        + "; ".join(too_small or skipped) + ")", declined=True)
+    # Without a significance test (gain_significance 0, the personal gate's) a gain is only "above its minimum".
+    kind = "significant gain" if cfg.gain_significance > 0 else "gain above its minimum"
     if not gains:
-        return verdict(False, "no significant gain on " + ", ".join(candidates))
-    return verdict(True, "significant gain on " + ", ".join(gains) + "; no regression beyond tolerance")
+        return verdict(False, f"no {kind} on " + ", ".join(candidates))
+    return verdict(True, f"{kind} on " + ", ".join(gains) + "; no regression beyond tolerance")

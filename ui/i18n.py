@@ -584,6 +584,9 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "g_no_gain": ("no significant gain on {metrics}", "{metrics}에서 의미 있는 향상이 없습니다"),
     "g_gain": ("significant gain on {metrics}; no regression beyond tolerance",
                "{metrics}에서 의미 있게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),
+    "g_no_gain_min": ("no gain above its minimum on {metrics}", "{metrics}에서 최소 기준을 넘는 향상이 없습니다"),
+    "g_gain_min": ("gain above its minimum on {metrics}; no regression beyond tolerance",
+                   "{metrics}에서 최소 기준을 넘게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),
     # an evaluation report
     "r_title": ("# Evaluation: {candidate} vs {baseline}", "# 평가: {candidate} 대 {baseline}"),
     "r_decision": ("**Decision: {verdict}** — {reason}", "**결정: {verdict}** — {reason}"),

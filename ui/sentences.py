@@ -107,6 +107,8 @@ GATE_REASONS: list[tuple[Pattern, str]] = [
     (_p(r"declined to decide: held-out grounding cannot be judged \((?P<short>.+)\), so a candidate that lost "
         r"grounding could not be told apart"), "g_declined_grounding"),
     (_p(r"declined to decide: no gain metric has enough held-out data \((?P<what>.*)\)"), "g_declined_data"),
+    (_p(r"no gain above its minimum on (?P<metrics>.+)"), "g_no_gain_min"),
+    (_p(r"gain above its minimum on (?P<metrics>.+); no regression beyond tolerance"), "g_gain_min"),
     (_p(r"no significant gain on (?P<metrics>.+)"), "g_no_gain"),
     (_p(r"significant gain on (?P<metrics>.+); no regression beyond tolerance"), "g_gain"),
 ]
