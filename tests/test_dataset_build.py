@@ -638,7 +638,12 @@ def test_only_the_last_answer_of_a_conversation_row_is_trained(tiny_model_dir):
     tok.chat_template = stock
     assert tok.apply_chat_template(messages, tokenize=False) == (
         tok.apply_chat_template(messages, tokenize=False, chat_template=template))
-    assert renders_identically(tok, template, [messages, messages[:3]])
+    assert renders_identically(tok, template, [messages, messages[:3], messages[:4]])
+    # TRL's own check that the stop token is trained (it renders user, assistant, user) finds <|im_end|> marked:
+    # without it every SFT job logged "the model may not learn to stop".
+    from trl.chat_template_utils import is_chat_template_stop_token_trained
+
+    assert is_chat_template_stop_token_trained(tok, chat_template=template)
 
 
 # --------------------------------------------------------------------------------------- CLI

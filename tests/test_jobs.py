@@ -360,6 +360,38 @@ def test_replay_is_anchored_to_the_base_model_before_the_build(services) -> None
     assert len(replayed) == manifest["replay"]["used"] and set(replayed) <= answers
 
 
+def test_a_retrain_on_what_the_gate_already_refused_is_skipped(services) -> None:
+    """Training is deterministic: a cycle whose data, options, starting adapter and gate equal those of a refused
+    candidate ends before training ("unchanged"), and new feedback trains again."""
+    seed_feedback(services.store)
+    runner = runner_for(services)
+    refusing = {**LOSS_GATE, "min_val_loss_gain": 100.0}  # no candidate can gain that much
+    opts = {"build": BUILD, "train": QUICK, "gate": refusing}
+    first = runner.wait(runner.start(opts).id, timeout=600)
+    assert first.status == "succeeded" and first.result["status"] == "rejected", (first.error, first.result)
+    v1 = services.registry.get(first.result["candidate"])
+    recorded = json.loads((v1.eval_dir / "inputs.json").read_text())
+    assert recorded["gate"]["min_val_loss_gain"] == 100.0 and recorded["dataset"]
+
+    again = runner.wait(runner.start(opts).id, timeout=600)
+    assert again.status == "succeeded", again.error
+    res = again.result
+    assert res["status"] == "unchanged" and res["candidate"] == v1.name and not res["passed"], res
+    assert res["reason"].startswith(f"nothing new to learn: the data, the training options, the starting adapter "
+                                    f"and the gate are those of {v1.name}, which the gate refused (no gain"), res
+    assert "train" not in res["timings"] and not runner.events(again.id, kinds=("progress",))
+    assert [v.name for v in services.registry.list()] == [v1.name]  # nothing trained, nothing registered
+
+    # one more conversation with feedback: new data, a new candidate
+    user = services.store.get_user_by_name("alice")
+    conv = services.store.create_conversation(user.id, "Iceland")
+    _, a = services.store.add_turn(conv.id, "What is the capital of Iceland?", "I am not sure about that.")
+    services.store.add_edit(user.id, a.id, "The capital of Iceland is Reykjavik.")
+    third = runner.wait(runner.start(opts).id, timeout=600)
+    assert third.status == "succeeded" and third.result["status"] == "rejected", (third.error, third.result)
+    assert len(services.registry.list()) == 2 and runner.events(third.id, kinds=("progress",))
+
+
 def test_too_little_data_is_refused_before_a_job_starts(services) -> None:
     seed_feedback(services.store, 4)  # no test share: nothing would be left to judge a candidate on
     runner = runner_for(services)

@@ -19,11 +19,17 @@ SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained b
 
 # Same text as SmolLM2-Instruct's template; only the generation markers are added.
 SMOLLM2_TRAINING_TEMPLATE = (
+    # The last assistant turn is the row's own answer (in a training row it is also the last message). Marking
+    # "the last assistant turn" rather than "the last message" lets TRL's check that the stop token is trained
+    # (it renders user, assistant, user) see <|im_end|> inside the marked span.
+    "{% set ns = namespace(last=-1) %}"
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{% set ns.last = loop.index0 %}{% endif %}"
+    "{% endfor %}"
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\n" + SMOLLM2_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
     "{% endif %}"
-    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{% if message['role'] == 'assistant' and loop.index0 == ns.last %}"
     "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{{ '\\n' }}"
     "{% else %}"

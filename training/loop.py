@@ -119,7 +119,7 @@ class CycleOptions:
 
 @dataclass
 class CycleResult:
-    status: str  # "promoted" | "rejected" | "registered" (passed, auto-promotion off)
+    status: str  # "promoted" | "rejected" | "registered" (passed, auto-promotion off) | "unchanged" (see below)
     dataset: str
     candidate: str
     parent: str | None
@@ -347,6 +347,20 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     train_cfg = TrainConfig.from_dict({
         "threads": settings.train_threads, **options.train, "base_model": str(base_model),
         "init_adapter": str(parent_dir) if from_parent else None})
+    # A personal candidate answers the shared gate's held-out document questions (the user's own data has none).
+    qa_from = _latest_shared_snapshot(settings) if personal else snapshot
+    gate_cfg = GateConfig.from_dict({**(PERSONAL_GATE if personal else {}), **options.gate})
+    inputs = cycle_inputs(settings, snapshot, train_cfg, parent if from_parent else None, parent, gate_cfg, qa_from)
+    twin = refused_twin(registry, inputs)
+    if twin is not None:
+        # Training is deterministic (fixed seeds): the same inputs give the same candidate and the same verdict.
+        reason = (f"nothing new to learn: the data, the training options, the starting adapter and the gate are "
+                  f"those of {twin.name}, which the gate refused ({twin.note})")
+        hooks.event("log", {"message": reason})
+        hooks.event("phase", {"phase": "done", "fraction": 1.0, "status": "unchanged", "candidate": twin.name})
+        return CycleResult(status="unchanged", dataset=snapshot.name, candidate=twin.name, parent=parent,
+                           passed=False, reason=reason, promoted=False, headline={}, timings=timings, train={},
+                           synth=synth_info)
     cfg_path = train_cfg.save(work / "train_config.json")
     train_out = work / "train"
     phase("train", max_steps=None)
@@ -391,11 +405,8 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     # 4. evaluate (child process)
     phase("evaluate")
     t0 = time.perf_counter()
-    # A personal candidate answers the shared gate's held-out document questions (the user's own data has none).
-    qa_from = _latest_shared_snapshot(settings) if personal else snapshot
     doc_qa = _doc_qa_file(services, qa_from, work, passage_for, options.eval_doc_qa) if qa_from else None
     gate_path = work / "gate.json"
-    gate_cfg = GateConfig.from_dict({**(PERSONAL_GATE if personal else {}), **options.gate})
     gate_path.write_text(json.dumps(gate_cfg.to_dict(), indent=2), encoding="utf-8")
     eval_out = work / "eval"
     verdict: dict[str, Any] = {}
@@ -434,6 +445,8 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     # 5. register (with the report, pass or fail), then 6. promote or reject
     phase("register")
     passed = bool(verdict["passed"])
+    if eval_out.is_dir():  # what decided this candidate, so that a retrain on the same can be skipped
+        (eval_out / INPUTS_FILE).write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     version = registry.register(adapter_dir, parent=parent, gate="passed" if passed else "failed",
                                 metrics=verdict.get("headline") or {}, report_dir=eval_out, job_id=job_id,
                                 dataset=snapshot.name, note=verdict.get("reason"), move=True)
@@ -458,6 +471,42 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
 
 
 # ------------------------------------------------------------------------------------------ steps
+INPUTS_FILE = "inputs.json"  # in a version's eval/ folder: `cycle_inputs` of the cycle that made it
+
+
+def cycle_inputs(settings: Settings, snapshot: Path, train_cfg: TrainConfig, init_from: str | None,
+                 judged_against: str | None, gate_cfg: GateConfig, eval_from: Path | None) -> dict[str, Any]:
+    """Everything that decides a candidate and its verdict, without paths: the dataset's content, the training
+    options, the adapter it starts from, the adapter and the gate it is judged with, and the held-out document
+    questions' dataset. Two cycles with equal inputs train the same adapter (fixed seeds) and get the same verdict."""
+    def content(folder: Path | None) -> str | None:
+        manifest = folder / "manifest.json" if folder else None
+        if manifest is None or not manifest.is_file():
+            return None
+        return json.loads(manifest.read_text(encoding="utf-8")).get("content_sha256")
+
+    train = {k: v for k, v in train_cfg.to_dict().items() if k not in ("base_model", "init_adapter", "threads")}
+    return {"base_model": settings.model, "dataset": content(snapshot), "train": train, "init_from": init_from,
+            "judged_against": judged_against, "gate": gate_cfg.to_dict(), "eval_data": content(eval_from)}
+
+
+def refused_twin(registry: Registry, inputs: dict[str, Any]) -> AdapterVersion | None:
+    """The latest candidate the gate refused whose cycle had exactly these inputs (None when there is none, or
+    when the inputs cannot be compared: a dataset without a content hash)."""
+    if inputs.get("dataset") is None:
+        return None
+    for v in sorted(registry.list(), key=lambda v: v.created_at, reverse=True):
+        if v.gate != "failed":
+            continue
+        recorded = v.eval_dir / INPUTS_FILE
+        try:
+            if recorded.is_file() and json.loads(recorded.read_text(encoding="utf-8")) == inputs:
+                return v
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
 def _serving_precision(settings: Settings) -> tuple[str, str]:
     """Device and dtype the server generates with: the gate judges the candidate as it will serve."""
     import torch

@@ -140,7 +140,8 @@ def _content(value: Any) -> str:
 
 # A job that ran to its end "succeeded" in the store whatever the gate decided; read next to a
 # "rejected" candidate that looked like a promotion. The page says what happened to the serving model.
-OUTCOMES = {"promoted": "o_promoted", "registered": "o_registered", "rejected": "o_rejected"}  # ui/i18n.py keys
+OUTCOMES = {"promoted": "o_promoted", "registered": "o_registered", "rejected": "o_rejected",
+            "unchanged": "o_unchanged"}  # ui/i18n.py keys
 
 
 def job_outcome(job: dict[str, Any]) -> str:

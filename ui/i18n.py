@@ -350,6 +350,8 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
                      "끝남: 새 모델이 평가를 통과했습니다. 아래에서 적용하면 서비스됩니다"),
     "o_rejected": ("finished: the new model did worse in the evaluation and was not used; nothing changed",
                    "끝남: 새 모델이 평가에서 더 나빠 쓰지 않았습니다. 바뀐 것은 없습니다"),
+    "o_unchanged": ("finished without training: nothing new since a candidate the gate refused; nothing changed",
+                    "학습 없이 끝남: 평가에서 거절된 후보 이후 새 데이터가 없습니다. 바뀐 것은 없습니다"),
     "o_finished": ("finished: {decision}", "끝남: {decision}"),
     "o_no_decision": ("no decision", "결정 없음"),
     "o_cancelling": ("cancelling…", "취소하는 중…"),
@@ -584,6 +586,10 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "g_no_gain": ("no significant gain on {metrics}", "{metrics}에서 의미 있는 향상이 없습니다"),
     "g_gain": ("significant gain on {metrics}; no regression beyond tolerance",
                "{metrics}에서 의미 있게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),
+    "g_unchanged": ("nothing new to learn: the data, the training options, the starting adapter and the gate are "
+                    "those of {name}, which the gate refused ({reason})",
+                    "새로 배울 것이 없습니다: 데이터, 학습 옵션, 시작 어댑터와 평가 기준이 모두 평가에서 거절된 {name}와 "
+                    "같습니다 ({reason})"),
     "g_no_gain_min": ("no gain above its minimum on {metrics}", "{metrics}에서 최소 기준을 넘는 향상이 없습니다"),
     "g_gain_min": ("gain above its minimum on {metrics}; no regression beyond tolerance",
                    "{metrics}에서 최소 기준을 넘게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),

@@ -102,6 +102,8 @@ ERRORS: list[tuple[Pattern, str]] = [
 # names, metric names, numbers) are technical names and stay as they are.
 GATE_REASONS: list[tuple[Pattern, str]] = [
     (_p(r"gate passed: (?P<reason>.+)"), "g_passed"),
+    (_p(r"nothing new to learn: the data, the training options, the starting adapter and the gate are those of "
+        r"(?P<name>\S+), which the gate refused \((?P<reason>.*)\)"), "g_unchanged"),
     (_p(r"regression: (?P<checks>.+)"), "g_regression"),
     (_p(r"no target metric could be measured on the held-out set"), "g_nothing_measured"),
     (_p(r"declined to decide: held-out grounding cannot be judged \((?P<short>.+)\), so a candidate that lost "
