@@ -317,8 +317,15 @@ def test_long_and_empty_messages_send_nothing(server: ServerThread, browser):
 
 @pytest.fixture
 def stop_server(tmp_path, tiny_model_dir):
-    srv = start_server(tmp_path / "stop-home", tiny_model_dir, with_ui=True, max_new_tokens=4000,
-                       max_tokens_limit=4000)
+    # The tiny model's 2,048-token context is a few seconds of generating: on a loaded machine the answer could
+    # end before the stop click lands. The same weights with a long context keep it going for minutes.
+    import json
+
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "long-context-model"))
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 65536}))
+    srv = start_server(tmp_path / "stop-home", model, with_ui=True, max_new_tokens=60000,
+                       max_tokens_limit=60000)
     srv.services.store.create_user("carol", "carol-pass-1")
     yield srv
     srv.stop()
