@@ -306,8 +306,11 @@ class _Gate:
     def full(self, max_waiting: int | None) -> bool:
         """Whether `acquire` would refuse at once now."""
         with self._cond:
-            free = not self._busy and not self._queue
-            return not free and max_waiting is not None and self.waiting >= max_waiting
+            return self._refuses(max_waiting)
+
+    def _refuses(self, max_waiting: int | None) -> bool:  # under self._cond
+        free = not self._busy and not self._queue
+        return not free and max_waiting is not None and self.waiting >= max_waiting
 
     def acquire(self, timeout: float | None, max_waiting: int | None = None,
                 abort: threading.Event | None = None, priority: bool = False) -> float | None:
@@ -317,7 +320,7 @@ class _Gate:
             if not self._busy and not self._queue:
                 self._busy = True
                 return 0.0
-            if max_waiting is not None and self.waiting >= max_waiting:
+            if self._refuses(max_waiting):
                 raise BackendBusy(f"{self.waiting} requests are already waiting for the model (limit {max_waiting})")
             ticket = object()
             if priority:
