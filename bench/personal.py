@@ -138,12 +138,15 @@ def grounded_rate(answers: list[str], facts: list[dict[str, Any]]) -> float:
     return round(sum(grounded(a, f["keys"]) for a, f in zip(answers, facts, strict=True)) / max(len(facts), 1), 3)
 
 
-def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
+def _metric(report: dict[str, Any] | None, which: str, metric: str) -> float | None:
     if not report:
         return None
-    m = (report.get("metrics") or {}).get(which) or {}
-    v = m.get("general_qa")
+    v = ((report.get("metrics") or {}).get(which) or {}).get(metric)
     return round(float(v), 3) if isinstance(v, int | float) else None
+
+
+def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
+    return _metric(report, which, "general_qa")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -241,6 +244,10 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                     services.backend.load_adapter(name, v.adapter_dir)
                 answers = [r.text for r in ask_all(services, u, held, model=name, log=False)]
                 rep = v.report()
+                trained = json.loads((v.adapter_dir / "training_result.json").read_text(encoding="utf-8"))
+                row.update(train_rows=sum(st.get("train_rows") or 0 for st in trained.get("stages", [])),
+                           edit_match=_metric(rep, "candidate", "edit_match"),
+                           edit_match_shared=_metric(rep, "baseline", "edit_match"))
                 row.update(version=name, served=reg.serving() == name, gate_passed=pj.result["passed"],
                            reason=pj.result["reason"], timings=pj.result["timings"],
                            general_qa=general_qa(rep, "candidate"),
@@ -271,16 +278,17 @@ def _cpu() -> str:
 
 def table(res: dict[str, Any]) -> str:
     lines = ["| user (taste) | like: base | shared | personal | gain vs base | vs shared | grounded: personal "
-             "| general_qa: personal | retrain s | served |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| general_qa: personal | gate edit_match: shared / personal | train rows | retrain s | served |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for taste, r in res["users"].items():
         p = r.get("like_personal")
         gain = f"{100 * (p - r['like_base']):+.1f}" if p is not None else "-"
         vs = f"{100 * (p - r['like_shared']):+.1f}" if p is not None else "-"
         lines.append(f"| {taste} | {100 * r['like_base']:.1f} | {100 * r['like_shared']:.1f} | "
                      f"{'-' if p is None else f'{100 * p:.1f}'} | {gain} | {vs} | "
-                     f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} | {r['seconds']} | "
-                     f"{r.get('served', '-')} |")
+                     f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} | "
+                     f"{r.get('edit_match_shared', '-')} / {r.get('edit_match', '-')} | {r.get('train_rows', '-')} | "
+                     f"{r['seconds']} | {r.get('served', '-')} |")
     sh = res.get("shared", {})
     lines.append("")
     lines.append(f"grounded with retrieval: base {res.get('grounded_base')}, shared {res.get('grounded_shared')}; "

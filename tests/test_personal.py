@@ -156,7 +156,8 @@ def test_a_personal_split_holds_out_what_the_gate_needs_and_never_trains_on_it(s
     assert split["held_out_sft"] >= HELDOUT_FLOOR and split["held_out_pairs"] >= HELDOUT_FLOOR
     assert split["held_out_questions"] <= settings.personal_min_feedback // 2
     sizes = load_eval_set(first.path).sizes()
-    assert sizes["sft"] >= PERSONAL_GATE["min_sft_rows"] and sizes["pairs"] >= PERSONAL_GATE["min_pair_rows"]
+    assert len(load_eval_set(first.path).own_answers()) >= PERSONAL_GATE["min_edit_match_rows"]
+    assert sizes["pairs"] >= HELDOUT_FLOOR - 1
     held = {k: read_jsonl(first.path / "heldout" / f"{k}.jsonl") for k in ("sft", "dpo", "kto")}
     train = {k: read_jsonl(first.path / "jsonl" / f"{k}.train.jsonl") for k in ("sft", "dpo", "kto")}
     assert first.manifest["heldout"]["frozen"] and all(r["group"].startswith("turn:") for r in held["sft"])
@@ -230,8 +231,16 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     # the gate decided (promoted, or refused with a reason), on held-out data it can judge, and says what it can see
     decision = report["report"]["decision"]
     assert not decision["declined"] and not result["reason"].startswith("declined"), result["reason"]
-    assert not decision["too_small"] and {"val_loss", "pref_accuracy"} <= {c["metric"] for c in decision["checks"]}
-    assert any(p.startswith("pref_accuracy on ") for p in decision["power"])
+    # on what bob gets: his held-out questions answered by the candidate and the shared adapter, against his own
+    # answers; held-out loss is shown and decides nothing
+    assert not decision["too_small"] and {c["metric"] for c in decision["checks"] if c["kind"] != "forgetting"} == {
+        "edit_match"}
+    assert [c["name"] for c in decision["checks"] if c["kind"] == "gain"] == ["edit_match gain"]
+    assert any(p.startswith("edit_match on ") for p in decision["power"])
+    metrics = report["report"]["metrics"]
+    assert len(metrics["candidate"]["edit_match_scores"]) == len(metrics["baseline"]["edit_match_scores"]) >= 2
+    assert metrics["candidate"]["val_loss"] is not None  # measured and shown
+    assert any(s["check"] == "edit_match" for s in report["report"]["samples"])
     assert any(p.startswith("general_qa on 40 questions") for p in decision["power"])
     assert len(report["report"]["metrics"]["candidate"]["general_qa_scores"]) == 40  # the personal subset
     if result["passed"]:
@@ -439,7 +448,9 @@ def test_the_api_keeps_each_users_adapter_and_report_their_own(tmp_path, learnab
 
 
 def test_personal_options_are_checked() -> None:
-    assert CycleOptions.from_dict(cycle_options(3)).user_id == 3
+    opts = CycleOptions.from_dict(cycle_options(3))
+    assert opts.user_id == 3 and opts.train == {"stages": ["sft"], "sft_learning_rate": 1e-3}  # PERSONAL_TRAIN
+    assert cycle_options(3, {"train": {"sft_learning_rate": 2e-4}})["train"]["sft_learning_rate"] == 2e-4
     with pytest.raises(ValueError, match="user_id"):
         CycleOptions.from_dict({"user_id": 0})
     with pytest.raises(ValueError, match="no synth"):

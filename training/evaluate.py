@@ -22,6 +22,9 @@ Metrics, each measured for the candidate and the baseline (the general suite for
 - ``grounded``: on held-out document questions (never trained on), answered greedily with the source passage in
   the prompt, the share of the passage's key facts that the answer contains. ``grounded_trained``: the same on
   questions whose facts users asked, shown beside it and never deciding.
+- ``edit_match`` (asked for by the personal gate only): the user's held-out questions, answered greedily in the
+  served prompt, compared with the answer the user edited into or liked (`closeness`, difflib's character
+  similarity ratio, 0-1, so list markers, a closing question and the opening words count with the words).
 - ``general_ppl``: perplexity on short reference texts, and ``general_qa``: share of expected keywords
   in greedy answers to simple general questions: the catastrophic-forgetting guard. The shipped
   suite has 120 single-fact questions over eight areas (geography, arithmetic, science, animals,
@@ -76,6 +79,7 @@ from training.gate_metrics import (
     PrefPair,
     Progress,
     Scorer,
+    closeness,
     doc_qa_item,
     fact_score,
     grounded_prompt,
@@ -92,7 +96,7 @@ from training.gate_report import LABELS, EvalReport, plot_report, render_markdow
 # The names importers of this module use; the code lives in the gate_* modules (issue 22's split).
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "LABELS", "SUITE_DIR", "TARGET_METRICS", "Check", "Completion", "DocQA",
            "EvalDataError", "EvalReport", "EvalSet", "GateConfig", "GateDecision", "GeneralQA", "GeneralSuite",
-           "ModelMetrics", "PrefPair", "Progress", "Scorer", "decide", "doc_qa_item", "evaluate", "fact_score",
+           "ModelMetrics", "PrefPair", "Progress", "Scorer", "closeness", "decide", "doc_qa_item", "evaluate", "fact_score",
            "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score", "load_eval_set",
            "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown", "sign_test"]
 

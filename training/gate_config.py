@@ -13,6 +13,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 TARGET_METRICS = ("val_loss", "pref_accuracy", "grounded", "liked_correct")
+# Every metric a gate may judge. edit_match (greedy answers to the user's own held-out questions, compared with
+# the answer they edited into or liked) costs a generation per question, so only the personal gate asks for it.
+METRICS = (*TARGET_METRICS, "edit_match")
 # What users see: a promotion's gain must come from one of these (held-out loss over a few conversations moved
 # in every loop run, including the ones whose adapters answered worse: issue 26).
 USER_METRICS = ("grounded", "liked_correct")
@@ -32,7 +35,8 @@ class GateConfig:
     target_metrics: list[str] = _f(
         list(TARGET_METRICS),
         "Metrics on which the candidate must not regress (beyond its *_tolerance) against the serving adapter. "
-        "Choose from val_loss, pref_accuracy, grounded, liked_correct. Metrics the held-out set cannot measure, "
+        "Choose from val_loss, pref_accuracy, grounded, liked_correct, edit_match. Metrics the held-out set cannot "
+        "measure, "
         "or measures on fewer rows than their min_*_rows, are skipped and reported.")
     gain_metrics: list[str] = _f(
         list(USER_METRICS),
@@ -47,6 +51,9 @@ class GateConfig:
     min_pref_accuracy_gain: float = _f(0.05, "Smallest rise in preference accuracy that counts as a gain.")
     min_grounded_gain: float = _f(0.05, "Smallest rise in the grounded-answer score that counts as a gain.")
     min_liked_correct_gain: float = _f(0.05, "Smallest rise in liked-and-correct that counts as a gain.")
+    min_edit_match_gain: float = _f(
+        0.05, "Smallest rise in edit_match (mean closeness, 0-1, of greedy answers to the user's own answers) that "
+        "counts as a gain.")
     min_sft_rows: int = _f(
         8, "Fewest held-out conversations (answers scored) for held-out loss to be judged at all.")
     min_pair_rows: int = _f(12, "Fewest held-out preference pairs for preference accuracy to be judged.")
@@ -55,11 +62,15 @@ class GateConfig:
     min_grounded_rows: int = _f(
         16, "Fewest held-out document questions (never trained on) for grounding to be judged. Below it the "
         "gate declines to decide: it cannot tell a candidate that lost grounding from one that did not.")
+    min_edit_match_rows: int = _f(
+        8, "Fewest held-out questions of the user's own (with the answer they edited into or liked) for edit_match "
+        "to be judged.")
     min_general_rows: int = _f(40, "Fewest general-suite questions for the forgetting guard to be judged.")
     val_loss_tolerance: float = _f(
         0.02, "Largest relative rise in held-out loss accepted on the way to a gain elsewhere (0.02 = 2%).")
     pref_accuracy_tolerance: float = _f(0.05, "Largest drop in preference accuracy accepted.")
     liked_correct_tolerance: float = _f(0.05, "Largest drop in liked-and-correct accepted.")
+    edit_match_tolerance: float = _f(0.05, "Largest drop in edit_match accepted.")
     grounded_tolerance: float = _f(
         0.05, "Largest drop in held-out grounding against the serving adapter accepted, whatever else improved "
         "and however noisy: with 20 questions a net loss of one answer passes and two do not. (Until issue 26 a "
@@ -94,9 +105,9 @@ class GateConfig:
         errors = []
         for name in ("target_metrics", "gain_metrics"):
             chosen = getattr(self, name)
-            bad = [m for m in chosen if m not in TARGET_METRICS]
+            bad = [m for m in chosen if m not in METRICS]
             if bad or not chosen:
-                errors.append(f"{name} must be a non-empty subset of {list(TARGET_METRICS)}, got {bad or '[]'}")
+                errors.append(f"{name} must be a non-empty subset of {list(METRICS)}, got {bad or '[]'}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name.startswith(("min_", "max_")) or f.name.endswith("_tolerance"):

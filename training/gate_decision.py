@@ -40,10 +40,11 @@ class GateDecision:
 
 
 HIGHER_IS_BETTER = {"val_loss": False, "pref_accuracy": True, "liked_correct": True, "grounded": True,
-                    "general_ppl": False, "general_qa": True}
-_SCORES = {"pref_accuracy": "pref_scores", "liked_correct": "liked_correct_scores", "grounded": "grounded_scores"}
+                    "edit_match": True, "general_ppl": False, "general_qa": True}
+_SCORES = {"pref_accuracy": "pref_scores", "liked_correct": "liked_correct_scores", "grounded": "grounded_scores",
+           "edit_match": "edit_match_scores"}
 _UNIT = {"val_loss": "conversations", "pref_accuracy": "pairs", "liked_correct": "pairs",
-         "grounded": "held-out questions"}
+         "grounded": "held-out questions", "edit_match": "held-out questions of the user's"}
 
 
 def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[int, int, float]:
@@ -84,7 +85,8 @@ def rows(mm: ModelMetrics, metric: str) -> int:
 
 def _minimum(cfg: GateConfig, metric: str) -> int:
     return {"val_loss": cfg.min_sft_rows, "pref_accuracy": cfg.min_pair_rows,
-            "liked_correct": cfg.min_liked_correct_rows, "grounded": cfg.min_grounded_rows}[metric]
+            "liked_correct": cfg.min_liked_correct_rows, "grounded": cfg.min_grounded_rows,
+            "edit_match": cfg.min_edit_match_rows}[metric]
 
 
 def _paired(candidate: ModelMetrics, baseline: ModelMetrics, metric: str) -> tuple[list[float], list[float]] | None:
@@ -99,7 +101,8 @@ def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics,
     rules = {"val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),  # (gain, tolerance, relative)
              "pref_accuracy": (cfg.min_pref_accuracy_gain, cfg.pref_accuracy_tolerance, False),
              "liked_correct": (cfg.min_liked_correct_gain, cfg.liked_correct_tolerance, False),
-             "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False)}
+             "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False),
+             "edit_match": (cfg.min_edit_match_gain, cfg.edit_match_tolerance, False)}
     min_gain, tol, relative = rules[metric]
     c, b = candidate.value(metric), baseline.value(metric)
     assert c is not None and b is not None
@@ -168,7 +171,8 @@ def power_notes(candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig
         if metric not in _SCORES or n == 0:
             continue
         one = 100 / n
-        parts = [f"{metric} on {n} {_UNIT[metric]}: one item is {one:.1f} points"]
+        parts = [f"{metric} on {n} {_UNIT[metric]}: " + (f"each is 1/{n} of the mean" if metric == "edit_match"
+                                                        else f"one item is {one:.1f} points")]
         if metric in cfg.gain_metrics and cfg.gain_significance > 0:
             fewest = next((k for k in range(1, n + 1) if _tail(k, k) < cfg.gain_significance), None)
             paired = _paired(candidate, baseline, metric)
@@ -179,10 +183,13 @@ def power_notes(candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig
                                                             f"differently here)" if here is not None else
                                                             f" (the two differ on {differing}: no gain could count)"))
         if metric in cfg.target_metrics and metric != "val_loss":
-            tol = cfg.liked_correct_tolerance if metric == "liked_correct" else (
-                cfg.grounded_tolerance if metric == "grounded" else cfg.pref_accuracy_tolerance)
-            k = math.floor(tol * n + 1e-9) + 1
-            parts.append(f"a net loss of {k} or more ({k * one:.1f} points) is refused, whatever else improved")
+            tol = {"liked_correct": cfg.liked_correct_tolerance, "grounded": cfg.grounded_tolerance,
+                   "edit_match": cfg.edit_match_tolerance}.get(metric, cfg.pref_accuracy_tolerance)
+            if metric == "edit_match":  # a mean of closeness, not a count of items won
+                parts.append(f"a mean drop of more than {tol:.2f} is refused, whatever else improved")
+            else:
+                k = math.floor(tol * n + 1e-9) + 1
+                parts.append(f"a net loss of {k} or more ({k * one:.1f} points) is refused, whatever else improved")
         notes.append("; ".join(parts) + ".")
     return notes
 

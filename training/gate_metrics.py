@@ -8,6 +8,7 @@ In: a dataset snapshot's held-out rows (`load_eval_set`), the shipped general-ab
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -72,6 +73,20 @@ class EvalSet:
         curated file of trained questions never pushes the held-out ones out."""
         doc_qa = self.doc_qa_of("held-out")[:cfg.max_doc_qa] + self.doc_qa_of("trained")[:cfg.max_doc_qa]
         return EvalSet(self.sft[:cfg.max_sft], self.pairs[:cfg.max_pairs], doc_qa, self.source)
+
+    def own_answers(self) -> list[Completion]:
+        """The user's held-out questions with the answer they wanted (the held-out SFT rows: their edits and the
+        answers they liked), one per question, for edit_match."""
+        seen: set[str] = set()
+        out = []
+        for it in self.sft:
+            if not it.prompt or it.prompt[-1]["role"] != "user":
+                continue
+            key = json.dumps(it.prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(it)
+        return out
 
     def doc_qa_of(self, split: str) -> list[DocQA]:
         return [q for q in self.doc_qa if q.split == split]
@@ -261,6 +276,12 @@ def fact_score(answer: str, facts: Sequence[str]) -> float:
     return sum(_norm(f) in a for f in facts) / len(facts) if facts else 0.0
 
 
+def closeness(answer: str, wanted: str) -> float:
+    """How close an answer is to the one the user wanted, 0-1: difflib's similarity ratio over the characters, so
+    the shape counts (list markers, a closing question, the opening words) as well as the words."""
+    return difflib.SequenceMatcher(None, answer.strip(), wanted.strip(), autojunk=False).ratio()
+
+
 def keyword_score(answer: str, groups: Sequence[Sequence[str]]) -> float:
     a = _norm(answer)
     return sum(any(_norm(w) in a for w in g) for g in groups) / len(groups) if groups else 0.0
@@ -411,6 +432,8 @@ class ModelMetrics:
     pref_scores: list[float] | None = None  # per held-out pair: 1.0 when the chosen answer ranks higher
     liked_correct: float | None = None  # pref_accuracy over the pairs whose chosen answer is correct
     liked_correct_scores: list[float] | None = None
+    edit_match: float | None = None  # the user's held-out questions: closeness to the answer they wanted
+    edit_match_scores: list[float] | None = None
     grounded: float | None = None  # held-out document questions: never trained on
     grounded_scores: list[float] | None = None  # per held-out document question (for the sign test)
     grounded_trained: float | None = None  # questions whose facts users asked: shown beside, never decides
@@ -447,6 +470,14 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
             mm.pref_accuracy, mm.pref_margin = _mean(mm.pref_scores), _mean(margins)
             mm.liked_correct_scores = [w for w, p in zip(mm.pref_scores, eval_set.pairs, strict=True) if p.correct]
             mm.liked_correct = _mean(mm.liked_correct_scores)
+        own = eval_set.own_answers() if held_out and "edit_match" in {*scorer.cfg.target_metrics,
+                                                                       *scorer.cfg.gain_metrics} else []
+        if own:
+            progress({"event": "eval_progress", "model": label, "check": "edit_match"})
+            answers = scorer.generate([it.prompt for it in own])
+            mm.edit_match_scores = [closeness(a, it.completion) for a, it in zip(answers, own, strict=True)]
+            mm.edit_match = _mean(mm.edit_match_scores)
+            mm.answers["edit_match"] = answers
         if held_out and eval_set.doc_qa:
             progress({"event": "eval_progress", "model": label, "check": "grounded"})
             answers = scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
@@ -476,7 +507,8 @@ def _mean(xs: Sequence[float] | None) -> float | None:
 
 def samples(metrics: dict[str, ModelMetrics], eval_set: EvalSet, suite: GeneralSuite, n: int) -> list[dict]:
     out = []
-    for check, questions in (("grounded", [q.question for q in eval_set.doc_qa]),
+    own = [it.prompt[-1]["content"] for it in eval_set.own_answers()]
+    for check, questions in (("edit_match", own), ("grounded", [q.question for q in eval_set.doc_qa]),
                              ("general_qa", [q.question for q in suite.qa])):
         for i, q in enumerate(questions[:n]):
             answers = {k: mm.answers[check][i] for k, mm in metrics.items() if check in mm.answers}

@@ -41,8 +41,8 @@ class EvalReport:
         c = self.metrics["candidate"]
         return {"passed": self.passed, "reason": self.decision.reason,
                 "declined": self.decision.declined,
-                **{m: _round(c.value(m)) for m in ("val_loss", "pref_accuracy", "liked_correct", "grounded",
-                                                     "grounded_trained", "general_ppl", "general_qa")}}
+                **{m: _round(c.value(m)) for m in ("val_loss", "pref_accuracy", "liked_correct", "edit_match",
+                                                     "grounded", "grounded_trained", "general_ppl", "general_qa")}}
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "baseline": self.baseline, "base_model": self.base_model,
@@ -84,6 +84,7 @@ _METRIC_ROWS = [("val_loss", "held-out loss (nats/token)", "lower"), ("val_ppl",
                 ("pref_accuracy", "preference accuracy (liked, all held-out pairs)", "higher"),
                 ("liked_correct", "liked-and-correct (pairs whose chosen answer its passages support)", "higher"),
                 ("pref_margin", "mean log-prob margin", "higher"),
+                ("edit_match", "answers like the user's own (held-out questions, closeness 0-1)", "higher"),
                 ("grounded", "grounded answers, held-out questions (decides)", "higher"),
                 ("grounded_trained", "grounded answers, trained questions (shown beside)", "higher"),
                 ("general_ppl", "general-text perplexity", "lower"), ("general_qa", "general questions", "higher")]
@@ -162,8 +163,8 @@ def plot_report(r: dict[str, Any], path: Path) -> Path:
     m = r["metrics"]
     cols = [k for k in LABELS if k in m]
     shown = [(k, lbl, b) for k, lbl, b in _METRIC_ROWS
-             if k in ("val_loss", "pref_accuracy", "liked_correct", "grounded", "grounded_trained", "general_ppl",
-                      "general_qa")
+             if k in ("val_loss", "pref_accuracy", "liked_correct", "edit_match", "grounded", "grounded_trained",
+                      "general_ppl", "general_qa")
              and any(m[c].get(k) is not None for c in cols)]
     failed_metrics = {ch["metric"] for ch in r["decision"]["checks"] if not ch["passed"] and ch["kind"] != "gain"}
     fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(3.2 * max(len(shown), 1), 3.6), squeeze=False)

@@ -627,6 +627,8 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
     "rm_liked_correct": ("liked-and-correct (pairs whose chosen answer its passages support)",
                          "좋아요이면서 맞음 (고른 답변을 구절이 뒷받침하는 쌍)"),
     "rm_pref_margin": ("mean log-prob margin", "평균 로그 확률 차이"),
+    "rm_edit_match": ("answers like the user's own (held-out questions, closeness 0-1)",
+                      "사용자가 원한 답변과 닮음 (평가용 질문, 유사도 0-1)"),
     "rm_grounded": ("grounded answers, held-out questions (decides)", "근거 있는 답변, 평가용 질문 (결정에 씀)"),
     "rm_grounded_trained": ("grounded answers, trained questions (shown beside)",
                             "근거 있는 답변, 학습한 질문 (참고로 보임)"),
