@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}")
     print("| product | rows | ms | GFLOP/s | cost vs 1 row |")
     print("|---|---|---|---|---|")
-    step = {r: 0.0 for r in args.rows}
+    step = dict.fromkeys(args.rows, 0.0)
     for name, (out_f, in_f, per_step) in SHAPES.items():
         copies = 4 if out_f > 10_000 else 60
         base = None

@@ -96,8 +96,8 @@ from training.gate_report import LABELS, EvalReport, plot_report, render_markdow
 # The names importers of this module use; the code lives in the gate_* modules (issue 22's split).
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "LABELS", "SUITE_DIR", "TARGET_METRICS", "Check", "Completion", "DocQA",
            "EvalDataError", "EvalReport", "EvalSet", "GateConfig", "GateDecision", "GeneralQA", "GeneralSuite",
-           "ModelMetrics", "PrefPair", "Progress", "Scorer", "closeness", "decide", "doc_qa_item", "evaluate", "fact_score",
-           "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score", "load_eval_set",
+           "ModelMetrics", "PrefPair", "Progress", "Scorer", "closeness", "decide", "doc_qa_item", "evaluate",
+           "fact_score", "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score", "load_eval_set",
            "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown", "sign_test"]
 
 

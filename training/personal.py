@@ -7,15 +7,16 @@ report, and everything of theirs removed on "forget what you learned from me" or
 How it fits the shared loop:
 
 - **Training.** A personal retrain is a retrain job (`training.jobs`, `CycleOptions.user_id`) like the
-  shared one, one job at a time, SFT alone at a higher learning rate (`PERSONAL_TRAIN`). It starts from the weights of the shared adapter serving now (or a fresh
-  adapter on the base model when none serves), so serving stays one adapter per request in the batch
-  engine. Its dataset is the user's own thumbs, edits and choices in the served prompt format (their own
+  shared one, one job at a time, SFT alone at a higher learning rate (`PERSONAL_TRAIN`). It starts from the
+  weights of the shared adapter serving now (or a fresh adapter on the base model when none serves), so serving
+  stays one adapter per request in the batch engine. Its dataset is the user's own thumbs, edits and choices in the served prompt format (their own
   private passages included), plus the shared replay rows against forgetting (`build_datasets(owner_id=)`,
   training/personal_data.py states what it may hold).
 - **Gate.** `PERSONAL_GATE`: judged against the shared adapter on the user's own held-out questions (are its
   greedy answers closer to what the user edited into or liked: edit_match), on the general-ability suite
-  (against the base model and the shared adapter) and on the shared gate's held-out document questions. A candidate that does not beat the shared adapter for
-  its own user is registered, not served, and the report says why.
+  (against the base model and the shared adapter) and on the shared gate's held-out document questions. A
+  candidate that does not beat the shared adapter for its own user is registered, not served, and the report
+  says why.
 - **Registry.** `Registry(owner_id=user)`: versions ``u<user>-vNNNN`` under ``adapters/personal/<user>/``,
   with their own serving history; promotion points only that user's requests at the version.
 - **Scheduling.** `next_personal` picks, when no job runs and the shared retrain is not due, the opted-in
