@@ -98,7 +98,8 @@ __all__ = ["DEFAULT_SYSTEM_PROMPT", "LABELS", "SUITE_DIR", "TARGET_METRICS", "Ch
            "EvalDataError", "EvalReport", "EvalSet", "GateConfig", "GateDecision", "GeneralQA", "GeneralSuite",
            "ModelMetrics", "PrefPair", "Progress", "Scorer", "closeness", "decide", "doc_qa_item", "evaluate",
            "fact_score", "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score",
-           "load_eval_set", "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown", "sign_test"]
+           "load_eval_set", "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown",
+           "sign_test"]
 
 
 def load_models(base_model: Path, candidate: Path, baseline: Path | None, device: str = "cpu",

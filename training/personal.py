@@ -10,8 +10,8 @@ How it fits the shared loop:
   shared one, one job at a time, SFT alone at a higher learning rate (`PERSONAL_TRAIN`). It starts from the
   weights of the shared adapter serving now (or a fresh adapter on the base model when none serves), so serving
   stays one adapter per request in the batch engine. Its dataset is the user's own thumbs, edits and choices in
-  the served prompt format (their own private passages included), plus the shared replay rows against forgetting (`build_datasets(owner_id=)`,
-  training/personal_data.py states what it may hold).
+  the served prompt format (their own private passages included), plus the shared replay rows against
+  forgetting (`build_datasets(owner_id=)`, training/personal_data.py states what it may hold).
 - **Gate.** `PERSONAL_GATE`: judged against the shared adapter on the user's own held-out questions (are its
   greedy answers closer to what the user edited into or liked: edit_match), on the general-ability suite
   (against the base model and the shared adapter) and on the shared gate's held-out document questions. A
