@@ -151,8 +151,10 @@ def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ the run
 def run(model: str | None, threads: int, asks: int, home: Path,
-        saved: Callable[[dict[str, Any]], None] = lambda _res: None) -> dict[str, Any]:
-    """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers."""
+        saved: Callable[[dict[str, Any]], None] = lambda _res: None, reuse: bool = False) -> dict[str, Any]:
+    """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers.
+    `reuse`: `home` holds an earlier run's users, feedback and shared adapter; only the examiners' answers and the
+    personal retrains run again (to measure a personal recipe without the shared retrain's 40-60 minutes)."""
     from assistant.actions.base import Operator
     from assistant.actions.personal import PersonalActions
     from assistant.config import Settings
@@ -175,54 +177,69 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                            "model": settings.model, "asks": len(facts), "users": {}}
     try:
         store = services.store
-        admin = store.create_user("admin", "bench-admin-pw", role="admin")
-        for doc in sorted(DOCS.glob("*.md")):
-            services.knowledge.ingest(admin, doc.name, doc.read_bytes(), scope="shared")
         actions = PersonalActions(services)
-        users = {taste: store.create_user(f"user-{taste}", f"bench-{taste}-pw") for taste in TASTES}
-        for u in users.values():
-            actions.set_opt_in(u, True)
-
-        # 2. chat under the base model (one greedy answer per question, logged for each user), rate, edit
-        t0 = time.perf_counter()
-        asker = store.create_user("asker", "bench-asker-pw")
-        served = ask_all(services, asker, [f["ask"] for f in facts], log=False)
-        for taste, u in users.items():
-            likes, edit = TASTES[taste]
-            for f, r in zip(facts, served, strict=True):
-                conv = store.create_conversation(u.id, f["id"], source="bench")
-                _, a = store.add_turn(conv.id, f["ask"], r.text, adapter=r.adapter, sources=r.sources)
-                if likes(r.text, product):
-                    store.add_thumb(u.id, a.id, 1)
-                else:
-                    store.add_thumb(u.id, a.id, -1)
-                    store.add_edit(u.id, a.id, edit(f["ideal"], product))
-        out["chat_s"] = round(time.perf_counter() - t0, 1)
-        out["training_like_rate_base"] = {t: like_rate([r.text for r in served], t, product) for t in TASTES}
-
-        # 5a. the examiners' held-out answers under the base model
-        examiner = store.create_user("examiner", "bench-examiner-pw")
+        runner = runner_for(services)
+        examiner_name = "examiner"
         held = [f["heldout"] for f in facts]
-        base_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
+        if reuse:
+            # A home where steps 1-3 ran: the same users, the same feedback, the shared adapter serving.
+            users = {taste: store.get_user_by_name(f"user-{taste}") for taste in TASTES}
+            if None in users.values() or Registry(settings, store).serving() is None:
+                raise SystemExit(f"--reuse: {home} holds no finished shared retrain of this bench")
+            out["reused"] = str(home)
+            examiner_name = f"examiner-{int(time.time())}"
+        else:
+            admin = store.create_user("admin", "bench-admin-pw", role="admin")
+            for doc in sorted(DOCS.glob("*.md")):
+                services.knowledge.ingest(admin, doc.name, doc.read_bytes(), scope="shared")
+            users = {taste: store.create_user(f"user-{taste}", f"bench-{taste}-pw") for taste in TASTES}
+            for u in users.values():
+                actions.set_opt_in(u, True)
+
+            # 2. chat under the base model (one greedy answer per question, logged for each user), rate, edit
+            t0 = time.perf_counter()
+            asker = store.create_user("asker", "bench-asker-pw")
+            served = ask_all(services, asker, [f["ask"] for f in facts], log=False)
+            for taste, u in users.items():
+                likes, edit = TASTES[taste]
+                for f, r in zip(facts, served, strict=True):
+                    conv = store.create_conversation(u.id, f["id"], source="bench")
+                    _, a = store.add_turn(conv.id, f["ask"], r.text, adapter=r.adapter, sources=r.sources)
+                    if likes(r.text, product):
+                        store.add_thumb(u.id, a.id, 1)
+                    else:
+                        store.add_thumb(u.id, a.id, -1)
+                        store.add_edit(u.id, a.id, edit(f["ideal"], product))
+            out["chat_s"] = round(time.perf_counter() - t0, 1)
+            out["training_like_rate_base"] = {t: like_rate([r.text for r in served], t, product) for t in TASTES}
+
+        # 5a. the examiners' held-out answers under the base model (by its name: a shared adapter may serve already)
+        examiner = store.create_user(examiner_name, "bench-examiner-pw")
+        base_answers = [r.text for r in ask_all(services, examiner, held, model=services.backend.model_name,
+                                                log=False)]
 
         # 3. the shared retrain, promoted for the comparison whatever the gate said
-        runner = runner_for(services)
-        t0 = time.perf_counter()
-        job = runner.start({"auto_promote": True, "build": {"split_ratios": [0.7, 0.1, 0.2]}}, requested_by="bench",
-                           trigger="bench")
-        job = runner.wait(job.id)
-        if job.status != "succeeded":
-            raise RuntimeError(f"shared retrain {job.status}: {job.error}")
-        shared_name = job.result["candidate"]
         shared_reg = Registry(settings, store)
-        if shared_reg.serving() != shared_name:
-            shared_reg.promote(shared_name, services, actor="bench", force=True,
-                               reason="bench: compared whatever the gate said")
+        t0 = time.perf_counter()
+        if reuse:
+            shared_name = shared_reg.serving()
+            out["shared"] = {"version": shared_name, "reused": True}
+        else:
+            job = runner.start({"auto_promote": True, "build": {"split_ratios": [0.7, 0.1, 0.2]}},
+                               requested_by="bench", trigger="bench")
+            job = runner.wait(job.id)
+            if job.status != "succeeded":
+                raise RuntimeError(f"shared retrain {job.status}: {job.error}")
+            shared_name = job.result["candidate"]
+            if shared_reg.serving() != shared_name:
+                shared_reg.promote(shared_name, services, actor="bench", force=True,
+                                   reason="bench: compared whatever the gate said")
+            out["shared"] = {"version": shared_name, "seconds": round(time.perf_counter() - t0, 1),
+                             "gate_passed": job.result["passed"], "reason": job.result["reason"],
+                             "timings": job.result["timings"]}
         shared_report = shared_reg.get(shared_name).report()
-        out["shared"] = {"version": shared_name, "seconds": round(time.perf_counter() - t0, 1),
-                         "gate_passed": job.result["passed"], "reason": job.result["reason"],
-                         "timings": job.result["timings"], "general_qa_base": general_qa(shared_report, "base"),
-                         "general_qa": general_qa(shared_report, "candidate")}
+        out["shared"].update(general_qa_base=general_qa(shared_report, "base"),
+                             general_qa=general_qa(shared_report, "candidate"))
         shared_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
         out["grounded_base"] = grounded_rate(base_answers, facts)
         out["grounded_shared"] = grounded_rate(shared_answers, facts)
@@ -305,14 +322,19 @@ def main() -> None:
     ap.add_argument("--asks", type=int, default=16, help="questions each user asks (at most the file's 16)")
     ap.add_argument("--home", type=Path, default=None, help="state folder (default: a fresh temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="write every number here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--home holds an earlier run: keep its users, feedback and shared adapter, and run the "
+                         "examiners and the personal retrains again")
     ns = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if ns.reuse and ns.home is None:
+        ap.error("--reuse needs --home (the earlier run's state folder)")
     home = ns.home or Path(tempfile.mkdtemp(prefix="bench-personal-"))
     def save(res: dict[str, Any]) -> None:
         if ns.json:
             ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
 
-    res = run(ns.model, ns.threads, ns.asks, home, save)
+    res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse)
     save(res)
     print(table(res))
 

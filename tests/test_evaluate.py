@@ -29,6 +29,7 @@ from training.evaluate import (
     fact_score,
     key_facts,
     keyword_score,
+    leaning,
     load_eval_set,
     load_general_suite,
     sign_test,
@@ -102,18 +103,23 @@ def test_without_a_significance_test_the_reason_does_not_claim_one() -> None:
     assert not same.passed and same.reason == "no gain above its minimum on grounded", same.reason
 
 
-def test_the_personal_gate_serves_on_answers_like_the_users_own_not_on_held_out_loss() -> None:
+def test_the_personal_gate_serves_on_answers_nearer_the_users_choice_not_on_held_out_loss() -> None:
     """A run of bench/personal.py served "bullets" and "follow-up" adapters on a gain in held-out loss alone; their
     greedy answers were the shared adapter's. The personal gate's gain is edit_match: the user's held-out questions
-    answered greedily, compared with the answer the user edited into or liked."""
+    answered greedily, each answer nearer the one the user chose than the one they turned down?"""
     from training.personal import PERSONAL_GATE
 
     cfg = GateConfig.from_dict(PERSONAL_GATE)
-    wanted = "- Lumen Desk Team includes 50 GB of storage\n- Source: the Lumen Desk documents"
-    plain = "The Team plan includes 50 GB of storage."
-    listed = "- Lumen Desk Team includes 50 GB of storage\n- Source: the Lumen Desk documents."
-    assert closeness(listed, wanted) > 0.95 > 0.6 > closeness(plain, wanted)
-    shared_own = [closeness(plain, wanted)] * 3
+    chosen = "- Brightleaf Labs\n- the maker of Lumen Desk\n- has 48 employees"  # the user's edit
+    turned_down = served_again = "Brightleaf Labs has 48 employees."  # what they edited, and the shared adapter
+    # the shape wanted, with a second line of filler (answers of a real run of the bench)
+    listed = "- Brightleaf Labs has 48 employees\n- The Lumen Desk documents are in two data centers in Busan"
+    # closeness alone prefers the plain answer (the words the two share weigh more than the shape); the leaning
+    # does not: what the chosen and the turned-down answer share cancels
+    assert closeness(listed, chosen) < closeness(served_again, chosen)
+    assert leaning(served_again, chosen, turned_down) < leaning(listed, chosen, turned_down) < 0.5 * leaning(
+        chosen, chosen, turned_down)
+    shared_own = [leaning(served_again, chosen, turned_down)] * 3
     base = mm("base", None, **GENERAL)
     serving = mm("baseline", val_loss=1.5, val_rows=3, edit_match=sum(shared_own) / 3, edit_match_scores=shared_own,
                  **GENERAL)
@@ -122,17 +128,17 @@ def test_the_personal_gate_serves_on_answers_like_the_users_own_not_on_held_out_
     d = decide(same_answers, serving, base, cfg)
     assert not d.passed and d.reason == "no gain above its minimum on edit_match", d.reason
     assert not [c for c in d.checks if c.metric == "val_loss"]  # measured, shown, never decides
-    own = [closeness(listed, wanted)] * 2 + [closeness(plain, wanted)]
+    own = [leaning(listed, chosen, turned_down)] * 2 + shared_own[:1]
     d = decide(mm("candidate", val_loss=1.6, val_rows=3, edit_match=sum(own) / 3, edit_match_scores=own, **GENERAL),
                serving, base, cfg)
     assert d.passed and d.gains == ["edit_match"], d.reason
     assert "won 2, lost 0" in next(c.detail for c in d.checks if c.kind == "gain")
-    assert any(n.startswith("edit_match on 3 held-out questions of the user's") for n in d.power), d.power
-    worse = [closeness("No.", wanted)] * 3
+    assert any(n.startswith("edit_match on 3 held-out choices of the user's") for n in d.power), d.power
+    worse = [leaning(turned_down + " Also, yes.", chosen, turned_down) - 0.2] * 3
     d = decide(mm("candidate", edit_match=sum(worse) / 3, edit_match_scores=worse, **GENERAL), serving, base, cfg)
     assert not d.passed and d.reason.startswith("regression: edit_match no regression"), d.reason
-    two = decide(mm("candidate", edit_match=1.0, edit_match_scores=[1.0], **GENERAL), serving, base, cfg)
-    assert two.declined and "edit_match: 1 held-out questions of the user's, fewer than 2" in two.reason, two.reason
+    one = decide(mm("candidate", edit_match=1.0, edit_match_scores=[1.0], **GENERAL), serving, base, cfg)
+    assert one.declined and "edit_match: 1 held-out choices of the user's, fewer than 2" in one.reason, one.reason
 
 
 def test_held_out_loss_alone_is_no_reason_to_promote() -> None:

@@ -22,9 +22,11 @@ Metrics, each measured for the candidate and the baseline (the general suite for
 - ``grounded``: on held-out document questions (never trained on), answered greedily with the source passage in
   the prompt, the share of the passage's key facts that the answer contains. ``grounded_trained``: the same on
   questions whose facts users asked, shown beside it and never deciding.
-- ``edit_match`` (asked for by the personal gate only): the user's held-out questions, answered greedily in the
-  served prompt, compared with the answer the user edited into or liked (`closeness`, difflib's character
-  similarity ratio, 0-1, so list markers, a closing question and the opening words count with the words).
+- ``edit_match`` (asked for by the personal gate only): the user's held-out choices (an answer they edited into
+  or chose, and the one they turned down), each question answered greedily in the served prompt; per question the
+  answer's closeness to the chosen answer minus its closeness to the turned-down one (`leaning`; closeness is
+  difflib's character similarity ratio, so list markers, a closing question and the opening words count with
+  the words, and what the two answers share cancels), -1 to 1, averaged.
 - ``general_ppl``: perplexity on short reference texts, and ``general_qa``: share of expected keywords
   in greedy answers to simple general questions: the catastrophic-forgetting guard. The shipped
   suite has 120 single-fact questions over eight areas (geography, arithmetic, science, animals,
@@ -85,6 +87,7 @@ from training.gate_metrics import (
     grounded_prompt,
     key_facts,
     keyword_score,
+    leaning,
     load_eval_set,
     load_general_suite,
     measure,
@@ -98,8 +101,8 @@ __all__ = ["DEFAULT_SYSTEM_PROMPT", "LABELS", "SUITE_DIR", "TARGET_METRICS", "Ch
            "EvalDataError", "EvalReport", "EvalSet", "GateConfig", "GateDecision", "GeneralQA", "GeneralSuite",
            "ModelMetrics", "PrefPair", "Progress", "Scorer", "closeness", "decide", "doc_qa_item", "evaluate",
            "fact_score", "general_power", "general_subset", "grounded_prompt", "key_facts", "keyword_score",
-           "load_eval_set", "load_general_suite", "main", "measure", "plot_report", "read_jsonl", "render_markdown",
-           "sign_test"]
+           "leaning", "load_eval_set", "load_general_suite", "main", "measure", "plot_report", "read_jsonl",
+           "render_markdown", "sign_test"]
 
 
 def load_models(base_model: Path, candidate: Path, baseline: Path | None, device: str = "cpu",

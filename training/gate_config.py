@@ -13,8 +13,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 TARGET_METRICS = ("val_loss", "pref_accuracy", "grounded", "liked_correct")
-# Every metric a gate may judge. edit_match (greedy answers to the user's own held-out questions, compared with
-# the answer they edited into or liked) costs a generation per question, so only the personal gate asks for it.
+# Every metric a gate may judge. edit_match (greedy answers to the user's own held-out questions: nearer the answer
+# they edited into or chose than the one they turned down?) costs a generation per question, so only the personal
+# gate asks for it.
 METRICS = (*TARGET_METRICS, "edit_match")
 # What users see: a promotion's gain must come from one of these (held-out loss over a few conversations moved
 # in every loop run, including the ones whose adapters answered worse: issue 26).
@@ -52,8 +53,8 @@ class GateConfig:
     min_grounded_gain: float = _f(0.05, "Smallest rise in the grounded-answer score that counts as a gain.")
     min_liked_correct_gain: float = _f(0.05, "Smallest rise in liked-and-correct that counts as a gain.")
     min_edit_match_gain: float = _f(
-        0.05, "Smallest rise in edit_match (mean closeness, 0-1, of greedy answers to the user's own answers) that "
-        "counts as a gain.")
+        0.05, "Smallest rise in edit_match (per held-out choice of the user's, closeness of the greedy answer to the "
+        "chosen answer minus its closeness to the turned-down one, -1 to 1, averaged) that counts as a gain.")
     min_sft_rows: int = _f(
         8, "Fewest held-out conversations (answers scored) for held-out loss to be judged at all.")
     min_pair_rows: int = _f(12, "Fewest held-out preference pairs for preference accuracy to be judged.")
@@ -63,8 +64,8 @@ class GateConfig:
         16, "Fewest held-out document questions (never trained on) for grounding to be judged. Below it the "
         "gate declines to decide: it cannot tell a candidate that lost grounding from one that did not.")
     min_edit_match_rows: int = _f(
-        8, "Fewest held-out questions of the user's own (with the answer they edited into or liked) for edit_match "
-        "to be judged.")
+        8, "Fewest held-out choices of the user's (an answer they edited into or chose, and the one they turned "
+        "down) for edit_match to be judged.")
     min_general_rows: int = _f(40, "Fewest general-suite questions for the forgetting guard to be judged.")
     val_loss_tolerance: float = _f(
         0.02, "Largest relative rise in held-out loss accepted on the way to a gain elsewhere (0.02 = 2%).")

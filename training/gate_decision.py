@@ -44,7 +44,7 @@ HIGHER_IS_BETTER = {"val_loss": False, "pref_accuracy": True, "liked_correct": T
 _SCORES = {"pref_accuracy": "pref_scores", "liked_correct": "liked_correct_scores", "grounded": "grounded_scores",
            "edit_match": "edit_match_scores"}
 _UNIT = {"val_loss": "conversations", "pref_accuracy": "pairs", "liked_correct": "pairs",
-         "grounded": "held-out questions", "edit_match": "held-out questions of the user's"}
+         "grounded": "held-out questions", "edit_match": "held-out choices of the user's"}
 
 
 def sign_test(candidate: Sequence[float], reference: Sequence[float]) -> tuple[int, int, float]:

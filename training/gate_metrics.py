@@ -74,18 +74,16 @@ class EvalSet:
         doc_qa = self.doc_qa_of("held-out")[:cfg.max_doc_qa] + self.doc_qa_of("trained")[:cfg.max_doc_qa]
         return EvalSet(self.sft[:cfg.max_sft], self.pairs[:cfg.max_pairs], doc_qa, self.source)
 
-    def own_answers(self) -> list[Completion]:
-        """The user's held-out questions with the answer they wanted (the held-out SFT rows: their edits and the
-        answers they liked), one per question, for edit_match."""
+    def own_choices(self) -> list[PrefPair]:
+        """The user's held-out choices for edit_match: each question once, with the answer they edited into or
+        chose and the one they turned down (the held-out preference pairs)."""
         seen: set[str] = set()
         out = []
-        for it in self.sft:
-            if not it.prompt or it.prompt[-1]["role"] != "user":
-                continue
-            key = json.dumps(it.prompt, sort_keys=True)
-            if key not in seen:
+        for p in self.pairs:
+            key = json.dumps(p.prompt, sort_keys=True)
+            if p.prompt and p.prompt[-1]["role"] == "user" and key not in seen:
                 seen.add(key)
-                out.append(it)
+                out.append(p)
         return out
 
     def doc_qa_of(self, split: str) -> list[DocQA]:
@@ -277,9 +275,16 @@ def fact_score(answer: str, facts: Sequence[str]) -> float:
 
 
 def closeness(answer: str, wanted: str) -> float:
-    """How close an answer is to the one the user wanted, 0-1: difflib's similarity ratio over the characters, so
-    the shape counts (list markers, a closing question, the opening words) as well as the words."""
+    """How close an answer is to another, 0-1: difflib's similarity ratio over the characters, so the shape counts
+    (list markers, a closing question, the opening words) as well as the words."""
     return difflib.SequenceMatcher(None, answer.strip(), wanted.strip(), autojunk=False).ratio()
+
+
+def leaning(answer: str, chosen: str, rejected: str) -> float:
+    """-1 to 1: how much nearer an answer is to the one the user chose than to the one they turned down. Both
+    answer the same question from the same passages, so what they share (mostly the facts) cancels and what the
+    user changed (the shape, the opening, the length) decides: the turned-down answer itself scores below 0."""
+    return closeness(answer, chosen) - closeness(answer, rejected)
 
 
 def keyword_score(answer: str, groups: Sequence[Sequence[str]]) -> float:
@@ -432,7 +437,7 @@ class ModelMetrics:
     pref_scores: list[float] | None = None  # per held-out pair: 1.0 when the chosen answer ranks higher
     liked_correct: float | None = None  # pref_accuracy over the pairs whose chosen answer is correct
     liked_correct_scores: list[float] | None = None
-    edit_match: float | None = None  # the user's held-out questions: closeness to the answer they wanted
+    edit_match: float | None = None  # the user's held-out choices: nearer the chosen answer than the turned-down one
     edit_match_scores: list[float] | None = None
     grounded: float | None = None  # held-out document questions: never trained on
     grounded_scores: list[float] | None = None  # per held-out document question (for the sign test)
@@ -470,12 +475,12 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
             mm.pref_accuracy, mm.pref_margin = _mean(mm.pref_scores), _mean(margins)
             mm.liked_correct_scores = [w for w, p in zip(mm.pref_scores, eval_set.pairs, strict=True) if p.correct]
             mm.liked_correct = _mean(mm.liked_correct_scores)
-        own = eval_set.own_answers() if held_out and "edit_match" in {*scorer.cfg.target_metrics,
+        own = eval_set.own_choices() if held_out and "edit_match" in {*scorer.cfg.target_metrics,
                                                                        *scorer.cfg.gain_metrics} else []
         if own:
             progress({"event": "eval_progress", "model": label, "check": "edit_match"})
-            answers = scorer.generate([it.prompt for it in own])
-            mm.edit_match_scores = [closeness(a, it.completion) for a, it in zip(answers, own, strict=True)]
+            answers = scorer.generate([p.prompt for p in own])
+            mm.edit_match_scores = [leaning(a, p.chosen, p.rejected) for a, p in zip(answers, own, strict=True)]
             mm.edit_match = _mean(mm.edit_match_scores)
             mm.answers["edit_match"] = answers
         if held_out and eval_set.doc_qa:
@@ -507,7 +512,7 @@ def _mean(xs: Sequence[float] | None) -> float | None:
 
 def samples(metrics: dict[str, ModelMetrics], eval_set: EvalSet, suite: GeneralSuite, n: int) -> list[dict]:
     out = []
-    own = [it.prompt[-1]["content"] for it in eval_set.own_answers()]
+    own = [p.prompt[-1]["content"] for p in eval_set.own_choices()]
     for check, questions in (("edit_match", own), ("grounded", [q.question for q in eval_set.doc_qa]),
                              ("general_qa", [q.question for q in suite.qa])):
         for i, q in enumerate(questions[:n]):

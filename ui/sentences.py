@@ -153,7 +153,7 @@ _METRIC_LABELS = {
     "preference accuracy (liked, all held-out pairs)": "rm_pref_accuracy",
     "liked-and-correct (pairs whose chosen answer its passages support)": "rm_liked_correct",
     "mean log-prob margin": "rm_pref_margin",
-    "answers like the user's own (held-out questions, closeness 0-1)": "rm_edit_match",
+    "answers nearer the user's choice than what they turned down (held-out, -1 to 1)": "rm_edit_match",
     "grounded answers, held-out questions (decides)": "rm_grounded",
     "grounded answers, trained questions (shown beside)": "rm_grounded_trained",
     "general-text perplexity": "rm_general_ppl", "general questions": "rm_general_qa",
