@@ -187,6 +187,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
             if None in users.values() or Registry(settings, store).serving() is None:
                 raise SystemExit(f"--reuse: {home} holds no finished shared retrain of this bench")
             out["reused"] = str(home)
+            out["recovered_jobs"] = runner.recover()  # a job the earlier run left "running" when it was stopped
             examiner_name = f"examiner-{int(time.time())}"
         else:
             admin = store.create_user("admin", "bench-admin-pw", role="admin")
