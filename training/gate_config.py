@@ -37,8 +37,7 @@ class GateConfig:
         list(TARGET_METRICS),
         "Metrics on which the candidate must not regress (beyond its *_tolerance) against the serving adapter. "
         "Choose from val_loss, pref_accuracy, grounded, liked_correct, edit_match. Metrics the held-out set cannot "
-        "measure, "
-        "or measures on fewer rows than their min_*_rows, are skipped and reported.")
+        "measure, or measures on fewer rows than their min_*_rows, are skipped and reported.")
     gain_metrics: list[str] = _f(
         list(USER_METRICS),
         "Metrics a promotion's gain must come from: at least one must rise by its min_*_gain AND significantly "

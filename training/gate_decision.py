@@ -96,14 +96,18 @@ def _paired(candidate: ModelMetrics, baseline: ModelMetrics, metric: str) -> tup
     return (c, b) if c and b and len(c) == len(b) else None
 
 
+def _rules(cfg: GateConfig) -> dict[str, tuple[float, float, bool]]:
+    """Per judged metric: (smallest gain, largest drop accepted, whether both are relative)."""
+    return {"val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),
+            "pref_accuracy": (cfg.min_pref_accuracy_gain, cfg.pref_accuracy_tolerance, False),
+            "liked_correct": (cfg.min_liked_correct_gain, cfg.liked_correct_tolerance, False),
+            "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False),
+            "edit_match": (cfg.min_edit_match_gain, cfg.edit_match_tolerance, False)}
+
+
 def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig) -> list[Check]:
     """The gain check (for a gain metric) and the no-regression check (for a target metric) of one metric."""
-    rules = {"val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),  # (gain, tolerance, relative)
-             "pref_accuracy": (cfg.min_pref_accuracy_gain, cfg.pref_accuracy_tolerance, False),
-             "liked_correct": (cfg.min_liked_correct_gain, cfg.liked_correct_tolerance, False),
-             "grounded": (cfg.min_grounded_gain, cfg.grounded_tolerance, False),
-             "edit_match": (cfg.min_edit_match_gain, cfg.edit_match_tolerance, False)}
-    min_gain, tol, relative = rules[metric]
+    min_gain, tol, relative = _rules(cfg)[metric]
     c, b = candidate.value(metric), baseline.value(metric)
     assert c is not None and b is not None
     up = HIGHER_IS_BETTER[metric]
@@ -183,8 +187,7 @@ def power_notes(candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig
                                                             f"differently here)" if here is not None else
                                                             f" (the two differ on {differing}: no gain could count)"))
         if metric in cfg.target_metrics and metric != "val_loss":
-            tol = {"liked_correct": cfg.liked_correct_tolerance, "grounded": cfg.grounded_tolerance,
-                   "edit_match": cfg.edit_match_tolerance}.get(metric, cfg.pref_accuracy_tolerance)
+            tol = _rules(cfg)[metric][1]
             if metric == "edit_match":  # a mean of closeness, not a count of items won
                 parts.append(f"a mean drop of more than {tol:.2f} is refused, whatever else improved")
             else:

@@ -70,7 +70,8 @@ log = logging.getLogger("assistant.personal")
 #   40, not 120. At 40 one question is 0.025: the tolerance keeps the shared gate's rule, a net loss of one question
 #   passes and two do not.
 # - No validation split: early stopping on one or two rows is noise, so they train instead and the trainer runs no
-#   evaluation passes; no DPO stage on fewer than MIN_DPO_PAIRS pairs (training/personal_data.py).
+#   evaluation passes. No DPO stage (PERSONAL_TRAIN below); a caller who asks for one gets none on fewer than
+#   MIN_DPO_PAIRS pairs (training/personal_data.py).
 PERSONAL_GATE: dict[str, Any] = {
     "target_metrics": ["edit_match", "grounded"],
     "gain_metrics": ["edit_match"],
