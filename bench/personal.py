@@ -159,7 +159,9 @@ def run(model: str | None, threads: int, asks: int, home: Path,
     from assistant.actions.personal import PersonalActions
     from assistant.config import Settings
     from assistant.services import build_services
+    from bench.loop import write_gate_questions
     from training.jobs import runner_for
+    from training.loop import GATE_QUESTIONS, keep_held_out_questions
     from training.registry import Registry
 
     qa = json.loads(QA_FILE.read_text(encoding="utf-8"))
@@ -181,6 +183,10 @@ def run(model: str | None, threads: int, asks: int, home: Path,
         runner = runner_for(services)
         examiner_name = "examiner"
         held = [f["heldout"] for f in facts]
+        # The gate's document questions: the question file's frozen `gate` questions (nobody asks them) decide, the
+        # users' own questions are shown beside (bench/loop.py). The shared version keeps the held-out ones, and
+        # each personal gate asks them too.
+        gate_questions = write_gate_questions(qa, home / "gate_questions.jsonl")
         if reuse:
             # A home where steps 1-3 ran: the same users, the same feedback, the shared adapter serving.
             users = {taste: store.get_user_by_name(f"user-{taste}") for taste in TASTES}
@@ -188,6 +194,9 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                 raise SystemExit(f"--reuse: {home} holds no finished shared retrain of this bench")
             out["reused"] = str(home)
             out["recovered_jobs"] = runner.recover()  # a job the earlier run left "running" when it was stopped
+            kept = Registry(settings, store).get(Registry(settings, store).serving()).eval_dir / GATE_QUESTIONS
+            if not kept.is_file():  # a shared version of a run from before its gate questions were kept
+                keep_held_out_questions(gate_questions, kept)
             examiner_name = f"examiner-{int(time.time())}"
         else:
             admin = store.create_user("admin", "bench-admin-pw", role="admin")
@@ -226,8 +235,8 @@ def run(model: str | None, threads: int, asks: int, home: Path,
             shared_name = shared_reg.serving()
             out["shared"] = {"version": shared_name, "reused": True}
         else:
-            job = runner.start({"auto_promote": True, "build": {"split_ratios": [0.7, 0.1, 0.2]}},
-                               requested_by="bench", trigger="bench")
+            job = runner.start({"auto_promote": True, "build": {"split_ratios": [0.7, 0.1, 0.2]},
+                                "eval_doc_qa": str(gate_questions)}, requested_by="bench", trigger="bench")
             job = runner.wait(job.id)
             if job.status != "succeeded":
                 raise RuntimeError(f"shared retrain {job.status}: {job.error}")
@@ -264,8 +273,13 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                 rep = v.report()
                 trained = json.loads((v.adapter_dir / "training_result.json").read_text(encoding="utf-8"))
                 row.update(train_rows=sum(st.get("train_rows") or 0 for st in trained.get("stages", [])),
+                           feedback_rows=_feedback_rows(v.adapter_dir),
                            edit_match=_metric(rep, "candidate", "edit_match"),
-                           edit_match_shared=_metric(rep, "baseline", "edit_match"))
+                           edit_match_shared=_metric(rep, "baseline", "edit_match"),
+                           gate_grounded=_metric(rep, "candidate", "grounded"),
+                           gate_grounded_shared=_metric(rep, "baseline", "grounded"),
+                           gate_check_seconds={k: (rep or {}).get("metrics", {}).get(k, {}).get("check_seconds")
+                                               for k in ("baseline", "candidate")})
                 row.update(version=name, served=reg.serving() == name, gate_passed=pj.result["passed"],
                            reason=pj.result["reason"], timings=pj.result["timings"],
                            general_qa=general_qa(rep, "candidate"),
@@ -294,10 +308,20 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
+def _feedback_rows(adapter_dir: Path) -> int | None:
+    """The user's own rows the candidate trained on (its dataset's SFT training split, replay rows not counted)."""
+    try:
+        manifest = json.loads((adapter_dir / "dataset_manifest.json").read_text(encoding="utf-8"))
+        return sum(n for src, n in manifest["by_source"]["sft"]["train"].items() if not src.startswith("replay"))
+    except (OSError, KeyError, ValueError, AttributeError):
+        return None
+
+
 def table(res: dict[str, Any]) -> str:
     lines = ["| user (taste) | like: base | shared | personal | gain vs base | vs shared | grounded: personal "
-             "| general_qa: personal | gate edit_match: shared / personal | train rows | retrain s | served |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| general_qa: personal | gate edit_match: shared / personal | gate grounded: shared / personal "
+             "| train rows (user's) | retrain s | served |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for taste, r in res["users"].items():
         p = r.get("like_personal")
         gain = f"{100 * (p - r['like_base']):+.1f}" if p is not None else "-"
@@ -305,7 +329,9 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {taste} | {100 * r['like_base']:.1f} | {100 * r['like_shared']:.1f} | "
                      f"{'-' if p is None else f'{100 * p:.1f}'} | {gain} | {vs} | "
                      f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} | "
-                     f"{r.get('edit_match_shared', '-')} / {r.get('edit_match', '-')} | {r.get('train_rows', '-')} | "
+                     f"{r.get('edit_match_shared', '-')} / {r.get('edit_match', '-')} | "
+                     f"{r.get('gate_grounded_shared', '-')} / {r.get('gate_grounded', '-')} | "
+                     f"{r.get('train_rows', '-')} ({r.get('feedback_rows', '-')}) | "
                      f"{r['seconds']} | {r.get('served', '-')} |")
     sh = res.get("shared", {})
     lines.append("")

@@ -354,6 +354,30 @@ def test_continue_from_existing_adapter_and_type_checks(
         run_training(cfg(tiny_model_dir, liger=True), data, tmp_path / "o4")
 
 
+def test_lora_layers_trains_the_last_layers_only_and_keeps_the_ones_below(
+    tmp_path: Path, tiny_model_dir: Path, tiny_adapters: dict[str, Path]
+) -> None:
+    import re
+
+    from safetensors.torch import load_file
+
+    data = make_snapshot(tmp_path / "data", dpo=False)
+    start = tiny_adapters["alpha"]
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    result = run_training(cfg(tiny_model_dir, init_adapter=str(start), max_steps=2, evals_per_epoch=0, lora_layers=1,
+                              lora_dropout=0.0), data, tmp_path / "out")
+    old = load_file(start / "adapter_model.safetensors")
+    new = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert old.keys() == new.keys()
+    layer_of = {k: int(re.search(r"\.layers\.(\d+)\.", k).group(1)) for k in old}
+    moved = {layer_of[k] for k in old if not (old[k] == new[k]).all()}
+    assert moved == {layers - 1}, f"only the last layer may move, moved: {sorted(moved)}"
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["lora_dropout"] == 0.0  # the job's dropout, not the starting adapter's
+    with pytest.raises(ValueError, match="lora_layers must be >= 1"):
+        cfg(tiny_model_dir, lora_layers=0)
+
+
 def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir: Path) -> None:
     """Padding-free packing (what GPU runs use) must not let sequences attend to each other."""
     import torch

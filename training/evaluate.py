@@ -56,6 +56,7 @@ ran (passed or not), 1 when it failed, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -63,6 +64,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,13 +168,25 @@ def _read_general(path: Path | None, suite: GeneralSuite) -> dict[str, Any] | No
         return None
 
 
-def _write_general(path: Path | None, mm: ModelMetrics) -> None:
+def _write_general(path: Path | None, mm: ModelMetrics, grounded_key: str | None = None) -> None:
+    """Keep `mm`'s general-suite results in `path`, and its grounded answers under `grounded_key` (the questions'
+    hash) beside the ones kept for other question sets."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    grounded: dict[str, list[str]] = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        grounded = dict(json.loads(path.read_text(encoding="utf-8")).get("grounded") or {})
+    if grounded_key is not None and "grounded" in mm.answers:
+        grounded[grounded_key] = mm.answers["grounded"]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"general_ppl": mm.general_ppl, "answers": mm.answers["general_qa"]}), encoding="utf-8")
+    tmp.write_text(json.dumps({"general_ppl": mm.general_ppl, "answers": mm.answers["general_qa"],
+                               "grounded": grounded}), encoding="utf-8")
     tmp.replace(path)
+
+
+def _questions_key(questions: Sequence[DocQA]) -> str:
+    return hashlib.sha256(json.dumps([[q.question, q.passage, q.title] for q in questions]).encode()).hexdigest()[:24]
 
 
 def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *,
@@ -218,11 +232,15 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
     if known is None:
         _write_general(cache_file, metrics["base"])
     if baseline is not None:
+        # The serving adapter's answers are the same for every candidate judged against it (every personal
+        # retrain of every user): its general answers and its answers to each set of document questions are kept.
         known_baseline = _read_general(baseline_file, suite)
+        qa_key = _questions_key(es.doc_qa) if es.doc_qa else None
+        known_grounded = ((known_baseline or {}).get("grounded") or {}).get(qa_key) if qa_key else None
         metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit,
-                                      general=known_baseline)
-        if known_baseline is None:
-            _write_general(baseline_file, metrics["baseline"])
+                                      general=known_baseline, grounded=known_grounded)
+        if known_baseline is None or (qa_key is not None and known_grounded is None):
+            _write_general(baseline_file, metrics["baseline"], qa_key)
     metrics["candidate"] = measure(scorer, "candidate", "candidate", candidate_name or str(candidate), es, suite,
                                    emit)
     base_ref = metrics["base"]

@@ -447,6 +447,7 @@ class ModelMetrics:
     general_qa: float | None = None
     general_qa_scores: list[float] | None = None  # per question, in suite order (for the sign test)
     seconds: float = 0.0
+    check_seconds: dict[str, float] = field(default_factory=dict)  # check -> seconds it took for this model
     answers: dict[str, list[str]] = field(default_factory=dict)  # check -> answers (for samples)
 
     def value(self, metric: str) -> float | None:
@@ -457,48 +458,62 @@ class ModelMetrics:
 # ------------------------------------------------------------------------------------------ running
 def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None, eval_set: EvalSet,
             suite: GeneralSuite, progress: Progress, *, held_out: bool = True,
-            general: dict[str, Any] | None = None) -> ModelMetrics:
+            general: dict[str, Any] | None = None, grounded: list[str] | None = None) -> ModelMetrics:
     """Every metric for one model state (base = adapter None). `general`: the general-suite results
-    already known for this state (`_base_cache`), used instead of running the suite again."""
+    already known for this state (`_base_cache`), used instead of running the suite again; `grounded`: its
+    answers to these document questions, known the same way."""
     t0 = time.perf_counter()
     mm = ModelMetrics(label=label, adapter=display)
+    # A held-out measure that no check of this gate reads is not run (the personal gate reads edit_match and
+    # grounded: held-out loss and preference accuracy would cost it a forward pass per row and decide nothing).
+    reads = {*scorer.cfg.target_metrics, *scorer.cfg.gain_metrics}
+
+    @contextmanager
+    def check(name: str, **extra: Any) -> Iterator[None]:
+        progress({"event": "eval_progress", "model": label, "check": name, **extra})
+        started = time.perf_counter()
+        yield
+        mm.check_seconds[name] = round(time.perf_counter() - started, 2)
+
     with scorer.using(adapter):
-        if held_out and eval_set.sft:
-            progress({"event": "eval_progress", "model": label, "check": "val_loss"})
-            mm.val_loss, mm.val_tokens = scorer.val_loss(eval_set.sft)
-            mm.val_rows = len(eval_set.sft)
-            mm.val_ppl = math.exp(min(mm.val_loss, 700))
-        if held_out and eval_set.pairs:
-            progress({"event": "eval_progress", "model": label, "check": "pref_accuracy"})
-            margins = scorer.preference(eval_set.pairs)
-            mm.pref_scores = [float(m > 0) for m in margins]
-            mm.pref_accuracy, mm.pref_margin = _mean(mm.pref_scores), _mean(margins)
-            mm.liked_correct_scores = [w for w, p in zip(mm.pref_scores, eval_set.pairs, strict=True) if p.correct]
-            mm.liked_correct = _mean(mm.liked_correct_scores)
-        own = eval_set.own_choices() if held_out and "edit_match" in {*scorer.cfg.target_metrics,
-                                                                       *scorer.cfg.gain_metrics} else []
+        if held_out and eval_set.sft and "val_loss" in reads:
+            with check("val_loss"):
+                mm.val_loss, mm.val_tokens = scorer.val_loss(eval_set.sft)
+                mm.val_rows = len(eval_set.sft)
+                mm.val_ppl = math.exp(min(mm.val_loss, 700))
+        if held_out and eval_set.pairs and reads & {"pref_accuracy", "liked_correct"}:
+            with check("pref_accuracy"):
+                margins = scorer.preference(eval_set.pairs)
+                mm.pref_scores = [float(m > 0) for m in margins]
+                mm.pref_accuracy, mm.pref_margin = _mean(mm.pref_scores), _mean(margins)
+                mm.liked_correct_scores = [w for w, p in zip(mm.pref_scores, eval_set.pairs, strict=True)
+                                           if p.correct]
+                mm.liked_correct = _mean(mm.liked_correct_scores)
+        own = eval_set.own_choices() if held_out and "edit_match" in reads else []
         if own:
-            progress({"event": "eval_progress", "model": label, "check": "edit_match"})
-            answers = scorer.generate([p.prompt for p in own])
-            mm.edit_match_scores = [leaning(a, p.chosen, p.rejected) for a, p in zip(answers, own, strict=True)]
-            mm.edit_match = _mean(mm.edit_match_scores)
-            mm.answers["edit_match"] = answers
+            with check("edit_match"):
+                answers = scorer.generate([p.prompt for p in own])
+                mm.edit_match_scores = [leaning(a, p.chosen, p.rejected) for a, p in zip(answers, own, strict=True)]
+                mm.edit_match = _mean(mm.edit_match_scores)
+                mm.answers["edit_match"] = answers
         if held_out and eval_set.doc_qa:
-            progress({"event": "eval_progress", "model": label, "check": "grounded"})
-            answers = scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
-            scored = [(q.split, fact_score(a, q.key_facts)) for a, q in zip(answers, eval_set.doc_qa, strict=True)]
-            mm.grounded_scores = [x for split, x in scored if split == "held-out"] or None
-            mm.grounded = _mean(mm.grounded_scores)
-            mm.grounded_trained_scores = [x for split, x in scored if split == "trained"] or None
-            mm.grounded_trained = _mean(mm.grounded_trained_scores)
-            mm.answers["grounded"] = answers
+            with check("grounded", cached=grounded is not None):
+                answers = grounded if grounded is not None and len(grounded) == len(eval_set.doc_qa) else \
+                    scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
+                scored = [(q.split, fact_score(a, q.key_facts)) for a, q in zip(answers, eval_set.doc_qa,
+                                                                                strict=True)]
+                mm.grounded_scores = [x for split, x in scored if split == "held-out"] or None
+                mm.grounded = _mean(mm.grounded_scores)
+                mm.grounded_trained_scores = [x for split, x in scored if split == "trained"] or None
+                mm.grounded_trained = _mean(mm.grounded_trained_scores)
+                mm.answers["grounded"] = answers
         if general is not None:
             progress({"event": "eval_progress", "model": label, "check": "general", "cached": True})
             mm.general_ppl, answers = general["general_ppl"], general["answers"]
         else:
-            progress({"event": "eval_progress", "model": label, "check": "general"})
-            mm.general_ppl, _ = scorer.text_perplexity([t for _, t in suite.reference])
-            answers = scorer.generate([scorer.with_system(q.question) for q in suite.qa])
+            with check("general"):
+                mm.general_ppl, _ = scorer.text_perplexity([t for _, t in suite.reference])
+                answers = scorer.generate([scorer.with_system(q.question) for q in suite.qa])
         mm.general_qa_scores = [keyword_score(a, q.keywords) for a, q in zip(answers, suite.qa, strict=True)]
         mm.general_qa = sum(mm.general_qa_scores) / len(answers)
         mm.answers["general_qa"] = answers

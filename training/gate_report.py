@@ -109,8 +109,12 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"**Decision: {verdict_word(d)}** — {d['reason']}", "",
              f"Base model `{r['base_model']}`; held-out set `{r['eval_set'].get('source', '')}` "
              f"({', '.join(f'{k} {v}' for k, v in r['eval_set'].get('sizes', {}).items())}); "
-             f"evaluated in {r['seconds']:.1f} s on {r['created_at']}.", "",
-             "## Metrics", "",
+             f"evaluated in {r['seconds']:.1f} s on {r['created_at']}.", ""]
+    spent = [f"{head[c].split(' (')[0]}: " + ", ".join(f"{k} {v:.0f} s" for k, v in m[c]["check_seconds"].items())
+             for c in cols if m[c].get("check_seconds")]
+    if spent:
+        lines += ["Time per check: " + "; ".join(spent) + ".", ""]
+    lines += ["## Metrics", "",
              "| metric | better | " + " | ".join(head[c] for c in cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for key, label, better in _METRIC_ROWS:

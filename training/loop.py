@@ -17,6 +17,7 @@ Used by `training.jobs` (jobs started from the API, the UI, the scheduler) and b
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from training.evaluate import GateConfig
 from training.personal import PERSONAL_GATE, enforce_disk
-from training.registry import Registry
+from training.registry import Registry, UnknownVersion
 from training.train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -347,10 +348,13 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     train_cfg = TrainConfig.from_dict({
         "threads": settings.train_threads, **options.train, "base_model": str(base_model),
         "init_adapter": str(parent_dir) if from_parent else None})
-    # A personal candidate answers the shared gate's held-out document questions (the user's own data has none).
-    qa_from = _latest_shared_snapshot(settings) if personal else snapshot
+    # A personal candidate answers the held-out document questions the serving shared adapter was judged on (the
+    # user's own data has none); a shared version registered without them leaves the latest shared snapshot's.
+    shared_questions = _gate_questions(shared, parent) if personal else None
+    qa_from = (_latest_shared_snapshot(settings) if shared_questions is None else None) if personal else snapshot
     gate_cfg = GateConfig.from_dict({**(PERSONAL_GATE if personal else {}), **options.gate})
-    inputs = cycle_inputs(settings, snapshot, train_cfg, parent if from_parent else None, parent, gate_cfg, qa_from)
+    inputs = cycle_inputs(settings, snapshot, train_cfg, parent if from_parent else None, parent, gate_cfg, qa_from,
+                          shared_questions)
     twin = refused_twin(registry, inputs)
     if twin is not None:
         # Training is deterministic (fixed seeds): the same inputs give the same candidate and the same verdict.
@@ -405,7 +409,11 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     # 4. evaluate (child process)
     phase("evaluate")
     t0 = time.perf_counter()
-    doc_qa = _doc_qa_file(services, qa_from, work, passage_for, options.eval_doc_qa) if qa_from else None
+    if shared_questions is not None:
+        doc_qa = work / GATE_QUESTIONS
+        doc_qa.write_bytes(shared_questions.read_bytes())
+    else:
+        doc_qa = _doc_qa_file(services, qa_from, work, passage_for, options.eval_doc_qa) if qa_from else None
     gate_path = work / "gate.json"
     gate_path.write_text(json.dumps(gate_cfg.to_dict(), indent=2), encoding="utf-8")
     eval_out = work / "eval"
@@ -447,6 +455,8 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     passed = bool(verdict["passed"])
     if eval_out.is_dir():  # what decided this candidate, so that a retrain on the same can be skipped
         (eval_out / INPUTS_FILE).write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if doc_qa is not None and not personal:  # kept with the version: its users' personal gates ask them too
+            keep_held_out_questions(doc_qa, eval_out / GATE_QUESTIONS)
     version = registry.register(adapter_dir, parent=parent, gate="passed" if passed else "failed",
                                 metrics=verdict.get("headline") or {}, report_dir=eval_out, job_id=job_id,
                                 dataset=snapshot.name, note=verdict.get("reason"), move=True)
@@ -475,7 +485,8 @@ INPUTS_FILE = "inputs.json"  # in a version's eval/ folder: `cycle_inputs` of th
 
 
 def cycle_inputs(settings: Settings, snapshot: Path, train_cfg: TrainConfig, init_from: str | None,
-                 judged_against: str | None, gate_cfg: GateConfig, eval_from: Path | None) -> dict[str, Any]:
+                 judged_against: str | None, gate_cfg: GateConfig, eval_from: Path | None,
+                 questions: Path | None = None) -> dict[str, Any]:
     """Everything that decides a candidate and its verdict, without paths: the dataset's content, the training
     options, the adapter it starts from, the adapter and the gate it is judged with, and the held-out document
     questions' dataset. Two cycles with equal inputs train the same adapter (fixed seeds) and get the same verdict."""
@@ -486,8 +497,34 @@ def cycle_inputs(settings: Settings, snapshot: Path, train_cfg: TrainConfig, ini
         return json.loads(manifest.read_text(encoding="utf-8")).get("content_sha256")
 
     train = {k: v for k, v in train_cfg.to_dict().items() if k not in ("base_model", "init_adapter", "threads")}
-    return {"base_model": settings.model, "dataset": content(snapshot), "train": train, "init_from": init_from,
-            "judged_against": judged_against, "gate": gate_cfg.to_dict(), "eval_data": content(eval_from)}
+    out = {"base_model": settings.model, "dataset": content(snapshot), "train": train, "init_from": init_from,
+           "judged_against": judged_against, "gate": gate_cfg.to_dict(), "eval_data": content(eval_from)}
+    if questions is not None:
+        out["gate_questions"] = hashlib.sha256(questions.read_bytes()).hexdigest()
+    return out
+
+
+GATE_QUESTIONS = "doc_qa.jsonl"  # a version's held-out document questions, kept in its evaluation folder
+
+
+def keep_held_out_questions(doc_qa: Path, dest: Path) -> None:
+    """The held-out rows of a gate's document questions (those that decide), to `dest`."""
+    rows = [line for line in doc_qa.read_text(encoding="utf-8").splitlines()
+            if line.strip() and (json.loads(line).get("split") or "held-out") == "held-out"]
+    if rows:
+        dest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def _gate_questions(shared: Registry, version: str | None) -> Path | None:
+    """The held-out document questions the shared `version` was judged on, or None (no version, or one
+    registered before they were kept)."""
+    if version is None:
+        return None
+    try:
+        path = shared.get(version).eval_dir / GATE_QUESTIONS
+    except UnknownVersion:
+        return None
+    return path if path.is_file() else None
 
 
 def refused_twin(registry: Registry, inputs: dict[str, Any]) -> AdapterVersion | None:

@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -288,7 +289,9 @@ def _wrap_peft(model: Any, config: TrainConfig) -> Any:
         got = pm.peft_config["default"].peft_type.value
         if got != wanted:
             raise ValueError(f"init_adapter {path} is a {got} adapter but peft_method={config.peft_method!r}")
-        return pm
+        if wanted == "LORA":
+            _set_lora_dropout(pm, config.lora_dropout)  # the job's, not the one the adapter was trained with
+        return _train_last_layers(pm, config.lora_layers)
     if wanted == "LORA":
         target = config.lora_target_modules
         peft_cfg = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -298,7 +301,39 @@ def _wrap_peft(model: Any, config: TrainConfig) -> Any:
                                       prompt_tuning_init=PromptTuningInit.RANDOM)
     else:
         peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens)
-    return get_peft_model(model, peft_cfg)
+    pm = get_peft_model(model, peft_cfg)
+    return _train_last_layers(pm, config.lora_layers) if wanted == "LORA" else pm
+
+
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _set_lora_dropout(pm: Any, p: float) -> None:
+    """Every LoRA module's input dropout set to `p` (0: none), and the saved config saying so."""
+    import torch
+
+    for module in pm.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, torch.nn.ModuleDict):
+            for name in list(drop.keys()):
+                drop[name] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+    for cfg in pm.peft_config.values():
+        cfg.lora_dropout = p
+
+
+def _train_last_layers(pm: Any, n: int | None) -> Any:
+    """Freeze the LoRA weights below the last `n` decoder layers (`TrainConfig.lora_layers`). Autograd then
+    records nothing below the lowest trained layer, so the backward pass stops there."""
+    if n is None:
+        return pm
+    layers = {int(m.group(1)) for name, _ in pm.named_parameters() if (m := _LAYER_RE.search(name))}
+    if not layers:
+        raise ValueError("lora_layers: the model's parameters name no numbered decoder layers")
+    first = max(layers) + 1 - n
+    for name, param in pm.named_parameters():
+        if "lora_" in name and (m := _LAYER_RE.search(name)) and int(m.group(1)) < first:
+            param.requires_grad = False
+    return pm
 
 
 def count_params(model: Any) -> tuple[int, int]:

@@ -48,6 +48,13 @@ class TrainConfig:
     lora_target_modules: str | list[str] = _f(
         "all-linear", "Modules that get LoRA: 'all-linear' or a list of module names such as ['q_proj', 'v_proj']."
     )
+    lora_layers: int | None = _f(
+        None,
+        "Train the LoRA weights of the last N decoder layers only. The layers below keep theirs frozen (a fresh "
+        "adapter's stay zero, an init_adapter's stay as they are), and the backward pass stops at the lowest "
+        "trained layer: on SmolLM2-135M (30 layers) the last 8 took steps about 1.7x faster on the 2-core CPU "
+        "(docs/personal.md). None = every layer.",
+    )
     num_virtual_tokens: int = _f(16, "Virtual tokens for prompt tuning / prefix tuning.")
     init_adapter: str | None = _f(
         None,
@@ -222,6 +229,8 @@ class TrainConfig:
             errors.append("dpo_sft_weight must be >= 0")
         elif self.dpo_sft_weight > 0 and self.dpo_loss_type == "sft":
             errors.append("dpo_sft_weight adds an SFT term; dpo_loss_type is already 'sft'")
+        if self.lora_layers is not None and (self.lora_layers < 1 or self.peft_method not in ("lora", "qlora")):
+            errors.append("lora_layers must be >= 1 or null, and only with peft_method lora or qlora")
         if not 0 <= self.lora_dropout < 1:
             errors.append("lora_dropout must be in [0, 1)")
         if not 0 <= self.warmup_ratio < 1:
