@@ -151,10 +151,12 @@ def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ the run
 def run(model: str | None, threads: int, asks: int, home: Path,
-        saved: Callable[[dict[str, Any]], None] = lambda _res: None, reuse: bool = False) -> dict[str, Any]:
+        saved: Callable[[dict[str, Any]], None] = lambda _res: None, reuse: bool = False,
+        only: list[str] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers.
     `reuse`: `home` holds an earlier run's users, feedback and shared adapter; only the examiners' answers and the
-    personal retrains run again (to measure a personal recipe without the shared retrain's 40-60 minutes)."""
+    personal retrains run again (to measure a personal recipe without the shared retrain's 40-60 minutes), for the
+    users in `only`; `options`: personal retrain options over the defaults (`PersonalActions.train`)."""
     from assistant.actions.base import Operator
     from assistant.actions.personal import PersonalActions
     from assistant.config import Settings
@@ -176,7 +178,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
     services = build_services(settings)
     t_start = time.perf_counter()
     out: dict[str, Any] = {"machine": {"cpu": _cpu(), "threads": threads, "python": platform.python_version()},
-                           "model": settings.model, "asks": len(facts), "users": {}}
+                           "model": settings.model, "asks": len(facts), "options": options or {}, "users": {}}
     try:
         store = services.store
         actions = PersonalActions(services)
@@ -258,8 +260,10 @@ def run(model: str | None, threads: int, asks: int, home: Path,
         # 4. one personal retrain per user, then 5b. their held-out answers under their personal candidate
         operator = Operator("bench")
         for taste, u in users.items():
+            if only is not None and taste not in only:
+                continue
             t0 = time.perf_counter()
-            pj = actions.train(operator, u.id, {})
+            pj = actions.train(operator, u.id, options or {})
             pj = runner.wait(pj["id"])
             seconds = round(time.perf_counter() - t0, 1)
             row: dict[str, Any] = {"job": pj.id, "status": pj.status, "seconds": seconds, "error": pj.error}
@@ -352,7 +356,15 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="--home holds an earlier run: keep its users, feedback and shared adapter, and run the "
                          "examiners and the personal retrains again")
+    ap.add_argument("--users", default=",".join(TASTES),
+                    help=f"whose personal retrains run with --reuse (comma-separated, of {', '.join(TASTES)})")
+    ap.add_argument("--options", type=json.loads, default={},
+                    help='personal retrain options over the defaults, as JSON (a recipe to measure, for example '
+                         '\'{"train": {"lora_layers": 16}}\')')
     ns = ap.parse_args()
+    users = [u.strip() for u in ns.users.split(",") if u.strip()]
+    if not users or set(users) - set(TASTES) or (not ns.reuse and users != list(TASTES)):
+        ap.error(f"--users: some of {', '.join(TASTES)}, and only with --reuse")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if ns.reuse and ns.home is None:
         ap.error("--reuse needs --home (the earlier run's state folder)")
@@ -361,7 +373,7 @@ def main() -> None:
         if ns.json:
             ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
 
-    res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse)
+    res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse, only=users, options=ns.options)
     save(res)
     print(table(res))
 

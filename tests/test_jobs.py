@@ -301,7 +301,7 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
     from types import SimpleNamespace
 
     from training.evaluate import EvalDataError, grounded_prompt, load_eval_set
-    from training.loop import _doc_qa_file, folder_passages
+    from training.loop import _doc_qa_file, folder_passages, keep_held_out_questions
     from training.synth import chunks_from_folder
 
     docs = Path(__file__).parent / "data" / "docs"
@@ -333,6 +333,14 @@ def test_grounded_questions_come_from_held_out_teacher_rows_and_a_curated_file(t
     # a curated question without a title is shown under its source, as before
     assert '[1] "pricing#0" (shared document)' in grounded_prompt(replace(teacher_q, title=""))[-1]["content"]
     assert len(es.sft) == 3  # the same rows still count for the held-out loss
+    # the version keeps the held-out ones (those that decide) for its users' personal gates; trained ones stay out
+    with curated.open("a") as f:
+        f.write(json.dumps({"question": "What does Team cost?", "passage": "8 dollars.", "key_facts": ["8"],
+                            "split": "trained"}) + "\n")
+    path = _doc_qa_file(services, snap, tmp_path, folder_passages(docs), str(curated))
+    keep_held_out_questions(path, tmp_path / "kept.jsonl")
+    assert [q.question for q in load_eval_set(snap, tmp_path / "kept.jsonl").doc_qa] == [
+        "How much does the Team plan cost?", "Where is Brightleaf Labs based?"]
     assert _doc_qa_file(services, snap, tmp_path, None) is None  # no passages, no curated file: not measured
     curated.write_text(json.dumps({"question": "Q?", "passage": "P."}) + "\n")
     with pytest.raises(EvalDataError, match="no key facts"):

@@ -6,6 +6,8 @@ nothing trains for a user who has not opted in."""
 
 from __future__ import annotations
 
+import json
+
 import threading
 from pathlib import Path
 
@@ -186,7 +188,14 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     store, settings = services.store, services.settings
     alice, bob = store.create_user("alice", "pw-alice"), store.create_user("bob", "pw-bob")
     shared = Registry(settings, store)
-    v1 = shared.register(make_random_adapter(Path(settings.model), tmp_path / "shared", seed=5), gate="passed").name
+    # the shared version keeps the held-out document questions its gate asked; every personal gate asks them too
+    judged = tmp_path / "shared-eval"
+    judged.mkdir()
+    questions = [{"question": f"What colour is lamp {i}?", "passage": f"Lamp {i} of the office is teal.",
+                  "title": "Lamps", "key_facts": ["teal"], "split": "held-out"} for i in range(3)]
+    (judged / "doc_qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    v1 = shared.register(make_random_adapter(Path(settings.model), tmp_path / "shared", seed=5), gate="passed",
+                         report_dir=judged).name
     shared.promote(v1, services)
     # exactly what a first retrain needs, one question per conversation as in bench/personal.py: split by
     # conversation, that held out one answer and no pair, and the gate declined every first personal candidate
@@ -232,14 +241,20 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     decision = report["report"]["decision"]
     assert not decision["declined"] and not result["reason"].startswith("declined"), result["reason"]
     # on what bob gets: his held-out questions answered by the candidate and the shared adapter, nearer the answers
-    # he chose than those he turned down?; held-out loss is shown and decides nothing
+    # he chose than those he turned down?, and no worse on the shared gate's document questions
     assert not decision["too_small"] and {c["metric"] for c in decision["checks"] if c["kind"] != "forgetting"} == {
-        "edit_match"}
+        "edit_match", "grounded"}
     assert [c["name"] for c in decision["checks"] if c["kind"] == "gain"] == ["edit_match gain"]
     assert any(p.startswith("edit_match on ") for p in decision["power"])
     metrics = report["report"]["metrics"]
     assert len(metrics["candidate"]["edit_match_scores"]) == len(metrics["baseline"]["edit_match_scores"]) >= 2
-    assert metrics["candidate"]["val_loss"] is not None  # measured and shown
+    assert len(metrics["candidate"]["grounded_scores"]) == len(metrics["baseline"]["grounded_scores"]) == 3
+    # held-out loss and preference accuracy decide nothing here, so they are not spent on
+    assert metrics["candidate"]["val_loss"] is None and metrics["candidate"]["pref_accuracy"] is None
+    assert {"edit_match", "grounded", "general"} <= set(metrics["candidate"]["check_seconds"])
+    # the shared adapter's answers to those questions are kept for the next user's gate
+    kept = [json.loads(f.read_text()) for f in (settings.home / "cache" / "gate").glob("adapter-general-*.json")]
+    assert [len(k["grounded"]) for k in kept] == [1] and len(next(iter(kept[0]["grounded"].values()))) == 3
     assert any(s["check"] == "edit_match" for s in report["report"]["samples"])
     assert any(p.startswith("general_qa on 40 questions") for p in decision["power"])
     assert len(report["report"]["metrics"]["candidate"]["general_qa_scores"]) == 40  # the personal subset

@@ -401,23 +401,40 @@ class Scorer:
     def generate(self, prompts: Sequence[list[dict[str, str]]]) -> list[str]:
         import torch
 
-        texts = []
+        rendered = [self._render(p, True) for p in prompts]
+        texts: list[str] = [""] * len(rendered)
         old_side = self.tok.padding_side
         self.tok.padding_side = "left"  # generation continues from the right edge of every row
         try:
-            for start in range(0, len(prompts), self.cfg.batch_size):
-                batch = [self._render(p, True) for p in prompts[start:start + self.cfg.batch_size]]
-                enc = self.tok(batch, return_tensors="pt", padding=True, add_special_tokens=False,
-                               truncation=True, max_length=self.cfg.max_length).to(self.device)
+            for rows in self._batches(rendered):
+                enc = self.tok([rendered[i] for i in rows], return_tensors="pt", padding=True,
+                               add_special_tokens=False, truncation=True,
+                               max_length=self.cfg.max_length).to(self.device)
                 with torch.no_grad():
                     out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                               pad_token_id=self.tok.pad_token_id,
                                               eos_token_id=self.tok.eos_token_id)
                 width = enc["input_ids"].shape[1]
-                texts.extend(self.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out)
+                for i, o in zip(rows, out, strict=True):
+                    texts[i] = self.tok.decode(o[width:], skip_special_tokens=True).strip()
         finally:
             self.tok.padding_side = old_side
         return texts
+
+    def _batches(self, rendered: Sequence[str]) -> Iterator[list[int]]:
+        """Row indices in generation batches, longest prompt first: at most `batch_size` rows and about
+        `batch_tokens` prompt tokens (rows x the batch's longest prompt, which comes first) each."""
+        lengths = [min(len(self.tok(r, add_special_tokens=False)["input_ids"]), self.cfg.max_length)
+                   for r in rendered]
+        batch: list[int] = []
+        for i in sorted(range(len(rendered)), key=lambda i: -lengths[i]):
+            if batch and (len(batch) >= self.cfg.batch_size
+                          or (len(batch) + 1) * lengths[batch[0]] > self.cfg.batch_tokens):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
 
     def with_system(self, question: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
