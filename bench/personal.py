@@ -152,11 +152,12 @@ def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
 # ------------------------------------------------------------------------------------------ the run
 def run(model: str | None, threads: int, asks: int, home: Path,
         saved: Callable[[dict[str, Any]], None] = lambda _res: None, reuse: bool = False,
-        only: list[str] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        only: list[str] | None = None, options: dict[str, Any] | None = None, timing: bool = False) -> dict[str, Any]:
     """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers.
     `reuse`: `home` holds an earlier run's users, feedback and shared adapter; only the examiners' answers and the
     personal retrains run again (to measure a personal recipe without the shared retrain's 40-60 minutes), for the
-    users in `only`; `options`: personal retrain options over the defaults (`PersonalActions.train`)."""
+    users in `only`; `options`: personal retrain options over the defaults (`PersonalActions.train`); `timing`: then
+    one more retrain, of a user with 40 answers, timed (`timing_retrain`)."""
     from assistant.actions.base import Operator
     from assistant.actions.personal import PersonalActions
     from assistant.config import Settings
@@ -296,10 +297,50 @@ def run(model: str | None, threads: int, asks: int, home: Path,
         out["grounded_base"] = grounded_rate(base_answers, facts)
         out["grounded_shared"] = grounded_rate(shared_answers, facts)
         out["samples"] = {"base": base_answers[:3], "shared": shared_answers[:3]}
+        if timing:
+            out["timing"] = timing_retrain(services, actions, runner, operator, qa, product, options or {})
+            saved(out)
     finally:
         out["total_s"] = round(time.perf_counter() - t_start, 1)
         services.close()
     return out
+
+
+def timing_retrain(services: Any, actions: Any, runner: Any, operator: Any, qa: dict[str, Any], product: str,
+                   options: dict[str, Any]) -> dict[str, Any]:
+    """One personal retrain on about 40 of a user's answers, timed: a "bullets" user asks 40 questions (the file's
+    trained questions, their held-out paraphrases and the unseen facts' questions), likes the lists and edits every
+    other answer into one. This user is timed only: they asked the examiners' questions, so no like rate is
+    measured on them."""
+    store = services.store
+    user = store.get_user_by_name("user-timing") or store.create_user("user-timing", "bench-timing-pw")
+    actions.set_opt_in(user, True)
+    facts = [(f["ask"], f.get("ideal")) for f in qa["trained"]] + [(f["heldout"], f.get("ideal")) for f in
+                                                                    qa["trained"] + qa.get("unseen", [])]
+    if not store.list_conversations(user.id):
+        likes, edit = TASTES["bullets"]
+        served = ask_all(services, user, [q for q, _ in facts], log=False)
+        for (question, ideal), r in zip(facts, served, strict=True):
+            conv = store.create_conversation(user.id, question[:60], source="bench")
+            _, a = store.add_turn(conv.id, question, r.text, adapter=r.adapter, sources=r.sources)
+            store.add_thumb(user.id, a.id, 1 if likes(r.text, product) else -1)
+            if not likes(r.text, product):
+                store.add_edit(user.id, a.id, edit(ideal or r.text, product))
+    t0 = time.perf_counter()
+    job = runner.wait(actions.train(operator, user.id, options)["id"])
+    row: dict[str, Any] = {"answers": len(facts), "status": job.status, "seconds": round(time.perf_counter() - t0, 1),
+                           "error": job.error}
+    if job.status == "succeeded":
+        from training.registry import Registry
+
+        v = Registry(services.settings, store, owner_id=user.id).get(job.result["candidate"])
+        trained = json.loads((v.adapter_dir / "training_result.json").read_text(encoding="utf-8"))
+        rep = v.report() or {}
+        row.update(timings=job.result["timings"], passed=job.result["passed"], reason=job.result["reason"],
+                   train_rows=sum(st.get("train_rows") or 0 for st in trained.get("stages", [])),
+                   feedback_rows=_feedback_rows(v.adapter_dir), held_out=rep.get("eval_set", {}).get("sizes"),
+                   check_seconds={k: m.get("check_seconds") for k, m in rep.get("metrics", {}).items()})
+    return row
 
 
 def _cpu() -> str:
@@ -338,6 +379,11 @@ def table(res: dict[str, Any]) -> str:
                      f"{r.get('train_rows', '-')} ({r.get('feedback_rows', '-')}) | "
                      f"{r['seconds']} | {r.get('served', '-')} |")
     sh = res.get("shared", {})
+    if res.get("timing"):
+        t = res["timing"]
+        lines += ["", f"timed retrain: {t.get('answers')} answers of one user, {t.get('train_rows')} training rows "
+                      f"({t.get('feedback_rows')} theirs), held out {t.get('held_out')}: {t.get('seconds')} s "
+                      f"({t.get('timings')}; {t.get('status')}, {t.get('reason')})"]
     lines.append("")
     lines.append(f"grounded with retrieval: base {res.get('grounded_base')}, shared {res.get('grounded_shared')}; "
                  f"general_qa: base {sh.get('general_qa_base')}, shared {sh.get('general_qa')}; "
@@ -361,6 +407,8 @@ def main() -> None:
     ap.add_argument("--options", type=json.loads, default={},
                     help='personal retrain options over the defaults, as JSON (a recipe to measure, for example '
                          '\'{"train": {"lora_layers": 16}}\')')
+    ap.add_argument("--timing", action="store_true",
+                    help="then time one personal retrain on 40 answers of one more user (the issue's ~40 rows)")
     ns = ap.parse_args()
     users = [u.strip() for u in ns.users.split(",") if u.strip()]
     if not users or set(users) - set(TASTES) or (not ns.reuse and users != list(TASTES)):
@@ -373,7 +421,8 @@ def main() -> None:
         if ns.json:
             ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
 
-    res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse, only=users, options=ns.options)
+    res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse, only=users, options=ns.options,
+              timing=ns.timing)
     save(res)
     print(table(res))
 

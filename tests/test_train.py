@@ -378,6 +378,21 @@ def test_lora_layers_trains_the_last_layers_only_and_keeps_the_ones_below(
         cfg(tiny_model_dir, lora_layers=0)
 
 
+def test_sft_row_budget_trains_larger_data_fewer_epochs_and_never_less_than_one(tmp_path: Path,
+                                                                                 tiny_model_dir: Path) -> None:
+    small = make_snapshot(tmp_path / "small", dpo=False, repeat=1)  # 6 training rows
+    large = make_snapshot(tmp_path / "large", dpo=False, repeat=4)  # 24
+    runs = {}
+    for name, data in (("small", small), ("large", large)):
+        result = run_training(cfg(tiny_model_dir, max_steps=-1, sft_epochs=2.0, sft_row_budget=12, batch_size=4,
+                                  evals_per_epoch=0), data, tmp_path / f"out-{name}")
+        runs[name] = result.stages[0].epoch
+    assert runs["small"] == pytest.approx(2.0)  # 12 / 6 = 2: all of sft_epochs
+    assert runs["large"] == pytest.approx(1.0)  # 12 / 24 = 0.5: one epoch, never less
+    with pytest.raises(ValueError, match="sft_row_budget must be >= 1"):
+        cfg(tiny_model_dir, sft_row_budget=0)
+
+
 def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir: Path) -> None:
     """Padding-free packing (what GPU runs use) must not let sequences attend to each other."""
     import torch

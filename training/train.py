@@ -476,6 +476,8 @@ def _stop_requested(should_stop: ShouldStop | None, args: Any) -> bool:
 def _common_args(config: TrainConfig, rt: RuntimeChoice, stage: str, work: Path, data: StageData) -> dict:
     lr = config.sft_learning_rate if stage == "sft" else config.dpo_learning_rate
     epochs = config.sft_epochs if stage == "sft" else config.dpo_epochs
+    if stage == "sft" and config.sft_row_budget and len(data.train):
+        epochs = min(epochs, max(1.0, config.sft_row_budget / len(data.train)))
     has_eval = data.validation is not None and config.evals_per_epoch > 0
     micro = rt.micro_batch_size
     if stage == "kto" and micro < 2 <= config.batch_size and config.micro_batch_size is None:

@@ -76,6 +76,12 @@ class TrainConfig:
     )
     sft_learning_rate: float = _f(1e-4, "Peak learning rate of the SFT stage (small: the base stays frozen).")
     sft_epochs: float = _f(2.0, "Epochs of the SFT stage.")
+    sft_row_budget: int | None = _f(
+        None,
+        "Rows the SFT stage reads at most, counting each epoch's (never less than one epoch): with 48, 24 training "
+        "rows get sft_epochs 2, 40 rows 1.2 epochs, 64 rows one. Larger data then trains fewer epochs instead of "
+        "longer. None = always sft_epochs.",
+    )
     assistant_only_loss: bool = _f(
         True, "SFT loss on the assistant's tokens only (conversational data); False trains on every token."
     )
@@ -229,6 +235,8 @@ class TrainConfig:
             errors.append("dpo_sft_weight must be >= 0")
         elif self.dpo_sft_weight > 0 and self.dpo_loss_type == "sft":
             errors.append("dpo_sft_weight adds an SFT term; dpo_loss_type is already 'sft'")
+        if self.sft_row_budget is not None and self.sft_row_budget < 1:
+            errors.append("sft_row_budget must be >= 1 or null")
         if self.lora_layers is not None and (self.lora_layers < 1 or self.peft_method not in ("lora", "qlora")):
             errors.append("lora_layers must be >= 1 or null, and only with peft_method lora or qlora")
         if not 0 <= self.lora_dropout < 1:
