@@ -287,7 +287,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                                                for k in ("baseline", "candidate")})
                 row.update(version=name, served=reg.serving() == name, gate_passed=pj.result["passed"],
                            reason=pj.result["reason"], timings=pj.result["timings"],
-                           general_qa=general_qa(rep, "candidate"),
+                           general_qa=general_qa(rep, "candidate"), general_qa_base=general_qa(rep, "base"),
                            like_personal=like_rate(answers, taste, product),
                            grounded_personal=grounded_rate(answers, facts), samples=answers[:3])
             row.update(like_base=like_rate(base_answers, taste, product),
@@ -373,7 +373,8 @@ def table(res: dict[str, Any]) -> str:
         vs = f"{100 * (p - r['like_shared']):+.1f}" if p is not None else "-"
         lines.append(f"| {taste} | {100 * r['like_base']:.1f} | {100 * r['like_shared']:.1f} | "
                      f"{'-' if p is None else f'{100 * p:.1f}'} | {gain} | {vs} | "
-                     f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} | "
+                     f"{r.get('grounded_personal', '-')} | {r.get('general_qa', '-')} "
+                     f"(base {r.get('general_qa_base', '-')}) | "
                      f"{r.get('edit_match_shared', '-')} / {r.get('edit_match', '-')} | "
                      f"{r.get('gate_grounded_shared', '-')} / {r.get('gate_grounded', '-')} | "
                      f"{r.get('train_rows', '-')} ({r.get('feedback_rows', '-')}) | "

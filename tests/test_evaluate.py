@@ -182,6 +182,19 @@ def test_a_candidate_that_loses_held_out_grounding_is_refused_whatever_else_impr
                  mm("baseline", **grounding(twenty), liked_correct=0.5, liked_correct_scores=scores(10, 10),
                     **GENERAL), base, GateConfig())
     assert not two.passed and "grounded no regression" in two.reason
+    # At fewer than 20 questions 0.05 is less than one question; one net loss still passes and two do not. The
+    # personal gate asked the shared version's 17 and refused, on "won 3, lost 4", an adapter the bench's examiners
+    # found grounded 75 % of the time against the shared adapter's 50 %.
+    from training.personal import PERSONAL_GATE
+
+    seventeen = scores(8, 9)
+    for lost, passed in ((1, True), (2, False)):
+        d = decide(mm("candidate", edit_match=0.35, edit_match_scores=[0.35] * 3, **grounding(
+                       flip(seventeen, lose=range(lost))), **GENERAL),
+                   mm("baseline", edit_match=-0.26, edit_match_scores=[-0.26] * 3, **grounding(seventeen), **GENERAL),
+                   base, GateConfig.from_dict(PERSONAL_GATE))
+        assert d.passed is passed, (lost, d.reason)
+        assert any(f"a net loss of 2 or more ({200 / 17:.1f} points) is refused" in n for n in d.power), d.power
 
 
 def test_a_gate_with_too_little_held_out_data_declines_to_decide() -> None:

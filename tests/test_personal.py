@@ -7,7 +7,6 @@ nothing trains for a user who has not opted in."""
 from __future__ import annotations
 
 import json
-
 import threading
 from pathlib import Path
 

@@ -73,7 +73,8 @@ class GateConfig:
     edit_match_tolerance: float = _f(0.05, "Largest drop in edit_match accepted.")
     grounded_tolerance: float = _f(
         0.05, "Largest drop in held-out grounding against the serving adapter accepted, whatever else improved "
-        "and however noisy: with 20 questions a net loss of one answer passes and two do not. (Until issue 26 a "
+        "and however noisy: with 20 questions a net loss of one answer passes and two do not (with fewer, one "
+        "answer still passes: a single question cannot tell a loss from noise). (Until issue 26 a "
         "drop passed unless a sign test found it significant; a candidate that lost 3 and won 1 of 16 passed "
         "and users lost a quarter of their paraphrased answers.)")
     general_ppl_tolerance: float = _f(

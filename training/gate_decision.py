@@ -96,6 +96,11 @@ def _paired(candidate: ModelMetrics, baseline: ModelMetrics, metric: str) -> tup
     return (c, b) if c and b and len(c) == len(b) else None
 
 
+# Changed whenever `decide` judges the same numbers differently, so that a retrain on inputs a refused candidate had
+# is judged again under the new rules instead of skipped (`training.loop.refused_twin`).
+RULES_VERSION = "2026-12-06: grounded lets one question pass"
+
+
 def _rules(cfg: GateConfig) -> dict[str, tuple[float, float, bool]]:
     """Per judged metric: (smallest gain, largest drop accepted, whether both are relative)."""
     return {"val_loss": (cfg.min_val_loss_gain, cfg.val_loss_tolerance, True),
@@ -105,9 +110,19 @@ def _rules(cfg: GateConfig) -> dict[str, tuple[float, float, bool]]:
             "edit_match": (cfg.min_edit_match_gain, cfg.edit_match_tolerance, False)}
 
 
+def _tolerance(cfg: GateConfig, metric: str, n: int) -> float:
+    """The largest drop a no-regression check accepts on `n` items. Held-out grounding always lets a net loss of one
+    question pass: at fewer than 20 questions its 0.05 is less than one question, and the personal gate, asking the
+    shared version's 17 questions in `bench/personal.py`, refused an adapter on "won 3, lost 4" whose answers the
+    bench's examiners found right 75 % of the time against the shared adapter's 50 %."""
+    tol = _rules(cfg)[metric][1]
+    return max(tol, 1 / n) if metric == "grounded" and n > 0 else tol
+
+
 def _metric_checks(metric: str, candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig) -> list[Check]:
     """The gain check (for a gain metric) and the no-regression check (for a target metric) of one metric."""
-    min_gain, tol, relative = _rules(cfg)[metric]
+    min_gain, _, relative = _rules(cfg)[metric]
+    tol = _tolerance(cfg, metric, rows(candidate, metric))
     c, b = candidate.value(metric), baseline.value(metric)
     assert c is not None and b is not None
     up = HIGHER_IS_BETTER[metric]
@@ -187,7 +202,7 @@ def power_notes(candidate: ModelMetrics, baseline: ModelMetrics, cfg: GateConfig
                                                             f"differently here)" if here is not None else
                                                             f" (the two differ on {differing}: no gain could count)"))
         if metric in cfg.target_metrics and metric != "val_loss":
-            tol = _rules(cfg)[metric][1]
+            tol = _tolerance(cfg, metric, n)
             if metric == "edit_match":  # a mean of closeness, not a count of items won
                 parts.append(f"a mean drop of more than {tol:.2f} is refused, whatever else improved")
             else:

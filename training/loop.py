@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.evaluate import GateConfig
+from training.gate_decision import RULES_VERSION
 from training.personal import PERSONAL_GATE, enforce_disk
 from training.registry import Registry, UnknownVersion
 from training.train_config import TrainConfig
@@ -498,7 +499,8 @@ def cycle_inputs(settings: Settings, snapshot: Path, train_cfg: TrainConfig, ini
 
     train = {k: v for k, v in train_cfg.to_dict().items() if k not in ("base_model", "init_adapter", "threads")}
     out = {"base_model": settings.model, "dataset": content(snapshot), "train": train, "init_from": init_from,
-           "judged_against": judged_against, "gate": gate_cfg.to_dict(), "eval_data": content(eval_from)}
+           "judged_against": judged_against, "gate": gate_cfg.to_dict(), "gate_rules": RULES_VERSION,
+           "eval_data": content(eval_from)}
     if questions is not None:
         out["gate_questions"] = hashlib.sha256(questions.read_bytes()).hexdigest()
     return out
