@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 from dataclasses import asdict
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -492,6 +493,45 @@ def test_the_base_models_general_answers_are_kept_between_evaluations(learnable_
     evaluate(learnable_dir, adapters["better"], held_out(), baseline=adapters["serving"],
              gate=GateConfig(**{**LOSS_GATE, "max_new_tokens": 6}), base_cache=cache)
     assert len(list(cache.glob("base-general-*.json"))) == 2
+
+
+def test_the_serving_adapters_answers_to_a_users_held_out_questions_are_kept(learnable_dir: Path, adapters,
+                                                                               tmp_path: Path) -> None:
+    """The personal gate asks the shared adapter the user's held-out questions at every retrain of that user:
+    its answers are kept in the user's folder, and only questions it has not answered are generated."""
+    from training.gate_metrics import prompt_key
+
+    gate = GateConfig(max_new_tokens=8, target_metrics=["edit_match"], gain_metrics=["edit_match"],
+                      gain_significance=0.0, min_edit_match_rows=1, max_general=4)
+    own = tmp_path / "user-7" / "gate-cache"
+
+    def run(es: EvalSet, baseline: str = "serving") -> tuple[Any, dict[str, Any]]:
+        events: list[dict] = []
+        report = evaluate(learnable_dir, adapters["better"], es, baseline=adapters[baseline], gate=gate,
+                          progress=events.append, own_cache=own)
+        return report, {e["model"]: e.get("cached") for e in events if e.get("check") == "edit_match"}
+
+    es = held_out()
+    first, cached = run(es)
+    assert cached == {"baseline": False, "candidate": False}
+    (file,) = own.glob("baseline-*.json")
+    kept = json.loads(file.read_text())
+    answers = first.metrics["baseline"].answers["edit_match"]
+    assert kept == {prompt_key(p.prompt): a for p, a in zip(es.own_choices(), answers, strict=True)}
+    second, cached = run(es)
+    assert cached == {"baseline": True, "candidate": False}
+    assert second.metrics["baseline"].edit_match_scores == first.metrics["baseline"].edit_match_scores
+    # a new held-out question is answered and kept; one no longer held out is dropped from the file
+    grown = EvalSet(sft=es.sft, pairs=[*es.pairs[1:], PrefPair(
+        [{"role": "user", "content": "What is the capital of Peru?"}], "The capital of Peru is Lima.",
+        "I do not know.")], source="test")
+    third, cached = run(grown)
+    assert cached["baseline"] is False and third.metrics["baseline"].answers["edit_match"][:-1] == answers[1:]
+    assert set(json.loads(file.read_text())) == {prompt_key(p.prompt) for p in grown.own_choices()}
+    # another serving adapter has other answers: its own file, and the old one goes
+    run(es, baseline="noise")
+    (other,) = own.glob("baseline-*.json")
+    assert other != file and len(json.loads(other.read_text())) == len(es.own_choices())
 
 
 def test_gate_rejects_an_adapter_trained_on_noise_through_the_cli(learnable_dir: Path, adapters, tmp_path: Path):

@@ -254,6 +254,9 @@ def test_a_personal_retrain_trains_from_the_shared_adapter_judges_and_serves_onl
     # the shared adapter's answers to those questions are kept for the next user's gate
     kept = [json.loads(f.read_text()) for f in (settings.home / "cache" / "gate").glob("adapter-general-*.json")]
     assert [len(k["grounded"]) for k in kept] == [1] and len(next(iter(kept[0]["grounded"].values()))) == 3
+    # and its answers to bob's own held-out questions, with bob's data (forgetting him removes them)
+    (own,) = (settings.personal_datasets_dir / str(bob.id) / "gate-cache").glob("baseline-*.json")
+    assert len(json.loads(own.read_text())) == len(metrics["baseline"]["edit_match_scores"])
     assert any(s["check"] == "edit_match" for s in report["report"]["samples"])
     assert any(p.startswith("general_qa on 40 questions") for p in decision["power"])
     assert len(report["report"]["metrics"]["candidate"]["general_qa_scores"]) == 40  # the personal subset

@@ -393,6 +393,70 @@ def test_sft_row_budget_trains_larger_data_fewer_epochs_and_never_less_than_one(
         cfg(tiny_model_dir, sft_row_budget=0)
 
 
+def test_cached_prompt_loss_is_the_full_loss_with_gradients_through_the_answer_only(tiny_model_dir: Path) -> None:
+    """prompt_gradients=false: the same loss value as one full forward pass over each row; the gradient differs
+    only by what would have flowed back through the prompt's keys and values."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.train import cached_prompt_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter, so the prompt's activations depend on it
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    prompts, answers = [9, 30], [4, 6]  # prompt and answer lengths of two rows; the shorter row is padded
+    width = max(p + a for p, a in zip(prompts, answers))
+    ids = torch.randint(3, 40000, (2, width))
+    mask = torch.zeros(2, width, dtype=torch.long)
+    labels = torch.full((2, width), -100)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        mask[b, : p + a] = 1
+        labels[b, p: p + a] = ids[b, p: p + a]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    cached = cached_prompt_loss(model, batch)
+    g_cached = grads(cached)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum") / sum(answers)
+    g_full = grads(full)
+    assert cached.item() == pytest.approx(full.item(), rel=1e-5)
+    assert cached_prompt_loss(model, batch, num_items_in_batch=2 * sum(answers)).item() == pytest.approx(
+        full.item() / 2, rel=1e-5)  # a share of an accumulated step
+    assert all(g.abs().sum() > 0 for n, g in g_cached.items() if "lora_B" in n), "every layer still learns"
+    assert any(not torch.allclose(g_cached[n], g_full[n], atol=1e-7) for n in g_full), "the prompt's path is cut"
+    # The LM head's input at the answer positions is the same either way, so the last layer's MLP output
+    # projection, which sees no other position, gets the same gradient.
+    down = [n for n in g_full if "layers.1.mlp.down_proj.lora_B" in n]
+    assert down and all(torch.allclose(g_cached[n], g_full[n], atol=1e-6) for n in down)
+
+
+def test_prompt_gradients_false_trains_and_refuses_what_it_cannot_do(tmp_path: Path,
+                                                                      learnable_model_dir: Path) -> None:
+    data = make_snapshot(tmp_path / "data", dpo=False, repeat=8)
+    config = cfg(learnable_model_dir, max_steps=24, sft_learning_rate=1e-2, lora_r=16, lora_alpha=32,
+                 evals_per_epoch=4, early_stopping_patience=0, warmup_ratio=0.0, prompt_gradients=False)
+    result = run_training(config, data, tmp_path / "out")
+    (sft,) = result.stages
+    assert not result.runtime.packing and sft.steps == 24
+    assert sft.first_loss > 12 and sft.eval_losses[-1] < sft.first_loss / 2, (sft.first_loss, sft.eval_losses)
+    with pytest.raises(ValueError, match="prompt_gradients=false needs unpacked rows"):
+        cfg(learnable_model_dir, prompt_gradients=False, packing=True)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        cfg(learnable_model_dir, prompt_gradients=False, activation_checkpointing=True)
+
+
 def test_packed_rows_give_the_same_loss_as_padded_rows(tiny_model_dir: Path) -> None:
     """Padding-free packing (what GPU runs use) must not let sequences attend to each other."""
     import torch

@@ -93,6 +93,7 @@ from training.gate_metrics import (
     load_eval_set,
     load_general_suite,
     measure,
+    prompt_key,
     read_jsonl,
     samples,
 )
@@ -185,6 +186,34 @@ def _write_general(path: Path | None, mm: ModelMetrics, grounded_key: str | None
     tmp.replace(path)
 
 
+def _read_own(path: Path | None) -> dict[str, str]:
+    """The baseline's kept answers to a user's held-out questions (by `prompt_key`); empty when none are."""
+    if path is None or not path.is_file():
+        return {}
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): str(v) for k, v in known.items()} if isinstance(known, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _write_own(path: Path | None, known: dict[str, str], es: EvalSet, mm: ModelMetrics) -> None:
+    """Keep the answers of this evaluation's held-out questions (only those: the file never outgrows the
+    held-out set), and drop the files of earlier baselines in the same folder."""
+    if path is None or "edit_match" not in mm.answers:
+        return
+    answers = {prompt_key(p.prompt): a for p, a in zip(es.own_choices(), mm.answers["edit_match"], strict=True)}
+    if answers == known:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(answers, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+    for old in path.parent.glob("baseline-*.json"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
 def _questions_key(questions: Sequence[DocQA]) -> str:
     return hashlib.sha256(json.dumps([[q.question, q.passage, q.title] for q in questions]).encode()).hexdigest()[:24]
 
@@ -194,13 +223,16 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
              candidate_name: str | None = None, gate: GateConfig | None = None,
              suite: GeneralSuite | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
              progress: Progress | None = None, device: str = "cpu", dtype: str = "float32",
-             threads: int | None = None, base_cache: Path | str | None = None) -> EvalReport:
+             threads: int | None = None, base_cache: Path | str | None = None,
+             own_cache: Path | str | None = None) -> EvalReport:
     """Measure base, baseline and candidate and decide. Raises EvalDataError / ValueError on bad input.
 
     `base_cache`: a folder where the base model's general-suite answers are kept between evaluations
     (they are the same for every candidate of the same base model, suite and settings; about 30 s a
     retrain on the 2-core box), and the baseline adapter's too (the same for every candidate judged against
-    that adapter: every personal retrain trained from one shared version, training/personal.py)."""
+    that adapter: every personal retrain trained from one shared version, training/personal.py).
+    `own_cache`: a folder of the user's (a personal gate) where the baseline adapter's answers to the user's
+    held-out questions are kept: a later retrain of that user generates only the questions that are new."""
     import torch
 
     t0 = time.perf_counter()
@@ -237,10 +269,16 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
         known_baseline = _read_general(baseline_file, suite)
         qa_key = _questions_key(es.doc_qa) if es.doc_qa else None
         known_grounded = ((known_baseline or {}).get("grounded") or {}).get(qa_key) if qa_key else None
+        own_file = None
+        if own_cache is not None:
+            own_key = _base_cache_key(Path(baseline), suite, gate, system_prompt, device, dtype)
+            own_file = Path(own_cache) / f"baseline-{own_key}.json"
+        known_own = _read_own(own_file)
         metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit,
-                                      general=known_baseline, grounded=known_grounded)
+                                      general=known_baseline, grounded=known_grounded, own_answers=known_own)
         if known_baseline is None or (qa_key is not None and known_grounded is None):
             _write_general(baseline_file, metrics["baseline"], qa_key)
+        _write_own(own_file, known_own, es, metrics["baseline"])
     metrics["candidate"] = measure(scorer, "candidate", "candidate", candidate_name or str(candidate), es, suite,
                                    emit)
     base_ref = metrics["base"]
@@ -278,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--base-cache", type=Path, default=None,
                         help="folder that keeps the base model's general-suite answers between evaluations")
+    parser.add_argument("--own-cache", type=Path, default=None,
+                        help="a user's folder that keeps the baseline's answers to their held-out questions")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weights dtype; the loop passes the serving dtype (scores use float32 log-softmax)")
     ns = parser.parse_args(argv)
@@ -298,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(ns.base_model, ns.candidate, eval_set, baseline=ns.baseline,
                           baseline_name=ns.baseline_name, candidate_name=ns.candidate_name, gate=gate, suite=suite,
                           system_prompt=ns.system_prompt, progress=emit, device=ns.device, dtype=ns.dtype,
-                          threads=ns.threads, base_cache=ns.base_cache)
+                          threads=ns.threads, base_cache=ns.base_cache, own_cache=ns.own_cache)
         report.save(ns.out)
     except (ValueError, OSError) as e:
         print(traceback.format_exc(), file=sys.stderr)

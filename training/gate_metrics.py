@@ -9,6 +9,7 @@ In: a dataset snapshot's held-out rows (`load_eval_set`), the shipped general-ab
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import re
@@ -475,10 +476,12 @@ class ModelMetrics:
 # ------------------------------------------------------------------------------------------ running
 def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None, eval_set: EvalSet,
             suite: GeneralSuite, progress: Progress, *, held_out: bool = True,
-            general: dict[str, Any] | None = None, grounded: list[str] | None = None) -> ModelMetrics:
+            general: dict[str, Any] | None = None, grounded: list[str] | None = None,
+            own_answers: dict[str, str] | None = None) -> ModelMetrics:
     """Every metric for one model state (base = adapter None). `general`: the general-suite results
     already known for this state (`_base_cache`), used instead of running the suite again; `grounded`: its
-    answers to these document questions, known the same way."""
+    answers to these document questions, known the same way; `own_answers`: its answers to held-out questions
+    of the user's, by `prompt_key`: only the others are generated."""
     t0 = time.perf_counter()
     mm = ModelMetrics(label=label, adapter=display)
     # A held-out measure that no check of this gate reads is not run (the personal gate reads edit_match and
@@ -508,8 +511,12 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
                 mm.liked_correct = _mean(mm.liked_correct_scores)
         own = eval_set.own_choices() if held_out and "edit_match" in reads else []
         if own:
-            with check("edit_match"):
-                answers = scorer.generate([p.prompt for p in own])
+            known = own_answers or {}
+            keys = [prompt_key(p.prompt) for p in own]
+            todo = [p.prompt for p, k in zip(own, keys, strict=True) if k not in known]
+            with check("edit_match", cached=not todo):
+                fresh = iter(scorer.generate(todo) if todo else [])
+                answers = [known[k] if k in known else next(fresh) for k in keys]
                 mm.edit_match_scores = [leaning(a, p.chosen, p.rejected) for a, p in zip(answers, own, strict=True)]
                 mm.edit_match = _mean(mm.edit_match_scores)
                 mm.answers["edit_match"] = answers
@@ -536,6 +543,11 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
         mm.answers["general_qa"] = answers
     mm.seconds = round(time.perf_counter() - t0, 2)
     return mm
+
+
+def prompt_key(prompt: list[dict]) -> str:
+    """A held-out question's identity for the answer caches: its whole prompt (system, passages, history)."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def _mean(xs: Sequence[float] | None) -> float | None:

@@ -442,6 +442,8 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
         cmd += ["--baseline", str(parent_dir), "--baseline-name", str(parent)]
     if doc_qa is not None:
         cmd += ["--doc-qa", str(doc_qa)]
+    if personal:  # the shared adapter's answers to this user's held-out questions, kept with the user's data
+        cmd += ["--own-cache", str(settings.personal_datasets_dir / str(options.user_id) / "gate-cache")]
     done = run_child(cmd, threads=settings.train_threads, hooks=hooks, on_json=on_eval)
     timings["evaluate"] = round(time.perf_counter() - t0, 2)
     if done.code != 0 and hooks.should_stop():

@@ -153,7 +153,8 @@ def resolve_runtime(config: TrainConfig) -> RuntimeChoice:
             raise ValueError("peft_method='qlora' needs a CUDA device (4-bit bitsandbytes kernels)")
         if not _importable("bitsandbytes"):
             raise ValueError("peft_method='qlora' needs the bitsandbytes package: pip install bitsandbytes")
-    packing = config.packing if config.packing is not None else device == "cuda"
+    # Rows whose prompt is cached without gradients are computed one by one, so they are never packed.
+    packing = config.packing if config.packing is not None else (device == "cuda" and config.prompt_gradients)
     attn = attn_packed = config.attn_implementation
     if attn == "auto":
         # Padding-free packed rows need attention that keeps the sequences apart without a dense
@@ -521,13 +522,14 @@ def _build_trainer(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Ru
     # TRL deprecates use_liger_kernel in favour of hub kernels, which need network access we never have.
     warnings.filterwarnings("ignore", message=".*use_liger_kernel=True.*deprecated.*", category=FutureWarning)
     if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         conversational = "messages" in data.train.column_names
         args = SFTConfig(**common, packing=rt.packing, pad_to_multiple_of=rt.pad_to_multiple_of if rt.packing
                          else None, assistant_only_loss=config.assistant_only_loss and conversational)
-        return SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.validation,
-                          processing_class=tok, callbacks=callbacks)
+        return _sft_trainer_class(config.prompt_gradients)(
+            model=model, args=args, train_dataset=data.train, eval_dataset=data.validation, processing_class=tok,
+            callbacks=callbacks)
     if stage == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -542,6 +544,59 @@ def _build_trainer(stage: str, model: Any, tok: Any, config: TrainConfig, rt: Ru
     args = KTOConfig(**common, beta=config.dpo_beta)
     return KTOTrainer(model=model, ref_model=None, args=args, train_dataset=data.train,
                       eval_dataset=data.validation, processing_class=tok, callbacks=callbacks)
+
+
+def _sft_trainer_class(prompt_gradients: bool) -> Any:
+    from trl import SFTTrainer
+
+    if prompt_gradients:
+        return SFTTrainer
+
+    class CachedPromptSFTTrainer(SFTTrainer):
+        """SFT whose training loss reads each row's prompt without gradients (TrainConfig.prompt_gradients)."""
+
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            if not model.training or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return cached_prompt_loss(model, inputs, num_items_in_batch)
+
+    return CachedPromptSFTTrainer
+
+
+def cached_prompt_loss(model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+    """Token-summed cross-entropy of a batch's trained tokens, divided by `num_items_in_batch` (the trained
+    tokens of the whole accumulated step) or by this batch's own count.
+
+    Row by row, padding dropped: the prompt before the first trained token runs once under `no_grad` and its
+    keys and values become the cache the rest of the row attends to; only the rest runs with gradients. The
+    prompt's activations still depend on the adapter, but no gradient flows back through them."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, labels, mask = inputs["input_ids"], inputs["labels"], inputs.get("attention_mask")
+    total, count = None, 0
+    for b in range(ids.shape[0]):
+        row, target = ids[b], labels[b]
+        if mask is not None:
+            keep = mask[b].bool()
+            row, target = row[keep], target[keep]
+        trained = (target[1:] != -100).nonzero()
+        if not len(trained):
+            continue
+        cut = int(trained[0])  # the position whose logits predict the first trained token
+        past = None
+        if cut > 0:
+            with torch.no_grad():
+                past = model(input_ids=row[None, :cut], use_cache=True).past_key_values
+        logits = model(input_ids=row[None, cut:], past_key_values=past, use_cache=False).logits[0, :-1]
+        loss = F.cross_entropy(logits.float(), target[cut + 1:], ignore_index=-100, reduction="sum")
+        total = loss if total is None else total + loss
+        count += int((target[cut + 1:] != -100).sum())
+    if total is None:  # no trained token in the batch: a zero that still belongs to the graph
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+    denominator = num_items_in_batch if num_items_in_batch is not None else count
+    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1)
 
 
 def _run_stage(stage: str, model: Any, tok: Any, config: TrainConfig, rt: RuntimeChoice, work: Path,
