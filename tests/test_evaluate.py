@@ -11,8 +11,8 @@ import random
 import subprocess
 import sys
 from dataclasses import asdict
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 

@@ -244,7 +244,8 @@ def test_gate_reasons_and_reports_in_korean(env, tiny_adapters, tmp_path):  # no
     assert gate_reason("gate passed: significant gain on pref_accuracy; no regression beyond tolerance", "ko") == \
         "평가 통과: pref_accuracy에서 의미 있게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"
     assert gate_reason("gate passed: gain above its minimum on liked_correct; no regression beyond tolerance",
-                       "ko") == "평가 통과: liked_correct에서 최소 기준을 넘게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"
+                       "ko") == ("평가 통과: liked_correct에서 최소 기준을 넘게 향상되었고, "
+                                 "허용 범위를 넘어 나빠진 것은 없습니다")
     assert gate_reason("no gain above its minimum on grounded", "ko") == "grounded에서 최소 기준을 넘는 향상이 없습니다"
     assert gate_reason("regression: general questions vs base (-0.100)", "ko") == \
         "나빠짐: general questions vs base (-0.100)"

@@ -411,11 +411,11 @@ def test_cached_prompt_loss_is_the_full_loss_with_gradients_through_the_answer_o
             torch.nn.init.normal_(p, std=0.05)
     model.train()
     prompts, answers = [9, 30], [4, 6]  # prompt and answer lengths of two rows; the shorter row is padded
-    width = max(p + a for p, a in zip(prompts, answers))
+    width = max(p + a for p, a in zip(prompts, answers, strict=True))
     ids = torch.randint(3, 40000, (2, width))
     mask = torch.zeros(2, width, dtype=torch.long)
     labels = torch.full((2, width), -100)
-    for b, (p, a) in enumerate(zip(prompts, answers)):
+    for b, (p, a) in enumerate(zip(prompts, answers, strict=True)):
         mask[b, : p + a] = 1
         labels[b, p: p + a] = ids[b, p: p + a]
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
