@@ -588,8 +588,8 @@ STRINGS: dict[str, tuple[str, str]] = {  # key: (English, Korean)
                "{metrics}에서 의미 있게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),
     "g_unchanged": ("nothing new to learn: the data, the training options, the starting adapter and the gate are "
                     "those of {name}, which the gate refused ({reason})",
-                    "새로 배울 것이 없습니다: 데이터, 학습 옵션, 시작 어댑터와 평가 기준이 모두 평가에서 거절된 {name}와 "
-                    "같습니다 ({reason})"),
+                    "새로 배울 것이 없습니다: 데이터, 학습 옵션, 시작 어댑터와 평가 기준이 "
+                    "모두 평가에서 거절된 {name}와 같습니다 ({reason})"),
     "g_no_gain_min": ("no gain above its minimum on {metrics}", "{metrics}에서 최소 기준을 넘는 향상이 없습니다"),
     "g_gain_min": ("gain above its minimum on {metrics}; no regression beyond tolerance",
                    "{metrics}에서 최소 기준을 넘게 향상되었고, 허용 범위를 넘어 나빠진 것은 없습니다"),
