@@ -467,7 +467,7 @@ def test_the_api_keeps_each_users_adapter_and_report_their_own(tmp_path, learnab
 def test_personal_options_are_checked() -> None:
     opts = CycleOptions.from_dict(cycle_options(3))
     assert opts.user_id == 3 and opts.train == {"stages": ["sft"], "sft_learning_rate": 1e-3, "lora_dropout": 0.0,
-                                                "sft_row_budget": 48}  # PERSONAL_TRAIN
+                                                "sft_row_budget": 48, "prompt_gradients": False}  # PERSONAL_TRAIN
     assert cycle_options(3, {"train": {"sft_learning_rate": 2e-4}})["train"]["sft_learning_rate"] == 2e-4
     with pytest.raises(ValueError, match="user_id"):
         CycleOptions.from_dict({"user_id": 0})
