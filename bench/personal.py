@@ -166,6 +166,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
     from training.jobs import runner_for
     from training.loop import GATE_QUESTIONS, keep_held_out_questions
     from training.registry import Registry
+    from training.scheduler import start_loop
 
     qa = json.loads(QA_FILE.read_text(encoding="utf-8"))
     product = qa.get("product") or "Lumen Desk"
@@ -196,7 +197,9 @@ def run(model: str | None, threads: int, asks: int, home: Path,
             if None in users.values() or Registry(settings, store).serving() is None:
                 raise SystemExit(f"--reuse: {home} holds no finished shared retrain of this bench")
             out["reused"] = str(home)
-            out["recovered_jobs"] = runner.recover()  # a job the earlier run left "running" when it was stopped
+            # What a server does at start-up: a job the earlier run left "running" is marked failed, and the
+            # recorded serving versions (shared and personal) are loaded and served again.
+            start_loop(services, start_thread=False)
             kept = Registry(settings, store).get(Registry(settings, store).serving()).eval_dir / GATE_QUESTIONS
             if not kept.is_file():  # a shared version of a run from before its gate questions were kept
                 keep_held_out_questions(gate_questions, kept)
@@ -253,7 +256,11 @@ def run(model: str | None, threads: int, asks: int, home: Path,
         shared_report = shared_reg.get(shared_name).report()
         out["shared"].update(general_qa_base=general_qa(shared_report, "base"),
                              general_qa=general_qa(shared_report, "candidate"))
-        shared_answers = [r.text for r in ask_all(services, examiner, held, log=False)]
+        shared_replies = ask_all(services, examiner, held, log=False)
+        wrong = {r.adapter for r in shared_replies} - {shared_name}
+        if wrong:  # the comparison is with the shared adapter, or it means nothing
+            raise RuntimeError(f"the examiner was served {wrong}, not the shared adapter {shared_name}")
+        shared_answers = [r.text for r in shared_replies]
         out["grounded_base"] = grounded_rate(base_answers, facts)
         out["grounded_shared"] = grounded_rate(shared_answers, facts)
         saved(out)
