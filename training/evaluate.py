@@ -251,13 +251,17 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
     scorer = Scorer(model, tok, gate, system_prompt)
     metrics: dict[str, ModelMetrics] = {}
     # The base model only runs the general suite when a serving adapter is the baseline.
-    cache_file = baseline_file = None
-    if base_cache is not None:
+    cache_file = baseline_file = own_file = None
+    if base_cache is not None or own_cache is not None:
         key = _base_cache_key(Path(base_model), suite, gate, system_prompt, device, dtype)
-        cache_file = Path(base_cache) / f"base-general-{key}.json"
-        if baseline is not None:  # the adapter's files with everything the base model's answers depend on
-            adapter_key = _base_cache_key(Path(baseline), suite, gate, system_prompt, device, dtype)
-            baseline_file = Path(base_cache) / f"adapter-general-{key}-{adapter_key}.json"
+        # the adapter's files with everything the base model's answers depend on
+        adapter_key = _base_cache_key(Path(baseline), suite, gate, system_prompt, device, dtype) if baseline else None
+        if base_cache is not None:
+            cache_file = Path(base_cache) / f"base-general-{key}.json"
+            if adapter_key:
+                baseline_file = Path(base_cache) / f"adapter-general-{key}-{adapter_key}.json"
+        if own_cache is not None and adapter_key:
+            own_file = Path(own_cache) / f"baseline-{key}-{adapter_key}.json"
     known = _read_general(cache_file, suite)
     metrics["base"] = measure(scorer, "base", None, None, es, suite, emit, held_out=baseline is None,
                               general=known)
@@ -269,10 +273,6 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
         known_baseline = _read_general(baseline_file, suite)
         qa_key = _questions_key(es.doc_qa) if es.doc_qa else None
         known_grounded = ((known_baseline or {}).get("grounded") or {}).get(qa_key) if qa_key else None
-        own_file = None
-        if own_cache is not None:
-            own_key = _base_cache_key(Path(baseline), suite, gate, system_prompt, device, dtype)
-            own_file = Path(own_cache) / f"baseline-{own_key}.json"
         known_own = _read_own(own_file)
         metrics["baseline"] = measure(scorer, "baseline", "baseline", baseline_name or str(baseline), es, suite, emit,
                                       general=known_baseline, grounded=known_grounded, own_answers=known_own)
