@@ -170,7 +170,12 @@ def three_adapters(tmp_path_factory, tiny_model_dir: Path, tiny_adapters: dict[s
 
 
 def tiny_settings(home: Path, model_dir: Path, **overrides) -> Settings:
-    """Settings for an in-process backend of a tiny model: one torch thread, every token streamed at once."""
+    """Settings for an in-process backend of a tiny model: one torch thread, every token streamed at once, float32.
+
+    float32 because tests compare a batched answer with the same request's answer alone, token for token. With
+    dtype "auto" an AVX-512 CPU serves in bf16, where a batch's other shapes round differently and a greedy token
+    of a random model can flip (README, "Serving many users at once")."""
+    overrides.setdefault("dtype", "float32")
     return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, stream_interval_ms=0.0,
                          **overrides)
 

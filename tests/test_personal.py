@@ -83,7 +83,8 @@ def _assistant_texts(row: dict) -> set[str]:
 
 @pytest.fixture
 def services(home: Path, learnable_tiny_model_dir: Path):
-    s = Settings.load(env={}, home=home, model=str(learnable_tiny_model_dir), torch_threads=1,
+    # float32: a mixed batch is compared with each request alone, token for token (tests/conftest.py, tiny_settings)
+    s = Settings.load(env={}, home=home, model=str(learnable_tiny_model_dir), torch_threads=1, dtype="float32",
                       personal_adapters=True, personal_min_feedback=10, personal_retrains_per_day=3)
     svc = build_services(s, with_agent=False)
     yield svc
