@@ -54,6 +54,7 @@ def count_calls(services: Services, counter: dict[str, int]) -> None:
 def start_server(home: Path, model_dir: Path, adapters: dict[str, Path] | None = None, *,
                  with_ui: bool = False, with_agent: bool = False, **overrides: Any) -> ServerThread:
     port = free_port()
+    overrides.setdefault("dtype", "float32")  # batched answers equal answers alone (tests/conftest.py, tiny_settings)
     settings = Settings.load(env={}, home=home, model=str(model_dir), port=port, torch_threads=1, **overrides)
     services = build_services(settings, with_agent=with_agent)
     for name, path in (adapters or {}).items():

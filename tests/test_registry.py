@@ -27,7 +27,7 @@ from training.registry import CorruptAdapter, Registry, RegistryError, UnknownVe
 
 @pytest.fixture
 def services(home: Path, tiny_model_dir: Path):
-    s = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1)
+    s = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1, dtype="float32")
     svc = build_services(s, with_agent=False)
     yield svc
     svc.close()
@@ -170,7 +170,7 @@ def test_corrupt_adapter_is_refused_with_a_clear_message(services, reg: Registry
 
 def test_restore_at_start_up_loads_serving_or_falls_back_from_a_corrupt_one(
         home: Path, tiny_model_dir: Path, tiny_adapters) -> None:
-    s = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1)
+    s = Settings.load(env={}, home=home, model=str(tiny_model_dir), torch_threads=1, dtype="float32")
     first = build_services(s, with_agent=False)
     reg = Registry(s, first.store)
     a = reg.register(tiny_adapters["alpha"], gate="passed")

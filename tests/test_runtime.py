@@ -46,6 +46,7 @@ MODES = [pytest.param({"serving": "sequential"}, id="sequential"),
 
 
 def tiny_settings(home: Path, model_dir: Path, **overrides) -> Settings:
+    overrides.setdefault("dtype", "float32")  # batched answers equal answers alone (tests/conftest.py, tiny_settings)
     return Settings.load(env={}, home=home, model=str(model_dir), torch_threads=1, **overrides)
 
 
