@@ -14,7 +14,10 @@ What happens, in one process through the product's own parts (`build_services`, 
 2. The users ask the question file's `trained` questions (`ask`), served by the base model with retrieval
    (greedy; the served answer is logged for each user as their own turn). Each user rates every answer by their
    preference: a liked answer gets a thumbs up; a disliked one a thumbs down and an edit into the answer they
-   wanted (the question's `ideal` answer, reshaped to their taste).
+   wanted (the question's `ideal` answer, reshaped to their taste). The tastes also conflict on length: the
+   "bullets" and "follow-up" users want what the documents say next about the fact as well (the sentence after
+   the one that holds it: a second list item, a second sentence before the closing question), the "short" user
+   wants under 15 words.
 3. An admin retrains the shared adapter on everyone's feedback (one job), and it is promoted even when the gate
    declines (the bench compares against it; the report gives the gate's verdict).
 4. Each user's personal retrain runs as a job (`PersonalActions.train`: from the shared adapter's weights, on their
@@ -73,14 +76,20 @@ def likes_brand(answer: str, product: str) -> bool:
     return answer.lstrip(" *#\"'").lower().startswith(product.lower())
 
 
-def edit_short(ideal: str, product: str) -> str:
+def edit_short(ideal: str, product: str, detail: str = "") -> str:
     first = sentences(ideal)[0] if sentences(ideal) else ideal
     w = first.split()
     return first if len(w) < 15 else " ".join(w[:13]).rstrip(",;:") + "."
 
 
-def edit_bullets(ideal: str, product: str) -> str:
-    parts = sentences(ideal)
+def _adds(ideal: str, detail: str) -> bool:
+    """Whether the documents' sentence says more than the ideal answer (it is not the same sentence)."""
+    norm = lambda t: re.sub(r"\W+", " ", t).strip().lower()  # noqa: E731
+    return bool(detail) and norm(detail) != norm(ideal)
+
+
+def edit_bullets(ideal: str, product: str, detail: str = "") -> str:
+    parts = sentences(ideal) + ([detail] if _adds(ideal, detail) else [])
     if len(parts) < 2:
         parts = [p.strip() for p in re.split(r",\s+|\s+and\s+", ideal.rstrip(".")) if p.strip()]
     if len(parts) < 2:
@@ -88,15 +97,37 @@ def edit_bullets(ideal: str, product: str) -> str:
     return "\n".join(f"- {p.rstrip('.')}" for p in parts)
 
 
-def edit_follow_up(ideal: str, product: str) -> str:
-    return ideal.rstrip() + " Would you like to know more about it?"
+def edit_follow_up(ideal: str, product: str, detail: str = "") -> str:
+    more = f" {detail.rstrip()}" if _adds(ideal, detail) else ""
+    return ideal.rstrip() + more + " Would you like to know more about it?"
 
 
-def edit_brand(ideal: str, product: str) -> str:
+def edit_brand(ideal: str, product: str, detail: str = "") -> str:
     return ideal if likes_brand(ideal, product) else f"{product}: {ideal[0].lower() + ideal[1:]}"
 
 
-TASTES: dict[str, tuple[Callable[[str, str], bool], Callable[[str, str], str]]] = {
+def _doc_sentences() -> list[tuple[str, str]]:
+    """Each sentence of the shared documents with the one after it in its paragraph ("" at a paragraph's end)."""
+    out: list[tuple[str, str]] = []
+    for doc in sorted(DOCS.glob("*.md")):
+        for line in doc.read_text(encoding="utf-8").splitlines():
+            line = line.strip().lstrip("#-*| ").strip()
+            para = [s for s in sentences(line) if len(s.split()) >= 4]
+            out += list(zip(para, para[1:] + [""], strict=True)) if para else []
+    return out
+
+
+def detail_of(keys: list[list[str]], doc_sentences: list[tuple[str, str]]) -> str:
+    """What the documents say next about a fact: the sentence after the first one that holds it (an alternative of
+    its first key group), in the same paragraph; "" when there is none."""
+    for alt in keys[0] if keys else []:
+        for sentence, after in doc_sentences:
+            if alt.lower() in sentence.lower():
+                return after
+    return ""
+
+
+TASTES: dict[str, tuple[Callable[[str, str], bool], Callable[[str, str, str], str]]] = {
     "short": (likes_short, edit_short),
     "bullets": (likes_bullets, edit_bullets),
     "follow_up": (likes_follow_up, edit_follow_up),
@@ -216,6 +247,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
             t0 = time.perf_counter()
             asker = store.create_user("asker", "bench-asker-pw")
             served = ask_all(services, asker, [f["ask"] for f in facts], log=False)
+            doc_sentences = _doc_sentences()
             for taste, u in users.items():
                 likes, edit = TASTES[taste]
                 for f, r in zip(facts, served, strict=True):
@@ -225,7 +257,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
                         store.add_thumb(u.id, a.id, 1)
                     else:
                         store.add_thumb(u.id, a.id, -1)
-                        store.add_edit(u.id, a.id, edit(f["ideal"], product))
+                        store.add_edit(u.id, a.id, edit(f["ideal"], product, detail_of(f["keys"], doc_sentences)))
             out["chat_s"] = round(time.perf_counter() - t0, 1)
             out["training_like_rate_base"] = {t: like_rate([r.text for r in served], t, product) for t in TASTES}
 
@@ -322,17 +354,19 @@ def timing_retrain(services: Any, actions: Any, runner: Any, operator: Any, qa: 
     store = services.store
     user = store.get_user_by_name("user-timing") or store.create_user("user-timing", "bench-timing-pw")
     actions.set_opt_in(user, True)
-    facts = [(f["ask"], f.get("ideal")) for f in qa["trained"]] + [(f["heldout"], f.get("ideal")) for f in
-                                                                    qa["trained"] + qa.get("unseen", [])]
+    doc_sentences = _doc_sentences()
+    facts = [(f["ask"], f.get("ideal"), detail_of(f["keys"], doc_sentences)) for f in qa["trained"]] + [
+        (f["heldout"], f.get("ideal"), detail_of(f["keys"], doc_sentences))
+        for f in qa["trained"] + qa.get("unseen", [])]
     if not store.list_conversations(user.id):
         likes, edit = TASTES["bullets"]
-        served = ask_all(services, user, [q for q, _ in facts], log=False)
-        for (question, ideal), r in zip(facts, served, strict=True):
+        served = ask_all(services, user, [q for q, _, _ in facts], log=False)
+        for (question, ideal, detail), r in zip(facts, served, strict=True):
             conv = store.create_conversation(user.id, question[:60], source="bench")
             _, a = store.add_turn(conv.id, question, r.text, adapter=r.adapter, sources=r.sources)
             store.add_thumb(user.id, a.id, 1 if likes(r.text, product) else -1)
             if not likes(r.text, product):
-                store.add_edit(user.id, a.id, edit(ideal or r.text, product))
+                store.add_edit(user.id, a.id, edit(ideal or r.text, product, detail))
     t0 = time.perf_counter()
     job = runner.wait(actions.train(operator, user.id, options)["id"])
     row: dict[str, Any] = {"answers": len(facts), "status": job.status, "seconds": round(time.perf_counter() - t0, 1),
