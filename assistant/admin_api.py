@@ -129,7 +129,14 @@ class AdminActions:
               docs: str | None = None) -> dict[str, Any]:
         """Teacher pairs from the admin's readable documents (or a server-side folder), stored for builds."""
         admin = require_admin(user)
-        from training.synth import allowed_docs_folder, chunks_from_folder, chunks_from_knowledge, run_synth
+        from training.synth import (
+            SyntheticPairs,
+            allowed_docs_folder,
+            chunks_from_folder,
+            chunks_from_knowledge,
+            pick_chunks,
+            run_synth,
+        )
         from training.teacher import self_teacher
 
         if not 1 <= max_chunks <= 500 or not 1 <= questions_per_chunk <= 10:
@@ -145,7 +152,8 @@ class AdminActions:
             chunks = chunks_from_knowledge(kb, admin)
         if not chunks:
             raise ValueError("there are no documents to generate pairs from")
-        report = run_synth(self.store, self_teacher(self.services.backend), chunks[:max_chunks],
+        chunks = pick_chunks(chunks, max_chunks, SyntheticPairs(self.store).read_chunks())
+        report = run_synth(self.store, self_teacher(self.services.backend), chunks,
                            questions_per_chunk=questions_per_chunk)
         return {"chunks": report.chunks, "pairs": report.pairs, "accepted": report.accepted,
                 "dpo_pairs": report.dpo_pairs, "seconds": round(report.seconds, 2)}

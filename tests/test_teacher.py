@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from training.synth import SyntheticPairs, chunk_text, chunks_from_folder, run_synth
+from training.synth import SyntheticPairs, chunk_text, chunks_from_folder, pick_chunks, run_synth
 from training.teacher import (
     QUESTION_SYSTEM,
     BackendTeacherModel,
@@ -209,6 +209,28 @@ def test_a_tie_between_a_model_answer_and_the_extract_goes_to_the_extract_unless
         assert extract.verdict.score == pair.score == 1.0 and pair.rejected == REFUSAL
     assert kept[True].answer == GOOD and kept[True].answer_origin == "extract"
     assert kept[False].answer == SHORT_GOOD and kept[False].answer_origin == "model"
+
+
+def test_pick_chunks_spreads_over_documents_then_moves_on_to_unread_ones(store):
+    chunks = [Chunk(doc, str(i), f"{doc} paragraph {i}", doc) for doc, n in (("a", 6), ("b", 3), ("c", 1))
+              for i in range(n)]
+    first = pick_chunks(chunks, 5)
+    # every document, each one's chunks evenly spaced, in the documents' order
+    assert [(c.doc_id, c.chunk_id) for c in first] == [("a", "0"), ("a", "5"), ("b", "0"), ("b", "2"), ("c", "0")]
+    assert pick_chunks(chunks, 20) == chunks and pick_chunks(chunks, 0) == []
+
+    # the teacher's stored pairs mark a chunk read: the next cycle reads the others
+    model = ScriptedModel(questions=["Nothing useful"] * 100, answers=[GOOD, REFUSAL] * 100)
+    run_synth(store, GroundedTeacher(model, TeacherOptions(candidates=2)), first, questions_per_chunk=1)
+    read = SyntheticPairs(store).read_chunks()
+    assert read == {c.sha256 for c in first}
+    second = pick_chunks(chunks, 5, read)
+    assert not {c.sha256 for c in second} & read and len(second) == 5
+    assert {c.doc_id for c in second} == {"a", "b"}  # c has no unread chunk left
+    # all read: start over, spread as before; fewer unread than n: topped up with read ones
+    assert pick_chunks(chunks, 5, {c.sha256 for c in chunks}) == first
+    rest = pick_chunks(chunks, 5, read | {c.sha256 for c in second})
+    assert len(rest) == 5 and {c.sha256 for c in rest} >= {c.sha256 for c in chunks} - read - {c.sha256 for c in second}
 
 
 def test_teacher_is_deterministic_per_chunk_and_question():

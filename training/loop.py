@@ -69,7 +69,7 @@ class CycleOptions:
     build: dict[str, Any] = field(default_factory=dict)  # BuildOptions overrides
     synth: bool = False  # ask the teacher for document pairs first
     synth_docs: str | None = None  # folder of .md/.txt documents; None = the knowledge base
-    synth_max_chunks: int = 8
+    synth_max_chunks: int = 8  # chunks the teacher reads per cycle: unread ones first, spread over documents
     synth_questions_per_chunk: int = 2
     teacher: dict[str, Any] = field(default_factory=dict)  # TeacherOptions overrides (candidates, answer_max_tokens)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
@@ -648,7 +648,7 @@ def teacher_options(overrides: dict[str, Any] | None) -> Any:
 
 
 def _synth(services: Services, options: CycleOptions, progress: Callable[[int, int], None]) -> dict[str, Any]:
-    from training.synth import chunks_from_folder, chunks_from_knowledge, run_synth
+    from training.synth import SyntheticPairs, chunks_from_folder, chunks_from_knowledge, pick_chunks, run_synth
     from training.teacher import self_teacher
 
     backend = getattr(services, "backend", None)
@@ -662,7 +662,7 @@ def _synth(services: Services, options: CycleOptions, progress: Callable[[int, i
         if kb is None or admin is None:
             raise CycleFailed("synthetic generation from the knowledge base needs a knowledge base and an admin user")
         chunks = chunks_from_knowledge(kb, admin)
-    chunks = chunks[:options.synth_max_chunks]
+    chunks = pick_chunks(chunks, options.synth_max_chunks, SyntheticPairs(services.store).read_chunks())
     if not chunks:
         raise CycleFailed("no document chunks to generate synthetic pairs from")
     teacher = self_teacher(backend, options=teacher_options(options.teacher))

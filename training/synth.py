@@ -108,6 +108,12 @@ class SyntheticPairs:
             return set(conn.execute(sa.select(synthetic_pairs.c.id)
                                     .where(synthetic_pairs.c.id.in_(ids))).scalars())
 
+    def read_chunks(self) -> set[str]:
+        """The sha256 of every chunk the teacher has already been asked about (a pair stored, accepted or not)."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(synthetic_pairs.c.chunk_sha256).distinct()
+                                    .where(synthetic_pairs.c.chunk_sha256.is_not(None))).scalars())
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(synthetic_pairs)).scalar_one()
@@ -134,6 +140,35 @@ def chunk_text(doc_id: str, text: str, *, title: str = "", max_chars: int = 900)
     if current:
         chunks.append(Chunk(doc_id, str(len(chunks)), "\n\n".join(current), title))
     return chunks
+
+
+def pick_chunks(chunks: list[Chunk], n: int, read: set[str] | None = None) -> list[Chunk]:
+    """At most `n` of `chunks` for the teacher: the ones it has not read yet (`read`: their sha256) first, spread
+    over the documents (each document in turn) and over each document's length (evenly spaced chunks), in the
+    documents' order. Taking the first `n` instead read the first document or two every cycle, so questions
+    about the others never got a teacher row (issue 26)."""
+    if n < 1:
+        return []
+    read = read or set()
+    fresh = [c for c in chunks if c.sha256 not in read]
+    pool = fresh if fresh else list(chunks)
+    if len(pool) <= n:
+        picked = pool + [c for c in chunks if c not in pool][:n - len(pool)]
+        return sorted(picked, key=chunks.index)
+    by_doc: dict[str, list[Chunk]] = {}
+    for c in pool:
+        by_doc.setdefault(c.doc_id, []).append(c)
+    quota = dict.fromkeys(by_doc, 0)
+    while sum(quota.values()) < n:  # one slot per document in turn, while it has chunks left
+        for doc_id, doc_chunks in by_doc.items():
+            if sum(quota.values()) < n and quota[doc_id] < len(doc_chunks):
+                quota[doc_id] += 1
+    picked = []
+    for doc_id, doc_chunks in by_doc.items():
+        k, m = quota[doc_id], len(doc_chunks)
+        if k:
+            picked += [doc_chunks[round(i * (m - 1) / (k - 1))] if k > 1 else doc_chunks[0] for i in range(k)]
+    return sorted(picked, key=chunks.index)
 
 
 class FolderNotAllowed(PermissionError):
