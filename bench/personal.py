@@ -14,10 +14,9 @@ What happens, in one process through the product's own parts (`build_services`, 
 2. The users ask the question file's `trained` questions (`ask`), served by the base model with retrieval
    (greedy; the served answer is logged for each user as their own turn). Each user rates every answer by their
    preference: a liked answer gets a thumbs up; a disliked one a thumbs down and an edit into the answer they
-   wanted (the question's `ideal` answer, reshaped to their taste). The tastes also conflict on length: the
-   "bullets" and "follow-up" users want what the documents say next about the fact as well (the sentence after
-   the one that holds it: a second list item, a second sentence before the closing question), the "short" user
-   wants under 15 words.
+   wanted (the question's `ideal` answer, reshaped to their taste). With `--long-edits` the tastes also conflict
+   on length: the "bullets" and "follow-up" users want what the documents say next about the fact as well (the
+   sentence after the one that holds it: a second list item, a second sentence before the closing question).
 3. An admin retrains the shared adapter on everyone's feedback (one job), and it is promoted even when the gate
    declines (the bench compares against it; the report gives the gate's verdict).
 4. Each user's personal retrain runs as a job (`PersonalActions.train`: from the shared adapter's weights, on their
@@ -183,7 +182,8 @@ def general_qa(report: dict[str, Any] | None, which: str) -> float | None:
 # ------------------------------------------------------------------------------------------ the run
 def run(model: str | None, threads: int, asks: int, home: Path,
         saved: Callable[[dict[str, Any]], None] = lambda _res: None, reuse: bool = False,
-        only: list[str] | None = None, options: dict[str, Any] | None = None, timing: bool = False) -> dict[str, Any]:
+        only: list[str] | None = None, options: dict[str, Any] | None = None, timing: bool = False,
+        long_edits: bool = False) -> dict[str, Any]:
     """The whole bench; `saved(results so far)` is called after each step, so a run cut short keeps its numbers.
     `reuse`: `home` holds an earlier run's users, feedback and shared adapter; only the examiners' answers and the
     personal retrains run again (to measure a personal recipe without the shared retrain's 40-60 minutes), for the
@@ -211,7 +211,8 @@ def run(model: str | None, threads: int, asks: int, home: Path,
     services = build_services(settings)
     t_start = time.perf_counter()
     out: dict[str, Any] = {"machine": {"cpu": _cpu(), "threads": threads, "python": platform.python_version()},
-                           "model": settings.model, "asks": len(facts), "options": options or {}, "users": {}}
+                           "model": settings.model, "asks": len(facts), "options": options or {},
+                           "long_edits": long_edits, "users": {}}
     try:
         store = services.store
         actions = PersonalActions(services)
@@ -247,7 +248,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
             t0 = time.perf_counter()
             asker = store.create_user("asker", "bench-asker-pw")
             served = ask_all(services, asker, [f["ask"] for f in facts], log=False)
-            doc_sentences = _doc_sentences()
+            doc_sentences = _doc_sentences() if long_edits else []
             for taste, u in users.items():
                 likes, edit = TASTES[taste]
                 for f, r in zip(facts, served, strict=True):
@@ -337,7 +338,8 @@ def run(model: str | None, threads: int, asks: int, home: Path,
         out["grounded_shared"] = grounded_rate(shared_answers, facts)
         out["samples"] = {"base": base_answers[:3], "shared": shared_answers[:3]}
         if timing:
-            out["timing"] = timing_retrain(services, actions, runner, operator, qa, product, options or {})
+            out["timing"] = timing_retrain(services, actions, runner, operator, qa, product, options or {},
+                                           long_edits)
             saved(out)
     finally:
         out["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -346,7 +348,7 @@ def run(model: str | None, threads: int, asks: int, home: Path,
 
 
 def timing_retrain(services: Any, actions: Any, runner: Any, operator: Any, qa: dict[str, Any], product: str,
-                   options: dict[str, Any]) -> dict[str, Any]:
+                   options: dict[str, Any], long_edits: bool = False) -> dict[str, Any]:
     """One personal retrain on about 40 of a user's answers, timed: a "bullets" user asks 40 questions (the file's
     trained questions, their held-out paraphrases and the unseen facts' questions), likes the lists and edits every
     other answer into one. This user is timed only: they asked the examiners' questions, so no like rate is
@@ -354,7 +356,7 @@ def timing_retrain(services: Any, actions: Any, runner: Any, operator: Any, qa: 
     store = services.store
     user = store.get_user_by_name("user-timing") or store.create_user("user-timing", "bench-timing-pw")
     actions.set_opt_in(user, True)
-    doc_sentences = _doc_sentences()
+    doc_sentences = _doc_sentences() if long_edits else []
     facts = [(f["ask"], f.get("ideal"), detail_of(f["keys"], doc_sentences)) for f in qa["trained"]] + [
         (f["heldout"], f.get("ideal"), detail_of(f["keys"], doc_sentences))
         for f in qa["trained"] + qa.get("unseen", [])]
@@ -451,6 +453,9 @@ def main() -> None:
                          '\'{"train": {"lora_layers": 16}}\')')
     ap.add_argument("--timing", action="store_true",
                     help="then time one personal retrain on 40 answers of one more user (the issue's ~40 rows)")
+    ap.add_argument("--long-edits", action="store_true",
+                    help="the bullets and follow-up users' edits also carry the documents' next sentence about the "
+                         "fact (tastes that conflict on length; measured once, docs/personal.md)")
     ns = ap.parse_args()
     users = [u.strip() for u in ns.users.split(",") if u.strip()]
     if not users or set(users) - set(TASTES) or (not ns.reuse and users != list(TASTES)):
@@ -464,7 +469,7 @@ def main() -> None:
             ns.json.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
 
     res = run(ns.model, ns.threads, ns.asks, home, save, reuse=ns.reuse, only=users, options=ns.options,
-              timing=ns.timing)
+              timing=ns.timing, long_edits=ns.long_edits)
     save(res)
     print(table(res))
 
