@@ -363,6 +363,12 @@ def test_cli_synth_with_a_local_teacher(store, settings, tiny_model_dir):
     assert out.exit_code == 0, out.output
     assert "2 pairs from 2 chunks" in out.output
     assert SyntheticPairs(store).counts()["total"] == 2
+    first = {p.doc_id for p in SyntheticPairs(store).list()}
+    # a second run reads two chunks the first did not (spread over the documents, not the first two again)
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    second = {p.doc_id for p in SyntheticPairs(store).list()} - first
+    assert len(first) == 2 and len(second) == 2
     missing = runner.invoke(app, ["synth", "--home", str(settings.home), "--teacher", "local"])
     assert missing.exit_code == 2 and "--docs FOLDER or --kb" in missing.output
 

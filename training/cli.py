@@ -159,12 +159,13 @@ def synth(
     candidates: Annotated[int, typer.Option(help="Answers sampled per question.")] = 4,
     extract: Annotated[bool, typer.Option(help="Also judge the passage's own best-matching sentence as an answer.")]
     = True,
-    limit: Annotated[int | None, typer.Option(help="At most this many chunks.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="At most this many chunks: unread ones first, spread over the documents.")] = None,
 ) -> None:
     """Generate question/answer pairs from documents with a teacher and store them."""
     from tqdm.auto import tqdm
 
-    from training.synth import chunks_from_folder, run_synth
+    from training.synth import SyntheticPairs, chunks_from_folder, pick_chunks, run_synth
     from training.teacher import TeacherOptions, local_teacher, openai_teacher, self_teacher
 
     settings = _settings(config, home)
@@ -180,7 +181,7 @@ def synth(
             chunks = chunks_from_folder(docs)
         else:
             chunks = _kb_chunks(settings, store, user)
-        chunks = chunks[:limit] if limit else chunks
+        chunks = pick_chunks(chunks, limit, SyntheticPairs(store).read_chunks()) if limit else chunks
         if not chunks:
             raise _fail("no document chunks to work on")
         options = TeacherOptions(candidates=candidates, extract=extract)
