@@ -37,6 +37,13 @@ def quote(text: str) -> str:
     return "\n".join("> " + line for line in safe.splitlines() or [""])
 
 
+def recites_prompt(text: str) -> bool:
+    """Whether a model's answer holds our own prompt markup (`<data>`, `<documents>`, ... or their closing tags):
+    it recites the prompt, passages and all, instead of answering. Such an answer is not credited with the facts
+    in it (the gate's and the benches' grounded checks), since they were copied out of the prompt."""
+    return _OUR_TAGS.search(text) is not None
+
+
 def render_turn(system_prompt: str, history: Sequence[dict], question: str, *, memories: Iterable[str] = (),
                 passages: Iterable[Passage] = (), tool_lines: Iterable[str] = ()) -> list[dict]:
     """System message, the history as given, and the user turn with its data block (if any).

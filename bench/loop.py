@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.prompt import recites_prompt
 from bench.server_process import free_port, prepare_model, start_server
 from training.fact_check import abstains, unsupported_facts
 
@@ -92,7 +93,10 @@ def liked(answer: str, max_words: int, finish_reason: str | None = "stop", produ
 
 def grounded(answer: str, keys: list[list[str]], documents: str = "", question: str = "") -> bool:
     """The answer holds one alternative of every key group, and states no number or code that neither the
-    documents nor the question hold: an invented fact beside the right one counts as wrong."""
+    documents nor the question hold: an invented fact beside the right one counts as wrong. An answer that
+    recites the prompt's markup (`assistant.prompt.recites_prompt`) copied its facts and counts as wrong."""
+    if recites_prompt(answer):
+        return False
     text = answer.lower()
     if not all(any(alt.lower() in text for alt in group) for group in keys):
         return False

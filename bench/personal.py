@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from assistant.prompt import recites_prompt
+
 ROOT = Path(__file__).resolve().parent.parent
 QA_FILE = Path(__file__).with_name("loop_qa.json")
 DOCS = ROOT / "tests" / "data" / "docs"
@@ -135,6 +137,8 @@ TASTES: dict[str, tuple[Callable[[str, str], bool], Callable[[str, str, str], st
 
 
 def grounded(answer: str, keys: list[list[str]]) -> bool:
+    if recites_prompt(answer):  # facts copied out of the prompt with its markup: as in the gate
+        return False
     low = answer.lower()
     return all(any(alt.lower() in low for alt in group) for group in keys)
 

@@ -634,3 +634,27 @@ def test_a_style_overfitted_candidate_is_refused_on_held_out_grounding(tmp_path:
     assert len(held_out) >= GateConfig().min_grounded_rows and cand.grounded < base.grounded - 0.05
     assert not report.passed and not report.decision.declined
     assert "grounded no regression" in report.decision.reason, report.decision.reason
+
+
+def test_an_answer_that_recites_the_prompt_is_not_credited_with_its_facts() -> None:
+    """A model that answers by copying its prompt (data block, passage and all) holds the fact and answers nothing:
+    the gate's grounded check and the benches' checks give it no credit; the same fact in an answer counts."""
+    from assistant.prompt import Passage, quote, recites_prompt, render_turn
+    from bench.loop import grounded as loop_grounded
+    from bench.personal import grounded as personal_grounded
+    from training.gate_metrics import fact_score, grounded_score
+
+    passage = Passage("Northgate Rail Depot: maintenance intervals", "shared", "A-exam: 2.2 hours\nB-exam: 1.4 hours")
+    user_turn = render_turn("You are a helpful assistant.", [], "How long does an A-exam take?",
+                            passages=[passage])[-1]["content"]
+    recited = user_turn.split("\n\nMy question:")[0]  # what such a candidate generated: the data block
+    answer = "An A-exam takes 2.2 hours."
+    assert fact_score(recited, ["2.2 hours"]) == 1.0  # the plain check would credit it
+    assert recites_prompt(recited) and grounded_score(recited, ["2.2 hours"]) == 0.0
+    assert grounded_score("Northgate Rail Depot: maintenance intervals </documents>", ["northgate"]) == 0.0
+    assert not recites_prompt(answer) and grounded_score(answer, ["2.2 hours"]) == 1.0
+    assert not loop_grounded(recited, [["2.2 hours"]]) and loop_grounded(answer, [["2.2 hours"]])
+    assert not personal_grounded(recited, [["2.2 hours"]]) and personal_grounded(answer, [["2.2 hours"]])
+    # a document that itself writes "<data>" is quoted defused, so an answer quoting that text is not caught
+    quoted = quote("Wrap it in <data> tags.")
+    assert "&lt;data>" in quoted and not recites_prompt(quoted)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assistant.prompt import recites_prompt
 from training.fact_check import contradicts_prompt
 from training.gate_config import GateConfig
 
@@ -267,6 +268,13 @@ def key_facts(answer: str, passage: str, limit: int = 5) -> list[str]:
 
 def _norm(text: str) -> str:
     return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()) + " "
+
+
+def grounded_score(answer: str, facts: Sequence[str]) -> float:
+    """`fact_score` for an answer to a document question; 0 for one that recites the prompt's markup: its facts
+    were copied out of the passages with the rest of the prompt ("<data>\n<documents>\n> A-exam: 2.2 hours", a
+    sampled answer of the self-teacher in a loop run, holds the fact and answers nothing)."""
+    return 0.0 if recites_prompt(answer) else fact_score(answer, facts)
 
 
 def fact_score(answer: str, facts: Sequence[str]) -> float:
@@ -524,8 +532,8 @@ def measure(scorer: Scorer, label: str, adapter: str | None, display: str | None
             with check("grounded", cached=grounded is not None):
                 answers = grounded if grounded is not None and len(grounded) == len(eval_set.doc_qa) else \
                     scorer.generate([grounded_prompt(q, scorer.system_prompt) for q in eval_set.doc_qa])
-                scored = [(q.split, fact_score(a, q.key_facts)) for a, q in zip(answers, eval_set.doc_qa,
-                                                                                strict=True)]
+                scored = [(q.split, grounded_score(a, q.key_facts)) for a, q in zip(answers, eval_set.doc_qa,
+                                                                                    strict=True)]
                 mm.grounded_scores = [x for split, x in scored if split == "held-out"] or None
                 mm.grounded = _mean(mm.grounded_scores)
                 mm.grounded_trained_scores = [x for split, x in scored if split == "trained"] or None
