@@ -26,8 +26,9 @@ What happens, in one process through the product's own parts (`build_services`, 
    or not: the report says which the gate served).
 
 Reported per user: like rate under base, shared and personal; grounded accuracy with retrieval (an answer holds one
-alternative of every key-fact group); the gate's general-ability score (general_qa: base, shared, personal) and
-the time of each personal retrain. A markdown table goes to stdout, every number to `--json`.
+alternative of every key-fact group and does not recite the prompt's markup); the gate's general-ability score
+(general_qa: base, shared, personal) and the time of each personal retrain. A markdown table goes to stdout, every
+number to `--json`.
 """
 
 from __future__ import annotations
