@@ -321,8 +321,11 @@ class JobRunner:
                         self._event(job_id, kind, data)
                 else:
                     if kind == "progress":
+                        first = state["progress"].get("step") is None
                         state["progress"].update({k: data[k] for k in ("step", "max_steps", "loss", "eval_loss",
                                                                        "epoch", "eta_s", "stage") if k in data})
+                        if first:  # the step reaches the progress column before the curve's first point does
+                            flush(force=True)
                     self._event(job_id, kind, data)
                 if kind == "log":
                     log_file.write(f"[loop] {data.get('message')}\n")
