@@ -150,25 +150,23 @@ def pick_chunks(chunks: list[Chunk], n: int, read: set[str] | None = None) -> li
     if n < 1:
         return []
     read = read or set()
-    fresh = [c for c in chunks if c.sha256 not in read]
-    pool = fresh if fresh else list(chunks)
-    if len(pool) <= n:
-        picked = pool + [c for c in chunks if c not in pool][:n - len(pool)]
-        return sorted(picked, key=chunks.index)
-    by_doc: dict[str, list[Chunk]] = {}
-    for c in pool:
-        by_doc.setdefault(c.doc_id, []).append(c)
-    quota = dict.fromkeys(by_doc, 0)
-    while sum(quota.values()) < n:  # one slot per document in turn, while it has chunks left
-        for doc_id, doc_chunks in by_doc.items():
-            if sum(quota.values()) < n and quota[doc_id] < len(doc_chunks):
+    pool = [i for i, c in enumerate(chunks) if c.sha256 not in read] or list(range(len(chunks)))
+    if len(pool) <= n:  # every unread chunk, topped up with read ones in order
+        taken = set(pool)
+        taken |= set([i for i in range(len(chunks)) if i not in taken][:n - len(pool)])
+        return [chunks[i] for i in sorted(taken)]
+    by_doc: dict[str, list[int]] = {}
+    for i in pool:
+        by_doc.setdefault(chunks[i].doc_id, []).append(i)
+    quota, left = dict.fromkeys(by_doc, 0), n
+    while left:  # one slot per document in turn, while it has chunks left (pool > n, so this ends)
+        for doc_id, idx in by_doc.items():
+            if left and quota[doc_id] < len(idx):
                 quota[doc_id] += 1
-    picked = []
-    for doc_id, doc_chunks in by_doc.items():
-        k, m = quota[doc_id], len(doc_chunks)
-        if k:
-            picked += [doc_chunks[round(i * (m - 1) / (k - 1))] if k > 1 else doc_chunks[0] for i in range(k)]
-    return sorted(picked, key=chunks.index)
+                left -= 1
+    picked = [idx[round(j * (len(idx) - 1) / (k - 1))] if k > 1 else idx[0]
+              for doc_id, idx in by_doc.items() if (k := quota[doc_id]) for j in range(k)]
+    return [chunks[i] for i in sorted(picked)]
 
 
 class FolderNotAllowed(PermissionError):
