@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from assistant.config import Settings
+from assistant.prompt import MarkupCutter, holds_markup
 from assistant.runtime import Backend, BackendBusy, GenerationError, GenerationSettings, InvalidMessages
 from assistant.titles import conversation_title
 from memory.store import Store
@@ -380,7 +381,8 @@ class ChatService:
 
     def _start(self, prompt: list[dict], adapter: str | None, gen: GenerationSettings, cancel):
         try:
-            return self.backend.stream(prompt, adapter, gen, cancel=cancel)
+            stream = self.backend.stream(prompt, adapter, gen, cancel=cancel)
+            return _CutAtMarkup(stream) if holds_markup(prompt) else stream
         except BackendBusy as e:
             raise Busy(str(e)) from e
         except InvalidMessages as e:  # e.g. a prompt longer than the model's context: the client's to fix
@@ -434,3 +436,40 @@ class ChatService:
         )
         if completed and self.agent is not None:
             reply.steps = reply.steps + self.agent.after_turn(req.user, text, reply.text)
+
+
+class _CutAtMarkup:
+    """A generation that ends where the answer starts reciting the prompt's markup (`MarkupCutter`): the model
+    is stopped there and the answer counts as finished ("stop"), as if it had ended it itself."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.cutter = MarkupCutter()
+        self.cut = False
+
+    def __iter__(self) -> _CutAtMarkup:
+        return self
+
+    def __next__(self) -> str:
+        while not self.cutter.done:
+            try:
+                piece = self.cutter.feed(next(self.stream))
+            except StopIteration:
+                piece = self.cutter.finish()
+            if self.cutter.done and not self.stream.done:
+                self.cut = True
+                self.stream.close()  # frees the model for the next request
+            if piece:
+                return piece
+        raise StopIteration
+
+    @property
+    def finish_reason(self) -> str | None:
+        return "stop" if self.cut else self.stream.finish_reason
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __getattr__(self, name: str) -> Any:  # usage, queue_wait_s, adapter, ... of the generation itself
+        return getattr(self.stream, name)
+

@@ -44,6 +44,68 @@ def recites_prompt(text: str) -> bool:
     return _OUR_TAGS.search(text) is not None
 
 
+# The longest text that may still grow into one of our tags ("</tool_results" with a space or two).
+_TAG_REACH = 16
+
+
+def markup_at(text: str, final: bool = True) -> int | None:
+    """Where a model's answer starts reciting our prompt markup, or None. With `final=False` (more text may
+    follow) a tag that ends the text is not decided yet: "<doc" may become "<docker"."""
+    for m in _OUR_TAGS.finditer(text):
+        return m.start() if final or m.end() < len(text) else None
+    return None
+
+
+def cut_at_markup(text: str) -> str:
+    """The answer up to where it starts reciting our prompt markup (the whole answer when it does not): what
+    users are served, and what the gate scores."""
+    at = markup_at(text)
+    return text if at is None else text[:at].rstrip()
+
+
+def holds_markup(messages: Iterable[dict]) -> bool:
+    """Whether a rendered prompt carries our markup (a data block), so an answer could recite it."""
+    return any(_OUR_TAGS.search(str(m.get("content") or "")) for m in messages)
+
+
+class MarkupCutter:
+    """Cuts a streamed answer where it starts reciting the prompt's markup (a 135M model, given passages, may
+    go on with "<documents>" and the passages themselves). Feed it the pieces as they come: it returns what can
+    be shown now, holding back a possible tag's first characters until they are decided; `done` once cut."""
+
+    def __init__(self) -> None:
+        self.text = ""  # everything fed, up to the cut once done
+        self.sent = 0  # characters of `text` returned so far
+        self.done = False
+
+    def feed(self, piece: str) -> str:
+        if self.done:
+            return ""
+        self.text += piece
+        start = max(0, self.sent - _TAG_REACH)
+        at = markup_at(self.text[start:], final=False)
+        if at is not None:
+            self.done = True
+            self.text = self.text[:start + at].rstrip()
+            return self._take(len(self.text))
+        hold = self.text.rfind("<", self.sent)
+        end = hold if hold >= 0 and len(self.text) - hold <= _TAG_REACH else len(self.text)
+        return self._take(len(self.text[:end].rstrip()))  # spaces wait too: a cut answer ends without them
+
+    def finish(self) -> str:
+        """The rest, once the model has stopped on its own."""
+        if self.done:
+            return ""
+        self.done = True
+        self.text = cut_at_markup(self.text)
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        out = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return out
+
+
 def render_turn(system_prompt: str, history: Sequence[dict], question: str, *, memories: Iterable[str] = (),
                 passages: Iterable[Passage] = (), tool_lines: Iterable[str] = ()) -> list[dict]:
     """System message, the history as given, and the user turn with its data block (if any).

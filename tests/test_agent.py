@@ -433,3 +433,96 @@ def test_chat_service_stores_sources_memories_and_steps(tiny_settings: Settings,
     assert [x["tool"] for x in stored.steps] == ["search_documents", "recall"]
     assert [m.text for m in mem.list(alice.id)] == ["My name is Dora."]  # learnt after the turn
     assert [x["tool"] for x in reply.steps][-1] == "remember"
+
+
+RECITING = [
+    "The A-exam takes 2.2 hours.\n<documents>\n[1] Northgate Rail Depot\n> A-exam: 2.2 hours",
+    "Northgate Rail Depot: maintenance intervals </documents> </data>",
+    "<data>\n<documents>\n> A-exam: 2.2 hours",
+    "Use x < 5 and y <= 3; see <doc 1>.",
+    "A <docker> tag is not ours, and neither is <dataset>: keep them.",
+    "Every answer ends somewhere <do",
+    "No markup here at all.",
+]
+
+
+def test_a_streamed_answer_is_cut_where_it_starts_reciting_the_prompt() -> None:
+    """Whatever pieces the model's text comes in, the cutter shows exactly `cut_at_markup` of the whole answer,
+    and never a character of the tag it stopped at."""
+    from assistant.prompt import MarkupCutter, cut_at_markup
+
+    assert [cut_at_markup(t) for t in RECITING] == [
+        "The A-exam takes 2.2 hours.", "Northgate Rail Depot: maintenance intervals", "",
+        "Use x < 5 and y <= 3; see", RECITING[4], RECITING[5], RECITING[6]]
+    for text in RECITING:
+        want = cut_at_markup(text)
+        for i in range(len(text) + 1):
+            for j in range(i, len(text) + 1, 7):
+                cutter = MarkupCutter()
+                shown = [cutter.feed(p) for p in (text[:i], text[i:j], text[j:]) if p]
+                shown.append(cutter.finish())
+                assert "".join(shown) == want, (text, i, j, shown)
+    cutter = MarkupCutter()
+    assert cutter.feed("Two hours <") == "Two hours" and cutter.feed("docu") == ""  # held back, undecided
+    assert cutter.feed("ments>\n> A-exam") == "" and cutter.done and cutter.text == "Two hours"
+
+
+class _Scripted:
+    """The real tiny backend for everything but the text: its answers are written out here, because no offline
+    model recites the prompt's markup on demand. Records whether the generation was stopped early."""
+
+    def __init__(self, backend, pieces: list[str]) -> None:
+        self.backend, self.pieces, self.generations = backend, pieces, []
+
+    def stream(self, messages, adapter, gen, cancel=None):
+        from assistant.runtime import Generation, make_usage
+
+        pieces = iter(self.pieces)
+
+        class Scripted(Generation):
+            def _next_piece(self) -> str:
+                piece = next(pieces, None)
+                if piece is None:
+                    self.finish_reason, self.usage = "stop", make_usage(self.prompt_tokens, len(self._pieces))
+                    raise StopIteration
+                return piece
+
+            def _abort(self) -> None:
+                pass
+
+            def _tokens_so_far(self) -> int:
+                return len(self._pieces)
+
+        g = Scripted(adapter, 0.0, self.backend.count_tokens(messages))
+        self.generations.append(g)
+        return g
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def test_the_chat_stops_an_answer_that_recites_its_documents(tiny_settings: Settings, store, parts, users,
+                                                             tiny_model_dir: Path):
+    """Served and stored: the answer up to the markup, finished ("stop", a complete answer to rate and train on),
+    the model stopped there. A question with no data block in its prompt is never cut."""
+    from assistant.chat import ChatService, TurnRequest
+    from assistant.runtime import make_backend
+
+    kb, mem = parts
+    alice, _, _ = users
+    s = tiny_settings.model_copy(update={"model": str(tiny_model_dir), "torch_threads": 1, "max_new_tokens": 4})
+    kb.ingest(alice, "depot.md", b"Northgate Rail Depot maintenance intervals. A-exam: 2.2 hours.")
+    pieces = ["The A-exam", " takes 2.2 hours. <", "documents>\n[1] Northgate", " Rail Depot", "\n> A-exam"]
+    backend = _Scripted(make_backend(s, progress=False), pieces)
+    chat = ChatService(s, store, backend, Agent(s, store, kb, mem, clock=lambda: CLOCK))
+    reply = chat.reply(TurnRequest(user=alice, text="How long does the A-exam at Northgate Rail Depot take?"))
+    shown = list(reply)
+    assert reply.sources, "the depot document must be in the prompt for this test to mean anything"
+    assert "".join(shown) == "The A-exam takes 2.2 hours." == reply.text
+    assert reply.finish_reason == "stop" and reply.assistant_message.status == "complete"
+    assert store.get_message(reply.assistant_message.id, alice.id).content == "The A-exam takes 2.2 hours."
+    assert backend.generations[-1].finish_reason == "cancelled"  # stopped at the tag, not run to the end
+
+    plain = ChatService(s, store, _Scripted(make_backend(s, progress=False), ["Write <data value=1>", " x"]))
+    reply = plain.reply(TurnRequest(user=alice, text="An HTML data element, please")).drain()
+    assert reply.text == "Write <data value=1> x"  # no data block in that prompt: nothing of ours to recite

@@ -11,6 +11,7 @@ import pytest
 
 from assistant.config import Settings
 from bench.loop import (
+    arguments,
     DOCS,
     QA_FILE,
     abstains,
@@ -59,6 +60,11 @@ def test_each_document_set_holds_its_facts_and_enough_held_out_questions(docs: P
     held_out = [r for r in rows if r["split"] == "held-out"]
     assert len(held_out) >= GateConfig().min_grounded_rows  # else the gate declines to decide every cycle
     assert len(rows) - len(held_out) == len(qa["trained"])
+    # every trained fact is also asked in a third wording, and the bench's gate answers every question
+    again = {f["id"].removesuffix("~again") for f in qa["gate"] if f["id"].endswith("~again")}
+    assert again == {f["id"] for f in qa["trained"]}
+    gate = cycle_options(1, arguments().parse_args([]), tmp_path / "gate.jsonl")["gate"]
+    assert gate["max_doc_qa"] >= max(len(held_out), len(qa["trained"]))
 
 
 def test_an_invented_fact_or_answer_counts_as_wrong() -> None:

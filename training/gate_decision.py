@@ -98,7 +98,7 @@ def _paired(candidate: ModelMetrics, baseline: ModelMetrics, metric: str) -> tup
 
 # Changed whenever `decide` judges the same numbers differently, so that a retrain on inputs a refused candidate had
 # is judged again under the new rules instead of skipped (`training.loop.refused_twin`).
-RULES_VERSION = "2026-12-07: an answer reciting the prompt's markup is not grounded"
+RULES_VERSION = "2026-12-07b: a grounded answer is scored as served, cut where it starts reciting the prompt"
 
 
 def _rules(cfg: GateConfig) -> dict[str, tuple[float, float, bool]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assistant.prompt import recites_prompt
+from assistant.prompt import cut_at_markup, holds_markup, recites_prompt
 from training.fact_check import contradicts_prompt
 from training.gate_config import GateConfig
 
@@ -428,7 +428,8 @@ class Scorer:
                     texts[i] = self.tok.decode(o[width:], skip_special_tokens=True).strip()
         finally:
             self.tok.padding_side = old_side
-        return texts
+        # As served: the chat stops an answer where it starts reciting the prompt's markup (assistant/chat.py).
+        return [cut_at_markup(t) if holds_markup(p) else t for t, p in zip(texts, prompts, strict=True)]
 
     def _batches(self, rendered: Sequence[str]) -> Iterator[list[int]]:
         """Row indices in generation batches, longest prompt first: at most `batch_size` rows and about
