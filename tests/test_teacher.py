@@ -426,3 +426,25 @@ def test_a_stronger_teachers_accepted_answer_comes_before_the_extract():
     assert kept[False].answer == GOOD and kept[True].answer == SHORT_GOOD and kept[True].accepted
     strong = openai_teacher("http://127.0.0.1:9/v1", "m")  # no request is made until it is asked
     assert strong.options.prefer_samples and strong.options.answers_from_samples
+
+
+def test_an_answer_must_give_the_kind_of_thing_its_question_asks_for() -> None:
+    """A year for "which year", a number for "how much", a time for "when". The self-teacher answered "Which year
+    does the Hanbit Family Clinic open?" with the clinic's opening sentence (it shares the question's words, holds no
+    year), and the adapter trained on it opened every answer with a document's first sentence."""
+    from training.teacher import answers_kind, extract_answer, judge
+
+    bench = Path(__file__).parents[1] / "bench" / "docsets"
+    guide = (bench / "hanbit" / "clinic_guide.md").read_text(encoding="utf-8")
+    first = guide.split("\n\n")[1].split(". ")[0] + "."
+    question = "Which year does the Hanbit Family Clinic open?"
+    assert "wrong_kind" in judge(question, first, guide).reasons
+    assert extract_answer(question, guide) != first
+    assert not judge(question, first, guide).accepted
+    rules = (bench / "railyard" / "depot_rules.md").read_text(encoding="utf-8")
+    assert extract_answer("In which year did the depot open?", rules).startswith("The depot opened in 1998")
+    assert answers_kind("How much is the flu shot?", "It costs 35,000 won.")
+    assert not answers_kind("How many members can the Free plan have?", "The Free plan is for small teams.")
+    assert answers_kind("How long do I wait after a vaccination?", "Please wait fifteen minutes.")
+    assert not answers_kind("When is the lunch break?", "Hanbit Clinic is a family medicine clinic.")
+    assert answers_kind("What does fault F-101 mean?", "Traction overtemperature.")  # no kind to check

@@ -186,6 +186,40 @@ def clean_answer(text: str) -> str:
     return out.strip()
 
 
+# A question asking for a year, an amount or a time is answered only by an answer that gives one. Without this the
+# self-teacher answered "Which year does the Hanbit Family Clinic open?" with the clinic's opening sentence (it shares
+# the question's words and holds no year), and the adapter trained on it answered any question with a document's
+# first sentence ("Who is the director of the clinic?" -> "Hanbit Clinic (한빛가정의원) is a family medicine clinic").
+_ASKS = r"^\W*(?:(?:in|at|on|by|from|until|for)\s+)?"
+_ASKS_YEAR = re.compile(_ASKS + r"(?:what|which)\s+year\b", re.I)
+_ASKS_COUNT = re.compile(_ASKS + r"(?:how\s+(?:much|many|far|old|big|large|fast|heavy|tall|tight|thick|high|early|late)"
+                         r"|(?:what|which)\s+(?:price|percentage|number|amount|size|speed|extension|torque)s?)\b", re.I)
+_ASKS_TIME = re.compile(_ASKS + r"(?:when|how\s+(?:long|often|soon)|(?:what|which)\s+(?:time|date|day|month|hours?)s?)\b",
+                        re.I)
+_NUMBER_WORDS = (r"zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|"
+                 r"fifty|sixty|hundred|thousand|million|half|dozen|once|twice|single|double")
+_HAS_COUNT = re.compile(rf"\d|\b(?:{_NUMBER_WORDS})\b", re.I)
+_HAS_TIME = re.compile(
+    rf"\d|\b(?:{_NUMBER_WORDS}|january|february|march|april|may|june|july|august|september|october|november|"
+    r"december|monday|tuesday|wednesday|thursday|friday|saturday|sunday|mondays|tuesdays|wednesdays|thursdays|"
+    r"fridays|saturdays|sundays|weekdays?|weekends?|daily|weekly|monthly|yearly|annually|every|each|morning|"
+    r"afternoon|evening|night|noon|midnight|before|after|during|until|always|never|hours?|minutes?|days?|weeks?|"
+    r"months?|years?)\b", re.I)
+
+
+def answers_kind(question: str, answer: str) -> bool:
+    """Whether the answer gives what kind of thing the question asks for, where that can be told: a year for
+    "which year", a number for "how much / how many / what price", a time or span for "when / how long / how
+    often". Any other question passes."""
+    if _ASKS_YEAR.search(question):
+        return re.search(r"\b\d{4}\b", answer) is not None
+    if _ASKS_COUNT.search(question):
+        return _HAS_COUNT.search(answer) is not None
+    if _ASKS_TIME.search(question):
+        return _HAS_TIME.search(answer) is not None
+    return True
+
+
 @dataclass(frozen=True)
 class JudgeLimits:
     min_support: float = 0.8
@@ -194,12 +228,13 @@ class JudgeLimits:
     max_chars: int = 700
 
 
-def _answer_sentences(passage: str) -> list[str]:
+def _answer_sentences(passage: str, question: str = "") -> list[str]:
     """The passage's sentences that can hold an answer: not its title line (`Chunk.passage` starts with
-    the title when there is one) and not Markdown headings."""
+    the title when there is one), not Markdown headings, and (given the question) only those that give the kind
+    of thing it asks for (`answers_kind`: a year, a number, a time)."""
     lines = passage.split("\n", 1)
     body = lines[1] if len(lines) == 2 and not re.search(r"[.!?]\s*$", lines[0]) else passage
-    return [x for x in _sentences(body) if not x.startswith("#")]
+    return [x for x in _sentences(body) if not x.startswith("#") and answers_kind(question, x)]
 
 
 def _best_sentence(sentences: Sequence[str], q_words: set[str]) -> int:
@@ -219,7 +254,7 @@ def extract_answer(question: str, passage: str) -> str | None:
     itself must share at least half of the question's content words (and two, when the question has
     two), or there is none. Titles and headings are not sentences worth quoting.
     """
-    sentences = _answer_sentences(passage)
+    sentences = _answer_sentences(passage, question)
     q_words = set(content_words(question))
     i = _best_sentence(sentences, q_words)
     if i < 0:
@@ -255,11 +290,13 @@ def judge(question: str, answer: str, passage: str, limits: JudgeLimits = JudgeL
         reasons.append("ungrounded")
     if a_words and set(a_words) <= q_words:
         reasons.append("echoes_question")
+    if not answers_kind(question, answer):
+        reasons.append("wrong_kind")  # no year, number or time where the question asks for one
 
     # Relevance: the passage sentence that best matches the question (and the one after it, which
     # often continues it) holds the answer. Of what the answer adds beyond the question's own words,
     # that much must come from there, or it answers something else in the passage.
-    sentences = _answer_sentences(passage)
+    sentences = _answer_sentences(passage, question)
     best_i = _best_sentence(sentences, q_words)
     window = set(content_words(" ".join(sentences[best_i:best_i + 2]))) if best_i >= 0 else set()
     added = set(a_words) - q_words
