@@ -472,4 +472,3 @@ class _CutAtMarkup:
 
     def __getattr__(self, name: str) -> Any:  # usage, queue_wait_s, adapter, ... of the generation itself
         return getattr(self.stream, name)
-

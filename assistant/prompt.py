@@ -51,9 +51,10 @@ _TAG_REACH = 16
 def markup_at(text: str, final: bool = True) -> int | None:
     """Where a model's answer starts reciting our prompt markup, or None. With `final=False` (more text may
     follow) a tag that ends the text is not decided yet: "<doc" may become "<docker"."""
-    for m in _OUR_TAGS.finditer(text):
-        return m.start() if final or m.end() < len(text) else None
-    return None
+    m = _OUR_TAGS.search(text)
+    if m is None:
+        return None
+    return m.start() if final or m.end() < len(text) else None
 
 
 def cut_at_markup(text: str) -> str:

@@ -11,7 +11,6 @@ import pytest
 
 from assistant.config import Settings
 from bench.loop import (
-    arguments,
     DOCS,
     QA_FILE,
     abstains,

@@ -192,10 +192,11 @@ def clean_answer(text: str) -> str:
 # first sentence ("Who is the director of the clinic?" -> "Hanbit Clinic (한빛가정의원) is a family medicine clinic").
 _ASKS = r"^\W*(?:(?:in|at|on|by|from|until|for)\s+)?"
 _ASKS_YEAR = re.compile(_ASKS + r"(?:what|which)\s+year\b", re.I)
-_ASKS_COUNT = re.compile(_ASKS + r"(?:how\s+(?:much|many|far|old|big|large|fast|heavy|tall|tight|thick|high|early|late)"
-                         r"|(?:what|which)\s+(?:price|percentage|number|amount|size|speed|extension|torque)s?)\b", re.I)
-_ASKS_TIME = re.compile(_ASKS + r"(?:when|how\s+(?:long|often|soon)|(?:what|which)\s+(?:time|date|day|month|hours?)s?)\b",
-                        re.I)
+_ASKS_COUNT = re.compile(
+    _ASKS + r"(?:how\s+(?:much|many|far|old|big|large|fast|heavy|tall|tight|thick|high|early|late)"
+    r"|(?:what|which)\s+(?:price|percentage|number|amount|size|speed|extension|torque)s?)\b", re.I)
+_ASKS_TIME = re.compile(
+    _ASKS + r"(?:when|how\s+(?:long|often|soon)|(?:what|which)\s+(?:time|date|day|month|hours?)s?)\b", re.I)
 _NUMBER_WORDS = (r"zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|"
                  r"fifty|sixty|hundred|thousand|million|half|dozen|once|twice|single|double")
 _HAS_COUNT = re.compile(rf"\d|\b(?:{_NUMBER_WORDS})\b", re.I)
