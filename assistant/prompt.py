@@ -40,8 +40,10 @@ def quote(text: str) -> str:
 def recites_prompt(text: str) -> bool:
     """Whether a model's answer holds our own prompt markup (`<data>`, `<documents>`, ... or their closing tags):
     it recites the prompt, passages and all, instead of answering. Such an answer is not credited with the facts
-    in it (the gate's and the benches' grounded checks), since they were copied out of the prompt."""
-    return _OUR_TAGS.search(text) is not None
+    in it (the gate's and the benches' grounded checks), since they were copied out of the prompt. Served answers
+    are cut before any markup (`MarkupCutter`); this catches the ones that were not (closed-book answers, answers
+    kept from before the cut)."""
+    return markup_at(text) is not None
 
 
 # The longest text that may still grow into one of our tags ("</tool_results" with a space or two).
