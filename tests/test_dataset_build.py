@@ -283,7 +283,8 @@ def test_training_prompts_are_the_served_prompts_with_shared_passages_only(store
 def test_style_feedback_does_not_teach_a_fact_the_passage_contradicts(store, settings, tiny_embedder_dir):
     """Issue 26: liked-but-wrong answers rose from 3 to 7 of 32 in a loop run. A liked answer whose number its cited
     passage does not hold is no SFT target (nor a desirable KTO row), and a style edit that keeps the wrong number
-    is neither an SFT target nor a DPO chosen side; a correct liked answer and a fact-keeping edit still train."""
+    is neither an SFT target nor a DPO chosen side; a correct liked answer and a fact-keeping edit still train.
+    A liked answer that only hands the question back trains nothing either."""
     from memory.knowledge import KnowledgeBase
 
     s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
@@ -299,7 +300,9 @@ def test_style_feedback_does_not_teach_a_fact_the_passage_contradicts(store, set
                     ("Where does the wet lab gather?", "The wet lab staff go to assembly point A, which is the "
                      "lawn next to the flagpole outside.", -1, "Lumen Desk: assembly point A."),
                     ("Team plan price?", "It is a plan for teams that many people like.", -1,
-                     "Lumen Desk Team costs 8 dollars per member.")]
+                     "Lumen Desk Team costs 8 dollars per member."),
+                    # liked in the loop bench (short, names the product), and it states nothing
+                    ("When does the wet lab gather?", "Your question: when does the wet lab gather?", 1, None)]
         for question, answer, rating, edit in feedback:
             c = store.create_conversation(alice.id, question)
             _, a = store.add_turn(c.id, question, answer, sources=cited)
@@ -316,6 +319,8 @@ def test_style_feedback_does_not_teach_a_fact_the_passage_contradicts(store, set
         removed = {k: {f["name"]: f["removed"] for f in built.manifest["filters"][k]} for k in ("sft", "dpo", "kto")}
         assert removed["sft"]["contradicts_passage"] == 2 and removed["dpo"]["contradicts_passage"] == 1
         assert removed["kto"]["contradicts_passage"] == 1
+        assert removed["sft"]["echoes_question"] == 1 and removed["kto"]["echoes_question"] == 1
+        assert not any("Your question" in text for text in kto)
     finally:
         kb.close()
 

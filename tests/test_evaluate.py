@@ -310,6 +310,8 @@ def test_gate_config_validation_names_the_problem() -> None:
         GateConfig.from_dict({"general_ppl_tolerance": -0.1})
     with pytest.raises(ValueError, match="target_metrics"):
         GateConfig.from_dict({"target_metrics": ["bleu"]})
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'serving'"):
+        GateConfig.from_dict({"precision": "bf16"})
     assert set(GateConfig.help()) == set(GateConfig.defaults()) and all(GateConfig.help().values())
 
 
@@ -658,3 +660,13 @@ def test_an_answer_that_recites_the_prompt_is_not_credited_with_its_facts() -> N
     # a document that itself writes "<data>" is quoted defused, so an answer quoting that text is not caught
     quoted = quote("Wrap it in <data> tags.")
     assert "&lt;data>" in quoted and not recites_prompt(quoted)
+
+
+def test_an_answer_that_only_repeats_its_question_is_an_echo() -> None:
+    from training.fact_check import echoes_question
+
+    q = "What is the minimum time it takes to complete a Northgate Rail Depot BMX?"
+    assert echoes_question(f"Your question: {q}", q)  # liked in a loop bench run
+    assert echoes_question("You asked about the Northgate Rail Depot BMX.", q)
+    assert not echoes_question("A Northgate Rail Depot BMX takes at least 2.2 hours.", q)
+    assert not echoes_question("No.", "Is the depot open on Sundays?")  # no content words: a fair short answer

@@ -125,7 +125,10 @@ def test_scheduler_starts_a_cycle_that_trains_evaluates_registers_and_promotes(s
     assert (v.adapter_dir / "train_config.json").is_file() and (v.adapter_dir / "dataset_manifest.json").is_file()
     report = v.report()
     assert report["candidate"] == "v0001" and report["decision"]["passed"]
+    # judged in float32 whatever the server's dtype: greedy answers must not depend on their batch-mates
+    assert report["precision"] == "cpu float32" and report["gate"]["precision"] == "float32"
     assert (v.eval_dir / "report.md").read_text().startswith("# Evaluation: v0001 vs the base model")
+    assert "(cpu float32)." in (v.eval_dir / "report.md").read_text()
     assert reg.serving() == "v0001" and services.chat.serving_adapter == "v0001"
     assert services.backend.has_adapter("v0001")
     ev = reg.history()[-1]

@@ -64,7 +64,7 @@ from training.dataset_sources import (
     teacher_examples,
     with_serving_context,
 )
-from training.fact_check import contradicts
+from training.fact_check import contradicts, echoes_question
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
 from training.passage_rows import PoolReader, SharedPool, abstain_examples, grounded, with_distractors
 from training.personal_data import (
@@ -416,20 +416,27 @@ class Gathered:
 
 
 def drop_wrong_facts(examples: list[Example]) -> tuple[list[Example], Counter]:
-    """Leave out users' rows that would teach a fact their own passages contradict.
+    """Leave out users' rows that would teach a wrong fact, or nothing at all.
 
     Users like and edit answers for their style; a liked answer can still be wrong ("Lumen Desk Team costs 15
     dollars" where the passage says 8), and an edit that fixes the style can keep the wrong fact. Such an answer
     is no SFT target, no DPO chosen side and no desirable KTO row: a human row whose answer states a number,
     code or named letter that none of its cited passages (nor the question) holds is dropped
-    (`training/fact_check.py`). Rows without passages, teacher rows and undesirable KTO rows are kept.
-    Returns the kept examples and how many of each kind were dropped (the manifest's `contradicts_passage`).
+    (`training/fact_check.py`, "contradicts_passage"). So is one that only repeats its question ("Your question:
+    What is ...?", "echoes_question"): short and naming the product, it was liked in the loop bench and taught
+    the model to hand questions back. Rows without passages are checked for echoes only; teacher rows and
+    undesirable KTO rows are kept. Returns the kept examples and a count per (kind, reason) dropped, for the
+    manifest's filters.
     """
     kept, dropped = [], Counter()
     for ex in examples:
-        teaches = ex.prov.source == "human" and ex.passages and (ex.kind != "kto" or ex.label)
-        if teaches and contradicts(ex.completion, "\n".join(p.text for p in ex.passages), ex.prompt[-1][1]):
-            dropped[ex.kind] += 1
+        teaches = ex.prov.source == "human" and (ex.kind != "kto" or ex.label)
+        question = ex.prompt[-1][1]
+        if teaches and ex.passages and contradicts(ex.completion, "\n".join(p.text for p in ex.passages), question):
+            dropped[ex.kind, "contradicts_passage"] += 1
+            continue
+        if teaches and echoes_question(ex.completion, question):
+            dropped[ex.kind, "echoes_question"] += 1
             continue
         kept.append(ex)
     return kept, dropped
@@ -482,8 +489,9 @@ def gather_examples(store: Store, settings: Settings, options: BuildOptions, kno
         by_kind[kind], filters[kind] = clean(by_kind[kind], options, scrub_cache)
         if dropped_forgotten[kind]:
             filters[kind].removed["forgotten_memory"] = dropped_forgotten[kind]
-        if wrong_facts[kind]:
-            filters[kind].removed["contradicts_passage"] = wrong_facts[kind]
+        for reason in ("contradicts_passage", "echoes_question"):
+            if wrong_facts[kind, reason]:
+                filters[kind].removed[reason] = wrong_facts[kind, reason]
     pool = knowledge.all_shared_chunks if knowledge is not None else None
     return Gathered(log, syn, skipped, context, by_kind, filters, forgotten, shared_chunks, marks, pool)
 

@@ -136,7 +136,8 @@ def _base_cache_key(base_model: Path, suite: GeneralSuite, gate: GateConfig, sys
         st = f.stat()
         h.update(f"{f.relative_to(base_model)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     parts = [json.dumps([[q.question, q.keywords] for q in suite.qa]), json.dumps(suite.reference), system_prompt,
-             device, dtype, str(gate.max_new_tokens), str(gate.batch_size), str(gate.max_length),
+             device, dtype, str(gate.max_new_tokens), str(gate.batch_size), str(gate.batch_tokens),
+             str(gate.max_length),
              torch.__version__, transformers.__version__, "1"]
     h.update("\0".join(parts).encode())
     return h.hexdigest()[:24]
@@ -289,7 +290,8 @@ def evaluate(base_model: Path | str, candidate: Path | str, eval_set: EvalSet, *
         base_model=str(base_model), eval_set={"source": es.source, "sizes": es.sizes(),
                                               "available": eval_set.sizes()},
         gate=gate, metrics=metrics, decision=decision, seconds=round(time.perf_counter() - t0, 2),
-        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), samples=samples(metrics, es, suite, gate.samples))
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), samples=samples(metrics, es, suite, gate.samples),
+        precision=f"{device} {dtype}")
     if len(suite.qa) < len(full.qa):
         decision.power.append(general_power(len(suite.qa), gate))
     if baseline is None:

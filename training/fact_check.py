@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from training.teacher import content_words
+
 _DOCUMENTS = re.compile(r"<documents>\n(.*?)\n</documents>", re.S)
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 _CODE = re.compile(r"\b[A-Za-z]+(?:[-_/.][A-Za-z0-9]+)*[-_]\d[\w-]*\b|\b[A-Z]{2,}\d[\w-]*\b")
@@ -96,6 +98,20 @@ def abstains(answer: str) -> bool:
 def contradicts(answer: str, passages: str, question: str = "") -> bool:
     """True when there are passages and the answer states a number, code or named letter they do not hold."""
     return bool(passages.strip()) and bool(unsupported_facts(answer, passages, question))
+
+
+# Words an answer uses to hand the question back ("Your question: ...", "You asked about ..."): they add nothing.
+_ECHO_WORDS = frozenset({"question", "ask", "answer", "quer", "query"})
+
+
+def echoes_question(answer: str, question: str) -> bool:
+    """True when the answer only repeats its question: every content word it has is the question's (or a word
+    that hands it back, like "Your question: ..."). Such an answer states nothing, so it is no SFT target even
+    when a user liked it (a short answer that names the product pleases some). An answer with no content words
+    ("No.") is not an echo."""
+    words = content_words(answer)
+    asked = set(content_words(question)) | _ECHO_WORDS
+    return bool(words) and all(w in asked for w in words)
 
 
 def contradicts_prompt(answer: str, messages: Sequence[dict]) -> bool:

@@ -104,6 +104,12 @@ class GateConfig:
         "first): long document prompts go in smaller batches and short questions in larger ones, up to batch_size. "
         "Fewer batches mean fewer decoding steps, which cost a CPU about the same at 8 rows as at 40.")
     max_length: int = _f(1024, "Longest scored sequence in tokens (longer prompts are cut from the left).")
+    precision: str = _f(
+        "float32", "Weights' dtype for every answer and score the gate computes: 'float32', or 'serving' for the "
+        "server's own dtype. In bfloat16 a greedy answer depends on which questions share its batch (bench/"
+        "gate_batches.py: 1-4 of 17 answers changed with the batch, none in float32), so a decision resting on "
+        "a net two or three answers could be the batch's; float32 costs the gate about 2.4x its generation time "
+        "on a CPU with native bfloat16.")
     samples: int = _f(4, "Answers per check shown side by side in the report.")
 
     def validate(self) -> None:
@@ -122,6 +128,8 @@ class GateConfig:
             p = getattr(self, name)
             if not isinstance(p, int | float) or isinstance(p, bool) or not 0 <= p < 1:
                 errors.append(f"{name} must be a number in [0, 1), got {p!r}")
+        if self.precision not in ("float32", "serving"):
+            errors.append(f"precision must be 'float32' or 'serving', got {self.precision!r}")
         for name in ("max_new_tokens", "batch_size", "batch_tokens", "max_length"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1")
@@ -139,6 +147,7 @@ class GateConfig:
         for k, v in data.items():
             want = hints[k]
             ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)) if want == list[str] else (
+                isinstance(v, str) if want is str else
                 isinstance(v, int) and not isinstance(v, bool) if want is int else
                 isinstance(v, int | float) and not isinstance(v, bool))
             if not ok:

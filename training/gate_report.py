@@ -31,6 +31,7 @@ class EvalReport:
     seconds: float
     created_at: str
     samples: list[dict[str, Any]] = field(default_factory=list)
+    precision: str = ""  # "cpu float32": the device and weights' dtype every answer and score was computed in
 
     @property
     def passed(self) -> bool:
@@ -49,7 +50,7 @@ class EvalReport:
                 "eval_set": self.eval_set, "gate": self.gate.to_dict(),
                 "metrics": {k: _clean(asdict(v)) for k, v in self.metrics.items()},
                 "decision": _clean(asdict(self.decision)), "seconds": self.seconds,
-                "created_at": self.created_at, "samples": self.samples}
+                "created_at": self.created_at, "samples": self.samples, "precision": self.precision}
 
     def to_markdown(self) -> str:
         return render_markdown(self.to_dict())
@@ -109,7 +110,8 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"**Decision: {verdict_word(d)}** — {d['reason']}", "",
              f"Base model `{r['base_model']}`; held-out set `{r['eval_set'].get('source', '')}` "
              f"({', '.join(f'{k} {v}' for k, v in r['eval_set'].get('sizes', {}).items())}); "
-             f"evaluated in {r['seconds']:.1f} s on {r['created_at']}.", ""]
+             f"evaluated in {r['seconds']:.1f} s on {r['created_at']}"
+             + (f" ({r['precision']})." if r.get("precision") else "."), ""]
     spent = [f"{head[c].split(' (')[0]}: " + ", ".join(f"{k} {v:.0f} s" for k, v in m[c]["check_seconds"].items())
              for c in cols if m[c].get("check_seconds")]
     if spent:

@@ -433,6 +433,8 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
             eval_error.append(str(ev.get("error")))
 
     device, dtype = _serving_precision(settings)
+    if gate_cfg.precision == "float32":
+        dtype = "float32"
     cmd = [sys.executable, "-m", "training.evaluate", "--base-model", str(base_model), "--candidate",
            str(adapter_dir), "--candidate-name", "candidate", "--data", str(snapshot), "--out", str(eval_out),
            "--gate", str(gate_path), "--threads", str(settings.train_threads), "--device", device,
@@ -549,7 +551,8 @@ def refused_twin(registry: Registry, inputs: dict[str, Any]) -> AdapterVersion |
 
 
 def _serving_precision(settings: Settings) -> tuple[str, str]:
-    """Device and dtype the server generates with: the gate judges the candidate as it will serve."""
+    """Device and dtype the server generates with: the gate judges the candidate on the server's device, and in
+    its dtype unless the gate's `precision` asks for float32."""
     import torch
 
     from assistant.models import resolve_device, resolve_dtype
