@@ -47,8 +47,9 @@ def test_anchored_replay_is_cached_per_model_file_and_prompt(tmp_path, tiny_mode
         first = anchored_replay(backend, replay, "Be brief.", tmp_path / "cache",
                                 progress=lambda d, n: calls.append((d, n)))
         assert (first.rows, first.cached) == (2, False) and calls == [(2, 2)]  # one batch
-        # A random model's answers never state the facts: both hand-written answers stay.
-        assert (first.base_answers, first.kept_reference) == (0, 2)
+        # A random model's answers never state the facts: fewer than min_own agree, so both hand-written
+        # answers stay rather than leaving nothing to replay.
+        assert (first.base_answers, first.kept_reference, first.dropped) == (0, 2, 0)
         assert answers(first.path) == ["Snow is white.", "2 + 2 is 4."]
         again = anchored_replay(backend, replay, "Be brief.", tmp_path / "cache")
         assert again.cached and again.path == first.path and again.rows == 2
@@ -60,6 +61,8 @@ def test_anchored_replay_is_cached_per_model_file_and_prompt(tmp_path, tiny_mode
 
 @pytest.mark.slow
 def test_the_base_models_right_answers_replace_the_references(tmp_path, embedded_model_dir) -> None:
+    """Its right answer in its own words; a question it gets wrong gets no row (its short hand-written answer
+    taught terse general answers), unless too few agree, when the references stay."""
     settings = Settings.load(env={}, home=tmp_path / "home", model=str(embedded_model_dir), torch_threads=1)
     backend = make_backend(settings, progress=False)
     try:
@@ -67,10 +70,12 @@ def test_the_base_models_right_answers_replace_the_references(tmp_path, embedded
             ("What is the capital of France?", "Paris."),
             ("How many legs does a bird have?", "A bird has two legs."),  # SmolLM2-135M says four
         ])
-        report = anchored_replay(backend, replay, settings.system_prompt, tmp_path / "cache")
-        france, bird = answers(report.path)
+        report = anchored_replay(backend, replay, settings.system_prompt, tmp_path / "cache", min_own=1)
+        [france] = answers(report.path)
         assert france != "Paris." and "Paris" in france, france
-        assert bird == "A bird has two legs."
-        assert (report.base_answers, report.kept_reference) == (1, 1)
+        assert (report.rows, report.base_answers, report.kept_reference, report.dropped) == (1, 1, 0, 1)
+        few = anchored_replay(backend, replay, settings.system_prompt, tmp_path / "cache", min_own=2)
+        assert not few.cached and answers(few.path) == [france, "A bird has two legs."]
+        assert (few.rows, few.base_answers, few.kept_reference, few.dropped) == (2, 1, 1, 0)
     finally:
         backend.close()

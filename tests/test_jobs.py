@@ -359,7 +359,8 @@ def test_replay_is_anchored_to_the_base_model_before_the_build(services) -> None
     assert job.status == "succeeded", job.error
     assert "anchor" in job.result["timings"]
     logs = [e.data["message"] for e in runner.events(job.id, kinds=("log",))]
-    assert any(m.startswith("replay anchored to the base model: ") and "of 120 answers" in m for m in logs), logs
+    assert any(m.startswith("replay anchored to the base model: ") and "of 120 general questions" in m
+               for m in logs), logs
     anchored = list((services.settings.home / "cache" / "anchors").glob("replay-*.jsonl"))
     assert len(anchored) == 1
     manifest = json.loads((services.settings.datasets_dir / job.result["dataset"] / "manifest.json").read_text())

@@ -8,10 +8,15 @@ adapter back to the base model wherever there is no product context, so the user
 their feedback was (self-distillation as a guard against forgetting).
 
 A base answer is kept only when it agrees with the hand-written reference (every content word and
-number the reference adds to the question is there, in at most `MAX_WORDS` words) and was not cut off;
-otherwise the reference stays. The result is an ordinary
-replay JSONL, cached under ``<home>/cache/anchors`` and keyed by the base model, the replay file,
-the system prompt and the generation settings, so only the first cycle pays for it.
+number the reference adds to the question is there, in at most `MAX_WORDS` words) and was not cut off.
+A question the base model gets wrong gets no replay row: its hand-written answer is short, and in a loop
+bench run (Northgate Rail Depot, 2026-12-07) the 48 such rows among 58 replay rows taught the adapter terse
+general answers that dropped facts ("The capital of Spain is Spain."): the candidate lost 6 of the 120
+general questions; without them it lost none and kept its gain on the trained questions. Only when fewer
+than `min_own` answers agree (a model that knows little, or a tiny test model) do the hand-written answers
+stay, so there is still something to replay. The result is an ordinary replay JSONL, cached under
+``<home>/cache/anchors`` and keyed by the base model, the replay file, the system prompt and the
+generation settings, so only the first cycle pays for it.
 
 In: a backend (``assistant.runtime``: answers with ``adapter=None`` are the base model's), the replay
 file, the serving system prompt. Out: `AnchorReport` with the path of the anchored replay file.
@@ -32,26 +37,29 @@ from training.teacher import content_words, numbers
 if TYPE_CHECKING:
     from assistant.runtime import Backend
 
-ANCHOR_FORMAT = 2  # bump when the way answers are made or checked changes (invalidates caches); 2: batched
+ANCHOR_FORMAT = 3  # bump when the way answers are made or checked changes (invalidates caches); 3: own only
 MAX_NEW_TOKENS = 96
 BATCH_SIZE = 8
 
 MAX_WORDS = 40  # longer base answers wander (and a wandering answer is not worth keeping)
+MIN_OWN = 16  # fewer agreeing answers than this: the hand-written answers stay for the rest
 NUMBER_WORDS = frozenset({"one", "two"})  # stopwords to the teacher, facts here ("a bird has two legs")
 
 
 @dataclass
 class AnchorReport:
     path: Path
-    rows: int
-    base_answers: int  # rows whose answer is now the base model's
-    kept_reference: int  # base answer disagreed, wandered or was cut off: the hand-written answer stays
+    rows: int  # replay rows written: base_answers + kept_reference
+    base_answers: int  # rows whose answer is the base model's
+    kept_reference: int  # too few answers agreed (below min_own): these rows keep the hand-written answer
+    dropped: int  # questions whose base answer disagreed, wandered or was cut off: no row
     cached: bool
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "rows": self.rows, "base_answers": self.base_answers,
-                "kept_reference": self.kept_reference, "cached": self.cached, "seconds": round(self.seconds, 2)}
+                "kept_reference": self.kept_reference, "dropped": self.dropped, "cached": self.cached,
+                "seconds": round(self.seconds, 2)}
 
 
 def _stems(text: str) -> set[str]:
@@ -68,29 +76,29 @@ def agrees(question: str, reference: str, answer: str) -> bool:
     return needed <= _stems(answer) and numbers(reference) - numbers(question) <= numbers(answer)
 
 
-def _cache_key(model_name: str, replay_path: Path, system_prompt: str) -> str:
+def _cache_key(model_name: str, replay_path: Path, system_prompt: str, min_own: int) -> str:
     h = hashlib.sha256()
-    for part in (str(ANCHOR_FORMAT), str(MAX_NEW_TOKENS), str(MAX_WORDS), model_name, system_prompt):
+    for part in (str(ANCHOR_FORMAT), str(MAX_NEW_TOKENS), str(MAX_WORDS), str(min_own), model_name, system_prompt):
         h.update(part.encode("utf-8") + b"\0")
     h.update(replay_path.read_bytes())
     return h.hexdigest()[:16]
 
 
 def anchored_replay(backend: Backend, replay_path: Path, system_prompt: str, cache_dir: Path, *,
-                    progress: Callable[[int, int], None] | None = None) -> AnchorReport:
-    """The replay file with base-model answers where they agree with the reference (cached)."""
+                    progress: Callable[[int, int], None] | None = None, min_own: int = MIN_OWN) -> AnchorReport:
+    """The replay rows the base model answers right, in its own words (cached); see the module docstring."""
     from assistant.prompt import render_turn
     from assistant.runtime import GenerationSettings, generate_many
     from training.dataset_sources import replay_examples
 
     started = time.perf_counter()
     replay_path = Path(replay_path)
-    key = _cache_key(str(backend.model_name), replay_path, system_prompt)
+    key = _cache_key(str(backend.model_name), replay_path, system_prompt, min_own)
     out = Path(cache_dir) / f"replay-{key}.jsonl"
     meta_path = out.with_suffix(".meta.json")
     if out.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return AnchorReport(out, meta["rows"], meta["base_answers"], meta["kept_reference"], True,
+        return AnchorReport(out, meta["rows"], meta["base_answers"], meta["kept_reference"], meta["dropped"], True,
                             time.perf_counter() - started)
 
     rows = replay_examples(replay_path)
@@ -99,19 +107,27 @@ def anchored_replay(backend: Backend, replay_path: Path, system_prompt: str, cac
     # Batched where the backend can, 8 at a time (one request each took 96 s for 43 rows on the 2-core box).
     results = generate_many(backend, [render_turn(system_prompt, t[:-1], t[-1]["content"]) for t in conversations],
                             None, gen, batch_size=BATCH_SIZE, progress=progress)
-    lines, base_answers = [], 0
+    answered = []
     for row, turns, result in zip(rows, conversations, results, strict=True):
         answer = result.text.strip()
-        use_base = result.finish_reason == "stop" and agrees(turns[-1]["content"], row.completion, answer)
-        base_answers += use_base
-        turns.append({"role": "assistant", "content": answer if use_base else row.completion})
+        own = result.finish_reason == "stop" and agrees(turns[-1]["content"], row.completion, answer)
+        answered.append((row, turns, answer if own else None))
+    base_answers = sum(answer is not None for _, _, answer in answered)
+    keep_reference = base_answers < min_own
+    lines = []
+    for row, turns, answer in answered:
+        if answer is None and not keep_reference:
+            continue
+        turns.append({"role": "assistant", "content": row.completion if answer is None else answer})
         lines.append(json.dumps({"messages": turns}, ensure_ascii=False))
+    kept_reference = len(lines) - base_answers
+    dropped = len(rows) - len(lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(out)
-    meta = {"rows": len(rows), "base_answers": base_answers, "kept_reference": len(rows) - base_answers,
+    meta = {"rows": len(lines), "base_answers": base_answers, "kept_reference": kept_reference, "dropped": dropped,
             "model": str(backend.model_name), "replay": str(replay_path), "format": ANCHOR_FORMAT}
     meta_path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return AnchorReport(out, len(rows), base_answers, len(rows) - base_answers, False,
+    return AnchorReport(out, len(lines), base_answers, kept_reference, dropped, False,
                         time.perf_counter() - started)

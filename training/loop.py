@@ -330,7 +330,9 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     anchor = _anchor(services, options, anchor_progress)
     if anchor is not None:
         hooks.event("log", {"message": f"replay anchored to the base model: {anchor.base_answers} of "
-                                       f"{anchor.rows} answers are its own" + (" (cached)" if anchor.cached else "")})
+                                       f"{anchor.base_answers + anchor.dropped + anchor.kept_reference} "
+                                       f"general questions answered in its own words, {anchor.dropped} it got "
+                                       f"wrong left out" + (" (cached)" if anchor.cached else "")})
         timings["anchor"] = round(anchor.seconds, 2)
     snapshot = _dataset(settings, store, options, services.knowledge,
                         replay_path=anchor.path if anchor else None)
