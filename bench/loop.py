@@ -460,7 +460,8 @@ def cycle_options(cycle: int, args: argparse.Namespace, gate_questions: Path) ->
             # General replay rows guard against forgetting (at the default 0.1 the first run's candidates
             # lost 3 of the then 16 general questions and the gate refused them).
             "build": {"replay_ratio": args.replay, "distractor_passages": args.distractors,
-                      "abstain_rows": args.abstain, "max_style_share": args.style_cap},
+                      "abstain_rows": args.abstain, "max_style_share": args.style_cap,
+                      "title_negatives": args.title_negatives},
             # Bounded gate on CPU: fewer held-out rows and shorter answers than the defaults, as long as the
             # users' and examiners' (at 32 a right answer was cut before its price). Batches of 16: the 120
             # general questions take about 24 s a model instead of 34 s at 8.
@@ -561,6 +562,8 @@ def arguments() -> argparse.ArgumentParser:
                     help="'the documents do not say' rows per grounded SFT row (0 = off)")
     ap.add_argument("--style-cap", type=float, default=1.0,
                     help="largest share of style-labelled SFT rows against grounded ones (1.0 = no cap)")
+    ap.add_argument("--title-negatives", action="store_true",
+                    help="a DPO pair per grounded SFT row: its answer over the cited document's title (build option)")
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="replay with the hand-written answers, not the base model's own (training/anchor.py)")
     ap.add_argument("--promote-rejected", action="store_true",

@@ -786,6 +786,37 @@ def test_distractor_passages_shuffle_other_shared_documents_in(store, settings, 
         BuildOptions(distractor_passages=-1).validate()
 
 
+def test_title_negatives_prefer_each_grounded_answer_over_its_documents_title(store, settings, tiny_embedder_dir):
+    """A DPO pair per grounded train SFT row: the answer chosen over the cited document's title, in the prompt as
+    served (its own passage, not the distractors shuffled into the SFT row); off by default."""
+    from memory.knowledge import KnowledgeBase
+
+    s = settings.model_copy(update={"embedder": str(tiny_embedder_dir)})
+    kb = KnowledgeBase(s)
+    try:
+        alice, docs, chunk = _library(store, kb)
+        off = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN), knowledge=kb)
+        assert not [r for r in _rows(off.path, "dpo", "train") if r["origin"] == "title_negative"]
+        assert off.manifest["passage_rows"]["title_negatives"] == {"on": False, "added": 0}
+        built = build_datasets(store, s, BuildOptions(**ALL_IN_TRAIN, title_negatives=True, distractor_passages=2),
+                               knowledge=kb)
+        pairs = [r for r in _rows(built.path, "dpo", "train") if r["origin"] == "title_negative"]
+        sft = {r["messages"][-2]["content"].rsplit("My question: ", 1)[-1]: r
+               for r in _rows(built.path, "sft", "train")}
+        assert len(pairs) == 3 and built.manifest["passage_rows"]["title_negatives"]["added"] == 3
+        title_of = {chunk[name].chunk_id: docs[name].title for name in LIBRARY}
+        for r in pairs:
+            question = r["prompt"][-1]["content"].rsplit("My question: ", 1)[-1]
+            assert len(r["passage_ids"]) == 1 and r["rejected"][0]["content"] == title_of[r["passage_ids"][0]]
+            assert len(sft[question]["passage_ids"]) == 3  # the SFT row got its distractors; the pair did not
+            assert r["chosen"][0]["content"].split("[")[0] == sft[question]["messages"][-1]["content"].split("[")[0]
+        assert {r["rejected"][0]["content"] for r in pairs} == {docs["plans.md"].title, docs["boats.md"].title}
+        for data in _all_bytes(s.datasets_dir).values():
+            assert b"PRIVATE-MARKER-31" not in data
+    finally:
+        kb.close()
+
+
 def test_abstain_rows_pair_a_question_with_passages_that_do_not_hold_its_answer(store, settings, tiny_embedder_dir):
     """Honest rows: a grounded question with other shared documents' passages only, answered with a sentence the
     loop bench counts as "the documents do not say"; never a private chunk, as many passages as a grounded row."""

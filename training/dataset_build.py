@@ -66,7 +66,14 @@ from training.dataset_sources import (
 )
 from training.fact_check import contradicts, echoes_question
 from training.hygiene import Deduplicator, QualityLimits, Scrubbed, quality_problem, scrub_pii
-from training.passage_rows import PoolReader, SharedPool, abstain_examples, grounded, with_distractors
+from training.passage_rows import (
+    PoolReader,
+    SharedPool,
+    abstain_examples,
+    grounded,
+    title_negatives,
+    with_distractors,
+)
 from training.personal_data import (
     PrivacyError,
     by_question,
@@ -150,6 +157,9 @@ class BuildOptions:
     # Style rows (users' SFT rows of answers whose feedback gave the reason "style": restyling edits, likes for the
     # style) at most this share of style plus grounded rows in train. 1.0: no cap. Off until measured.
     max_style_share: float = 1.0
+    # A DPO pair per grounded train SFT row: its answer over the cited document's title (training/passage_rows.py),
+    # against answers that name the product and then copy a title. Off until a loop run measured it.
+    title_negatives: bool = False
     heldout_min_rows: int = 20  # freeze the held-out set once the test split has this many rows
     heldout_max_per_kind: int = 500
     refreeze_heldout: bool = False  # an explicit admin decision: evaluation results stop being comparable
@@ -576,7 +586,9 @@ def build_datasets(store: Store, settings: Settings, options: BuildOptions = Bui
 
         caps = {k: _cap_synthetic(split_rows[k], options, filters[k]) for k in KINDS}
         style_info = _cap_style(split_rows["sft"], options, filters["sft"], g.log)
+        title_info = _title_negatives(split_rows, options)  # before distractors: the cited passage's own title
         passage_info = _passage_rows(split_rows["sft"], options, filters["sft"], g, owner_id)
+        passage_info["title_negatives"] = title_info
         replay_info = _add_replay(split_rows["sft"], options, filters["sft"], settings.system_prompt)
 
         report("writing", 0.7)
@@ -665,6 +677,16 @@ def _cap_style(splits: dict[str, list[Example]], options: BuildOptions, stats: F
         info["removed"] = len(style) - allowed
         stats.removed["style_cap"] += info["removed"]
     return info
+
+
+def _title_negatives(split_rows: dict[str, dict[str, list[Example]]], options: BuildOptions) -> dict[str, Any]:
+    """DPO pairs against copying the cited document's title (training/passage_rows.py), into the DPO train split."""
+    if not options.title_negatives:
+        return {"on": False, "added": 0}
+    added, info = title_negatives(split_rows["sft"]["train"])
+    split_rows["dpo"]["train"] = sorted(split_rows["dpo"]["train"] + added,
+                                        key=lambda e: _row_order(e, options.split_salt))
+    return {"on": True, **info}
 
 
 def _passage_rows(splits: dict[str, list[Example]], options: BuildOptions, stats: FilterStats, g: Gathered,

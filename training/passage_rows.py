@@ -18,6 +18,9 @@ rows where no passage holds the answer.
 - Abstain rows: a grounded row's question with passages of other shared documents only (as many as a
   grounded row shows), answered `ABSTAIN_ANSWER`, a sentence `training.fact_check.abstains` counts as an
   honest "not in the documents" (the loop bench judges unanswerable questions with the same patterns).
+- Title negatives: a DPO pair per grounded SFT row, its answer chosen over the title of the document it cites
+  (candidates answered "Northgate Rail Depot: maintenance intervals" to a torque question: the product's name,
+  the way users' edits opened, then the title). Rows whose answer holds the title are left out.
 
 Privacy: passages come only from the shared documents' collection and are PII-scrubbed like every other
 text of a row; a private chunk never reaches one (the build's privacy check runs again on the result).
@@ -160,5 +163,23 @@ def abstain_examples(rows: list[Example], pool: SharedPool, share: float, distra
         out.append(replace(ex, completion=ABSTAIN_ANSWER, passages=tuple(pool.passage(c) for c in others),
                            passage_ids=tuple(c.chunk_id for c in others),
                            prov=replace(ex.prov, origin="abstain")))
+    info["added"] = len(out)
+    return out, info
+
+
+def title_negatives(rows: list[Example]) -> tuple[list[Example], dict]:
+    """A DPO example per grounded SFT row: its prompt and answer, with its first passage's title as the rejected
+    answer. The answer already preferred is kept whole; only the title is new."""
+    out = []
+    info: dict[str, Any] = {"grounded_rows": 0, "added": 0, "answer_holds_title": 0}
+    for ex in rows:
+        if not grounded(ex):
+            continue
+        info["grounded_rows"] += 1
+        title = ex.passages[0].title.strip()
+        if not title or title.lower() in ex.completion.lower():
+            info["answer_holds_title"] += bool(title)
+            continue
+        out.append(replace(ex, kind="dpo", rejected=title, prov=replace(ex.prov, origin="title_negative")))
     info["added"] = len(out)
     return out, info
