@@ -85,6 +85,8 @@ def build(
         help="'Not in the documents' rows per grounded train SFT row (off until measured).")] = 0.0,
     max_style_share: Annotated[float, typer.Option(
         help="Largest share of style-labelled rows against grounded rows in train (1.0: no cap).")] = 1.0,
+    title_negatives: Annotated[bool, typer.Option(
+        help="A DPO pair per grounded train SFT row: its answer over the cited document's title.")] = False,
     heldout_min_rows: Annotated[int, typer.Option(help="Freeze the held-out set at this many test rows.")] = 20,
     refreeze_heldout: Annotated[bool, typer.Option(help="Replace the frozen held-out set (breaks comparisons).")]
     = False,
@@ -104,7 +106,7 @@ def build(
                                replay_path=replay, replay_ratio=replay_ratio, near_dup_threshold=near_dup,
                                heldout_min_rows=heldout_min_rows, refreeze_heldout=refreeze_heldout,
                                distractor_passages=distractors, abstain_rows=abstain_rows,
-                               max_style_share=max_style_share)
+                               max_style_share=max_style_share, title_negatives=title_negatives)
         options.validate()
     except ValueError as e:
         raise _fail(str(e), 2) from e
