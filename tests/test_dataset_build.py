@@ -811,6 +811,10 @@ def test_title_negatives_prefer_each_grounded_answer_over_its_documents_title(st
             assert len(sft[question]["passage_ids"]) == 3  # the SFT row got its distractors; the pair did not
             assert r["chosen"][0]["content"].split("[")[0] == sft[question]["messages"][-1]["content"].split("[")[0]
         assert {r["rejected"][0]["content"] for r in pairs} == {docs["plans.md"].title, docs["boats.md"].title}
+        from training.loop import build_options
+        assert build_options({"title_negatives": True}).title_negatives  # a retrain's `build` params take it
+        with pytest.raises(ValueError, match="title_negatives must be true or false"):
+            build_options({"title_negatives": "yes"})
         for data in _all_bytes(s.datasets_dir).values():
             assert b"PRIVATE-MARKER-31" not in data
     finally:

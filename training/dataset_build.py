@@ -178,6 +178,8 @@ class BuildOptions:
             raise ValueError(f"max_style_share must be in [0, 1], got {self.max_style_share}")
         if not 0.0 <= self.abstain_rows <= 1.0:
             raise ValueError(f"abstain_rows must be in [0, 1], got {self.abstain_rows}")
+        if not isinstance(self.title_negatives, bool):
+            raise ValueError(f"title_negatives must be true or false, got {self.title_negatives!r}")
         if self.replay_ratio < 0:
             raise ValueError(f"replay_ratio must be >= 0, got {self.replay_ratio}")
         if self.context_messages < 0 or self.synthetic_floor < 0 or self.heldout_max_per_kind < 0:

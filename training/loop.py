@@ -613,7 +613,7 @@ def _dataset(settings: Settings, store: Store, options: CycleOptions, knowledge:
 BUILD_OPTION_KEYS = ("split_ratios", "context_messages", "near_dup_threshold", "include_teacher",
                      "max_synthetic_share", "synthetic_floor", "replay_ratio", "heldout_min_rows",
                      "heldout_max_per_kind", "refreeze_heldout", "distractor_passages", "abstain_rows",
-                     "max_style_share")
+                     "max_style_share", "title_negatives")
 
 
 def build_options(overrides: dict[str, Any] | None) -> Any:
