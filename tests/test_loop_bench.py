@@ -85,16 +85,20 @@ def test_an_invented_fact_or_answer_counts_as_wrong() -> None:
 
 
 def test_the_training_data_flags_reach_the_retrain_job(tmp_path: Path) -> None:
-    """--distractors / --abstain / --style-cap go into the admin job's build options, which the builder accepts;
-    left out, the job builds today's rows."""
-    args = arguments().parse_args(["--distractors", "2", "--abstain", "0.25", "--style-cap", "0.5"])
+    """--distractors / --abstain / --style-cap / --title-negatives go into the admin job's build options, which the
+    builder accepts; left out, the job builds today's rows."""
+    args = arguments().parse_args(["--distractors", "2", "--abstain", "0.25", "--style-cap", "0.5",
+                                   "--title-negatives"])
     build = cycle_options(1, args, tmp_path / "gate.jsonl")["build"]
     assert cycle_options(1, args, tmp_path / "gate.jsonl")["train"]["max_length"] == 1024 + 2 * 256  # room for them
-    assert build == {"replay_ratio": 2.0, "distractor_passages": 2, "abstain_rows": 0.25, "max_style_share": 0.5}
+    assert build == {"replay_ratio": 2.0, "distractor_passages": 2, "abstain_rows": 0.25, "max_style_share": 0.5,
+                     "title_negatives": True}
     opts = build_options(build)
-    assert (opts.distractor_passages, opts.abstain_rows, opts.max_style_share) == (2, 0.25, 0.5)
+    assert (opts.distractor_passages, opts.abstain_rows, opts.max_style_share, opts.title_negatives) == (
+        2, 0.25, 0.5, True)
     plain = build_options(cycle_options(1, arguments().parse_args([]), tmp_path / "gate.jsonl")["build"])
-    assert (plain.distractor_passages, plain.abstain_rows, plain.max_style_share) == (0, 0.0, 1.0)
+    assert (plain.distractor_passages, plain.abstain_rows, plain.max_style_share, plain.title_negatives) == (
+        0, 0.0, 1.0, False)
 
 
 def test_the_server_may_read_the_gate_questions_the_jobs_name(tmp_path: Path) -> None:
