@@ -21,7 +21,9 @@ def main() -> None:
     ap.add_argument("--doc-qa", type=Path, required=True, help="a gate's doc_qa.jsonl")
     ap.add_argument("--model", default=str(Path.home() / ".assistant" / "models" / "smollm2-135m-instruct"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=32, help="as bench/loop.py's gate")
+    ap.add_argument("--max-new-tokens", type=int, default=32,
+                    help="32: the bench gate's length when docs/loop.md's figures were measured (it answers in 40 "
+                         "now, bench/loop.py --max-tokens)")
     ap.add_argument("--batch-size", type=int, default=16, help="as bench/loop.py's gate")
     args = ap.parse_args()
 
