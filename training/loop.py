@@ -330,7 +330,7 @@ def run_cycle(services: Services, options: CycleOptions | None = None, *, hooks:
     anchor = _anchor(services, options, anchor_progress)
     if anchor is not None:
         hooks.event("log", {"message": f"replay anchored to the base model: {anchor.base_answers} of "
-                                       f"{anchor.base_answers + anchor.dropped + anchor.kept_reference} "
+                                       f"{anchor.rows + anchor.dropped} "
                                        f"general questions answered in its own words, {anchor.dropped} it got "
                                        f"wrong left out" + (" (cached)" if anchor.cached else "")})
         timings["anchor"] = round(anchor.seconds, 2)
